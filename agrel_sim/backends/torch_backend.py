@@ -1,0 +1,506 @@
+"""The vectorised PyTorch backend: batches of trials on the CPU or a GPU.
+
+DeepAGREL is written out explicitly, one layer kind at a time, as batched tensor operations: the
+forward pass, the feedback pass through the fb weights gated by each column's ff activity, and
+the four-factor update ``dW = alpha * delta * y_pre * gate * fb`` (averaged over the batch).
+Autograd is used only by the error-backpropagation baseline (``rule.name = "ebp"``).
+
+Weight layouts (``ff`` and ``fb`` always have the same shape; ``fb[q, m]`` is the synapse from
+the feedback neuron of upper column ``q`` to the feedback neuron of lower column ``m``, so
+strict reciprocity reads ``fb == ff``, i.e. the feedback matrix is ffᵀ):
+
+- dense: ``(units, inputs)``, as :func:`torch.nn.functional.linear`;
+- conv: ``(channels, in_channels, k, k)``, as :func:`torch.nn.functional.conv2d`;
+- locally connected: ``(positions, channels, in_channels * k * k)``, one kernel per output
+  position (row-major over the output sheet), flattened as :func:`torch.nn.functional.unfold`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from agrel_sim import rule as agrel
+from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths of each layer kind: ff drive, feedback through the fb weights, weight change.
+# ``gfb`` is the gated feedback of the upper columns (gate * fb); ``dgfb`` is the same scaled per
+# trial by alpha * delta / B, so that the weight change is a plain correlation with ``y_prev``.
+
+def dense_drive(y_prev, ff, bias):
+    return F.linear(y_prev.flatten(1), ff, bias)
+
+
+def dense_feedback(gfb, fb, input_shape):
+    return (gfb @ fb).view(-1, *input_shape)
+
+
+def dense_weight_change(y_prev, dgfb):
+    return dgfb.T @ y_prev.flatten(1)
+
+
+def conv_drive(y_prev, ff, bias, stride, padding):
+    return F.conv2d(y_prev, ff, bias, stride=stride, padding=padding)
+
+
+def conv_feedback(gfb, fb, stride, padding, output_padding):
+    # The transposed convolution with the fb kernel: each lower column collects fb from every
+    # upper column whose kernel covers it.
+    return F.conv_transpose2d(gfb, fb, stride=stride, padding=padding, output_padding=output_padding)
+
+
+def conv_weight_change(y_prev, dgfb, weight_shape, stride, padding):
+    # The shared kernel's change is the four-factor product summed over all positions.
+    return torch.nn.grad.conv2d_weight(y_prev, weight_shape, dgfb, stride=stride, padding=padding)
+
+
+def local_drive(patches, ff):
+    return torch.einsum("bkl,lok->bol", patches, ff)
+
+
+def local_feedback(gfb, fb, input_size, kernel_size, stride, padding):
+    patches = torch.einsum("bol,lok->bkl", gfb, fb)
+    return F.fold(patches, input_size, kernel_size, stride=stride, padding=padding)
+
+
+def local_weight_change(patches, dgfb):
+    return torch.einsum("bol,bkl->lok", dgfb, patches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Thin classes that hold the tensors of one population of columns.
+
+@dataclass
+class LayerActivity:
+    """What one layer's columns did in a batch of trials (each tensor has a leading batch axis).
+
+    ``ff``: activity ``y`` of the feedforward neurons; ``fb``: activity of the feedback neurons,
+    whose input the column's gate multiplies (so a silent column's fb neuron is silent too);
+    ``gate``: whether each column's gate was open (ff neuron active and not dropped). For a
+    dropout layer, ``fb`` includes the ``1 / (1 - rate)`` scaling of the surviving columns.
+    """
+
+    name: str
+    ff: torch.Tensor
+    fb: torch.Tensor
+    gate: torch.Tensor
+
+
+@dataclass
+class Trials:
+    """The outcome of a batch of B trials.
+
+    Attributes
+    ----------
+    q : Tensor (B, L)
+        Q-values (for ``ebp``: the logits of the softmax).
+    action : Tensor (B,)
+        The selected action (for ``ebp``: the greedy one).
+    reward : Tensor (B,)
+    delta : Tensor (B,) or None
+        The reward-prediction error ``r - q_s`` (DeepAGREL only).
+    loss : Tensor () or None
+        Mean cross-entropy of the batch (EBP only).
+    layers : list of LayerActivity or None
+        Per-layer activity, bottom to top, the output last; only when asked for.
+    """
+
+    q: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    delta: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    layers: list[LayerActivity] | None = None
+
+
+class _Layer:
+    """Common parts: weights, their read/set access, the four-factor update."""
+
+    name: str
+    has_weights = True
+
+    def __init__(self, name, input_shape, output_shape, weight_shape, bias_shape, net):
+        self.name = name
+        self.input_shape = tuple(input_shape)
+        self.output_shape = tuple(output_shape)
+        rule = net.description.rule
+        self._ff = net.uniform(weight_shape)
+        if rule.name == "ebp" or rule.feedback == "tied":
+            self._fb = self._ff
+        elif rule.feedback == "reciprocal":
+            self._fb = self._ff.clone()
+        else:
+            self._fb = net.uniform(weight_shape)
+        self.bias = torch.zeros(bias_shape, device=net.device, dtype=net.dtype) if rule.bias else None
+        self.saved = None  # what the forward pass keeps for the feedback and plasticity phases
+
+    @property
+    def ff(self) -> torch.Tensor:
+        """Feedforward weights (a live tensor; assign to set them)."""
+        return self._ff
+
+    @ff.setter
+    def ff(self, value):
+        _copy_into(self._ff, value, f"{self.name}.ff")
+
+    @property
+    def fb(self) -> torch.Tensor:
+        """Feedback weights; in ``tied`` mode the same tensor as :attr:`ff`."""
+        return self._fb
+
+    @fb.setter
+    def fb(self, value):
+        _copy_into(self._fb, value, f"{self.name}.fb")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"ff": self._ff}
+        if self._fb is not self._ff:
+            named["fb"] = self._fb
+        if self.bias is not None:
+            named["bias"] = self.bias
+        return named
+
+    def gate(self, y):
+        return y > 0
+
+    def gate_feedback(self, fb, y):
+        return fb * (y > 0).to(fb.dtype)
+
+    def learn(self, y_prev, dgfb, decay):
+        """Apply the four-factor change (and weight decay) to ff, fb and bias."""
+        change = self.weight_change(y_prev, dgfb)
+        for weights in {id(t): t for t in (self._ff, self._fb)}.values():
+            if decay:
+                weights.mul_(1 - decay)
+            weights.add_(change)
+        if self.bias is not None:
+            if decay:
+                self.bias.mul_(1 - decay)
+            self.bias.add_(self.bias_change(dgfb))
+
+
+class DenseColumns(_Layer):
+    """Columns connected to every column below; the output Q-units are one of these, linear."""
+
+    def __init__(self, name, spec: Dense, input_shape, net, linear=False):
+        fan_in = math.prod(input_shape)
+        super().__init__(name, input_shape, (spec.units,), (spec.units, fan_in), (spec.units,), net)
+        self.linear = linear
+
+    def forward(self, y_prev, learning):
+        self.saved = y_prev
+        drive = dense_drive(y_prev, self._ff, self.bias)
+        return drive if self.linear else drive.relu_()
+
+    def gate(self, y):
+        return torch.ones_like(y, dtype=torch.bool) if self.linear else y > 0
+
+    def gate_feedback(self, fb, y):
+        return fb if self.linear else super().gate_feedback(fb, y)
+
+    def feedback(self, gfb):
+        return dense_feedback(gfb, self._fb, self.input_shape)
+
+    def weight_change(self, y_prev, dgfb):
+        return dense_weight_change(y_prev, dgfb)
+
+    def bias_change(self, dgfb):
+        return dgfb.sum(0)
+
+
+class ConvColumns(_Layer):
+    """A sheet of columns sharing one kernel per channel."""
+
+    def __init__(self, name, spec: Conv2d, input_shape, output_shape, net):
+        k = spec.kernel_size
+        super().__init__(name, input_shape, output_shape, (spec.channels, input_shape[0], k, k), (spec.channels,), net)
+        self.stride, self.padding = spec.stride, spec.padding
+        # Rows/columns of the input that the strided kernel never reaches still get (zero) feedback.
+        self.output_padding = tuple(
+            size - ((out - 1) * spec.stride - 2 * spec.padding + k)
+            for size, out in zip(input_shape[1:], output_shape[1:])
+        )
+
+    def forward(self, y_prev, learning):
+        self.saved = y_prev
+        return conv_drive(y_prev, self._ff, self.bias, self.stride, self.padding).relu_()
+
+    def feedback(self, gfb):
+        return conv_feedback(gfb, self._fb, self.stride, self.padding, self.output_padding)
+
+    def weight_change(self, y_prev, dgfb):
+        return conv_weight_change(y_prev, dgfb, self._ff.shape, self.stride, self.padding)
+
+    def bias_change(self, dgfb):
+        return dgfb.sum((0, 2, 3))
+
+
+class LocallyConnectedColumns(_Layer):
+    """A sheet with the geometry of a convolution and a kernel of its own at every position."""
+
+    def __init__(self, name, spec: LocallyConnected2d, input_shape, output_shape, net):
+        k = spec.kernel_size
+        positions = output_shape[1] * output_shape[2]
+        super().__init__(name, input_shape, output_shape, (positions, spec.channels, input_shape[0] * k * k), output_shape, net)
+        self.kernel_size, self.stride, self.padding = k, spec.stride, spec.padding
+
+    def forward(self, y_prev, learning):
+        patches = F.unfold(y_prev, self.kernel_size, padding=self.padding, stride=self.stride)
+        self.saved = patches
+        drive = local_drive(patches, self._ff).view(-1, *self.output_shape)
+        if self.bias is not None:
+            drive = drive + self.bias
+        return drive.relu_()
+
+    def feedback(self, gfb):
+        return local_feedback(gfb.flatten(2), self._fb, self.input_shape[1:], self.kernel_size, self.stride, self.padding)
+
+    def weight_change(self, patches, dgfb):
+        return local_weight_change(patches, dgfb.flatten(2))
+
+    def bias_change(self, dgfb):
+        return dgfb.sum(0)
+
+
+class DropoutColumns:
+    """Silences a random subset of the columns below during learning trials; no weights."""
+
+    has_weights = False
+
+    def __init__(self, name, spec: Dropout, input_shape, net):
+        self.name = name
+        self.input_shape = self.output_shape = tuple(input_shape)
+        self.rate = spec.rate
+        self.generator = net.generator
+        self.saved = None
+
+    def forward(self, y_prev, learning):
+        if not learning or self.rate == 0:
+            self.saved = None
+            return y_prev
+        keep = torch.rand(y_prev.shape, generator=self.generator, device=y_prev.device) >= self.rate
+        self.saved = keep.to(y_prev.dtype) / (1 - self.rate)  # the gate times the survivors' scale
+        return y_prev * self.saved
+
+    def gate(self, y):
+        return self.saved > 0 if self.saved is not None else torch.ones_like(y, dtype=torch.bool)
+
+    def gate_feedback(self, fb, y):
+        return fb if self.saved is None else fb * self.saved
+
+    def feedback(self, gfb):
+        return gfb
+
+    def tensors(self):
+        return {}
+
+
+def _copy_into(target: torch.Tensor, value, name: str) -> None:
+    value = torch.as_tensor(value)
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"{name}: expected a tensor of shape {tuple(target.shape)}, got {tuple(value.shape)}")
+    with torch.no_grad():
+        target.copy_(value)
+
+
+class TorchNetwork:
+    """A :class:`~agrel_sim.network.ColumnNetwork` built into tensors.
+
+    Parameters
+    ----------
+    description : ColumnNetwork
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"``, ...
+    dtype : torch.dtype
+        Floating-point type of weights and activity.
+    seed : int
+        Seeds the weight initialisation (drawn on the CPU in float64, so identical on every
+        device) and the generator of action selection and dropout.
+
+    Attributes
+    ----------
+    layers : list
+        The hidden column layers bottom to top, then the output layer; each has ``ff`` and
+        ``fb`` weights (dropout layers have none).
+    """
+
+    def __init__(self, description: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0):
+        self.description = description
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._init_generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        shapes = description.layer_shapes()
+        self.layers = []
+        for index, spec in enumerate(description.layers):
+            name = f"layers.{index}"
+            if isinstance(spec, Dense):
+                layer = DenseColumns(name, spec, shapes[index], self)
+            elif isinstance(spec, Conv2d):
+                layer = ConvColumns(name, spec, shapes[index], shapes[index + 1], self)
+            elif isinstance(spec, LocallyConnected2d):
+                layer = LocallyConnectedColumns(name, spec, shapes[index], shapes[index + 1], self)
+            else:
+                layer = DropoutColumns(name, spec, shapes[index], self)
+            self.layers.append(layer)
+        self.layers.append(DenseColumns("output", Dense(description.n_actions), shapes[-2], self, linear=True))
+        if description.rule.name == "ebp":
+            for tensor in self.parameters():
+                tensor.requires_grad_(True)
+
+    def uniform(self, shape) -> torch.Tensor:
+        """Weights uniform in ``[-init_range, init_range]``, drawn reproducibly on the CPU."""
+        r = self.description.rule.init_range
+        draw = torch.rand(shape, generator=self._init_generator, dtype=torch.float64) * (2 * r) - r
+        return draw.to(self.device, self.dtype)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every distinct weight and bias tensor."""
+        return [t for layer in self.layers for t in layer.tensors().values()]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Copies of all weights, keyed ``"<layer>.ff"``, ``"<layer>.fb"``, ``"<layer>.bias"``."""
+        out = {}
+        for layer in self.layers:
+            if layer.has_weights:
+                out[f"{layer.name}.ff"] = layer.ff.detach().clone()
+                out[f"{layer.name}.fb"] = layer.fb.detach().clone()
+                if layer.bias is not None:
+                    out[f"{layer.name}.bias"] = layer.bias.detach().clone()
+        return out
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set weights from a dict as returned by :meth:`weights` (every key must be present)."""
+        expected = set(self.weights())
+        if set(weights) != expected:
+            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
+        for layer in self.layers:
+            if layer.has_weights:
+                layer.ff = weights[f"{layer.name}.ff"]
+                if layer.fb is not layer.ff:
+                    layer.fb = weights[f"{layer.name}.fb"]
+                if layer.bias is not None:
+                    _copy_into(layer.bias, weights[f"{layer.name}.bias"], f"{layer.name}.bias")
+
+    # -- trials -------------------------------------------------------------------------------
+
+    def _check_batch(self, images, labels=None, actions=None):
+        if not torch.is_tensor(images) or not images.is_floating_point():
+            kind = images.dtype if torch.is_tensor(images) else type(images).__name__
+            raise TypeError(f"images: expected a floating-point tensor (scale integer pixels first), got {kind}")
+        expected = self.description.input_shape
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"images: expected shape (batch, {', '.join(map(str, expected))}) for network "
+                f"{self.description.name!r} ({self.description.source}), got {tuple(images.shape)}"
+            )
+        batch = images.shape[0]
+        for name, values in (("labels", labels), ("actions", actions)):
+            if values is None:
+                continue
+            if tuple(values.shape) != (batch,):
+                raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
+            if len(values) and (int(values.min()) < 0 or int(values.max()) >= self.description.n_actions):
+                raise ValueError(f"{name}: values must lie in [0, {self.description.n_actions}), got {values.min()}..{values.max()}")
+        return images.to(self.device, self.dtype)
+
+    def _forward(self, x, learning):
+        activity = [x]
+        for layer in self.layers:
+            activity.append(layer.forward(activity[-1], learning))
+        return activity
+
+    @torch.no_grad()
+    def q_values(self, images: torch.Tensor) -> torch.Tensor:
+        """Q-values of a batch with no dropout and no learning (for evaluation)."""
+        x = self._check_batch(images)
+        q = self._forward(x, learning=False)[-1]
+        for layer in self.layers:
+            layer.saved = None
+        return q
+
+    def run_trials(self, images, labels, actions=None, learn=True, record=False) -> Trials:
+        """Run a batch of trials: the five phases of DeepAGREL, or one EBP step.
+
+        Parameters
+        ----------
+        images : Tensor (B, *input_shape)
+            Floating-point stimuli.
+        labels : Tensor (B,)
+            The correct action of each trial.
+        actions : Tensor (B,), optional
+            Force these actions instead of selecting them (DeepAGREL only).
+        learn : bool
+            Apply plasticity (and dropout). With ``False`` the trial is only observed.
+        record : bool
+            Also return each layer's ff activity, fb activity and gate.
+        """
+        x = self._check_batch(images, labels, actions)
+        labels = labels.to(self.device)
+        if self.description.rule.name == "ebp":
+            if actions is not None:
+                raise ValueError("actions: forcing actions is meaningful only for rule 'deepagrel'")
+            return self._ebp_trials(x, labels, learn)
+        with torch.no_grad():
+            return self._deepagrel_trials(x, labels, actions, learn, record)
+
+    def _deepagrel_trials(self, x, labels, actions, learn, record):
+        net = self.description
+        activity = self._forward(x, learning=learn)
+        q = activity[-1]
+        # Phase 2: action selection; phase 4: the global RPE.
+        if actions is None:
+            actions = agrel.select_action(q, net.action_selection.epsilon, net.action_selection.tau, self.generator)
+        else:
+            actions = actions.to(self.device)
+        rewards = agrel.reward(actions, labels, net.neuromodulator.reward_correct, net.neuromodulator.reward_wrong, self.dtype)
+        delta = agrel.rpe(q, actions, rewards)
+        # Phases 3 and 5, top to bottom: each layer passes feedback down through its fb weights
+        # (before its own weights change), then changes its synapses by the four-factor rule.
+        scale = delta * (net.rule.learning_rate / x.shape[0])
+        decay = net.rule.learning_rate * net.rule.weight_decay
+        fb = agrel.winner_feedback(actions, net.n_actions, self.dtype)
+        records = []
+        for index in range(len(self.layers) - 1, -1, -1):
+            layer, y = self.layers[index], activity[index + 1]
+            gfb = layer.gate_feedback(fb, y)
+            if record:
+                records.append(LayerActivity(layer.name, y, gfb, layer.gate(y)))
+            if index > 0:
+                fb = layer.feedback(gfb)
+            if learn and layer.has_weights:
+                layer.learn(layer.saved, gfb * scale.view(-1, *([1] * (gfb.dim() - 1))), decay)
+            layer.saved = None
+        return Trials(q, actions, rewards, delta=delta, layers=records[::-1] if record else None)
+
+    def _ebp_trials(self, x, labels, learn):
+        net = self.description
+        params = self.parameters()
+        with torch.enable_grad():
+            q = self._forward(x, learning=learn)[-1]
+            loss = F.cross_entropy(q, labels)
+            grads = torch.autograd.grad(loss, params) if learn else None
+        for layer in self.layers:
+            layer.saved = None
+        with torch.no_grad():
+            if learn:
+                decay = net.rule.learning_rate * net.rule.weight_decay
+                for tensor, grad in zip(params, grads):
+                    if decay:
+                        tensor.mul_(1 - decay)
+                    tensor.sub_(grad, alpha=net.rule.learning_rate)
+            q = q.detach()
+            actions = q.argmax(1)
+            rewards = agrel.reward(actions, labels, net.neuromodulator.reward_correct, net.neuromodulator.reward_wrong, self.dtype)
+        return Trials(q, actions, rewards, loss=loss.detach())
+
+
+def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> TorchNetwork:
+    """Build ``network`` into tensors; see :class:`TorchNetwork`."""
+    return TorchNetwork(network, device=device, dtype=dtype, seed=seed)

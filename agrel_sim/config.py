@@ -1,0 +1,128 @@
+"""Reading settings from TOML tables with errors that name the file and the field.
+
+Every model and experiment file is read through :class:`Fields`, so that a typo, a missing
+entry or a value of the wrong type stops the run before any training with a message such as
+``models/net.toml: layers[2].kernel_size: expected an integer >= 1, got 0``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A model or experiment description is invalid.
+
+    The message names the source (a file, or ``<python>`` for objects built in code), the field
+    and what is wrong, and where it helps, what to do.
+    """
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file, turning syntax errors into a :class:`ConfigError` naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
+def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) -> Path:
+    """Find a ``kind`` file (``"model"``, ``"experiment"``) given as a path or as a name.
+
+    A name is looked up as ``NAME.toml`` in the folders of ``$env_var`` (``os.pathsep``
+    separated), then ``./<kind>s`` and the repository's ``<kind>s/`` folder.
+
+    Raises
+    ------
+    ConfigError
+        Listing every path tried, when no file is found.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: {kind} file not found")
+        return path
+    folders = [Path(p) for p in os.environ.get(env_var, "").split(os.pathsep) if p]
+    folders += [Path.cwd() / f"{kind}s", Path(__file__).resolve().parent.parent / f"{kind}s"]
+    tried = [folder / f"{name_or_path}.toml" for folder in folders]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    listing = "\n  ".join(str(p) for p in tried)
+    raise ConfigError(
+        f"{kind} {str(name_or_path)!r} not found; tried:\n  {listing}\n"
+        f"give a path to a .toml file, or set {env_var} to a folder of {kind}s"
+    )
+
+
+class Fields:
+    """A view on one TOML table that remembers where it came from.
+
+    Parameters
+    ----------
+    table : dict
+        The parsed table.
+    source : str
+        The file the table was read from (for messages).
+    where : str
+        The dotted path of the table inside the file, empty for the top level.
+    """
+
+    def __init__(self, table: Any, source: str, where: str = ""):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {where or 'top level'}: expected a table, got {table!r}")
+        self.table = table
+        self.source = source
+        self.where = where
+        self._used: set[str] = set()
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.name(key)}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., check=None, hint: str = ""):
+        """Return ``table[key]`` checked against ``kind`` (and ``check``), or ``default``.
+
+        A missing key with no default raises :class:`ConfigError`; ``check`` is a predicate on
+        the value and ``hint`` describes what it requires.
+        """
+        self._used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise self.error(key, f"missing; {hint or 'this field is required'}")
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML integers are acceptable where a float is expected; booleans are never numbers.
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok or (check is not None and not check(value)):
+            expected = hint or " or ".join(k.__name__ for k in kinds)
+            raise self.error(key, f"expected {expected}, got {value!r}")
+        return value
+
+    def sub(self, key: str, default_empty: bool = True) -> "Fields":
+        """Return the sub-table ``key`` as :class:`Fields` (empty if absent and allowed)."""
+        self._used.add(key)
+        if key not in self.table and default_empty:
+            return Fields({}, self.source, self.name(key))
+        if key not in self.table:
+            raise self.error(key, "missing table")
+        return Fields(self.table[key], self.source, self.name(key))
+
+    def finish(self) -> None:
+        """Raise if the table holds keys that were never read (typos, unsupported settings)."""
+        unknown = sorted(set(self.table) - self._used)
+        if unknown:
+            known = ", ".join(sorted(self._used)) or "none"
+            raise self.error(unknown[0], f"unknown field; the fields here are: {known}")

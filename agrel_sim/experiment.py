@@ -1,0 +1,101 @@
+"""Experiments bind a model to a data set, a rule and the training settings.
+
+An experiment file in ``experiments/`` looks like::
+
+    name = "digits_deepagrel"
+    model = "digits_dense"        # a model name or path, or an inline [model] table
+    dataset = "digits"
+
+    [rule]                        # overrides of the model's [rule]
+    name = "deepagrel"
+    learning_rate = 0.5
+
+    [training]
+    batch_size = 10
+    patience = 30
+    validation_size = 200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agrel_sim.config import Fields, find_named_file, read_toml
+from agrel_sim.datasets import LOADERS
+from agrel_sim.network import ColumnNetwork, load_model
+from agrel_sim.training import TrainingSettings
+
+# The main job: `agrel-sim train` with no arguments. A small column network on scikit-learn's
+# 8×8 digits, which needs no download.
+DEFAULT_EXPERIMENT = {
+    "name": "digits_deepagrel",
+    "dataset": "digits",
+    "model": {
+        "name": "digits_dense",
+        "input_shape": [1, 8, 8],
+        "layers": [{"kind": "dense", "units": 128}, {"kind": "dense", "units": 64}],
+        "output": {"actions": 10},
+        "rule": {"name": "deepagrel", "learning_rate": 0.5, "init_range": 0.1},
+    },
+    "training": {"batch_size": 10, "max_epochs": 200, "patience": 30, "validation_size": 200},
+}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A model, a data set and the training settings: everything a run needs but its seed."""
+
+    name: str
+    model: ColumnNetwork
+    dataset: str
+    training: TrainingSettings
+    source: str = "<python>"
+
+    @classmethod
+    def from_dict(cls, table: dict, source: str = "<dict>") -> "Experiment":
+        """Build an experiment from plain data (a parsed TOML file), checking every field."""
+        top = Fields(table, source)
+        name = top.get("name", str, default=Path(source).stem)
+        model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")
+        if isinstance(model_entry, dict):
+            model = ColumnNetwork.from_dict(model_entry, f"{source}: model")
+        else:
+            model = load_model(_relative_to(model_entry, source))
+        overrides = top.get("rule", dict, default={})
+        if overrides:  # checked field by field as part of the model, named as in this file
+            described = model.to_dict()
+            model = ColumnNetwork.from_dict({**described, "rule": {**described["rule"], **overrides}}, source)
+        dataset = top.get("dataset", str, check=lambda v: v in LOADERS, hint=f"one of {sorted(LOADERS)}")
+        fields = top.sub("training")
+        defaults = TrainingSettings()
+        positive = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
+        training = TrainingSettings(**{key: fields.get(key, default=getattr(defaults, key), **positive) for key in dataclasses.asdict(defaults)})
+        fields.finish()
+        top.finish()
+        return cls(name, model, dataset, training, source)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "Experiment":
+        path = Path(path)
+        return cls.from_dict(read_toml(path), str(path))
+
+
+def _relative_to(model: str, source: str) -> str:
+    """A model path in an experiment file is relative to that file's folder."""
+    if model.endswith(".toml") and not Path(model).is_absolute() and Path(source).exists():
+        return str(Path(source).parent / model)
+    return model
+
+
+def default_experiment() -> Experiment:
+    """The embedded default experiment (:data:`DEFAULT_EXPERIMENT`)."""
+    return Experiment.from_dict(DEFAULT_EXPERIMENT, "<embedded default>")
+
+
+def load_experiment(name_or_path: str | os.PathLike) -> Experiment:
+    """Load an experiment from a TOML path, or by name from ``$AGREL_SIM_EXPERIMENTS``,
+    ``./experiments`` or the repository's ``experiments/``."""
+    return Experiment.from_toml(find_named_file(name_or_path, "experiment", "AGREL_SIM_EXPERIMENTS"))

@@ -1,0 +1,366 @@
+"""The backend-neutral description of a network of cortical columns.
+
+A :class:`ColumnNetwork` is plain data: the input shape, an ordered list of column layers, the
+output layer of Q-units (one per action), the action selector, the neuromodulator and the
+parameters of the learning rule. Backends build a runnable form from it
+(:func:`agrel_sim.build`). It can be written in Python or read from a TOML file in ``models/``::
+
+    name = "digits_dense"
+    input_shape = [1, 8, 8]
+
+    [[layers]]
+    kind = "dense"
+    units = 64
+
+    [output]
+    actions = 10
+
+    [action_selection]   # max-Boltzmann
+    epsilon = 0.02
+    tau = 1.0
+
+    [neuromodulator]     # delta = r - q_s
+    reward_correct = 1.0
+    reward_wrong = 0.0
+
+    [rule]
+    name = "deepagrel"   # or "ebp"
+    learning_rate = 0.05
+    init_range = 0.05
+    feedback = "tied"    # or "reciprocal", "independent"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
+
+FEEDBACK_MODES = ("tied", "reciprocal", "independent")
+RULES = ("deepagrel", "ebp")
+
+_positive_int = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
+_non_negative_int = dict(kind=int, check=lambda v: v >= 0, hint="an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A layer of ``units`` columns, each connected to every column of the layer below."""
+
+    units: int
+    kind: ClassVar[str] = "dense"
+
+    def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        return (self.units,)
+
+
+@dataclass(frozen=True)
+class _Sheet:
+    """A C×H×W sheet of columns, each seeing a ``kernel_size``² window of the sheet below."""
+
+    channels: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+
+    def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        if len(shape) != 3:
+            raise ConfigError(
+                f"{where}: a {self.kind} layer needs a C×H×W sheet below it, got a vector of "
+                f"{shape[0]} columns; put {self.kind} layers before dense layers"
+            )
+        _, height, width = shape
+        sizes = []
+        for size in (height, width):
+            padded = size + 2 * self.padding
+            if self.kernel_size > padded:
+                raise ConfigError(
+                    f"{where}.kernel_size: kernel {self.kernel_size}×{self.kernel_size} is larger "
+                    f"than its input {height}×{width} (padding {self.padding}); use a smaller "
+                    "kernel, more padding, or fewer layers that shrink the sheet"
+                )
+            sizes.append((padded - self.kernel_size) // self.stride + 1)
+        return (self.channels, *sizes)
+
+
+@dataclass(frozen=True)
+class Conv2d(_Sheet):
+    """A convolutional sheet: one kernel per output channel, shared by all positions."""
+
+    kind: ClassVar[str] = "conv"
+
+
+@dataclass(frozen=True)
+class LocallyConnected2d(_Sheet):
+    """The geometry of :class:`Conv2d` with untied weights: one kernel per output position."""
+
+    kind: ClassVar[str] = "locally_connected"
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Silences a random fraction ``rate`` of the columns below during learning trials.
+
+    A dropped column's ff activity is 0 and it passes no feedback, like a ReLU below threshold.
+    The survivors are scaled by ``1 / (1 - rate)`` so that nothing needs rescaling at test time.
+    """
+
+    rate: float
+    kind: ClassVar[str] = "dropout"
+
+    def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        return shape
+
+
+Layer = Dense | Conv2d | LocallyConnected2d | Dropout
+LAYER_KINDS: dict[str, type] = {k.kind: k for k in (Dense, Conv2d, LocallyConnected2d, Dropout)}
+
+
+@dataclass(frozen=True)
+class ActionSelection:
+    """Max-Boltzmann action selection.
+
+    With probability ``1 - epsilon`` the action with the highest Q-value is chosen; otherwise one
+    is drawn from ``P(l) = exp(q_l / tau) / sum_k exp(q_k / tau)``.
+    """
+
+    epsilon: float = 0.02
+    tau: float = 1.0
+
+
+@dataclass(frozen=True)
+class Neuromodulator:
+    """The global, dopamine-like reward-prediction error ``delta = r - q_s``.
+
+    ``r`` is ``reward_correct`` when the selected action is the correct class, else
+    ``reward_wrong``.
+    """
+
+    reward_correct: float = 1.0
+    reward_wrong: float = 0.0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Parameters of the learning rule.
+
+    Parameters
+    ----------
+    name : {"deepagrel", "ebp"}
+        DeepAGREL (reinforcement, four-factor plasticity) or the error-backpropagation baseline
+        (softmax, cross-entropy, plain SGD).
+    learning_rate : float
+        The step size alpha.
+    bias : bool
+        Whether columns have a bias, learnt like a synapse whose presynaptic activity is 1.
+    init_range : float
+        Weights start uniform in ``[-init_range, init_range]``.
+    feedback : {"tied", "reciprocal", "independent"}
+        ``tied``: one tensor serves as ff and fb weights. ``reciprocal``: separate fb tensors
+        that start equal to the ff ones and get the identical update. ``independent``: fb
+        drawn independently, identical updates.
+    weight_decay : float
+        Each update also shrinks ff and fb weights by ``learning_rate * weight_decay`` times
+        themselves (as ``torch.optim.SGD`` does); with ``independent`` feedback this makes fb
+        converge towards ff.
+    """
+
+    name: str = "deepagrel"
+    learning_rate: float = 0.01
+    bias: bool = False
+    init_range: float = 0.05
+    feedback: str = "tied"
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class ColumnNetwork:
+    """A network of cortical columns, described independently of any backend.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        ``(C, H, W)`` for images, ``(N,)`` for vectors.
+    layers : sequence of Dense, Conv2d, LocallyConnected2d, Dropout
+        The hidden column layers, bottom to top.
+    n_actions : int
+        Number of output Q-units, one per action (class).
+    action_selection, neuromodulator, rule
+        See :class:`ActionSelection`, :class:`Neuromodulator`, :class:`Rule`.
+    name : str
+        A label for logs and run files.
+    source : str
+        Where the description came from; error messages name it.
+
+    Raises
+    ------
+    ConfigError
+        If the description is inconsistent (a kernel larger than its input, a conv layer above
+        a dense one, a parameter out of range, ...).
+    """
+
+    input_shape: tuple[int, ...]
+    layers: tuple[Layer, ...]
+    n_actions: int
+    action_selection: ActionSelection = ActionSelection()
+    neuromodulator: Neuromodulator = Neuromodulator()
+    rule: Rule = Rule()
+    name: str = "network"
+    source: str = field(default="<python>", compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        _validate(self)
+
+    def layer_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the column populations: the input, each hidden layer, then the output."""
+        shapes = [self.input_shape]
+        for index, layer in enumerate(self.layers):
+            shapes.append(layer.output_shape(shapes[-1], f"{self.source}: layers[{index}]"))
+        return shapes + [(self.n_actions,)]
+
+    def replace(self, **changes) -> "ColumnNetwork":
+        """A copy with fields replaced; ``rule=dict(...)`` etc. update single parameters."""
+        for key in ("action_selection", "neuromodulator", "rule"):
+            if isinstance(changes.get(key), dict):
+                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The description as plain data, in the layout of the TOML files."""
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "layers": [{"kind": layer.kind, **dataclasses.asdict(layer)} for layer in self.layers],
+            "output": {"actions": self.n_actions},
+            "action_selection": dataclasses.asdict(self.action_selection),
+            "neuromodulator": dataclasses.asdict(self.neuromodulator),
+            "rule": dataclasses.asdict(self.rule),
+        }
+
+    @classmethod
+    def from_dict(cls, table: dict, source: str = "<dict>") -> "ColumnNetwork":
+        """Build a description from plain data (a parsed TOML file), checking every field."""
+        top = Fields(table, source)
+        name = top.get("name", str, default=Path(source).stem)
+        input_shape = top.get(
+            "input_shape", list, check=lambda v: len(v) in (1, 3) and all(_is_count(n) for n in v),
+            hint="a list of positive integers [C, H, W] or [N]",
+        )
+        layer_tables = top.get("layers", list, hint="a list of [[layers]] tables, bottom to top")
+        layers = tuple(_layer_from_table(Fields(t, source, f"layers[{i}]")) for i, t in enumerate(layer_tables))
+
+        output = top.sub("output", default_empty=False)
+        n_actions = output.get("actions", **_positive_int)
+        output.finish()
+
+        selection = top.sub("action_selection")
+        action_selection = ActionSelection(
+            epsilon=selection.get("epsilon", float, 0.02, lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+            tau=selection.get("tau", float, 1.0, lambda v: v > 0, "a temperature > 0"),
+        )
+        selection.finish()
+
+        modulator = top.sub("neuromodulator")
+        neuromodulator = Neuromodulator(
+            reward_correct=modulator.get("reward_correct", float, 1.0),
+            reward_wrong=modulator.get("reward_wrong", float, 0.0),
+        )
+        modulator.finish()
+
+        rule_table = top.sub("rule")
+        rule = Rule(
+            name=rule_table.get("name", str, "deepagrel", lambda v: v in RULES, f"one of {RULES}"),
+            learning_rate=rule_table.get("learning_rate", float, 0.01, lambda v: v > 0, "a number > 0"),
+            bias=rule_table.get("bias", bool, False),
+            init_range=rule_table.get("init_range", float, 0.05, lambda v: v > 0, "a number > 0"),
+            feedback=rule_table.get("feedback", str, "tied", lambda v: v in FEEDBACK_MODES, f"one of {FEEDBACK_MODES}"),
+            weight_decay=rule_table.get("weight_decay", float, 0.0, lambda v: v >= 0, "a number >= 0"),
+        )
+        rule_table.finish()
+        top.finish()
+        return cls(tuple(input_shape), layers, n_actions, action_selection, neuromodulator, rule, name, source)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "ColumnNetwork":
+        """Read a description from a TOML file (see the module docstring for the layout)."""
+        path = Path(path)
+        return cls.from_dict(read_toml(path), str(path))
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _layer_from_table(fields: Fields) -> Layer:
+    kind = fields.get("kind", str, hint=f"the layer kind, one of {sorted(LAYER_KINDS)}")
+    if kind not in LAYER_KINDS:
+        raise fields.error("kind", f"unknown layer kind {kind!r}; known kinds: {sorted(LAYER_KINDS)}")
+    if kind == "dense":
+        layer = Dense(units=fields.get("units", **_positive_int))
+    elif kind == "dropout":
+        layer = Dropout(rate=fields.get("rate", float, check=lambda v: 0 <= v < 1, hint="a fraction in [0, 1)"))
+    else:
+        layer = LAYER_KINDS[kind](
+            channels=fields.get("channels", **_positive_int),
+            kernel_size=fields.get("kernel_size", **_positive_int),
+            stride=fields.get("stride", default=1, **_positive_int),
+            padding=fields.get("padding", default=0, **_non_negative_int),
+        )
+    fields.finish()
+    return layer
+
+
+def _validate(network: ColumnNetwork) -> None:
+    """Check a description built in Python as strictly as one read from a file."""
+    source = network.source
+    if len(network.input_shape) not in (1, 3) or not all(_is_count(n) for n in network.input_shape):
+        raise ConfigError(f"{source}: input_shape: expected [C, H, W] or [N] of positive integers, got {list(network.input_shape)}")
+    if not _is_count(network.n_actions) or network.n_actions < 2:
+        raise ConfigError(f"{source}: output.actions: expected an integer >= 2, got {network.n_actions!r}")
+    for index, layer in enumerate(network.layers):
+        where = f"{source}: layers[{index}]"
+        if not isinstance(layer, tuple(LAYER_KINDS.values())):
+            raise ConfigError(f"{where}: unknown layer {layer!r}; known kinds: {sorted(LAYER_KINDS)}")
+        if isinstance(layer, Dropout):
+            if not 0 <= layer.rate < 1:
+                raise ConfigError(f"{where}.rate: expected a fraction in [0, 1), got {layer.rate}")
+            if index == 0:
+                raise ConfigError(f"{where}: dropout must follow a column layer, not the input")
+            continue
+        sizes = {"units": layer.units} if isinstance(layer, Dense) else {"channels": layer.channels, "kernel_size": layer.kernel_size, "stride": layer.stride}
+        for key, value in sizes.items():
+            if not _is_count(value):
+                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
+    network.layer_shapes()  # raises on geometry errors
+    selection, rule = network.action_selection, network.rule
+    if not 0 <= selection.epsilon <= 1:
+        raise ConfigError(f"{source}: action_selection.epsilon: expected a probability in [0, 1], got {selection.epsilon}")
+    if not selection.tau > 0:
+        raise ConfigError(f"{source}: action_selection.tau: expected a temperature > 0, got {selection.tau}")
+    if rule.name not in RULES:
+        raise ConfigError(f"{source}: rule.name: expected one of {RULES}, got {rule.name!r}")
+    if rule.feedback not in FEEDBACK_MODES:
+        raise ConfigError(f"{source}: rule.feedback: expected one of {FEEDBACK_MODES}, got {rule.feedback!r}")
+    for key in ("learning_rate", "init_range"):
+        if not getattr(rule, key) > 0:
+            raise ConfigError(f"{source}: rule.{key}: expected a number > 0, got {getattr(rule, key)}")
+    if rule.weight_decay < 0:
+        raise ConfigError(f"{source}: rule.weight_decay: expected a number >= 0, got {rule.weight_decay}")
+
+
+def load_model(name_or_path: str | os.PathLike) -> ColumnNetwork:
+    """Load a model description from a TOML path, or by name from ``$AGREL_SIM_MODELS``,
+    ``./models`` or the repository's ``models/``.
+
+    Raises
+    ------
+    ConfigError
+        If no file is found (the message lists every path tried) or the file is invalid.
+    """
+    return ColumnNetwork.from_toml(find_named_file(name_or_path, "model", "AGREL_SIM_MODELS"))

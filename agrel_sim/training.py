@@ -1,0 +1,172 @@
+"""The training protocol shared by DeepAGREL and EBP (the paper's Table 1 protocol).
+
+Training images are split, by the run's seed, into a training part and a validation part;
+batches of trials are drawn by index from the training part each epoch; after every epoch the
+validation accuracy is measured, and training stops when it has not improved for ``patience``
+epochs. The test accuracy reported is that of the weights with the best validation accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from agrel_sim.backends import build
+from agrel_sim.datasets import Dataset
+from agrel_sim.network import ColumnNetwork
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Settings of the training protocol.
+
+    Parameters
+    ----------
+    batch_size : int
+        Trials per weight update (the paper: 100).
+    max_epochs : int
+        Upper bound on epochs; a run that reaches it has not converged.
+    patience : int
+        Stop after this many epochs without a better validation accuracy (the paper: 20).
+    validation_size : int
+        Training images set aside, by the run's seed, for validation (the paper: 1,000).
+    eval_batch_size : int
+        Images per forward pass when measuring accuracy (memory only, no effect on results).
+    """
+
+    batch_size: int = 100
+    max_epochs: int = 500
+    patience: int = 20
+    validation_size: int = 1000
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch measured.
+
+    ``reward_probability``: share of training trials that were rewarded (for EBP: share of
+    correct greedy classifications, i.e. 1 − training error); ``train_loss``: mean
+    cross-entropy (EBP) or mean squared RPE ``δ²/2`` (DeepAGREL).
+    """
+
+    epoch: int
+    reward_probability: float
+    train_loss: float
+    validation_accuracy: float
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """The outcome of a training run."""
+
+    test_accuracy: float
+    best_epoch: int
+    epochs: int
+    converged: bool
+    seconds: float
+    history: list[EpochMetrics] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"test_acc={self.test_accuracy:.4f} best_epoch={self.best_epoch} epochs={self.epochs} "
+            f"converged={self.converged} time={self.seconds:.1f}s"
+        )
+
+
+def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training and validation parts, drawn by ``seed``."""
+    if not 0 < validation_size < n_train:
+        raise ValueError(f"validation_size: expected 0 < validation_size < {n_train} (training images), got {validation_size}")
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return order[validation_size:], order[:validation_size]
+
+
+@torch.no_grad()
+def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """Share of ``images`` whose greedy action (highest Q-value) is the label."""
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    for start in range(0, len(labels), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(labels)), device=images.device)
+        q = net.q_values(data.batch(images, index, net.dtype))
+        correct += (q.argmax(1) == labels[index]).sum()
+    return correct.item() / len(labels)
+
+
+def train(
+    description: ColumnNetwork,
+    data: Dataset,
+    settings: TrainingSettings = TrainingSettings(),
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool | None = None,
+    log=print,
+) -> RunResult:
+    """Train ``description`` on ``data`` with its rule until early stopping.
+
+    Parameters
+    ----------
+    description : ColumnNetwork
+        The network; ``description.rule.name`` selects DeepAGREL or EBP.
+    data : Dataset
+    settings : TrainingSettings
+    seed : int
+        Seeds the validation split, the batch order, the weights, action selection and dropout.
+    device, dtype
+        Where and in what precision to run.
+    progress : bool or None
+        Show a progress bar; ``None``: only when the output is a terminal.
+    log : callable
+        Receives one line per epoch.
+    """
+    if tuple(data.image_shape) != description.input_shape:
+        raise ValueError(
+            f"model {description.name!r} expects input of shape {list(description.input_shape)}, "
+            f"but data set {data.name!r} has images of shape {list(data.image_shape)}"
+        )
+    if data.n_classes != description.n_actions:
+        raise ValueError(f"model {description.name!r} has {description.n_actions} actions, data set {data.name!r} has {data.n_classes} classes")
+
+    started = time.perf_counter()
+    data = data.to(device)
+    net = build(description, device=device, dtype=dtype, seed=seed)
+    train_index, validation_index = (i.to(device) for i in split_validation(len(data.train_labels), settings.validation_size, seed))
+    validation_images, validation_labels = data.train_images[validation_index], data.train_labels[validation_index]
+    order_generator = torch.Generator().manual_seed(seed + 1)
+
+    best_accuracy, best_epoch, best_weights, history = -1.0, 0, None, []
+    bar = tqdm(total=settings.max_epochs, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
+    for epoch in range(1, settings.max_epochs + 1):
+        epoch_started = time.perf_counter()
+        order = train_index[torch.randperm(len(train_index), generator=order_generator).to(device)]
+        rewarded = torch.zeros((), dtype=torch.float64, device=device)
+        loss = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, len(order), settings.batch_size):
+            index = order[start:start + settings.batch_size]
+            trials = net.run_trials(data.batch(data.train_images, index, dtype), data.train_labels[index])
+            rewarded += (trials.action == data.train_labels[index]).sum()
+            loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
+        validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
+        metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started)
+        history.append(metrics)
+        if validation > best_accuracy:
+            best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
+        bar.update()
+        bar.set_postfix(reward_p=f"{metrics.reward_probability:.3f}", val_acc=f"{validation:.4f}")
+        if log is not None:
+            log(
+                f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
+                f"val_acc={validation:.4f}  time={metrics.seconds:.2f}s"
+            )
+        if epoch - best_epoch >= settings.patience:
+            break
+    bar.close()
+    converged = epoch - best_epoch >= settings.patience
+    net.load_weights(best_weights)
+    test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
+    return RunResult(test, best_epoch, epoch, converged, time.perf_counter() - started, history)

@@ -1,0 +1,48 @@
+"""Max-Boltzmann action selection matches epsilon and tau in distribution."""
+
+import pytest
+import torch
+
+from agrel_sim.rule import rpe, reward, select_action
+
+DRAWS = 200_000
+
+
+def expected_distribution(q, epsilon, tau):
+    greedy = torch.nn.functional.one_hot(q.argmax(), len(q)).double()
+    return (1 - epsilon) * greedy + epsilon * torch.softmax(q.double() / tau, 0)
+
+
+@pytest.mark.parametrize("epsilon, tau", [(0.02, 1.0), (0.3, 0.5), (1.0, 2.0)])
+def test_action_frequencies_match_max_boltzmann(epsilon, tau):
+    q = torch.tensor([0.2, 1.1, -0.4, 0.9, 0.0])
+    actions = select_action(q.expand(DRAWS, -1), epsilon, tau, torch.Generator().manual_seed(7))
+    counts = torch.bincount(actions, minlength=len(q)).double()
+    expected = expected_distribution(q, epsilon, tau) * DRAWS
+    sigma = (expected * (1 - expected / DRAWS)).sqrt()
+    assert torch.all((counts - expected).abs() <= 5 * sigma + 1), (counts, expected)
+
+    # The share of non-greedy actions: epsilon times the Boltzmann mass off the greedy action.
+    non_greedy = (actions != q.argmax()).double().mean().item()
+    p = epsilon * (1 - torch.softmax(q.double() / tau, 0)[q.argmax()].item())
+    assert abs(non_greedy - p) <= 5 * (p * (1 - p) / DRAWS) ** 0.5 + 1e-9
+
+
+def test_boltzmann_draws_depend_on_tau():
+    q = torch.tensor([0.0, 1.0])
+    shares = [select_action(q.expand(DRAWS, -1), 1.0, tau, torch.Generator().manual_seed(1)).double().mean().item() for tau in (0.25, 4.0)]
+    assert shares[0] == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item(), abs=0.01)
+    assert shares[1] == pytest.approx(torch.sigmoid(torch.tensor(0.25)).item(), abs=0.01)
+
+
+def test_epsilon_zero_is_greedy():
+    q = torch.randn(10_000, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(select_action(q, 0.0, 1.0, torch.Generator().manual_seed(0)), q.argmax(1))
+
+
+def test_reward_and_rpe():
+    actions, labels = torch.tensor([0, 2, 1]), torch.tensor([0, 1, 1])
+    r = reward(actions, labels, 1.0, -0.5, torch.float64)
+    assert r.tolist() == [1.0, -0.5, 1.0]
+    q = torch.tensor([[0.3, 0.0, 0.0], [0.0, 0.0, 0.2], [0.0, 0.9, 0.0]], dtype=torch.float64)
+    assert torch.allclose(rpe(q, actions, r), torch.tensor([0.7, -0.7, 0.1], dtype=torch.float64))

@@ -1,0 +1,84 @@
+"""The command line, driven end to end through its real entry points."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from agrel_sim.cli import main
+
+
+def test_default_job_learns_digits(capsys):
+    assert main(["train"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"epoch +1 +reward_p=0\.\d+", out), "one line per epoch with the reward probability"
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("summary: experiment=digits_deepagrel rule=deepagrel")
+    assert float(re.search(r"test_acc=([0-9.]+)", summary).group(1)) >= 0.95
+
+
+def test_console_script_entry_point():
+    done = subprocess.run([sys.executable, "-m", "agrel_sim.cli", "train", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--seed" in done.stdout
+
+
+EXPERIMENT = """
+name = "tiny_ebp"
+dataset = "digits"
+model = "net.toml"
+
+[rule]
+name = "ebp"
+learning_rate = 0.1
+
+[training]
+batch_size = 20
+max_epochs = 3
+patience = 2
+validation_size = 100
+"""
+
+MODEL = """
+input_shape = [1, 8, 8]
+[[layers]]
+kind = "conv"
+channels = 4
+kernel_size = 3
+[[layers]]
+kind = "dense"
+units = 16
+[output]
+actions = 10
+"""
+
+
+def test_experiment_file_with_model_path_and_rule_override(tmp_path, capsys):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT)
+    assert main(["train", str(tmp_path / "tiny.toml"), "--seed", "3", "--quiet"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "experiment=tiny_ebp rule=ebp seed=3" in summary and "epochs=3" in summary
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (('dataset = "digits"', 'dataset = "svhn"'), r"tiny\.toml: dataset: expected one of"),
+        (("patience = 2", "patiense = 2"), r"tiny\.toml: training\.patiense: unknown field"),
+        (("learning_rate = 0.1", "learning_rate = -1.0"), r"tiny\.toml: rule\.learning_rate: expected a number > 0"),
+        (('model = "net.toml"', 'model = "nowhere.toml"'), r"nowhere\.toml: model file not found"),
+    ],
+)
+def test_bad_experiment_files_fail_before_training(tmp_path, capsys, change, message):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace(*change))
+    assert main(["train", str(tmp_path / "tiny.toml")]) == 2
+    captured = capsys.readouterr()
+    assert re.search(message, captured.err), captured.err
+    assert "epoch" not in captured.out
+
+
+def test_unknown_experiment_name_lists_the_paths_tried(capsys):
+    assert main(["train", "no_such_experiment"]) == 2
+    assert re.search(r"experiment 'no_such_experiment' not found; tried:\n.*no_such_experiment\.toml", capsys.readouterr().err)

@@ -1,0 +1,111 @@
+"""Model descriptions: TOML round trip and clear errors for bad input, before any training."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from agrel_sim import ColumnNetwork, ConfigError, Conv2d, Dense, Rule, build, load_model
+
+GOOD = """
+name = "tiny"
+input_shape = [1, 8, 8]
+
+[[layers]]
+kind = "conv"
+channels = 4
+kernel_size = 3
+stride = 2
+
+[[layers]]
+kind = "dropout"
+rate = 0.5
+
+[[layers]]
+kind = "dense"
+units = 16
+
+[output]
+actions = 10
+
+[rule]
+learning_rate = 0.1
+feedback = "reciprocal"
+"""
+
+
+def write(tmp_path, text, name="net.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_toml_round_trip(tmp_path):
+    network = ColumnNetwork.from_toml(write(tmp_path, GOOD))
+    assert network.layer_shapes() == [(1, 8, 8), (4, 3, 3), (4, 3, 3), (16,), (10,)]
+    assert network.rule.feedback == "reciprocal" and network.action_selection.epsilon == 0.02
+    assert ColumnNetwork.from_dict(network.to_dict()) == network
+
+
+def test_load_by_name_and_by_path(tmp_path, monkeypatch):
+    write(tmp_path, GOOD, "tiny.toml")
+    monkeypatch.setenv("AGREL_SIM_MODELS", str(tmp_path))
+    assert load_model("tiny").name == "tiny"
+    assert load_model(tmp_path / "tiny.toml").name == "tiny"
+    with pytest.raises(ConfigError, match=r"(?s)model 'nope' not found; tried:.*nope\.toml"):
+        load_model("nope")
+
+
+def test_every_repository_model_loads_by_name():
+    paths = sorted((Path(__file__).parent.parent / "models").glob("*.toml"))
+    assert len(paths) >= 14, "the paper's Table 1 networks"
+    for path in paths:
+        assert load_model(path.stem).name == path.stem
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (('kind = "dropout"', 'kind = "pooling"'), r"net\.toml: layers\[1\]\.kind: unknown layer kind 'pooling'"),
+        (("units = 16\n", ""), r"net\.toml: layers\[2\]\.units: missing"),
+        (("kernel_size = 3", "kernel_size = 11"), r"net\.toml: layers\[0\]\.kernel_size: kernel 11×11 is larger than its input 8×8"),
+        (("channels = 4", "chanels = 4"), r"net\.toml: layers\[0\]\.chan+els: unknown field|layers\[0\]\.channels: missing"),
+        (("rate = 0.5", "rate = 1.5"), r"net\.toml: layers\[1\]\.rate: expected a fraction in \[0, 1\), got 1\.5"),
+        (('feedback = "reciprocal"', 'feedback = "mirror"'), r"net\.toml: rule\.feedback: expected one of"),
+        (("[output]\nactions = 10", ""), r"net\.toml: output: missing table"),
+        (("input_shape = [1, 8, 8]", "input_shape = [8, 8]"), r"net\.toml: input_shape: expected a list"),
+        (("learning_rate = 0.1", "learning_rate = true"), r"net\.toml: rule\.learning_rate: expected"),
+        (("stride = 2", "stride = 2 +"), r"net\.toml: not valid TOML"),
+    ],
+)
+def test_bad_model_files_name_file_and_field(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        ColumnNetwork.from_toml(write(tmp_path, GOOD.replace(*change)))
+
+
+def test_bad_descriptions_in_python():
+    with pytest.raises(ConfigError, match=r"<python>: layers\[1\]: a conv layer needs a C×H×W sheet"):
+        ColumnNetwork((1, 8, 8), [Dense(5), Conv2d(2, 3)], 3)
+    with pytest.raises(ConfigError, match=r"layers\[1\]\.kernel_size: kernel 5×5 is larger than its input 3×3"):
+        ColumnNetwork((1, 8, 8), [Conv2d(2, 3, stride=2), Conv2d(2, 5)], 3)
+    with pytest.raises(ConfigError, match=r"layers\[0\]: unknown layer"):
+        ColumnNetwork((4,), ["dense"], 3)
+    with pytest.raises(ConfigError, match=r"rule\.init_range: expected a number > 0"):
+        ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(init_range=0))
+
+
+def test_input_that_does_not_match_the_network():
+    net = build(ColumnNetwork((1, 8, 8), [Dense(5)], 3, name="tiny"))
+    labels = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 1, 8, 8\) for network 'tiny'.*got \(2, 1, 7, 7\)"):
+        net.run_trials(torch.zeros(2, 1, 7, 7), labels)
+    with pytest.raises(TypeError, match="images: expected a floating-point tensor"):
+        net.run_trials(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels)
+    with pytest.raises(ValueError, match=r"labels: values must lie in \[0, 3\)"):
+        net.run_trials(torch.zeros(2, 1, 8, 8), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"actions: expected shape \(2,\)"):
+        net.run_trials(torch.zeros(2, 1, 8, 8), labels, actions=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"layers\.0\.ff: expected a tensor of shape \(5, 64\)"):
+        net.layers[0].ff = torch.zeros(64, 5)
+    with pytest.raises(ValueError, match=r"backend: unknown backend 'jax'"):
+        build(net.description, backend="jax")

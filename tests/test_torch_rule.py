@@ -1,0 +1,192 @@
+"""The explicit DeepAGREL of the torch backend against its oracle and its defining properties."""
+
+import math
+
+import pytest
+import torch
+
+from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
+from reference import reference_q
+
+# Random nets with 3 or more hidden column layers, one family per layer kind.
+ARCHITECTURES = {
+    "dense": ((11,), [Dense(9), Dense(8), Dense(7)]),
+    "conv": ((2, 9, 9), [Conv2d(3, 3), Conv2d(4, 3), Conv2d(3, 2)]),
+    "strided_conv": ((2, 11, 11), [Conv2d(3, 3, stride=2), Conv2d(4, 3, stride=2, padding=1), Conv2d(3, 2, stride=2), Dense(6)]),
+    "locally_connected": ((2, 8, 8), [LocallyConnected2d(3, 3), LocallyConnected2d(3, 3), LocallyConnected2d(2, 2)]),
+    "strided_locally_connected": ((2, 10, 10), [LocallyConnected2d(3, 3, stride=2), LocallyConnected2d(3, 2, stride=2, padding=1), Dense(6)]),
+    "dropout": ((2, 8, 8), [Conv2d(3, 3), Dropout(0.4), Dense(9), Dropout(0.3), Dense(7)]),
+    "paper_like": ((1, 12, 12), [LocallyConnected2d(4, 3), Conv2d(4, 3, stride=2), Dropout(0.5), Dense(10), Dropout(0.3)]),
+}
+
+
+def make(kind, bias=False, feedback="tied", learning_rate=0.7, seed=0, n_actions=5, **rule):
+    input_shape, layers = ARCHITECTURES[kind]
+    description = ColumnNetwork(
+        input_shape, layers, n_actions,
+        rule=Rule(learning_rate=learning_rate, bias=bias, init_range=0.5, feedback=feedback, **rule),
+        name=kind,
+    )
+    return build(description, dtype=torch.float64, seed=seed)
+
+
+def random_batch(net, batch=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = net.description.input_shape
+    images = torch.rand((batch, *shape), generator=g, dtype=torch.float64)
+    labels = torch.randint(net.description.n_actions, (batch,), generator=g)
+    actions = torch.randint(net.description.n_actions, (batch,), generator=g)
+    return images, labels, actions
+
+
+def relative_error(value, reference):
+    return ((value - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("feedback", ["tied", "reciprocal"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(kind, bias, feedback):
+    net = make(kind, bias=bias, feedback=feedback)
+    images, labels, actions = random_batch(net)
+    before = net.weights()
+    trials = net.run_trials(images, labels, actions=actions, record=True)
+    after = net.weights()
+
+    # The oracle: alpha * delta * dq_s/dW by autograd through an independent forward pass,
+    # with the same dropout masks and delta held fixed; averaged over the batch.
+    keeps = {i: rec.gate for i, rec in enumerate(trials.layers) if isinstance(net.description.layers[min(i, len(net.description.layers) - 1)], Dropout)}
+    params = {k: v.clone().requires_grad_(True) for k, v in before.items() if not k.endswith(".fb")}
+    q = reference_q(net.description, params, images, keeps)
+    torch.testing.assert_close(q.detach(), trials.q, rtol=1e-12, atol=1e-12)
+    q_s = q.gather(1, actions[:, None]).squeeze(1)
+    objective = (trials.delta * q_s).sum() * net.description.rule.learning_rate / len(images)
+    oracle = dict(zip(params, torch.autograd.grad(objective, list(params.values()))))
+
+    assert torch.equal(trials.action, actions)
+    for key in after:
+        change = after[key] - before[key]
+        expected = oracle[key.replace(".fb", ".ff")]
+        assert expected.abs().max() > 0, f"{key}: oracle is zero, the test would be vacuous"
+        assert relative_error(change, expected) < 1e-10, key
+
+
+def test_silent_column_passes_no_feedback_and_keeps_its_synapses():
+    description = ColumnNetwork((4,), [Dense(3), Dense(3), Dense(3)], 3, rule=Rule(learning_rate=0.5, init_range=0.5))
+    net = build(description, dtype=torch.float64, seed=3)
+    for layer in net.layers[:3]:
+        layer.ff = layer.ff.abs()  # every column active for positive input ...
+    ff = net.layers[1].ff.clone()
+    ff[1] = -1.0  # ... except column 1 of the second layer, driven below threshold
+    net.layers[1].ff = ff
+    images = torch.rand(8, 4, dtype=torch.float64) + 0.1
+    before = net.weights()
+    trials = net.run_trials(images, torch.zeros(8, dtype=torch.long), actions=torch.arange(8) % 3, record=True)
+    after = net.weights()
+    silent = trials.layers[1]
+    assert torch.all(silent.ff[:, 1] == 0) and not silent.gate[:, 1].any()
+    assert torch.all(silent.fb[:, 1] == 0)
+    assert torch.all(silent.fb[:, [0, 2]] != 0), "the other columns do receive feedback"
+    # Its incoming ff/fb synapses and its outgoing synapses (to layer 3) are unchanged ...
+    assert torch.equal(after["layers.1.ff"][1], before["layers.1.ff"][1])
+    assert torch.equal(after["layers.2.ff"][:, 1], before["layers.2.ff"][:, 1])
+    # ... while its neighbours' synapses did change.
+    assert torch.all(after["layers.1.ff"][[0, 2]] != before["layers.1.ff"][[0, 2]])
+    assert torch.all(after["layers.2.ff"][:, [0, 2]] != before["layers.2.ff"][:, [0, 2]])
+
+
+def test_only_the_selected_output_unit_learns():
+    net = make("dense")
+    images, labels, _ = random_batch(net, batch=4)
+    before = net.weights()["output.ff"]
+    net.run_trials(images, labels, actions=torch.full((4,), 2))
+    change = net.weights()["output.ff"] - before
+    assert change[2].abs().sum() > 0
+    assert torch.all(change[[0, 1, 3, 4]] == 0)
+
+
+def test_batch_update_is_the_mean_of_single_trial_updates():
+    net = make("strided_conv", bias=True)
+    images, labels, actions = random_batch(net, batch=5)
+    start = net.weights()
+    net.run_trials(images, labels, actions=actions)
+    batch_change = {k: v - start[k] for k, v in net.weights().items()}
+    single = {k: torch.zeros_like(v) for k, v in start.items()}
+    for i in range(5):
+        net.load_weights(start)
+        net.run_trials(images[i:i + 1], labels[i:i + 1], actions=actions[i:i + 1])
+        for k, v in net.weights().items():
+            single[k] += (v - start[k]) / 5
+    for key in start:
+        assert relative_error(batch_change[key], single[key]) < 1e-10, key
+
+
+def test_reciprocal_feedback_stays_exactly_the_transpose():
+    net = make("paper_like", feedback="reciprocal", learning_rate=0.2, bias=True)
+    for step in range(60):
+        images, labels, _ = random_batch(net, batch=10, seed=step)
+        net.run_trials(images, labels)
+    for layer in net.layers:
+        if layer.has_weights:
+            assert layer.fb is not layer.ff
+            assert torch.equal(layer.fb, layer.ff), layer.name
+
+
+def feedback_angle(layer):
+    ff, fb = layer.ff.flatten(), layer.fb.flatten()
+    return math.degrees(math.acos((ff @ fb / (ff.norm() * fb.norm())).clamp(-1, 1).item()))
+
+
+def test_independent_feedback_with_weight_decay_aligns_with_ff():
+    net = make("dense", feedback="independent", learning_rate=0.5, weight_decay=0.02, n_actions=3)
+    # A learnable task: the label is which third of the input carries the most mass.
+    g = torch.Generator().manual_seed(0)
+    start = [feedback_angle(layer) for layer in net.layers]
+    assert all(angle > 60 for angle in start), "independent draws start far from ffᵀ"
+    for _ in range(600):
+        images = torch.rand(20, 11, generator=g, dtype=torch.float64)
+        labels = images[:, :9].view(20, 3, 3).sum(2).argmax(1)
+        net.run_trials(images, labels)
+    end = [feedback_angle(layer) for layer in net.layers]
+    for layer, a, b in zip(net.layers, start, end):
+        assert b < a / 3, f"{layer.name}: angle {a:.1f}° -> {b:.1f}°"
+
+
+def test_independent_feedback_without_decay_gets_identical_updates():
+    net = make("conv", feedback="independent")
+    images, labels, actions = random_batch(net)
+    before = net.weights()
+    net.run_trials(images, labels, actions=actions)
+    after = net.weights()
+    for layer in net.layers:
+        d_ff = after[f"{layer.name}.ff"] - before[f"{layer.name}.ff"]
+        d_fb = after[f"{layer.name}.fb"] - before[f"{layer.name}.fb"]
+        assert d_ff.abs().max() > 0
+        torch.testing.assert_close(d_ff, d_fb, rtol=1e-12, atol=1e-15)
+        assert not torch.equal(after[f"{layer.name}.ff"], after[f"{layer.name}.fb"])
+
+
+def test_ebp_step_is_sgd_on_cross_entropy():
+    input_shape, layers = ARCHITECTURES["strided_locally_connected"]
+    description = ColumnNetwork(input_shape, layers, 5, rule=Rule(name="ebp", learning_rate=0.3, bias=True, init_range=0.5))
+    net = build(description, dtype=torch.float64, seed=0)
+    images, labels, _ = random_batch(net)
+    before = net.weights()
+    trials = net.run_trials(images, labels)
+    params = {k: v.clone().requires_grad_(True) for k, v in before.items() if not k.endswith(".fb")}
+    loss = torch.nn.functional.cross_entropy(reference_q(description, params, images, {}), labels)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    torch.testing.assert_close(trials.loss, loss.detach())
+    for key, grad in grads.items():
+        torch.testing.assert_close(net.weights()[key], before[key] - 0.3 * grad, rtol=1e-12, atol=1e-12)
+
+
+def test_observing_without_learning_changes_nothing():
+    net = make("dropout")
+    images, labels, _ = random_batch(net)
+    before = net.weights()
+    trials = net.run_trials(images, labels, learn=False, record=True)
+    for key, value in net.weights().items():
+        assert torch.equal(value, before[key])
+    assert all(rec.gate.all() for rec in trials.layers if rec.name in ("layers.1", "layers.3")), "no dropout"
+    torch.testing.assert_close(trials.q, net.q_values(images))
