@@ -10,7 +10,7 @@ import importlib
 
 from agrel_sim.network import ColumnNetwork
 
-BACKENDS = {"torch": "agrel_sim.backends.torch_backend"}
+BACKENDS = {"torch": "agrel_sim.backends.torch_backend", "brian2": "agrel_sim.backends.brian2_backend"}
 
 
 class UnsupportedLayerError(NotImplementedError):
