@@ -1,4 +1,4 @@
-"""The ``agrel-sim`` command line: train, sweep, table."""
+"""The ``agrel-sim`` command line: train, sweep, table, analyze."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from agrel_sim.analysis import analyze, load_runs, table1_records
 from agrel_sim.experiment import default_experiment, load_experiment
-from agrel_sim.runs import DTYPES, default_run_folder, load_results, run_experiment
+from agrel_sim.runs import DTYPES, default_run_folder, run_experiment
 from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
 from agrel_sim.table import markdown, table1, write_csv
 
@@ -22,10 +23,10 @@ def _train(args) -> int:
     model = experiment.model
     print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
     result = run_experiment(
-        experiment, args.seed, out, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
+        experiment, args.seed, out, device=args.device, dtype=args.dtype, data_dir=args.data_dir, resume=args.resume,
         log=None if args.quiet else tqdm.write,  # lines that leave the progress bar intact
     )
-    print(f"result written to {out}", flush=True)
+    print(f"run file: {out / 'run.h5'}", flush=True)
     print(f"summary: experiment={experiment.name} rule={model.rule.name} seed={args.seed} {result.summary()}", flush=True)
     return 0
 
@@ -40,14 +41,23 @@ def _sweep(args) -> int:
 
 
 def _table(args) -> int:
-    records = load_results(args.runs)
+    records = table1_records(load_runs(args.runs))
     if not records:
-        raise ValueError(f"{args.runs}: no finished runs (no result.json) here")
+        raise ValueError(f"{args.runs}: no complete runs here")
     table = table1(records)
     print(markdown(table))
     csv_path = Path(args.csv) if args.csv else (Path(args.runs) if Path(args.runs).is_dir() else Path(args.runs).parent) / "table1.csv"
     write_csv(table, csv_path)
     print(f"\n{len(records)} runs; CSV written to {csv_path}")
+    return 0
+
+
+def _analyze(args) -> int:
+    path = Path(args.path)
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "analysis"
+    text, figures = analyze(path, out)
+    print(text)
+    print(f"\n{len(figures)} figures written to {out}")
     return 0
 
 
@@ -63,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--rule", choices=["deepagrel", "ebp"], help="override the experiment's rule")
     train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
     train.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    train.set_defaults(run=_train)
+    train.set_defaults(handler=_train)
 
     sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")
     sweep.add_argument("sweep", help="sweep name (in experiments/) or path to a .toml file")
@@ -73,20 +84,25 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--out", help="output folder (default: the sweep file's out)")
     sweep.add_argument("--data-dir", help="folder holding the data sets")
-    sweep.set_defaults(run=_sweep)
+    sweep.set_defaults(handler=_sweep)
 
     table = commands.add_parser("table", help="print Table 1 from finished runs", description="Print the paper's Table 1 as Markdown from a folder of runs and write it as CSV.")
-    table.add_argument("runs", help="folder searched recursively for result.json files")
+    table.add_argument("runs", help="folder searched recursively for run files (run.h5)")
     table.add_argument("--csv", help="CSV path (default RUNS/table1.csv)")
-    table.set_defaults(run=_table)
+    table.set_defaults(handler=_table)
+
+    analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, RPE distribution, activity maps.")
+    analyze_cmd.add_argument("path", metavar="RUN_OR_DIR", help="a run file (run.h5) or a folder of runs")
+    analyze_cmd.add_argument("--out", help="folder for the figures (default: <folder>/analysis)")
+    analyze_cmd.set_defaults(handler=_analyze)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad input: configuration, data, devices, paths
+        return args.handler(args)
+    except ValueError as error:  # bad input: configuration, data, devices, run files
         print(f"agrel-sim: error: {error}", file=sys.stderr)
         return 2
 

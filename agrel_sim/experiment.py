@@ -67,7 +67,7 @@ class Experiment:
         name = top.get("name", str, default=Path(source).stem)
         model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")
         if isinstance(model_entry, dict):
-            model = ColumnNetwork.from_dict(model_entry, f"{source}: model")
+            model = ColumnNetwork.from_dict({"name": name, **model_entry}, f"{source}: model")
         else:
             model = load_model(_relative_to(model_entry, source))
         overrides = top.get("rule", dict, default={})

@@ -1,29 +1,44 @@
-"""One run of an experiment with one seed, and its result file.
+"""One run of an experiment with one seed, in a run folder.
 
-A run writes ``<run folder>/result.json`` when it has finished, atomically (a temporary file
-renamed into place), so that a file that exists is always a finished run: sweeps skip those.
+A run folder holds the run file ``run.h5`` (see :mod:`agrel_sim.recorder`), flushed after every
+epoch and marked complete when the run has ended cleanly, and ``checkpoint.pt``, written
+atomically after every epoch; ``resume=True`` continues a run from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
+import h5py
 import torch
 
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
-from agrel_sim.training import RunResult, train
+from agrel_sim.recorder import LogSettings, RunFile
+from agrel_sim.training import RunResult, load_checkpoint, train
 
-RESULT_FILE = "result.json"
+RUN_FILE = "run.h5"
+CHECKPOINT_FILE = "checkpoint.pt"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def default_run_folder(experiment: Experiment, seed: int, root: str | os.PathLike = "runs") -> Path:
     """``runs/<experiment>/seed<N>``."""
     return Path(root) / experiment.name / f"seed{seed}"
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether the run folder holds a run file marked complete."""
+    path = Path(folder) / RUN_FILE
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            return bool(handle.attrs.get("complete", False))
+    except OSError:
+        return False
 
 
 def check_device(device: str) -> None:
@@ -39,59 +54,41 @@ def run_experiment(
     device: str = "cpu",
     dtype: str = "float32",
     data_dir=None,
+    resume: bool = False,
+    logging: LogSettings = LogSettings(),
     progress: bool | None = None,
     log=print,
 ) -> RunResult:
-    """Load the data, train one run and, if ``out`` is given, write its result file there."""
+    """Load the data and train one run, recording it in the run folder ``out`` (if given).
+
+    Parameters
+    ----------
+    resume : bool
+        Continue from the folder's checkpoint. Without it, a folder that already holds a run
+        file is an error, so that no finished work is overwritten.
+    """
     check_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    data = load_dataset(experiment.dataset, data_dir)
-    result = train(experiment.model, data, experiment.training, seed=seed, device=device, dtype=DTYPES[dtype], progress=progress, log=log)
+    run_file, checkpoint, state = None, None, None
     if out is not None:
-        write_result(Path(out), experiment, seed, device, dtype, result)
-    return result
-
-
-def write_result(folder: Path, experiment: Experiment, seed: int, device: str, dtype: str, result: RunResult) -> Path:
-    """Write ``folder/result.json`` atomically and return its path."""
-    from agrel_sim import __version__
-
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {
-        "experiment": experiment.name,
-        "source": experiment.source,
-        "dataset": experiment.dataset,
-        "model": experiment.model.to_dict(),
-        "training": dataclasses.asdict(experiment.training),
-        "seed": seed,
-        "device": device,
-        "dtype": dtype,
-        "version": __version__,
-        "result": {k: v for k, v in dataclasses.asdict(result).items() if k != "history"},
-        "history": [dataclasses.asdict(epoch) for epoch in result.history],
-    }
-    path = folder / RESULT_FILE
-    partial = folder / (RESULT_FILE + ".partial")
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, path)
-    return path
-
-
-def load_results(root: str | os.PathLike) -> list[dict]:
-    """Every finished run's result record under ``root`` (a result file or a folder searched recursively)."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: no such file or folder of runs")
-    paths = [root] if root.is_file() else sorted(root.rglob(RESULT_FILE))
-    records = []
-    for path in paths:
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not a result file of agrel-sim (invalid JSON: {error})") from None
-        if not isinstance(record, dict) or "test_accuracy" not in record.get("result", {}):
-            raise ValueError(f"{path}: not a result file of agrel-sim (no result.test_accuracy)")
-        record["path"] = str(path)
-        records.append(record)
-    return records
+        folder = Path(out)
+        path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
+        if resume and is_complete(folder):
+            raise ValueError(f"{path}: this run is already complete; nothing to resume")
+        if not resume and path.exists():
+            raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
+        state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
+            "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
+            "device": device, "dtype": dtype,
+        }
+        resume_after = state["epoch"] if state is not None else None
+        run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
+    data = load_dataset(experiment.dataset, data_dir)
+    return train(
+        experiment.model, data, experiment.training, seed=seed, device=device, dtype=DTYPES[dtype],
+        progress=progress, log=log, run_file=run_file, checkpoint=checkpoint, resume=state,
+    )

@@ -12,9 +12,9 @@ A sweep file in ``experiments/`` lists experiments and seeds::
     slurm_partition = "gpu"
     gpus_per_node = 1
 
-Each run writes ``<out>/<experiment>/seed<N>/result.json`` when it finishes; runs whose result
-file exists are skipped, so a sweep can be started again after a failure and only the missing
-runs execute.
+Each run records itself in ``<out>/<experiment>/seed<N>/run.h5``; runs whose run file is
+complete are skipped and interrupted ones resume from their checkpoint, so a sweep can be
+started again after a failure and only the missing work executes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
-from agrel_sim.runs import RESULT_FILE, default_run_folder
+from agrel_sim.runs import default_run_folder, is_complete
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -88,7 +88,7 @@ def execute(task: RunTask) -> str:
 
     torch.set_num_threads(task.threads)
     experiment = load_experiment(task.experiment_path)
-    result = run_experiment(experiment, task.seed, task.folder, device=task.device, data_dir=task.data_dir, progress=False, log=None)
+    result = run_experiment(experiment, task.seed, task.folder, device=task.device, data_dir=task.data_dir, resume=True, progress=False, log=None)
     return f"{experiment.name} seed={task.seed}: {result.summary()}"
 
 
@@ -102,7 +102,7 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
         experiment: Experiment = load_experiment(path)
         for seed in sweep.seeds:
             folder = default_run_folder(experiment, seed, out)
-            if (folder / RESULT_FILE).is_file():
+            if is_complete(folder):
                 finished.append(folder)
             else:
                 tasks.append(RunTask(path, seed, str(folder), device, None if data_dir is None else str(data_dir), threads))

@@ -8,8 +8,10 @@ epochs. The test accuracy reported is that of the weights with the best validati
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -101,6 +103,27 @@ def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, bat
     return correct.item() / len(labels)
 
 
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically: a crash mid-write never leaves a half file as the latest."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several kinds for a damaged file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise ValueError(f"{path}: not a checkpoint of agrel-sim")
+    return state
+
+
 def train(
     description: ColumnNetwork,
     data: Dataset,
@@ -110,6 +133,9 @@ def train(
     dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
     log=print,
+    run_file=None,
+    checkpoint: Path | None = None,
+    resume: dict | None = None,
 ) -> RunResult:
     """Train ``description`` on ``data`` with its rule until early stopping.
 
@@ -125,8 +151,16 @@ def train(
         Where and in what precision to run.
     progress : bool or None
         Show a progress bar; ``None``: only when the output is a terminal.
-    log : callable
+    log : callable or None
         Receives one line per epoch.
+    run_file : callable or None
+        Called with the built network; returns a :class:`~agrel_sim.recorder.RunFile` that
+        records every batch and epoch (or ``None``).
+    checkpoint : Path or None
+        Where to write a checkpoint at the end of every epoch.
+    resume : dict or None
+        A checkpoint (:func:`load_checkpoint`) to continue from; the result is identical to an
+        uninterrupted run with the same seed.
     """
     if tuple(data.image_shape) != description.input_shape:
         raise ValueError(
@@ -141,42 +175,73 @@ def train(
     net = build(description, device=device, dtype=dtype, seed=seed)
     train_index, validation_index = (i.to(device) for i in split_validation(len(data.train_labels), settings.validation_size, seed))
     validation_images, validation_labels = data.train_images[validation_index], data.train_labels[validation_index]
-    order_generator = torch.Generator().manual_seed(seed + 1)
+    generators = {
+        "order": torch.Generator().manual_seed(seed + 1),
+        "augment": torch.Generator(device=device).manual_seed(seed + 2),
+        "trials": net.generator,
+    }
     augmentation = settings.augmentation
-    augment_generator = torch.Generator(device=device).manual_seed(seed + 2)
     copies = augmentation.factor if augmentation else 1
 
-    best_accuracy, best_epoch, best_weights, history = -1.0, 0, None, []
-    bar = tqdm(total=settings.max_epochs, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
-    for epoch in range(1, settings.max_epochs + 1):
-        epoch_started = time.perf_counter()
-        order = torch.cat([train_index[torch.randperm(len(train_index), generator=order_generator).to(device)] for _ in range(copies)])
-        rewarded = torch.zeros((), dtype=torch.float64, device=device)
-        loss = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, len(order), settings.batch_size):
-            index = order[start:start + settings.batch_size]
-            images = data.batch(data.train_images, index, dtype)
-            if augmentation:
-                images = augment(images, augmentation, augment_generator)
-            trials = net.run_trials(images, data.train_labels[index])
-            rewarded += (trials.action == data.train_labels[index]).sum()
-            loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
-        validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
-        metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started)
-        history.append(metrics)
-        if validation > best_accuracy:
-            best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
-        bar.update()
-        bar.set_postfix(reward_p=f"{metrics.reward_probability:.3f}", val_acc=f"{validation:.4f}")
-        if log is not None:
-            log(
-                f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
-                f"val_acc={validation:.4f}  time={metrics.seconds:.2f}s"
-            )
-        if epoch - best_epoch >= settings.patience:
-            break
-    bar.close()
-    converged = epoch - best_epoch >= settings.patience
-    net.load_weights(best_weights)
-    test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
-    return RunResult(test, best_epoch, epoch, converged, time.perf_counter() - started, history)
+    best_accuracy, best_epoch, best_weights, history, first_epoch, elapsed = -1.0, 0, None, [], 1, 0.0
+    if resume is not None:
+        net.load_weights(resume["weights"])
+        for name, generator in generators.items():
+            generator.set_state(resume["rng"][name])
+        best_accuracy, best_epoch, best_weights = resume["best_accuracy"], resume["best_epoch"], resume["best_weights"]
+        history = [EpochMetrics(**m) for m in resume["history"]]
+        first_epoch, elapsed = resume["epoch"] + 1, resume["seconds"]
+    recorder = run_file(net) if run_file is not None else None
+    bar = tqdm(total=settings.max_epochs, initial=first_epoch - 1, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
+    stopped = first_epoch > 1 and history[-1].epoch - best_epoch >= settings.patience
+    epoch = first_epoch - 1
+    try:
+        while not stopped and epoch < settings.max_epochs:
+            epoch += 1
+            epoch_started = time.perf_counter()
+            order = torch.cat([train_index[torch.randperm(len(train_index), generator=generators["order"]).to(device)] for _ in range(copies)])
+            rewarded = torch.zeros((), dtype=torch.float64, device=device)
+            loss = torch.zeros((), dtype=torch.float64, device=device)
+            for batch, start in enumerate(range(0, len(order), settings.batch_size)):
+                index = order[start:start + settings.batch_size]
+                labels = data.train_labels[index]
+                images = data.batch(data.train_images, index, dtype)
+                if augmentation:
+                    images = augment(images, augmentation, generators["augment"])
+                trials = net.run_trials(images, labels, record=recorder is not None)
+                rewarded += (trials.action == labels).sum()
+                loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
+                if recorder is not None:
+                    recorder.record_batch(epoch, batch, index, labels, trials)
+            validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
+            metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started)
+            history.append(metrics)
+            if validation > best_accuracy:
+                best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
+            stopped = epoch - best_epoch >= settings.patience
+            if recorder is not None:
+                recorder.write_epoch(epoch, metrics)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, {
+                    "epoch": epoch, "weights": net.weights(), "best_weights": best_weights, "best_accuracy": best_accuracy,
+                    "best_epoch": best_epoch, "history": [asdict(m) for m in history],
+                    "rng": {name: g.get_state() for name, g in generators.items()},
+                    "seconds": elapsed + time.perf_counter() - started,
+                })
+            bar.update()
+            bar.set_postfix(reward_p=f"{metrics.reward_probability:.3f}", val_acc=f"{validation:.4f}")
+            if log is not None:
+                log(
+                    f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
+                    f"val_acc={validation:.4f}  time={metrics.seconds:.2f}s"
+                )
+        bar.close()
+        net.load_weights(best_weights)
+        test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
+        result = RunResult(test, best_epoch, epoch, stopped, elapsed + time.perf_counter() - started, history)
+        if recorder is not None:
+            recorder.finish(result)
+        return result
+    finally:
+        if recorder is not None:
+            recorder.close()

@@ -1,8 +1,9 @@
 """Sweeps (local pool and submitit's local executor) and Table 1, end to end on tiny budgets."""
 
 import csv
-import json
 import re
+
+import h5py
 
 import pytest
 
@@ -46,28 +47,30 @@ def sweep_file(tmp_path, monkeypatch):
     return path
 
 
-def result_files(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("result.json"))
+def run_files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("run.h5"))
 
 
 @pytest.mark.parametrize("executor", ["local", "submitit-local"])
 def test_sweep_runs_missing_runs_only(sweep_file, tmp_path, capsys, executor):
     assert main(["sweep", str(sweep_file), "--executor", executor, "--jobs", "2"]) == 0
     runs = tmp_path / "runs" / "tiny"
-    expected = [f"tiny_{rule}/seed{seed}/result.json" for rule in ("deepagrel", "ebp") for seed in (0, 1)]
-    assert result_files(runs) == expected
+    expected = [f"tiny_{rule}/seed{seed}/run.h5" for rule in ("deepagrel", "ebp") for seed in (0, 1)]
+    assert run_files(runs) == expected
     assert "0 runs already finished, 4 to run" in capsys.readouterr().out
 
-    # Re-running skips finished runs; a missing result is run again, alone.
-    (runs / "tiny_ebp" / "seed1" / "result.json").unlink()
-    before = (runs / "tiny_deepagrel" / "seed0" / "result.json").stat().st_mtime_ns
+    # Re-running skips finished runs; a missing run is run again, alone.
+    for leftover in (runs / "tiny_ebp" / "seed1").iterdir():
+        leftover.unlink()
+    before = (runs / "tiny_deepagrel" / "seed0" / "run.h5").stat().st_mtime_ns
     assert main(["sweep", str(sweep_file), "--executor", executor]) == 0
     assert "3 runs already finished, 1 to run" in capsys.readouterr().out
-    assert result_files(runs) == expected
-    assert (runs / "tiny_deepagrel" / "seed0" / "result.json").stat().st_mtime_ns == before
+    assert run_files(runs) == expected
+    assert (runs / "tiny_deepagrel" / "seed0" / "run.h5").stat().st_mtime_ns == before
 
-    record = json.loads((runs / "tiny_ebp" / "seed1" / "result.json").read_text())
-    assert record["seed"] == 1 and record["model"]["rule"]["name"] == "ebp" and len(record["history"]) == 2
+    with h5py.File(runs / "tiny_ebp" / "seed1" / "run.h5", "r") as run:
+        assert run.attrs["complete"] and run.attrs["seed"] == 1 and run.attrs["rule"] == "ebp"
+        assert run["epochs"]["epoch"][:].tolist() == [1, 2]
 
     assert main(["table", str(runs)]) == 0
     out = capsys.readouterr().out
@@ -82,7 +85,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, c
     captured = capsys.readouterr()
     assert captured.out.count("FAILED") == 2 and "MNIST not found" in captured.out
     assert "run the same command again" in captured.err
-    assert len(result_files(tmp_path / "runs")) == 2
+    assert len(run_files(tmp_path / "runs")) == 2
 
 
 def test_every_repository_experiment_and_the_table1_sweep_load():
@@ -140,7 +143,7 @@ def test_table1_statistics():
 
 def test_table_of_an_empty_folder(tmp_path, capsys):
     assert main(["table", str(tmp_path)]) == 2
-    assert "no finished runs" in capsys.readouterr().err
-    (tmp_path / "result.json").write_text("{broken")
+    assert "no run files (run.h5) in this folder or below it" in capsys.readouterr().err
+    (tmp_path / "run.h5").write_text("{broken")
     assert main(["table", str(tmp_path)]) == 2
-    assert "result.json: not a result file of agrel-sim (invalid JSON" in capsys.readouterr().err
+    assert "run.h5: not an HDF5 file, so not a run file of agrel-sim" in capsys.readouterr().err

@@ -80,15 +80,18 @@ class LayerActivity:
     """What one layer's columns did in a batch of trials (each tensor has a leading batch axis).
 
     ``ff``: activity ``y`` of the feedforward neurons; ``fb``: activity of the feedback neurons,
-    whose input the column's gate multiplies (so a silent column's fb neuron is silent too);
-    ``gate``: whether each column's gate was open (ff neuron active and not dropped). For a
-    dropout layer, ``fb`` includes the ``1 / (1 - rate)`` scaling of the surviving columns.
+    whose input the column's gate multiplies (so a silent column's fb neuron is silent too;
+    ``None`` for EBP, which has no feedback neurons); ``gate``: whether each column's gate was
+    open (ff neuron active and not dropped). For a dropout layer, ``fb`` includes the
+    ``1 / (1 - rate)`` scaling of the surviving columns. ``changed``: the fraction of the layer's
+    ff synapses that this batch changed (0-dim tensor; ``None`` without weights or learning).
     """
 
     name: str
     ff: torch.Tensor
-    fb: torch.Tensor
+    fb: torch.Tensor | None
     gate: torch.Tensor
+    changed: torch.Tensor | None = None
 
 
 @dataclass
@@ -172,7 +175,7 @@ class _Layer:
         return fb * (y > 0).to(fb.dtype)
 
     def learn(self, y_prev, dgfb, decay):
-        """Apply the four-factor change (and weight decay) to ff, fb and bias."""
+        """Apply the four-factor change (and weight decay) to ff, fb and bias; return the change."""
         change = self.weight_change(y_prev, dgfb)
         for weights in {id(t): t for t in (self._ff, self._fb)}.values():
             if decay:
@@ -182,6 +185,7 @@ class _Layer:
             if decay:
                 self.bias.mul_(1 - decay)
             self.bias.add_(self.bias_change(dgfb))
+        return change
 
 
 class DenseColumns(_Layer):
@@ -298,6 +302,10 @@ class DropoutColumns:
 
     def tensors(self):
         return {}
+
+
+def _changed_fraction(change: torch.Tensor) -> torch.Tensor:
+    return torch.count_nonzero(change) / change.numel()
 
 
 def _copy_into(target: torch.Tensor, value, name: str) -> None:
@@ -446,7 +454,7 @@ class TorchNetwork:
         if self.description.rule.name == "ebp":
             if actions is not None:
                 raise ValueError("actions: forcing actions is meaningful only for rule 'deepagrel'")
-            return self._ebp_trials(x, labels, learn)
+            return self._ebp_trials(x, labels, learn, record)
         with torch.no_grad():
             return self._deepagrel_trials(x, labels, actions, learn, record)
 
@@ -470,22 +478,33 @@ class TorchNetwork:
         for index in range(len(self.layers) - 1, -1, -1):
             layer, y = self.layers[index], activity[index + 1]
             gfb = layer.gate_feedback(fb, y)
-            if record:
-                records.append(LayerActivity(layer.name, y, gfb, layer.gate(y)))
             if index > 0:
                 fb = layer.feedback(gfb)
+            changed = None
             if learn and layer.has_weights:
-                layer.learn(layer.saved, gfb * scale.view(-1, *([1] * (gfb.dim() - 1))), decay)
+                change = layer.learn(layer.saved, gfb * scale.view(-1, *([1] * (gfb.dim() - 1))), decay)
+                changed = _changed_fraction(change) if record else None
+            if record:
+                records.append(LayerActivity(layer.name, y, gfb, layer.gate(y), changed))
             layer.saved = None
         return Trials(q, actions, rewards, delta=delta, layers=records[::-1] if record else None)
 
-    def _ebp_trials(self, x, labels, learn):
+    def _ebp_trials(self, x, labels, learn, record):
         net = self.description
         params = self.parameters()
         with torch.enable_grad():
-            q = self._forward(x, learning=learn)[-1]
+            activity = self._forward(x, learning=learn)
+            q = activity[-1]
             loss = F.cross_entropy(q, labels)
             grads = torch.autograd.grad(loss, params) if learn else None
+        records = None
+        if record:
+            grad_of = {id(p): g for p, g in zip(params, grads)} if learn else {}
+            records = []
+            for layer, y in zip(self.layers, activity[1:]):
+                y = y.detach()
+                changed = _changed_fraction(grad_of[id(layer.ff)]) if learn and layer.has_weights else None
+                records.append(LayerActivity(layer.name, y, None, layer.gate(y), changed))
         for layer in self.layers:
             layer.saved = None
         with torch.no_grad():
@@ -498,7 +517,7 @@ class TorchNetwork:
             q = q.detach()
             actions = q.argmax(1)
             rewards = agrel.reward(actions, labels, net.neuromodulator.reward_correct, net.neuromodulator.reward_wrong, self.dtype)
-        return Trials(q, actions, rewards, loss=loss.detach())
+        return Trials(q, actions, rewards, loss=loss.detach(), layers=records)
 
 
 def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> TorchNetwork:

@@ -1,0 +1,314 @@
+"""Analysis of run files: reward curves, gating over training, gating and outcome, Table 1 data.
+
+Load one run file or every run file under a folder (:func:`load_runs`); the functions below
+return plain numpy arrays, and the ``plot_*`` functions draw them with matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION
+from agrel_sim.runs import RUN_FILE
+
+
+class RunFileError(ValueError):
+    """A path is not a readable run file of a layout this version understands."""
+
+
+class IncompleteRunWarning(UserWarning):
+    """A run file whose run did not end cleanly (killed, crashed or still running)."""
+
+
+@dataclass
+class Run:
+    """A run file's metadata and per-epoch metrics; the larger records are read on demand."""
+
+    path: Path
+    config: dict
+    seed: int
+    rule: str
+    backend: str
+    complete: bool
+    epochs: dict[str, np.ndarray]
+    result: dict | None
+
+    @property
+    def layer_names(self) -> list[str]:
+        with h5py.File(self.path, "r") as handle:
+            return list(handle["layers"])
+
+    def trials(self) -> dict[str, np.ndarray]:
+        """The logged trials: epoch, batch, image, label, action, reward, delta, q."""
+        with h5py.File(self.path, "r") as handle:
+            return {name: handle["trials"][name][:] for name in handle["trials"]}
+
+    def layer(self, name: str) -> dict[str, np.ndarray]:
+        """Traces of one layer for the logged trials: units, ff, fb, gate; and its ``shape``."""
+        with h5py.File(self.path, "r") as handle:
+            group = handle["layers"][name]
+            return {**{key: group[key][:] for key in group}, "shape": tuple(group.attrs["shape"])}
+
+    def gating(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per-batch gating summaries: ``{"epoch": ..., "batch": ..., layer: {field: ...}}``."""
+        with h5py.File(self.path, "r") as handle:
+            group = handle["gating"]
+            out = {"epoch": group["epoch"][:], "batch": group["batch"][:]}
+            for name in group:
+                if isinstance(group[name], h5py.Group):
+                    out[name] = {field: group[name][field][:] for field in GATING_FIELDS}
+            return out
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run file, checking that it is one and that its layout is not newer than this code's.
+
+    An incomplete run is loaded with an :class:`IncompleteRunWarning`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"{path}: no such run file")
+    if not h5py.is_hdf5(path):
+        raise RunFileError(f"{path}: not an HDF5 file, so not a run file of agrel-sim")
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = dict(handle.attrs)
+            if "layout_version" not in attrs or "epochs" not in handle:
+                raise RunFileError(f"{path}: an HDF5 file, but not a run file of agrel-sim (no layout_version)")
+            version = int(attrs["layout_version"])
+            if version > LAYOUT_VERSION:
+                raise RunFileError(
+                    f"{path}: written with run-file layout version {version}, newer than the {LAYOUT_VERSION} "
+                    "this agrel-sim reads; upgrade agrel-sim to analyse it"
+                )
+            epochs = {name: handle["epochs"][name][:] for name in EPOCH_FIELDS}
+            result = dict(handle["result"].attrs) if "result" in handle else None
+    except OSError as error:
+        raise RunFileError(f"{path}: cannot be read as a run file ({error})") from None
+    complete = bool(attrs.get("complete", False))
+    if not complete:
+        warnings.warn(
+            f"{path}: incomplete run (killed, crashed or still running); it holds {len(epochs['epoch'])} "
+            "finished epochs, analysed as they are",
+            IncompleteRunWarning,
+            stacklevel=2,
+        )
+    return Run(path, json.loads(attrs["config"]), int(attrs["seed"]), str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result)
+
+
+def load_runs(path: str | Path) -> list[Run]:
+    """Load a run file, or every run file (``run.h5``) in a folder and its subfolders."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob(RUN_FILE))
+        if not files:
+            raise RunFileError(f"{path}: no run files ({RUN_FILE}) in this folder or below it")
+        return [load_run(f) for f in files]
+    return [load_run(path)]
+
+
+# -- what the runs show ------------------------------------------------------------------------
+
+def reward_curves(runs: list[Run]) -> dict[str, dict[str, np.ndarray]]:
+    """The paper's Figure 3: per rule, reward probability per epoch, mean and 2σ over runs.
+
+    For DeepAGREL the share of rewarded training trials, for EBP one minus the training error
+    (the share of correct greedy choices). Runs stop at different epochs: each epoch averages
+    the runs that reached it.
+    """
+    curves = {}
+    for rule in sorted({run.rule for run in runs}):
+        series = [run.epochs["reward_probability"] for run in runs if run.rule == rule]
+        length = max(len(s) for s in series)
+        padded = np.full((len(series), length), np.nan)
+        for i, s in enumerate(series):
+            padded[i, : len(s)] = s
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a single run has no spread
+            curves[rule] = {
+                "epoch": np.arange(1, length + 1),
+                "mean": np.nanmean(padded, axis=0),
+                "two_sigma": 2 * np.nan_to_num(np.nanstd(padded, axis=0, ddof=1)) if len(series) > 1 else np.zeros(length),
+                "runs": np.sum(~np.isnan(padded), axis=0),
+            }
+    return curves
+
+
+def gating_by_epoch(run: Run) -> dict[str, dict[str, np.ndarray]]:
+    """Per layer, the per-batch gating summaries averaged over each epoch."""
+    gating = run.gating()
+    epochs = np.unique(gating["epoch"])
+    out = {}
+    for name in run.layer_names:
+        out[name] = {"epoch": epochs}
+        for field in GATING_FIELDS:
+            values = gating[name][field]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # NaN fields (e.g. no fb in EBP)
+                out[name][field] = np.array([np.nanmean(values[gating["epoch"] == e]) for e in epochs])
+    return out
+
+
+def gating_by_outcome(run: Run) -> dict[str, dict[str, float]]:
+    """Per layer, open-gate fraction and mean |fb| of the logged trials, rewarded against not."""
+    trials = run.trials()
+    rewarded = trials["action"] == trials["label"]
+    out = {}
+    for name in run.layer_names:
+        layer = run.layer(name)
+        row = {"trials_rewarded": int(rewarded.sum()), "trials_unrewarded": int((~rewarded).sum())}
+        for outcome, mask in (("rewarded", rewarded), ("unrewarded", ~rewarded)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                row[f"open_fraction_{outcome}"] = float(np.mean(layer["gate"][mask])) if mask.any() else float("nan")
+                row[f"fb_mean_abs_{outcome}"] = float(np.nanmean(np.abs(layer["fb"][mask]))) if mask.any() else float("nan")
+        out[name] = row
+    return out
+
+
+def table1_records(runs: list[Run]) -> list[dict]:
+    """The data behind Table 1: one record per complete run, for :func:`agrel_sim.table.table1`."""
+    return [
+        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result}
+        for run in runs
+        if run.complete and run.result is not None
+    ]
+
+
+def summary(run: Run) -> str:
+    """A few lines that describe a run."""
+    config = run.config
+    lines = [
+        f"{run.path}: experiment {config['experiment']}, model {config['model']['name']}, rule {run.rule}, "
+        f"data {config['dataset']}, seed {run.seed}, backend {run.backend}, {'complete' if run.complete else 'INCOMPLETE'}",
+        f"  epochs: {len(run.epochs['epoch'])}; last reward probability {run.epochs['reward_probability'][-1]:.4f}, "
+        f"best validation accuracy {np.max(run.epochs['validation_accuracy']):.4f}" if len(run.epochs["epoch"]) else "  epochs: none finished",
+    ]
+    if run.result is not None:
+        r = run.result
+        lines.append(f"  result: test_acc={r['test_accuracy']:.4f} best_epoch={r['best_epoch']} epochs={r['epochs']} converged={bool(r['converged'])} time={r['seconds']:.1f}s")
+    trials = run.trials()
+    if len(trials["delta"]):
+        rpe = "no RPE (EBP)" if np.isnan(trials["delta"]).all() else f"RPE mean {np.nanmean(trials['delta']):+.4f}"
+        lines.append(f"  logged trials: {len(trials['delta'])}; {rpe}, rewarded {np.mean(trials['action'] == trials['label']):.3f}")
+    return "\n".join(lines)
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+LABELS = {"deepagrel": "DeepAGREL: reward probability", "ebp": "EBP: 1 − training error"}
+
+
+def plot_reward_curves(runs: list[Run], path: Path) -> Path:
+    """Figure 3: reward probability per epoch, mean ± 2σ over runs, per rule."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rule, curve in reward_curves(runs).items():
+        ax.plot(curve["epoch"], curve["mean"], label=f"{LABELS.get(rule, rule)} (n={int(curve['runs'][0])})")
+        ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)
+    ax.set(xlabel="epoch", ylabel="probability", title="Learning: reward probability (mean ± 2σ)", ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_gating(run: Run, path: Path) -> Path:
+    """Fraction of open gates, mean |fb| and fraction of changed synapses per layer over epochs."""
+    plt = _pyplot()
+    stats = gating_by_epoch(run)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, values in stats.items():
+        for ax, field in zip(axes, GATING_FIELDS):
+            ax.plot(values["epoch"], values[field], label=name)
+    for ax, title in zip(axes, ("fraction of open gates", "mean |feedback|", "fraction of synapses changed per batch")):
+        ax.set(xlabel="epoch", title=title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Gating over training: {run.config['experiment']} seed {run.seed}")
+    return _save(fig, path)
+
+
+def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
+    """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training."""
+    plt = _pyplot()
+    trials = run.trials()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if np.all(np.isnan(trials["delta"])):
+        ax.text(0.5, 0.5, "no RPE: this rule has none (EBP)", ha="center", transform=ax.transAxes)
+    else:
+        last = trials["epoch"].max()
+        for part, (low, high) in zip(("early", "middle", "late"), ((0, last / 3), (last / 3, 2 * last / 3), (2 * last / 3, last))):
+            mask = (trials["epoch"] > low) & (trials["epoch"] <= high)
+            if mask.any():
+                ax.hist(trials["delta"][mask], bins=bins, range=(-1.5, 1.5), histtype="step", density=True, label=f"{part} (epochs {int(low) + 1}–{int(high)})")
+        ax.legend()
+    ax.set(xlabel="RPE δ = r − q_s", ylabel="density", title="Distribution of the dopamine-like RPE")
+    return _save(fig, path)
+
+
+def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
+    """ff activity, fb activity and gate of the sampled units of each layer, for the last logged trials."""
+    plt = _pyplot()
+    names = run.layer_names
+    logged = run.trials()
+    count = min(trials, len(logged["label"]))
+    fig, axes = plt.subplots(len(names), 3, figsize=(10, 1.3 * len(names) + 1), squeeze=False)
+    for row, name in enumerate(names):
+        layer = run.layer(name)
+        for col, field in enumerate(("ff", "fb", "gate")):
+            data = layer[field][-count:] if count else np.zeros((1, len(layer["units"])))
+            axes[row, col].imshow(data, aspect="auto", interpolation="nearest", cmap="viridis" if field != "fb" else "coolwarm")
+            axes[row, col].set_yticks(range(len(data)))
+            axes[row, col].set_yticklabels([f"a={a} l={l}" for a, l in zip(logged["action"][-count:], logged["label"][-count:])] if count else [""], fontsize=6)
+            axes[row, col].set_xticks([])
+            if row == 0:
+                axes[row, col].set_title(field)
+        axes[row, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle("Activity of sampled columns (rows: trials, a = action, l = label; columns: units)")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def analyze(path: str | Path, out: str | Path) -> tuple[str, list[Path]]:
+    """Summaries of every run under ``path`` and its figures in ``out``; returns (text, figure paths)."""
+    runs = load_runs(path)
+    out = Path(out)
+    figures = [plot_reward_curves(runs, out / "reward_curves.png")]
+    texts = []
+    for run in runs:
+        stem = f"{run.config['experiment']}_seed{run.seed}"
+        texts.append(summary(run))
+        for name, row in gating_by_outcome(run).items():
+            texts.append(
+                f"    {name:10s} open gates rewarded {row['open_fraction_rewarded']:.3f} / unrewarded {row['open_fraction_unrewarded']:.3f}; "
+                f"|fb| {row['fb_mean_abs_rewarded']:.4f} / {row['fb_mean_abs_unrewarded']:.4f}"
+            )
+        figures += [
+            plot_gating(run, out / f"{stem}_gating.png"),
+            plot_rpe_distribution(run, out / f"{stem}_rpe.png"),
+            plot_activity_maps(run, out / f"{stem}_activity.png"),
+        ]
+    return "\n".join(texts), figures

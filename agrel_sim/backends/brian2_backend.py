@@ -1,0 +1,784 @@
+"""The Brian2 backend: small dense column networks whose trials unfold in time.
+
+Every population of columns is two Brian2 ``NeuronGroup`` objects of rate neurons, the
+feedforward neurons (activity ``y``) and the feedback neurons (activity ``fb``); the ff and fb
+weights are ``Synapses``; one ``dopamine`` group holds the global reward-prediction error ``delta`` and
+broadcasts it, through linked variables, to every plastic synapse. The input image is a clamped
+population, the output layer's linear ff neurons are the Q-units.
+
+Rate neurons (``[x]+ = max(0, x)``; the output layer is linear, its gate always open)::
+
+    tau_ff dy/dt  = -y + [I_ff + b]+          I_ff = sum_p W[m, p] y_p            (ff synapses)
+    tau_fb dfb/dt = -fb + gate * I_fb         I_fb = sum_q W'[q, m] fb_q          (fb synapses)
+    gate          = y > gate_threshold        (output layer: tau_fb dfb/dt = -fb + z)
+
+One trial is a timeline of five phases, whose durations are options of :func:`build`:
+
+``stimulus``
+    All activity starts at 0 and the input columns are clamped to the image; the ff neurons
+    settle, level by level. No feedback yet.
+``selection``
+    At its start the Q-values (the output ff activity) are read and
+    :func:`agrel_sim.rule.select_action` (max-Boltzmann) picks the action ``s``, or the forced
+    action is taken; the chosen output unit's motor signal ``z_s = 1`` turns on, and its fb
+    neuron starts the feedback wave.
+``feedback``
+    The wave descends through the fb synapses, each column's gate multiplying its fb neuron's
+    input, so that a silent column neither passes feedback on nor learns.
+``rpe``
+    At its start the dopamine group takes ``delta = r - q_s`` (:func:`agrel_sim.rule.rpe`): a
+    burst when the outcome is better than predicted, a dip when worse; held to the trial's end.
+``plasticity``
+    Every ff synapse ``p -> m`` and its fb partner ``m -> p`` accumulate the four-factor change
+    ``alpha * delta * y_p * gate_m * fb_m``, averaged over the time steps of this phase and
+    over the trials of the batch; at the last step of a batch the accumulated change (and
+    weight decay) is applied, so that a batch's update is the mean of single-trial updates from
+    the same starting weights, as in the torch backend.
+
+The stimulus stays on and all neurons keep integrating throughout the trial; activity is reset
+to 0 between trials. When the settling times are long compared with ``tau_ff`` and ``tau_fb``
+the network reaches the fixed point that the torch backend computes in one pass, and the weight
+changes agree; shorter settling times give a transient, time-resolved version of the rule.
+
+A batch of trials runs as one Brian2 run (runtime mode, numpy or Cython code generation), with
+two network operations that act at phase boundaries and record what is asked for. Weights are
+read and set as torch tensors in the layouts of the torch backend (dense: ``(units, inputs)``);
+the simulation itself runs in float64.
+
+Cost: every Brian2 run begins with a full ``gc.collect()`` and prepares its code, about 0.2 s
+in a process that has imported torch, so large batches run faster per trial
+(``benchmarks/brian2_trials.py``); a script can make the collection cheap by calling
+``gc.freeze()`` once after its set-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import brian2
+import numpy as np
+import torch
+from brian2.devices.device import RuntimeDevice
+
+from agrel_sim import rule as agrel
+from agrel_sim.backends import UnsupportedLayerError
+from agrel_sim.backends.torch_backend import LayerActivity, TorchNetwork, Trials
+from agrel_sim.network import ColumnNetwork, Dense
+
+BACKEND = "brian2"
+CODEGEN_TARGETS = ("numpy", "cython")
+PHASES = ("stimulus", "selection", "feedback", "rpe", "plasticity")
+
+
+# ---------------------------------------------------------------------------------------------
+# The neurons and synapses, as Brian2 model strings.
+
+# The dopamine signals, linked into every plastic synapse.
+NEUROMODULATION = """
+delta : 1 (linked)
+plasticity_rate : 1 (linked)
+consolidate : 1 (linked)
+"""
+
+
+def ff_neuron_model(linear: bool, bias: bool) -> str:
+    """The feedforward neuron of a column: a rate neuron, rectified unless ``linear`` (Q-units).
+
+    ``fb`` is linked to the column's feedback neuron, so that the column's own synapses can see
+    the feedback that reaches it. A bias is a synapse from an always-active unit (``I_bias``).
+    """
+    drive = "I_ff + I_bias" if bias else "I_ff"
+    rate = drive if linear else f"clip({drive}, 0, inf)"
+    lines = [f"dy/dt = (-y + {rate}) / tau_ff : 1", "I_ff : 1", "fb : 1 (linked)"]
+    lines.append("gate = 1 : 1" if linear else "gate = int(y > gate_threshold) : 1")
+    if bias:
+        lines.append("I_bias : 1")
+    return "\n".join(lines)
+
+
+def fb_neuron_model(top: bool) -> str:
+    """The feedback neuron of a column, driven through its gate; at the top by the motor signal
+    ``z`` of the selected action. ``y`` is linked to the column's feedforward neuron."""
+    if top:
+        return "\n".join(["dfb/dt = (-fb + z) / tau_fb : 1", "z : 1", "y : 1 (linked)", "gate = 1 : 1"])
+    return "\n".join(["dfb/dt = (-fb + gate * I_fb) / tau_fb : 1", "I_fb : 1", "y : 1 (linked)", "gate = int(y > gate_threshold) : 1"])
+
+
+STIMULUS_MODEL = "y : 1  # clamped to the image"
+BIAS_UNIT_MODEL = "y : 1  # always 1: biases are synapses from this unit"
+
+DOPAMINE_MODEL = """
+delta : 1 (shared)            # the reward-prediction error r - q_s, phasic
+plasticity_rate : 1 (shared)  # alpha / (batch * plasticity steps) during the plasticity phase, else 0
+consolidate : 1 (shared)      # 1 at the last step of a batch: apply the accumulated change
+"""
+
+
+FF_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_ff_post = w * y_pre : 1 (summed)" + NEUROMODULATION
+FB_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_fb_post = w * fb_pre : 1 (summed)" + NEUROMODULATION
+BIAS_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_bias_post = w * y_pre : 1 (summed)" + NEUROMODULATION
+
+# The four factors: dopamine (delta), presynaptic ff activity, gate and feedback of the upper
+# column. Written in the same order for both directions, so tied weights stay bitwise equal.
+FF_PLASTICITY = """
+dw += plasticity_rate * delta * y_pre * gate_post * fb_post
+w = w * (1 - consolidate * decay) + consolidate * dw
+dw = dw * (1 - consolidate)
+"""
+FB_PLASTICITY = """
+dw += plasticity_rate * delta * y_post * gate_pre * fb_pre
+w = w * (1 - consolidate * decay) + consolidate * dw
+dw = dw * (1 - consolidate)
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings.
+
+def _milliseconds(value, name: str) -> float:
+    """A duration given as a Brian2 time quantity or as a plain number of milliseconds."""
+    if isinstance(value, brian2.Quantity):
+        if value.dim != brian2.second.dim or value.shape != ():
+            raise ValueError(f"{name}: expected a duration (a time quantity or a number of milliseconds), got {value!r}")
+        value = float(value / brian2.ms)
+    elif not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{name}: expected a duration (a time quantity or a number of milliseconds), got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a duration > 0, got {value} ms")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The phases of a trial, in time steps of ``dt`` (milliseconds).
+
+    Parameters
+    ----------
+    dt : float
+        The integration time step (ms).
+    steps : dict of str to int
+        Time steps of each phase, in the order of :data:`PHASES`.
+    """
+
+    dt: float
+    steps: dict[str, int]
+
+    @classmethod
+    def from_durations(cls, dt, durations: dict) -> "Timeline":
+        dt = _milliseconds(dt, "dt")
+        steps = {}
+        for phase in PHASES:
+            name = f"t_{phase}"
+            duration = _milliseconds(durations[phase], name)
+            count = round(duration / dt)
+            if count < 1 or abs(count * dt - duration) > 1e-9 * duration:
+                raise ValueError(f"{name}: {duration} ms is not a whole number of time steps dt = {dt} ms")
+            steps[phase] = count
+        return cls(dt, steps)
+
+    @property
+    def trial_steps(self) -> int:
+        return sum(self.steps.values())
+
+    def start(self, phase: str) -> int:
+        """The time step (within a trial) at which ``phase`` begins."""
+        return sum(self.steps[p] for p in PHASES[: PHASES.index(phase)])
+
+    def phase_times(self) -> dict[str, tuple[float, float]]:
+        """Start and end of each phase within a trial, in seconds."""
+        return {p: (self.start(p) * self.dt / 1000, (self.start(p) + self.steps[p]) * self.dt / 1000) for p in PHASES}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a batch of trials returns.
+
+@dataclass
+class LayerTrace:
+    """One population's activity at every time step of a trial.
+
+    ``ff``, ``fb`` and ``gate`` are arrays of shape ``(time steps, columns)``; ``gate`` is bool.
+    """
+
+    name: str
+    ff: np.ndarray
+    fb: np.ndarray
+    gate: np.ndarray
+
+
+@dataclass
+class TrialTrace:
+    """The time course of one trial, sampled at the end of every time step.
+
+    Attributes
+    ----------
+    trial : int
+        The trial's index among all trials this network has run (from 0).
+    t : ndarray (T,)
+        Time since the trial's start, in seconds.
+    phases : dict of str to (float, float)
+        Start and end of each phase, in seconds.
+    delta : ndarray (T,)
+        The dopamine signal: 0 until the RPE phase, then ``r - q_s``.
+    layers : list of LayerTrace
+        The input (``ff`` is the stimulus, ``fb`` the feedback that reaches it), each hidden
+        layer, then the output (``ff`` are the Q-values, ``fb`` the selected action's signal).
+    """
+
+    trial: int
+    t: np.ndarray
+    phases: dict[str, tuple[float, float]]
+    delta: np.ndarray
+    layers: list[LayerTrace]
+
+
+@dataclass
+class Brian2Trials(Trials):
+    """:class:`~agrel_sim.backends.torch_backend.Trials` plus the time courses of the trials
+    chosen for tracing (``trace_every``), in the order they ran."""
+
+    traces: list[TrialTrace] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Thin classes around the Brian2 objects.
+
+class DenseColumnPopulation:
+    """A layer of dense columns: its ff and fb neurons and the ff and fb synapses from below.
+
+    Attributes
+    ----------
+    name : str
+        ``"layers.N"`` or ``"output"``, as in the torch backend.
+    ff_neurons, fb_neurons : brian2.NeuronGroup
+    ff_synapses : brian2.Synapses
+        From the ff neurons of the layer below to :attr:`ff_neurons`.
+    fb_synapses : brian2.Synapses
+        From :attr:`fb_neurons` to the fb neurons of the layer below.
+    bias_synapses : brian2.Synapses or None
+        From the always-active bias unit to :attr:`ff_neurons` (when the rule has biases).
+    """
+
+    has_weights = True
+
+    def __init__(self, name, ff_neurons, fb_neurons, ff_synapses, fb_synapses, bias_synapses, weight_shape, tied, dtype):
+        self.name = name
+        self.ff_neurons, self.fb_neurons = ff_neurons, fb_neurons
+        self.ff_synapses, self.fb_synapses, self.bias_synapses = ff_synapses, fb_synapses, bias_synapses
+        self.weight_shape = weight_shape
+        self.tied = tied
+        self.dtype = dtype
+
+    @property
+    def ff(self) -> torch.Tensor:
+        """Feedforward weights ``(units, inputs)`` (a copy; assign to set them)."""
+        return _tensor(self.ff_synapses.w[:].reshape(self.weight_shape), self.dtype)
+
+    @ff.setter
+    def ff(self, value):
+        matrix = _matrix(value, self.weight_shape, f"{self.name}.ff")
+        self.ff_synapses.w[:] = matrix.ravel()
+        if self.tied:
+            self.fb_synapses.w[:] = matrix.ravel()
+
+    @property
+    def fb(self) -> torch.Tensor:
+        """Feedback weights ``fb[q, m]`` from upper column q to lower column m, the layout of
+        :attr:`ff` (strict reciprocity reads ``fb == ff``). In ``tied`` mode setting either sets
+        both."""
+        return _tensor(self.fb_synapses.w[:].reshape(self.weight_shape), self.dtype)
+
+    @fb.setter
+    def fb(self, value):
+        if self.tied:
+            self.ff = value
+        else:
+            self.fb_synapses.w[:] = _matrix(value, self.weight_shape, f"{self.name}.fb").ravel()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The columns' biases, or None when the rule has none."""
+        if self.bias_synapses is None:
+            return None
+        return _tensor(self.bias_synapses.w[:], self.dtype)
+
+    @bias.setter
+    def bias(self, value):
+        if self.bias_synapses is None:
+            raise ValueError(f"{self.name}.bias: this network has no biases (rule.bias = false)")
+        self.bias_synapses.w[:] = _matrix(value, (self.weight_shape[0],), f"{self.name}.bias")
+
+
+def _tensor(array: np.ndarray, dtype) -> torch.Tensor:
+    """A tensor that owns a copy of ``array`` (Brian2 may hand out views of its state)."""
+    return torch.tensor(array, dtype=dtype)
+
+
+def _matrix(value, shape, name) -> np.ndarray:
+    array = value.detach().cpu().double().numpy() if torch.is_tensor(value) else np.asarray(value, dtype=np.float64)
+    if array.shape != tuple(shape):
+        raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {tuple(array.shape)}")
+    return array
+
+
+@contextlib.contextmanager
+def _codegen_target(target: str):
+    previous = brian2.prefs.codegen.target
+    brian2.prefs.codegen.target = target
+    try:
+        yield
+    finally:
+        brian2.prefs.codegen.target = previous
+
+
+class Brian2Network:
+    """A dense :class:`~agrel_sim.network.ColumnNetwork` built into Brian2 objects.
+
+    Built by :func:`build`; see there and the module docstring for the parameters and the
+    trial's timeline. The API is that of the torch backend: :meth:`run_trials`,
+    :meth:`q_values`, :meth:`weights`, :meth:`load_weights`, and ``ff`` / ``fb`` per layer.
+
+    Attributes
+    ----------
+    description : ColumnNetwork
+    layers : list of DenseColumnPopulation
+        The hidden layers bottom to top, then the output layer.
+    timeline : Timeline
+    network : brian2.Network
+        The one Brian2 network that every batch of trials runs in.
+    dopamine : brian2.NeuronGroup
+        The neuromodulator: ``delta``, ``plasticity_rate``, ``consolidate``.
+    device : torch.device
+        Always the CPU (where returned tensors live).
+    dtype : torch.dtype
+        The floating-point type of returned tensors; the simulation runs in float64.
+    """
+
+    def __init__(self, description: ColumnNetwork, timeline: Timeline, tau_ff: float, tau_fb: float,
+                 gate_threshold: float, codegen_target: str, trace_every: int, dtype: torch.dtype, seed: int):
+        self.description = description
+        self.timeline = timeline
+        self.codegen_target = codegen_target
+        self.gate_threshold = gate_threshold
+        self.trace_every = trace_every
+        self.device = torch.device("cpu")
+        self.dtype = dtype
+        self.generator = torch.Generator().manual_seed(seed)
+        self.trials_run = 0
+        rule = description.rule
+        self.namespace = {
+            "tau_ff": tau_ff * brian2.ms, "tau_fb": tau_fb * brian2.ms, "gate_threshold": gate_threshold,
+            "decay": rule.learning_rate * rule.weight_decay,
+        }
+        self.clock = brian2.Clock(dt=timeline.dt * brian2.ms, name="trial_clock")
+        self._episode = None
+        with _codegen_target(codegen_target):  # connect() runs generated code too
+            objects = self._build_populations()
+        self._events = brian2.NetworkOperation(lambda: self._episode.start_of_step(), clock=self.clock, when="start", name="trial_events")
+        self._observer = brian2.NetworkOperation(lambda: self._episode.end_of_step(), clock=self.clock, when="end", order=10, name="trial_observer")
+        self.network = brian2.Network(*objects, self._events, self._observer)
+        with _codegen_target(codegen_target):  # generate (for Cython: compile) the code now
+            self.network.run(0 * brian2.ms, namespace={})
+        self.load_weights(TorchNetwork(description, dtype=torch.float64, seed=seed).weights())
+
+    def _neurons(self, size, model, name, **options):
+        return brian2.NeuronGroup(size, model, clock=self.clock, name=name, namespace=self.namespace, **options)
+
+    def _link_dopamine(self, target):
+        for name in ("delta", "plasticity_rate", "consolidate"):
+            setattr(target, name, brian2.linked_var(self.dopamine, name))
+
+    def _build_populations(self) -> list:
+        """Create the groups, synapses and plasticity operations; return them all."""
+        description, bias = self.description, self.description.rule.bias
+        shapes = description.layer_shapes()
+        n_input = math.prod(shapes[0])
+        self.dopamine = self._neurons(1, DOPAMINE_MODEL, "dopamine")
+        self.stimulus = self._neurons(n_input, STIMULUS_MODEL, "input_ff")
+        self.input_feedback = self._neurons(n_input, fb_neuron_model(top=False), "input_fb", method="exponential_euler")
+        self.input_feedback.y = brian2.linked_var(self.stimulus, "y")
+        objects = [self.dopamine, self.stimulus, self.input_feedback]
+        if bias:
+            bias_unit = self._neurons(1, BIAS_UNIT_MODEL, "bias_unit")
+            bias_unit.y = 1.0
+            objects.append(bias_unit)
+        below_ff, below_fb = self.stimulus, self.input_feedback
+        names = [f"layers.{i}" for i in range(len(description.layers))] + ["output"]
+        self.layers = []
+        for index, name in enumerate(names):
+            top = name == "output"
+            units, inputs = math.prod(shapes[index + 1]), math.prod(shapes[index])
+            label = name.replace(".", "_")
+            ff = self._neurons(units, ff_neuron_model(linear=top, bias=bias), f"{label}_ff", method="exponential_euler")
+            fb = self._neurons(units, fb_neuron_model(top=top), f"{label}_fb", method="exponential_euler")
+            ff.fb = brian2.linked_var(fb, "fb")
+            fb.y = brian2.linked_var(ff, "y")
+            # Synapse k joins lower column k % inputs and upper column k // inputs, so the weight
+            # array reshaped to (units, inputs) is the torch layout of both ff and fb.
+            upper, lower = np.repeat(np.arange(units), inputs), np.tile(np.arange(inputs), units)
+            ff_syn = brian2.Synapses(below_ff, ff, FF_SYNAPSE_MODEL, clock=self.clock, name=f"{label}_ff_synapses", namespace=self.namespace)
+            ff_syn.connect(i=lower, j=upper)
+            fb_syn = brian2.Synapses(fb, below_fb, FB_SYNAPSE_MODEL, clock=self.clock, name=f"{label}_fb_synapses", namespace=self.namespace)
+            fb_syn.connect(i=upper, j=lower)
+            plastic = [(ff_syn, FF_PLASTICITY), (fb_syn, FB_PLASTICITY)]
+            bias_syn = None
+            if bias:  # a synapse whose presynaptic activity is 1, learnt like the others
+                bias_syn = brian2.Synapses(bias_unit, ff, BIAS_SYNAPSE_MODEL, clock=self.clock, name=f"{label}_bias_synapses", namespace=self.namespace)
+                bias_syn.connect(i=np.zeros(units, dtype=int), j=np.arange(units))
+                plastic.append((bias_syn, FF_PLASTICITY))
+            for synapses, code in plastic:
+                self._link_dopamine(synapses)
+                objects += [synapses, synapses.run_regularly(code, when="end", name=f"{synapses.name}_plasticity")]
+            objects += [ff, fb]
+            tied = description.rule.feedback == "tied"
+            self.layers.append(DenseColumnPopulation(name, ff, fb, ff_syn, fb_syn, bias_syn, (units, inputs), tied, self.dtype))
+            below_ff, below_fb = ff, fb
+        return objects
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Copies of all weights, keyed ``"<layer>.ff"``, ``"<layer>.fb"``, ``"<layer>.bias"``."""
+        out = {}
+        for layer in self.layers:
+            out[f"{layer.name}.ff"] = layer.ff
+            out[f"{layer.name}.fb"] = layer.fb
+            if layer.bias is not None:
+                out[f"{layer.name}.bias"] = layer.bias
+        return out
+
+    def load_weights(self, weights: dict) -> None:
+        """Set weights from a dict as returned by :meth:`weights` (every key must be present;
+        in ``tied`` mode the ``fb`` entries are ignored, as in the torch backend)."""
+        expected = {f"{layer.name}.{part}" for layer in self.layers for part in ("ff", "fb")}
+        if self.description.rule.bias:
+            expected |= {f"{layer.name}.bias" for layer in self.layers}
+        if set(weights) != expected:
+            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
+        for layer in self.layers:
+            layer.ff = weights[f"{layer.name}.ff"]
+            if not layer.tied:
+                layer.fb = weights[f"{layer.name}.fb"]
+            if self.description.rule.bias:
+                layer.bias = weights[f"{layer.name}.bias"]
+
+    # -- trials -------------------------------------------------------------------------------
+
+    def _check_batch(self, images, labels=None, actions=None) -> np.ndarray:
+        if not torch.is_tensor(images) or not images.is_floating_point():
+            kind = images.dtype if torch.is_tensor(images) else type(images).__name__
+            raise TypeError(f"images: expected a floating-point tensor (scale integer pixels first), got {kind}")
+        expected = self.description.input_shape
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"images: expected shape (batch, {', '.join(map(str, expected))}) for network "
+                f"{self.description.name!r} ({self.description.source}), got {tuple(images.shape)}"
+            )
+        batch = images.shape[0]
+        if batch == 0:
+            raise ValueError("images: expected at least one image, got an empty batch")
+        for name, values in (("labels", labels), ("actions", actions)):
+            if values is None:
+                continue
+            if tuple(values.shape) != (batch,):
+                raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
+            if int(values.min()) < 0 or int(values.max()) >= self.description.n_actions:
+                raise ValueError(f"{name}: values must lie in [0, {self.description.n_actions}), got {values.min()}..{values.max()}")
+        return images.detach().cpu().double().flatten(1).numpy()
+
+    def _run(self, episode: "_Episode") -> None:
+        self._episode = episode
+        try:
+            with _codegen_target(self.codegen_target):
+                self.network.run(episode.total_steps * self.timeline.dt * brian2.ms, namespace={})
+        finally:
+            self._episode = None
+        if episode.step != episode.total_steps:
+            raise RuntimeError(f"brian2 backend: the run took {episode.step} time steps, expected {episode.total_steps}")
+
+    def q_values(self, images: torch.Tensor) -> torch.Tensor:
+        """Q-values of a batch, read at the end of the stimulus phase; no feedback, no learning.
+
+        Each image is one stimulus phase of the timeline, all in one Brian2 run.
+        """
+        stimuli = self._check_batch(images)
+        episode = _Episode(self, stimuli, steps_per_trial=self.timeline.steps["stimulus"])
+        self._run(episode)
+        return torch.from_numpy(episode.q).to(self.dtype)
+
+    def run_trials(self, images, labels, actions=None, learn=True, record=False) -> Brian2Trials:
+        """Run a batch of trials, one after another in simulated time, from the same weights.
+
+        Parameters
+        ----------
+        images : Tensor (B, *input_shape)
+            Floating-point stimuli.
+        labels : Tensor (B,)
+            The correct action of each trial.
+        actions : Tensor (B,), optional
+            Force these actions instead of selecting them.
+        learn : bool
+            Apply plasticity: the mean of the B single-trial changes, at the end of the batch.
+        record : bool
+            Also return each layer's ff activity, fb activity and gate at the end of each trial.
+
+        Returns
+        -------
+        Brian2Trials
+            ``q`` (read at the end of the stimulus phase), ``action``, ``reward``, ``delta``,
+            ``layers`` (when ``record``) and ``traces`` of the trials chosen by ``trace_every``.
+        """
+        stimuli = self._check_batch(images, labels, actions)
+        episode = _Episode(
+            self, stimuli, steps_per_trial=self.timeline.trial_steps, labels=labels.detach().cpu(),
+            actions=None if actions is None else actions.detach().cpu(), learn=learn, record=record,
+        )
+        self._run(episode)
+        self.trials_run += len(stimuli)
+        q = torch.from_numpy(episode.q).to(self.dtype)
+        chosen = torch.tensor(episode.actions, dtype=torch.long)
+        rewards = agrel.reward(chosen, labels.cpu(), self.description.neuromodulator.reward_correct, self.description.neuromodulator.reward_wrong, self.dtype)
+        records = None
+        if record:
+            records = [
+                LayerActivity(layer.name, *(torch.from_numpy(np.stack(episode.records[layer.name][part])).to(self.dtype) for part in ("ff", "fb")),
+                              torch.from_numpy(np.stack(episode.records[layer.name]["gate"])).bool())
+                for layer in self.layers
+            ]
+        return Brian2Trials(q, chosen, rewards, delta=torch.tensor(episode.deltas, dtype=self.dtype), layers=records, traces=episode.traces)
+
+
+class _Episode:
+    """One Brian2 run: a sequence of trials, driven at phase boundaries by network operations.
+
+    With ``steps_per_trial`` equal to the stimulus phase only (``labels`` None), it measures
+    Q-values: no selection, no dopamine, no learning.
+    """
+
+    def __init__(self, net: Brian2Network, stimuli, steps_per_trial, labels=None, actions=None, learn=False, record=False):
+        self.net = net
+        self.stimuli = stimuli
+        self.steps_per_trial = steps_per_trial
+        self.total_steps = steps_per_trial * len(stimuli)
+        self.labels, self.forced, self.learn, self.record = labels, actions, learn, record
+        self.step = 0
+        timeline = net.timeline
+        self.selection_step = timeline.start("selection")
+        self.rpe_step = timeline.start("rpe")
+        self.plasticity_step = timeline.start("plasticity")
+        rule = net.description.rule
+        self.plasticity_rate = rule.learning_rate / (len(stimuli) * timeline.steps["plasticity"]) if learn else 0.0
+        self.q = np.zeros((len(stimuli), net.description.n_actions))
+        self.actions, self.deltas, self.traces = [], [], []
+        self.records = {layer.name: {"ff": [], "fb": [], "gate": []} for layer in net.layers}
+        self.tracing = None
+        # Views of the state arrays (runtime mode: the arrays the generated code works on).
+        self.ff_rates = [_state(layer.ff_neurons, "y") for layer in net.layers]
+        self.fb_rates = [_state(net.input_feedback, "fb")] + [_state(layer.fb_neurons, "fb") for layer in net.layers]
+        self.stimulus = _state(net.stimulus, "y")
+        self.motor = _state(net.layers[-1].fb_neurons, "z")
+        self.dopamine = {name: _state(net.dopamine, name) for name in ("delta", "plasticity_rate", "consolidate")}
+
+    def start_of_step(self):
+        """The events at phase boundaries, before the neurons integrate this time step."""
+        trial, step = divmod(self.step, self.steps_per_trial)
+        if step == 0:
+            self._begin_trial(trial)
+        if self.labels is None:
+            return
+        if step == self.selection_step:
+            self._select_action(trial)
+        if step == self.rpe_step:
+            self._dopamine_release(trial)
+        if step == self.plasticity_step:
+            self.dopamine["plasticity_rate"][:] = self.plasticity_rate
+        if self.learn and self.step == self.total_steps - 1:
+            self.dopamine["consolidate"][:] = 1.0
+
+    def end_of_step(self):
+        """Read-out and recording, after the neurons and synapses have been updated."""
+        trial, step = divmod(self.step, self.steps_per_trial)
+        if self.tracing is not None:
+            self._sample(self.tracing)
+        if step == self.selection_step - 1:  # the end of the stimulus phase
+            self.q[trial] = self.ff_rates[-1]
+        if step == self.steps_per_trial - 1:
+            if self.record:
+                self._record_end_of_trial()
+            if self.tracing is not None:
+                self.traces.append(self._finish_trace(self.tracing))
+                self.tracing = None
+            if self.learn and trial == len(self.stimuli) - 1:
+                self.dopamine["consolidate"][:] = 0.0
+        self.step += 1
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _begin_trial(self, trial):
+        """The inter-trial reset: all activity back to 0, the new stimulus on, no dopamine."""
+        for rates in self.ff_rates + self.fb_rates:
+            rates[:] = 0.0
+        self.motor[:] = 0.0
+        self.stimulus[:] = self.stimuli[trial]
+        self.dopamine["delta"][:] = 0.0
+        self.dopamine["plasticity_rate"][:] = 0.0
+        every = self.net.trace_every
+        index = self.net.trials_run + trial
+        if self.labels is not None and every and index % every == 0:
+            self.tracing = {"trial": index, "ff": [], "fb": [], "gate": [], "delta": []}
+
+    def _select_action(self, trial):
+        net = self.net
+        q = torch.from_numpy(self.q[trial : trial + 1])
+        if self.forced is None:
+            selection = net.description.action_selection
+            action = int(agrel.select_action(q, selection.epsilon, selection.tau, net.generator)[0])
+        else:
+            action = int(self.forced[trial])
+        self.actions.append(action)
+        self.motor[action] = 1.0  # z_s = 1: the selected unit's fb neuron starts the feedback wave
+
+    def _dopamine_release(self, trial):
+        net = self.net
+        modulator = net.description.neuromodulator
+        action = torch.tensor([self.actions[trial]])
+        q = torch.from_numpy(self.q[trial : trial + 1])
+        r = agrel.reward(action, self.labels[trial : trial + 1], modulator.reward_correct, modulator.reward_wrong, q.dtype)
+        delta = float(agrel.rpe(q, action, r)[0])
+        self.deltas.append(delta)
+        self.dopamine["delta"][:] = delta
+
+    # -- observation --------------------------------------------------------------------------
+
+    def _populations(self):
+        """Name, ff rates, fb rates and whether the gate is always open, input to output."""
+        net = self.net
+        yield "input", self.stimulus, self.fb_rates[0], False
+        for layer, ff, fb in zip(net.layers, self.ff_rates, self.fb_rates[1:]):
+            yield layer.name, ff, fb, layer is net.layers[-1]
+
+    def _gate(self, ff, linear):
+        return np.ones(ff.shape, dtype=bool) if linear else ff > self.net.gate_threshold
+
+    def _sample(self, trace):
+        ff, fb, gate = [], [], []
+        for _, ff_rates, fb_rates, linear in self._populations():
+            ff.append(ff_rates.copy())
+            fb.append(fb_rates.copy())
+            gate.append(self._gate(ff_rates, linear))
+        trace["ff"].append(ff)
+        trace["fb"].append(fb)
+        trace["gate"].append(gate)
+        trace["delta"].append(float(self.dopamine["delta"][0]))
+
+    def _finish_trace(self, trace) -> TrialTrace:
+        timeline = self.net.timeline
+        steps = len(trace["delta"])
+        layers = [
+            LayerTrace(name, np.stack([s[i] for s in trace["ff"]]), np.stack([s[i] for s in trace["fb"]]), np.stack([s[i] for s in trace["gate"]]))
+            for i, (name, *_) in enumerate(self._populations())
+        ]
+        t = np.arange(1, steps + 1) * timeline.dt / 1000
+        return TrialTrace(trace["trial"], t, timeline.phase_times(), np.array(trace["delta"]), layers)
+
+    def _record_end_of_trial(self):
+        for name, ff_rates, fb_rates, linear in list(self._populations())[1:]:
+            record = self.records[name]
+            record["ff"].append(ff_rates.copy())
+            record["fb"].append(fb_rates.copy())
+            record["gate"].append(self._gate(ff_rates, linear))
+
+
+def _state(group, name) -> np.ndarray:
+    """The array behind a state variable (changed in place by the simulation and by events)."""
+    return group.variables[name].get_value()
+
+
+def build(
+    network: ColumnNetwork,
+    device="cpu",
+    dtype=torch.float32,
+    seed: int = 0,
+    tau_ff=10.0,
+    tau_fb=10.0,
+    dt=1.0,
+    t_stimulus=100.0,
+    t_selection=20.0,
+    t_feedback=80.0,
+    t_rpe=10.0,
+    t_plasticity=10.0,
+    gate_threshold: float = 1e-3,
+    codegen_target: str = "numpy",
+    trace_every: int = 0,
+) -> Brian2Network:
+    """Build a dense column network into Brian2 objects (runtime mode).
+
+    Durations are Brian2 time quantities (``10 * ms``) or plain numbers of milliseconds.
+
+    Parameters
+    ----------
+    network : ColumnNetwork
+        The description; dense layers only, rule ``deepagrel``.
+    device : str or torch.device
+        Must be the CPU (Brian2's runtime mode runs there); accepted for the common API.
+    dtype : torch.dtype
+        ``torch.float32`` or ``torch.float64``: the type of returned tensors. The simulation
+        itself always runs in float64.
+    seed : int
+        The initial weights are those of the torch backend built with this seed (so both
+        backends start from identical weights); it also seeds action selection.
+    tau_ff, tau_fb : duration
+        Time constants of the ff and fb rate neurons (default 10 ms each).
+    dt : duration
+        Integration time step (default 1 ms); every phase must last a whole number of steps.
+    t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity : duration
+        Durations of the five phases (defaults 100, 20, 80, 10, 10 ms): the ff activity settles
+        for ``t_stimulus`` before the Q-values are read; the feedback wave settles for
+        ``t_selection + t_feedback`` (and keeps integrating through ``t_rpe``) before the
+        plasticity phase.
+    gate_threshold : float
+        A column's gate is open while its ff activity exceeds this (default 1e-3): a column
+        whose drive turns negative then decays towards 0 and its gate closes once it is below.
+    codegen_target : {"numpy", "cython"}
+        Brian2's runtime code generation target (Cython compiles on first use and caches the
+        compiled code in ``~/.cython``).
+    trace_every : int
+        Record the time course of every ``trace_every``-th trial (counting all trials this
+        network runs, from 0) into :attr:`Brian2Trials.traces`; 0 (default) records none.
+
+    Raises
+    ------
+    UnsupportedLayerError
+        For a layer kind other than dense (the message names the backend and the kind).
+    ValueError
+        For a non-CPU device, an unsupported dtype, rule ``ebp`` or a bad setting.
+    """
+    for index, layer in enumerate(network.layers):
+        if not isinstance(layer, Dense):
+            raise UnsupportedLayerError(
+                f"{network.source}: layers[{index}]: the {BACKEND} backend builds dense column layers only, "
+                f"not layer kind {layer.kind!r}; use backend='torch' for this network"
+            )
+    if network.rule.name != "deepagrel":
+        raise ValueError(f"{network.source}: rule.name: the {BACKEND} backend simulates DeepAGREL only, got {network.rule.name!r}; use backend='torch' for it")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"device: the {BACKEND} backend runs on the CPU (Brian2 runtime mode), got {str(device)!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype: the {BACKEND} backend returns torch.float32 or torch.float64 tensors, got {dtype}")
+    if not isinstance(brian2.get_device(), RuntimeDevice):
+        raise ValueError(f"the {BACKEND} backend runs in Brian2's runtime mode, but the active Brian2 device is {brian2.get_device()!r}; call brian2.set_device('runtime')")
+    if codegen_target not in CODEGEN_TARGETS:
+        raise ValueError(f"codegen_target: expected one of {CODEGEN_TARGETS} (Brian2 runtime mode), got {codegen_target!r}")
+    if not (isinstance(trace_every, int) and not isinstance(trace_every, bool) and trace_every >= 0):
+        raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {trace_every!r}")
+    if not (isinstance(gate_threshold, numbers.Real) and gate_threshold >= 0):
+        raise ValueError(f"gate_threshold: expected a number >= 0, got {gate_threshold!r}")
+    durations = dict(stimulus=t_stimulus, selection=t_selection, feedback=t_feedback, rpe=t_rpe, plasticity=t_plasticity)
+    timeline = Timeline.from_durations(dt, durations)
+    return Brian2Network(
+        network, timeline, _milliseconds(tau_ff, "tau_ff"), _milliseconds(tau_fb, "tau_fb"), float(gate_threshold),
+        codegen_target, trace_every, dtype, seed,
+    )

@@ -1,0 +1,230 @@
+"""Run files: one HDF5 file per run, written through h5py, readable with plain h5py.
+
+Layout (version :data:`LAYOUT_VERSION`; every dataset grows along its first axis, chunked and
+compressed with gzip and shuffle)::
+
+    /                         attrs: layout_version, software_version, seed, backend, rule,
+                                     config (JSON text: experiment, model, training, logging),
+                                     complete (False until the run ended cleanly)
+    /epochs/<metric>          (epochs,)   epoch, reward_probability, train_loss,
+                                          validation_accuracy, seconds
+    /trials/<field>           (trials,)   epoch, batch, image (index into the training set),
+                                          label, action, reward, delta; q: (trials, actions)
+    /layers/<layer>/          attrs: shape (the layer's column sheet)
+        units                 (units,)    flat indices of the sampled columns
+        ff, fb                (trials, units) float32 activity of the ff / fb neurons (fb: NaN
+                                          for EBP, which has none)
+        gate                  (trials, units) uint8, 1 where the column's gate was open
+    /gating/epoch, /gating/batch   (batches,)  every training batch
+    /gating/<layer>/open_fraction, fb_mean_abs, changed_fraction   (batches,)
+    /result                   attrs: test_accuracy, best_epoch, epochs, converged, seconds
+
+Rows of ``/trials`` and of ``/layers/<layer>/{ff,fb,gate}`` correspond one to one: they map to
+the trials table and to TimeSeries of an NWB file. Nothing is written during an epoch: the
+epoch's records are buffered (on the training device, with no host synchronisation per batch)
+and written and flushed at its end, so that a run killed while training leaves a file that opens
+and holds every finished epoch. The writer takes no file lock, so that a running run can be
+read (between epochs the file on disk is consistent).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+LAYOUT_VERSION = 1
+EPOCH_FIELDS = ("epoch", "reward_probability", "train_loss", "validation_accuracy", "seconds")
+TRIAL_FIELDS = ("epoch", "batch", "image", "label", "action", "reward", "delta")
+GATING_FIELDS = ("open_fraction", "fb_mean_abs", "changed_fraction")
+_COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """What a run file samples.
+
+    Parameters
+    ----------
+    every_batches : int
+        Trials and traces are logged from every Nth training batch (gating summaries from all).
+    trials_per_batch : int
+        How many trials of such a batch are logged.
+    max_units : int
+        Layers with more columns are traced on a fixed random subset of this many (drawn by the
+        run's seed).
+    """
+
+    every_batches: int = 50
+    trials_per_batch: int = 10
+    max_units: int = 128
+
+
+def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
+    start = dataset.shape[0]
+    dataset.resize(start + len(rows), axis=0)
+    dataset[start:] = rows
+
+
+def _growing(group: h5py.Group, name: str, dtype, width: int | None = None, chunk_rows: int = 1024) -> None:
+    shape, maxshape, chunks = ((0,), (None,), (chunk_rows,)) if width is None else ((0, width), (None, width), (max(1, chunk_rows // 8), width))
+    group.create_dataset(name, shape=shape, maxshape=maxshape, chunks=chunks, dtype=dtype, **_COMPRESSION)
+
+
+class RunFile:
+    """Writes one run's records into an HDF5 file.
+
+    Parameters
+    ----------
+    path : Path
+    net : TorchNetwork
+        The built network (its layers name the groups).
+    config : dict
+        Experiment configuration, stored as JSON text.
+    seed : int
+    settings : LogSettings
+    resume_after : int or None
+        Reopen an existing file and drop whatever it holds beyond this epoch (records of an
+        epoch that the checkpoint does not cover), instead of creating a new file.
+    """
+
+    def __init__(self, path: Path, net, config: dict, seed: int, settings: LogSettings = LogSettings(), resume_after: int | None = None):
+        self.path = Path(path)
+        self.settings = settings
+        self.layer_names = [layer.name for layer in net.layers]
+        if resume_after is None:
+            self.file = h5py.File(self.path, "w", locking=False)
+            self._create(net, config, seed)
+        else:
+            self.file = h5py.File(self.path, "a", locking=False)
+            self._truncate_after(resume_after)
+            self.file.attrs["complete"] = False
+        self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}
+        self._new_epoch_buffers()
+        self.file.flush()
+
+    def _create(self, net, config: dict, seed: int) -> None:
+        from agrel_sim import __version__
+
+        attrs = self.file.attrs
+        attrs["layout_version"] = LAYOUT_VERSION
+        attrs["software_version"] = __version__
+        attrs["seed"] = seed
+        attrs["backend"] = "torch"
+        attrs["rule"] = net.description.rule.name
+        attrs["config"] = json.dumps({**config, "logging": asdict(self.settings)})
+        attrs["complete"] = False
+        epochs = self.file.create_group("epochs")
+        for name in EPOCH_FIELDS:
+            _growing(epochs, name, "i4" if name == "epoch" else "f8", chunk_rows=256)
+        trials = self.file.create_group("trials")
+        for name in TRIAL_FIELDS:
+            _growing(trials, name, "f4" if name in ("reward", "delta") else "i4")
+        _growing(trials, "q", "f4", net.description.n_actions)
+        gating = self.file.create_group("gating")
+        _growing(gating, "epoch", "i4")
+        _growing(gating, "batch", "i4")
+        layers = self.file.create_group("layers")
+        pick = torch.Generator().manual_seed(seed)
+        for layer in net.layers:
+            size = int(np.prod(layer.output_shape))
+            units = torch.arange(size) if size <= self.settings.max_units else torch.randperm(size, generator=pick)[: self.settings.max_units].sort().values
+            group = layers.create_group(layer.name)
+            group.attrs["shape"] = list(layer.output_shape)
+            group.create_dataset("units", data=units.numpy().astype(np.int64))
+            for name, dtype in (("ff", "f4"), ("fb", "f4"), ("gate", "u1")):
+                _growing(group, name, dtype, len(units))
+            summary = gating.create_group(layer.name)
+            for name in GATING_FIELDS:
+                _growing(summary, name, "f4")
+
+    def _truncate_after(self, epoch: int) -> None:
+        """Drop rows that belong to epochs after ``epoch``."""
+        def keep(epochs_of_rows: h5py.Dataset) -> int:
+            return int(np.searchsorted(epochs_of_rows[:], epoch, side="right"))
+
+        groups = [
+            (self.file["epochs"], keep(self.file["epochs"]["epoch"]), EPOCH_FIELDS),
+            (self.file["trials"], keep(self.file["trials"]["epoch"]), (*TRIAL_FIELDS, "q")),
+        ]
+        n_trials = groups[1][1]
+        groups += [(self.file["layers"][name], n_trials, ("ff", "fb", "gate")) for name in self.layer_names]
+        n_batches = keep(self.file["gating"]["epoch"])
+        groups += [(self.file["gating"], n_batches, ("epoch", "batch"))]
+        groups += [(self.file["gating"][name], n_batches, GATING_FIELDS) for name in self.layer_names]
+        for group, rows, names in groups:
+            for name in names:
+                group[name].resize(rows, axis=0)
+
+    def _new_epoch_buffers(self) -> None:
+        self.batches: list[tuple[int, torch.Tensor]] = []  # (batch number, gating summary tensor)
+        self.trials: list[dict] = []
+
+    def record_batch(self, epoch: int, batch: int, index: torch.Tensor, labels: torch.Tensor, trials) -> None:
+        """Buffer one training batch (``trials`` from ``run_trials(..., record=True)``)."""
+        nan = torch.tensor(float("nan"), device=trials.q.device)
+        summary = []
+        for layer in trials.layers:
+            summary.append(layer.gate.float().mean())
+            summary.append(layer.fb.abs().mean() if layer.fb is not None else nan)
+            summary.append(layer.changed.float() if layer.changed is not None else nan)
+        self.batches.append((batch, torch.stack(summary)))
+        if batch % self.settings.every_batches:
+            return
+        k = self.settings.trials_per_batch
+        record = {
+            "epoch": torch.full((min(k, len(index)),), epoch), "batch": torch.full((min(k, len(index)),), batch),
+            "image": index[:k], "label": labels[:k], "action": trials.action[:k], "reward": trials.reward[:k],
+            "delta": trials.delta[:k] if trials.delta is not None else torch.full((min(k, len(index)),), float("nan")),
+            "q": trials.q[:k].clone(),
+        }
+        for layer in trials.layers:
+            units = self.units[layer.name]
+            record[f"{layer.name}/ff"] = layer.ff[:k].flatten(1)[:, units].clone()
+            record[f"{layer.name}/fb"] = layer.fb[:k].flatten(1)[:, units].clone() if layer.fb is not None else None
+            record[f"{layer.name}/gate"] = layer.gate[:k].flatten(1)[:, units].clone()
+        self.trials.append(record)
+
+    def write_epoch(self, epoch: int, metrics) -> None:
+        """Write the buffered epoch and its metrics, and flush the file."""
+        for name in EPOCH_FIELDS:
+            _append(self.file["epochs"][name], np.array([getattr(metrics, name)]))
+        if self.batches:
+            numbers = np.array([b for b, _ in self.batches], dtype=np.int32)
+            summaries = torch.stack([s for _, s in self.batches]).cpu().numpy().reshape(len(numbers), len(self.layer_names), len(GATING_FIELDS))
+            _append(self.file["gating"]["epoch"], np.full(len(numbers), epoch, dtype=np.int32))
+            _append(self.file["gating"]["batch"], numbers)
+            for i, name in enumerate(self.layer_names):
+                for j, field in enumerate(GATING_FIELDS):
+                    _append(self.file["gating"][name][field], summaries[:, i, j])
+        if self.trials:
+            joined = {key: [r[key] for r in self.trials] for key in self.trials[0]}
+            for name in (*TRIAL_FIELDS, "q"):
+                _append(self.file["trials"][name], torch.cat(joined[name]).cpu().numpy())
+            for name in self.layer_names:
+                group = self.file["layers"][name]
+                ff = torch.cat(joined[f"{name}/ff"]).cpu().numpy()
+                fb = joined[f"{name}/fb"]
+                _append(group["ff"], ff)
+                _append(group["fb"], torch.cat(fb).cpu().numpy() if fb[0] is not None else np.full_like(ff, np.nan))
+                _append(group["gate"], torch.cat(joined[f"{name}/gate"]).cpu().numpy().astype(np.uint8))
+        self._new_epoch_buffers()
+        self.file.flush()
+
+    def finish(self, result) -> None:
+        """Store the run's result, mark the file complete and close it."""
+        group = self.file.require_group("result")
+        for key, value in asdict(result).items():
+            if key != "history":
+                group.attrs[key] = value
+        self.file.attrs["complete"] = True
+        self.file.close()
+
+    def close(self) -> None:
+        """Close without marking the run complete (it stopped early)."""
+        if self.file.id.valid:
+            self.file.close()

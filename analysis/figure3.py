@@ -1,0 +1,19 @@
+"""Figure 3 of the paper: reward probability per epoch, DeepAGREL against EBP, mean ± 2σ over seeds.
+
+    python analysis/figure3.py RUNS [--out figure3.png]
+
+RUNS holds the runs of one network and data set for both rules (e.g. runs/table1/cifar10_conv3_*).
+"""
+
+import argparse
+from pathlib import Path
+
+from agrel_sim.analysis import load_runs, plot_reward_curves
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("runs", type=Path, nargs="+", help="run files or folders of runs")
+parser.add_argument("--out", type=Path, default=Path("figure3.png"))
+args = parser.parse_args()
+
+runs = [run for path in args.runs for run in load_runs(path)]
+print(plot_reward_curves(runs, args.out))

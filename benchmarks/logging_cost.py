@@ -1,0 +1,64 @@
+"""Cost of recording a run file at the default logging settings, and the size it reaches.
+
+    python benchmarks/logging_cost.py [--net mnist_conv3] [--rule deepagrel] [--batches 490]
+
+Runs one epoch's worth of training steps (batch 100; 490 batches is an MNIST epoch with 1,000
+images held out) twice, step by step alternately: without recording, and with
+``run_trials(record=True)`` plus the run file's per-batch buffering, the epoch's write and flush
+counted in. Prints the time of each, their ratio, the file's size after the epoch, and the size
+projected to a run of 100, 200 and 300 epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from agrel_sim import build, load_model
+from agrel_sim.recorder import LogSettings, RunFile
+from agrel_sim.training import EpochMetrics
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--net", default="mnist_conv3")
+    parser.add_argument("--rule", default="deepagrel", choices=["deepagrel", "ebp"])
+    parser.add_argument("--batches", type=int, default=490)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    description = load_model(args.net).replace(rule={"name": args.rule})
+    plain, logged = (build(description, device=args.device, seed=0) for _ in range(2))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand((100, *description.input_shape), generator=g).to(args.device)
+    labels = torch.randint(description.n_actions, (100,), generator=g).to(args.device)
+    index = torch.arange(100, device=args.device)
+    settings = LogSettings()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "run.h5"
+        recorder = RunFile(path, logged, {"experiment": "benchmark"}, 0, settings)
+        seconds = {"plain": 0.0, "logged": 0.0}
+        for batch in range(args.batches):
+            start = time.perf_counter()
+            plain.run_trials(images, labels)
+            seconds["plain"] += time.perf_counter() - start
+            start = time.perf_counter()
+            trials = logged.run_trials(images, labels, record=True)
+            recorder.record_batch(1, batch, index, labels, trials)
+            seconds["logged"] += time.perf_counter() - start
+        start = time.perf_counter()
+        recorder.write_epoch(1, EpochMetrics(1, 0.5, 0.1, 0.5, 1.0))
+        seconds["logged"] += time.perf_counter() - start
+        recorder.close()
+        size = path.stat().st_size
+    print(f"net={args.net} rule={args.rule} device={args.device} threads={torch.get_num_threads()} batches={args.batches} settings={settings}")
+    print(f"epoch without logging {seconds['plain']:.2f} s, with logging {seconds['logged']:.2f} s, ratio {seconds['logged'] / seconds['plain']:.3f}")
+    print(f"run file after one epoch: {size / 2**20:.2f} MiB; projected for 100 / 200 / 300 epochs: "
+          + " / ".join(f"{size * n / 2**20:.0f} MiB" for n in (100, 200, 300)))
+
+
+if __name__ == "__main__":
+    main()

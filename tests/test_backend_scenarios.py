@@ -1,0 +1,94 @@
+"""Scenarios of DeepAGREL that every backend must reproduce, run through one fixture.
+
+As Nengo's ``Simulator`` fixture does, ``build_net`` builds a description with each registered
+backend in turn; a backend that cannot build a layer kind skips the scenario with its reason.
+"""
+
+import pytest
+import torch
+
+from agrel_sim import ColumnNetwork, Dense, Dropout, Rule, build
+from agrel_sim.backends import BACKENDS, UnsupportedLayerError
+
+# Brian2 2.9 calls pyparsing names that pyparsing 3.3 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore::pyparsing.PyparsingDeprecationWarning")
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def build_net(request):
+    """A function that builds a description with the backend of this parametrisation."""
+    backend = request.param
+
+    def make(description, seed=0):
+        try:
+            return build(description, backend=backend, dtype=torch.float64, seed=seed)
+        except UnsupportedLayerError as error:
+            pytest.skip(str(error))
+
+    return make
+
+
+def dense_net(hidden, n_inputs=4, n_actions=3):
+    return ColumnNetwork((n_inputs,), [Dense(n) for n in hidden], n_actions, rule=Rule(learning_rate=0.5, init_range=0.5))
+
+
+def test_gating_silences_feedback(build_net):
+    net = build_net(dense_net([3, 3, 3]))
+    for layer in net.layers[:3]:
+        layer.ff = layer.ff.abs()  # every column active for positive input ...
+    ff = net.layers[1].ff.clone()
+    ff[1] = -1.0  # ... except column 1 of the second layer, driven below threshold
+    net.layers[1].ff = ff
+    images = torch.rand(6, 4, dtype=torch.float64) + 0.1
+    before = net.weights()
+    trials = net.run_trials(images, torch.zeros(6, dtype=torch.long), actions=torch.arange(6) % 3, record=True)
+    after = net.weights()
+    silent = trials.layers[1]
+    assert torch.all(silent.ff[:, 1] == 0) and not silent.gate[:, 1].any()
+    assert torch.all(silent.fb[:, 1] == 0), "a closed gate passes no feedback"
+    assert torch.all(silent.fb[:, [0, 2]] != 0), "the open columns do receive feedback"
+    assert torch.all(trials.layers[0].fb != 0), "and pass it on"
+    # The silent column's synapses, incoming and outgoing, do not change; its neighbours' do.
+    assert torch.equal(after["layers.1.ff"][1], before["layers.1.ff"][1])
+    assert torch.equal(after["layers.2.ff"][:, 1], before["layers.2.ff"][:, 1])
+    assert torch.all(after["layers.1.ff"][[0, 2]] != before["layers.1.ff"][[0, 2]])
+    assert torch.all(after["layers.2.ff"][:, [0, 2]] != before["layers.2.ff"][:, [0, 2]])
+
+
+def test_a_dropped_column_passes_no_feedback(build_net):
+    net = build_net(ColumnNetwork((6,), [Dense(12), Dropout(0.5), Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5)))
+    images = torch.rand(8, 6, dtype=torch.float64)
+    trials = net.run_trials(images, torch.zeros(8, dtype=torch.long), record=True)
+    dropout = trials.layers[1]
+    assert (~dropout.gate).any() and dropout.gate.any()
+    assert torch.all(dropout.ff[~dropout.gate] == 0) and torch.all(dropout.fb[~dropout.gate] == 0)
+
+
+def test_only_the_selected_output_unit_learns(build_net):
+    net = build_net(dense_net([5, 4]))
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 4, generator=g, dtype=torch.float64)
+    before = net.weights()["output.ff"]
+    net.run_trials(images, torch.tensor([0, 1, 2, 0]), actions=torch.full((4,), 2))
+    change = net.weights()["output.ff"] - before
+    assert change[2].abs().sum() > 0
+    assert torch.all(change[[0, 1]] == 0)
+
+
+def test_delta_sign_follows_reward(build_net):
+    net = build_net(dense_net([4], n_inputs=5))
+    for layer in net.layers:
+        layer.ff = layer.ff.abs() * 0.3  # Q-values between 0 and 1
+    image = torch.rand(1, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    label = torch.zeros(1, dtype=torch.long)
+    for action, reward in ((0, 1.0), (1, 0.0)):
+        q_before = net.q_values(image)[0, action]
+        assert 0 < q_before < 1
+        trials = net.run_trials(image, label, actions=torch.tensor([action]))
+        assert trials.reward.item() == reward
+        torch.testing.assert_close(trials.delta, trials.reward - trials.q[0, action], rtol=1e-12, atol=1e-12)
+        q_after = net.q_values(image)[0, action]
+        if reward:  # better than predicted: a burst, and the chosen action's value rises
+            assert trials.delta.item() > 0 and q_after > q_before
+        else:  # worse than predicted: a dip, and the value falls
+            assert trials.delta.item() < 0 and q_after < q_before

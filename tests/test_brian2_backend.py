@@ -1,0 +1,298 @@
+"""The Brian2 backend: parity with the torch backend, its time course, its settings and errors."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+with warnings.catch_warnings():  # Brian2 2.9 calls pyparsing names that pyparsing 3.3 deprecates
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import brian2
+
+from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
+from agrel_sim.backends import UnsupportedLayerError
+
+pytestmark = pytest.mark.filterwarnings("ignore::pyparsing.PyparsingDeprecationWarning")
+
+TAU = 10.0  # ms, both time constants in the parity runs
+
+
+def describe(feedback="tied", bias=False, weight_decay=0.0, layers=(Dense(6), Dense(5)), n_inputs=8, n_actions=4):
+    rule = Rule(learning_rate=0.5, init_range=0.5, feedback=feedback, bias=bias, weight_decay=weight_decay)
+    return ColumnNetwork((n_inputs,), list(layers), n_actions, rule=rule, name="small")
+
+
+def settled(description, settling, **options):
+    """A Brian2 net whose ff and fb activity settle for ``settling`` time constants each."""
+    return build(
+        description, backend="brian2", dtype=torch.float64, tau_ff=TAU, tau_fb=TAU, dt=1.0,
+        t_stimulus=settling * TAU, t_selection=TAU, t_feedback=(settling - 1) * TAU, t_rpe=1.0, t_plasticity=2.0,
+        **options,
+    )
+
+
+def batches(description, sizes, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    for size in sizes:
+        images = torch.rand((size, *description.input_shape), generator=g, dtype=torch.float64)
+        labels = torch.randint(description.n_actions, (size,), generator=g)
+        actions = torch.randint(description.n_actions, (size,), generator=g)
+        yield images, labels, actions
+
+
+def with_biases(net):
+    """Biases from -0.5 to 0.5: columns whose drive changes sign while the layers settle."""
+    weights = net.weights()
+    for key in weights:
+        if key.endswith(".bias"):
+            weights[key] = torch.linspace(-0.5, 0.5, len(weights[key]), dtype=torch.float64)
+    net.load_weights(weights)
+    return weights
+
+
+# Settling time / tau -> bound on max|W_brian2 - W_torch| / max|W_torch - W_start| after the
+# sequence of trials below (measured: tied 2.7e-1, 1.3e-2, 1.9e-5; independent with biases and
+# decay 9.4e-2, 7.4e-3, 1.7e-5).
+PARITY_TOLERANCE = {4: 0.4, 8: 0.04, 16: 1e-4}
+
+
+@pytest.mark.parametrize("feedback, bias, weight_decay", [("tied", False, 0.0), ("independent", True, 0.1)])
+def test_weights_match_torch_within_a_tolerance_that_shrinks_with_settling_time(feedback, bias, weight_decay):
+    description = describe(feedback, bias, weight_decay, layers=(Dense(10), Dense(9), Dense(8)), n_inputs=12)
+    errors = {}
+    for settling, tolerance in PARITY_TOLERANCE.items():
+        reference = build(description, dtype=torch.float64, seed=0)
+        net = settled(description, settling, seed=0)
+        start = with_biases(reference)
+        net.load_weights(start)
+        for images, labels, actions in batches(description, (5, 1, 6)):
+            expected = reference.run_trials(images, labels, actions=actions)
+            trials = net.run_trials(images, labels, actions=actions)
+            assert torch.equal(trials.action, actions) and torch.equal(trials.reward, expected.reward)
+        after, expected = net.weights(), reference.weights()
+        change = max((expected[k] - start[k]).abs().max().item() for k in expected)
+        errors[settling] = max((after[k] - expected[k]).abs().max().item() for k in expected) / change
+        print(f"{feedback}: settling {settling} tau: max weight difference / max change = {errors[settling]:.2e} (tolerance {tolerance})")
+        assert errors[settling] < tolerance, settling
+    assert errors[4] > errors[8] > errors[16] > 0
+
+
+def test_a_zero_gate_threshold_keeps_decaying_columns_open():
+    # A column whose drive turns negative while the layers settle decays towards 0 without
+    # reaching it: with threshold 0 its gate stays open, and parity never comes.
+    description = describe("independent", bias=True, layers=(Dense(10), Dense(9), Dense(8)), n_inputs=12)
+    reference = build(description, dtype=torch.float64, seed=0)
+    start = with_biases(reference)
+    errors = {}  # threshold -> gates that differ from the torch backend's
+    for threshold in (0.0, 1e-3):
+        net = settled(description, 16, seed=0, gate_threshold=threshold)
+        net.load_weights(start)
+        images, labels, actions = next(batches(description, (5,)))
+        trials = net.run_trials(images, labels, actions=actions, learn=False, record=True)
+        errors[threshold] = sum(int((record.gate != expected.gate).sum()) for record, expected in zip(
+            trials.layers, reference.run_trials(images, labels, actions=actions, learn=False, record=True).layers))
+    print(f"gates that differ from torch's: {errors}")
+    assert errors[1e-3] == 0 and errors[0.0] > 0
+
+
+def test_initial_weights_are_the_torch_backends_for_the_same_seed():
+    for feedback in ("tied", "reciprocal", "independent"):
+        description = describe(feedback, bias=True)
+        expected = build(description, dtype=torch.float64, seed=3).weights()
+        weights = build(description, backend="brian2", dtype=torch.float64, seed=3).weights()
+        assert weights.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(weights[key], expected[key]), (feedback, key)
+
+
+def test_batch_update_is_the_mean_of_single_trial_updates():
+    description = describe("independent", bias=True, weight_decay=0.0)
+    net = settled(description, settling=3)  # exact whatever the settling: every trial starts alike
+    images, labels, actions = next(batches(description, (4,)))
+    start = with_biases(net)
+    net.run_trials(images, labels, actions=actions)
+    batch_change = {k: v - start[k] for k, v in net.weights().items()}
+    single = {k: torch.zeros_like(v) for k, v in start.items()}
+    for i in range(4):
+        net.load_weights(start)
+        net.run_trials(images[i:i + 1], labels[i:i + 1], actions=actions[i:i + 1])
+        for k, v in net.weights().items():
+            single[k] += (v - start[k]) / 4
+    for key in start:
+        assert batch_change[key].abs().max() > 0, key
+        torch.testing.assert_close(batch_change[key], single[key], rtol=1e-10, atol=1e-14)
+
+
+def test_tied_and_reciprocal_feedback_stay_equal_to_ff():
+    for feedback in ("tied", "reciprocal"):
+        description = describe(feedback)
+        net = settled(description, settling=4)
+        start = net.weights()
+        for images, labels, _ in batches(description, (6, 6)):
+            net.run_trials(images, labels)
+        for layer in net.layers:
+            assert not torch.equal(layer.ff, start[f"{layer.name}.ff"]), (feedback, layer.name)
+            assert torch.equal(layer.fb, layer.ff), (feedback, layer.name)
+
+
+def test_setting_ff_in_tied_mode_sets_fb_and_independent_fb_is_separate():
+    tied = build(describe("tied"), backend="brian2", dtype=torch.float64)
+    tied.layers[0].ff = torch.full((6, 8), 0.25)
+    assert torch.all(tied.layers[0].fb == 0.25)
+    independent = build(describe("independent"), backend="brian2", dtype=torch.float64)
+    independent.layers[0].fb = torch.full((6, 8), -0.5)
+    assert torch.all(independent.layers[0].fb == -0.5) and not torch.any(independent.layers[0].ff == -0.5)
+
+
+def test_settled_activity_and_q_values_match_torch():
+    description = describe()
+    reference = build(description, dtype=torch.float64)
+    net = settled(description, settling=16)
+    images, labels, actions = next(batches(description, (3,)))
+    close = dict(rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(net.q_values(images), reference.q_values(images), **close)
+    expected = reference.run_trials(images, labels, actions=actions, learn=False, record=True)
+    trials = net.run_trials(images, labels, actions=actions, learn=False, record=True)
+    torch.testing.assert_close(trials.delta, expected.delta, **close)
+    assert [r.name for r in trials.layers] == [r.name for r in expected.layers] == ["layers.0", "layers.1", "output"]
+    for record, reference_record in zip(trials.layers, expected.layers):
+        assert torch.equal(record.gate, reference_record.gate), record.name
+        torch.testing.assert_close(record.ff, reference_record.ff, **close)
+        torch.testing.assert_close(record.fb, reference_record.fb, **close)
+    assert net.weights()["output.ff"].equal(reference.weights()["output.ff"]), "learn=False leaves the weights alone"
+
+
+def test_greedy_selection_takes_the_highest_q_value():
+    description = describe().replace(action_selection={"epsilon": 0.0})
+    net = build(description, backend="brian2", dtype=torch.float64)
+    images, labels, _ = next(batches(description, (5,)))
+    trials = net.run_trials(images, labels, learn=False)
+    assert torch.equal(trials.action, trials.q.argmax(1))
+    assert torch.equal(trials.reward, (trials.action == labels).double())
+
+
+def test_trace_shows_the_phases_of_a_trial():
+    description = describe()
+    net = build(description, backend="brian2", dtype=torch.float64, trace_every=2)
+    images, labels, actions = next(batches(description, (3,)))
+    trials = net.run_trials(images, labels, actions=actions)
+    assert [trace.trial for trace in trials.traces] == [0, 2]
+    trace = trials.traces[1]
+    phases = trace.phases
+    assert list(phases) == ["stimulus", "selection", "feedback", "rpe", "plasticity"]
+    assert phases["stimulus"] == (0.0, 0.1) and phases["plasticity"][1] == pytest.approx(0.22)
+    np.testing.assert_allclose(trace.t, np.arange(1, 221) * 1e-3)
+    selection, rpe = round(phases["selection"][0] * 1000), round(phases["rpe"][0] * 1000)
+    names = [layer.name for layer in trace.layers]
+    assert names == ["input", "layers.0", "layers.1", "output"]
+    for layer in trace.layers:
+        assert layer.ff.shape == layer.fb.shape == layer.gate.shape and layer.ff.shape[0] == 220
+        assert np.all(layer.fb[:selection] == 0), f"{layer.name}: no feedback before the selection"
+    stimulus, hidden, output = trace.layers[0], trace.layers[1], trace.layers[3]
+    np.testing.assert_array_equal(stimulus.ff, np.broadcast_to(images[2].numpy(), stimulus.ff.shape))
+    np.testing.assert_array_equal(hidden.gate, hidden.ff > 1e-3)
+    # The feedforward sweep rises towards the Q-values read at the end of the stimulus phase.
+    np.testing.assert_array_equal(output.ff[selection - 1], trials.q[2].numpy())
+    assert np.all(np.abs(output.ff[9]) < np.abs(output.ff[selection - 1]))
+    # The chosen action's fb neuron rises towards 1; the others stay silent.
+    chosen = int(actions[2])
+    assert 0.99 < output.fb[-1, chosen] < 1 and np.all(np.delete(output.fb, chosen, axis=1) == 0)
+    assert np.all(np.diff(output.fb[selection:, chosen]) > 0)
+    # The dopamine signal is 0 until the RPE phase, then the trial's delta.
+    assert np.all(trace.delta[:rpe] == 0) and np.all(trace.delta[rpe:] == trials.delta[2].item())
+    # Open gates let feedback through to the hidden columns; closed ones block it.
+    assert np.all(hidden.fb[-1][~hidden.gate[-1]] == 0) and np.any(hidden.fb[-1][hidden.gate[-1]] != 0)
+    untraced = net.run_trials(images[:1], labels[:1])
+    assert untraced.traces == [], "trial 3 is not a multiple of trace_every"
+
+
+def test_durations_accept_brian2_quantities():
+    description = describe()
+    by_number = build(description, backend="brian2", dtype=torch.float64, tau_ff=5, t_stimulus=60, dt=0.5)
+    by_quantity = build(description, backend="brian2", dtype=torch.float64, tau_ff=5 * brian2.ms, t_stimulus=60 * brian2.ms, dt=0.5 * brian2.ms)
+    assert by_number.timeline == by_quantity.timeline
+    assert by_number.timeline.steps == {"stimulus": 120, "selection": 40, "feedback": 160, "rpe": 20, "plasticity": 20}
+    images = next(batches(description, (2,)))[0]
+    torch.testing.assert_close(by_number.q_values(images), by_quantity.q_values(images), rtol=0, atol=0)
+
+
+def test_cython_code_generation_gives_the_numpy_result():
+    # One hidden layer without biases, like benchmarks/brian2_trials.py: compiled once, then cached.
+    description = describe(layers=(Dense(6),))
+    images, labels, actions = next(batches(description, (2,)))
+    weights = {}
+    for target in ("numpy", "cython"):
+        net = build(description, backend="brian2", dtype=torch.float64, codegen_target=target, t_stimulus=30, t_feedback=30)
+        net.run_trials(images, labels, actions=actions)
+        weights[target] = net.weights()
+    assert brian2.prefs.codegen.target == "auto", "the setting is used for the run only"
+    for key in weights["numpy"]:
+        torch.testing.assert_close(weights["cython"][key], weights["numpy"][key], rtol=1e-12, atol=1e-15)
+
+
+def test_float32_requests_float32_tensors():
+    net = build(describe(), backend="brian2")
+    images, labels, _ = next(batches(net.description, (2,)))
+    trials = net.run_trials(images.float(), labels)
+    assert trials.q.dtype == trials.delta.dtype == trials.reward.dtype == net.layers[0].ff.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layers, index", [
+    ([Conv2d(2, 3), Dense(4)], 0),
+    ([LocallyConnected2d(2, 3), Dense(4)], 0),
+    ([Dense(4), Dropout(0.5)], 1),
+], ids=["conv", "locally_connected", "dropout"])
+def test_other_layer_kinds_name_the_backend_and_the_kind(layers, index):
+    description = ColumnNetwork((1, 6, 6), layers, 3)
+    kind = layers[index].kind
+    with pytest.raises(UnsupportedLayerError, match=rf"layers\[{index}\]: the brian2 backend builds dense column layers only, not layer kind '{kind}'"):
+        build(description, backend="brian2")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(device="cuda"), r"device: the brian2 backend runs on the CPU"),
+    (dict(dtype=torch.int64), r"dtype: .*float32 or torch.float64"),
+    (dict(codegen_target="cpp_standalone"), r"codegen_target: expected one of \('numpy', 'cython'\)"),
+    (dict(t_feedback=80.5), r"t_feedback: 80.5 ms is not a whole number of time steps dt = 1.0 ms"),
+    (dict(tau_fb=-1), r"tau_fb: expected a duration > 0"),
+    (dict(dt=2 * brian2.mV), r"dt: expected a duration"),
+    (dict(t_rpe="10 ms"), r"t_rpe: expected a duration"),
+    (dict(gate_threshold=-0.1), r"gate_threshold: expected a number >= 0"),
+    (dict(trace_every=-1), r"trace_every: expected an integer >= 0"),
+])
+def test_bad_settings_name_the_setting(options, message):
+    with pytest.raises(ValueError, match=message):
+        build(describe(), backend="brian2", **options)
+
+
+def test_ebp_is_refused_with_a_pointer_to_torch():
+    with pytest.raises(ValueError, match=r"rule.name: the brian2 backend simulates DeepAGREL only, got 'ebp'; use backend='torch'"):
+        build(describe().replace(rule={"name": "ebp"}), backend="brian2")
+
+
+def test_bad_input_is_named():
+    net = build(describe(), backend="brian2", dtype=torch.float64)
+    images, labels, actions = next(batches(net.description, (2,)))
+    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 8\)"):
+        net.run_trials(torch.rand(2, 7, dtype=torch.float64), labels)
+    with pytest.raises(TypeError, match="images: expected a floating-point tensor"):
+        net.q_values(torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"actions: values must lie in \[0, 4\)"):
+        net.run_trials(images, labels, actions=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"weights: keys do not match the network \(missing \['output.fb'\]"):
+        net.load_weights({k: v for k, v in net.weights().items() if k != "output.fb"})
+    with pytest.raises(ValueError, match=r"layers.0.ff: expected a tensor of shape \(6, 8\), got \(8, 6\)"):
+        net.layers[0].ff = torch.zeros(8, 6)
+    with pytest.raises(ValueError, match=r"layers.0.bias: this network has no biases"):
+        net.layers[0].bias = torch.zeros(6)
+
+
+def test_standalone_mode_is_refused():
+    brian2.set_device("cpp_standalone", build_on_run=False)
+    try:
+        with pytest.raises(ValueError, match=r"the brian2 backend runs in Brian2's runtime mode, but the active Brian2 device is .*CPPStandaloneDevice"):
+            build(describe(), backend="brian2")
+    finally:
+        brian2.set_device("runtime")
+    assert build(describe(), backend="brian2").q_values(torch.rand(1, 8)).shape == (1, 4)

@@ -1,0 +1,236 @@
+"""Run files, checkpoints and exact resume after SIGKILL, and the analysis of run files."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from agrel_sim.analysis import IncompleteRunWarning, RunFileError, load_run, load_runs
+from agrel_sim.cli import main
+from agrel_sim.experiment import Experiment
+from agrel_sim.recorder import LogSettings
+from agrel_sim.runs import run_experiment
+
+MODEL = {
+    "name": "small",
+    "input_shape": [1, 8, 8],
+    "layers": [{"kind": "conv", "channels": 4, "kernel_size": 3}, {"kind": "dropout", "rate": 0.2}, {"kind": "dense", "units": 32}],
+    "output": {"actions": 10},
+    "rule": {"learning_rate": 0.3, "init_range": 0.1},
+}
+
+
+def experiment(rule="deepagrel", epochs=3, factor=None):
+    training = {"batch_size": 20, "max_epochs": epochs, "patience": 100, "validation_size": 200}
+    if factor:
+        training["augmentation"] = {"factor": factor}
+    return Experiment.from_dict({"name": f"small_{rule}", "model": MODEL, "dataset": "digits", "rule": {"name": rule}, "training": training}, "<test>")
+
+
+@pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
+def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
+    logging = LogSettings(every_batches=10, trials_per_batch=3, max_units=50)
+    result = run_experiment(experiment(rule), seed=4, out=tmp_path, logging=logging, log=None)
+    batches = -(-1237 // 20)  # per epoch
+    sampled = 3 * len(range(0, batches, 10))
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        assert run.attrs["complete"] and run.attrs["layout_version"] == 1 and run.attrs["seed"] == 4
+        assert run.attrs["rule"] == rule and run.attrs["backend"] == "torch" and "experiment" in run.attrs["config"]
+        assert run["epochs"]["epoch"][:].tolist() == [1, 2, 3]
+        np.testing.assert_allclose(run["epochs"]["validation_accuracy"][:], [m.validation_accuracy for m in result.history])
+        assert run["result"].attrs["test_accuracy"] == result.test_accuracy
+        assert run["trials"]["label"].shape == (3 * sampled,) and run["trials"]["q"].shape == (3 * sampled, 10)
+        assert run["gating"]["batch"].shape == (3 * batches,)
+        for name, size in (("layers.0", 144), ("layers.1", 144), ("layers.2", 32), ("output", 10)):
+            layer = run["layers"][name]
+            units = layer["units"][:]
+            assert len(units) == min(size, 50) and np.all(np.diff(units) > 0) and units.max() < size
+            assert layer["ff"].shape == layer["fb"].shape == layer["gate"].shape == (3 * sampled, len(units))
+            assert layer["gate"].dtype == np.uint8
+            ds = layer["ff"]
+            assert ds.maxshape[0] is None and ds.chunks and ds.compression == "gzip" and ds.shuffle
+            open_fraction = run["gating"][name]["open_fraction"][:]
+            assert np.all((open_fraction >= 0) & (open_fraction <= 1))
+            assert np.isnan(run["gating"][name]["fb_mean_abs"][:]).all() == (rule == "ebp")
+        assert np.isnan(run["gating"]["layers.1"]["changed_fraction"][:]).all(), "dropout has no synapses"
+        changed = run["gating"]["layers.2"]["changed_fraction"][:]
+        assert np.all((changed > 0) & (changed <= 1))
+        delta = run["trials"]["delta"][:]
+        if rule == "deepagrel":
+            np.testing.assert_allclose(delta, run["trials"]["reward"][:] - run["trials"]["q"][:][np.arange(len(delta)), run["trials"]["action"][:]], rtol=1e-5, atol=1e-6)
+            silent = run["layers"]["layers.2"]["gate"][:] == 0
+            assert np.all(run["layers"]["layers.2"]["fb"][:][silent] == 0), "a closed gate silences the fb neuron"
+        else:
+            assert np.isnan(delta).all()
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+    with pytest.raises(ValueError, match="a run file exists already; pass --resume"):
+        run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+    with pytest.raises(ValueError, match="this run is already complete; nothing to resume"):
+        run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
+
+
+KILL_EXPERIMENT = """
+name = "killed"
+dataset = "digits"
+[model]
+input_shape = [1, 8, 8]
+layers = [{kind = "conv", channels = 8, kernel_size = 3}, {kind = "dropout", rate = 0.3}, {kind = "dense", units = 64}]
+output = {actions = 10}
+rule = {learning_rate = 0.3, init_range = 0.1}
+[training]
+batch_size = 10
+max_epochs = 5
+patience = 100
+validation_size = 200
+[training.augmentation]
+factor = 8
+"""
+
+
+def train_command(path, out, *extra):
+    return [sys.executable, "-m", "agrel_sim.cli", "train", str(path), "--out", str(out), "--seed", "7", "--quiet", *extra]
+
+
+def checkpoint_epoch(folder):
+    try:
+        return torch.load(folder / "checkpoint.pt", weights_only=False)["epoch"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    path = tmp_path / "killed.toml"
+    path.write_text(KILL_EXPERIMENT)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    process = subprocess.Popen(train_command(path, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while checkpoint_epoch(killed) < 2:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "training too slow to reach epoch 2"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 3
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint_epoch(killed) < 5, "killed before the end"
+
+    # The killed run's file opens with plain h5py and holds every finished epoch.
+    finished = checkpoint_epoch(killed)
+    with h5py.File(killed / "run.h5", "r") as run:
+        assert not run.attrs["complete"]
+        assert run["epochs"]["epoch"][:].tolist()[:finished] == list(range(1, finished + 1))
+    with pytest.warns(IncompleteRunWarning, match="incomplete run"):
+        assert len(load_run(killed / "run.h5").epochs["epoch"]) >= finished
+
+    subprocess.run(train_command(path, killed, "--resume"), env=env, check=True, capture_output=True)
+    subprocess.run(train_command(path, whole), env=env, check=True, capture_output=True)
+
+    a, b = (torch.load(folder / "checkpoint.pt", weights_only=False) for folder in (killed, whole))
+    assert a["epoch"] == b["epoch"] == 5
+    for key in b["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+        assert torch.equal(a["best_weights"][key], b["best_weights"][key]), key
+    with h5py.File(killed / "run.h5", "r") as ra, h5py.File(whole / "run.h5", "r") as rb:
+        assert ra.attrs["complete"] and rb.attrs["complete"]
+        assert ra["result"].attrs["test_accuracy"] == rb["result"].attrs["test_accuracy"]
+        for group in ("epochs", "trials", "gating"):
+            for name, dataset in rb[group].items():
+                if isinstance(dataset, h5py.Dataset) and name != "seconds":
+                    np.testing.assert_array_equal(ra[group][name][:], dataset[:], err_msg=f"{group}/{name}")
+        for name in rb["layers"]:
+            for field in ("ff", "fb", "gate"):
+                np.testing.assert_array_equal(ra["layers"][name][field][:], rb["layers"][name][field][:])
+        for name in rb["gating"]:
+            if isinstance(rb["gating"][name], h5py.Group):
+                for field, dataset in rb["gating"][name].items():
+                    np.testing.assert_array_equal(ra["gating"][name][field][:], dataset[:])
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for rule in ("deepagrel", "ebp"):
+        for seed in (0, 1):
+            run_experiment(experiment(rule, epochs=2), seed=seed, out=root / rule / f"seed{seed}", log=None)
+    return root
+
+
+def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
+    assert main(["analyze", str(finished_runs), "--out", str(tmp_path / "figures")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("complete") >= 4 and "test_acc=" in out and "open gates rewarded" in out
+    pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    assert "reward_curves.png" in pngs and len(pngs) == 1 + 4 * 3
+    for png in (tmp_path / "figures").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_reward_curves_and_gating_statistics(finished_runs):
+    from agrel_sim.analysis import gating_by_epoch, gating_by_outcome, reward_curves
+
+    runs = load_runs(finished_runs)
+    curves = reward_curves(runs)
+    assert set(curves) == {"deepagrel", "ebp"}
+    for rule, curve in curves.items():
+        values = np.array([[r.epochs["reward_probability"][e] for r in runs if r.rule == rule] for e in range(2)])
+        np.testing.assert_allclose(curve["mean"], values.mean(1))
+        np.testing.assert_allclose(curve["two_sigma"], 2 * values.std(1, ddof=1))
+    stats = gating_by_epoch(runs[0])
+    assert stats["layers.0"]["epoch"].tolist() == [1, 2]
+    outcome = gating_by_outcome(runs[0])
+    assert outcome["output"]["open_fraction_rewarded"] == 1.0
+    assert outcome["layers.2"]["trials_rewarded"] + outcome["layers.2"]["trials_unrewarded"] == len(runs[0].trials()["label"])
+
+
+def test_bad_run_files_get_clear_messages(finished_runs, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(RunFileError, match="not an HDF5 file"):
+        load_run(text)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as handle:
+        handle["x"] = [1, 2]
+    with pytest.raises(RunFileError, match="an HDF5 file, but not a run file of agrel-sim"):
+        load_run(other)
+    newer = tmp_path / "newer.h5"
+    shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", newer)
+    with h5py.File(newer, "a") as handle:
+        handle.attrs["layout_version"] = 99
+    with pytest.raises(RunFileError, match="layout version 99, newer than the 1 this agrel-sim reads; upgrade"):
+        load_run(newer)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunFileError, match="no run files"):
+        load_runs(empty)
+    incomplete = tmp_path / "incomplete.h5"
+    shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", incomplete)
+    with h5py.File(incomplete, "a") as handle:
+        handle.attrs["complete"] = False
+    with pytest.warns(IncompleteRunWarning, match="incomplete run .* holds 2 finished epochs"):
+        run = load_run(incomplete)
+    assert not run.complete
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_run(finished_runs / "ebp" / "seed0" / "run.h5")
+
+
+def test_analysis_scripts_regenerate_table_and_figures(finished_runs, tmp_path):
+    scripts = __import__("pathlib").Path(__file__).resolve().parent.parent / "analysis"
+    table = subprocess.run([sys.executable, scripts / "table1.py", finished_runs, "--csv", tmp_path / "t.csv"], capture_output=True, text=True, check=True)
+    assert "| digits | small | none |" in table.stdout and (tmp_path / "t.csv").is_file()
+    subprocess.run([sys.executable, scripts / "figure3.py", finished_runs, "--out", tmp_path / "f3.png"], check=True, capture_output=True)
+    assert (tmp_path / "f3.png").read_bytes()[:4] == b"\x89PNG"
+    gating = subprocess.run([sys.executable, scripts / "gating_figures.py", finished_runs / "ebp", "--out", tmp_path / "g"], capture_output=True, text=True, check=True)
+    assert len(list((tmp_path / "g").glob("*.png"))) == 1 + 2 * 3 and "open gates rewarded" in gating.stdout
