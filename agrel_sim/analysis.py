@@ -55,6 +55,22 @@ class Run:
             group = handle["layers"][name]
             return {**{key: group[key][:] for key in group}, "shape": tuple(group.attrs["shape"])}
 
+    @property
+    def has_timecourses(self) -> bool:
+        with h5py.File(self.path, "r") as handle:
+            return "timecourses" in handle
+
+    def timecourse(self, index: int = -1) -> dict:
+        """One traced trial's time course (Brian2 backend): ``t``, ``phases``, ``delta``,
+        ``epoch``, ``trial`` and ``populations`` (name to ``{"ff", "fb", "gate"}``, each (steps, columns))."""
+        with h5py.File(self.path, "r") as handle:
+            group = handle["timecourses"]
+            return {
+                "t": group["t"][:], "phases": {name: tuple(value) for name, value in group.attrs.items()},
+                "delta": group["delta"][index], "epoch": int(group["epoch"][index]), "trial": int(group["trial"][index]),
+                "populations": {name: {field: group[name][field][index] for field in ("ff", "fb", "gate")} for name in group if isinstance(group[name], h5py.Group)},
+            }
+
     def gating(self) -> dict[str, dict[str, np.ndarray]]:
         """Per-batch gating summaries: ``{"epoch": ..., "batch": ..., layer: {field: ...}}``."""
         with h5py.File(self.path, "r") as handle:
@@ -281,6 +297,41 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     return _save(fig, path)
 
 
+def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6) -> Path:
+    """One traced trial unfolding in time: ff and fb activity of a few columns per population,
+    the open gates, and the dopamine signal, with the five phases marked."""
+    plt = _pyplot()
+    course = run.timecourse(index)
+    t_ms = course["t"] * 1000
+    names = list(course["populations"])
+    fig, axes = plt.subplots(len(names) + 1, 2, figsize=(11, 1.7 * (len(names) + 1) + 0.8), sharex=True, squeeze=False)
+    for row, name in enumerate(names):
+        population = course["populations"][name]
+        shown = np.argsort(-population["ff"].max(axis=0))[:units]  # the most active columns
+        for unit in shown:
+            axes[row, 0].plot(t_ms, population["ff"][:, unit], lw=1)
+            axes[row, 1].plot(t_ms, population["fb"][:, unit], lw=1)
+        gates = "" if name == "input" else f"\n(open gates {population['gate'][-1].mean():.0%})"
+        axes[row, 0].set_ylabel(f"{name}{gates}", fontsize=8)
+    axes[0, 0].set_title("feedforward activity y")
+    axes[0, 1].set_title("feedback activity fb")
+    axes[-1, 0].plot(t_ms, course["delta"], color="k")
+    axes[-1, 0].set_ylabel("dopamine δ", fontsize=8)
+    gates = np.concatenate([course["populations"][n]["gate"] for n in names[1:-1]], axis=1) if len(names) > 2 else None
+    if gates is not None:
+        axes[-1, 1].plot(t_ms, gates.mean(axis=1), color="tab:green")
+    axes[-1, 1].set_ylabel("open gates (hidden)", fontsize=8)
+    for ax in axes.flat:
+        for phase, (start, end) in course["phases"].items():
+            ax.axvline(start * 1000, color="0.8", lw=0.8)
+    for phase, (start, end) in course["phases"].items():
+        axes[0, 0].text((start + end) * 500, axes[0, 0].get_ylim()[1], phase, fontsize=7, ha="center", va="bottom")
+    for ax in axes[-1]:
+        ax.set_xlabel("time in trial (ms)")
+    fig.suptitle(f"One trial in time: trial {course['trial']}, epoch {course['epoch']} ({run.config['experiment']})", y=1.0)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,4 +362,6 @@ def analyze(path: str | Path, out: str | Path) -> tuple[str, list[Path]]:
             plot_rpe_distribution(run, out / f"{stem}_rpe.png"),
             plot_activity_maps(run, out / f"{stem}_activity.png"),
         ]
+        if run.has_timecourses:
+            figures.append(plot_trial_timecourse(run, out / f"{stem}_trial.png"))
     return "\n".join(texts), figures

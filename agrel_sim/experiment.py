@@ -17,6 +17,9 @@ An experiment file in ``experiments/`` looks like::
 
     [training.augmentation]       # optional: random zoom, shift, reflection
     factor = 10                   # transformed copies of each image per epoch
+
+    backend = "torch"             # optional, or "brian2"; goes before the tables
+    [backend_options]             # optional: the backend's own settings (see its build())
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agrel_sim.augmentation import Augmentation
+from agrel_sim.backends import BACKENDS
 from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.datasets import LOADERS
 from agrel_sim.network import ColumnNetwork, load_model
@@ -57,6 +61,8 @@ class Experiment:
     dataset: str
     training: TrainingSettings
     source: str = "<python>"
+    backend: str = "torch"
+    backend_options: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, table: dict, source: str = "<dict>") -> "Experiment":
@@ -76,8 +82,10 @@ class Experiment:
             model = ColumnNetwork.from_dict({**described, "rule": {**described["rule"], **overrides}}, source)
         dataset = top.get("dataset", str, check=lambda v: v in LOADERS, hint=f"one of {sorted(LOADERS)}")
         training = _training_settings(top.sub("training"))
+        backend = top.get("backend", str, "torch", lambda v: v in BACKENDS, f"one of {sorted(BACKENDS)}")
+        backend_options = top.get("backend_options", dict, default={})
         top.finish()
-        return cls(name, model, dataset, training, source)
+        return cls(name, model, dataset, training, source, backend, backend_options)
 
     def with_rule(self, rule: str) -> "Experiment":
         """The same experiment with another rule; a name ending in the old rule's gets the new one."""

@@ -17,6 +17,11 @@ compressed with gzip and shuffle)::
         gate                  (trials, units) uint8, 1 where the column's gate was open
     /gating/epoch, /gating/batch   (batches,)  every training batch
     /gating/<layer>/open_fraction, fb_mean_abs, changed_fraction   (batches,)
+    /timecourses/             time-resolved trials (Brian2 backend; attrs: phase start/end, s)
+        t                     (steps,)    time since the trial's start, s
+        epoch, batch, trial   (traced,)   which trials were traced
+        delta                 (traced, steps)   the dopamine signal
+        <population>/ff, fb, gate   (traced, steps, columns), populations "input", layers, "output"
     /result                   attrs: test_accuracy, best_epoch, epochs, converged, seconds
 
 Rows of ``/trials`` and of ``/layers/<layer>/{ff,fb,gate}`` correspond one to one: they map to
@@ -114,7 +119,7 @@ class RunFile:
         attrs["layout_version"] = LAYOUT_VERSION
         attrs["software_version"] = __version__
         attrs["seed"] = seed
-        attrs["backend"] = "torch"
+        attrs["backend"] = config.get("backend", "torch")
         attrs["rule"] = net.description.rule.name
         attrs["config"] = json.dumps({**config, "logging": asdict(self.settings)})
         attrs["complete"] = False
@@ -130,11 +135,11 @@ class RunFile:
         _growing(gating, "batch", "i4")
         layers = self.file.create_group("layers")
         pick = torch.Generator().manual_seed(seed)
-        for layer in net.layers:
-            size = int(np.prod(layer.output_shape))
+        for layer, shape in zip(net.layers, net.description.layer_shapes()[1:]):
+            size = int(np.prod(shape))
             units = torch.arange(size) if size <= self.settings.max_units else torch.randperm(size, generator=pick)[: self.settings.max_units].sort().values
             group = layers.create_group(layer.name)
-            group.attrs["shape"] = list(layer.output_shape)
+            group.attrs["shape"] = list(shape)
             group.create_dataset("units", data=units.numpy().astype(np.int64))
             for name, dtype in (("ff", "f4"), ("fb", "f4"), ("gate", "u1")):
                 _growing(group, name, dtype, len(units))
@@ -156,6 +161,11 @@ class RunFile:
         n_batches = keep(self.file["gating"]["epoch"])
         groups += [(self.file["gating"], n_batches, ("epoch", "batch"))]
         groups += [(self.file["gating"][name], n_batches, GATING_FIELDS) for name in self.layer_names]
+        if "timecourses" in self.file:
+            timecourses = self.file["timecourses"]
+            n_traced = keep(timecourses["epoch"])
+            groups += [(timecourses, n_traced, ("epoch", "batch", "trial", "delta"))]
+            groups += [(group, n_traced, ("ff", "fb", "gate")) for group in timecourses.values() if isinstance(group, h5py.Group)]
         for group, rows, names in groups:
             for name in names:
                 group[name].resize(rows, axis=0)
@@ -163,6 +173,7 @@ class RunFile:
     def _new_epoch_buffers(self) -> None:
         self.batches: list[tuple[int, torch.Tensor]] = []  # (batch number, gating summary tensor)
         self.trials: list[dict] = []
+        self.traces: list[tuple[int, int, object]] = []  # (epoch, batch, TrialTrace)
 
     def record_batch(self, epoch: int, batch: int, index: torch.Tensor, labels: torch.Tensor, trials) -> None:
         """Buffer one training batch (``trials`` from ``run_trials(..., record=True)``)."""
@@ -173,6 +184,7 @@ class RunFile:
             summary.append(layer.fb.abs().mean() if layer.fb is not None else nan)
             summary.append(layer.changed.float() if layer.changed is not None else nan)
         self.batches.append((batch, torch.stack(summary)))
+        self.traces += [(epoch, batch, trace) for trace in getattr(trials, "traces", ())]
         if batch % self.settings.every_batches:
             return
         k = self.settings.trials_per_batch
@@ -212,8 +224,34 @@ class RunFile:
                 _append(group["ff"], ff)
                 _append(group["fb"], torch.cat(fb).cpu().numpy() if fb[0] is not None else np.full_like(ff, np.nan))
                 _append(group["gate"], torch.cat(joined[f"{name}/gate"]).cpu().numpy().astype(np.uint8))
+        if self.traces:
+            self._write_timecourses()
         self._new_epoch_buffers()
         self.file.flush()
+
+    def _write_timecourses(self) -> None:
+        first = self.traces[0][2]
+        if "timecourses" not in self.file:
+            group = self.file.create_group("timecourses")
+            group.create_dataset("t", data=first.t)
+            for phase, (start, end) in first.phases.items():
+                group.attrs[phase] = [start, end]
+            for name in ("epoch", "batch", "trial"):
+                _growing(group, name, "i8", chunk_rows=64)
+            _growing(group, "delta", "f4", len(first.t), chunk_rows=64)
+            for population in first.layers:
+                sub = group.create_group(population.name)
+                shape = (0, *population.ff.shape)
+                for name, dtype in (("ff", "f4"), ("fb", "f4"), ("gate", "u1")):
+                    sub.create_dataset(name, shape=shape, maxshape=(None, *shape[1:]), chunks=(1, *shape[1:]), dtype=dtype, **_COMPRESSION)
+        group = self.file["timecourses"]
+        _append(group["epoch"], np.array([e for e, _, _ in self.traces]))
+        _append(group["batch"], np.array([b for _, b, _ in self.traces]))
+        _append(group["trial"], np.array([t.trial for _, _, t in self.traces]))
+        _append(group["delta"], np.stack([t.delta for _, _, t in self.traces]))
+        for i, population in enumerate(first.layers):
+            for name in ("ff", "fb", "gate"):
+                _append(group[population.name][name], np.stack([getattr(t.layers[i], name) for _, _, t in self.traces]).astype(np.uint8 if name == "gate" else np.float32))
 
     def finish(self, result) -> None:
         """Store the run's result, mark the file complete and close it."""

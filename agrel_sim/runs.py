@@ -83,7 +83,7 @@ def run_experiment(
         config = {
             "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
             "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
-            "device": device, "dtype": dtype,
+            "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
         }
         resume_after = state["epoch"] if state is not None else None
         run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
@@ -91,4 +91,5 @@ def run_experiment(
     return train(
         experiment.model, data, experiment.training, seed=seed, device=device, dtype=DTYPES[dtype],
         progress=progress, log=log, run_file=run_file, checkpoint=checkpoint, resume=state,
+        backend=experiment.backend, backend_options=experiment.backend_options,
     )

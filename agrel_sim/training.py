@@ -136,6 +136,8 @@ def train(
     run_file=None,
     checkpoint: Path | None = None,
     resume: dict | None = None,
+    backend: str = "torch",
+    backend_options: dict | None = None,
 ) -> RunResult:
     """Train ``description`` on ``data`` with its rule until early stopping.
 
@@ -161,6 +163,10 @@ def train(
     resume : dict or None
         A checkpoint (:func:`load_checkpoint`) to continue from; the result is identical to an
         uninterrupted run with the same seed.
+    backend : str
+        The backend that builds the network (:data:`agrel_sim.backends.BACKENDS`).
+    backend_options : dict or None
+        The backend's own settings, passed to its builder.
     """
     if tuple(data.image_shape) != description.input_shape:
         raise ValueError(
@@ -172,7 +178,7 @@ def train(
 
     started = time.perf_counter()
     data = data.to(device)
-    net = build(description, device=device, dtype=dtype, seed=seed)
+    net = build(description, backend=backend, device=device, dtype=dtype, seed=seed, **(backend_options or {}))
     train_index, validation_index = (i.to(device) for i in split_validation(len(data.train_labels), settings.validation_size, seed))
     validation_images, validation_labels = data.train_images[validation_index], data.train_labels[validation_index]
     generators = {

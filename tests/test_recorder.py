@@ -234,3 +234,32 @@ def test_analysis_scripts_regenerate_table_and_figures(finished_runs, tmp_path):
     assert (tmp_path / "f3.png").read_bytes()[:4] == b"\x89PNG"
     gating = subprocess.run([sys.executable, scripts / "gating_figures.py", finished_runs / "ebp", "--out", tmp_path / "g"], capture_output=True, text=True, check=True)
     assert len(list((tmp_path / "g").glob("*.png"))) == 1 + 2 * 3 and "open gates rewarded" in gating.stdout
+
+
+def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
+    from agrel_sim import ColumnNetwork, Dense, Rule, build
+    from agrel_sim.analysis import plot_trial_timecourse
+    from agrel_sim.recorder import RunFile
+    from agrel_sim.training import EpochMetrics
+
+    description = ColumnNetwork((6,), [Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5), name="tiny")
+    net = build(description, backend="brian2", trace_every=4, t_stimulus=20, t_selection=5, t_feedback=20, t_rpe=5, t_plasticity=5)
+    recorder = RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none", "backend": "brian2"}, 0)
+    images, labels = torch.rand(5, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
+    for batch in range(2):
+        trials = net.run_trials(images, labels, record=True)
+        recorder.record_batch(1, batch, torch.arange(5), labels, trials)
+    recorder.write_epoch(1, EpochMetrics(1, 0.3, 0.1, 0.3, 1.0))
+    recorder.close()
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        assert run.attrs["backend"] == "brian2"
+        course = run["timecourses"]
+        assert course["trial"][:].tolist() == [0, 4, 8] and course["t"].shape == (55,)
+        assert course["delta"].shape == (3, 55) and course["layers.0"]["fb"].shape == (3, 55, 5)
+        assert course["input"]["ff"].shape == (3, 55, 6) and course["output"]["gate"][:].all()
+        assert np.all(course["delta"][:, :45] == 0) and np.all(course["delta"][:, 45:] != 0), "δ arrives in the RPE phase"
+        assert list(course.attrs["rpe"]) == pytest.approx([0.045, 0.05])
+    with pytest.warns(IncompleteRunWarning):
+        run = load_run(tmp_path / "run.h5")
+    png = plot_trial_timecourse(run, tmp_path / "trial.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
