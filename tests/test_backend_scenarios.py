@@ -10,9 +10,6 @@ import torch
 from agrel_sim import ColumnNetwork, Dense, Dropout, Rule, build
 from agrel_sim.backends import BACKENDS, UnsupportedLayerError
 
-# Brian2 2.9 calls pyparsing names that pyparsing 3.3 deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore::pyparsing.PyparsingDeprecationWarning")
-
 
 @pytest.fixture(params=sorted(BACKENDS))
 def build_net(request):

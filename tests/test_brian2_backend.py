@@ -1,19 +1,12 @@
 """The Brian2 backend: parity with the torch backend, its time course, its settings and errors."""
 
-import warnings
-
+import brian2
 import numpy as np
 import pytest
 import torch
 
-with warnings.catch_warnings():  # Brian2 2.9 calls pyparsing names that pyparsing 3.3 deprecates
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import brian2
-
 from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
 from agrel_sim.backends import UnsupportedLayerError
-
-pytestmark = pytest.mark.filterwarnings("ignore::pyparsing.PyparsingDeprecationWarning")
 
 TAU = 10.0  # ms, both time constants in the parity runs
 

@@ -71,40 +71,6 @@ def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(kind, bias, feedb
         assert relative_error(change, expected) < 1e-10, key
 
 
-def test_silent_column_passes_no_feedback_and_keeps_its_synapses():
-    description = ColumnNetwork((4,), [Dense(3), Dense(3), Dense(3)], 3, rule=Rule(learning_rate=0.5, init_range=0.5))
-    net = build(description, dtype=torch.float64, seed=3)
-    for layer in net.layers[:3]:
-        layer.ff = layer.ff.abs()  # every column active for positive input ...
-    ff = net.layers[1].ff.clone()
-    ff[1] = -1.0  # ... except column 1 of the second layer, driven below threshold
-    net.layers[1].ff = ff
-    images = torch.rand(8, 4, dtype=torch.float64) + 0.1
-    before = net.weights()
-    trials = net.run_trials(images, torch.zeros(8, dtype=torch.long), actions=torch.arange(8) % 3, record=True)
-    after = net.weights()
-    silent = trials.layers[1]
-    assert torch.all(silent.ff[:, 1] == 0) and not silent.gate[:, 1].any()
-    assert torch.all(silent.fb[:, 1] == 0)
-    assert torch.all(silent.fb[:, [0, 2]] != 0), "the other columns do receive feedback"
-    # Its incoming ff/fb synapses and its outgoing synapses (to layer 3) are unchanged ...
-    assert torch.equal(after["layers.1.ff"][1], before["layers.1.ff"][1])
-    assert torch.equal(after["layers.2.ff"][:, 1], before["layers.2.ff"][:, 1])
-    # ... while its neighbours' synapses did change.
-    assert torch.all(after["layers.1.ff"][[0, 2]] != before["layers.1.ff"][[0, 2]])
-    assert torch.all(after["layers.2.ff"][:, [0, 2]] != before["layers.2.ff"][:, [0, 2]])
-
-
-def test_only_the_selected_output_unit_learns():
-    net = make("dense")
-    images, labels, _ = random_batch(net, batch=4)
-    before = net.weights()["output.ff"]
-    net.run_trials(images, labels, actions=torch.full((4,), 2))
-    change = net.weights()["output.ff"] - before
-    assert change[2].abs().sum() > 0
-    assert torch.all(change[[0, 1, 3, 4]] == 0)
-
-
 def test_batch_update_is_the_mean_of_single_trial_updates():
     net = make("strided_conv", bias=True)
     images, labels, actions = random_batch(net, batch=5)

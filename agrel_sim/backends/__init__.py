@@ -17,6 +17,38 @@ class UnsupportedLayerError(NotImplementedError):
     """A backend cannot build a layer kind; the message names the backend and the kind."""
 
 
+def check_batch(network: ColumnNetwork, images, labels=None, actions=None) -> None:
+    """Check a batch of trials against the network before it runs, naming what is wrong."""
+    import torch
+
+    if not torch.is_tensor(images) or not images.is_floating_point():
+        kind = images.dtype if torch.is_tensor(images) else type(images).__name__
+        raise TypeError(f"images: expected a floating-point tensor (scale integer pixels first), got {kind}")
+    expected = network.input_shape
+    if tuple(images.shape[1:]) != expected:
+        raise ValueError(
+            f"images: expected shape (batch, {', '.join(map(str, expected))}) for network "
+            f"{network.name!r} ({network.source}), got {tuple(images.shape)}"
+        )
+    batch = images.shape[0]
+    if batch == 0:
+        raise ValueError("images: expected at least one image, got an empty batch")
+    for name, values in (("labels", labels), ("actions", actions)):
+        if values is None:
+            continue
+        if tuple(values.shape) != (batch,):
+            raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
+        if int(values.min()) < 0 or int(values.max()) >= network.n_actions:
+            raise ValueError(f"{name}: values must lie in [0, {network.n_actions}), got {values.min()}..{values.max()}")
+
+
+def check_weight_keys(weights: dict, expected: set[str]) -> None:
+    """Raise unless ``weights`` has exactly the keys ``expected``."""
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
+
+
 def build(network: ColumnNetwork, backend: str = "torch", **options):
     """Build ``network`` with ``backend``.
 

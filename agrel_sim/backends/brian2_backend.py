@@ -64,7 +64,7 @@ import torch
 from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import UnsupportedLayerError
+from agrel_sim.backends import UnsupportedLayerError, check_batch, check_weight_keys
 from agrel_sim.backends.torch_backend import LayerActivity, TorchNetwork, Trials
 from agrel_sim.network import ColumnNetwork, Dense
 
@@ -455,9 +455,7 @@ class Brian2Network:
         expected = {f"{layer.name}.{part}" for layer in self.layers for part in ("ff", "fb")}
         if self.description.rule.bias:
             expected |= {f"{layer.name}.bias" for layer in self.layers}
-        if set(weights) != expected:
-            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
+        check_weight_keys(weights, expected)
         for layer in self.layers:
             layer.ff = weights[f"{layer.name}.ff"]
             if not layer.tied:
@@ -468,25 +466,7 @@ class Brian2Network:
     # -- trials -------------------------------------------------------------------------------
 
     def _check_batch(self, images, labels=None, actions=None) -> np.ndarray:
-        if not torch.is_tensor(images) or not images.is_floating_point():
-            kind = images.dtype if torch.is_tensor(images) else type(images).__name__
-            raise TypeError(f"images: expected a floating-point tensor (scale integer pixels first), got {kind}")
-        expected = self.description.input_shape
-        if tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"images: expected shape (batch, {', '.join(map(str, expected))}) for network "
-                f"{self.description.name!r} ({self.description.source}), got {tuple(images.shape)}"
-            )
-        batch = images.shape[0]
-        if batch == 0:
-            raise ValueError("images: expected at least one image, got an empty batch")
-        for name, values in (("labels", labels), ("actions", actions)):
-            if values is None:
-                continue
-            if tuple(values.shape) != (batch,):
-                raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
-            if int(values.min()) < 0 or int(values.max()) >= self.description.n_actions:
-                raise ValueError(f"{name}: values must lie in [0, {self.description.n_actions}), got {values.min()}..{values.max()}")
+        check_batch(self.description, images, labels, actions)
         return images.detach().cpu().double().flatten(1).numpy()
 
     def _run(self, episode: "_Episode") -> None:

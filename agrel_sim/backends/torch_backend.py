@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
+from agrel_sim.backends import check_batch, check_weight_keys
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
 
@@ -384,10 +385,7 @@ class TorchNetwork:
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Set weights from a dict as returned by :meth:`weights` (every key must be present)."""
-        expected = set(self.weights())
-        if set(weights) != expected:
-            missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
+        check_weight_keys(weights, set(self.weights()))
         for layer in self.layers:
             if layer.has_weights:
                 layer.ff = weights[f"{layer.name}.ff"]
@@ -399,23 +397,7 @@ class TorchNetwork:
     # -- trials -------------------------------------------------------------------------------
 
     def _check_batch(self, images, labels=None, actions=None):
-        if not torch.is_tensor(images) or not images.is_floating_point():
-            kind = images.dtype if torch.is_tensor(images) else type(images).__name__
-            raise TypeError(f"images: expected a floating-point tensor (scale integer pixels first), got {kind}")
-        expected = self.description.input_shape
-        if tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"images: expected shape (batch, {', '.join(map(str, expected))}) for network "
-                f"{self.description.name!r} ({self.description.source}), got {tuple(images.shape)}"
-            )
-        batch = images.shape[0]
-        for name, values in (("labels", labels), ("actions", actions)):
-            if values is None:
-                continue
-            if tuple(values.shape) != (batch,):
-                raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
-            if len(values) and (int(values.min()) < 0 or int(values.max()) >= self.description.n_actions):
-                raise ValueError(f"{name}: values must lie in [0, {self.description.n_actions}), got {values.min()}..{values.max()}")
+        check_batch(self.description, images, labels, actions)
         return images.to(self.device, self.dtype)
 
     def _forward(self, x, learning):
