@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def _train(args) -> int:
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
     if args.rule:
         experiment = experiment.with_rule(args.rule)
+    if args.max_epochs:
+        experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, max_epochs=args.max_epochs))
     out = Path(args.out) if args.out else default_run_folder(experiment, args.seed)
     model = experiment.model
     print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
@@ -71,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     train.add_argument("--rule", choices=["deepagrel", "ebp"], help="override the experiment's rule")
+    train.add_argument("--max-epochs", type=int, help="override the experiment's training.max_epochs (a short trial run)")
     train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
     train.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -196,11 +196,13 @@ def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> 
             batch = pickle.load(handle, encoding="bytes")
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
         raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged: obtain it again. {how}") from None
-    if not isinstance(batch, dict) or b"data" not in batch or label_key.encode() not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise DatasetError(f"{path}: expected a dict with b'data' and b'{label_key}', found {keys}. {how}")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[label_key.encode()])
+    if isinstance(batch, dict):  # the official release has bytes keys, pickles made by Python 3 str keys
+        batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+    if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+        keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise DatasetError(f"{path}: expected a dict with 'data' and '{label_key}', found {keys}. {how}")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DatasetError(
             f"{path}: wrong array size: data {data.dtype} {data.shape} with {len(labels)} labels; "

@@ -180,7 +180,7 @@ class RunFile:
         nan = torch.tensor(float("nan"), device=trials.q.device)
         summary = []
         for layer in trials.layers:
-            summary.append(layer.gate.float().mean())
+            summary.append(torch.count_nonzero(layer.gate) / layer.gate.numel())
             summary.append(layer.fb.abs().mean() if layer.fb is not None else nan)
             summary.append(layer.changed.float() if layer.changed is not None else nan)
         self.batches.append((batch, torch.stack(summary)))

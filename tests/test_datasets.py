@@ -89,23 +89,27 @@ def test_missing_data_lists_the_paths_searched(tmp_path):
         load_dataset("svhn", tmp_path)
 
 
-def write_cifar(root: Path, folder: str, files: dict[str, int], label_key: bytes, n_classes: int) -> Path:
+def write_cifar(root: Path, folder: str, files: dict[str, int], label_key: bytes, n_classes: int, str_keys=False) -> Path:
     path = root / folder
     path.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for name, n in files.items():
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(np.arange(n) % n_classes)}
+        if str_keys:
+            batch = {key.decode(): value for key, value in batch.items()}
         (path / name).write_bytes(pickle.dumps(batch))
     return path
 
 
-def test_cifar10_reader(tmp_path):
-    write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 4 for i in range(1, 6)}, "test_batch": 3}, b"labels", 10)
+@pytest.mark.parametrize("str_keys", [False, True], ids=["bytes_keys", "str_keys"])
+def test_cifar10_reader(tmp_path, str_keys):
+    write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 4 for i in range(1, 6)}, "test_batch": 3}, b"labels", 10, str_keys)
     data = load_dataset("cifar10", tmp_path)
     assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (3, 3, 32, 32)
     raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    pixels = raw["data" if str_keys else b"data"]
     # Row-major R, G, B planes of 32×32.
-    assert torch.equal(data.train_images[0, 1], torch.from_numpy(raw[b"data"][0, 1024:2048].reshape(32, 32)))
+    assert torch.equal(data.train_images[0, 1], torch.from_numpy(pixels[0, 1024:2048].reshape(32, 32)))
 
 
 def test_cifar100_reader_uses_fine_labels(tmp_path):
@@ -123,7 +127,7 @@ def test_damaged_cifar_files_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"data_batch_3: wrong array size: data uint8 \(4, 100\)"):
         load_dataset("cifar10", tmp_path)
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8)}))
-    with pytest.raises(DatasetError, match=r"data_batch_3: expected a dict with b'data' and b'labels'"):
+    with pytest.raises(DatasetError, match=r"data_batch_3: expected a dict with 'data' and 'labels'"):
         load_dataset("cifar10", tmp_path)
 
 
@@ -140,6 +144,17 @@ def test_reads_the_shared_mnist():
     data = load_dataset("mnist", SHARED_DATA)
     assert data.train_images.shape == (50000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
     assert torch.bincount(data.train_labels).min() > 4000
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10-train-jpeg.npz").is_file(), reason="the shared CIFAR-10 bundle is not beside this checkout")
+def test_reads_the_shared_cifar10_in_the_standard_layout(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, SHARED_DATA.parent / "tools" / "cifar10_layout.py", tmp_path], check=True, capture_output=True)
+    data = load_dataset("cifar10", tmp_path)
+    assert data.train_images.shape == (40000, 3, 32, 32) and data.test_images.shape == (10000, 3, 32, 32)
+    assert torch.bincount(data.train_labels).min() > 3000
 
 
 def test_augmentation_is_random_per_image_and_keeps_shapes():
