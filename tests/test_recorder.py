@@ -259,7 +259,18 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
         assert course["input"]["ff"].shape == (3, 55, 6) and course["output"]["gate"][:].all()
         assert np.all(course["delta"][:, :45] == 0) and np.all(course["delta"][:, 45:] != 0), "δ arrives in the RPE phase"
         assert list(course.attrs["rpe"]) == pytest.approx([0.045, 0.05])
+        changed = run["gating"]["layers.0"]["changed_fraction"][:]
+        assert changed.shape == (2,) and np.all((changed > 0) & (changed <= 1))
     with pytest.warns(IncompleteRunWarning):
         run = load_run(tmp_path / "run.h5")
     png = plot_trial_timecourse(run, tmp_path / "trial.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_brian2_experiment_learns_digits(tmp_path):
+    from agrel_sim.experiment import load_experiment
+
+    result = run_experiment(load_experiment("digits_brian2"), seed=0, out=tmp_path, log=None)
+    assert result.test_accuracy >= 0.9
+    assert load_run(tmp_path / "run.h5").has_timecourses

@@ -65,7 +65,7 @@ from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
 from agrel_sim.backends import UnsupportedLayerError, check_batch, check_weight_keys
-from agrel_sim.backends.torch_backend import LayerActivity, TorchNetwork, Trials
+from agrel_sim.backends.torch_backend import LayerActivity, TorchNetwork, Trials, changed_fraction
 from agrel_sim.network import ColumnNetwork, Dense
 
 BACKEND = "brian2"
@@ -512,6 +512,7 @@ class Brian2Network:
             ``layers`` (when ``record``) and ``traces`` of the trials chosen by ``trace_every``.
         """
         stimuli = self._check_batch(images, labels, actions)
+        before = [layer.ff for layer in self.layers] if record and learn else None
         episode = _Episode(
             self, stimuli, steps_per_trial=self.timeline.trial_steps, labels=labels.detach().cpu(),
             actions=None if actions is None else actions.detach().cpu(), learn=learn, record=record,
@@ -523,10 +524,12 @@ class Brian2Network:
         rewards = agrel.reward(chosen, labels.cpu(), self.description.neuromodulator.reward_correct, self.description.neuromodulator.reward_wrong, self.dtype)
         records = None
         if record:
+            # The fraction of synapses whose weight differs after the batch (with weight decay: all).
+            changed = [changed_fraction(layer.ff - old) for layer, old in zip(self.layers, before)] if learn else [None] * len(self.layers)
             records = [
                 LayerActivity(layer.name, *(torch.from_numpy(np.stack(episode.records[layer.name][part])).to(self.dtype) for part in ("ff", "fb")),
-                              torch.from_numpy(np.stack(episode.records[layer.name]["gate"])).bool())
-                for layer in self.layers
+                              torch.from_numpy(np.stack(episode.records[layer.name]["gate"])).bool(), fraction)
+                for layer, fraction in zip(self.layers, changed)
             ]
         return Brian2Trials(q, chosen, rewards, delta=torch.tensor(episode.deltas, dtype=self.dtype), layers=records, traces=episode.traces)
 

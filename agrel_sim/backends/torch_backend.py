@@ -87,7 +87,7 @@ class LayerActivity:
     open (ff neuron active and not dropped). For a dropout layer, ``fb`` includes the
     ``1 / (1 - rate)`` scaling of the surviving columns. ``changed``: the fraction of the layer's
     ff synapses that this batch changed (0-dim tensor; ``None`` without weights or learning;
-    see :func:`_changed_fraction`).
+    see :func:`changed_fraction`).
     """
 
     name: str
@@ -316,7 +316,7 @@ def _synapse_sample(size: int, device: torch.device) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(size))[:CHANGED_SAMPLE].to(device)
 
 
-def _changed_fraction(change: torch.Tensor) -> torch.Tensor:
+def changed_fraction(change: torch.Tensor) -> torch.Tensor:
     """Fraction of synapses whose weight changed: exact up to :data:`CHANGED_SAMPLE` synapses,
     beyond that measured on a fixed random sample of that many (standard error below 0.002)."""
     flat = change.flatten()
@@ -481,7 +481,7 @@ class TorchNetwork:
             changed = None
             if learn and layer.has_weights:
                 change = layer.learn(layer.saved, gfb * scale.view(-1, *([1] * (gfb.dim() - 1))), decay)
-                changed = _changed_fraction(change) if record else None
+                changed = changed_fraction(change) if record else None
             if record:
                 records.append(LayerActivity(layer.name, y, gfb, layer.gate(y), changed))
             layer.saved = None
@@ -501,7 +501,7 @@ class TorchNetwork:
             records = []
             for layer, y in zip(self.layers, activity[1:]):
                 y = y.detach()
-                changed = _changed_fraction(grad_of[id(layer.ff)]) if learn and layer.has_weights else None
+                changed = changed_fraction(grad_of[id(layer.ff)]) if learn and layer.has_weights else None
                 records.append(LayerActivity(layer.name, y, None, layer.gate(y), changed))
         for layer in self.layers:
             layer.saved = None
