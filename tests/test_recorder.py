@@ -18,6 +18,7 @@ from agrel_sim.cli import main
 from agrel_sim.experiment import Experiment
 from agrel_sim.recorder import LogSettings
 from agrel_sim.runs import run_experiment
+from agrel_sim.training import load_checkpoint
 
 MODEL = {
     "name": "small",
@@ -80,6 +81,15 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
         run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
 
 
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        run.attrs["complete"] = False  # as if killed
+    (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint"):
+        run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
+
+
 KILL_EXPERIMENT = """
 name = "killed"
 dataset = "digits"
@@ -104,8 +114,8 @@ def train_command(path, out, *extra):
 
 def checkpoint_epoch(folder):
     try:
-        return torch.load(folder / "checkpoint.pt", weights_only=False)["epoch"]
-    except (FileNotFoundError, EOFError, RuntimeError):
+        return load_checkpoint(folder / "checkpoint.pt")["epoch"]
+    except (FileNotFoundError, ValueError):
         return 0
 
 
@@ -137,7 +147,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     subprocess.run(train_command(path, killed, "--resume"), env=env, check=True, capture_output=True)
     subprocess.run(train_command(path, whole), env=env, check=True, capture_output=True)
 
-    a, b = (torch.load(folder / "checkpoint.pt", weights_only=False) for folder in (killed, whole))
+    a, b = (load_checkpoint(folder / "checkpoint.pt") for folder in (killed, whole))
     assert a["epoch"] == b["epoch"] == 5
     for key in b["weights"]:
         assert torch.equal(a["weights"][key], b["weights"][key]), key
