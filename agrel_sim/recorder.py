@@ -16,7 +16,8 @@ compressed with gzip and shuffle)::
                                           for EBP, which has none)
         gate                  (trials, units) uint8, 1 where the column's gate was open
     /gating/epoch, /gating/batch   (batches,)  every training batch
-    /gating/<layer>/open_fraction, fb_mean_abs, changed_fraction   (batches,)
+    /gating/<layer>/open_fraction, fb_mean_abs, changed_fraction   (batches,)  (the first two
+                              over the first ``summary_trials`` trials of each batch)
     /timecourses/             time-resolved trials (Brian2 backend; attrs: phase start/end, s)
         t                     (steps,)    time since the trial's start, s
         epoch, batch, trial   (traced,)   which trials were traced
@@ -62,11 +63,15 @@ class LogSettings:
     max_units : int
         Layers with more columns are traced on a fixed random subset of this many (drawn by the
         run's seed).
+    summary_trials : int
+        The per-batch fractions of open gates and mean |fb| are taken over the first this many
+        trials of every batch (all columns); the fraction of changed synapses covers the batch.
     """
 
     every_batches: int = 50
     trials_per_batch: int = 10
     max_units: int = 128
+    summary_trials: int = 20
 
 
 def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
@@ -178,10 +183,12 @@ class RunFile:
     def record_batch(self, epoch: int, batch: int, index: torch.Tensor, labels: torch.Tensor, trials) -> None:
         """Buffer one training batch (``trials`` from ``run_trials(..., record=True)``)."""
         nan = torch.tensor(float("nan"), device=trials.q.device)
+        n = self.settings.summary_trials
         summary = []
         for layer in trials.layers:
-            summary.append(torch.count_nonzero(layer.gate) / layer.gate.numel())
-            summary.append(layer.fb.abs().mean() if layer.fb is not None else nan)
+            gate = layer.gate[:n]
+            summary.append(torch.count_nonzero(gate) / gate.numel())
+            summary.append(layer.fb[:n].abs().mean() if layer.fb is not None else nan)
             summary.append(layer.changed.float() if layer.changed is not None else nan)
         self.batches.append((batch, torch.stack(summary)))
         self.traces += [(epoch, batch, trace) for trace in getattr(trials, "traces", ())]
