@@ -322,7 +322,7 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
         axes[-1, 1].plot(t_ms, gates.mean(axis=1), color="tab:green")
     axes[-1, 1].set_ylabel("open gates (hidden)", fontsize=8)
     for ax in axes.flat:
-        for phase, (start, end) in course["phases"].items():
+        for start, _ in course["phases"].values():
             ax.axvline(start * 1000, color="0.8", lw=0.8)
     for phase, (start, end) in course["phases"].items():
         axes[0, 0].text((start + end) * 500, axes[0, 0].get_ylim()[1], phase, fontsize=7, ha="center", va="bottom")

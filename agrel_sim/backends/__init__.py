@@ -33,13 +33,18 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None) -> No
     batch = images.shape[0]
     if batch == 0:
         raise ValueError("images: expected at least one image, got an empty batch")
-    for name, values in (("labels", labels), ("actions", actions)):
-        if values is None:
-            continue
+    given = {name: values for name, values in (("labels", labels), ("actions", actions)) if values is not None}
+    for name, values in given.items():
         if tuple(values.shape) != (batch,):
             raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
-        if int(values.min()) < 0 or int(values.max()) >= network.n_actions:
-            raise ValueError(f"{name}: values must lie in [0, {network.n_actions}), got {values.min()}..{values.max()}")
+    if not given:
+        return
+    # One reduction and one host synchronisation for all of them (this runs every batch).
+    outside = torch.stack([((v < 0) | (v >= network.n_actions)).any() for v in given.values()])
+    if outside.any():
+        for name, values in given.items():
+            if ((values < 0) | (values >= network.n_actions)).any():
+                raise ValueError(f"{name}: values must lie in [0, {network.n_actions}), got {int(values.min())}..{int(values.max())}")
 
 
 def check_weight_keys(weights: dict, expected: set[str]) -> None:
