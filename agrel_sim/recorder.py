@@ -28,14 +28,17 @@ compressed with gzip and shuffle)::
 Rows of ``/trials`` and of ``/layers/<layer>/{ff,fb,gate}`` correspond one to one: they map to
 the trials table and to TimeSeries of an NWB file. Nothing is written during an epoch: the
 epoch's records are buffered (on the training device, with no host synchronisation per batch)
-and written and flushed at its end, so that a run killed while training leaves a file that opens
-and holds every finished epoch. The writer takes no file lock, so that a running run can be
-read (between epochs the file on disk is consistent).
+and added at its end to a copy of the file that then replaces it (an atomic rename), so that a
+run killed at any moment leaves a file that opens and holds every finished epoch, and a running
+run can be read at any time: the run file is never open for writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,16 +109,29 @@ class RunFile:
         self.path = Path(path)
         self.settings = settings
         self.layer_names = [layer.name for layer in net.layers]
-        if resume_after is None:
-            self.file = h5py.File(self.path, "w", locking=False)
-            self._create(net, config, seed)
-        else:
-            self.file = h5py.File(self.path, "a", locking=False)
-            self._truncate_after(resume_after)
-            self.file.attrs["complete"] = False
-        self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}
+        self.file = None  # the partial copy, while an edit is open
+        with self._editing(create=resume_after is None):
+            if resume_after is None:
+                self._create(net, config, seed)
+            else:
+                self._truncate_after(resume_after)
+                self.file.attrs["complete"] = False
+            self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}
         self._new_epoch_buffers()
-        self.file.flush()
+
+    @contextlib.contextmanager
+    def _editing(self, create: bool = False):
+        """Edit a copy of the run file and replace the file with it: at no moment is the run
+        file itself half written, wherever the process is killed."""
+        partial = self.path.with_name(self.path.name + ".partial")
+        if not create:
+            shutil.copyfile(self.path, partial)
+        with h5py.File(partial, "w" if create else "a") as self.file:
+            yield
+        self.file = None
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, self.path)
 
     def _create(self, net, config: dict, seed: int) -> None:
         from agrel_sim import __version__
@@ -209,7 +225,12 @@ class RunFile:
         self.trials.append(record)
 
     def write_epoch(self, epoch: int, metrics) -> None:
-        """Write the buffered epoch and its metrics, and flush the file."""
+        """Add the buffered epoch and its metrics to the run file."""
+        with self._editing():
+            self._write_epoch(epoch, metrics)
+        self._new_epoch_buffers()
+
+    def _write_epoch(self, epoch: int, metrics) -> None:
         for name in EPOCH_FIELDS:
             _append(self.file["epochs"][name], np.array([getattr(metrics, name)]))
         if self.batches:
@@ -233,8 +254,6 @@ class RunFile:
                 _append(group["gate"], torch.cat(joined[f"{name}/gate"]).cpu().numpy().astype(np.uint8))
         if self.traces:
             self._write_timecourses()
-        self._new_epoch_buffers()
-        self.file.flush()
 
     def _write_timecourses(self) -> None:
         first = self.traces[0][2]
@@ -261,15 +280,10 @@ class RunFile:
                 _append(group[population.name][name], np.stack([getattr(t.layers[i], name) for _, _, t in self.traces]).astype(np.uint8 if name == "gate" else np.float32))
 
     def finish(self, result) -> None:
-        """Store the run's result, mark the file complete and close it."""
-        group = self.file.require_group("result")
-        for key, value in asdict(result).items():
-            if key != "history":
-                group.attrs[key] = value
-        self.file.attrs["complete"] = True
-        self.file.close()
-
-    def close(self) -> None:
-        """Close without marking the run complete (it stopped early)."""
-        if self.file.id.valid:
-            self.file.close()
+        """Store the run's result and mark the run file complete."""
+        with self._editing():
+            group = self.file.require_group("result")
+            for key, value in asdict(result).items():
+                if key != "history":
+                    group.attrs[key] = value
+            self.file.attrs["complete"] = True

@@ -201,53 +201,49 @@ def train(
     bar = tqdm(total=settings.max_epochs, initial=first_epoch - 1, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
     stopped = first_epoch > 1 and history[-1].epoch - best_epoch >= settings.patience
     epoch = first_epoch - 1
-    try:
-        while not stopped and epoch < settings.max_epochs:
-            epoch += 1
-            epoch_started = time.perf_counter()
-            order = torch.cat([train_index[torch.randperm(len(train_index), generator=generators["order"]).to(device)] for _ in range(copies)])
-            rewarded = torch.zeros((), dtype=torch.float64, device=device)
-            loss = torch.zeros((), dtype=torch.float64, device=device)
-            for batch, start in enumerate(range(0, len(order), settings.batch_size)):
-                index = order[start:start + settings.batch_size]
-                labels = data.train_labels[index]
-                images = data.batch(data.train_images, index, dtype)
-                if augmentation:
-                    images = augment(images, augmentation, generators["augment"])
-                trials = net.run_trials(images, labels, record=recorder is not None)
-                rewarded += (trials.action == labels).sum()
-                loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
-                if recorder is not None:
-                    recorder.record_batch(epoch, batch, index, labels, trials)
-            validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
-            metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started)
-            history.append(metrics)
-            if validation > best_accuracy:
-                best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
-            stopped = epoch - best_epoch >= settings.patience
+    while not stopped and epoch < settings.max_epochs:
+        epoch += 1
+        epoch_started = time.perf_counter()
+        order = torch.cat([train_index[torch.randperm(len(train_index), generator=generators["order"]).to(device)] for _ in range(copies)])
+        rewarded = torch.zeros((), dtype=torch.float64, device=device)
+        loss = torch.zeros((), dtype=torch.float64, device=device)
+        for batch, start in enumerate(range(0, len(order), settings.batch_size)):
+            index = order[start:start + settings.batch_size]
+            labels = data.train_labels[index]
+            images = data.batch(data.train_images, index, dtype)
+            if augmentation:
+                images = augment(images, augmentation, generators["augment"])
+            trials = net.run_trials(images, labels, record=recorder is not None)
+            rewarded += (trials.action == labels).sum()
+            loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
             if recorder is not None:
-                recorder.write_epoch(epoch, metrics)
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, {
-                    "epoch": epoch, "weights": net.weights(), "best_weights": best_weights, "best_accuracy": best_accuracy,
-                    "best_epoch": best_epoch, "history": [asdict(m) for m in history],
-                    "rng": {name: g.get_state() for name, g in generators.items()},
-                    "seconds": elapsed + time.perf_counter() - started,
-                })
-            bar.update()
-            bar.set_postfix(reward_p=f"{metrics.reward_probability:.3f}", val_acc=f"{validation:.4f}")
-            if log is not None:
-                log(
-                    f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
-                    f"val_acc={validation:.4f}  time={metrics.seconds:.2f}s"
-                )
-        bar.close()
-        net.load_weights(best_weights)
-        test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
-        result = RunResult(test, best_epoch, epoch, stopped, elapsed + time.perf_counter() - started, history)
+                recorder.record_batch(epoch, batch, index, labels, trials)
+        validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
+        metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started)
+        history.append(metrics)
+        if validation > best_accuracy:
+            best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
+        stopped = epoch - best_epoch >= settings.patience
         if recorder is not None:
-            recorder.finish(result)
-        return result
-    finally:
-        if recorder is not None:
-            recorder.close()
+            recorder.write_epoch(epoch, metrics)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "epoch": epoch, "weights": net.weights(), "best_weights": best_weights, "best_accuracy": best_accuracy,
+                "best_epoch": best_epoch, "history": [asdict(m) for m in history],
+                "rng": {name: g.get_state() for name, g in generators.items()},
+                "seconds": elapsed + time.perf_counter() - started,
+            })
+        bar.update()
+        bar.set_postfix(reward_p=f"{metrics.reward_probability:.3f}", val_acc=f"{validation:.4f}")
+        if log is not None:
+            log(
+                f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
+                f"val_acc={validation:.4f}  time={metrics.seconds:.2f}s"
+            )
+    bar.close()
+    net.load_weights(best_weights)
+    test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
+    result = RunResult(test, best_epoch, epoch, stopped, elapsed + time.perf_counter() - started, history)
+    if recorder is not None:
+        recorder.finish(result)
+    return result

@@ -55,7 +55,6 @@ def main():
         start = time.perf_counter()
         recorder.write_epoch(1, EpochMetrics(1, 0.5, 0.1, 0.5, 1.0))
         write = time.perf_counter() - start
-        recorder.close()
         size = path.stat().st_size
     plain_total, logged_total = sum(steps["plain"]), sum(steps["logged"]) + write
     # Adjacent steps see the same machine load: the median of their ratios resists load that

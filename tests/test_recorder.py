@@ -168,6 +168,42 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
                     np.testing.assert_array_equal(ra["gating"][name][field][:], dataset[:])
 
 
+SHORT_EPOCHS = """
+name = "short"
+dataset = "digits"
+[model]
+input_shape = [1, 8, 8]
+layers = [{kind = "dense", units = 16}]
+output = {actions = 10}
+[training]
+batch_size = 400
+max_epochs = 400
+patience = 400
+validation_size = 100
+"""
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.7, 1.3])
+def test_a_kill_at_any_moment_leaves_a_readable_run_file(tmp_path, delay):
+    # Epochs of a few batches: most of the time goes into writing the run file, so the kill
+    # lands in or near a write.
+    path = tmp_path / "short.toml"
+    path.write_text(SHORT_EPOCHS)
+    process = subprocess.Popen(train_command(path, tmp_path / "run"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "run.h5").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as run:
+        epochs = run["epochs"]["epoch"][:].tolist()
+        assert epochs == list(range(1, len(epochs) + 1)) and not run.attrs["complete"]
+        assert run["gating"]["epoch"].shape[0] == len(epochs) * 4
+
+
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
@@ -260,7 +296,6 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
         trials = net.run_trials(images, labels, record=True)
         recorder.record_batch(1, batch, torch.arange(5), labels, trials)
     recorder.write_epoch(1, EpochMetrics(1, 0.3, 0.1, 0.3, 1.0))
-    recorder.close()
     with h5py.File(tmp_path / "run.h5", "r") as run:
         assert run.attrs["backend"] == "brian2"
         course = run["timecourses"]
