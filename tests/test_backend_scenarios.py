@@ -89,3 +89,23 @@ def test_delta_sign_follows_reward(build_net):
             assert trials.delta.item() > 0 and q_after > q_before
         else:  # worse than predicted: a dip, and the value falls
             assert trials.delta.item() < 0 and q_after < q_before
+
+
+def test_batch_update_is_the_mean_of_single_trial_updates(build_net):
+    description = ColumnNetwork((5,), [Dense(4), Dense(4)], 3, rule=Rule(learning_rate=0.5, init_range=0.5, bias=True, feedback="independent"))
+    net = build_net(description)
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(4, 5, generator=g, dtype=torch.float64)
+    labels, actions = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 2, 2, 1])
+    start = net.weights()
+    net.run_trials(images, labels, actions=actions)
+    batch_change = {k: v - start[k] for k, v in net.weights().items()}
+    single = {k: torch.zeros_like(v) for k, v in start.items()}
+    for i in range(4):
+        net.load_weights(start)
+        net.run_trials(images[i:i + 1], labels[i:i + 1], actions=actions[i:i + 1])
+        for k, v in net.weights().items():
+            single[k] += (v - start[k]) / 4
+    for key in start:
+        assert batch_change[key].abs().max() > 0, key
+        torch.testing.assert_close(batch_change[key], single[key], rtol=1e-10, atol=1e-14)

@@ -99,24 +99,6 @@ def test_initial_weights_are_the_torch_backends_for_the_same_seed():
             assert torch.equal(weights[key], expected[key]), (feedback, key)
 
 
-def test_batch_update_is_the_mean_of_single_trial_updates():
-    description = describe("independent", bias=True, weight_decay=0.0)
-    net = settled(description, settling=3)  # exact whatever the settling: every trial starts alike
-    images, labels, actions = next(batches(description, (4,)))
-    start = with_biases(net)
-    net.run_trials(images, labels, actions=actions)
-    batch_change = {k: v - start[k] for k, v in net.weights().items()}
-    single = {k: torch.zeros_like(v) for k, v in start.items()}
-    for i in range(4):
-        net.load_weights(start)
-        net.run_trials(images[i:i + 1], labels[i:i + 1], actions=actions[i:i + 1])
-        for k, v in net.weights().items():
-            single[k] += (v - start[k]) / 4
-    for key in start:
-        assert batch_change[key].abs().max() > 0, key
-        torch.testing.assert_close(batch_change[key], single[key], rtol=1e-10, atol=1e-14)
-
-
 def test_tied_and_reciprocal_feedback_stay_equal_to_ff():
     for feedback in ("tied", "reciprocal"):
         description = describe(feedback)

@@ -71,22 +71,6 @@ def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(kind, bias, feedb
         assert relative_error(change, expected) < 1e-10, key
 
 
-def test_batch_update_is_the_mean_of_single_trial_updates():
-    net = make("strided_conv", bias=True)
-    images, labels, actions = random_batch(net, batch=5)
-    start = net.weights()
-    net.run_trials(images, labels, actions=actions)
-    batch_change = {k: v - start[k] for k, v in net.weights().items()}
-    single = {k: torch.zeros_like(v) for k, v in start.items()}
-    for i in range(5):
-        net.load_weights(start)
-        net.run_trials(images[i:i + 1], labels[i:i + 1], actions=actions[i:i + 1])
-        for k, v in net.weights().items():
-            single[k] += (v - start[k]) / 5
-    for key in start:
-        assert relative_error(batch_change[key], single[key]) < 1e-10, key
-
-
 def test_reciprocal_feedback_stays_exactly_the_transpose():
     net = make("paper_like", feedback="reciprocal", learning_rate=0.2, bias=True)
     for step in range(60):
