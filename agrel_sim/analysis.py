@@ -103,7 +103,10 @@ def load_run(path: str | Path) -> Run:
                     f"{path}: written with run-file layout version {version}, newer than the {LAYOUT_VERSION} "
                     "this agrel-sim reads; upgrade agrel-sim to analyse it"
                 )
-            epochs = {name: handle["epochs"][name][:] for name in EPOCH_FIELDS}
+            epochs = {name: handle["epochs"][name][:] for name in EPOCH_FIELDS if name in handle["epochs"]}
+            if version == 1:  # before learning-rate schedules: the rule's constant learning rate
+                rate = json.loads(attrs["config"])["model"]["rule"]["learning_rate"]
+                epochs["learning_rate"] = np.full(len(epochs["epoch"]), rate)
             result = dict(handle["result"].attrs) if "result" in handle else None
     except OSError as error:
         raise RunFileError(f"{path}: cannot be read as a run file ({error})") from None

@@ -14,6 +14,8 @@ An experiment file in ``experiments/`` looks like::
     batch_size = 10
     patience = 30
     validation_size = 200
+    lr_decay_factor = 0.5         # optional: halve the learning rate after ...
+    lr_decay_patience = 10        # ... 10 epochs without a better validation accuracy
 
     [training.augmentation]       # optional: random zoom, shift, reflection
     factor = 10                   # transformed copies of each image per epoch
@@ -106,7 +108,8 @@ _FRACTION = dict(kind=float, check=lambda v: 0 <= v < 1, hint="a fraction in [0,
 def _training_settings(fields: Fields) -> TrainingSettings:
     defaults = TrainingSettings()
     counts = ("batch_size", "max_epochs", "patience", "validation_size", "eval_batch_size")
-    values = {key: fields.get(key, default=getattr(defaults, key), **_POSITIVE) for key in counts}
+    values = {key: fields.get(key, default=getattr(defaults, key), **_POSITIVE) for key in (*counts, "lr_decay_patience")}
+    values["lr_decay_factor"] = fields.get("lr_decay_factor", float, defaults.lr_decay_factor, lambda v: 0 < v <= 1, "a number in (0, 1]; 1 keeps the learning rate constant")
     if "augmentation" in fields.table:
         table = fields.sub("augmentation")
         standard = Augmentation()

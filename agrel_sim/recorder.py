@@ -7,7 +7,7 @@ compressed with gzip and shuffle)::
                                      config (JSON text: experiment, model, training, logging),
                                      complete (False until the run ended cleanly)
     /epochs/<metric>          (epochs,)   epoch, reward_probability, train_loss,
-                                          validation_accuracy, seconds
+                                          validation_accuracy, seconds, learning_rate
     /trials/<field>           (trials,)   epoch, batch, image (index into the training set),
                                           label, action, reward, delta; q: (trials, actions)
     /layers/<layer>/          attrs: shape (the layer's column sheet)
@@ -46,8 +46,8 @@ import h5py
 import numpy as np
 import torch
 
-LAYOUT_VERSION = 1
-EPOCH_FIELDS = ("epoch", "reward_probability", "train_loss", "validation_accuracy", "seconds")
+LAYOUT_VERSION = 2  # 2: /epochs/learning_rate
+EPOCH_FIELDS = ("epoch", "reward_probability", "train_loss", "validation_accuracy", "seconds", "learning_rate")
 TRIAL_FIELDS = ("epoch", "batch", "image", "label", "action", "reward", "delta")
 GATING_FIELDS = ("open_fraction", "fb_mean_abs", "changed_fraction")
 _COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
@@ -114,6 +114,9 @@ class RunFile:
             if resume_after is None:
                 self._create(net, config, seed)
             else:
+                version = int(self.file.attrs["layout_version"])
+                if version != LAYOUT_VERSION:
+                    raise ValueError(f"{self.path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
                 self._truncate_after(resume_after)
                 self.file.attrs["complete"] = False
             self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}

@@ -2,12 +2,17 @@
 
 A run folder holds the run file ``run.h5`` (see :mod:`agrel_sim.recorder`), flushed after every
 epoch and marked complete when the run has ended cleanly, and ``checkpoint.pt``, written
-atomically after every epoch; ``resume=True`` continues a run from it.
+atomically after every epoch; ``resume=True`` continues a run from it. ``run.lock`` is locked
+while a process trains in the folder, so that a second process (a sweep submitted twice, say)
+cannot write to the same run; the operating system releases the lock when the process ends,
+however it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from agrel_sim.training import RunResult, load_checkpoint, train
 
 RUN_FILE = "run.h5"
 CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = "run.lock"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -47,6 +53,18 @@ def check_device(device: str) -> None:
         raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine; use 'cpu'")
 
 
+@contextlib.contextmanager
+def locked(folder: Path):
+    """Hold the run folder's lock, or raise if another process holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{folder}: another process is training in this run folder; wait for it to end or choose another --out") from None
+        yield
+
+
 def run_experiment(
     experiment: Experiment,
     seed: int = 0,
@@ -70,16 +88,21 @@ def run_experiment(
     check_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if out is None:
+        return _run(experiment, seed, None, device, dtype, data_dir, resume, logging, progress, log)
+    with locked(Path(out)):
+        return _run(experiment, seed, Path(out), device, dtype, data_dir, resume, logging, progress, log)
+
+
+def _run(experiment, seed, folder, device, dtype, data_dir, resume, logging, progress, log) -> RunResult:
     run_file, checkpoint, state = None, None, None
-    if out is not None:
-        folder = Path(out)
+    if folder is not None:
         path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
         if resume and is_complete(folder):
             raise ValueError(f"{path}: this run is already complete; nothing to resume")
         if not resume and path.exists():
             raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
         state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
-        folder.mkdir(parents=True, exist_ok=True)
         config = {
             "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
             "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),

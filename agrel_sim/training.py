@@ -4,6 +4,7 @@ Training images are split, by the run's seed, into a training part and a validat
 batches of trials are drawn by index from the training part each epoch; after every epoch the
 validation accuracy is measured, and training stops when it has not improved for ``patience``
 epochs. The test accuracy reported is that of the weights with the best validation accuracy.
+Optionally the learning rate falls by a factor whenever validation accuracy reaches a plateau.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class TrainingSettings:
         Images per forward pass when measuring accuracy (memory only, no effect on results).
     augmentation : Augmentation or None
         Random zoom, shift and reflection of training images; ``None`` for none.
+    lr_decay_factor : float
+        Multiply the learning rate by this factor after ``lr_decay_patience`` epochs without a
+        better validation accuracy (counted from the best epoch or from the last decay), in the
+        manner of ``torch.optim.lr_scheduler.ReduceLROnPlateau``; 1.0 (the default) keeps the
+        rule's learning rate constant.
+    lr_decay_patience : int
+        Epochs without improvement before each decay.
     """
 
     batch_size: int = 100
@@ -48,6 +56,14 @@ class TrainingSettings:
     validation_size: int = 1000
     eval_batch_size: int = 1000
     augmentation: Augmentation | None = None
+    lr_decay_factor: float = 1.0
+    lr_decay_patience: int = 10
+
+    def __post_init__(self):
+        if not 0 < self.lr_decay_factor <= 1:
+            raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {self.lr_decay_factor!r}")
+        if self.lr_decay_patience < 1:
+            raise ValueError(f"lr_decay_patience: expected an integer >= 1, got {self.lr_decay_patience!r}")
 
 
 @dataclass
@@ -56,7 +72,8 @@ class EpochMetrics:
 
     ``reward_probability``: share of training trials that were rewarded (for EBP: share of
     correct greedy classifications, i.e. 1 − training error); ``train_loss``: mean
-    cross-entropy (EBP) or mean squared RPE ``δ²/2`` (DeepAGREL).
+    cross-entropy (EBP) or mean squared RPE ``δ²/2`` (DeepAGREL); ``learning_rate``: the
+    learning rate of the epoch's updates.
     """
 
     epoch: int
@@ -64,6 +81,7 @@ class EpochMetrics:
     train_loss: float
     validation_accuracy: float
     seconds: float
+    learning_rate: float
 
 
 @dataclass
@@ -121,6 +139,8 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict) or "epoch" not in state:
         raise ValueError(f"{path}: not a checkpoint of agrel-sim")
+    if "learning_rate" not in state:
+        raise ValueError(f"{path}: a checkpoint of an older agrel-sim, which this version cannot resume; start the run again in a new folder")
     return state
 
 
@@ -190,8 +210,10 @@ def train(
     copies = augmentation.factor if augmentation else 1
 
     best_accuracy, best_epoch, best_weights, history, first_epoch, elapsed = -1.0, 0, None, [], 1, 0.0
+    last_decay = 0  # the epoch of the last learning-rate decay
     if resume is not None:
         net.load_weights(resume["weights"])
+        net.learning_rate, last_decay = resume["learning_rate"], resume["last_decay"]
         for name, generator in generators.items():
             generator.set_state(resume["rng"][name])
         best_accuracy, best_epoch, best_weights = resume["best_accuracy"], resume["best_epoch"], resume["best_weights"]
@@ -219,11 +241,14 @@ def train(
             if recorder is not None:
                 recorder.record_batch(epoch, batch, index, labels, trials)
         validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
-        metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started)
+        metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started, net.learning_rate)
         history.append(metrics)
         if validation > best_accuracy:
             best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
         stopped = epoch - best_epoch >= settings.patience
+        if not stopped and settings.lr_decay_factor < 1 and epoch - max(best_epoch, last_decay) >= settings.lr_decay_patience:
+            net.learning_rate *= settings.lr_decay_factor
+            last_decay = epoch
         if recorder is not None:
             recorder.write_epoch(epoch, metrics)
         if checkpoint is not None:
@@ -231,6 +256,7 @@ def train(
                 "epoch": epoch, "weights": net.weights(), "best_weights": best_weights, "best_accuracy": best_accuracy,
                 "best_epoch": best_epoch, "history": [asdict(m) for m in history],
                 "rng": {name: g.get_state() for name, g in generators.items()},
+                "learning_rate": net.learning_rate, "last_decay": last_decay,
                 "seconds": elapsed + time.perf_counter() - started,
             })
         bar.update()
@@ -238,7 +264,7 @@ def train(
         if log is not None:
             log(
                 f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
-                f"val_acc={validation:.4f}  time={metrics.seconds:.2f}s"
+                f"val_acc={validation:.4f}  lr={metrics.learning_rate:.3g}  time={metrics.seconds:.2f}s"
             )
     bar.close()
     net.load_weights(best_weights)

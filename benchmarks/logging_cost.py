@@ -53,7 +53,7 @@ def main():
             steps["logged"].append(time.perf_counter() - start)
             del trials
         start = time.perf_counter()
-        recorder.write_epoch(1, EpochMetrics(1, 0.5, 0.1, 0.5, 1.0))
+        recorder.write_epoch(1, EpochMetrics(1, 0.5, 0.1, 0.5, 1.0, logged.learning_rate))
         write = time.perf_counter() - start
         size = path.stat().st_size
     plain_total, logged_total = sum(steps["plain"]), sum(steps["logged"]) + write

@@ -109,3 +109,21 @@ def test_batch_update_is_the_mean_of_single_trial_updates(build_net):
     for key in start:
         assert batch_change[key].abs().max() > 0, key
         torch.testing.assert_close(batch_change[key], single[key], rtol=1e-10, atol=1e-14)
+
+
+def test_changing_the_learning_rate_between_batches_scales_the_change(build_net):
+    # With weight decay the change is alpha * (four-factor term - decay * w): linear in alpha.
+    description = ColumnNetwork((5,), [Dense(4)], 3, rule=Rule(learning_rate=0.5, init_range=0.5, bias=True, feedback="independent", weight_decay=0.1))
+    net = build_net(description)
+    images = torch.rand(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    labels, actions = torch.tensor([0, 1, 2]), torch.tensor([0, 2, 1])
+    start = net.weights()
+    changes = {}
+    for learning_rate in (0.5, 0.125):
+        net.load_weights(start)
+        net.learning_rate = learning_rate
+        net.run_trials(images, labels, actions=actions)
+        changes[learning_rate] = {k: v - start[k] for k, v in net.weights().items()}
+    for key in start:
+        assert changes[0.5][key].abs().max() > 0, key
+        torch.testing.assert_close(changes[0.125][key], changes[0.5][key] / 4, rtol=1e-9, atol=1e-14)

@@ -73,6 +73,8 @@ def test_experiment_file_with_model_path_and_rule_override(tmp_path, capsys):
         (('dataset = "digits"', 'dataset = "svhn"'), r"tiny\.toml: dataset: expected one of"),
         (("patience = 2", "patiense = 2"), r"tiny\.toml: training\.patiense: unknown field"),
         (("learning_rate = 0.1", "learning_rate = -1.0"), r"tiny\.toml: rule\.learning_rate: expected a number > 0"),
+        (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
+        (("patience = 2", "patience = 2\nlr_decay_patience = 0"), r"tiny\.toml: training\.lr_decay_patience: expected an integer >= 1"),
         (('model = "net.toml"', 'model = "nowhere.toml"'), r"nowhere\.toml: model file not found"),
     ],
 )

@@ -43,10 +43,11 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
     batches = -(-1237 // 20)  # per epoch
     sampled = 3 * len(range(0, batches, 10))
     with h5py.File(tmp_path / "run.h5", "r") as run:
-        assert run.attrs["complete"] and run.attrs["layout_version"] == 1 and run.attrs["seed"] == 4
+        assert run.attrs["complete"] and run.attrs["layout_version"] == 2 and run.attrs["seed"] == 4
         assert run.attrs["rule"] == rule and run.attrs["backend"] == "torch" and "experiment" in run.attrs["config"]
         assert run["epochs"]["epoch"][:].tolist() == [1, 2, 3]
         np.testing.assert_allclose(run["epochs"]["validation_accuracy"][:], [m.validation_accuracy for m in result.history])
+        np.testing.assert_array_equal(run["epochs"]["learning_rate"][:], [0.3] * 3)
         assert run["result"].attrs["test_accuracy"] == result.test_accuracy
         assert run["trials"]["label"].shape == (3 * sampled,) and run["trials"]["q"].shape == (3 * sampled, 10)
         assert run["gating"]["batch"].shape == (3 * batches,)
@@ -79,6 +80,38 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
         run_experiment(experiment(epochs=1), out=tmp_path, log=None)
     with pytest.raises(ValueError, match="this run is already complete; nothing to resume"):
         run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
+
+
+def test_a_second_process_cannot_train_in_a_busy_run_folder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)", str(tmp_path / "run.lock")],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        holder.stdout.readline()  # the lock is held
+        with pytest.raises(ValueError, match="another process is training in this run folder"):
+            run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+        assert not (tmp_path / "run.h5").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_experiment(experiment(epochs=1), out=tmp_path, log=None)  # a killed holder releases the lock
+    assert (tmp_path / "run.h5").exists()
+
+
+def test_older_checkpoints_and_run_files_cannot_be_resumed(tmp_path):
+    run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        run.attrs["complete"] = False  # as if killed
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "learning_rate"}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: a checkpoint of an older agrel-sim.*start the run again"):
+        run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        run.attrs["layout_version"] = 1
+    with pytest.raises(ValueError, match=r"run\.h5: run-file layout version 1, but this agrel-sim writes 2"):
+        run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
@@ -254,8 +287,14 @@ def test_bad_run_files_get_clear_messages(finished_runs, tmp_path):
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", newer)
     with h5py.File(newer, "a") as handle:
         handle.attrs["layout_version"] = 99
-    with pytest.raises(RunFileError, match="layout version 99, newer than the 1 this agrel-sim reads; upgrade"):
+    with pytest.raises(RunFileError, match="layout version 99, newer than the 2 this agrel-sim reads; upgrade"):
         load_run(newer)
+    older = tmp_path / "older.h5"  # layout 1 had no learning-rate schedule: the rule's rate throughout
+    shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", older)
+    with h5py.File(older, "a") as handle:
+        handle.attrs["layout_version"] = 1
+        del handle["epochs"]["learning_rate"]
+    np.testing.assert_array_equal(load_run(older).epochs["learning_rate"], [0.3, 0.3])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(RunFileError, match="no run files"):
@@ -295,7 +334,7 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
     for batch in range(2):
         trials = net.run_trials(images, labels, record=True)
         recorder.record_batch(1, batch, torch.arange(5), labels, trials)
-    recorder.write_epoch(1, EpochMetrics(1, 0.3, 0.1, 0.3, 1.0))
+    recorder.write_epoch(1, EpochMetrics(1, 0.3, 0.1, 0.3, 1.0, 0.5))
     with h5py.File(tmp_path / "run.h5", "r") as run:
         assert run.attrs["backend"] == "brian2"
         course = run["timecourses"]

@@ -367,11 +367,8 @@ class Brian2Network:
         self.dtype = dtype
         self.generator = torch.Generator().manual_seed(seed)
         self.trials_run = 0
-        rule = description.rule
-        self.namespace = {
-            "tau_ff": tau_ff * brian2.ms, "tau_fb": tau_fb * brian2.ms, "gate_threshold": gate_threshold,
-            "decay": rule.learning_rate * rule.weight_decay,
-        }
+        self.namespace = {"tau_ff": tau_ff * brian2.ms, "tau_fb": tau_fb * brian2.ms, "gate_threshold": gate_threshold}
+        self.learning_rate = description.rule.learning_rate
         self.clock = brian2.Clock(dt=timeline.dt * brian2.ms, name="trial_clock")
         self._episode = None
         with _codegen_target(codegen_target):  # connect() runs generated code too
@@ -382,6 +379,17 @@ class Brian2Network:
         with _codegen_target(codegen_target):  # generate (for Cython: compile) the code now
             self.network.run(0 * brian2.ms, namespace={})
         self.load_weights(TorchNetwork(description, dtype=torch.float64, seed=seed).weights())
+
+    @property
+    def learning_rate(self) -> float:
+        """The step size alpha of the next updates; may be changed between batches."""
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        self._learning_rate = value
+        # Brian2 reads external constants from the namespace at the start of every run.
+        self.namespace["decay"] = value * self.description.rule.weight_decay
 
     def _neurons(self, size, model, name, **options):
         return brian2.NeuronGroup(size, model, clock=self.clock, name=name, namespace=self.namespace, **options)
@@ -552,8 +560,7 @@ class _Episode:
         self.selection_step = timeline.start("selection")
         self.rpe_step = timeline.start("rpe")
         self.plasticity_step = timeline.start("plasticity")
-        rule = net.description.rule
-        self.plasticity_rate = rule.learning_rate / (len(stimuli) * timeline.steps["plasticity"]) if learn else 0.0
+        self.plasticity_rate = net.learning_rate / (len(stimuli) * timeline.steps["plasticity"]) if learn else 0.0
         self.q = np.zeros((len(stimuli), net.description.n_actions))
         self.actions, self.deltas, self.traces = [], [], []
         self.records = {layer.name: {"ff": [], "fb": [], "gate": []} for layer in net.layers}

@@ -352,10 +352,14 @@ class TorchNetwork:
     layers : list
         The hidden column layers bottom to top, then the output layer; each has ``ff`` and
         ``fb`` weights (dropout layers have none).
+    learning_rate : float
+        The step size alpha of the next updates; starts at ``description.rule.learning_rate``
+        and may be changed between batches (a learning-rate schedule).
     """
 
     def __init__(self, description: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0):
         self.description = description
+        self.learning_rate = description.rule.learning_rate
         self.device = torch.device(device)
         self.dtype = dtype
         self._init_generator = torch.Generator().manual_seed(seed)
@@ -469,8 +473,8 @@ class TorchNetwork:
         delta = agrel.rpe(q, actions, rewards)
         # Phases 3 and 5, top to bottom: each layer passes feedback down through its fb weights
         # (before its own weights change), then changes its synapses by the four-factor rule.
-        scale = delta * (net.rule.learning_rate / x.shape[0])
-        decay = net.rule.learning_rate * net.rule.weight_decay
+        scale = delta * (self.learning_rate / x.shape[0])
+        decay = self.learning_rate * net.rule.weight_decay
         fb = agrel.winner_feedback(actions, net.n_actions, self.dtype)
         records = []
         for index in range(len(self.layers) - 1, -1, -1):
@@ -507,11 +511,11 @@ class TorchNetwork:
             layer.saved = None
         with torch.no_grad():
             if learn:
-                decay = net.rule.learning_rate * net.rule.weight_decay
+                decay = self.learning_rate * net.rule.weight_decay
                 for tensor, grad in zip(params, grads):
                     if decay:
                         tensor.mul_(1 - decay)
-                    tensor.sub_(grad, alpha=net.rule.learning_rate)
+                    tensor.sub_(grad, alpha=self.learning_rate)
             q = q.detach()
             actions = q.argmax(1)
             rewards = agrel.reward(actions, labels, net.neuromodulator.reward_correct, net.neuromodulator.reward_wrong, self.dtype)

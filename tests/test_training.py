@@ -1,0 +1,75 @@
+"""The training protocol: early stopping, the best epoch's test accuracy, the plateau schedule
+of the learning rate, and resuming from a checkpoint."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from agrel_sim import ColumnNetwork, Dense, Rule, build
+from agrel_sim import training
+from agrel_sim.datasets import load_dataset
+from agrel_sim.training import TrainingSettings, load_checkpoint, train
+
+DESCRIPTION = ColumnNetwork((1, 8, 8), [Dense(16)], 10, rule=Rule(learning_rate=0.4, init_range=0.1))
+SETTINGS = TrainingSettings(batch_size=50, max_epochs=30, patience=4, validation_size=300, lr_decay_factor=0.5, lr_decay_patience=2)
+# Validation accuracies by epoch: a plateau from epoch 2, a better value at epoch 6, then none.
+SCRIPT = [0.5, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+
+
+@pytest.fixture
+def scripted_validation(monkeypatch):
+    """Replace validation accuracy by :data:`SCRIPT` from a given epoch on; test accuracy stays real."""
+    real = training.accuracy
+
+    def start(first_epoch=1):
+        script = iter(SCRIPT[first_epoch - 1:])
+
+        def accuracy(net, data, images, labels, batch_size):
+            return next(script) if len(labels) == SETTINGS.validation_size else real(net, data, images, labels, batch_size)
+
+        monkeypatch.setattr(training, "accuracy", accuracy)
+
+    return start
+
+
+def test_early_stopping_plateau_decay_and_best_epoch_test_accuracy(scripted_validation, tmp_path):
+    scripted_validation()
+    data = load_dataset("digits")
+    result = train(DESCRIPTION, data, SETTINGS, seed=3, progress=False, log=None, checkpoint=tmp_path / "checkpoint.pt")
+    # Best at epoch 6; stop 4 epochs later. Decays after 2 epochs without improvement, counted
+    # from the best epoch or the last decay: after epochs 4 and 8 (none at the stop).
+    assert (result.best_epoch, result.epochs, result.converged) == (6, 10, True)
+    assert [m.learning_rate for m in result.history] == [0.4] * 4 + [0.2] * 4 + [0.1] * 2
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["learning_rate"] == 0.1 and state["last_decay"] == 8
+    # The reported test accuracy is that of the best epoch's weights, not the last.
+    net = build(DESCRIPTION, seed=3)
+    net.load_weights(state["best_weights"])
+    assert result.test_accuracy == training.accuracy(net, data, data.test_images, data.test_labels, 1000)
+    assert not torch.equal(state["weights"]["layers.0.ff"], state["best_weights"]["layers.0.ff"])
+
+
+def test_resuming_mid_schedule_equals_an_uninterrupted_run(scripted_validation, tmp_path):
+    data = load_dataset("digits")
+    scripted_validation()
+    whole = train(DESCRIPTION, data, SETTINGS, seed=3, progress=False, log=None, checkpoint=tmp_path / "whole.pt")
+    scripted_validation()
+    train(DESCRIPTION, data, dataclasses.replace(SETTINGS, max_epochs=5), seed=3, progress=False, log=None, checkpoint=tmp_path / "part.pt")
+    state = load_checkpoint(tmp_path / "part.pt")
+    assert state["learning_rate"] == 0.2, "stopped after the first decay"
+    scripted_validation(first_epoch=6)
+    resumed = train(DESCRIPTION, data, SETTINGS, seed=3, progress=False, log=None, checkpoint=tmp_path / "part.pt", resume=state)
+    strip = lambda history: [dataclasses.replace(m, seconds=0) for m in history]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    assert resumed.test_accuracy == whole.test_accuracy
+    a, b = load_checkpoint(tmp_path / "part.pt"), load_checkpoint(tmp_path / "whole.pt")
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+
+
+def test_learning_rate_schedule_settings_are_checked():
+    with pytest.raises(ValueError, match=r"lr_decay_factor: expected a number in \(0, 1\], got 1.5"):
+        TrainingSettings(lr_decay_factor=1.5)
+    with pytest.raises(ValueError, match="lr_decay_patience: expected an integer >= 1, got 0"):
+        TrainingSettings(lr_decay_patience=0)
