@@ -207,7 +207,8 @@ def summary(run: Run) -> str:
         f"{run.path}: experiment {config['experiment']}, model {config['model']['name']}, rule {run.rule}, "
         f"data {config['dataset']}, seed {run.seed}, backend {run.backend}, {'complete' if run.complete else 'INCOMPLETE'}",
         f"  epochs: {len(run.epochs['epoch'])}; last reward probability {run.epochs['reward_probability'][-1]:.4f}, "
-        f"best validation accuracy {np.max(run.epochs['validation_accuracy']):.4f}" if len(run.epochs["epoch"]) else "  epochs: none finished",
+        f"best validation accuracy {np.max(run.epochs['validation_accuracy']):.4f}, "
+        f"learning rate {run.epochs['learning_rate'][0]:.3g} to {run.epochs['learning_rate'][-1]:.3g}" if len(run.epochs["epoch"]) else "  epochs: none finished",
     ]
     if run.result is not None:
         r = run.result

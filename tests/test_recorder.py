@@ -249,7 +249,7 @@ def finished_runs(tmp_path_factory):
 def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
     assert main(["analyze", str(finished_runs), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
-    assert out.count("complete") >= 4 and "test_acc=" in out and "open gates rewarded" in out
+    assert out.count("complete") >= 4 and "test_acc=" in out and "open gates rewarded" in out and "learning rate 0.3 to 0.3" in out
     pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     assert "reward_curves.png" in pngs and len(pngs) == 1 + 4 * 3
     for png in (tmp_path / "figures").glob("*.png"):
