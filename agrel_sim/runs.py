@@ -88,31 +88,26 @@ def run_experiment(
     check_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    if out is None:
-        return _run(experiment, seed, None, device, dtype, data_dir, resume, logging, progress, log)
-    with locked(Path(out)):
-        return _run(experiment, seed, Path(out), device, dtype, data_dir, resume, logging, progress, log)
-
-
-def _run(experiment, seed, folder, device, dtype, data_dir, resume, logging, progress, log) -> RunResult:
-    run_file, checkpoint, state = None, None, None
-    if folder is not None:
-        path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
-        if resume and is_complete(folder):
-            raise ValueError(f"{path}: this run is already complete; nothing to resume")
-        if not resume and path.exists():
-            raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
-        state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
-        config = {
-            "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
-            "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
-            "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
-        }
-        resume_after = state["epoch"] if state is not None else None
-        run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
-    data = load_dataset(experiment.dataset, data_dir)
-    return train(
-        experiment.model, data, experiment.training, seed=seed, device=device, dtype=DTYPES[dtype],
-        progress=progress, log=log, run_file=run_file, checkpoint=checkpoint, resume=state,
-        backend=experiment.backend, backend_options=experiment.backend_options,
-    )
+    folder = Path(out) if out is not None else None
+    with locked(folder) if folder is not None else contextlib.nullcontext():
+        run_file, checkpoint, state = None, None, None
+        if folder is not None:
+            path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
+            if resume and is_complete(folder):
+                raise ValueError(f"{path}: this run is already complete; nothing to resume")
+            if not resume and path.exists():
+                raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
+            state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
+            config = {
+                "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
+                "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
+                "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
+            }
+            resume_after = state["epoch"] if state is not None else None
+            run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
+        data = load_dataset(experiment.dataset, data_dir)
+        return train(
+            experiment.model, data, experiment.training, seed=seed, device=device, dtype=DTYPES[dtype],
+            progress=progress, log=log, run_file=run_file, checkpoint=checkpoint, resume=state,
+            backend=experiment.backend, backend_options=experiment.backend_options,
+        )

@@ -39,12 +39,11 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None) -> No
             raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
     if not given:
         return
-    # One reduction and one host synchronisation for all of them (this runs every batch).
-    outside = torch.stack([((v < 0) | (v >= network.n_actions)).any() for v in given.values()])
-    if outside.any():
-        for name, values in given.items():
-            if ((values < 0) | (values >= network.n_actions)).any():
-                raise ValueError(f"{name}: values must lie in [0, {network.n_actions}), got {int(values.min())}..{int(values.max())}")
+    outside = {name: ((values < 0) | (values >= network.n_actions)).any() for name, values in given.items()}
+    if torch.stack(list(outside.values())).any():  # one host synchronisation (this runs every batch)
+        name = next(name for name, flag in outside.items() if flag)
+        values = given[name]
+        raise ValueError(f"{name}: values must lie in [0, {network.n_actions}), got {int(values.min())}..{int(values.max())}")
 
 
 def check_weight_keys(weights: dict, expected: set[str]) -> None:
