@@ -10,6 +10,9 @@ An experiment file in ``experiments/`` looks like::
     name = "deepagrel"
     learning_rate = 0.5
 
+    [action_selection]            # optional: overrides of the model's [action_selection]
+    epsilon = 0.1                 # (and of its [neuromodulator], the same way)
+
     [training]
     batch_size = 10
     patience = 30
@@ -78,10 +81,10 @@ class Experiment:
             model = ColumnNetwork.from_dict({"name": name, **model_entry}, f"{source}: model")
         else:
             model = load_model(_relative_to(model_entry, source))
-        overrides = top.get("rule", dict, default={})
-        if overrides:  # checked field by field as part of the model, named as in this file
+        overrides = {key: top.get(key, dict, default={}, hint=f"a table of fields of the model's [{key}]") for key in MODEL_OVERRIDES}
+        if any(overrides.values()):  # checked field by field as part of the model, named as in this file
             described = model.to_dict()
-            model = ColumnNetwork.from_dict({**described, "rule": {**described["rule"], **overrides}}, source)
+            model = ColumnNetwork.from_dict({**described, **{key: {**described[key], **table} for key, table in overrides.items()}}, source)
         dataset = top.get("dataset", str, check=lambda v: v in LOADERS, hint=f"one of {sorted(LOADERS)}")
         training = _training_settings(top.sub("training"))
         backend = top.get("backend", str, "torch", lambda v: v in BACKENDS, f"one of {sorted(BACKENDS)}")
@@ -100,6 +103,9 @@ class Experiment:
         path = Path(path)
         return cls.from_dict(read_toml(path), str(path))
 
+
+# The model's tables that an experiment file may override field by field.
+MODEL_OVERRIDES = ("rule", "action_selection", "neuromodulator")
 
 _POSITIVE = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
 _FRACTION = dict(kind=float, check=lambda v: 0 <= v < 1, hint="a fraction in [0, 1)")

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from agrel_sim.cli import main
+from agrel_sim.experiment import Experiment
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +68,16 @@ def test_experiment_file_with_model_path_and_rule_override(tmp_path, capsys):
     assert "experiment=tiny_ebp rule=ebp seed=3" in summary and "epochs=3" in summary
 
 
+def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
+    (tmp_path / "net.toml").write_text(MODEL + "[action_selection]\nepsilon = 0.05\ntau = 0.5\n")
+    overrides = "\n[action_selection]\nepsilon = 0.1\n[neuromodulator]\nreward_wrong = -1.0\n"
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace("\n[training]", overrides + "\n[training]"))
+    model = Experiment.from_toml(tmp_path / "tiny.toml").model
+    assert (model.action_selection.epsilon, model.action_selection.tau) == (0.1, 0.5)
+    assert (model.neuromodulator.reward_correct, model.neuromodulator.reward_wrong) == (1.0, -1.0)
+    assert (model.rule.name, model.rule.learning_rate) == ("ebp", 0.1)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -76,6 +87,9 @@ def test_experiment_file_with_model_path_and_rule_override(tmp_path, capsys):
         (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
         (("patience = 2", "patience = 2\nlr_decay_patience = 0"), r"tiny\.toml: training\.lr_decay_patience: expected an integer >= 1"),
         (('model = "net.toml"', 'model = "nowhere.toml"'), r"nowhere\.toml: model file not found"),
+        (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
+        (("[training]", "[neuromodulator]\nreward = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward: unknown field"),
+        (('dataset = "digits"', 'dataset = "digits"\naction_selection = 0.1'), r"tiny\.toml: action_selection: expected a table of fields of the model's \[action_selection\], got 0\.1"),
     ],
 )
 def test_bad_experiment_files_fail_before_training(tmp_path, capsys, change, message):

@@ -99,10 +99,16 @@ def test_every_repository_experiment_and_the_table1_sweep_load():
     assert len(sweep.experiments) == 44 and sweep.seeds == tuple(range(10))
     files = sorted(p for p in folder.glob("*.toml") if p.stem != "table1")
     assert {str(p) for p in files} >= set(sweep.experiments)
+    settings = set()
     for path in files:
         experiment = load_experiment(path)
         assert experiment.name == path.stem
         assert (experiment.training.augmentation is not None) == ("_aug_" in path.stem)
+        if str(path) in sweep.experiments:
+            model = experiment.model
+            settings.add((model.rule.name, model.rule.learning_rate, model.action_selection.epsilon if model.rule.name == "deepagrel" else None))
+    # One setting per rule across Table 1: the values chosen on the MNIST conv net (README).
+    assert settings == {("deepagrel", 1.0, 0.02), ("ebp", 0.2, None)}
 
 
 def test_train_refuses_a_sweep_file(capsys):
