@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -65,6 +66,46 @@ def locked(folder: Path):
         yield
 
 
+def _leaves(value, prefix: str = "") -> dict:
+    """Nested dicts and lists as ``{"a.b[0].c": leaf}``."""
+    if isinstance(value, dict):
+        items = ((f"{prefix}.{key}" if prefix else key, item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{prefix}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return {prefix: value}
+    leaves = {}
+    for key, item in items:
+        leaves.update(_leaves(item, key))
+    return leaves
+
+
+def check_same_run(path: Path, config: dict, seed: int) -> None:
+    """Refuse to resume the run in ``path`` with another seed or configuration than it began with.
+
+    A run continued under other settings (another seed draws another validation split, say)
+    would be a mixture that no uninterrupted run produces. Only ``source``, the path the
+    experiment was read from, may differ: a moved checkout resumes its runs.
+    """
+    try:
+        with h5py.File(path, "r") as handle:
+            before = {"seed": int(handle.attrs["seed"]), **json.loads(handle.attrs["config"])}
+    except (OSError, KeyError) as error:
+        raise ValueError(f"{path}: the run file of this checkpoint is missing or unreadable ({error}); start the run again in a new folder") from None
+    now = json.loads(json.dumps({"seed": seed, **config}))
+    before, now = _leaves(before), _leaves(now)
+    show = lambda leaves, key: repr(leaves[key]) if key in leaves else "absent"  # noqa: E731
+    differences = [
+        f"{key}: {show(before, key)} in the run, {show(now, key)} now"
+        for key in sorted(before.keys() | now.keys()) if key != "source" and before.get(key) != now.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"{path}: cannot resume this run with other settings than it began with ("
+            + "; ".join(differences) + "); resume it with the same experiment, seed and options, or choose another --out"
+        )
+
+
 def run_experiment(
     experiment: Experiment,
     seed: int = 0,
@@ -103,6 +144,8 @@ def run_experiment(
                 "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
                 "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
             }
+            if state is not None:
+                check_same_run(path, {**config, "logging": dataclasses.asdict(logging)}, seed)
             resume_after = state["epoch"] if state is not None else None
             run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
         data = load_dataset(experiment.dataset, data_dir)

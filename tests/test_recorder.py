@@ -29,11 +29,12 @@ MODEL = {
 }
 
 
-def experiment(rule="deepagrel", epochs=3, factor=None):
-    training = {"batch_size": 20, "max_epochs": epochs, "patience": 100, "validation_size": 200}
+def experiment(rule="deepagrel", epochs=3, factor=None, batch_size=20, learning_rate=0.3):
+    training = {"batch_size": batch_size, "max_epochs": epochs, "patience": 100, "validation_size": 200}
     if factor:
         training["augmentation"] = {"factor": factor}
-    return Experiment.from_dict({"name": f"small_{rule}", "model": MODEL, "dataset": "digits", "rule": {"name": rule}, "training": training}, "<test>")
+    rule_fields = {"name": rule, "learning_rate": learning_rate}
+    return Experiment.from_dict({"name": f"small_{rule}", "model": MODEL, "dataset": "digits", "rule": rule_fields, "training": training}, "<test>")
 
 
 @pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
@@ -100,7 +101,7 @@ def test_a_second_process_cannot_train_in_a_busy_run_folder(tmp_path):
 
 
 def test_older_checkpoints_and_run_files_cannot_be_resumed(tmp_path):
-    run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+    run_experiment(experiment(epochs=2), out=tmp_path, log=None)
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["complete"] = False  # as if killed
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -112,6 +113,17 @@ def test_older_checkpoints_and_run_files_cannot_be_resumed(tmp_path):
         run.attrs["layout_version"] = 1
     with pytest.raises(ValueError, match=r"run\.h5: run-file layout version 1, but this agrel-sim writes 2"):
         run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+
+
+def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path):
+    run_experiment(experiment(epochs=1), seed=3, out=tmp_path, log=None)
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        run.attrs["complete"] = False  # as if killed
+    with pytest.raises(ValueError, match=r"run\.h5: cannot resume this run with other settings.*seed: 3 in the run, 4 now.*same experiment, seed"):
+        run_experiment(experiment(epochs=1), seed=4, out=tmp_path, resume=True, log=None)
+    with pytest.raises(ValueError, match=r"model\.rule\.learning_rate: 0\.3 in the run, 0\.5 now; training\.batch_size: 20 in the run, 10 now"):
+        run_experiment(experiment(epochs=1, batch_size=10, learning_rate=0.5), seed=3, out=tmp_path, resume=True, log=None)
+    run_experiment(experiment(epochs=1), seed=3, out=tmp_path, resume=True, log=None)  # the same settings resume
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
