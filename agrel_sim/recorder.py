@@ -77,6 +77,11 @@ class LogSettings:
     summary_trials: int = 20
 
 
+def stored_config(config: dict, settings: LogSettings) -> dict:
+    """The configuration a run file stores (``/`` attribute ``config``): the experiment's and the logging's."""
+    return {**config, "logging": asdict(settings)}
+
+
 def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
     start = dataset.shape[0]
     dataset.resize(start + len(rows), axis=0)
@@ -145,7 +150,7 @@ class RunFile:
         attrs["seed"] = seed
         attrs["backend"] = config.get("backend", "torch")
         attrs["rule"] = net.description.rule.name
-        attrs["config"] = json.dumps({**config, "logging": asdict(self.settings)})
+        attrs["config"] = json.dumps(stored_config(config, self.settings))
         attrs["complete"] = False
         epochs = self.file.create_group("epochs")
         for name in EPOCH_FIELDS:

@@ -22,7 +22,7 @@ import torch
 
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
-from agrel_sim.recorder import LogSettings, RunFile
+from agrel_sim.recorder import LogSettings, RunFile, stored_config
 from agrel_sim.training import RunResult, load_checkpoint, train
 
 RUN_FILE = "run.h5"
@@ -145,7 +145,7 @@ def run_experiment(
                 "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
             }
             if state is not None:
-                check_same_run(path, {**config, "logging": dataclasses.asdict(logging)}, seed)
+                check_same_run(path, stored_config(config, logging), seed)
             resume_after = state["epoch"] if state is not None else None
             run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
         data = load_dataset(experiment.dataset, data_dir)

@@ -124,6 +124,9 @@ def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path):
     with pytest.raises(ValueError, match=r"model\.rule\.learning_rate: 0\.3 in the run, 0\.5 now; training\.batch_size: 20 in the run, 10 now"):
         run_experiment(experiment(epochs=1, batch_size=10, learning_rate=0.5), seed=3, out=tmp_path, resume=True, log=None)
     run_experiment(experiment(epochs=1), seed=3, out=tmp_path, resume=True, log=None)  # the same settings resume
+    (tmp_path / "run.h5").unlink()
+    with pytest.raises(ValueError, match=r"run\.h5: the run file of this checkpoint is missing or unreadable.*start the run again"):
+        run_experiment(experiment(epochs=1), seed=3, out=tmp_path, resume=True, log=None)
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
