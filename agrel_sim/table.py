@@ -27,9 +27,10 @@ class RuleStats:
     def runs(self) -> int:
         return len(self.accuracies)
 
-    def accuracy_mean_std(self) -> tuple[float, float]:
+    def accuracy_mean_std(self) -> tuple[float, float | None]:
+        """Mean and sample standard deviation; the deviation of a single run is undefined (None)."""
         mean = statistics.fmean(self.accuracies)
-        return mean, statistics.stdev(self.accuracies) if self.runs > 1 else 0.0
+        return mean, statistics.stdev(self.accuracies) if self.runs > 1 else None
 
     def mean_epochs(self) -> float:
         return statistics.fmean(self.epochs)
@@ -53,7 +54,8 @@ def table1(records: list[dict]) -> list[dict]:
             s = stats[rule]
             if s.runs:
                 mean, std = s.accuracy_mean_std()
-                row[f"{rule}_acc_mean"], row[f"{rule}_acc_std"] = 100 * mean, 100 * std
+                row[f"{rule}_acc_mean"] = 100 * mean
+                row[f"{rule}_acc_std"] = None if std is None else 100 * std
                 row[f"{rule}_epochs"] = s.mean_epochs()
                 row[f"{rule}_converged"] = f"{sum(s.converged)}/{s.runs}"
             else:
@@ -69,6 +71,13 @@ def _fmt(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def _accuracy(mean, std):
+    """'mean ± std'; the mean alone for a single run; '–' for none."""
+    if mean is None:
+        return "–"
+    return format(mean, ".2f") if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
 def markdown(table: list[dict]) -> str:
     """Table 1 as Markdown."""
     lines = [
@@ -76,7 +85,7 @@ def markdown(table: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
-        acc = {r: f"{_fmt(row[f'{r}_acc_mean'], '.2f')} ± {_fmt(row[f'{r}_acc_std'], '.2f')}" for r in RULES}
+        acc = {r: _accuracy(row[f"{r}_acc_mean"], row[f"{r}_acc_std"]) for r in RULES}
         lines.append(
             f"| {row['dataset']} | {row['network']} | {row['augmentation']} | {acc['deepagrel']} | {acc['ebp']} | "
             f"{_fmt(row['deepagrel_epochs'], '.1f')} | {_fmt(row['ebp_epochs'], '.1f')} | {_fmt(row['epoch_ratio'], '.2f')} | "
