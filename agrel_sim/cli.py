@@ -20,7 +20,7 @@ def _train(args) -> int:
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
     if args.rule:
         experiment = experiment.with_rule(args.rule)
-    if args.max_epochs:
+    if args.max_epochs is not None:
         experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, max_epochs=args.max_epochs))
     out = Path(args.out) if args.out else default_run_folder(experiment, args.seed)
     model = experiment.model
@@ -64,17 +64,32 @@ def _analyze(args) -> int:
     return 0
 
 
+def _integer_from(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give an integer of at least {minimum}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="agrel-sim", description="Simulate deep networks of cortical columns that learn by reinforcement (DeepAGREL).")
     commands = root.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one run of an experiment", description="Train one run; with no EXPERIMENT, the embedded default (8×8 digits, DeepAGREL).")
     train.add_argument("experiment", nargs="?", help="experiment name (in experiments/) or path to a .toml file")
-    train.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
+    train.add_argument("--seed", type=_integer_from(0), default=0, help="seed of the run (default 0)")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     train.add_argument("--rule", choices=["deepagrel", "ebp"], help="override the experiment's rule")
-    train.add_argument("--max-epochs", type=int, help="override the experiment's training.max_epochs (a short trial run)")
+    train.add_argument("--max-epochs", type=_integer_from(1), help="override the experiment's training.max_epochs (a short trial run)")
     train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
     train.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -83,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")
     sweep.add_argument("sweep", help="sweep name (in experiments/) or path to a .toml file")
-    sweep.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    sweep.add_argument("--jobs", type=_integer_from(1), default=1, help="runs at once (default 1)")
     sweep.add_argument("--executor", choices=EXECUTORS, default="local", help="local process pool (default), slurm via submitit, or submitit-local")
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--out", help="output folder (default: the sweep file's out)")

@@ -122,6 +122,8 @@ def run_sweep(sweep: Sweep, out=None, jobs: int = 1, executor: str = "local", de
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {jobs!r}")
     out = Path(out or sweep.out)
     threads = max(1, (os.cpu_count() or 1) // jobs) if executor == "local" else int(sweep.slurm.get("cpus_per_task", 1))
     tasks, finished = plan(sweep, out, device, data_dir, threads)

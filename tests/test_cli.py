@@ -104,3 +104,24 @@ def test_bad_experiment_files_fail_before_training(tmp_path, capsys, change, mes
 def test_unknown_experiment_name_lists_the_paths_tried(capsys):
     assert main(["train", "no_such_experiment"]) == 2
     assert re.search(r"experiment 'no_such_experiment' not found; tried:\n.*no_such_experiment\.toml", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--seed", "-1"], "argument --seed: -1 is below 0"),
+    (["train", "--max-epochs", "0"], "argument --max-epochs: 0 is below 1"),
+    (["train", "--seed", "two"], "argument --seed: 'two' is not an integer"),
+    (["sweep", "table1", "--jobs", "0"], "argument --jobs: 0 is below 1"),
+])
+def test_bad_counts_on_the_command_line_fail_before_any_run(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_max_epochs_overrides_the_experiment(tmp_path, capsys):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT)
+    assert main(["train", str(tmp_path / "tiny.toml"), "--max-epochs", "1", "--quiet"]) == 0
+    assert "epochs=1 " in capsys.readouterr().out.strip().splitlines()[-1]

@@ -2,12 +2,15 @@
 
 import csv
 import re
+from pathlib import Path
 
 import h5py
 
 import pytest
 
 from agrel_sim.cli import main
+from agrel_sim.experiment import load_experiment
+from agrel_sim.sweep import load_sweep, run_sweep
 from agrel_sim.table import markdown, table1
 
 MODEL = """
@@ -89,11 +92,6 @@ def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, c
 
 
 def test_every_repository_experiment_and_the_table1_sweep_load():
-    from pathlib import Path
-
-    from agrel_sim.experiment import load_experiment
-    from agrel_sim.sweep import load_sweep
-
     folder = Path(__file__).resolve().parent.parent / "experiments"
     sweep = load_sweep(folder / "table1.toml")
     assert len(sweep.experiments) == 44 and sweep.seeds == tuple(range(10))
@@ -121,6 +119,12 @@ def test_bad_sweep_file(tmp_path, capsys):
     path.write_text('experiments = ["no_such_experiment"]\nseeds = [0]\n')
     assert main(["sweep", str(path)]) == 2
     assert re.search(r"sweep\.toml: experiments\[0\]: experiment 'no_such_experiment' not found", capsys.readouterr().err)
+
+
+def test_a_sweep_needs_at_least_one_job(tmp_path):
+    with pytest.raises(ValueError, match="jobs: expected a whole number of runs at once, at least 1, got 0"):
+        run_sweep(load_sweep("table1"), tmp_path, jobs=0)
+    assert not any(tmp_path.iterdir())
 
 
 def record(dataset, network, rule, accuracy, epochs, converged=True, augmented=False):
