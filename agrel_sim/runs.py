@@ -49,15 +49,28 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def check_device(device: str) -> None:
-    """Raise a clear error for a CUDA device on a machine without one."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine; use 'cpu'")
+    """Raise a clear error for a device name other than cpu, cuda or cuda:N, or a CUDA device this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine; use 'cpu'")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device: {device!r} requested but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 @contextlib.contextmanager
 def locked(folder: Path):
     """Hold the run folder's lock, or raise if another process holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, a read-only disk
+        raise ValueError(f"{folder}: cannot make the run folder ({error.strerror}); choose another --out") from None
     with open(folder / LOCK_FILE, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

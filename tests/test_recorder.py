@@ -83,6 +83,26 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
         run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
 
 
+def test_a_run_folder_that_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "taken").write_text("a file where the run folder should go")
+    with pytest.raises(ValueError, match=r"taken: cannot make the run folder \(File exists\); choose another --out"):
+        run_experiment(experiment(epochs=1), out=tmp_path / "taken", log=None)
+
+
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("gpu", 1, r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ("cuda:x", 1, r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+    ("cuda", 0, r"device: 'cuda' requested but CUDA is not available on this machine; use 'cpu'"),
+    ("cuda:2", 2, r"device: 'cuda:2' requested but this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"),
+])
+def test_devices_are_checked_before_the_run_folder_is_made(device, cuda_devices, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    with pytest.raises(ValueError, match=message):
+        run_experiment(experiment(epochs=1), out=tmp_path / "run", device=device, log=None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_second_process_cannot_train_in_a_busy_run_folder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)", str(tmp_path / "run.lock")],
