@@ -66,7 +66,12 @@ def check_device(device: str) -> None:
 
 @contextlib.contextmanager
 def locked(folder: Path):
-    """Hold the run folder's lock, or raise if another process holds it."""
+    """Hold the run folder's lock, or raise if another process holds it.
+
+    Folders made here are removed again if the run fails before writing anything into them
+    (missing data files, say), so a failed start leaves no empty run folder behind.
+    """
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, no permission, a read-only disk
@@ -76,7 +81,16 @@ def locked(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"{folder}: another process is training in this run folder; wait for it to end or choose another --out") from None
-        yield
+        try:
+            yield
+        except BaseException:
+            if made and [entry.name for entry in folder.iterdir()] == [LOCK_FILE]:
+                (folder / LOCK_FILE).unlink()
+                for path in made:  # the run folder first, then the parents made for it
+                    if any(path.iterdir()):
+                        break
+                    path.rmdir()
+            raise
 
 
 def _leaves(value, prefix: str = "") -> dict:

@@ -1,5 +1,6 @@
 """Run files, checkpoints and exact resume after SIGKILL, and the analysis of run files."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -87,6 +88,17 @@ def test_a_run_folder_that_cannot_be_made_is_named(tmp_path):
     (tmp_path / "taken").write_text("a file where the run folder should go")
     with pytest.raises(ValueError, match=r"taken: cannot make the run folder \(File exists\); choose another --out"):
         run_experiment(experiment(epochs=1), out=tmp_path / "taken", log=None)
+
+
+def test_a_failed_start_leaves_no_empty_run_folder(tmp_path):
+    on_mnist = dataclasses.replace(experiment(epochs=1), dataset="mnist")
+    with pytest.raises(ValueError, match="MNIST"):
+        run_experiment(on_mnist, out=tmp_path / "runs" / "small" / "seed0", data_dir=tmp_path / "no_data", log=None)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    with pytest.raises(ValueError, match="MNIST"):
+        run_experiment(on_mnist, out=tmp_path / "mine", data_dir=tmp_path / "no_data", log=None)
+    assert (tmp_path / "mine").is_dir()
 
 
 @pytest.mark.parametrize("device, cuda_devices, message", [
