@@ -27,7 +27,7 @@ from pathlib import Path
 
 from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
-from agrel_sim.runs import default_run_folder, is_complete
+from agrel_sim.runs import check_device, default_run_folder, is_complete
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -124,6 +124,8 @@ def run_sweep(sweep: Sweep, out=None, jobs: int = 1, executor: str = "local", de
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
     if not (isinstance(jobs, int) and jobs >= 1):
         raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {jobs!r}")
+    if executor != "slurm":  # the machine that submits to SLURM need not have the cluster's GPUs
+        check_device(device)
     out = Path(out or sweep.out)
     threads = max(1, (os.cpu_count() or 1) // jobs) if executor == "local" else int(sweep.slurm.get("cpus_per_task", 1))
     tasks, finished = plan(sweep, out, device, data_dir, threads)

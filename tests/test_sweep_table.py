@@ -121,9 +121,11 @@ def test_bad_sweep_file(tmp_path, capsys):
     assert re.search(r"sweep\.toml: experiments\[0\]: experiment 'no_such_experiment' not found", capsys.readouterr().err)
 
 
-def test_a_sweep_needs_at_least_one_job(tmp_path):
+def test_a_sweep_checks_its_jobs_and_device_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="jobs: expected a whole number of runs at once, at least 1, got 0"):
         run_sweep(load_sweep("table1"), tmp_path, jobs=0)
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        run_sweep(load_sweep("table1"), tmp_path, device="gpu")
     assert not any(tmp_path.iterdir())
 
 
