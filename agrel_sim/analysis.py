@@ -15,7 +15,8 @@ import h5py
 import numpy as np
 
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION
-from agrel_sim.runs import RUN_FILE
+from agrel_sim.runs import RUN_FILE, flatten
+from agrel_sim.table import row_key
 
 
 class RunFileError(ValueError):
@@ -191,13 +192,41 @@ def gating_by_outcome(run: Run) -> dict[str, dict[str, float]]:
     return out
 
 
+# What runs that share a Table 1 row and a rule must have in common (all but seed, device, logging).
+ROW_SETTINGS = ("dataset", "model", "training", "backend", "backend_options", "dtype")
+
+
 def table1_records(runs: list[Run]) -> list[dict]:
-    """The data behind Table 1: one record per complete run, for :func:`agrel_sim.table.table1`."""
-    return [
-        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result}
-        for run in runs
-        if run.complete and run.result is not None
-    ]
+    """The data behind Table 1: one record per complete run, for :func:`agrel_sim.table.table1`.
+
+    A row of the table averages runs of one rule that differ only in their seed. Runs of a row
+    made with other settings (a longer patience, another learning rate), or one seed twice,
+    would be averaged into a figure that no protocol produced: they raise :class:`RunFileError`
+    naming both run files. Settings that one of the two run files lacks (written by an older
+    agrel-sim) are not compared.
+    """
+    records, first = [], {}  # first: (row, rule) -> (run, its flattened settings, {seed: path})
+    for run in runs:
+        if not (run.complete and run.result is not None):
+            continue
+        record = {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result}
+        settings = flatten({key: run.config[key] for key in ROW_SETTINGS if key in run.config})
+        row = (*row_key(record), run.rule)
+        if row not in first:
+            first[row] = (run, settings, {})
+        other, other_settings, seeds = first[row]
+        differences = [f"{key}: {other_settings[key]!r} and {settings[key]!r}" for key in sorted(settings.keys() & other_settings.keys()) if settings[key] != other_settings[key]]
+        where = f"Table 1 row {row[0]}, {row[1]}, {'10x augmentation' if row[2] else 'no augmentation'}, {run.rule}"
+        if differences:
+            raise RunFileError(
+                f"{other.path} and {run.path}: runs of the {where} made with different settings ({'; '.join(differences)}); "
+                "a row averages runs that differ only in their seed: give `agrel-sim table` a folder with one setting per row (one sweep's out folder, say)"
+            )
+        if run.seed in seeds:
+            raise RunFileError(f"{seeds[run.seed]} and {run.path}: seed {run.seed} twice in the {where}; a row averages distinct seeds: remove or move one of them")
+        seeds[run.seed] = run.path
+        records.append(record)
+    return records
 
 
 def summary(run: Run) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from agrel_sim.analysis import analyze, load_runs, table1_records
+from agrel_sim.analysis import IncompleteRunWarning, analyze, load_runs, table1_records
 from agrel_sim.experiment import default_experiment, load_experiment
 from agrel_sim.runs import DTYPES, default_run_folder, run_experiment
 from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
@@ -20,8 +21,9 @@ def _train(args) -> int:
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
     if args.rule:
         experiment = experiment.with_rule(args.rule)
-    if args.max_epochs is not None:
-        experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, max_epochs=args.max_epochs))
+    stopping = {name: value for name, value in (("max_epochs", args.max_epochs), ("patience", args.patience)) if value is not None}
+    if stopping:
+        experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, **stopping))
     out = Path(args.out) if args.out else default_run_folder(experiment, args.seed)
     model = experiment.model
     print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
@@ -44,14 +46,21 @@ def _sweep(args) -> int:
 
 
 def _table(args) -> int:
-    records = table1_records(load_runs(args.runs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteRunWarning)  # listed at the end instead, as left out
+        runs = load_runs(args.runs)
+    incomplete = [str(run.path) for run in runs if not run.complete]
+    left_out = f"{len(incomplete)} incomplete run(s) left out (still running, killed or crashed; --resume or the sweep again finishes them): {', '.join(incomplete)}"
+    records = table1_records(runs)
     if not records:
-        raise ValueError(f"{args.runs}: no complete runs here")
+        raise ValueError(f"{args.runs}: no complete runs here" + (f"; {left_out}" if incomplete else ""))
     table = table1(records)
     print(markdown(table))
     csv_path = Path(args.csv) if args.csv else (Path(args.runs) if Path(args.runs).is_dir() else Path(args.runs).parent) / "table1.csv"
     write_csv(table, csv_path)
     print(f"\n{len(records)} runs; CSV written to {csv_path}")
+    if incomplete:
+        print(left_out)
     return 0
 
 
@@ -90,9 +99,10 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     train.add_argument("--rule", choices=["deepagrel", "ebp"], help="override the experiment's rule")
     train.add_argument("--max-epochs", type=_integer_from(1), help="override the experiment's training.max_epochs (a short trial run)")
+    train.add_argument("--patience", type=_integer_from(1), help="override the experiment's training.patience (epochs without a better validation accuracy before stopping)")
     train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
     train.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; a finished run goes on if given a longer --patience or more --max-epochs")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     train.set_defaults(handler=_train)
 
@@ -117,13 +127,20 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on the terminal, like errors (not Python's file and source line)."""
+    print(f"agrel-sim: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except ValueError as error:  # bad input: configuration, data, devices, run files
-        print(f"agrel-sim: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():  # restores Python's own display of warnings on return
+        warnings.showwarning = _show_warning
+        try:
+            return args.handler(args)
+        except ValueError as error:  # bad input: configuration, data, devices, run files
+            print(f"agrel-sim: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

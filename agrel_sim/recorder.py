@@ -107,7 +107,9 @@ class RunFile:
     settings : LogSettings
     resume_after : int or None
         Reopen an existing file and drop whatever it holds beyond this epoch (records of an
-        epoch that the checkpoint does not cover), instead of creating a new file.
+        epoch that the checkpoint does not cover), instead of creating a new file. The file
+        then stores ``config`` (a run continued with a longer patience, say) and no result until
+        the run ends again.
     """
 
     def __init__(self, path: Path, net, config: dict, seed: int, settings: LogSettings = LogSettings(), resume_after: int | None = None):
@@ -123,7 +125,10 @@ class RunFile:
                 if version != LAYOUT_VERSION:
                     raise ValueError(f"{self.path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
                 self._truncate_after(resume_after)
+                self.file.attrs["config"] = json.dumps(stored_config(config, settings))
                 self.file.attrs["complete"] = False
+                if "result" in self.file:
+                    del self.file["result"]
             self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}
         self._new_epoch_buffers()
 

@@ -93,7 +93,7 @@ def locked(folder: Path):
             raise
 
 
-def _leaves(value, prefix: str = "") -> dict:
+def flatten(value, prefix: str = "") -> dict:
     """Nested dicts and lists as ``{"a.b[0].c": leaf}``."""
     if isinstance(value, dict):
         items = ((f"{prefix}.{key}" if prefix else key, item) for key, item in value.items())
@@ -103,16 +103,36 @@ def _leaves(value, prefix: str = "") -> dict:
         return {prefix: value}
     leaves = {}
     for key, item in items:
-        leaves.update(_leaves(item, key))
+        leaves.update(flatten(item, key))
     return leaves
 
 
-def check_same_run(path: Path, config: dict, seed: int) -> None:
-    """Refuse to resume the run in ``path`` with another seed or configuration than it began with.
+# Settings that may be raised when a run is continued: a run stopped by a patience or an epoch
+# limit continues exactly as an uninterrupted run with the higher one would have gone on.
+STOPPING = ("training.patience", "training.max_epochs")
+
+
+def run_config(experiment: Experiment, device: str = "cpu", dtype: str = "float32") -> dict:
+    """The settings of a run of ``experiment`` (stored in its run file with the logging settings)."""
+    return {
+        "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
+        "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
+        "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
+    }
+
+
+def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] = ("source",)) -> bool:
+    """Refuse to continue the run in ``path`` with another seed or other settings than it began with.
 
     A run continued under other settings (another seed draws another validation split, say)
-    would be a mixture that no uninterrupted run produces. Only ``source``, the path the
-    experiment was read from, may differ: a moved checkout resumes its runs.
+    would be a mixture that no uninterrupted run produces. Keys in ``ignore`` may differ: by
+    default only ``source``, the path the experiment was read from, so that a moved checkout
+    resumes its runs. The stopping criterion (:data:`STOPPING`) may be raised, never lowered.
+
+    Returns
+    -------
+    bool
+        Whether the stopping criterion was raised.
     """
     try:
         with h5py.File(path, "r") as handle:
@@ -120,17 +140,18 @@ def check_same_run(path: Path, config: dict, seed: int) -> None:
     except (OSError, KeyError) as error:
         raise ValueError(f"{path}: the run file of this checkpoint is missing or unreadable ({error}); start the run again in a new folder") from None
     now = json.loads(json.dumps({"seed": seed, **config}))
-    before, now = _leaves(before), _leaves(now)
+    before, now = flatten(before), flatten(now)
     show = lambda leaves, key: repr(leaves[key]) if key in leaves else "absent"  # noqa: E731
-    differences = [
-        f"{key}: {show(before, key)} in the run, {show(now, key)} now"
-        for key in sorted(before.keys() | now.keys()) if key != "source" and before.get(key) != now.get(key)
-    ]
+    changed = [key for key in sorted(before.keys() | now.keys()) if key not in ignore and before.get(key) != now.get(key)]
+    raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]
+    differences = [f"{key}: {show(before, key)} in the run, {show(now, key)} now" for key in changed if key not in raised]
     if differences:
         raise ValueError(
-            f"{path}: cannot resume this run with other settings than it began with ("
-            + "; ".join(differences) + "); resume it with the same experiment, seed and options, or choose another --out"
+            f"{path}: cannot continue this run with other settings than it began with ("
+            + "; ".join(differences) + "); continue it with the same experiment, seed and options (a longer patience"
+            " or more epochs may be given), or choose another --out"
         )
+    return bool(raised)
 
 
 def run_experiment(
@@ -150,8 +171,10 @@ def run_experiment(
     Parameters
     ----------
     resume : bool
-        Continue from the folder's checkpoint. Without it, a folder that already holds a run
-        file is an error, so that no finished work is overwritten.
+        Continue from the folder's checkpoint, with the settings the run began with; a longer
+        patience or more epochs may be given, and a finished run then goes on (its run file
+        takes the new settings). Without it, a folder that already holds a run file is an
+        error, so that no finished work is overwritten.
     """
     check_device(device)
     if dtype not in DTYPES:
@@ -161,18 +184,17 @@ def run_experiment(
         run_file, checkpoint, state = None, None, None
         if folder is not None:
             path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
-            if resume and is_complete(folder):
-                raise ValueError(f"{path}: this run is already complete; nothing to resume")
             if not resume and path.exists():
                 raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
+            config = run_config(experiment, device, dtype)
+            complete = resume and is_complete(folder)
+            if complete and not checkpoint.is_file():
+                raise ValueError(f"{path}: this run is complete and its checkpoint {checkpoint.name} is gone, so it cannot be continued; train it again in a new folder")
             state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
-            config = {
-                "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
-                "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
-                "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
-            }
             if state is not None:
-                check_same_run(path, stored_config(config, logging), seed)
+                raised = check_same_run(path, stored_config(config, logging), seed)
+                if complete and not raised:
+                    raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
             resume_after = state["epoch"] if state is not None else None
             run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
         data = load_dataset(experiment.dataset, data_dir)

@@ -14,7 +14,9 @@ A sweep file in ``experiments/`` lists experiments and seeds::
 
 Each run records itself in ``<out>/<experiment>/seed<N>/run.h5``; runs whose run file is
 complete are skipped and interrupted ones resume from their checkpoint, so a sweep can be
-started again after a failure and only the missing work executes.
+started again after a failure and only the missing work executes. A finished run goes on if its
+experiment file now has a longer patience or more epochs; a run made with any other settings
+stops the sweep with an error that names them, before anything runs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 
 from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
-from agrel_sim.runs import check_device, default_run_folder, is_complete
+from agrel_sim.recorder import LogSettings, stored_config
+from agrel_sim.runs import RUN_FILE, check_device, check_same_run, default_run_folder, is_complete, run_config
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -95,14 +98,22 @@ def execute(task: RunTask) -> str:
 def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=None, threads: int = 1) -> tuple[list[RunTask], list[Path]]:
     """The tasks still to run and the folders of the runs that have already finished.
 
-    Every experiment file is loaded first, so a bad one stops the sweep before anything runs.
+    Every experiment file is loaded and every existing run file checked against it first, so a
+    bad file, or a run made with other settings, stops the sweep before anything runs.
     """
     tasks, finished = [], []
     for path in sweep.experiments:
         experiment: Experiment = load_experiment(path)
         for seed in sweep.seeds:
             folder = default_run_folder(experiment, seed, out)
-            if is_complete(folder):
+            complete = is_complete(folder)
+            if (folder / RUN_FILE).exists():
+                # A run made with other settings is never counted as this experiment's: it stops
+                # the sweep here, unless only its patience or epoch limit was raised (it goes on).
+                config = stored_config(run_config(experiment, device), LogSettings())
+                raised = check_same_run(folder / RUN_FILE, config, seed, ignore=("source", "device") if complete else ("source",))
+                complete = complete and not raised
+            if complete:
                 finished.append(folder)
             else:
                 tasks.append(RunTask(path, seed, str(folder), device, None if data_dir is None else str(data_dir), threads))

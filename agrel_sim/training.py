@@ -182,7 +182,8 @@ def train(
         Where to write a checkpoint at the end of every epoch.
     resume : dict or None
         A checkpoint (:func:`load_checkpoint`) to continue from; the result is identical to an
-        uninterrupted run with the same seed.
+        uninterrupted run with the same seed and ``settings``. A run that stopped continues if
+        ``settings`` has a longer patience or more epochs, as if it had had them from the start.
     backend : str
         The backend that builds the network (:data:`agrel_sim.backends.BACKENDS`).
     backend_options : dict or None
@@ -246,7 +247,9 @@ def train(
         if validation > best_accuracy:
             best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
         stopped = epoch - best_epoch >= settings.patience
-        if not stopped and settings.lr_decay_factor < 1 and epoch - max(best_epoch, last_decay) >= settings.lr_decay_patience:
+        # Decided also at the stop, so that the checkpoint holds the rate with which a longer
+        # patience would go on.
+        if settings.lr_decay_factor < 1 and epoch - max(best_epoch, last_decay) >= settings.lr_decay_patience:
             net.learning_rate *= settings.lr_decay_factor
             last_decay = epoch
         if recorder is not None:

@@ -1,9 +1,11 @@
 """The command line, driven end to end through its real entry points."""
 
+import json
 import re
 import subprocess
 import sys
 
+import h5py
 import pytest
 
 from agrel_sim.cli import main
@@ -109,6 +111,7 @@ def test_unknown_experiment_name_lists_the_paths_tried(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--seed", "-1"], "argument --seed: -1 is below 0"),
     (["train", "--max-epochs", "0"], "argument --max-epochs: 0 is below 1"),
+    (["train", "--patience", "0"], "argument --patience: 0 is below 1"),
     (["train", "--seed", "two"], "argument --seed: 'two' is not an integer"),
     (["sweep", "table1", "--jobs", "0"], "argument --jobs: 0 is below 1"),
 ])
@@ -120,8 +123,15 @@ def test_bad_counts_on_the_command_line_fail_before_any_run(argv, message, capsy
     assert not (tmp_path / "runs").exists()
 
 
-def test_max_epochs_overrides_the_experiment(tmp_path, capsys):
+def test_max_epochs_and_patience_override_the_experiment(tmp_path, capsys):
     (tmp_path / "net.toml").write_text(MODEL)
     (tmp_path / "tiny.toml").write_text(EXPERIMENT)
-    assert main(["train", str(tmp_path / "tiny.toml"), "--max-epochs", "1", "--quiet"]) == 0
+    assert main(["train", str(tmp_path / "tiny.toml"), "--max-epochs", "1", "--patience", "7", "--quiet"]) == 0
     assert "epochs=1 " in capsys.readouterr().out.strip().splitlines()[-1]
+    with h5py.File(tmp_path / "runs" / "tiny_ebp" / "seed0" / "run.h5", "r") as run:
+        training = json.loads(run.attrs["config"])["training"]
+    assert (training["max_epochs"], training["patience"]) == (1, 7), "the run file records the overrides"
+    assert main(["train", str(tmp_path / "tiny.toml"), "--resume", "--max-epochs", "2", "--patience", "6", "--quiet"]) == 2
+    assert "training.patience: 7 in the run, 6 now" in capsys.readouterr().err, "a patience is never lowered"
+    assert main(["train", str(tmp_path / "tiny.toml"), "--resume", "--max-epochs", "2", "--patience", "7", "--quiet"]) == 0
+    assert "epochs=2 " in capsys.readouterr().out.strip().splitlines()[-1]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,64 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
         run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
 
 
+def datasets(path):
+    """Every dataset of a run file but the wall times, and its attributes but the software's version."""
+    with h5py.File(path, "r") as run:
+        found = {"attrs": {k: v for k, v in run.attrs.items() if k != "software_version"}}
+        found["result"] = {k: v for k, v in run["result"].attrs.items() if k != "seconds"}
+        run.visititems(lambda name, item: found.update({name: item[()]}) if isinstance(item, h5py.Dataset) and name != "epochs/seconds" else None)
+    return found
+
+
+def test_a_finished_run_goes_on_with_more_epochs_as_if_it_had_had_them(tmp_path):
+    whole = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "whole", log=None)
+    run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", log=None)
+    with pytest.raises(ValueError, match=r"already complete; nothing to resume \(to go on, raise training\.patience or training\.max_epochs"):
+        run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", resume=True, log=None)
+    with pytest.raises(ValueError, match=r"cannot continue this run with other settings.*training\.max_epochs: 2 in the run, 1 now"):
+        run_experiment(experiment(epochs=1), seed=2, out=tmp_path / "part", resume=True, log=None)
+    resumed = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "part", resume=True, log=None)
+    assert (resumed.epochs, resumed.test_accuracy) == (3, whole.test_accuracy)
+    part, full = datasets(tmp_path / "part" / "run.h5"), datasets(tmp_path / "whole" / "run.h5")
+    assert part.keys() == full.keys() and '"max_epochs": 3' in part["attrs"]["config"]
+    for name in full:
+        np.testing.assert_equal(part[name], full[name], err_msg=name)
+
+    (tmp_path / "part" / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match=r"this run is complete and its checkpoint checkpoint\.pt is gone"):
+        run_experiment(experiment(epochs=4), seed=2, out=tmp_path / "part", resume=True, log=None)
+    assert datasets(tmp_path / "part" / "run.h5")["result"] == full["result"], "a refusal leaves the finished run as it was"
+
+
+def test_table_refuses_runs_of_other_settings_or_one_seed_twice_and_lists_incomplete_ones(tmp_path, capsys):
+    run_experiment(experiment(epochs=1), seed=0, out=tmp_path / "a" / "seed0", log=None)
+    run_experiment(experiment(epochs=2), seed=1, out=tmp_path / "b" / "seed1", log=None)
+    assert main(["table", str(tmp_path)]) == 2
+    assert re.search(
+        r"a/seed0/run\.h5 and .*b/seed1/run\.h5: runs of the Table 1 row digits, small, no augmentation, deepagrel "
+        r"made with different settings \(training\.max_epochs: 1 and 2\); a row averages runs that differ only in their seed",
+        capsys.readouterr().err,
+    )
+    shutil.rmtree(tmp_path / "b")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    assert main(["table", str(tmp_path)]) == 2
+    assert re.search(r"a/seed0/run\.h5 and .*copy/seed0/run\.h5: seed 0 twice in the Table 1 row", capsys.readouterr().err)
+    shutil.rmtree(tmp_path / "copy")
+    run_experiment(experiment(epochs=1), seed=1, out=tmp_path / "b" / "seed1", log=None)
+    assert main(["table", str(tmp_path)]) == 0
+    assert "| digits | small | none |" in capsys.readouterr().out
+
+    # An incomplete run is left out of the table, and said so in one line.
+    with h5py.File(tmp_path / "b" / "seed1" / "run.h5", "a") as run:
+        run.attrs["complete"] = False
+    assert main(["table", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "\n1 runs; CSV written to" in out.out and re.search(r"1 incomplete run\(s\) left out .*b/seed1/run\.h5", out.out)
+    assert out.err == ""
+    assert main(["analyze", str(tmp_path / "b" / "seed1" / "run.h5"), "--out", str(tmp_path / "figures")]) == 0
+    assert re.match(r"agrel-sim: warning: .*b/seed1/run\.h5: incomplete run", capsys.readouterr().err)
+
+
 def test_a_run_folder_that_cannot_be_made_is_named(tmp_path):
     (tmp_path / "taken").write_text("a file where the run folder should go")
     with pytest.raises(ValueError, match=r"taken: cannot make the run folder \(File exists\); choose another --out"):
@@ -151,7 +210,7 @@ def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path):
     run_experiment(experiment(epochs=1), seed=3, out=tmp_path, log=None)
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["complete"] = False  # as if killed
-    with pytest.raises(ValueError, match=r"run\.h5: cannot resume this run with other settings.*seed: 3 in the run, 4 now.*same experiment, seed"):
+    with pytest.raises(ValueError, match=r"run\.h5: cannot continue this run with other settings.*seed: 3 in the run, 4 now.*same experiment, seed"):
         run_experiment(experiment(epochs=1), seed=4, out=tmp_path, resume=True, log=None)
     with pytest.raises(ValueError, match=r"model\.rule\.learning_rate: 0\.3 in the run, 0\.5 now; training\.batch_size: 20 in the run, 10 now"):
         run_experiment(experiment(epochs=1, batch_size=10, learning_rate=0.5), seed=3, out=tmp_path, resume=True, log=None)

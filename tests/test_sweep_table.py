@@ -82,6 +82,26 @@ def test_sweep_runs_missing_runs_only(sweep_file, tmp_path, capsys, executor):
     assert len(rows) == 1 and rows[0]["network"] == "tiny"
 
 
+def test_a_sweep_continues_runs_given_more_epochs_and_refuses_runs_made_otherwise(sweep_file, tmp_path, capsys):
+    assert main(["sweep", str(sweep_file)]) == 0
+    runs = tmp_path / "runs" / "tiny"
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 3"))
+    assert main(["sweep", str(sweep_file)]) == 0
+    assert "2 runs already finished, 2 to run" in capsys.readouterr().out
+    for seed in (0, 1):
+        with h5py.File(runs / "tiny_ebp" / f"seed{seed}" / "run.h5", "r") as run:
+            assert run.attrs["complete"] and run["epochs"]["epoch"][:].tolist() == [1, 2, 3]
+
+    # Any other change would leave runs of two settings under one name: the sweep stops first.
+    (tmp_path / "tiny_deepagrel.toml").write_text(experiment("deepagrel").replace("[training]", "learning_rate = 0.5\n[training]"))
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 4"))
+    before = {path: path.stat().st_mtime_ns for path in runs.rglob("run.h5")}
+    assert main(["sweep", str(sweep_file)]) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"tiny_deepagrel/seed0/run\.h5: cannot continue this run with other settings.*model\.rule\.learning_rate: 0\.3 in the run, 0\.5 now", error), error
+    assert {path: path.stat().st_mtime_ns for path in runs.rglob("run.h5")} == before, "no run was touched"
+
+
 def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, capsys):
     (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace('dataset = "digits"', 'dataset = "mnist"'))
     assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data")]) == 1

@@ -38,11 +38,12 @@ def test_early_stopping_plateau_decay_and_best_epoch_test_accuracy(scripted_vali
     data = load_dataset("digits")
     result = train(DESCRIPTION, data, SETTINGS, seed=3, progress=False, log=None, checkpoint=tmp_path / "checkpoint.pt")
     # Best at epoch 6; stop 4 epochs later. Decays after 2 epochs without improvement, counted
-    # from the best epoch or the last decay: after epochs 4 and 8 (none at the stop).
+    # from the best epoch or the last decay: after epochs 4, 8 and 10 (the stop: the checkpoint
+    # holds the rate a longer patience would go on with).
     assert (result.best_epoch, result.epochs, result.converged) == (6, 10, True)
     assert [m.learning_rate for m in result.history] == [0.4] * 4 + [0.2] * 4 + [0.1] * 2
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["learning_rate"] == 0.1 and state["last_decay"] == 8
+    assert state["learning_rate"] == 0.05 and state["last_decay"] == 10
     # The reported test accuracy is that of the best epoch's weights, not the last.
     net = build(DESCRIPTION, seed=3)
     net.load_weights(state["best_weights"])
@@ -63,6 +64,28 @@ def test_resuming_mid_schedule_equals_an_uninterrupted_run(scripted_validation, 
     strip = lambda history: [dataclasses.replace(m, seconds=0) for m in history]  # noqa: E731
     assert strip(resumed.history) == strip(whole.history)
     assert resumed.test_accuracy == whole.test_accuracy
+    a, b = load_checkpoint(tmp_path / "part.pt"), load_checkpoint(tmp_path / "whole.pt")
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+
+
+def test_a_stopped_run_goes_on_with_a_longer_patience_as_if_it_had_had_it(scripted_validation, tmp_path):
+    data = load_dataset("digits")
+    longer = dataclasses.replace(SETTINGS, patience=6)
+    scripted_validation()
+    whole = train(DESCRIPTION, data, longer, seed=3, progress=False, log=None, checkpoint=tmp_path / "whole.pt")
+    assert (whole.best_epoch, whole.epochs) == (6, 12)
+    scripted_validation()
+    stopped = train(DESCRIPTION, data, SETTINGS, seed=3, progress=False, log=None, checkpoint=tmp_path / "part.pt")
+    assert (stopped.epochs, stopped.converged) == (10, True)
+    state = load_checkpoint(tmp_path / "part.pt")
+    assert train(DESCRIPTION, data, SETTINGS, seed=3, progress=False, log=None, resume=state).epochs == 10, "the same patience stays stopped"
+    scripted_validation(first_epoch=11)
+    resumed = train(DESCRIPTION, data, longer, seed=3, progress=False, log=None, checkpoint=tmp_path / "part.pt", resume=state)
+    strip = lambda history: [dataclasses.replace(m, seconds=0) for m in history]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    assert [m.learning_rate for m in resumed.history[-2:]] == [0.05, 0.05], "the decay decided at the first stop"
+    assert (resumed.best_epoch, resumed.epochs, resumed.test_accuracy) == (whole.best_epoch, whole.epochs, whole.test_accuracy)
     a, b = load_checkpoint(tmp_path / "part.pt"), load_checkpoint(tmp_path / "whole.pt")
     for key in a["weights"]:
         assert torch.equal(a["weights"][key], b["weights"][key]), key
