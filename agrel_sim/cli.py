@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # bad input: configuration, data, devices, run files
             print(f"agrel-sim: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("agrel-sim: interrupted; every finished epoch is kept: `agrel-sim train ... --resume` (a run) or the same `agrel-sim sweep` command (a sweep) goes on from there", file=sys.stderr)
+            return 130  # the shell's status for a process ended by Ctrl-C
 
 
 if __name__ == "__main__":

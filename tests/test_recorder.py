@@ -291,20 +291,28 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     for key in b["weights"]:
         assert torch.equal(a["weights"][key], b["weights"][key]), key
         assert torch.equal(a["best_weights"][key], b["best_weights"][key]), key
-    with h5py.File(killed / "run.h5", "r") as ra, h5py.File(whole / "run.h5", "r") as rb:
-        assert ra.attrs["complete"] and rb.attrs["complete"]
-        assert ra["result"].attrs["test_accuracy"] == rb["result"].attrs["test_accuracy"]
-        for group in ("epochs", "trials", "gating"):
-            for name, dataset in rb[group].items():
-                if isinstance(dataset, h5py.Dataset) and name != "seconds":
-                    np.testing.assert_array_equal(ra[group][name][:], dataset[:], err_msg=f"{group}/{name}")
-        for name in rb["layers"]:
-            for field in ("ff", "fb", "gate"):
-                np.testing.assert_array_equal(ra["layers"][name][field][:], rb["layers"][name][field][:])
-        for name in rb["gating"]:
-            if isinstance(rb["gating"][name], h5py.Group):
-                for field, dataset in rb["gating"][name].items():
-                    np.testing.assert_array_equal(ra["gating"][name][field][:], dataset[:])
+    part, full = datasets(killed / "run.h5"), datasets(whole / "run.h5")
+    assert part["attrs"]["complete"] and part.keys() == full.keys()
+    for name in full:
+        np.testing.assert_equal(part[name], full[name], err_msg=name)
+
+
+def test_ctrl_c_ends_a_run_with_a_message_and_the_run_goes_on_with_resume(tmp_path):
+    path = tmp_path / "killed.toml"
+    path.write_text(KILL_EXPERIMENT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(train_command(path, tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while checkpoint_epoch(tmp_path / "run") < 1:
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "training too slow to reach epoch 1"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert process.stderr.read().strip().splitlines()[-1].startswith("agrel-sim: interrupted; every finished epoch is kept")
+    assert checkpoint_epoch(tmp_path / "run") < 5
+    done = subprocess.run(train_command(path, tmp_path / "run", "--resume"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "epochs=5 " in done.stdout, done.stderr
 
 
 SHORT_EPOCHS = """
