@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from agrel_sim.config import is_count, is_number
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -34,6 +36,15 @@ class Augmentation:
     zoom: float = 0.1
     shift: float = 0.1
     flip: bool = True
+
+    def __post_init__(self):
+        if not is_count(self.factor):
+            raise ValueError(f"augmentation.factor: expected an integer >= 1, got {self.factor!r}")
+        for key in ("zoom", "shift"):
+            if not is_number(getattr(self, key), lambda v: 0 <= v < 1):
+                raise ValueError(f"augmentation.{key}: expected a fraction in [0, 1), got {getattr(self, key)!r}")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"augmentation.flip: expected true or false, got {self.flip!r}")
 
 
 def augment(images: torch.Tensor, settings: Augmentation, generator: torch.Generator) -> torch.Tensor:

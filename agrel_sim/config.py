@@ -7,6 +7,8 @@ entry or a value of the wrong type stops the run before any training with a mess
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import tomllib
 from pathlib import Path
@@ -21,6 +23,16 @@ class ConfigError(ValueError):
     """
 
 
+def is_count(value, minimum: int = 1) -> bool:
+    """An integer (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def is_number(value, check=lambda v: True) -> bool:
+    """A finite real number (not a bool) for which ``check`` holds."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and check(value)
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file, turning syntax errors into a :class:`ConfigError` naming the file."""
     try:
@@ -28,6 +40,8 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
 
 
 def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) -> Path:
@@ -103,6 +117,8 @@ class Fields:
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        elif isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan; no setting takes them
             ok = False
         else:
             ok = isinstance(value, kinds)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise DatasetError(f"{path}: cannot read ({error}); the file is damaged: obtain it again. {MNIST_HOW}") from None
     expected_magic = 0x0800 + ndim
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
@@ -180,12 +181,17 @@ def load_mnist(data_dir=None) -> Dataset:
                 f"{files[f'{part}-images-idx3-ubyte']}: {len(images)} images of {images.shape[1:]} pixels with "
                 f"{len(labels)} labels; expected 28×28 images, one label each. {MNIST_HOW}"
             )
+        if not len(images):
+            raise DatasetError(f"{files[f'{part}-images-idx3-ubyte']}: holds no images; the file is damaged: obtain it again. {MNIST_HOW}")
         _check_labels(labels, 10, files[f"{part}-labels-idx1-ubyte"], MNIST_HOW)
         arrays[part] = (images[:, None], labels)
     return _from_numpy("mnist", *arrays["train"], *arrays["t10k"], 1 / 255, 10)
 
 
-def _check_labels(labels, n_classes, path, how):
+def _check_labels(labels: np.ndarray, n_classes: int, path: Path, how: str) -> None:
+    """Labels must be a 1-D array of integers in ``0..n_classes - 1``."""
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):  # [] reads as float
+        raise DatasetError(f"{path}: labels must be a list of integers, found {labels.dtype} of shape {labels.shape}. {how}")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise DatasetError(f"{path}: labels outside 0..{n_classes - 1} (found {labels.min()}..{labels.max()}). {how}")
 
@@ -194,7 +200,7 @@ def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> 
     try:
         with open(path, "rb") as handle:
             batch = pickle.load(handle, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+    except Exception as error:  # a damaged or foreign pickle can raise almost anything (ImportError, AttributeError, ...)
         raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged: obtain it again. {how}") from None
     if isinstance(batch, dict):  # the official release has bytes keys, pickles made by Python 3 str keys
         batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
@@ -203,12 +209,12 @@ def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> 
         raise DatasetError(f"{path}: expected a dict with 'data' and '{label_key}', found {keys}. {how}")
     data = np.asarray(batch["data"])
     labels = np.asarray(batch[label_key])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    _check_labels(labels, n_classes, path, how)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0 or len(labels) != len(data):
         raise DatasetError(
             f"{path}: wrong array size: data {data.dtype} {data.shape} with {len(labels)} labels; "
-            f"expected uint8 of shape (N, 3072) with N labels. {how}"
+            f"expected uint8 of shape (N, 3072), N > 0, with N labels. {how}"
         )
-    _check_labels(labels, n_classes, path, how)
     return data.reshape(-1, 3, 32, 32), labels
 
 

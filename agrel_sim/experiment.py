@@ -2,21 +2,21 @@
 
 An experiment file in ``experiments/`` looks like::
 
-    name = "digits_deepagrel"
-    model = "digits_dense"        # a model name or path, or an inline [model] table
-    dataset = "digits"
+    name = "mnist_fc3_deepagrel"
+    model = "mnist_fc3"           # a model name (models/) or path, or an inline [model] table
+    dataset = "mnist"
 
     [rule]                        # overrides of the model's [rule]
     name = "deepagrel"
-    learning_rate = 0.5
+    learning_rate = 1.0
 
     [action_selection]            # optional: overrides of the model's [action_selection]
     epsilon = 0.1                 # (and of its [neuromodulator], the same way)
 
     [training]
-    batch_size = 10
-    patience = 30
-    validation_size = 200
+    batch_size = 100
+    patience = 20
+    validation_size = 1000
     lr_decay_factor = 0.5         # optional: halve the learning rate after ...
     lr_decay_patience = 10        # ... 10 epochs without a better validation accuracy
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agrel_sim.augmentation import Augmentation
-from agrel_sim.backends import BACKENDS
+from agrel_sim.backends import BACKENDS, check_backend
 from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.datasets import LOADERS
 from agrel_sim.network import ColumnNetwork, load_model
@@ -68,6 +68,11 @@ class Experiment:
     source: str = "<python>"
     backend: str = "torch"
     backend_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (isinstance(self.name, str) and self.name.strip() and self.name not in (".", "..") and not any(c in self.name for c in "/\\")):
+            raise ConfigError(f"{self.source}: name: expected a non-empty name without '/' (it names the run folder runs/<name>/seed<N>), got {self.name!r}")
+        check_backend(self.model, self.backend, self.backend_options, self.source)
 
     @classmethod
     def from_dict(cls, table: dict, source: str = "<dict>") -> "Experiment":
@@ -116,8 +121,8 @@ def _training_settings(fields: Fields) -> TrainingSettings:
     counts = ("batch_size", "max_epochs", "patience", "validation_size", "eval_batch_size")
     values = {key: fields.get(key, default=getattr(defaults, key), **_POSITIVE) for key in (*counts, "lr_decay_patience")}
     values["lr_decay_factor"] = fields.get("lr_decay_factor", float, defaults.lr_decay_factor, lambda v: 0 < v <= 1, "a number in (0, 1]; 1 keeps the learning rate constant")
+    table = fields.sub("augmentation")  # read even when absent, so that a misspelt table name is told this one
     if "augmentation" in fields.table:
-        table = fields.sub("augmentation")
         standard = Augmentation()
         values["augmentation"] = Augmentation(
             factor=table.get("factor", default=standard.factor, **_POSITIVE),

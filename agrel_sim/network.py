@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
+from agrel_sim.config import ConfigError, Fields, find_named_file, is_count, is_number, read_toml
 
 FEEDBACK_MODES = ("tied", "reciprocal", "independent")
 RULES = ("deepagrel", "ebp")
@@ -249,7 +249,7 @@ class ColumnNetwork:
         top = Fields(table, source)
         name = top.get("name", str, default=Path(source).stem)
         input_shape = top.get(
-            "input_shape", list, check=lambda v: len(v) in (1, 3) and all(_is_count(n) for n in v),
+            "input_shape", list, check=lambda v: len(v) in (1, 3) and all(is_count(n) for n in v),
             hint="a list of positive integers [C, H, W] or [N]",
         )
         layer_tables = top.get("layers", list, hint="a list of [[layers]] tables, bottom to top")
@@ -268,8 +268,8 @@ class ColumnNetwork:
 
         modulator = top.sub("neuromodulator")
         neuromodulator = Neuromodulator(
-            reward_correct=modulator.get("reward_correct", float, 1.0),
-            reward_wrong=modulator.get("reward_wrong", float, 0.0),
+            reward_correct=modulator.get("reward_correct", float, 1.0, hint="a finite number"),
+            reward_wrong=modulator.get("reward_wrong", float, 0.0, hint="a finite number"),
         )
         modulator.finish()
 
@@ -291,10 +291,6 @@ class ColumnNetwork:
         """Read a description from a TOML file (see the module docstring for the layout)."""
         path = Path(path)
         return cls.from_dict(read_toml(path), str(path))
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _layer_from_table(fields: Fields) -> Layer:
@@ -319,39 +315,46 @@ def _layer_from_table(fields: Fields) -> Layer:
 def _validate(network: ColumnNetwork) -> None:
     """Check a description built in Python as strictly as one read from a file."""
     source = network.source
-    if len(network.input_shape) not in (1, 3) or not all(_is_count(n) for n in network.input_shape):
+    if len(network.input_shape) not in (1, 3) or not all(is_count(n) for n in network.input_shape):
         raise ConfigError(f"{source}: input_shape: expected [C, H, W] or [N] of positive integers, got {list(network.input_shape)}")
-    if not _is_count(network.n_actions) or network.n_actions < 2:
+    if not is_count(network.n_actions) or network.n_actions < 2:
         raise ConfigError(f"{source}: output.actions: expected an integer >= 2, got {network.n_actions!r}")
     for index, layer in enumerate(network.layers):
         where = f"{source}: layers[{index}]"
         if not isinstance(layer, tuple(LAYER_KINDS.values())):
             raise ConfigError(f"{where}: unknown layer {layer!r}; known kinds: {sorted(LAYER_KINDS)}")
         if isinstance(layer, Dropout):
-            if not 0 <= layer.rate < 1:
-                raise ConfigError(f"{where}.rate: expected a fraction in [0, 1), got {layer.rate}")
+            if not is_number(layer.rate, lambda v: 0 <= v < 1):
+                raise ConfigError(f"{where}.rate: expected a fraction in [0, 1), got {layer.rate!r}")
             if index == 0:
                 raise ConfigError(f"{where}: dropout must follow a column layer, not the input")
             continue
         sizes = {"units": layer.units} if isinstance(layer, Dense) else {"channels": layer.channels, "kernel_size": layer.kernel_size, "stride": layer.stride}
         for key, value in sizes.items():
-            if not _is_count(value):
+            if not is_count(value):
                 raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
+        if not isinstance(layer, Dense) and not is_count(layer.padding, minimum=0):
+            raise ConfigError(f"{where}.padding: expected an integer >= 0, got {layer.padding!r}")
     network.layer_shapes()  # raises on geometry errors
-    selection, rule = network.action_selection, network.rule
-    if not 0 <= selection.epsilon <= 1:
-        raise ConfigError(f"{source}: action_selection.epsilon: expected a probability in [0, 1], got {selection.epsilon}")
-    if not selection.tau > 0:
-        raise ConfigError(f"{source}: action_selection.tau: expected a temperature > 0, got {selection.tau}")
+    selection, modulator, rule = network.action_selection, network.neuromodulator, network.rule
+    numbers_and_checks = {
+        "action_selection.epsilon": (selection.epsilon, lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        "action_selection.tau": (selection.tau, lambda v: v > 0, "a temperature > 0"),
+        "neuromodulator.reward_correct": (modulator.reward_correct, lambda v: True, "a finite number"),
+        "neuromodulator.reward_wrong": (modulator.reward_wrong, lambda v: True, "a finite number"),
+        "rule.learning_rate": (rule.learning_rate, lambda v: v > 0, "a number > 0"),
+        "rule.init_range": (rule.init_range, lambda v: v > 0, "a number > 0"),
+        "rule.weight_decay": (rule.weight_decay, lambda v: v >= 0, "a number >= 0"),
+    }
+    for key, (value, check, hint) in numbers_and_checks.items():
+        if not is_number(value, check):
+            raise ConfigError(f"{source}: {key}: expected {hint}, got {value!r}")
     if rule.name not in RULES:
         raise ConfigError(f"{source}: rule.name: expected one of {RULES}, got {rule.name!r}")
     if rule.feedback not in FEEDBACK_MODES:
         raise ConfigError(f"{source}: rule.feedback: expected one of {FEEDBACK_MODES}, got {rule.feedback!r}")
-    for key in ("learning_rate", "init_range"):
-        if not getattr(rule, key) > 0:
-            raise ConfigError(f"{source}: rule.{key}: expected a number > 0, got {getattr(rule, key)}")
-    if rule.weight_decay < 0:
-        raise ConfigError(f"{source}: rule.weight_decay: expected a number >= 0, got {rule.weight_decay}")
+    if not isinstance(rule.bias, bool):
+        raise ConfigError(f"{source}: rule.bias: expected true or false, got {rule.bias!r}")
 
 
 def load_model(name_or_path: str | os.PathLike) -> ColumnNetwork:

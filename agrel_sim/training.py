@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from agrel_sim.augmentation import Augmentation, augment
 from agrel_sim.backends import build
+from agrel_sim.config import is_count, is_number
 from agrel_sim.datasets import Dataset
 from agrel_sim.network import ColumnNetwork
 
@@ -60,10 +61,13 @@ class TrainingSettings:
     lr_decay_patience: int = 10
 
     def __post_init__(self):
-        if not 0 < self.lr_decay_factor <= 1:
+        for key in ("batch_size", "max_epochs", "patience", "validation_size", "eval_batch_size", "lr_decay_patience"):
+            if not is_count(getattr(self, key)):
+                raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)!r}")
+        if not is_number(self.lr_decay_factor, lambda v: 0 < v <= 1):
             raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {self.lr_decay_factor!r}")
-        if self.lr_decay_patience < 1:
-            raise ValueError(f"lr_decay_patience: expected an integer >= 1, got {self.lr_decay_patience!r}")
+        if not (self.augmentation is None or isinstance(self.augmentation, Augmentation)):
+            raise ValueError(f"augmentation: expected an Augmentation or None, got {self.augmentation!r}")
 
 
 @dataclass

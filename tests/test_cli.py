@@ -92,6 +92,13 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
         (("[training]", "[neuromodulator]\nreward = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward: unknown field"),
         (('dataset = "digits"', 'dataset = "digits"\naction_selection = 0.1'), r"tiny\.toml: action_selection: expected a table of fields of the model's \[action_selection\], got 0\.1"),
+        (("learning_rate = 0.1", "learning_rate = inf"), r"tiny\.toml: rule\.learning_rate: expected a number > 0, got inf"),
+        (("patience = 2", "patience = 2\n[training.augmentaton]\nfactor = 2"), r"tiny\.toml: training\.augmentaton: unknown field; the fields here are: augmentation, "),
+        (('name = "tiny_ebp"', 'name = ""'), r"tiny\.toml: name: expected a non-empty name without '/' \(it names the run folder"),
+        (('name = "tiny_ebp"', 'name = "../escaped"'), r"tiny\.toml: name: expected a non-empty name without '/'.*got '\.\./escaped'"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend_options = {foo = 1}'), r"tiny\.toml: backend_options\.foo: not an option of the torch backend; its options: none"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {seed = 1}'), r"backend_options\.seed: not an option of the brian2 backend \(device, dtype and seed come from the run.*its options: tau_ff, "),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"'), r"tiny\.toml: layers\[0\]: the brian2 backend builds dense column layers only, not layer kind 'conv'"),
     ],
 )
 def test_bad_experiment_files_fail_before_training(tmp_path, capsys, change, message):
@@ -101,6 +108,13 @@ def test_bad_experiment_files_fail_before_training(tmp_path, capsys, change, mes
     captured = capsys.readouterr()
     assert re.search(message, captured.err), captured.err
     assert "epoch" not in captured.out
+
+
+def test_an_experiment_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_bytes(EXPERIMENT.replace('name = "tiny_ebp"', 'name = "caf\xe9"').encode("latin-1"))
+    assert main(["train", str(tmp_path / "tiny.toml")]) == 2
+    assert re.search(r"tiny\.toml: not valid TOML: TOML files are UTF-8 text, and this one is not .*save it as UTF-8", capsys.readouterr().err)
 
 
 def test_unknown_experiment_name_lists_the_paths_tried(capsys):

@@ -78,6 +78,18 @@ def test_corrupt_gzip_is_reported(tmp_path):
     (raw / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: cannot read .*damaged"):
         load_dataset("mnist", tmp_path)
+    inside = bytearray((raw / "train-images-idx3-ubyte.gz").read_bytes())
+    inside[10] = 0xFF  # a valid gzip header over a damaged deflate stream (zlib.error, not OSError)
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.arange(30) % 10)))
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(bytes(inside))
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: cannot read .*damaged"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_a_held_out_set_without_images_is_named(tmp_path):
+    write_mnist(tmp_path, n_test=0)
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz: holds no images"):
+        load_dataset("mnist", tmp_path)
 
 
 def test_missing_data_lists_the_paths_searched(tmp_path):
@@ -128,6 +140,22 @@ def test_damaged_cifar_files_are_named(tmp_path):
         load_dataset("cifar10", tmp_path)
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8)}))
     with pytest.raises(DatasetError, match=r"data_batch_3: expected a dict with 'data' and 'labels'"):
+        load_dataset("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(pickle.dumps(Augmentation()).replace(b"agrel_sim.augmentation", b"agrel_xxx.augmentation"))
+    with pytest.raises(DatasetError, match=r"data_batch_3: unreadable pickle \(ModuleNotFoundError"):
+        load_dataset("cifar10", tmp_path)
+    for labels, found in (
+        (np.arange(4) + 0.5, r"float64 of shape \(4,\)"),  # would be truncated to integers
+        (np.zeros((4, 1), np.int64), r"int64 of shape \(4, 1\)"),
+        (3, r"int64 of shape \(\)"),
+        (["a", "b", "c", "d"], r"<U1 of shape \(4,\)"),
+    ):
+        (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": labels}))
+        with pytest.raises(DatasetError, match=r"data_batch_3: labels must be a list of integers, found " + found):
+            load_dataset("cifar10", tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}))
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4}))
+    with pytest.raises(DatasetError, match=r"test_batch: wrong array size: data uint8 \(0, 3072\).*N > 0"):
         load_dataset("cifar10", tmp_path)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from agrel_sim import ColumnNetwork, ConfigError, Conv2d, Dense, Rule, build, load_model
+from agrel_sim.network import ActionSelection, Dropout, Neuromodulator
 
 GOOD = """
 name = "tiny"
@@ -76,6 +77,8 @@ def test_every_repository_model_loads_by_name():
         (("input_shape = [1, 8, 8]", "input_shape = [8, 8]"), r"net\.toml: input_shape: expected a list"),
         (("learning_rate = 0.1", "learning_rate = true"), r"net\.toml: rule\.learning_rate: expected"),
         (("stride = 2", "stride = 2 +"), r"net\.toml: not valid TOML"),
+        (("learning_rate = 0.1", "learning_rate = inf"), r"net\.toml: rule\.learning_rate: expected a number > 0, got inf"),
+        (("[output]", "[neuromodulator]\nreward_correct = nan\n[output]"), r"net\.toml: neuromodulator\.reward_correct: expected a finite number, got nan"),
     ],
 )
 def test_bad_model_files_name_file_and_field(tmp_path, change, message):
@@ -92,6 +95,21 @@ def test_bad_descriptions_in_python():
         ColumnNetwork((4,), ["dense"], 3)
     with pytest.raises(ConfigError, match=r"rule\.init_range: expected a number > 0"):
         ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(init_range=0))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ColumnNetwork((1, 8, 8), [Conv2d(4, 3, padding=-1)], 10), r"layers\[0\]\.padding: expected an integer >= 0, got -1"),
+    (lambda: ColumnNetwork((1, 8, 8), [Conv2d(4, 3, padding=1.5)], 10), r"layers\[0\]\.padding: expected an integer >= 0, got 1\.5"),
+    (lambda: ColumnNetwork((4,), [Dense(3), Dropout("0.5")], 3), r"layers\[1\]\.rate: expected a fraction in \[0, 1\), got '0\.5'"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(bias="no")), r"rule\.bias: expected true or false, got 'no'"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=None)), r"rule\.learning_rate: expected a number > 0, got None"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=float("inf"))), r"rule\.learning_rate: expected a number > 0, got inf"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, neuromodulator=Neuromodulator(float("nan"))), r"neuromodulator\.reward_correct: expected a finite number, got nan"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, action_selection=ActionSelection(epsilon="0.1")), r"action_selection\.epsilon: expected a probability in \[0, 1\], got '0\.1'"),
+])
+def test_descriptions_built_in_python_are_checked_like_files(make, message):
+    with pytest.raises(ConfigError, match=r"<python>: " + message):
+        make()
 
 
 def test_input_that_does_not_match_the_network():

@@ -1,20 +1,51 @@
 """Backends build a runnable network from a :class:`~agrel_sim.network.ColumnNetwork`.
 
-Each backend is a module with a ``build(network, **options)`` function, imported only when it
-is asked for (so that using one backend never imports another's dependencies).
+Each backend is a module with a ``build(network, device, dtype, seed, **options)`` function and
+a ``check_network(network)`` function that raises for what the backend cannot build, imported
+only when it is asked for (so that using one backend never imports another's dependencies).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 
+from agrel_sim.config import ConfigError
 from agrel_sim.network import ColumnNetwork
 
 BACKENDS = {"torch": "agrel_sim.backends.torch_backend", "brian2": "agrel_sim.backends.brian2_backend"}
+# What a run gives every backend's build(); an experiment's backend_options cannot set them.
+RUN_OPTIONS = ("device", "dtype", "seed")
 
 
-class UnsupportedLayerError(NotImplementedError):
-    """A backend cannot build a layer kind; the message names the backend and the kind."""
+class UnsupportedLayerError(NotImplementedError, ValueError):
+    """A backend cannot build a layer kind; the message names the backend and the kind.
+
+    A ``ValueError`` too, so that the command line reports it as bad input.
+    """
+
+
+def check_backend(network: ColumnNetwork, backend: str, options: dict, source: str) -> None:
+    """Check, before any run, that ``backend`` exists, takes ``options`` and can build ``network``.
+
+    Only the names of the options are checked here; the builder checks their values.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown backend or option (naming ``source`` and the options there are).
+    UnsupportedLayerError, ValueError
+        From the backend's ``check_network``.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"{source}: backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
+    module = importlib.import_module(BACKENDS[backend])
+    accepted = [name for name in list(inspect.signature(module.build).parameters)[1:] if name not in RUN_OPTIONS]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        given_by_run = " (device, dtype and seed come from the run: --device, --dtype, --seed)" if unknown[0] in RUN_OPTIONS else ""
+        raise ConfigError(f"{source}: backend_options.{unknown[0]}: not an option of the {backend} backend{given_by_run}; its options: {', '.join(accepted) or 'none'}")
+    module.check_network(network)
 
 
 def check_batch(network: ColumnNetwork, images, labels=None, actions=None) -> None:

@@ -687,6 +687,26 @@ def _state(group, name) -> np.ndarray:
     return group.variables[name].get_value()
 
 
+def check_network(network: ColumnNetwork) -> None:
+    """Raise unless every layer is dense and the rule is DeepAGREL (what this backend builds).
+
+    Raises
+    ------
+    UnsupportedLayerError
+        For a layer kind other than dense (the message names the backend and the kind).
+    ValueError
+        For rule ``ebp``.
+    """
+    for index, layer in enumerate(network.layers):
+        if not isinstance(layer, Dense):
+            raise UnsupportedLayerError(
+                f"{network.source}: layers[{index}]: the {BACKEND} backend builds dense column layers only, "
+                f"not layer kind {layer.kind!r}; use backend='torch' for this network"
+            )
+    if network.rule.name != "deepagrel":
+        raise ValueError(f"{network.source}: rule.name: the {BACKEND} backend simulates DeepAGREL only, got {network.rule.name!r}; use backend='torch' for it")
+
+
 def build(
     network: ColumnNetwork,
     device="cpu",
@@ -746,14 +766,7 @@ def build(
     ValueError
         For a non-CPU device, an unsupported dtype, rule ``ebp`` or a bad setting.
     """
-    for index, layer in enumerate(network.layers):
-        if not isinstance(layer, Dense):
-            raise UnsupportedLayerError(
-                f"{network.source}: layers[{index}]: the {BACKEND} backend builds dense column layers only, "
-                f"not layer kind {layer.kind!r}; use backend='torch' for this network"
-            )
-    if network.rule.name != "deepagrel":
-        raise ValueError(f"{network.source}: rule.name: the {BACKEND} backend simulates DeepAGREL only, got {network.rule.name!r}; use backend='torch' for it")
+    check_network(network)
     if torch.device(device).type != "cpu":
         raise ValueError(f"device: the {BACKEND} backend runs on the CPU (Brian2 runtime mode), got {str(device)!r}")
     if dtype not in (torch.float32, torch.float64):

@@ -522,6 +522,10 @@ class TorchNetwork:
         return Trials(q, actions, rewards, loss=loss.detach(), layers=records)
 
 
+def check_network(network: ColumnNetwork) -> None:
+    """The torch backend builds every layer kind and both rules: nothing to refuse."""
+
+
 def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> TorchNetwork:
     """Build ``network`` into tensors; see :class:`TorchNetwork`."""
     return TorchNetwork(network, device=device, dtype=dtype, seed=seed)
