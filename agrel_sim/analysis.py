@@ -42,8 +42,11 @@ class Run:
 
     @property
     def layer_names(self) -> list[str]:
+        """The recorded layers, bottom to top (HDF5 lists groups by name: layers.10 before layers.2)."""
+        order = [f"layers.{index}" for index in range(len(self.config["model"]["layers"]))] + ["output"]
         with h5py.File(self.path, "r") as handle:
-            return list(handle["layers"])
+            present = set(handle["layers"])
+        return [name for name in order if name in present]
 
     def trials(self) -> dict[str, np.ndarray]:
         """The logged trials: epoch, batch, image, label, action, reward, delta, q."""
@@ -135,28 +138,82 @@ def load_runs(path: str | Path) -> list[Run]:
 
 # -- what the runs show ------------------------------------------------------------------------
 
-def reward_curves(runs: list[Run]) -> dict[str, dict[str, np.ndarray]]:
-    """The paper's Figure 3: per rule, reward probability per epoch, mean and 2σ over runs.
+# What runs that share a Table 1 row and a rule must have in common (all but seed, device, logging).
+ROW_SETTINGS = ("dataset", "model", "training", "backend", "backend_options", "dtype")
+
+
+def row_label(row: tuple[str, str, bool]) -> str:
+    """'mnist, mnist_conv3, no augmentation' for the row key of :func:`agrel_sim.table.row_key`."""
+    dataset, network, augmented = row
+    return f"{dataset}, {network}, {'10x augmentation' if augmented else 'no augmentation'}"
+
+
+def table_rows(runs: list[Run]) -> dict[tuple[str, str, bool], dict[str, list[Run]]]:
+    """Runs grouped by Table 1 row (data set, network, augmentation) and then by rule.
+
+    The runs of one row and rule must differ only in their seed: runs made with other settings
+    (a longer patience, another learning rate), or one seed twice, would be averaged into a
+    figure that no protocol produced, so they raise :class:`RunFileError` naming both run files.
+    Settings that one of the two run files lacks (written by an older agrel-sim) are not compared.
+    """
+    rows: dict[tuple, dict[str, list[Run]]] = {}
+    first: dict[tuple, tuple[Run, dict]] = {}
+    for run in runs:
+        row = row_key(run.config)
+        settings = flatten({key: run.config[key] for key in ROW_SETTINGS if key in run.config})
+        group = rows.setdefault(row, {}).setdefault(run.rule, [])
+        other, other_settings = first.setdefault((row, run.rule), (run, settings))
+        differences = [f"{key}: {other_settings[key]!r} and {settings[key]!r}" for key in sorted(settings.keys() & other_settings.keys()) if settings[key] != other_settings[key]]
+        where = f"Table 1 row {row_label(row)}, {run.rule}"
+        if differences:
+            raise RunFileError(
+                f"{other.path} and {run.path}: runs of the {where} made with different settings ({'; '.join(differences)}); "
+                "a row averages runs that differ only in their seed: give a folder with one setting per row (one sweep's out folder, say)"
+            )
+        twin = next((seen for seen in group if seen.seed == run.seed), None)
+        if twin is not None:
+            raise RunFileError(f"{twin.path} and {run.path}: seed {run.seed} twice in the {where}; a row averages distinct seeds: remove or move one of them")
+        group.append(run)
+    return rows
+
+
+def table1_records(runs: list[Run]) -> list[dict]:
+    """The data behind Table 1: one record per complete run, for :func:`agrel_sim.table.table1`.
+
+    The complete runs are grouped and checked by :func:`table_rows`.
+    """
+    complete = [run for run in runs if run.complete and run.result is not None]
+    return [
+        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result}
+        for rules in table_rows(complete).values() for group in rules.values() for run in group
+    ]
+
+
+def reward_curves(runs: list[Run]) -> dict[tuple[str, str, bool], dict[str, dict[str, np.ndarray]]]:
+    """The paper's Figure 3: per Table 1 row and rule, reward probability per epoch, mean and 2σ over runs.
 
     For DeepAGREL the share of rewarded training trials, for EBP one minus the training error
     (the share of correct greedy choices). Runs stop at different epochs: each epoch averages
-    the runs that reached it.
+    the runs that reached it (incomplete runs included). Runs are grouped and checked by
+    :func:`table_rows`, so runs of different data sets, networks or settings never share a curve.
     """
     curves = {}
-    for rule in sorted({run.rule for run in runs}):
-        series = [run.epochs["reward_probability"] for run in runs if run.rule == rule]
-        length = max(len(s) for s in series)
-        padded = np.full((len(series), length), np.nan)
-        for i, s in enumerate(series):
-            padded[i, : len(s)] = s
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a single run has no spread
-            curves[rule] = {
-                "epoch": np.arange(1, length + 1),
-                "mean": np.nanmean(padded, axis=0),
-                "two_sigma": 2 * np.nan_to_num(np.nanstd(padded, axis=0, ddof=1)) if len(series) > 1 else np.zeros(length),
-                "runs": np.sum(~np.isnan(padded), axis=0),
-            }
+    for row, rules in sorted(table_rows(runs).items()):
+        curves[row] = {}
+        for rule, group in sorted(rules.items()):
+            series = [run.epochs["reward_probability"] for run in group]
+            length = max(len(s) for s in series)
+            padded = np.full((len(series), length), np.nan)
+            for i, s in enumerate(series):
+                padded[i, : len(s)] = s
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a single run has no spread
+                curves[row][rule] = {
+                    "epoch": np.arange(1, length + 1),
+                    "mean": np.nanmean(padded, axis=0),
+                    "two_sigma": 2 * np.nan_to_num(np.nanstd(padded, axis=0, ddof=1)) if len(series) > 1 else np.zeros(length),
+                    "runs": np.sum(~np.isnan(padded), axis=0),
+                }
     return curves
 
 
@@ -190,43 +247,6 @@ def gating_by_outcome(run: Run) -> dict[str, dict[str, float]]:
                 row[f"fb_mean_abs_{outcome}"] = float(np.nanmean(np.abs(layer["fb"][mask]))) if mask.any() else float("nan")
         out[name] = row
     return out
-
-
-# What runs that share a Table 1 row and a rule must have in common (all but seed, device, logging).
-ROW_SETTINGS = ("dataset", "model", "training", "backend", "backend_options", "dtype")
-
-
-def table1_records(runs: list[Run]) -> list[dict]:
-    """The data behind Table 1: one record per complete run, for :func:`agrel_sim.table.table1`.
-
-    A row of the table averages runs of one rule that differ only in their seed. Runs of a row
-    made with other settings (a longer patience, another learning rate), or one seed twice,
-    would be averaged into a figure that no protocol produced: they raise :class:`RunFileError`
-    naming both run files. Settings that one of the two run files lacks (written by an older
-    agrel-sim) are not compared.
-    """
-    records, first = [], {}  # first: (row, rule) -> (run, its flattened settings, {seed: path})
-    for run in runs:
-        if not (run.complete and run.result is not None):
-            continue
-        record = {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result}
-        settings = flatten({key: run.config[key] for key in ROW_SETTINGS if key in run.config})
-        row = (*row_key(record), run.rule)
-        if row not in first:
-            first[row] = (run, settings, {})
-        other, other_settings, seeds = first[row]
-        differences = [f"{key}: {other_settings[key]!r} and {settings[key]!r}" for key in sorted(settings.keys() & other_settings.keys()) if settings[key] != other_settings[key]]
-        where = f"Table 1 row {row[0]}, {row[1]}, {'10x augmentation' if row[2] else 'no augmentation'}, {run.rule}"
-        if differences:
-            raise RunFileError(
-                f"{other.path} and {run.path}: runs of the {where} made with different settings ({'; '.join(differences)}); "
-                "a row averages runs that differ only in their seed: give `agrel-sim table` a folder with one setting per row (one sweep's out folder, say)"
-            )
-        if run.seed in seeds:
-            raise RunFileError(f"{seeds[run.seed]} and {run.path}: seed {run.seed} twice in the {where}; a row averages distinct seeds: remove or move one of them")
-        seeds[run.seed] = run.path
-        records.append(record)
-    return records
 
 
 def summary(run: Run) -> str:
@@ -264,14 +284,16 @@ LABELS = {"deepagrel": "DeepAGREL: reward probability", "ebp": "EBP: 1 − train
 
 
 def plot_reward_curves(runs: list[Run], path: Path) -> Path:
-    """Figure 3: reward probability per epoch, mean ± 2σ over runs, per rule."""
+    """Figure 3: reward probability per epoch, mean ± 2σ over runs, per rule; a panel per Table 1 row."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for rule, curve in reward_curves(runs).items():
-        ax.plot(curve["epoch"], curve["mean"], label=f"{LABELS.get(rule, rule)} (n={int(curve['runs'][0])})")
-        ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)
-    ax.set(xlabel="epoch", ylabel="probability", title="Learning: reward probability (mean ± 2σ)", ylim=(0, 1.01))
-    ax.legend(loc="lower right")
+    curves = reward_curves(runs)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for ax, (row, rules) in zip(axes[0], curves.items()):
+        for rule, curve in rules.items():
+            ax.plot(curve["epoch"], curve["mean"], label=f"{LABELS.get(rule, rule)} (n={int(curve['runs'][0])})")
+            ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)
+        ax.set(xlabel="epoch", ylabel="probability", title=f"{row_label(row)}: reward probability (mean ± 2σ)", ylim=(0, 1.01))
+        ax.legend(loc="lower right")
     return _save(fig, path)
 
 

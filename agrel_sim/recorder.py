@@ -211,7 +211,7 @@ class RunFile:
 
     def record_batch(self, epoch: int, batch: int, index: torch.Tensor, labels: torch.Tensor, trials) -> None:
         """Buffer one training batch (``trials`` from ``run_trials(..., record=True)``)."""
-        nan = torch.tensor(float("nan"), device=trials.q.device)
+        nan = torch.full((), float("nan"), device=trials.q.device)  # filled on the device: no host copy
         n = self.settings.summary_trials
         summary = []
         for layer in trials.layers:

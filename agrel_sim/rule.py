@@ -39,9 +39,8 @@ def select_action(q: torch.Tensor, epsilon: float, tau: float, generator: torch.
 
 def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, reward_wrong: float, dtype: torch.dtype) -> torch.Tensor:
     """The reward of each trial: ``reward_correct`` if the action is the label, else ``reward_wrong``."""
-    correct = torch.tensor(reward_correct, dtype=dtype, device=actions.device)
-    wrong = torch.tensor(reward_wrong, dtype=dtype, device=actions.device)
-    return torch.where(actions == labels, correct, wrong)
+    # Filled on the device: torch.tensor(value, device=cuda) would copy from the host and wait.
+    return torch.full(actions.shape, reward_wrong, dtype=dtype, device=actions.device).masked_fill_(actions == labels, reward_correct)
 
 
 def rpe(q: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:

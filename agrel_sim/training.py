@@ -9,6 +9,7 @@ Optionally the learning rate falls by a factor whenever validation accuracy reac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -148,6 +149,25 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def full_precision_cudnn():
+    """For the duration: cuDNN's deterministic algorithms, no autotuning, and no TF32.
+
+    By default cuDNN computes float32 convolutions in TF32 on recent GPUs (dense and locally
+    connected layers, which use matrix products, stay in float32) and picks algorithms that may
+    differ from run to run; both would make conv layers compute differently from the others and
+    from the CPU. The previous settings are restored afterwards. On the CPU this changes nothing.
+    """
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = True, False, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = saved
+
+
+@full_precision_cudnn()
 def train(
     description: ColumnNetwork,
     data: Dataset,
@@ -192,6 +212,10 @@ def train(
         The backend that builds the network (:data:`agrel_sim.backends.BACKENDS`).
     backend_options : dict or None
         The backend's own settings, passed to its builder.
+
+    Notes
+    -----
+    Runs under :func:`full_precision_cudnn`.
     """
     if tuple(data.image_shape) != description.input_shape:
         raise ValueError(

@@ -2,7 +2,8 @@
 
     python analysis/figure3.py RUNS [--out figure3.png]
 
-RUNS holds the runs of one network and data set for both rules (e.g. runs/table1/cifar10_conv3_*).
+RUNS holds runs of both rules (e.g. runs/table1/cifar10_conv3_*); each Table 1 row among them
+(data set, network, augmentation) gets a panel of its own.
 """
 
 import argparse

@@ -56,9 +56,14 @@ def test_a_dropped_column_passes_no_feedback(build_net):
     net = build_net(ColumnNetwork((6,), [Dense(12), Dropout(0.5), Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5)))
     images = torch.rand(8, 6, dtype=torch.float64)
     trials = net.run_trials(images, torch.zeros(8, dtype=torch.long), record=True)
-    dropout = trials.layers[1]
+    columns, dropout = trials.layers[0], trials.layers[1]
     assert (~dropout.gate).any() and dropout.gate.any()
     assert torch.all(dropout.ff[~dropout.gate] == 0) and torch.all(dropout.fb[~dropout.gate] == 0)
+    # The columns below the dropout layer record the gate that learning used: open where the ff
+    # neuron is active and the column was kept; the dropout layer's record shows the same columns.
+    assert (columns.ff[~columns.gate] > 0).any(), "some active columns were dropped"
+    assert torch.equal(columns.gate, dropout.ff > 0) and torch.all(columns.fb[~columns.gate] == 0)
+    assert torch.equal(dropout.gate, columns.gate) and torch.equal(dropout.fb, columns.fb)
 
 
 def test_only_the_selected_output_unit_learns(build_net):

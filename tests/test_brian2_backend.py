@@ -46,8 +46,12 @@ def with_biases(net):
 
 # Settling time / tau -> bound on max|W_brian2 - W_torch| / max|W_torch - W_start| after the
 # sequence of trials below (measured: tied 2.7e-1, 1.3e-2, 1.9e-5; independent with biases and
-# decay 9.4e-2, 7.4e-3, 1.7e-5).
+# decay 6.4e-2, 5.8e-3, 1.3e-5).
 PARITY_TOLERANCE = {4: 0.4, 8: 0.04, 16: 1e-4}
+# The torch backend's gate is open for any drive above 0, Brian2's above a threshold: one below
+# every positive drive of these trials (the smallest is 6.0e-4) makes the gates the same. With
+# the default 1e-3 that column's gate differs, and the difference stays at 6.2e-3 from 16 tau on.
+PARITY_GATE_THRESHOLD = 1e-4
 
 
 @pytest.mark.parametrize("feedback, bias, weight_decay", [("tied", False, 0.0), ("independent", True, 0.1)])
@@ -56,7 +60,7 @@ def test_weights_match_torch_within_a_tolerance_that_shrinks_with_settling_time(
     errors = {}
     for settling, tolerance in PARITY_TOLERANCE.items():
         reference = build(description, dtype=torch.float64, seed=0)
-        net = settled(description, settling, seed=0)
+        net = settled(description, settling, seed=0, gate_threshold=PARITY_GATE_THRESHOLD)
         start = with_biases(reference)
         net.load_weights(start)
         for images, labels, actions in batches(description, (5, 1, 6)):

@@ -370,21 +370,35 @@ def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
-def test_reward_curves_and_gating_statistics(finished_runs):
+def test_reward_curves_and_gating_statistics(finished_runs, tmp_path):
     from agrel_sim.analysis import gating_by_epoch, gating_by_outcome, reward_curves
 
     runs = load_runs(finished_runs)
     curves = reward_curves(runs)
-    assert set(curves) == {"deepagrel", "ebp"}
-    for rule, curve in curves.items():
+    assert list(curves) == [("digits", "small", False)] and set(curves["digits", "small", False]) == {"deepagrel", "ebp"}
+    for rule, curve in curves["digits", "small", False].items():
         values = np.array([[r.epochs["reward_probability"][e] for r in runs if r.rule == rule] for e in range(2)])
         np.testing.assert_allclose(curve["mean"], values.mean(1))
         np.testing.assert_allclose(curve["two_sigma"], 2 * values.std(1, ddof=1))
+    # Another network is another panel, never part of these curves.
+    other = dataclasses.replace(experiment("deepagrel", epochs=1), model=experiment().model.replace(name="other"))
+    run_experiment(other, seed=0, out=tmp_path / "other" / "seed0", log=None)
+    curves = reward_curves([*runs, load_run(tmp_path / "other" / "seed0" / "run.h5")])
+    assert list(curves) == [("digits", "other", False), ("digits", "small", False)]
+    assert curves["digits", "other", False]["deepagrel"]["runs"].tolist() == [1]
+    assert curves["digits", "small", False]["deepagrel"]["runs"].tolist() == [2, 2]
     stats = gating_by_epoch(runs[0])
     assert stats["layers.0"]["epoch"].tolist() == [1, 2]
     outcome = gating_by_outcome(runs[0])
     assert outcome["output"]["open_fraction_rewarded"] == 1.0
     assert outcome["layers.2"]["trials_rewarded"] + outcome["layers.2"]["trials_unrewarded"] == len(runs[0].trials()["label"])
+
+
+def test_layers_are_listed_bottom_to_top(tmp_path):
+    deep = {**MODEL, "layers": [{"kind": "dense", "units": 6}] * 11}
+    run = Experiment.from_dict({"name": "deep", "model": deep, "dataset": "digits", "training": {"max_epochs": 1, "validation_size": 200}}, "<test>")
+    run_experiment(run, out=tmp_path, log=None)
+    assert load_run(tmp_path / "run.h5").layer_names == [f"layers.{i}" for i in range(11)] + ["output"]
 
 
 def test_bad_run_files_get_clear_messages(finished_runs, tmp_path):

@@ -102,6 +102,19 @@ def test_independent_feedback_with_weight_decay_aligns_with_ff():
         assert b < a / 3, f"{layer.name}: angle {a:.1f}° -> {b:.1f}°"
 
 
+def test_every_feedback_mode_and_ebp_start_from_the_same_ff_weights():
+    layers = [Conv2d(3, 3), Dropout(0.4), Dense(9)]
+    weights = {
+        mode: build(ColumnNetwork((2, 8, 8), layers, 7, rule=Rule(name=name, feedback=feedback, bias=True)), seed=4).weights()
+        for mode, (name, feedback) in {"tied": ("deepagrel", "tied"), "reciprocal": ("deepagrel", "reciprocal"), "independent": ("deepagrel", "independent"), "ebp": ("ebp", "tied")}.items()
+    }
+    for key in weights["tied"]:
+        if key.endswith(".ff"):
+            assert all(torch.equal(w[key], weights["tied"][key]) for w in weights.values()), key
+        if key.endswith(".fb"):
+            assert not torch.equal(weights["independent"][key], weights["tied"][key]), key
+
+
 def test_independent_feedback_without_decay_gets_identical_updates():
     net = make("conv", feedback="independent")
     images, labels, actions = random_batch(net)
@@ -131,6 +144,15 @@ def test_ebp_step_is_sgd_on_cross_entropy():
         torch.testing.assert_close(net.weights()[key], before[key] - 0.3 * grad, rtol=1e-12, atol=1e-12)
 
 
+def test_ebp_records_the_gates_of_dropped_columns_closed():
+    description = ColumnNetwork((6,), [Dense(12), Dropout(0.5), Dropout(0.5), Dense(5)], 3, rule=Rule(name="ebp", init_range=0.5))
+    trials = build(description, seed=1).run_trials(torch.rand(8, 6), torch.zeros(8, dtype=torch.long), record=True)
+    columns = trials.layers[0]
+    assert (columns.ff[~columns.gate] > 0).any(), "some active columns were dropped"
+    assert torch.equal(columns.gate, trials.layers[2].ff > 0), "kept by both stacked dropout layers"
+    assert torch.equal(trials.layers[1].gate, columns.gate) and torch.equal(trials.layers[2].gate, columns.gate)
+
+
 def test_observing_without_learning_changes_nothing():
     net = make("dropout")
     images, labels, _ = random_batch(net)
@@ -138,5 +160,5 @@ def test_observing_without_learning_changes_nothing():
     trials = net.run_trials(images, labels, learn=False, record=True)
     for key, value in net.weights().items():
         assert torch.equal(value, before[key])
-    assert all(rec.gate.all() for rec in trials.layers if rec.name in ("layers.1", "layers.3")), "no dropout"
+    assert all(torch.equal(trials.layers[i].ff, trials.layers[i - 1].ff) for i in (1, 3)), "no dropout"
     torch.testing.assert_close(trials.q, net.q_values(images))

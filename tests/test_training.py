@@ -96,3 +96,19 @@ def test_learning_rate_schedule_settings_are_checked():
         TrainingSettings(lr_decay_factor=1.5)
     with pytest.raises(ValueError, match="lr_decay_patience: expected an integer >= 1, got 0"):
         TrainingSettings(lr_decay_patience=0)
+
+
+def test_training_runs_with_deterministic_full_precision_cudnn(monkeypatch):
+    cudnn = torch.backends.cudnn
+    before = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
+    during = []
+    real = training.accuracy
+
+    def accuracy(*args):
+        during.append((cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32))
+        return real(*args)
+
+    monkeypatch.setattr(training, "accuracy", accuracy)
+    train(DESCRIPTION, load_dataset("digits"), dataclasses.replace(SETTINGS, max_epochs=1), progress=False, log=None)
+    assert during and set(during) == {(True, False, False)}
+    assert (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32) == before, "restored afterwards"

@@ -84,8 +84,9 @@ class LayerActivity:
     ``ff``: activity ``y`` of the feedforward neurons; ``fb``: activity of the feedback neurons,
     whose input the column's gate multiplies (so a silent column's fb neuron is silent too;
     ``None`` for EBP, which has no feedback neurons); ``gate``: whether each column's gate was
-    open (ff neuron active and not dropped). For a dropout layer, ``fb`` includes the
-    ``1 / (1 - rate)`` scaling of the surviving columns. ``changed``: the fraction of the layer's
+    open (ff neuron active and not dropped by a dropout layer above). A dropout layer's record
+    shows the columns below it: its ``ff`` is their activity after dropout (the survivors scaled
+    by ``1 / (1 - rate)``), its ``gate`` and ``fb`` are theirs. ``changed``: the fraction of the layer's
     ff synapses that this batch changed (0-dim tensor; ``None`` without weights or learning;
     see :func:`changed_fraction`).
     """
@@ -140,8 +141,8 @@ class _Layer:
             self._fb = self._ff
         elif rule.feedback == "reciprocal":
             self._fb = self._ff.clone()
-        else:
-            self._fb = net.uniform(weight_shape)
+        else:  # independent: drawn once every ff tensor is (TorchNetwork), so ff is the same in every mode
+            self._fb = None
         self.bias = torch.zeros(bias_shape, device=net.device, dtype=net.dtype) if rule.bias else None
         self.saved = None  # what the forward pass keeps for the feedback and plasticity phases
 
@@ -345,7 +346,8 @@ class TorchNetwork:
         Floating-point type of weights and activity.
     seed : int
         Seeds the weight initialisation (drawn on the CPU in float64, so identical on every
-        device) and the generator of action selection and dropout.
+        device; ff weights are the same in every feedback mode and for EBP, and independent fb
+        weights are drawn after them) and the generator of action selection and dropout.
 
     Attributes
     ----------
@@ -378,6 +380,9 @@ class TorchNetwork:
                 layer = DropoutColumns(name, spec, shapes[index], self)
             self.layers.append(layer)
         self.layers.append(DenseColumns("output", Dense(description.n_actions), shapes[-2], self, linear=True))
+        for layer in self.layers:
+            if layer.has_weights and layer._fb is None:
+                layer._fb = self.uniform(layer._ff.shape)
         if description.rule.name == "ebp":
             for tensor in self.parameters():
                 tensor.requires_grad_(True)
@@ -489,7 +494,22 @@ class TorchNetwork:
             if record:
                 records.append(LayerActivity(layer.name, y, gfb, layer.gate(y), changed))
             layer.saved = None
-        return Trials(q, actions, rewards, delta=delta, layers=records[::-1] if record else None)
+        return Trials(q, actions, rewards, delta=delta, layers=self._dropout_gates(records[::-1]) if record else None)
+
+    def _dropout_gates(self, records: list[LayerActivity]) -> list[LayerActivity]:
+        """Records (bottom to top) with the gates that learning used below dropout layers.
+
+        A dropout layer silences columns of the layer below it: their gate is open only where the
+        ff neuron is active and the column was kept. The dropout layer's record shows those same
+        columns, with that gate and their fb activity.
+        """
+        for index in range(len(self.layers) - 1, 0, -1):  # top down, so that stacked dropouts combine
+            if isinstance(self.layers[index], DropoutColumns):
+                records[index - 1].gate = records[index - 1].gate & records[index].gate
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, DropoutColumns):
+                records[index].gate, records[index].fb = records[index - 1].gate, records[index - 1].fb
+        return records
 
     def _ebp_trials(self, x, labels, learn, record):
         net = self.description
@@ -507,6 +527,7 @@ class TorchNetwork:
                 y = y.detach()
                 changed = changed_fraction(grad_of[id(layer.ff)]) if learn and layer.has_weights else None
                 records.append(LayerActivity(layer.name, y, None, layer.gate(y), changed))
+            records = self._dropout_gates(records)
         for layer in self.layers:
             layer.saved = None
         with torch.no_grad():
