@@ -27,6 +27,10 @@ class IncompleteRunWarning(UserWarning):
     """A run file whose run did not end cleanly (killed, crashed or still running)."""
 
 
+class OlderRunFileWarning(UserWarning):
+    """A run file of an older layout that records something differently (the message says what)."""
+
+
 @dataclass
 class Run:
     """A run file's metadata and per-epoch metrics; the larger records are read on demand."""
@@ -111,6 +115,13 @@ def load_run(path: str | Path) -> Run:
             if version == 1:  # before learning-rate schedules: the rule's constant learning rate
                 rate = json.loads(attrs["config"])["model"]["rule"]["learning_rate"]
                 epochs["learning_rate"] = np.full(len(epochs["epoch"]), rate)
+            if version < 3 and any(layer["kind"] == "dropout" for layer in json.loads(attrs["config"])["model"]["layers"]):
+                warnings.warn(
+                    f"{path}: run-file layout version {version}: the gates recorded for layers below dropout layers show "
+                    "ff activity only (a dropped column reads open); train the run again with this agrel-sim to analyse them",
+                    OlderRunFileWarning,
+                    stacklevel=2,
+                )
             result = dict(handle["result"].attrs) if "result" in handle else None
     except OSError as error:
         raise RunFileError(f"{path}: cannot be read as a run file ({error})") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from agrel_sim.analysis import IncompleteRunWarning, analyze, load_runs, table1_records
+from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, analyze, load_runs, table1_records
 from agrel_sim.experiment import default_experiment, load_experiment
 from agrel_sim.runs import DTYPES, default_run_folder, run_experiment
 from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
@@ -48,6 +48,7 @@ def _sweep(args) -> int:
 def _table(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IncompleteRunWarning)  # listed at the end instead, as left out
+        warnings.simplefilter("ignore", OlderRunFileWarning)  # about gate records, which the table does not use
         runs = load_runs(args.runs)
     incomplete = [str(run.path) for run in runs if not run.complete]
     left_out = f"{len(incomplete)} incomplete run(s) left out (still running, killed or crashed; --resume or the sweep again finishes them): {', '.join(incomplete)}"

@@ -46,7 +46,9 @@ import h5py
 import numpy as np
 import torch
 
-LAYOUT_VERSION = 2  # 2: /epochs/learning_rate
+# 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
+# learning used (active and kept); version 2 recorded its ff activity alone (y > 0) there.
+LAYOUT_VERSION = 3
 EPOCH_FIELDS = ("epoch", "reward_probability", "train_loss", "validation_accuracy", "seconds", "learning_rate")
 TRIAL_FIELDS = ("epoch", "batch", "image", "label", "action", "reward", "delta")
 GATING_FIELDS = ("open_fraction", "fb_mean_abs", "changed_fraction")
@@ -80,6 +82,12 @@ class LogSettings:
 def stored_config(config: dict, settings: LogSettings) -> dict:
     """The configuration a run file stores (``/`` attribute ``config``): the experiment's and the logging's."""
     return {**config, "logging": asdict(settings)}
+
+
+def check_resumable(path: Path, version: int) -> None:
+    """Refuse to continue a run file of another layout: its records would mix two layouts."""
+    if version != LAYOUT_VERSION:
+        raise ValueError(f"{path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
 
 
 def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
@@ -121,9 +129,7 @@ class RunFile:
             if resume_after is None:
                 self._create(net, config, seed)
             else:
-                version = int(self.file.attrs["layout_version"])
-                if version != LAYOUT_VERSION:
-                    raise ValueError(f"{self.path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
+                check_resumable(self.path, int(self.file.attrs["layout_version"]))
                 self._truncate_after(resume_after)
                 self.file.attrs["config"] = json.dumps(stored_config(config, settings))
                 self.file.attrs["complete"] = False

@@ -22,7 +22,7 @@ import torch
 
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
-from agrel_sim.recorder import LogSettings, RunFile, stored_config
+from agrel_sim.recorder import LogSettings, RunFile, check_resumable, stored_config
 from agrel_sim.training import RunResult, load_checkpoint, train
 
 RUN_FILE = "run.h5"
@@ -121,13 +121,14 @@ def run_config(experiment: Experiment, device: str = "cpu", dtype: str = "float3
     }
 
 
-def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] = ("source",)) -> bool:
+def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] = ("source",), resuming: bool = True) -> bool:
     """Refuse to continue the run in ``path`` with another seed or other settings than it began with.
 
     A run continued under other settings (another seed draws another validation split, say)
     would be a mixture that no uninterrupted run produces. Keys in ``ignore`` may differ: by
     default only ``source``, the path the experiment was read from, so that a moved checkout
     resumes its runs. The stopping criterion (:data:`STOPPING`) may be raised, never lowered.
+    With ``resuming``, the run file must also be of the layout this version writes.
 
     Returns
     -------
@@ -136,9 +137,12 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     """
     try:
         with h5py.File(path, "r") as handle:
+            version = int(handle.attrs["layout_version"])
             before = {"seed": int(handle.attrs["seed"]), **json.loads(handle.attrs["config"])}
     except (OSError, KeyError) as error:
         raise ValueError(f"{path}: the run file of this checkpoint is missing or unreadable ({error}); start the run again in a new folder") from None
+    if resuming:
+        check_resumable(path, version)
     now = json.loads(json.dumps({"seed": seed, **config}))
     before, now = flatten(before), flatten(now)
     show = lambda leaves, key: repr(leaves[key]) if key in leaves else "absent"  # noqa: E731

@@ -111,7 +111,7 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
                 # A run made with other settings is never counted as this experiment's: it stops
                 # the sweep here, unless only its patience or epoch limit was raised (it goes on).
                 config = stored_config(run_config(experiment, device), LogSettings())
-                raised = check_same_run(folder / RUN_FILE, config, seed, ignore=("source", "device") if complete else ("source",))
+                raised = check_same_run(folder / RUN_FILE, config, seed, ignore=("source", "device") if complete else ("source",), resuming=not complete)
                 complete = complete and not raised
             if complete:
                 finished.append(folder)

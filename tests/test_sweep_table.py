@@ -102,6 +102,19 @@ def test_a_sweep_continues_runs_given_more_epochs_and_refuses_runs_made_otherwis
     assert {path: path.stat().st_mtime_ns for path in runs.rglob("run.h5")} == before, "no run was touched"
 
 
+def test_a_sweep_counts_finished_runs_of_an_older_layout_but_does_not_resume_them(sweep_file, tmp_path, capsys):
+    assert main(["sweep", str(sweep_file)]) == 0
+    runs = tmp_path / "runs" / "tiny"
+    with h5py.File(runs / "tiny_ebp" / "seed0" / "run.h5", "a") as run:
+        run.attrs["layout_version"] = 2
+    assert main(["sweep", str(sweep_file)]) == 0
+    assert "4 runs already finished, 0 to run" in capsys.readouterr().out
+    with h5py.File(runs / "tiny_ebp" / "seed0" / "run.h5", "a") as run:
+        run.attrs["complete"] = False  # as if killed
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert re.search(r"tiny_ebp/seed0/run\.h5: run-file layout version 2, but this agrel-sim writes 3; it cannot resume the run", capsys.readouterr().err)
+
+
 def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, capsys):
     (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace('dataset = "digits"', 'dataset = "mnist"'))
     assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data")]) == 1
