@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION
-from agrel_sim.runs import RUN_FILE, flatten
+from agrel_sim.runs import RUN_FILE, settings_of, shown
 from agrel_sim.table import row_key
 
 
@@ -153,6 +153,11 @@ def load_runs(path: str | Path) -> list[Run]:
 ROW_SETTINGS = ("dataset", "model", "training", "backend", "backend_options", "dtype")
 
 
+def _setting(key: str) -> str:
+    """The top-level setting of a flattened key: ``model`` for ``model.layers[0].units`` or ``len(model.layers)``."""
+    return key.removeprefix("len(").split(".")[0]
+
+
 def row_label(row: tuple[str, str, bool]) -> str:
     """'mnist, mnist_conv3, no augmentation' for the row key of :func:`agrel_sim.table.row_key`."""
     dataset, network, augmented = row
@@ -165,16 +170,17 @@ def table_rows(runs: list[Run]) -> dict[tuple[str, str, bool], dict[str, list[Ru
     The runs of one row and rule must differ only in their seed: runs made with other settings
     (a longer patience, another learning rate), or one seed twice, would be averaged into a
     figure that no protocol produced, so they raise :class:`RunFileError` naming both run files.
-    Settings that one of the two run files lacks (written by an older agrel-sim) are not compared.
+    Settings that older run files lack count as the value those runs behaved as
+    (:func:`agrel_sim.runs.settings_of`).
     """
     rows: dict[tuple, dict[str, list[Run]]] = {}
     first: dict[tuple, tuple[Run, dict]] = {}
     for run in runs:
         row = row_key(run.config)
-        settings = flatten({key: run.config[key] for key in ROW_SETTINGS if key in run.config})
+        settings = {key: value for key, value in settings_of(run.config).items() if _setting(key) in ROW_SETTINGS}
         group = rows.setdefault(row, {}).setdefault(run.rule, [])
         other, other_settings = first.setdefault((row, run.rule), (run, settings))
-        differences = [f"{key}: {other_settings[key]!r} and {settings[key]!r}" for key in sorted(settings.keys() & other_settings.keys()) if settings[key] != other_settings[key]]
+        differences = [f"{key}: {shown(other_settings, key)} and {shown(settings, key)}" for key in sorted(settings.keys() | other_settings.keys()) if settings.get(key) != other_settings.get(key)]
         where = f"Table 1 row {row_label(row)}, {run.rule}"
         if differences:
             raise RunFileError(

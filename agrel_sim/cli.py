@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--patience", type=_integer_from(1), help="override the experiment's training.patience (epochs without a better validation accuracy before stopping)")
     train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
     train.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; a finished run goes on if given a longer --patience or more --max-epochs")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; a finished run goes on when the patience or epoch limit in force (the experiment's, or --patience / --max-epochs) is higher than the run's")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     train.set_defaults(handler=_train)
 

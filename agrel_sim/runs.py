@@ -94,17 +94,32 @@ def locked(folder: Path):
 
 
 def flatten(value, prefix: str = "") -> dict:
-    """Nested dicts and lists as ``{"a.b[0].c": leaf}``."""
+    """Nested dicts and lists as ``{"a.b[0].c": leaf}``, with ``"len(a.list)"`` for each list."""
     if isinstance(value, dict):
         items = ((f"{prefix}.{key}" if prefix else key, item) for key, item in value.items())
     elif isinstance(value, list):
         items = ((f"{prefix}[{index}]", item) for index, item in enumerate(value))
     else:
         return {prefix: value}
-    leaves = {}
+    leaves = {f"len({prefix})": len(value)} if isinstance(value, list) else {}
     for key, item in items:
         leaves.update(flatten(item, key))
     return leaves
+
+
+# Settings added since the first run files, with the value that runs written before them
+# behaved as (a constant learning rate, the torch backend, ...).
+ADDED_SETTINGS = {"training.lr_decay_factor": 1.0, "training.lr_decay_patience": 10, "backend": "torch", "logging.summary_trials": 20}
+
+
+def shown(leaves: dict, key: str) -> str:
+    """``repr(leaves[key])``, or ``absent``: a value in a message about two settings."""
+    return repr(leaves[key]) if key in leaves else "absent"
+
+
+def settings_of(config: dict) -> dict:
+    """A stored run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them."""
+    return {**ADDED_SETTINGS, **flatten(config)}
 
 
 # Settings that may be raised when a run is continued: a run stopped by a patience or an epoch
@@ -125,10 +140,11 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     """Refuse to continue the run in ``path`` with another seed or other settings than it began with.
 
     A run continued under other settings (another seed draws another validation split, say)
-    would be a mixture that no uninterrupted run produces. Keys in ``ignore`` may differ: by
-    default only ``source``, the path the experiment was read from, so that a moved checkout
-    resumes its runs. The stopping criterion (:data:`STOPPING`) may be raised, never lowered.
-    With ``resuming``, the run file must also be of the layout this version writes.
+    would be a mixture that no uninterrupted run produces. Keys in ``ignore`` (and below them)
+    may differ: by default only ``source``, the path the experiment was read from, so that a
+    moved checkout resumes its runs. The stopping criterion (:data:`STOPPING`) may be raised,
+    never lowered. With ``resuming``, the run file must also be of the layout this version
+    writes.
 
     Returns
     -------
@@ -138,17 +154,16 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     try:
         with h5py.File(path, "r") as handle:
             version = int(handle.attrs["layout_version"])
-            before = {"seed": int(handle.attrs["seed"]), **json.loads(handle.attrs["config"])}
+            before = settings_of({"seed": int(handle.attrs["seed"]), **json.loads(handle.attrs["config"])})
     except (OSError, KeyError) as error:
         raise ValueError(f"{path}: the run file of this checkpoint is missing or unreadable ({error}); start the run again in a new folder") from None
     if resuming:
         check_resumable(path, version)
-    now = json.loads(json.dumps({"seed": seed, **config}))
-    before, now = flatten(before), flatten(now)
-    show = lambda leaves, key: repr(leaves[key]) if key in leaves else "absent"  # noqa: E731
-    changed = [key for key in sorted(before.keys() | now.keys()) if key not in ignore and before.get(key) != now.get(key)]
+    now = settings_of(json.loads(json.dumps({"seed": seed, **config})))
+    ignored = lambda key: any(key == name or key.startswith(f"{name}.") for name in ignore)  # noqa: E731
+    changed = [key for key in sorted(before.keys() | now.keys()) if not ignored(key) and before.get(key) != now.get(key)]
     raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]
-    differences = [f"{key}: {show(before, key)} in the run, {show(now, key)} now" for key in changed if key not in raised]
+    differences = [f"{key}: {shown(before, key)} in the run, {shown(now, key)} now" for key in changed if key not in raised]
     if differences:
         raise ValueError(
             f"{path}: cannot continue this run with other settings than it began with ("
@@ -156,6 +171,39 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
             " or more epochs may be given), or choose another --out"
         )
     return bool(raised)
+
+
+def resume_plan(folder: Path, config: dict, seed: int) -> str:
+    """What resuming the run folder does, for a run with ``config`` (as stored) and ``seed``.
+
+    Returns
+    -------
+    str
+        ``"start"``: there is nothing finished to continue (no run file, or a run killed before
+        its first checkpoint), so the run starts afresh. ``"finished"``: the run is complete and
+        was made with these settings (on whatever device, in whatever run-file layout).
+        ``"continue"``: an interrupted run, or a finished one whose patience or epoch limit is
+        now higher, goes on from its checkpoint.
+
+    Raises
+    ------
+    ValueError
+        For a run that cannot go on with these settings: other settings or a lowered stopping
+        criterion, another device, an older run-file layout, a finished run whose checkpoint
+        is gone, or a checkpoint whose run file is.
+    """
+    path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
+    if not path.exists() and not checkpoint.is_file():
+        return "start"
+    if is_complete(folder):
+        if not check_same_run(path, config, seed, ignore=("source", "device", "logging"), resuming=False):
+            return "finished"
+        if not checkpoint.is_file():
+            raise ValueError(f"{path}: this run is complete and its checkpoint {checkpoint.name} is gone, so it cannot go on; train it again in a new folder")
+    elif not checkpoint.is_file():
+        return "start"
+    check_same_run(path, config, seed)
+    return "continue"
 
 
 def run_experiment(
@@ -175,10 +223,10 @@ def run_experiment(
     Parameters
     ----------
     resume : bool
-        Continue from the folder's checkpoint, with the settings the run began with; a longer
-        patience or more epochs may be given, and a finished run then goes on (its run file
-        takes the new settings). Without it, a folder that already holds a run file is an
-        error, so that no finished work is overwritten.
+        Continue from the folder's checkpoint (see :func:`resume_plan`), with the settings the
+        run began with; ``experiment`` may have a higher patience or epoch limit, and a finished
+        run then goes on (its run file takes the new settings). Without it, a folder that
+        already holds a run file is an error, so that no finished work is overwritten.
     """
     check_device(device)
     if dtype not in DTYPES:
@@ -191,14 +239,10 @@ def run_experiment(
             if not resume and path.exists():
                 raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
             config = run_config(experiment, device, dtype)
-            complete = resume and is_complete(folder)
-            if complete and not checkpoint.is_file():
-                raise ValueError(f"{path}: this run is complete and its checkpoint {checkpoint.name} is gone, so it cannot be continued; train it again in a new folder")
-            state = load_checkpoint(checkpoint) if resume and checkpoint.is_file() else None
-            if state is not None:
-                raised = check_same_run(path, stored_config(config, logging), seed)
-                if complete and not raised:
-                    raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
+            plan = resume_plan(folder, stored_config(config, logging), seed) if resume else "start"
+            if plan == "finished":
+                raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
+            state = load_checkpoint(checkpoint) if plan == "continue" else None
             resume_after = state["epoch"] if state is not None else None
             run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
         data = load_dataset(experiment.dataset, data_dir)

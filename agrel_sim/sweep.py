@@ -30,7 +30,7 @@ from pathlib import Path
 from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import LogSettings, stored_config
-from agrel_sim.runs import RUN_FILE, check_device, check_same_run, default_run_folder, is_complete, run_config
+from agrel_sim.runs import check_device, default_run_folder, resume_plan, run_config
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -106,14 +106,9 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
         experiment: Experiment = load_experiment(path)
         for seed in sweep.seeds:
             folder = default_run_folder(experiment, seed, out)
-            complete = is_complete(folder)
-            if (folder / RUN_FILE).exists():
-                # A run made with other settings is never counted as this experiment's: it stops
-                # the sweep here, unless only its patience or epoch limit was raised (it goes on).
-                config = stored_config(run_config(experiment, device), LogSettings())
-                raised = check_same_run(folder / RUN_FILE, config, seed, ignore=("source", "device") if complete else ("source",), resuming=not complete)
-                complete = complete and not raised
-            if complete:
+            # A run made with other settings is never counted as this experiment's, and one that
+            # cannot go on (another device, an older layout, ...) stops the sweep here.
+            if resume_plan(folder, stored_config(run_config(experiment, device), LogSettings()), seed) == "finished":
                 finished.append(folder)
             else:
                 tasks.append(RunTask(path, seed, str(folder), device, None if data_dir is None else str(data_dir), threads))

@@ -1,6 +1,7 @@
 """Run files, checkpoints and exact resume after SIGKILL, and the analysis of run files."""
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import torch
 from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs
 from agrel_sim.cli import main
 from agrel_sim.experiment import Experiment
+from agrel_sim.network import Dense
 from agrel_sim.recorder import LogSettings
 from agrel_sim.runs import run_experiment
 from agrel_sim.training import load_checkpoint
@@ -128,9 +130,29 @@ def test_table_refuses_runs_of_other_settings_or_one_seed_twice_and_lists_incomp
     assert main(["table", str(tmp_path)]) == 2
     assert re.search(r"a/seed0/run\.h5 and .*copy/seed0/run\.h5: seed 0 twice in the Table 1 row", capsys.readouterr().err)
     shutil.rmtree(tmp_path / "copy")
+    other_net = dataclasses.replace(experiment(epochs=1), model=experiment().model.replace(layers=(*experiment().model.layers, Dense(8))))
+    run_experiment(other_net, seed=1, out=tmp_path / "b" / "seed1", log=None)
+    assert main(["table", str(tmp_path)]) == 2
+    assert re.search(r"with different settings \(len\(model\.layers\): 3 and 4; model\.layers\[3\]\.kind: absent and 'dense'", capsys.readouterr().err)
+    shutil.rmtree(tmp_path / "b")
     run_experiment(experiment(epochs=1), seed=1, out=tmp_path / "b" / "seed1", log=None)
     assert main(["table", str(tmp_path)]) == 0
     assert "| digits | small | none |" in capsys.readouterr().out
+    # A setting that an older run file lacks counts as what that run did: the default.
+    with h5py.File(tmp_path / "a" / "seed0" / "run.h5", "a") as run:
+        config = json.loads(run.attrs["config"])
+        del config["training"]["lr_decay_factor"]
+        run.attrs["config"] = json.dumps(config)
+    assert main(["table", str(tmp_path)]) == 0
+    capsys.readouterr()
+    with h5py.File(tmp_path / "b" / "seed1" / "run.h5", "a") as run:
+        config = json.loads(run.attrs["config"])
+        config["training"]["lr_decay_factor"] = 0.5
+        run.attrs["config"] = json.dumps(config)
+    assert main(["table", str(tmp_path)]) == 2
+    assert "training.lr_decay_factor: 1.0 and 0.5" in capsys.readouterr().err
+    with h5py.File(tmp_path / "b" / "seed1" / "run.h5", "a") as run:
+        run.attrs["config"] = json.dumps({**config, "training": {**config["training"], "lr_decay_factor": 1.0}})
 
     # An incomplete run is left out of the table, and said so in one line.
     with h5py.File(tmp_path / "b" / "seed1" / "run.h5", "a") as run:

@@ -1,6 +1,7 @@
 """Sweeps (local pool and submitit's local executor) and Table 1, end to end on tiny budgets."""
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from agrel_sim.cli import main
 from agrel_sim.experiment import load_experiment
-from agrel_sim.sweep import load_sweep, run_sweep
+from agrel_sim.sweep import load_sweep, plan, run_sweep
 from agrel_sim.table import markdown, table1, write_csv
 
 MODEL = """
@@ -102,17 +103,42 @@ def test_a_sweep_continues_runs_given_more_epochs_and_refuses_runs_made_otherwis
     assert {path: path.stat().st_mtime_ns for path in runs.rglob("run.h5")} == before, "no run was touched"
 
 
-def test_a_sweep_counts_finished_runs_of_an_older_layout_but_does_not_resume_them(sweep_file, tmp_path, capsys):
+def test_a_sweep_counts_finished_runs_of_older_layouts_but_continues_none_of_them(sweep_file, tmp_path, capsys):
     assert main(["sweep", str(sweep_file)]) == 0
     runs = tmp_path / "runs" / "tiny"
     with h5py.File(runs / "tiny_ebp" / "seed0" / "run.h5", "a") as run:
         run.attrs["layout_version"] = 2
+    with h5py.File(runs / "tiny_ebp" / "seed1" / "run.h5", "a") as run:  # layout 1 had no learning-rate schedule
+        config = json.loads(run.attrs["config"])
+        del config["training"]["lr_decay_factor"], config["training"]["lr_decay_patience"]
+        run.attrs["config"], run.attrs["layout_version"] = json.dumps(config), 1
     assert main(["sweep", str(sweep_file)]) == 0
     assert "4 runs already finished, 0 to run" in capsys.readouterr().out
-    with h5py.File(runs / "tiny_ebp" / "seed0" / "run.h5", "a") as run:
-        run.attrs["complete"] = False  # as if killed
+
+    # Given more epochs, they would have to go on: the sweep stops before any run instead.
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 3"))
+    files = lambda: {path: path.stat().st_mtime_ns for path in runs.rglob("*") if path.is_file()}  # noqa: E731
+    before = files()
     assert main(["sweep", str(sweep_file)]) == 2
     assert re.search(r"tiny_ebp/seed0/run\.h5: run-file layout version 2, but this agrel-sim writes 3; it cannot resume the run", capsys.readouterr().err)
+    assert files() == before, "no run was touched"
+    with h5py.File(runs / "tiny_ebp" / "seed0" / "run.h5", "a") as run:
+        run.attrs["layout_version"] = 3
+    (runs / "tiny_ebp" / "seed0" / "checkpoint.pt").unlink()
+    before = files()
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert re.search(r"tiny_ebp/seed0/run\.h5: this run is complete and its checkpoint checkpoint\.pt is gone", capsys.readouterr().err)
+    assert files() == before, "no run was touched"
+
+
+def test_a_sweep_on_another_device_counts_finished_runs_but_cannot_continue_them(sweep_file, tmp_path):
+    assert main(["sweep", str(sweep_file)]) == 0
+    sweep = load_sweep(sweep_file)
+    tasks, finished = plan(sweep, tmp_path / "runs" / "tiny", device="cuda")
+    assert (len(tasks), len(finished)) == (0, 4)
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 3"))
+    with pytest.raises(ValueError, match=r"tiny_ebp/seed0/run\.h5: cannot continue this run with other settings than it began with \(device: 'cpu' in the run, 'cuda' now\)"):
+        plan(load_sweep(sweep_file), tmp_path / "runs" / "tiny", device="cuda")
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, capsys):
