@@ -149,7 +149,8 @@ def load_runs(path: str | Path) -> list[Run]:
 
 # -- what the runs show ------------------------------------------------------------------------
 
-# What runs that share a Table 1 row and a rule must have in common (all but seed, device, logging).
+# What runs that share a Table 1 row and a rule must have in common: everything but the seed, the
+# experiment's name and source, the device and the logging.
 ROW_SETTINGS = ("dataset", "model", "training", "backend", "backend_options", "dtype")
 
 
