@@ -52,6 +52,8 @@ def augment(images: torch.Tensor, settings: Augmentation, generator: torch.Gener
 
     Pixels that come from outside the image repeat its border (as Keras' ``fill_mode="nearest"``).
     """
+    if not images.is_floating_point():
+        raise TypeError(f"images: augment expects a floating-point batch (scale integer pixels first), got {images.dtype}")
     batch = images.shape[0]
 
     def uniform():  # in [-1, 1), one per image

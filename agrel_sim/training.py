@@ -144,7 +144,7 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict) or "epoch" not in state:
         raise ValueError(f"{path}: not a checkpoint of agrel-sim")
-    if "learning_rate" not in state:
+    if "learning_rate" not in state or "trials_run" not in state:
         raise ValueError(f"{path}: a checkpoint of an older agrel-sim, which this version cannot resume; start the run again in a new folder")
     return state
 
@@ -242,7 +242,7 @@ def train(
     last_decay = 0  # the epoch of the last learning-rate decay
     if resume is not None:
         net.load_weights(resume["weights"])
-        net.learning_rate, last_decay = resume["learning_rate"], resume["last_decay"]
+        net.learning_rate, last_decay, net.trials_run = resume["learning_rate"], resume["last_decay"], resume["trials_run"]
         for name, generator in generators.items():
             generator.set_state(resume["rng"][name])
         best_accuracy, best_epoch, best_weights = resume["best_accuracy"], resume["best_epoch"], resume["best_weights"]
@@ -287,7 +287,7 @@ def train(
                 "epoch": epoch, "weights": net.weights(), "best_weights": best_weights, "best_accuracy": best_accuracy,
                 "best_epoch": best_epoch, "history": [asdict(m) for m in history],
                 "rng": {name: g.get_state() for name, g in generators.items()},
-                "learning_rate": net.learning_rate, "last_decay": last_decay,
+                "learning_rate": net.learning_rate, "last_decay": last_decay, "trials_run": net.trials_run,
                 "seconds": elapsed + time.perf_counter() - started,
             })
         bar.update()

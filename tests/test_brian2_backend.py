@@ -1,6 +1,7 @@
 """The Brian2 backend: parity with the torch backend, its time course, its settings and errors."""
 
 import brian2
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -197,6 +198,7 @@ def test_durations_accept_brian2_quantities():
 
 
 def test_cython_code_generation_gives_the_numpy_result():
+    pytest.importorskip("Cython", reason="the cython target needs Cython")
     # One hidden layer without biases, like benchmarks/brian2_trials.py: compiled once, then cached.
     description = describe(layers=(Dense(6),))
     images, labels, actions = next(batches(description, (2,)))
@@ -275,3 +277,77 @@ def test_standalone_mode_is_refused():
     finally:
         brian2.set_device("runtime")
     assert build(describe(), backend="brian2").q_values(torch.rand(1, 8)).shape == (1, 4)
+
+
+def test_cython_code_that_cannot_be_built_names_the_setting(monkeypatch):
+    def no_compiler(self, *args, **kwargs):
+        raise RuntimeError("command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(brian2.Network, "run", no_compiler)
+    with pytest.raises(ValueError, match=r"codegen_target: Brian2 could not build its Cython code \(RuntimeError: command 'c\+\+' failed.*set codegen_target = 'numpy'"):
+        build(describe(), backend="brian2", codegen_target="cython")
+    assert brian2.prefs.codegen.target == "auto"
+
+
+def test_changed_fraction_counts_the_four_factor_change_alone():
+    description = describe("reciprocal", weight_decay=0.1)
+    reference, net = build(description, dtype=torch.float64, seed=0), settled(description, 16, seed=0)
+    images, labels, actions = next(batches(description, (3,)))
+    expected = [record.changed.item() for record in reference.run_trials(images, labels, actions=actions, record=True).layers]
+    changed = [record.changed.item() for record in net.run_trials(images, labels, actions=actions, record=True).layers]
+    assert changed == pytest.approx(expected) and min(expected) < 1, "weight decay changes every weight, the rule fewer"
+
+
+def test_an_interrupted_batch_leaves_no_pending_change(monkeypatch):
+    from agrel_sim.backends import brian2_backend
+
+    description = describe()
+    images, labels, _ = next(batches(description, (3,)))
+    interrupted, clean = settled(description, 4, seed=0), settled(description, 4, seed=0)
+    calls = []
+
+    def select_action(q, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the batch
+        return q.argmax(1)
+
+    monkeypatch.setattr(brian2_backend.agrel, "select_action", select_action)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run_trials(images, labels)
+    assert interrupted.trials_run == 0
+    monkeypatch.undo()
+    for net in (interrupted, clean):
+        net.run_trials(images, labels)
+    for key, value in clean.weights().items():
+        assert torch.equal(interrupted.weights()[key], value), key
+
+
+def test_a_resumed_brian2_run_in_float32_repeats_the_uninterrupted_one(tmp_path):
+    from agrel_sim.datasets import Dataset
+    from agrel_sim.recorder import RunFile
+    from agrel_sim.training import TrainingSettings, load_checkpoint, train
+
+    description = describe(weight_decay=0.1, n_inputs=6, n_actions=3)
+    g = torch.Generator().manual_seed(0)
+    pixels = lambda n: torch.randint(0, 256, (n, 6), generator=g, dtype=torch.uint8)  # noqa: E731
+    data = Dataset("tiny", pixels(24), torch.randint(0, 3, (24,), generator=g), pixels(6), torch.randint(0, 3, (6,), generator=g), 1 / 255, 3)
+    options = dict(trace_every=3, tau_ff=2.0, tau_fb=2.0, t_stimulus=10, t_selection=2, t_feedback=10, t_rpe=2, t_plasticity=2)
+    config = {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "tiny", "backend": "brian2"}
+
+    def run(name, epochs, resume=None, resume_after=None):
+        settings = TrainingSettings(batch_size=4, max_epochs=epochs, patience=10, validation_size=4)
+        recorder = lambda net: RunFile(tmp_path / f"{name}.h5", net, config, 1, resume_after=resume_after)  # noqa: E731
+        return train(description, data, settings, seed=1, dtype=torch.float32, progress=False, log=None, run_file=recorder,
+                     checkpoint=tmp_path / f"{name}.pt", resume=resume, backend="brian2", backend_options=options)
+
+    whole = run("whole", 2)
+    run("part", 1)
+    resumed = run("part", 2, resume=load_checkpoint(tmp_path / "part.pt"), resume_after=1)
+    assert resumed.test_accuracy == whole.test_accuracy
+    a, b = load_checkpoint(tmp_path / "part.pt"), load_checkpoint(tmp_path / "whole.pt")
+    assert a["trials_run"] == b["trials_run"] == 2 * 20
+    for key in b["weights"]:
+        assert b["weights"][key].dtype == torch.float64 and torch.equal(a["weights"][key], b["weights"][key]), key
+    with h5py.File(tmp_path / "part.h5", "r") as part, h5py.File(tmp_path / "whole.h5", "r") as full:
+        assert part["timecourses"]["trial"][:].tolist() == full["timecourses"]["trial"][:].tolist() == list(range(0, 40, 3))

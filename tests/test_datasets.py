@@ -195,6 +195,11 @@ def test_augmentation_is_random_per_image_and_keeps_shapes():
     assert (centre_x > 14).any() and (centre_x < 14).any(), "some images are reflected"
 
 
+def test_augmentation_asks_for_scaled_images():
+    with pytest.raises(TypeError, match="images: augment expects a floating-point batch .* got torch.uint8"):
+        augment(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), Augmentation(), torch.Generator())
+
+
 def test_identity_augmentation_changes_nothing():
     images = torch.rand(5, 3, 32, 32)
     out = augment(images, Augmentation(zoom=0.0, shift=0.0, flip=False), torch.Generator().manual_seed(0))

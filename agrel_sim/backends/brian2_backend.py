@@ -311,6 +311,13 @@ class DenseColumnPopulation:
         self.bias_synapses.w[:] = _matrix(value, (self.weight_shape[0],), f"{self.name}.bias")
 
 
+def _four_factor_change(after: np.ndarray, before: np.ndarray, decay: float) -> np.ndarray:
+    """``after - before * (1 - decay)``, with differences within rounding of the decay set to 0."""
+    change = after - before * (1 - decay)
+    change[np.abs(change) <= 1e-12 * np.abs(before)] = 0.0
+    return change
+
+
 def _tensor(array: np.ndarray, dtype) -> torch.Tensor:
     """A tensor that owns a copy of ``array`` (Brian2 may hand out views of its state)."""
     return torch.tensor(array, dtype=dtype)
@@ -331,6 +338,21 @@ def _codegen_target(target: str):
         yield
     finally:
         brian2.prefs.codegen.target = previous
+
+
+@contextlib.contextmanager
+def _generated_code(target: str):
+    """:func:`_codegen_target`, naming the setting when Cython code cannot be built."""
+    try:
+        with _codegen_target(target):
+            yield
+    except Exception as error:  # Cython missing, no C++ compiler, a failed compilation: Brian2 raises many kinds
+        if target != "cython":
+            raise
+        raise ValueError(
+            f"codegen_target: Brian2 could not build its Cython code ({type(error).__name__}: {error}); "
+            "install Cython and a C++ compiler, or set codegen_target = 'numpy'"
+        ) from error
 
 
 class Brian2Network:
@@ -371,12 +393,12 @@ class Brian2Network:
         self.learning_rate = description.rule.learning_rate
         self.clock = brian2.Clock(dt=timeline.dt * brian2.ms, name="trial_clock")
         self._episode = None
-        with _codegen_target(codegen_target):  # connect() runs generated code too
+        with _generated_code(codegen_target):  # connect() runs generated code too
             objects = self._build_populations()
         self._events = brian2.NetworkOperation(lambda: self._episode.start_of_step(), clock=self.clock, when="start", name="trial_events")
         self._observer = brian2.NetworkOperation(lambda: self._episode.end_of_step(), clock=self.clock, when="end", order=10, name="trial_observer")
         self.network = brian2.Network(*objects, self._events, self._observer)
-        with _codegen_target(codegen_target):  # generate (for Cython: compile) the code now
+        with _generated_code(codegen_target):  # generate (for Cython: compile) the code now
             self.network.run(0 * brian2.ms, namespace={})
         self.load_weights(TorchNetwork(description, dtype=torch.float64, seed=seed).weights())
 
@@ -448,13 +470,18 @@ class Brian2Network:
     # -- weights ------------------------------------------------------------------------------
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Copies of all weights, keyed ``"<layer>.ff"``, ``"<layer>.fb"``, ``"<layer>.bias"``."""
+        """Copies of all weights, keyed ``"<layer>.ff"``, ``"<layer>.fb"``, ``"<layer>.bias"``.
+
+        In float64, the simulation's own precision, whatever ``dtype``: a checkpoint of them
+        restores the network exactly.
+        """
         out = {}
         for layer in self.layers:
-            out[f"{layer.name}.ff"] = layer.ff
-            out[f"{layer.name}.fb"] = layer.fb
-            if layer.bias is not None:
-                out[f"{layer.name}.bias"] = layer.bias
+            synapses = {"ff": layer.ff_synapses, "fb": layer.fb_synapses, "bias": layer.bias_synapses}
+            for part, group in synapses.items():
+                if group is not None:
+                    shape = (-1,) if part == "bias" else layer.weight_shape
+                    out[f"{layer.name}.{part}"] = _tensor(group.w[:].reshape(shape), torch.float64)
         return out
 
     def load_weights(self, weights: dict) -> None:
@@ -484,8 +511,19 @@ class Brian2Network:
                 self.network.run(episode.total_steps * self.timeline.dt * brian2.ms, namespace={})
         finally:
             self._episode = None
+            if episode.step != episode.total_steps:  # interrupted: forget the batch's pending change
+                self._drop_pending_change()
         if episode.step != episode.total_steps:
             raise RuntimeError(f"brian2 backend: the run took {episode.step} time steps, expected {episode.total_steps}")
+
+    def _drop_pending_change(self) -> None:
+        """Zero the accumulated weight changes and the dopamine signals of an unfinished batch."""
+        for layer in self.layers:
+            for synapses in (layer.ff_synapses, layer.fb_synapses, layer.bias_synapses):
+                if synapses is not None:
+                    synapses.dw[:] = 0.0
+        for name in ("delta", "plasticity_rate", "consolidate"):
+            _state(self.dopamine, name)[:] = 0.0
 
     def q_values(self, images: torch.Tensor) -> torch.Tensor:
         """Q-values of a batch, read at the end of the stimulus phase; no feedback, no learning.
@@ -520,7 +558,8 @@ class Brian2Network:
             ``layers`` (when ``record``) and ``traces`` of the trials chosen by ``trace_every``.
         """
         stimuli = self._check_batch(images, labels, actions)
-        before = [layer.ff for layer in self.layers] if record and learn else None
+        before = [layer.ff_synapses.w[:].copy() for layer in self.layers] if record and learn else None
+        decay = self.learning_rate * self.description.rule.weight_decay  # as the batch's end applies it
         episode = _Episode(
             self, stimuli, steps_per_trial=self.timeline.trial_steps, labels=labels.detach().cpu(),
             actions=None if actions is None else actions.detach().cpu(), learn=learn, record=record,
@@ -532,8 +571,9 @@ class Brian2Network:
         rewards = agrel.reward(chosen, labels.cpu(), self.description.neuromodulator.reward_correct, self.description.neuromodulator.reward_wrong, self.dtype)
         records = None
         if record:
-            # The fraction of synapses whose weight differs after the batch (with weight decay: all).
-            changed = [changed_fraction(layer.ff - old) for layer, old in zip(self.layers, before)] if learn else [None] * len(self.layers)
+            # The fraction of synapses that the four-factor rule changed, as the torch backend counts
+            # it: the change after the weight decay, less what is left of the decay's rounding.
+            changed = [changed_fraction(torch.from_numpy(_four_factor_change(layer.ff_synapses.w[:], old, decay))) for layer, old in zip(self.layers, before)] if learn else [None] * len(self.layers)
             records = [
                 LayerActivity(layer.name, *(torch.from_numpy(np.stack(episode.records[layer.name][part])).to(self.dtype) for part in ("ff", "fb")),
                               torch.from_numpy(np.stack(episode.records[layer.name]["gate"])).bool(), fraction)

@@ -357,6 +357,9 @@ class TorchNetwork:
     learning_rate : float
         The step size alpha of the next updates; starts at ``description.rule.learning_rate``
         and may be changed between batches (a learning-rate schedule).
+    trials_run : int
+        Trials run so far by :meth:`run_trials` (a checkpoint keeps it, as for the Brian2
+        backend, whose traces it numbers).
     """
 
     def __init__(self, description: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0):
@@ -366,6 +369,7 @@ class TorchNetwork:
         self.dtype = dtype
         self._init_generator = torch.Generator().manual_seed(seed)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.trials_run = 0
         shapes = description.layer_shapes()
         self.layers = []
         for index, spec in enumerate(description.layers):
@@ -458,6 +462,7 @@ class TorchNetwork:
         """
         x = self._check_batch(images, labels, actions)
         labels = labels.to(self.device)
+        self.trials_run += x.shape[0]
         if self.description.rule.name == "ebp":
             if actions is not None:
                 raise ValueError("actions: forcing actions is meaningful only for rule 'deepagrel'")
