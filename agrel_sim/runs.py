@@ -189,8 +189,8 @@ def resume_plan(folder: Path, config: dict, seed: int) -> str:
     ------
     ValueError
         For a run that cannot go on with these settings: other settings or a lowered stopping
-        criterion, another device, an older run-file layout, a finished run whose checkpoint
-        is gone, or a checkpoint whose run file is.
+        criterion, another device, an older run-file layout or checkpoint, a damaged
+        checkpoint, a finished run whose checkpoint is gone, or a checkpoint whose run file is.
     """
     path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
     if not path.exists() and not checkpoint.is_file():
@@ -203,6 +203,7 @@ def resume_plan(folder: Path, config: dict, seed: int) -> str:
     elif not checkpoint.is_file():
         return "start"
     check_same_run(path, config, seed)
+    load_checkpoint(checkpoint)  # raises for a damaged checkpoint or one an older agrel-sim wrote
     return "continue"
 
 

@@ -133,7 +133,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int = 1, executor: str = "local", de
     if executor != "slurm":  # the machine that submits to SLURM need not have the cluster's GPUs
         check_device(device)
     out = Path(out or sweep.out)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if executor == "local" else int(sweep.slurm.get("cpus_per_task", 1))
+    threads = int(sweep.slurm.get("cpus_per_task", 1)) if executor == "slurm" else max(1, (os.cpu_count() or 1) // jobs)
     tasks, finished = plan(sweep, out, device, data_dir, threads)
     log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run, executor {executor}, out {out}")
     if not tasks:
@@ -166,11 +166,13 @@ def _run_submitit(tasks: list[RunTask], jobs: int, executor: str, out: Path, slu
     if executor == "slurm":
         runner = submitit.AutoExecutor(folder=folder, cluster="slurm")
         runner.update_parameters(slurm_array_parallelism=jobs, **slurm)
-    else:
-        runner = submitit.LocalExecutor(folder=folder)
-        runner.update_parameters(timeout_min=int(slurm.get("timeout_min", 60)))
-    submitted = runner.map_array(execute, tasks)
-    return [_outcome(job.result) for job in submitted]
+        return [_outcome(job.result) for job in runner.map_array(execute, tasks)]
+    runner = submitit.LocalExecutor(folder=folder)
+    runner.update_parameters(timeout_min=int(slurm.get("timeout_min", 60)))
+    outcomes = []
+    for start in range(0, len(tasks), jobs):  # the local executor starts every job it is given at once
+        outcomes += [_outcome(job.result) for job in runner.map_array(execute, tasks[start:start + jobs])]
+    return outcomes
 
 
 def _outcome(result) -> tuple[bool, str]:

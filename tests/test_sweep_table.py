@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import h5py
-
 import pytest
+import torch
 
 from agrel_sim.cli import main
 from agrel_sim.experiment import load_experiment
@@ -129,6 +129,31 @@ def test_a_sweep_counts_finished_runs_of_older_layouts_but_continues_none_of_the
     assert main(["sweep", str(sweep_file)]) == 2
     assert re.search(r"tiny_ebp/seed0/run\.h5: this run is complete and its checkpoint checkpoint\.pt is gone", capsys.readouterr().err)
     assert files() == before, "no run was touched"
+
+
+def test_submitit_local_runs_at_most_jobs_at_once(sweep_file, tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    given = []
+    map_array = submitit.LocalExecutor.map_array
+
+    def counted(self, function, tasks):
+        given.append(len(tasks))
+        return map_array(self, function, tasks)
+
+    monkeypatch.setattr(submitit.LocalExecutor, "map_array", counted)
+    assert run_sweep(load_sweep(sweep_file), tmp_path / "runs", jobs=3, executor="submitit-local") == []
+    assert given == [3, 1]
+
+
+def test_a_sweep_stops_before_any_run_for_a_checkpoint_it_cannot_continue(sweep_file, tmp_path, capsys):
+    assert main(["sweep", str(sweep_file)]) == 0
+    folder = tmp_path / "runs" / "tiny" / "tiny_ebp" / "seed1"
+    with h5py.File(folder / "run.h5", "a") as run:
+        run.attrs["complete"] = False  # as if killed
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    torch.save({key: value for key, value in state.items() if key != "trials_run"}, folder / "checkpoint.pt")
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert re.search(r"tiny_ebp/seed1/checkpoint\.pt: a checkpoint of an older agrel-sim", capsys.readouterr().err)
 
 
 def test_a_sweep_on_another_device_counts_finished_runs_but_cannot_continue_them(sweep_file, tmp_path):
