@@ -207,6 +207,8 @@ def test_cython_code_generation_gives_the_numpy_result():
         net = build(description, backend="brian2", dtype=torch.float64, codegen_target=target, t_stimulus=30, t_feedback=30)
         net.run_trials(images, labels, actions=actions)
         weights[target] = net.weights()
+        kinds = {type(item.codeobj).__name__ for item in net.layers[0].ff_neurons.contained_objects if getattr(item, "codeobj", None)}
+        assert kinds == {f"{target.capitalize()}CodeObject"}, "the code was generated for this target"
     assert brian2.prefs.codegen.target == "auto", "the setting is used for the run only"
     for key in weights["numpy"]:
         torch.testing.assert_close(weights["cython"][key], weights["numpy"][key], rtol=1e-12, atol=1e-15)
@@ -351,3 +353,17 @@ def test_a_resumed_brian2_run_in_float32_repeats_the_uninterrupted_one(tmp_path)
         assert b["weights"][key].dtype == torch.float64 and torch.equal(a["weights"][key], b["weights"][key]), key
     with h5py.File(tmp_path / "part.h5", "r") as part, h5py.File(tmp_path / "whole.h5", "r") as full:
         assert part["timecourses"]["trial"][:].tolist() == full["timecourses"]["trial"][:].tolist() == list(range(0, 40, 3))
+
+
+def test_the_gate_threshold_silences_feedback_in_the_simulation():
+    # One hidden layer driven straight by the stimulus: its ff activity rises towards its drive,
+    # so a column that ends at or below the threshold was below it all trial; its fb neuron,
+    # gated by the simulated gate, never receives input.
+    description = describe(layers=(Dense(40),), n_inputs=8)
+    net = build(description, backend="brian2", dtype=torch.float64, gate_threshold=0.3, t_stimulus=30, t_feedback=30)
+    images, labels, actions = next(batches(description, (4,)))
+    layer = net.run_trials(images, labels, actions=actions, learn=False, record=True).layers[0]
+    below = (layer.ff > 0) & (layer.ff <= 0.3)
+    assert below.any() and (layer.ff > 0.3).any()
+    assert torch.all(layer.fb[below] == 0) and torch.all(~layer.gate[below])
+    assert (layer.fb[layer.ff > 0.3] != 0).any()

@@ -28,6 +28,9 @@ def test_default_job_learns_digits(capsys):
 
 
 def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+
+    assert entry_points(group="console_scripts")["agrel-sim"].load() is main
     done = subprocess.run([sys.executable, "-m", "agrel_sim.cli", "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--seed" in done.stdout
 

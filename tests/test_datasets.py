@@ -43,6 +43,8 @@ def test_mnist_reader(tmp_path, gz):
     write_mnist(tmp_path, gz=gz)
     data = load_dataset("mnist", tmp_path)
     assert data.train_images.shape == (30, 1, 28, 28) and data.train_images.dtype == torch.uint8
+    written = np.random.default_rng(0).integers(0, 256, (30, 28, 28))  # as write_mnist draws them
+    assert torch.equal(data.train_images[:, 0], torch.from_numpy(written.astype(np.uint8))), "rows, columns in file order"
     assert data.test_images.shape == (10, 1, 28, 28)
     assert data.train_labels.tolist() == [i % 10 for i in range(30)]
     assert data.n_classes == 10 and data.scale == 1 / 255
@@ -193,6 +195,18 @@ def test_augmentation_is_random_per_image_and_keeps_shapes():
     assert len({tuple(o.flatten().round(decimals=3).tolist()) for o in out}) == 64, "each image its own transform"
     centre_x = (out[:, 0].sum(1) * torch.arange(28)).sum(1) / out[:, 0].sum((1, 2))
     assert (centre_x > 14).any() and (centre_x < 14).any(), "some images are reflected"
+
+
+def test_shift_moves_each_image_by_up_to_the_set_fraction_in_both_directions():
+    images = torch.zeros(256, 1, 28, 28)
+    images[:, :, 11:17, 11:17] = 1.0  # a square in the centre, well inside the border
+    out = augment(images, Augmentation(zoom=0.0, shift=0.2, flip=False), torch.Generator().manual_seed(0))
+    mass = out[:, 0].sum((1, 2))
+    centre_y = (out[:, 0].sum(2) * torch.arange(28)).sum(1) / mass - 13.5
+    centre_x = (out[:, 0].sum(1) * torch.arange(28)).sum(1) / mass - 13.5
+    for centre in (centre_x, centre_y):
+        assert centre.abs().max() <= 0.2 * 28 + 0.5, "no further than the set fraction"
+        assert centre.max() > 0.15 * 28 and centre.min() < -0.15 * 28, "both ways, nearly as far"
 
 
 def test_augmentation_asks_for_scaled_images():

@@ -79,6 +79,43 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
             assert np.isnan(delta).all()
 
 
+@pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
+def test_run_file_records_agree_with_their_definitions(tmp_path, rule):
+    from agrel_sim.analysis import gating_by_epoch, gating_by_outcome
+    from agrel_sim.datasets import load_dataset
+
+    # Every trial of every batch logged, all columns traced: the summaries can be recomputed.
+    logging = LogSettings(every_batches=1, trials_per_batch=20, max_units=10_000, summary_trials=20)
+    run_experiment(experiment(rule, epochs=2), seed=1, out=tmp_path, logging=logging, log=None)
+    run = load_run(tmp_path / "run.h5")
+    trials, gating = run.trials(), run.gating()
+    labels = load_dataset("digits").train_labels.numpy()
+    assert np.array_equal(labels[trials["image"]], trials["label"]), "each logged trial names its training image"
+    assert np.array_equal(trials["reward"], (trials["action"] == trials["label"]).astype(np.float32))
+    for epoch in (1, 2):
+        rows = trials["epoch"] == epoch
+        assert run.epochs["reward_probability"][epoch - 1] == pytest.approx(np.mean(trials["reward"][rows]))
+        if rule == "deepagrel":
+            loss = np.mean(trials["delta"][rows].astype(np.float64) ** 2 / 2)
+        else:  # cross-entropy of the softmax over the Q-values (the logits)
+            q = trials["q"][rows].astype(np.float64)
+            loss = np.mean(np.log(np.exp(q).sum(1)) - q[np.arange(len(q)), trials["label"][rows]])
+        assert run.epochs["train_loss"][epoch - 1] == pytest.approx(loss, rel=1e-5)
+    rewarded = trials["action"] == trials["label"]
+    by_epoch, by_outcome = gating_by_epoch(run), gating_by_outcome(run)
+    for name in ("layers.0", "layers.2"):
+        layer = run.layer(name)
+        batches = [(trials["epoch"] == e) & (trials["batch"] == b) for e, b in zip(gating["epoch"], gating["batch"])]
+        per_batch = np.array([layer["gate"][rows].mean() for rows in batches])
+        np.testing.assert_allclose(gating[name]["open_fraction"], per_batch, rtol=1e-6)
+        if rule == "deepagrel":
+            np.testing.assert_allclose(gating[name]["fb_mean_abs"], [np.abs(layer["fb"][rows]).mean() for rows in batches], rtol=1e-5)
+        for epoch in (1, 2):
+            assert by_epoch[name]["open_fraction"][epoch - 1] == pytest.approx(np.mean(per_batch[gating["epoch"] == epoch]), rel=1e-6)
+        assert by_outcome[name]["open_fraction_rewarded"] == pytest.approx(layer["gate"][rewarded].mean())
+        assert by_outcome[name]["open_fraction_unrewarded"] == pytest.approx(layer["gate"][~rewarded].mean())
+
+
 def test_an_existing_run_is_not_overwritten(tmp_path):
     run_experiment(experiment(epochs=1), out=tmp_path, log=None)
     with pytest.raises(ValueError, match="a run file exists already; pass --resume"):

@@ -73,6 +73,7 @@ def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(kind, bias, feedb
 
 def test_reciprocal_feedback_stays_exactly_the_transpose():
     net = make("paper_like", feedback="reciprocal", learning_rate=0.2, bias=True)
+    start = net.weights()
     for step in range(60):
         images, labels, _ = random_batch(net, batch=10, seed=step)
         net.run_trials(images, labels)
@@ -80,6 +81,7 @@ def test_reciprocal_feedback_stays_exactly_the_transpose():
         if layer.has_weights:
             assert layer.fb is not layer.ff
             assert torch.equal(layer.fb, layer.ff), layer.name
+            assert not torch.equal(layer.ff, start[f"{layer.name}.ff"]), f"{layer.name} learnt"
 
 
 def feedback_angle(layer):
