@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION
-from agrel_sim.runs import RUN_FILE, settings_of, shown
+from agrel_sim.runs import RUN_FILE, settings_of, shown, top_setting
 from agrel_sim.table import row_key
 
 
@@ -154,11 +154,6 @@ def load_runs(path: str | Path) -> list[Run]:
 ROW_SETTINGS = ("dataset", "model", "training", "backend", "backend_options", "dtype")
 
 
-def _setting(key: str) -> str:
-    """The top-level setting of a flattened key: ``model`` for ``model.layers[0].units`` or ``len(model.layers)``."""
-    return key.removeprefix("len(").split(".")[0]
-
-
 def row_label(row: tuple[str, str, bool]) -> str:
     """'mnist, mnist_conv3, no augmentation' for the row key of :func:`agrel_sim.table.row_key`."""
     dataset, network, augmented = row
@@ -178,7 +173,7 @@ def table_rows(runs: list[Run]) -> dict[tuple[str, str, bool], dict[str, list[Ru
     first: dict[tuple, tuple[Run, dict]] = {}
     for run in runs:
         row = row_key(run.config)
-        settings = {key: value for key, value in settings_of(run.config).items() if _setting(key) in ROW_SETTINGS}
+        settings = {key: value for key, value in settings_of(run.config).items() if top_setting(key) in ROW_SETTINGS}
         group = rows.setdefault(row, {}).setdefault(run.rule, [])
         other, other_settings = first.setdefault((row, run.rule), (run, settings))
         differences = [f"{key}: {shown(other_settings, key)} and {shown(settings, key)}" for key in sorted(settings.keys() | other_settings.keys()) if settings.get(key) != other_settings.get(key)]

@@ -317,7 +317,7 @@ def _validate(network: ColumnNetwork) -> None:
     source = network.source
     if len(network.input_shape) not in (1, 3) or not all(is_count(n) for n in network.input_shape):
         raise ConfigError(f"{source}: input_shape: expected [C, H, W] or [N] of positive integers, got {list(network.input_shape)}")
-    if not is_count(network.n_actions) or network.n_actions < 2:
+    if not is_count(network.n_actions, minimum=2):
         raise ConfigError(f"{source}: output.actions: expected an integer >= 2, got {network.n_actions!r}")
     for index, layer in enumerate(network.layers):
         where = f"{source}: layers[{index}]"

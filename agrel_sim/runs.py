@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -112,6 +113,11 @@ def flatten(value, prefix: str = "") -> dict:
 ADDED_SETTINGS = {"training.lr_decay_factor": 1.0, "training.lr_decay_patience": 10, "backend": "torch", "logging.summary_trials": 20}
 
 
+def top_setting(key: str) -> str:
+    """The top-level setting of a flattened key: ``model`` for ``model.layers[0].units`` or ``len(model.layers)``."""
+    return re.split(r"[.[]", key.removeprefix("len(").removesuffix(")"), maxsplit=1)[0]
+
+
 def shown(leaves: dict, key: str) -> str:
     """``repr(leaves[key])``, or ``absent``: a value in a message about two settings."""
     return repr(leaves[key]) if key in leaves else "absent"
@@ -140,8 +146,8 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     """Refuse to continue the run in ``path`` with another seed or other settings than it began with.
 
     A run continued under other settings (another seed draws another validation split, say)
-    would be a mixture that no uninterrupted run produces. Keys in ``ignore`` (and below them)
-    may differ: by default only ``source``, the path the experiment was read from, so that a
+    would be a mixture that no uninterrupted run produces. Top-level settings in ``ignore`` (and
+    everything below them) may differ: by default only ``source``, the path the experiment was read from, so that a
     moved checkout resumes its runs. The stopping criterion (:data:`STOPPING`) may be raised,
     never lowered. With ``resuming``, the run file must also be of the layout this version
     writes.
@@ -160,8 +166,7 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     if resuming:
         check_resumable(path, version)
     now = settings_of(json.loads(json.dumps({"seed": seed, **config})))
-    ignored = lambda key: any(key == name or key.startswith(f"{name}.") for name in ignore)  # noqa: E731
-    changed = [key for key in sorted(before.keys() | now.keys()) if not ignored(key) and before.get(key) != now.get(key)]
+    changed = [key for key in sorted(before.keys() | now.keys()) if top_setting(key) not in ignore and before.get(key) != now.get(key)]
     raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]
     differences = [f"{key}: {shown(before, key)} in the run, {shown(now, key)} now" for key in changed if key not in raised]
     if differences:
@@ -173,17 +178,19 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     return bool(raised)
 
 
-def resume_plan(folder: Path, config: dict, seed: int) -> str:
+def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:
     """What resuming the run folder does, for a run with ``config`` (as stored) and ``seed``.
 
     Returns
     -------
-    str
+    plan : str
         ``"start"``: there is nothing finished to continue (no run file, or a run killed before
         its first checkpoint), so the run starts afresh. ``"finished"``: the run is complete and
         was made with these settings (on whatever device, in whatever run-file layout).
         ``"continue"``: an interrupted run, or a finished one whose patience or epoch limit is
         now higher, goes on from its checkpoint.
+    checkpoint : dict or None
+        The checkpoint to continue from (:func:`load_checkpoint`), for ``"continue"`` only.
 
     Raises
     ------
@@ -194,17 +201,16 @@ def resume_plan(folder: Path, config: dict, seed: int) -> str:
     """
     path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
     if not path.exists() and not checkpoint.is_file():
-        return "start"
+        return "start", None
     if is_complete(folder):
         if not check_same_run(path, config, seed, ignore=("source", "device", "logging"), resuming=False):
-            return "finished"
+            return "finished", None
         if not checkpoint.is_file():
             raise ValueError(f"{path}: this run is complete and its checkpoint {checkpoint.name} is gone, so it cannot go on; train it again in a new folder")
     elif not checkpoint.is_file():
-        return "start"
+        return "start", None
     check_same_run(path, config, seed)
-    load_checkpoint(checkpoint)  # raises for a damaged checkpoint or one an older agrel-sim wrote
-    return "continue"
+    return "continue", load_checkpoint(checkpoint)  # raises for a damaged or an older checkpoint
 
 
 def run_experiment(
@@ -240,10 +246,9 @@ def run_experiment(
             if not resume and path.exists():
                 raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
             config = run_config(experiment, device, dtype)
-            plan = resume_plan(folder, stored_config(config, logging), seed) if resume else "start"
+            plan, state = resume_plan(folder, stored_config(config, logging), seed) if resume else ("start", None)
             if plan == "finished":
                 raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
-            state = load_checkpoint(checkpoint) if plan == "continue" else None
             resume_after = state["epoch"] if state is not None else None
             run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
         data = load_dataset(experiment.dataset, data_dir)

@@ -108,7 +108,7 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
             folder = default_run_folder(experiment, seed, out)
             # A run made with other settings is never counted as this experiment's, and one that
             # cannot go on (another device, an older layout, ...) stops the sweep here.
-            if resume_plan(folder, stored_config(run_config(experiment, device), LogSettings()), seed) == "finished":
+            if resume_plan(folder, stored_config(run_config(experiment, device), LogSettings()), seed)[0] == "finished":
                 finished.append(folder)
             else:
                 tasks.append(RunTask(path, seed, str(folder), device, None if data_dir is None else str(data_dir), threads))
