@@ -20,7 +20,10 @@ from agrel_sim.table import markdown, table1, write_csv
 def _train(args) -> int:
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
     if args.rule:
-        experiment = experiment.with_rule(args.rule)
+        try:
+            experiment = experiment.with_rule(args.rule)
+        except ValueError as error:
+            raise ValueError(f"--rule {args.rule} does not fit experiment {experiment.name!r}: {error}") from None
     stopping = {name: value for name, value in (("max_epochs", args.max_epochs), ("patience", args.patience)) if value is not None}
     if stopping:
         experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, **stopping))

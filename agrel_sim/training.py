@@ -224,6 +224,10 @@ def train(
         )
     if data.n_classes != description.n_actions:
         raise ValueError(f"model {description.name!r} has {description.n_actions} actions, data set {data.name!r} has {data.n_classes} classes")
+    # Checked once here, so that no batch has to wait for a GPU to check its labels.
+    for name, labels in (("train_labels", data.train_labels), ("test_labels", data.test_labels)):
+        if len(labels) and (labels.min() < 0 or labels.max() >= data.n_classes):
+            raise ValueError(f"data set {data.name!r}: {name} outside 0..{data.n_classes - 1} (found {int(labels.min())}..{int(labels.max())})")
 
     started = time.perf_counter()
     data = data.to(device)
@@ -264,7 +268,7 @@ def train(
             images = data.batch(data.train_images, index, dtype)
             if augmentation:
                 images = augment(images, augmentation, generators["augment"])
-            trials = net.run_trials(images, labels, record=recorder is not None)
+            trials = net.run_trials(images, labels, record=recorder is not None, check_range=False)
             rewarded += (trials.action == labels).sum()
             loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
             if recorder is not None:

@@ -6,7 +6,8 @@ For each net (batch 100): the median wall time of one training step of each rule
 alternately in one process, with the median ratio of adjacent steps, and the peak memory of one step above what the process held
 before it (on the CPU: the rise of the resident set, VmHWM after resetting it through
 /proc/self/clear_refs, each rule in a fresh process whose allocator returns freed blocks to the
-system; on CUDA: torch.cuda.max_memory_allocated).
+system; on CUDA: torch.cuda.max_memory_allocated). Steps run as in training, under
+``full_precision_cudnn`` (on a GPU: deterministic cuDNN, no TF32).
 Prints the DeepAGREL/EBP ratios side by side.
 """
 
@@ -23,6 +24,7 @@ import time
 import torch
 
 from agrel_sim import build, load_model
+from agrel_sim.training import full_precision_cudnn
 
 NETS = ("mnist_conv3", "mnist_loccon3", "mnist_fc3")
 BATCH = 100
@@ -42,6 +44,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+@full_precision_cudnn()
 def step_times(net_name, feedback, device, repeats):
     """Median step time of each rule, and the median ratio of steps taken back to back.
 
@@ -70,6 +73,7 @@ def _resident_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+@full_precision_cudnn()
 def step_peak_memory(net_name, rule, feedback, device):
     """Peak bytes one training step needs above what the process holds before it."""
     net, images, labels = make(net_name, rule, feedback, device)

@@ -1,7 +1,8 @@
 """Scenarios of DeepAGREL that every backend must reproduce, run through one fixture.
 
 As Nengo's ``Simulator`` fixture does, ``build_net`` builds a description with each registered
-backend in turn; a backend that cannot build a layer kind skips the scenario with its reason.
+backend in turn (the PyTorch backend also on CUDA, where there is a GPU); a backend that cannot
+build a layer kind skips the scenario with its reason.
 """
 
 import pytest
@@ -9,16 +10,20 @@ import torch
 
 from agrel_sim import ColumnNetwork, Dense, Dropout, Rule, build
 from agrel_sim.backends import BACKENDS, UnsupportedLayerError
+from devices import needs_cuda
+
+BACKEND_DEVICES = [pytest.param((backend, "cpu"), id=backend) for backend in sorted(BACKENDS)]
+BACKEND_DEVICES.append(pytest.param(("torch", "cuda"), id="torch-cuda", marks=needs_cuda))
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=BACKEND_DEVICES)
 def build_net(request):
-    """A function that builds a description with the backend of this parametrisation."""
-    backend = request.param
+    """A function that builds a description with the backend and device of this parametrisation."""
+    backend, device = request.param
 
     def make(description, seed=0):
         try:
-            return build(description, backend=backend, dtype=torch.float64, seed=seed)
+            return build(description, backend=backend, device=device, dtype=torch.float64, seed=seed)
         except UnsupportedLayerError as error:
             pytest.skip(str(error))
 

@@ -152,3 +152,10 @@ def test_max_epochs_and_patience_override_the_experiment(tmp_path, capsys):
     assert "training.patience: 7 in the run, 6 now" in capsys.readouterr().err, "a patience is never lowered"
     assert main(["train", str(tmp_path / "tiny.toml"), "--resume", "--max-epochs", "2", "--patience", "7", "--quiet"]) == 0
     assert "epochs=2 " in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_a_rule_the_backend_cannot_run_names_the_flag(tmp_path, capsys):
+    assert main(["train", "digits_brian2", "--rule", "ebp", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--rule ebp does not fit experiment 'digits_brian2': .*rule\.name: the brian2 backend simulates DeepAGREL only, got 'ebp'", err), err
+    assert not (tmp_path / "run").exists()

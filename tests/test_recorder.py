@@ -23,6 +23,7 @@ from agrel_sim.network import Dense
 from agrel_sim.recorder import LogSettings
 from agrel_sim.runs import run_experiment
 from agrel_sim.training import load_checkpoint
+from devices import DEVICES
 
 MODEL = {
     "name": "small",
@@ -80,13 +81,14 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
 
 
 @pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
-def test_run_file_records_agree_with_their_definitions(tmp_path, rule):
+@pytest.mark.parametrize("device", DEVICES)
+def test_run_file_records_agree_with_their_definitions(tmp_path, device, rule):
     from agrel_sim.analysis import gating_by_epoch, gating_by_outcome
     from agrel_sim.datasets import load_dataset
 
     # Every trial of every batch logged, all columns traced: the summaries can be recomputed.
     logging = LogSettings(every_batches=1, trials_per_batch=20, max_units=10_000, summary_trials=20)
-    run_experiment(experiment(rule, epochs=2), seed=1, out=tmp_path, logging=logging, log=None)
+    run_experiment(experiment(rule, epochs=2), seed=1, out=tmp_path, device=device, logging=logging, log=None)
     run = load_run(tmp_path / "run.h5")
     trials, gating = run.trials(), run.gating()
     labels = load_dataset("digits").train_labels.numpy()
@@ -133,14 +135,15 @@ def datasets(path):
     return found
 
 
-def test_a_finished_run_goes_on_with_more_epochs_as_if_it_had_had_them(tmp_path):
-    whole = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "whole", log=None)
-    run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", log=None)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_finished_run_goes_on_with_more_epochs_as_if_it_had_had_them(tmp_path, device):
+    whole = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "whole", device=device, log=None)
+    run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", device=device, log=None)
     with pytest.raises(ValueError, match=r"already complete; nothing to resume \(to go on, raise training\.patience or training\.max_epochs"):
-        run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", resume=True, log=None)
+        run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
     with pytest.raises(ValueError, match=r"cannot continue this run with other settings.*training\.max_epochs: 2 in the run, 1 now"):
-        run_experiment(experiment(epochs=1), seed=2, out=tmp_path / "part", resume=True, log=None)
-    resumed = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "part", resume=True, log=None)
+        run_experiment(experiment(epochs=1), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
+    resumed = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
     assert (resumed.epochs, resumed.test_accuracy) == (3, whole.test_accuracy)
     part, full = datasets(tmp_path / "part" / "run.h5"), datasets(tmp_path / "whole" / "run.h5")
     assert part.keys() == full.keys() and '"max_epochs": 3' in part["attrs"]["config"]
@@ -149,7 +152,7 @@ def test_a_finished_run_goes_on_with_more_epochs_as_if_it_had_had_them(tmp_path)
 
     (tmp_path / "part" / "checkpoint.pt").unlink()
     with pytest.raises(ValueError, match=r"this run is complete and its checkpoint checkpoint\.pt is gone"):
-        run_experiment(experiment(epochs=4), seed=2, out=tmp_path / "part", resume=True, log=None)
+        run_experiment(experiment(epochs=4), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
     assert datasets(tmp_path / "part" / "run.h5")["result"] == full["result"], "a refusal leaves the finished run as it was"
 
 

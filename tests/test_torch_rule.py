@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
+from devices import DEVICES
 from reference import reference_q
 
 # Random nets with 3 or more hidden column layers, one family per layer kind.
@@ -20,23 +21,24 @@ ARCHITECTURES = {
 }
 
 
-def make(kind, bias=False, feedback="tied", learning_rate=0.7, seed=0, n_actions=5, **rule):
+def make(kind, bias=False, feedback="tied", learning_rate=0.7, seed=0, n_actions=5, device="cpu", **rule):
     input_shape, layers = ARCHITECTURES[kind]
     description = ColumnNetwork(
         input_shape, layers, n_actions,
         rule=Rule(learning_rate=learning_rate, bias=bias, init_range=0.5, feedback=feedback, **rule),
         name=kind,
     )
-    return build(description, dtype=torch.float64, seed=seed)
+    return build(description, device=device, dtype=torch.float64, seed=seed)
 
 
 def random_batch(net, batch=6, seed=1):
+    """Images, labels and actions drawn on the CPU (the same on every device), on the net's device."""
     g = torch.Generator().manual_seed(seed)
     shape = net.description.input_shape
     images = torch.rand((batch, *shape), generator=g, dtype=torch.float64)
     labels = torch.randint(net.description.n_actions, (batch,), generator=g)
     actions = torch.randint(net.description.n_actions, (batch,), generator=g)
-    return images, labels, actions
+    return images.to(net.device), labels.to(net.device), actions.to(net.device)
 
 
 def relative_error(value, reference):
@@ -46,8 +48,9 @@ def relative_error(value, reference):
 @pytest.mark.parametrize("feedback", ["tied", "reciprocal"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
-def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(kind, bias, feedback):
-    net = make(kind, bias=bias, feedback=feedback)
+@pytest.mark.parametrize("device", DEVICES)
+def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(device, kind, bias, feedback):
+    net = make(kind, bias=bias, feedback=feedback, device=device)
     images, labels, actions = random_batch(net)
     before = net.weights()
     trials = net.run_trials(images, labels, actions=actions, record=True)

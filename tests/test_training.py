@@ -112,3 +112,13 @@ def test_training_runs_with_deterministic_full_precision_cudnn(monkeypatch):
     train(DESCRIPTION, load_dataset("digits"), dataclasses.replace(SETTINGS, max_epochs=1), progress=False, log=None)
     assert during and set(during) == {(True, False, False)}
     assert (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32) == before, "restored afterwards"
+
+
+@pytest.mark.parametrize("field", ["train_labels", "test_labels"])
+def test_labels_outside_the_actions_are_named_before_training(field, tmp_path):
+    # train() checks the labels once, so that its batches skip the check (it waits for a GPU).
+    data = load_dataset("digits")
+    getattr(data, field)[7] = 10
+    with pytest.raises(ValueError, match=rf"data set 'digits': {field} outside 0\.\.9 \(found 0\.\.10\)"):
+        train(DESCRIPTION, data, SETTINGS, progress=False, log=None, checkpoint=tmp_path / "checkpoint.pt")
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -500,8 +500,8 @@ class Brian2Network:
 
     # -- trials -------------------------------------------------------------------------------
 
-    def _check_batch(self, images, labels=None, actions=None) -> np.ndarray:
-        check_batch(self.description, images, labels, actions)
+    def _check_batch(self, images, labels=None, actions=None, check_range=True) -> np.ndarray:
+        check_batch(self.description, images, labels, actions, check_range)
         return images.detach().cpu().double().flatten(1).numpy()
 
     def _run(self, episode: "_Episode") -> None:
@@ -535,7 +535,7 @@ class Brian2Network:
         self._run(episode)
         return torch.from_numpy(episode.q).to(self.dtype)
 
-    def run_trials(self, images, labels, actions=None, learn=True, record=False) -> Brian2Trials:
+    def run_trials(self, images, labels, actions=None, learn=True, record=False, check_range=True) -> Brian2Trials:
         """Run a batch of trials, one after another in simulated time, from the same weights.
 
         Parameters
@@ -550,6 +550,8 @@ class Brian2Network:
             Apply plasticity: the mean of the B single-trial changes, at the end of the batch.
         record : bool
             Also return each layer's ff activity, fb activity and gate at the end of each trial.
+        check_range : bool
+            Check that labels and actions lie in ``[0, n_actions)`` (as the torch backend).
 
         Returns
         -------
@@ -557,7 +559,7 @@ class Brian2Network:
             ``q`` (read at the end of the stimulus phase), ``action``, ``reward``, ``delta``,
             ``layers`` (when ``record``) and ``traces`` of the trials chosen by ``trace_every``.
         """
-        stimuli = self._check_batch(images, labels, actions)
+        stimuli = self._check_batch(images, labels, actions, check_range)
         before = [layer.ff_synapses.w[:].copy() for layer in self.layers] if record and learn else None
         decay = self.learning_rate * self.description.rule.weight_decay  # as the batch's end applies it
         episode = _Episode(

@@ -425,8 +425,8 @@ class TorchNetwork:
 
     # -- trials -------------------------------------------------------------------------------
 
-    def _check_batch(self, images, labels=None, actions=None):
-        check_batch(self.description, images, labels, actions)
+    def _check_batch(self, images, labels=None, actions=None, check_range=True):
+        check_batch(self.description, images, labels, actions, check_range)
         return images.to(self.device, self.dtype)
 
     def _forward(self, x, learning):
@@ -444,7 +444,7 @@ class TorchNetwork:
             layer.saved = None
         return q
 
-    def run_trials(self, images, labels, actions=None, learn=True, record=False) -> Trials:
+    def run_trials(self, images, labels, actions=None, learn=True, record=False, check_range=True) -> Trials:
         """Run a batch of trials: the five phases of DeepAGREL, or one EBP step.
 
         Parameters
@@ -459,8 +459,12 @@ class TorchNetwork:
             Apply plasticity (and dropout). With ``False`` the trial is only observed.
         record : bool
             Also return each layer's ff activity, fb activity and gate.
+        check_range : bool
+            Check that labels and actions lie in ``[0, n_actions)``. On a GPU this makes the host
+            wait for the device every batch; :func:`~agrel_sim.training.train` checks its data
+            set's labels once instead and passes ``False``.
         """
-        x = self._check_batch(images, labels, actions)
+        x = self._check_batch(images, labels, actions, check_range)
         labels = labels.to(self.device)
         self.trials_run += x.shape[0]
         if self.description.rule.name == "ebp":
