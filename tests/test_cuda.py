@@ -4,11 +4,17 @@ The scenarios, the oracle of the rule and the run files run on CUDA too (``devic
 here the two devices are compared with each other.
 """
 
+import collections
+import traceback
+import warnings
+
 import pytest
 import torch
 
 from agrel_sim import ColumnNetwork, Conv2d, Dense, LocallyConnected2d, Rule, build, load_model
 from agrel_sim.augmentation import Augmentation, augment
+from agrel_sim.experiment import Experiment
+from agrel_sim.runs import run_experiment
 from agrel_sim.training import full_precision_cudnn
 from devices import needs_cuda
 
@@ -77,13 +83,6 @@ def test_augmentation_draws_on_the_device_and_repeats_with_its_generator():
 def test_training_batches_never_wait_for_the_gpu(tmp_path, monkeypatch):
     # torch's sync debug mode warns at every operation that makes the host wait for the GPU; the
     # hook counts them by the innermost line of agrel_sim that asked.
-    import collections
-    import traceback
-    import warnings
-
-    from agrel_sim.experiment import Experiment
-    from agrel_sim.runs import run_experiment
-
     counts = collections.Counter()
 
     def count(message, category, filename, lineno, file=None, line=None):
