@@ -39,7 +39,7 @@ def select_action(q: torch.Tensor, epsilon: float, tau: float, generator: torch.
 
 def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, reward_wrong: float, dtype: torch.dtype) -> torch.Tensor:
     """The reward of each trial: ``reward_correct`` if the action is the label, else ``reward_wrong``."""
-    # Filled on the device: torch.tensor(value, device=cuda) would copy from the host and wait.
+    # Filled on the device, so that no value is copied from the host in every batch.
     return torch.full(actions.shape, reward_wrong, dtype=dtype, device=actions.device).masked_fill_(actions == labels, reward_correct)
 
 

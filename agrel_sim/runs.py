@@ -147,10 +147,10 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
 
     A run continued under other settings (another seed draws another validation split, say)
     would be a mixture that no uninterrupted run produces. Top-level settings in ``ignore`` (and
-    everything below them) may differ: by default only ``source``, the path the experiment was read from, so that a
-    moved checkout resumes its runs. The stopping criterion (:data:`STOPPING`) may be raised,
-    never lowered. With ``resuming``, the run file must also be of the layout this version
-    writes.
+    everything below them) may differ: by default only ``source``, the path the experiment was
+    read from, so that a moved checkout resumes its runs. The stopping criterion
+    (:data:`STOPPING`) may be raised, never lowered. With ``resuming``, the run file must also be
+    of the layout this version writes.
 
     Returns
     -------
