@@ -190,10 +190,12 @@ def test_every_repository_experiment_and_the_table1_sweep_load():
             model = experiment.model
             settings.add((experiment.dataset, model.rule.name, model.rule.learning_rate, model.action_selection.epsilon if model.rule.name == "deepagrel" else None))
     # One setting per data set and rule: the rates chosen on the MNIST conv net, and on the
-    # CIFAR-10 conv net for CIFAR-10 (README); CIFAR-100 keeps MNIST's.
+    # CIFAR-10 conv net for both CIFAR data sets (README).
     assert settings == {
-        (dataset, "deepagrel", 0.2 if dataset == "cifar10" else 1.0, 0.02) for dataset in ("mnist", "cifar10", "cifar100")
-    } | {(dataset, "ebp", 0.05 if dataset == "cifar10" else 0.2, None) for dataset in ("mnist", "cifar10", "cifar100")}
+        ("mnist", "deepagrel", 1.0, 0.02), ("mnist", "ebp", 0.2, None),
+        ("cifar10", "deepagrel", 0.2, 0.02), ("cifar10", "ebp", 0.05, None),
+        ("cifar100", "deepagrel", 0.2, 0.02), ("cifar100", "ebp", 0.05, None),
+    }
 
 
 def test_train_refuses_a_sweep_file(capsys):
