@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION
-from agrel_sim.runs import RUN_FILE, settings_of, shown, top_setting
+from agrel_sim.runs import RUN_FILE, changed_settings, settings_of, shown, top_setting
 from agrel_sim.table import row_key
 
 
@@ -151,43 +151,60 @@ def load_runs(path: str | Path) -> list[Run]:
 
 # What runs that share a Table 1 row and a rule must have in common: everything but the seed, the
 # experiment's name and source, the device and the logging.
-ROW_SETTINGS = ("dataset", "model", "training", "backend", "backend_options", "dtype")
+ROW_SETTINGS = ("dataset", "data", "model", "training", "backend", "backend_options", "dtype")
+
+# What the two rules of a row may differ in besides: the rule and its optimisation (each rule
+# may need its own learning rate), and the settings only DeepAGREL uses.
+RULE_SETTINGS = ("model.rule.name", "model.rule.learning_rate", "model.rule.feedback", "model.rule.weight_decay", "training.lr_decay_factor", "training.lr_decay_patience")
+RULE_TABLES = ("model.action_selection.", "model.neuromodulator.")
 
 
-def row_label(row: tuple[str, str, bool]) -> str:
+def row_label(row: tuple[str, str, int]) -> str:
     """'mnist, mnist_conv3, no augmentation' for the row key of :func:`agrel_sim.table.row_key`."""
-    dataset, network, augmented = row
-    return f"{dataset}, {network}, {'10x augmentation' if augmented else 'no augmentation'}"
+    dataset, network, factor = row
+    return f"{dataset}, {network}, {f'{factor}x augmentation' if factor else 'no augmentation'}"
 
 
-def table_rows(runs: list[Run]) -> dict[tuple[str, str, bool], dict[str, list[Run]]]:
+def table_rows(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, list[Run]]]:
     """Runs grouped by Table 1 row (data set, network, augmentation) and then by rule.
 
     The runs of one row and rule must differ only in their seed: runs made with other settings
-    (a longer patience, another learning rate), or one seed twice, would be averaged into a
-    figure that no protocol produced, so they raise :class:`RunFileError` naming both run files.
-    Settings that older run files lack count as the value those runs behaved as
-    (:func:`agrel_sim.runs.settings_of`).
+    (a longer patience, another learning rate), on other data, or one seed twice, would be
+    averaged into a figure that no protocol produced. The two rules of a row must share the
+    protocol: they may differ only in :data:`RULE_SETTINGS` and :data:`RULE_TABLES`. Both raise
+    :class:`RunFileError` naming two run files. Settings that older run files lack count as the
+    value those runs behaved as (:func:`agrel_sim.runs.settings_of`); their data is unknown.
     """
     rows: dict[tuple, dict[str, list[Run]]] = {}
-    first: dict[tuple, tuple[Run, dict]] = {}
+    first_of_rule: dict[tuple, tuple[Run, dict]] = {}
+    first_of_row: dict[tuple, tuple[Run, dict]] = {}
     for run in runs:
         row = row_key(run.config)
         settings = {key: value for key, value in settings_of(run.config).items() if top_setting(key) in ROW_SETTINGS}
         group = rows.setdefault(row, {}).setdefault(run.rule, [])
-        other, other_settings = first.setdefault((row, run.rule), (run, settings))
-        differences = [f"{key}: {shown(other_settings, key)} and {shown(settings, key)}" for key in sorted(settings.keys() | other_settings.keys()) if settings.get(key) != other_settings.get(key)]
-        where = f"Table 1 row {row_label(row)}, {run.rule}"
-        if differences:
+        where = f"Table 1 row {row_label(row)}"
+        other, other_settings = first_of_rule.setdefault((row, run.rule), (run, settings))
+        if differences := changed_settings(other_settings, settings):
             raise RunFileError(
-                f"{other.path} and {run.path}: runs of the {where} made with different settings ({'; '.join(differences)}); "
+                f"{other.path} and {run.path}: runs of the {where}, {run.rule} made with different settings ({_listed(differences, other_settings, settings)}); "
                 "a row averages runs that differ only in their seed: give a folder with one setting per row (one sweep's out folder, say)"
+            )
+        other, other_settings = first_of_row.setdefault(row, (run, settings))
+        if differences := [key for key in changed_settings(other_settings, settings) if key not in RULE_SETTINGS and not key.startswith(RULE_TABLES)]:
+            raise RunFileError(
+                f"{other.path} and {run.path}: the {other.rule} and {run.rule} runs of the {where} were made under different protocols ({_listed(differences, other_settings, settings)}); "
+                "a row compares the two rules under one protocol, in which they may differ only in the rule's own settings (learning rate and its schedule, "
+                "weight decay, feedback, action selection, neuromodulator): give a folder with one protocol per row"
             )
         twin = next((seen for seen in group if seen.seed == run.seed), None)
         if twin is not None:
-            raise RunFileError(f"{twin.path} and {run.path}: seed {run.seed} twice in the {where}; a row averages distinct seeds: remove or move one of them")
+            raise RunFileError(f"{twin.path} and {run.path}: seed {run.seed} twice in the {where}, {run.rule}; a row averages distinct seeds: remove or move one of them")
         group.append(run)
     return rows
+
+
+def _listed(keys: list[str], first: dict, second: dict) -> str:
+    return "; ".join(f"{key}: {shown(first, key)} and {shown(second, key)}" for key in keys)
 
 
 def table1_records(runs: list[Run]) -> list[dict]:
@@ -202,7 +219,7 @@ def table1_records(runs: list[Run]) -> list[dict]:
     ]
 
 
-def reward_curves(runs: list[Run]) -> dict[tuple[str, str, bool], dict[str, dict[str, np.ndarray]]]:
+def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[str, np.ndarray]]]:
     """The paper's Figure 3: per Table 1 row and rule, reward probability per epoch, mean and 2σ over runs.
 
     For DeepAGREL the share of rewarded training trials, for EBP one minus the training error

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, analyze, load_runs, table1_records
 from agrel_sim.experiment import default_experiment, load_experiment
-from agrel_sim.runs import DTYPES, default_run_folder, run_experiment
+from agrel_sim.runs import DTYPES, MAX_SEED, default_run_folder, run_experiment
 from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
 from agrel_sim.table import markdown, table1, write_csv
 
@@ -29,7 +29,7 @@ def _train(args) -> int:
         experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, **stopping))
     out = Path(args.out) if args.out else default_run_folder(experiment, args.seed)
     model = experiment.model
-    print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
+    print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, learning rate {model.rule.learning_rate:g}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
     result = run_experiment(
         experiment, args.seed, out, device=args.device, dtype=args.dtype, data_dir=args.data_dir, resume=args.resume,
         log=None if args.quiet else tqdm.write,  # lines that leave the progress bar intact
@@ -61,7 +61,10 @@ def _table(args) -> int:
     table = table1(records)
     print(markdown(table))
     csv_path = Path(args.csv) if args.csv else (Path(args.runs) if Path(args.runs).is_dir() else Path(args.runs).parent) / "table1.csv"
-    write_csv(table, csv_path)
+    try:
+        write_csv(table, csv_path)
+    except OSError as error:
+        raise ValueError(f"{csv_path}: cannot write the CSV ({error.strerror}); give a writable path with --csv") from None
     print(f"\n{len(records)} runs; CSV written to {csv_path}")
     if incomplete:
         print(left_out)
@@ -77,8 +80,8 @@ def _analyze(args) -> int:
     return 0
 
 
-def _integer_from(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
+def _integer_from(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``)."""
 
     def parse(text: str) -> int:
         try:
@@ -87,6 +90,8 @@ def _integer_from(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give an integer of at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above {maximum}; give an integer of at most {maximum}")
         return value
 
     return parse
@@ -98,10 +103,10 @@ def parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one run of an experiment", description="Train one run; with no EXPERIMENT, the embedded default (8×8 digits, DeepAGREL).")
     train.add_argument("experiment", nargs="?", help="experiment name (in experiments/) or path to a .toml file")
-    train.add_argument("--seed", type=_integer_from(0), default=0, help="seed of the run (default 0)")
+    train.add_argument("--seed", type=_integer_from(0, MAX_SEED), default=0, help=f"seed of the run, 0 to {MAX_SEED} (default 0)")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    train.add_argument("--rule", choices=["deepagrel", "ebp"], help="override the experiment's rule")
+    train.add_argument("--rule", choices=["deepagrel", "ebp"], help="run the experiment with this rule, at its learning rate; the run is named <experiment>_as_<rule>")
     train.add_argument("--max-epochs", type=_integer_from(1), help="override the experiment's training.max_epochs (a short trial run)")
     train.add_argument("--patience", type=_integer_from(1), help="override the experiment's training.patience (epochs without a better validation accuracy before stopping)")
     train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
@@ -112,8 +117,8 @@ def parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")
     sweep.add_argument("sweep", help="sweep name (in experiments/) or path to a .toml file")
-    sweep.add_argument("--jobs", type=_integer_from(1), default=1, help="runs at once (default 1)")
-    sweep.add_argument("--executor", choices=EXECUTORS, default="local", help="local process pool (default), slurm via submitit, or submitit-local")
+    sweep.add_argument("--jobs", type=_integer_from(1), help="runs at once (default 1); with --executor slurm, SLURM jobs at once (default: no limit beyond the number of runs)")
+    sweep.add_argument("--executor", choices=EXECUTORS, default="local", help="a process per run on this machine (default), slurm via submitit, or submitit-local")
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--out", help="output folder (default: the sweep file's out)")
     sweep.add_argument("--data-dir", help="folder holding the data sets")

@@ -47,8 +47,10 @@ def read_toml(path: Path) -> dict[str, Any]:
 def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) -> Path:
     """Find a ``kind`` file (``"model"``, ``"experiment"``) given as a path or as a name.
 
-    A name is looked up as ``NAME.toml`` in the folders of ``$env_var`` (``os.pathsep``
-    separated), then ``./<kind>s`` and the repository's ``<kind>s/`` folder.
+    A path ends in ``.toml`` or is an existing file; anything else is a name, looked up as
+    ``NAME.toml`` in the folders of ``$env_var`` (``os.pathsep`` separated), then ``./<kind>s``
+    and the repository's ``<kind>s/`` folder (so a run folder named like an experiment does not
+    hide it).
 
     Raises
     ------
@@ -56,7 +58,7 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) ->
         Listing every path tried, when no file is found.
     """
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
             raise ConfigError(f"{path}: {kind} file not found")
         return path

@@ -17,6 +17,7 @@ Embedded data sets that need no files: ``digits`` (scikit-learn's 8×8 digits) a
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import zlib
@@ -68,6 +69,20 @@ class Dataset:
         """Select ``images[index]`` and scale it to floating point on its device."""
         return images[index].to(dtype) * self.scale
 
+    def fingerprint(self) -> dict:
+        """What identifies these data in a run file: name, sizes, image shape, classes and a SHA-256.
+
+        The digest covers the images and labels of both parts, so runs made on another copy of a
+        data set (another download, a changed split) are told apart from runs on the same one.
+        """
+        digest = hashlib.sha256()
+        for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            digest.update(tensor.cpu().contiguous().numpy().data)
+        return {
+            "name": self.name, "train": len(self.train_labels), "test": len(self.test_labels),
+            "image_shape": list(self.image_shape), "n_classes": self.n_classes, "sha256": digest.hexdigest(),
+        }
+
 
 def _from_numpy(name, train_x, train_y, test_x, test_y, scale, n_classes) -> Dataset:
     tensor = lambda a, dtype: torch.tensor(np.asarray(a, dtype=dtype))  # a copy: the arrays may be read-only
@@ -114,7 +129,7 @@ def data_roots(data_dir=None) -> list[Path]:
 
 def _find_folder(data_dir, candidates: list[str], required: list[list[str]], what: str, how: str) -> tuple[Path, dict[str, Path]]:
     """Find the first folder among ``root/candidate`` holding one file of each group in ``required``."""
-    searched = []
+    searched, partial = [], []
     for root in data_roots(data_dir):
         for candidate in candidates:
             folder = root / candidate
@@ -127,9 +142,12 @@ def _find_folder(data_dir, candidates: list[str], required: list[list[str]], wha
                         break
             if len(found) == len(required):
                 return folder, found
+            if found:
+                missing = ", ".join(" or ".join(group) for group in required if group[0] not in found)
+                partial.append(f"{folder} holds {len(found)} of the {len(required)} files; missing there: {missing}\n")
     listing = "\n  ".join(str(p) for p in searched)
     needed = ", ".join(" or ".join(group) for group in required)
-    raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{how}")
+    raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{''.join(partial)}{how}")
 
 
 MNIST_HOW = (
@@ -196,10 +214,29 @@ def _check_labels(labels: np.ndarray, n_classes: int, path: Path, how: str) -> N
         raise DatasetError(f"{path}: labels outside 0..{n_classes - 1} (found {labels.min()}..{labels.max()}). {how}")
 
 
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and nothing else.
+
+    A pickle can name any function to call while it is read; a data file may name only those
+    that rebuild numpy arrays and scalars, so that a planted file cannot run code.
+    """
+
+    ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
+        for name in ("_reconstruct", "scalar", "_frombuffer")
+    } | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it calls {module}.{name}, which is not part of a data set (only numpy arrays are)")
+        return super().find_class(module, name)
+
+
 def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+            batch = ArrayUnpickler(handle, encoding="bytes").load()
     except Exception as error:  # a damaged or foreign pickle can raise almost anything (ImportError, AttributeError, ...)
         raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged: obtain it again. {how}") from None
     if isinstance(batch, dict):  # the official release has bytes keys, pickles made by Python 3 str keys

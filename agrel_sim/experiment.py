@@ -23,6 +23,9 @@ An experiment file in ``experiments/`` looks like::
     [training.augmentation]       # optional: random zoom, shift, reflection
     factor = 10                   # transformed copies of each image per epoch
 
+    [logging]                     # optional: what the run file samples (LogSettings)
+    every_batches = 50
+
     backend = "torch"             # optional, or "brian2"; goes before the tables
     [backend_options]             # optional: the backend's own settings (see its build())
 """
@@ -39,6 +42,7 @@ from agrel_sim.backends import BACKENDS, check_backend
 from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.datasets import LOADERS
 from agrel_sim.network import ColumnNetwork, load_model
+from agrel_sim.recorder import LogSettings
 from agrel_sim.training import TrainingSettings
 
 # The main job: `agrel-sim train` with no arguments. A small column network on scikit-learn's
@@ -68,6 +72,7 @@ class Experiment:
     source: str = "<python>"
     backend: str = "torch"
     backend_options: dict = dataclasses.field(default_factory=dict)
+    logging: LogSettings = LogSettings()
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and self.name.strip() and self.name not in (".", "..") and not any(c in self.name for c in "/\\")):
@@ -94,14 +99,19 @@ class Experiment:
         training = _training_settings(top.sub("training"))
         backend = top.get("backend", str, "torch", lambda v: v in BACKENDS, f"one of {sorted(BACKENDS)}")
         backend_options = top.get("backend_options", dict, default={})
+        logging = _log_settings(top.sub("logging"))
         top.finish()
-        return cls(name, model, dataset, training, source, backend, backend_options)
+        return cls(name, model, dataset, training, source, backend, backend_options, logging)
 
     def with_rule(self, rule: str) -> "Experiment":
-        """The same experiment with another rule; a name ending in the old rule's gets the new one."""
-        old = self.model.rule.name
-        name = self.name[: -len(old)] + rule if self.name.endswith(old) else f"{self.name}_{rule}"
-        return dataclasses.replace(self, name=name, model=self.model.replace(rule={"name": rule}))
+        """The same experiment, learning rate included, with another rule, named ``<name>_as_<rule>``.
+
+        The name tells its runs from those of an experiment file made for that rule (which may
+        have another learning rate); with the experiment's own rule, the experiment is returned.
+        """
+        if rule == self.model.rule.name:
+            return self
+        return dataclasses.replace(self, name=f"{self.name}_as_{rule}", model=self.model.replace(rule={"name": rule}))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "Experiment":
@@ -133,6 +143,13 @@ def _training_settings(fields: Fields) -> TrainingSettings:
         table.finish()
     fields.finish()
     return TrainingSettings(**values)
+
+
+def _log_settings(fields: Fields) -> LogSettings:
+    defaults = LogSettings()
+    values = {key: fields.get(key, default=value, **_POSITIVE) for key, value in dataclasses.asdict(defaults).items()}
+    fields.finish()
+    return LogSettings(**values)
 
 
 def _relative_to(model: str, source: str) -> str:

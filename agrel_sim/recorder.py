@@ -1,7 +1,8 @@
 """Run files: one HDF5 file per run, written through h5py, readable with plain h5py.
 
-Layout (version :data:`LAYOUT_VERSION`; every dataset grows along its first axis, chunked and
-compressed with gzip and shuffle)::
+Layout (version :data:`LAYOUT_VERSION`; every dataset but ``/layers/<layer>/units`` and
+``/timecourses/t``, which are written once and not compressed, grows along its first axis,
+chunked and compressed with gzip and shuffle)::
 
     /                         attrs: layout_version, software_version, seed, backend, rule,
                                      config (JSON text: experiment, model, training, logging),
@@ -46,6 +47,8 @@ import h5py
 import numpy as np
 import torch
 
+from agrel_sim.config import is_count
+
 # 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
 # learning used (active and kept); version 2 recorded its ff activity alone (y > 0) there.
 LAYOUT_VERSION = 3
@@ -78,6 +81,11 @@ class LogSettings:
     max_units: int = 128
     summary_trials: int = 20
 
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not is_count(value):
+                raise ValueError(f"logging.{name}: expected an integer >= 1, got {value!r}")
+
 
 def stored_config(config: dict, settings: LogSettings) -> dict:
     """The configuration a run file stores (``/`` attribute ``config``): the experiment's and the logging's."""
@@ -107,10 +115,11 @@ class RunFile:
     Parameters
     ----------
     path : Path
-    net : TorchNetwork
-        The built network (its layers name the groups).
+    net : TorchNetwork or Brian2Network
+        The built network (its layers name the groups; its ``backend`` is stored).
     config : dict
-        Experiment configuration, stored as JSON text.
+        Experiment configuration, stored as JSON text; its ``backend``, where given, must be
+        the network's.
     seed : int
     settings : LogSettings
     resume_after : int or None
@@ -125,6 +134,8 @@ class RunFile:
         self.settings = settings
         self.layer_names = [layer.name for layer in net.layers]
         self.file = None  # the partial copy, while an edit is open
+        if config.get("backend", net.backend) != net.backend:
+            raise ValueError(f"config: backend {config['backend']!r}, but the network was built by the {net.backend!r} backend")
         with self._editing(create=resume_after is None):
             if resume_after is None:
                 self._create(net, config, seed)
@@ -159,7 +170,7 @@ class RunFile:
         attrs["layout_version"] = LAYOUT_VERSION
         attrs["software_version"] = __version__
         attrs["seed"] = seed
-        attrs["backend"] = config.get("backend", "torch")
+        attrs["backend"] = net.backend
         attrs["rule"] = net.description.rule.name
         attrs["config"] = json.dumps(stored_config(config, self.settings))
         attrs["complete"] = False

@@ -9,6 +9,64 @@ from __future__ import annotations
 import torch
 
 
+def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.dtype,
+                      generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The random numbers of max-Boltzmann action selection for a batch of trials, drawn up front.
+
+    Parameters
+    ----------
+    batch, n_actions : int
+        The number of trials B and of actions L.
+    epsilon : float
+        Probability of exploring in each trial.
+    dtype : torch.dtype
+        Floating-point type of the Q-values the draws will be used with.
+    generator : torch.Generator, optional
+        Source of randomness (on ``device``).
+    device : torch.device, optional
+
+    Returns
+    -------
+    (explore, race) or None
+        ``explore`` (B,) bool: whether each trial explores; ``race`` (B, L): Exp(1) draws for the
+        Boltzmann choice (see :func:`max_boltzmann`). ``None`` for ``epsilon == 0``, which draws
+        nothing. Row i belongs to trial i.
+    """
+    if epsilon == 0:
+        return None
+    explore = torch.rand(batch, generator=generator, device=device) < epsilon
+    race = torch.empty((batch, n_actions), dtype=dtype, device=device).exponential_(generator=generator)
+    return explore, race
+
+
+def max_boltzmann(q: torch.Tensor, tau: float, draws: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """The actions that max-Boltzmann selects with the random numbers ``draws``.
+
+    Parameters
+    ----------
+    q : Tensor, shape (B, L)
+        Q-values of the L actions in each of B trials.
+    tau : float
+        Temperature of the Boltzmann distribution ``softmax(q / tau)``.
+    draws : (explore, race) or None
+        From :func:`exploration_draws` (rows for these B trials); ``None``: greedy.
+
+    Returns
+    -------
+    Tensor of int64, shape (B,)
+        The greedy action, or in exploring trials the Boltzmann draw
+        ``argmax_l P(l) / race_l``: an exponential race, whose winner is ``l`` with probability
+        ``P(l)``. This is how ``torch.multinomial`` draws one sample, and with the same generator
+        it gives the same actions (runs recorded with ``multinomial`` reproduce).
+    """
+    greedy = q.argmax(dim=1)
+    if draws is None:
+        return greedy
+    explore, race = draws
+    boltzmann = (torch.softmax(q / tau, dim=1) / race).argmax(dim=1)
+    return torch.where(explore, boltzmann, greedy)
+
+
 def select_action(q: torch.Tensor, epsilon: float, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Max-Boltzmann action selection for a batch of trials.
 
@@ -29,12 +87,8 @@ def select_action(q: torch.Tensor, epsilon: float, tau: float, generator: torch.
     Tensor of int64, shape (B,)
         The selected action ``s`` of each trial.
     """
-    greedy = q.argmax(dim=1)
-    if epsilon == 0:
-        return greedy
-    explore = torch.rand(q.shape[0], generator=generator, device=q.device) < epsilon
-    boltzmann = torch.multinomial(torch.softmax(q / tau, dim=1), 1, generator=generator).squeeze(1)
-    return torch.where(explore, boltzmann, greedy)
+    draws = exploration_draws(q.shape[0], q.shape[1], epsilon, q.dtype, generator, q.device)
+    return max_boltzmann(q, tau, draws)
 
 
 def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, reward_wrong: float, dtype: torch.dtype) -> torch.Tensor:

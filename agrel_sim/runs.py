@@ -21,15 +21,17 @@ from pathlib import Path
 import h5py
 import torch
 
+from agrel_sim.config import is_count
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
 from agrel_sim.recorder import LogSettings, RunFile, check_resumable, stored_config
-from agrel_sim.training import RunResult, load_checkpoint, train
+from agrel_sim.training import RunResult, check_fits, load_checkpoint, train
 
 RUN_FILE = "run.h5"
 CHECKPOINT_FILE = "checkpoint.pt"
 LOCK_FILE = "run.lock"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MAX_SEED = 2**32 - 1  # the usual 32-bit range; well inside what torch generators take (seed + 2 is used)
 
 
 def default_run_folder(experiment: Experiment, seed: int, root: str | os.PathLike = "runs") -> Path:
@@ -128,25 +130,49 @@ def settings_of(config: dict) -> dict:
     return {**ADDED_SETTINGS, **flatten(config)}
 
 
+# Records that run files written before them, and a sweep's plan (which reads no data), lack: they
+# are compared only where both sides have them.
+RECORDED_IF_KNOWN = ("data",)
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """The keys of two flattened configurations whose values differ.
+
+    A record of :data:`RECORDED_IF_KNOWN` that one side lacks altogether is unknown there, so it
+    is not counted as a difference.
+    """
+    def has(leaves, top):
+        return any(top_setting(key) == top for key in leaves)
+
+    unknown = {top for top in RECORDED_IF_KNOWN if not (has(before, top) and has(now, top))}
+    return [key for key in sorted(before.keys() | now.keys()) if top_setting(key) not in unknown and before.get(key) != now.get(key)]
+
+
 # Settings that may be raised when a run is continued: a run stopped by a patience or an epoch
 # limit continues exactly as an uninterrupted run with the higher one would have gone on.
 STOPPING = ("training.patience", "training.max_epochs")
 
 
-def run_config(experiment: Experiment, device: str = "cpu", dtype: str = "float32") -> dict:
-    """The settings of a run of ``experiment`` (stored in its run file with the logging settings)."""
-    return {
+def run_config(experiment: Experiment, device: str = "cpu", dtype: str = "float32", data: dict | None = None) -> dict:
+    """The settings of a run of ``experiment`` (stored in its run file with the logging settings).
+
+    ``data`` is the :meth:`~agrel_sim.datasets.Dataset.fingerprint` of the data the run trains
+    on, recorded as ``data`` when given.
+    """
+    config = {
         "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
         "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
         "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
     }
+    return config if data is None else {**config, "data": data}
 
 
 def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] = ("source",), resuming: bool = True) -> bool:
     """Refuse to continue the run in ``path`` with another seed or other settings than it began with.
 
-    A run continued under other settings (another seed draws another validation split, say)
-    would be a mixture that no uninterrupted run produces. Top-level settings in ``ignore`` (and
+    A run continued under other settings (another seed draws another validation split, say) or
+    on other data (another copy of the data set, whose fingerprint differs) would be a mixture
+    that no uninterrupted run produces. Top-level settings in ``ignore`` (and
     everything below them) may differ: by default only ``source``, the path the experiment was
     read from, so that a moved checkout resumes its runs. The stopping criterion
     (:data:`STOPPING`) may be raised, never lowered. With ``resuming``, the run file must also be
@@ -166,16 +192,25 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     if resuming:
         check_resumable(path, version)
     now = settings_of(json.loads(json.dumps({"seed": seed, **config})))
-    changed = [key for key in sorted(before.keys() | now.keys()) if top_setting(key) not in ignore and before.get(key) != now.get(key)]
+    changed = [key for key in changed_settings(before, now) if top_setting(key) not in ignore]
     raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]
     differences = [f"{key}: {shown(before, key)} in the run, {shown(now, key)} now" for key in changed if key not in raised]
     if differences:
         raise ValueError(
             f"{path}: cannot continue this run with other settings than it began with ("
-            + "; ".join(differences) + "); continue it with the same experiment, seed and options (a longer patience"
+            + "; ".join(differences) + "); continue it with the same experiment, seed, options and data (a longer patience"
             " or more epochs may be given), or choose another --out"
         )
     return bool(raised)
+
+
+def recorded_epochs(path: Path) -> int:
+    """How many epochs the run file records (0 for a run file that cannot be read)."""
+    try:
+        with h5py.File(path, "r") as handle:
+            return int(handle["epochs"]["epoch"].shape[0])
+    except (OSError, KeyError):
+        return 0
 
 
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:
@@ -185,8 +220,9 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     -------
     plan : str
         ``"start"``: there is nothing finished to continue (no run file, or a run killed before
-        its first checkpoint), so the run starts afresh. ``"finished"``: the run is complete and
-        was made with these settings (on whatever device, in whatever run-file layout).
+        its first checkpoint, with at most one epoch recorded), so the run starts afresh.
+        ``"finished"``: the run is complete and was made with these settings (on whatever
+        device, in whatever run-file layout).
         ``"continue"``: an interrupted run, or a finished one whose patience or epoch limit is
         now higher, goes on from its checkpoint.
     checkpoint : dict or None
@@ -196,8 +232,9 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     ------
     ValueError
         For a run that cannot go on with these settings: other settings or a lowered stopping
-        criterion, another device, an older run-file layout or checkpoint, a damaged
-        checkpoint, a finished run whose checkpoint is gone, or a checkpoint whose run file is.
+        criterion, other data, another device, an older run-file layout or checkpoint, a damaged
+        checkpoint, a run with finished epochs whose checkpoint is gone, or a checkpoint whose
+        run file is.
     """
     path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
     if not path.exists() and not checkpoint.is_file():
@@ -208,6 +245,11 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
         if not checkpoint.is_file():
             raise ValueError(f"{path}: this run is complete and its checkpoint {checkpoint.name} is gone, so it cannot go on; train it again in a new folder")
     elif not checkpoint.is_file():
+        # The checkpoint of epoch 1 is written just after that epoch's record, so without one the
+        # run file holds at most that epoch, unless the checkpoint was removed.
+        epochs = recorded_epochs(path)
+        if epochs > 1:
+            raise ValueError(f"{path}: {epochs} finished epochs but no {checkpoint.name}, so the run cannot go on; restore the checkpoint, or move the folder away and train again")
         return "start", None
     check_same_run(path, config, seed)
     return "continue", load_checkpoint(checkpoint)  # raises for a damaged or an older checkpoint
@@ -221,7 +263,7 @@ def run_experiment(
     dtype: str = "float32",
     data_dir=None,
     resume: bool = False,
-    logging: LogSettings = LogSettings(),
+    logging: LogSettings | None = None,
     progress: bool | None = None,
     log=print,
 ) -> RunResult:
@@ -234,8 +276,13 @@ def run_experiment(
         run began with; ``experiment`` may have a higher patience or epoch limit, and a finished
         run then goes on (its run file takes the new settings). Without it, a folder that
         already holds a run file is an error, so that no finished work is overwritten.
+    logging : LogSettings or None
+        What the run file samples; ``None``: the experiment's (its ``[logging]`` table).
     """
+    logging = experiment.logging if logging is None else logging
     check_device(device)
+    if not (is_count(seed, 0) and seed <= MAX_SEED):
+        raise ValueError(f"seed: expected an integer from 0 to {MAX_SEED}, got {seed!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     folder = Path(out) if out is not None else None
@@ -245,13 +292,20 @@ def run_experiment(
             path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
             if not resume and path.exists():
                 raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
-            config = run_config(experiment, device, dtype)
+        data = load_dataset(experiment.dataset, data_dir)
+        try:
+            check_fits(experiment.model, data, experiment.training)
+        except ValueError as error:
+            raise ValueError(f"{experiment.source}: {error}") from None
+        if folder is not None:
+            config = run_config(experiment, device, dtype, data.fingerprint())
             plan, state = resume_plan(folder, stored_config(config, logging), seed) if resume else ("start", None)
             if plan == "finished":
                 raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
+            if resume and plan == "start" and log is not None:
+                log(f"{folder}: no checkpoint to resume from; starting the run afresh")
             resume_after = state["epoch"] if state is not None else None
             run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
-        data = load_dataset(experiment.dataset, data_dir)
         return train(
             experiment.model, data, experiment.training, seed=seed, device=device, dtype=DTYPES[dtype],
             progress=progress, log=log, run_file=run_file, checkpoint=checkpoint, resume=state,

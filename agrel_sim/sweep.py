@@ -1,4 +1,4 @@
-"""Sweeps: many experiments × seeds, on a local process pool or a SLURM cluster (submitit).
+"""Sweeps: many experiments × seeds, on local processes or a SLURM cluster (submitit).
 
 A sweep file in ``experiments/`` lists experiments and seeds::
 
@@ -17,20 +17,27 @@ complete are skipped and interrupted ones resume from their checkpoint, so a swe
 started again after a failure and only the missing work executes. A finished run goes on if its
 experiment file now has a longer patience or more epochs; a run made with any other settings
 stops the sweep with an error that names them, before anything runs.
+
+Locally, each run has a process of its own: a run whose process crashes or is killed fails
+alone, and Ctrl-C ends every run in progress (each keeps its finished epochs) and starts no other.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
+from agrel_sim.config import ConfigError, Fields, find_named_file, is_count, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
-from agrel_sim.recorder import LogSettings, stored_config
-from agrel_sim.runs import check_device, default_run_folder, resume_plan, run_config
+from agrel_sim.recorder import stored_config
+from agrel_sim.runs import MAX_SEED, check_device, default_run_folder, resume_plan, run_config
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -48,6 +55,7 @@ class Sweep:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "Sweep":
+        """Read a sweep file; a bad entry raises :class:`ConfigError` naming the file and the field."""
         path = Path(path)
         top = Fields(read_toml(path), str(path))
         name = top.get("name", str, default=path.stem)
@@ -59,7 +67,7 @@ class Sweep:
                 experiments.append(str(relative if entry.endswith(".toml") and relative.is_file() else find_named_file(entry, "experiment", "AGREL_SIM_EXPERIMENTS")))
             except ConfigError as error:
                 raise ConfigError(f"{path}: experiments[{index}]: {error}") from None
-        seeds = top.get("seeds", list, check=lambda v: v and all(isinstance(s, int) and s >= 0 for s in v), hint="a non-empty list of seeds >= 0")
+        seeds = top.get("seeds", list, check=lambda v: v and all(is_count(s, 0) and s <= MAX_SEED for s in v) and len(set(v)) == len(v), hint=f"a non-empty list of distinct whole-number seeds from 0 to {MAX_SEED}")
         out = top.get("out", str, default=str(Path("runs") / name))
         slurm = top.get("slurm", dict, default={})
         top.finish()
@@ -99,80 +107,195 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
     """The tasks still to run and the folders of the runs that have already finished.
 
     Every experiment file is loaded and every existing run file checked against it first, so a
-    bad file, or a run made with other settings, stops the sweep before anything runs.
+    bad file, two entries that would run in one folder (an experiment listed twice, or two
+    experiment files of the same name), or a run made with other settings stops the sweep
+    before anything runs.
     """
-    tasks, finished = [], []
-    for path in sweep.experiments:
+    tasks, finished, entries = [], [], {}
+    for index, path in enumerate(sweep.experiments):
         experiment: Experiment = load_experiment(path)
         for seed in sweep.seeds:
             folder = default_run_folder(experiment, seed, out)
+            entry = f"experiments[{index}] ({path}) seed {seed}"
+            if folder in entries:
+                raise ConfigError(
+                    f"{sweep.source}: {entries[folder]} and {entry} would both run in {folder}; "
+                    "list each experiment and seed once, and give each experiment file its own name"
+                )
+            entries[folder] = entry
             # A run made with other settings is never counted as this experiment's, and one that
             # cannot go on (another device, an older layout, ...) stops the sweep here.
-            if resume_plan(folder, stored_config(run_config(experiment, device), LogSettings()), seed)[0] == "finished":
+            if resume_plan(folder, stored_config(run_config(experiment, device), experiment.logging), seed)[0] == "finished":
                 finished.append(folder)
             else:
                 tasks.append(RunTask(path, seed, str(folder), device, None if data_dir is None else str(data_dir), threads))
     return tasks, finished
 
 
-def run_sweep(sweep: Sweep, out=None, jobs: int = 1, executor: str = "local", device: str = "cpu", data_dir=None, log=print) -> list[str]:
-    """Run the sweep's missing runs and return the summary line of each one that failed.
+def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "local", device: str = "cpu", data_dir=None, log=print) -> list[str]:
+    """Run the sweep's missing runs, log each outcome as it comes, and return the lines of the failed ones.
 
     Parameters
     ----------
-    jobs : int
-        Runs at once (local executor), or SLURM jobs at once (submitit's array parallelism).
+    jobs : int, optional
+        Runs at once (default 1), each with the usable cores ÷ ``jobs`` threads; for the slurm
+        executor, SLURM jobs at once (submitit's array parallelism; default: the file's
+        ``slurm.slurm_array_parallelism``, or all of them, leaving the scheduling to SLURM).
     executor : {"local", "slurm", "submitit-local"}
-        A local process pool; submitit on SLURM; submitit's local executor (the SLURM code
-        path run on this machine, for testing).
+        A process per run on this machine; submitit on SLURM; submitit's local executor (the
+        SLURM code path run on this machine). The submitit executors take the parameters of
+        the sweep file's ``[slurm]`` table, checked before anything runs.
+
+    Returns
+    -------
+    list of str
+        For each run that failed (an error, or a process that crashed or was killed), how it
+        ended; the other runs go on regardless.
+
+    Raises
+    ------
+    ValueError
+        Before any run, for bad arguments, a bad ``[slurm]`` table or a sweep that cannot go on
+        (see :func:`plan`); while submitting, when SLURM refuses the jobs.
+    KeyboardInterrupt
+        On Ctrl-C, once the local runs in progress have been ended (their finished epochs are
+        kept) and none other started.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
-    if not (isinstance(jobs, int) and jobs >= 1):
+    if jobs is not None and not is_count(jobs):
         raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {jobs!r}")
     if executor != "slurm":  # the machine that submits to SLURM need not have the cluster's GPUs
         check_device(device)
     out = Path(out or sweep.out)
-    threads = int(sweep.slurm.get("cpus_per_task", 1)) if executor == "slurm" else max(1, (os.cpu_count() or 1) // jobs)
+    runner = None if executor == "local" else _submitit_executor(executor, out, sweep)
+    if executor == "slurm":
+        threads = int(sweep.slurm.get("slurm_cpus_per_task", sweep.slurm.get("cpus_per_task", 1)))
+    else:
+        jobs = 1 if jobs is None else jobs
+        threads = max(1, _usable_cores() // jobs)
     tasks, finished = plan(sweep, out, device, data_dir, threads)
     log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run, executor {executor}, out {out}")
     if not tasks:
         return []
-    if executor == "local":
-        outcomes = _run_local(tasks, jobs)
-    else:
-        outcomes = _run_submitit(tasks, jobs, executor, out, sweep.slurm)
     failures = []
-    for task, (ok, line) in zip(tasks, outcomes):
-        log(line if ok else f"FAILED {task.experiment_path} seed={task.seed}: {line}")
-        if not ok:
-            failures.append(line)
+    outcomes = _run_processes(execute, tasks, jobs) if runner is None else _run_submitit(runner, tasks, jobs, sweep)
+    with contextlib.closing(outcomes):  # on Ctrl-C too: ends the processes still running
+        for task, ok, line in outcomes:
+            log(line if ok else f"FAILED {task.experiment_path} seed={task.seed}: {line}")
+            if not ok:
+                failures.append(line)
     return failures
 
 
-def _run_local(tasks: list[RunTask], jobs: int) -> list[tuple[bool, str]]:
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a SLURM allocation)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _run_processes(function: Callable, tasks: list, jobs: int) -> Iterator[tuple]:
+    """Yield ``(task, ok, line)`` for each task as it ends: ``function(task)`` in a process of its own, ``jobs`` at once.
+
+    ``line`` is what the function returned, the error it raised, or how its process ended (a
+    crash or a kill fails that task alone). When the generator is closed (or Ctrl-C reaches
+    it), it starts no other task and terminates and joins the processes still running.
+    """
     # "spawn": workers start clean, with no copy of the parent's torch threads or state.
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(execute, task) for task in tasks]
-        return [_outcome(future.result) for future in futures]
+    context = multiprocessing.get_context("spawn")
+    waiting, running = deque(tasks), {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                task = waiting.popleft()
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_work, args=(function, task, sender))
+                process.start()
+                running[receiver] = task, process
+                sender.close()  # the process holds the only sending end: its end reads as EOF here
+            for receiver in multiprocessing.connection.wait(list(running)):
+                task, process = running.pop(receiver)
+                try:
+                    outcome = receiver.recv()
+                except EOFError:  # it ended without a word: crashed or killed
+                    outcome = None
+                receiver.close()
+                process.join()
+                yield task, *(outcome or (False, _how_it_ended(process.exitcode)))
+    finally:
+        for _, process in running.values():
+            process.terminate()  # safe: run files and checkpoints are replaced atomically, the lock dies with the process
+        for _, process in running.values():
+            process.join()
 
 
-def _run_submitit(tasks: list[RunTask], jobs: int, executor: str, out: Path, slurm: dict) -> list[tuple[bool, str]]:
+def _work(function: Callable, task, connection) -> None:
+    """The body of a process of :func:`_run_processes`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
+    connection.send(_outcome(lambda: function(task)))
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"its process exited with status {exitcode} without a result"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:  # a signal without a name (a real-time one)
+        name = str(-exitcode)
+    memory = " (by hand, or by the system when memory ran out)" if -exitcode == signal.SIGKILL else ""
+    return f"its process was killed by signal {name}{memory}"
+
+
+def _submitit_executor(executor: str, out: Path, sweep: Sweep):
+    """A submitit executor with the sweep file's ``[slurm]`` parameters, each checked by submitit."""
     try:
         import submitit
     except ImportError:
         raise ValueError("executor: submitit is not installed; pip install 'agrel-sim[slurm]'") from None
-    folder = out / "submitit" / "%j"
-    if executor == "slurm":
-        runner = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        runner.update_parameters(slurm_array_parallelism=jobs, **slurm)
-        return [_outcome(job.result) for job in runner.map_array(execute, tasks)]
-    runner = submitit.LocalExecutor(folder=folder)
-    runner.update_parameters(timeout_min=int(slurm.get("timeout_min", 60)))
-    outcomes = []
-    for start in range(0, len(tasks), jobs):  # the local executor starts every job it is given at once
-        outcomes += [_outcome(job.result) for job in runner.map_array(execute, tasks[start:start + jobs])]
-    return outcomes
+    try:
+        runner = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster="slurm" if executor == "slurm" else "local")
+    except RuntimeError as error:  # no SLURM on this machine
+        raise ValueError(f"executor slurm: {error}; submit the sweep from a machine of the cluster, or use --executor submitit-local") from None
+    if executor == "submitit-local":
+        runner.update_parameters(timeout_min=60)  # the local executor's own default is 2 minutes
+    for key, value in sweep.slurm.items():  # one at a time first, so that an error names its key
+        _set_parameters(runner, {key: value}, f"{sweep.source}: slurm.{key}")
+    _set_parameters(runner, sweep.slurm, f"{sweep.source}: slurm")  # submitit lets slurm_<key> win over <key> only within one call
+    return runner
+
+
+def _set_parameters(runner, parameters: dict, where: str) -> None:
+    try:
+        runner.update_parameters(**parameters)
+    except (NameError, ValueError, TypeError, AssertionError) as error:  # submitit's checks of names, values and types
+        raise ConfigError(
+            f"{where}: submitit refuses it ({str(error).splitlines()[0]}); the [slurm] table takes submitit's parameters: "
+            "timeout_min, mem_gb, cpus_per_task, gpus_per_node, nodes, tasks_per_node, name, and slurm_<option> for "
+            "other sbatch options (slurm_partition, slurm_account, ...)"
+        ) from None
+
+
+def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) -> Iterator[tuple[RunTask, bool, str]]:
+    """Yield ``(task, ok, line)`` for each task as its submitit job ends."""
+    from submitit.core.utils import FailedJobError
+    from submitit.helpers import as_completed
+
+    if runner.cluster == "slurm":
+        runner.update_parameters(slurm_array_parallelism=jobs if jobs is not None else sweep.slurm.get("slurm_array_parallelism", len(tasks)))
+        batches = [tasks]
+    else:  # the local executor starts every job it is given at once
+        batches = [tasks[start:start + jobs] for start in range(0, len(tasks), jobs)]
+    for batch in batches:
+        try:
+            submitted = dict(zip(runner.map_array(execute, batch), batch))
+        except (FailedJobError, OSError) as error:  # sbatch refused the jobs, or could not be run
+            raise ValueError(
+                f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; check the [slurm] table "
+                "(partition, account, time and memory limits) against the cluster's"
+            ) from None
+        for job in as_completed(list(submitted), poll_frequency=1):
+            yield submitted[job], *_outcome(job.result)
 
 
 def _outcome(result) -> tuple[bool, str]:

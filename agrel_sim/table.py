@@ -36,9 +36,15 @@ class RuleStats:
         return statistics.fmean(self.epochs)
 
 
-def row_key(record: dict) -> tuple[str, str, bool]:
-    """A Table 1 row: (data set, network, augmented)."""
-    return record["dataset"], record["model"]["name"], record["training"].get("augmentation") is not None
+def row_key(record: dict) -> tuple[str, str, int]:
+    """A Table 1 row: (data set, network, augmentation factor, 0 without augmentation)."""
+    augmentation = record["training"].get("augmentation")
+    return record["dataset"], record["model"]["name"], augmentation["factor"] if augmentation else 0
+
+
+def augmentation_label(factor: int) -> str:
+    """``"10x"`` for a factor of 10, ``"none"`` for 0."""
+    return f"{factor}x" if factor else "none"
 
 
 def table1(records: list[dict]) -> list[dict]:
@@ -48,8 +54,8 @@ def table1(records: list[dict]) -> list[dict]:
         rule = record["model"]["rule"]["name"]
         rows.setdefault(row_key(record), {r: RuleStats() for r in RULES})[rule].add(record)
     table = []
-    for (dataset, network, augmented), stats in sorted(rows.items()):
-        row = {"dataset": dataset, "network": network, "augmentation": "10x" if augmented else "none"}
+    for (dataset, network, factor), stats in sorted(rows.items()):
+        row = {"dataset": dataset, "network": network, "augmentation": augmentation_label(factor)}
         for rule in RULES:
             s = stats[rule]
             if s.runs:

@@ -10,6 +10,7 @@ Optionally the learning rate falls by a factor whenever validation accuracy reac
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,8 @@ class TrainingSettings:
     batch_size : int
         Trials per weight update (the paper: 100).
     max_epochs : int
-        Upper bound on epochs; a run that reaches it has not converged.
+        Upper bound on epochs; a run that reaches it has not converged. A run also stops, not
+        converged, after an epoch whose training loss is not finite (it has diverged).
     patience : int
         Stop after this many epochs without a better validation accuracy (the paper: 20).
     validation_size : int
@@ -45,9 +47,9 @@ class TrainingSettings:
         Random zoom, shift and reflection of training images; ``None`` for none.
     lr_decay_factor : float
         Multiply the learning rate by this factor after ``lr_decay_patience`` epochs without a
-        better validation accuracy (counted from the best epoch or from the last decay), in the
-        manner of ``torch.optim.lr_scheduler.ReduceLROnPlateau``; 1.0 (the default) keeps the
-        rule's learning rate constant.
+        better validation accuracy (counted from the best epoch or from the last decay), as early
+        stopping counts ``patience`` (``torch.optim.lr_scheduler.ReduceLROnPlateau`` decays one
+        epoch later); 1.0 (the default) keeps the rule's learning rate constant.
     lr_decay_patience : int
         Epochs without improvement before each decay.
     """
@@ -107,10 +109,27 @@ class RunResult:
         )
 
 
+def diverged(metrics: EpochMetrics) -> bool:
+    """Whether an epoch's training loss was not finite: the weights have run off to inf or NaN."""
+    return not math.isfinite(metrics.train_loss)
+
+
+def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSettings) -> None:
+    """Raise ValueError, naming the setting, when ``data`` does not fit the network or the settings."""
+    if tuple(data.image_shape) != description.input_shape:
+        raise ValueError(
+            f"model: {description.name!r} expects input of shape {list(description.input_shape)}, "
+            f"but data set {data.name!r} has images of shape {list(data.image_shape)}; choose a model made for this data set"
+        )
+    if data.n_classes != description.n_actions:
+        raise ValueError(f"model: {description.name!r} has {description.n_actions} actions, data set {data.name!r} has {data.n_classes} classes; choose a model made for this data set")
+    n_train = len(data.train_labels)
+    if not 0 < settings.validation_size < n_train:
+        raise ValueError(f"training.validation_size: expected 0 < validation_size < {n_train} (the training images of {data.name!r}), got {settings.validation_size}")
+
+
 def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the training and validation parts, drawn by ``seed``."""
-    if not 0 < validation_size < n_train:
-        raise ValueError(f"validation_size: expected 0 < validation_size < {n_train} (training images), got {validation_size}")
+    """Indices of the training and validation parts, drawn by ``seed`` (``0 < validation_size < n_train``)."""
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
     return order[validation_size:], order[:validation_size]
 
@@ -217,13 +236,7 @@ def train(
     -----
     Runs under :func:`full_precision_cudnn`.
     """
-    if tuple(data.image_shape) != description.input_shape:
-        raise ValueError(
-            f"model {description.name!r} expects input of shape {list(description.input_shape)}, "
-            f"but data set {data.name!r} has images of shape {list(data.image_shape)}"
-        )
-    if data.n_classes != description.n_actions:
-        raise ValueError(f"model {description.name!r} has {description.n_actions} actions, data set {data.name!r} has {data.n_classes} classes")
+    check_fits(description, data, settings)
     # Checked once here, so that no batch has to wait for a GPU to check its labels.
     for name, labels in (("train_labels", data.train_labels), ("test_labels", data.test_labels)):
         if len(labels) and (labels.min() < 0 or labels.max() >= data.n_classes):
@@ -254,7 +267,7 @@ def train(
         first_epoch, elapsed = resume["epoch"] + 1, resume["seconds"]
     recorder = run_file(net) if run_file is not None else None
     bar = tqdm(total=settings.max_epochs, initial=first_epoch - 1, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
-    stopped = first_epoch > 1 and history[-1].epoch - best_epoch >= settings.patience
+    stopped = first_epoch > 1 and (history[-1].epoch - best_epoch >= settings.patience or diverged(history[-1]))
     epoch = first_epoch - 1
     while not stopped and epoch < settings.max_epochs:
         epoch += 1
@@ -278,7 +291,7 @@ def train(
         history.append(metrics)
         if validation > best_accuracy:
             best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
-        stopped = epoch - best_epoch >= settings.patience
+        stopped = epoch - best_epoch >= settings.patience or diverged(metrics)
         # Decided also at the stop, so that the checkpoint holds the rate with which a longer
         # patience would go on.
         if settings.lr_decay_factor < 1 and epoch - max(best_epoch, last_decay) >= settings.lr_decay_patience:
@@ -301,10 +314,13 @@ def train(
                 f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
                 f"val_acc={validation:.4f}  lr={metrics.learning_rate:.3g}  time={metrics.seconds:.2f}s"
             )
+            if diverged(metrics):
+                log(f"epoch {epoch}: the training loss is not finite: the network has diverged, so the run stops here (a lower learning rate may help)")
     bar.close()
     net.load_weights(best_weights)
     test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
-    result = RunResult(test, best_epoch, epoch, stopped, elapsed + time.perf_counter() - started, history)
+    converged = stopped and not diverged(history[-1])
+    result = RunResult(test, best_epoch, epoch, converged, elapsed + time.perf_counter() - started, history)
     if recorder is not None:
         recorder.finish(result)
     return result

@@ -94,7 +94,7 @@ def step_peak_memory(net_name, rule, feedback, device):
 
 def peak_memory_in_fresh_process(net_name, rule, feedback, device):
     code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import rule_vs_ebp as b; "
+        f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import rule_vs_ebp as b; "
         f"print(json.dumps(b.step_peak_memory({net_name!r}, {rule!r}, {feedback!r}, {device!r})))"
     )
     # With a fixed mmap threshold glibc serves every block over 16 KiB by mmap and returns it to

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from agrel_sim.rule import rpe, reward, select_action
+from agrel_sim.rule import exploration_draws, max_boltzmann, rpe, reward, select_action
+from devices import DEVICES
 
 DRAWS = 200_000
 
@@ -38,6 +39,32 @@ def test_boltzmann_draws_depend_on_tau():
 def test_epsilon_zero_is_greedy():
     q = torch.randn(10_000, 7, generator=torch.Generator().manual_seed(0))
     assert torch.equal(select_action(q, 0.0, 1.0, torch.Generator().manual_seed(0)), q.argmax(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_draws_are_those_of_torch_multinomial(device, dtype):
+    # Runs recorded while select_action drew with torch.multinomial reproduce: the same actions,
+    # and the generator left in the same state for the draws that follow.
+    q = (torch.randn(500, 7, generator=torch.Generator().manual_seed(3), dtype=dtype) * 2).to(device)
+    ours, multinomial = (torch.Generator(device=device).manual_seed(4) for _ in range(2))
+    actions = select_action(q, 0.5, 0.7, ours)
+    explore = torch.rand(500, generator=multinomial, device=device) < 0.5
+    boltzmann = torch.multinomial(torch.softmax(q / 0.7, dim=1), 1, generator=multinomial).squeeze(1)
+    expected = torch.where(explore, boltzmann, q.argmax(1))
+    assert (expected != q.argmax(1)).sum() > 50, "many trials explore"
+    assert torch.equal(actions, expected)
+    assert torch.equal(ours.get_state(), multinomial.get_state())
+
+
+def test_draws_made_up_front_give_each_trial_its_row():
+    # The Brian2 backend draws a batch's random numbers before its first trial and uses row i in
+    # trial i: trial by trial, the actions are those of the whole batch at once.
+    q = torch.randn(50, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    draws = exploration_draws(50, 4, 0.6, torch.float64, torch.Generator().manual_seed(6))
+    by_trial = torch.cat([max_boltzmann(q[i:i + 1], 0.5, tuple(rows[i:i + 1] for rows in draws)) for i in range(50)])
+    assert torch.equal(by_trial, select_action(q, 0.6, 0.5, torch.Generator().manual_seed(6)))
+    assert exploration_draws(50, 4, 0.0, torch.float64, torch.Generator()) is None, "greedy: nothing drawn"
 
 
 def test_reward_and_rpe():

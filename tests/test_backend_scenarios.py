@@ -137,3 +137,83 @@ def test_changing_the_learning_rate_between_batches_scales_the_change(build_net)
     for key in start:
         assert changes[0.5][key].abs().max() > 0, key
         torch.testing.assert_close(changes[0.125][key], changes[0.5][key] / 4, rtol=1e-9, atol=1e-14)
+
+
+def test_action_selection_follows_the_networks_epsilon_and_tau(build_net):
+    # One input column drives one hidden column to activity 1, which drives the Q-values 0, 2
+    # and 4: the greedy action is 2.
+    trials = 60
+    counts = {}
+    for epsilon, tau in ((0.0, 1.0), (1.0, 0.05), (1.0, 1000.0)):
+        net = build_net(dense_net([1], n_inputs=1).replace(action_selection={"epsilon": epsilon, "tau": tau}))
+        net.layers[0].ff = torch.ones(1, 1)
+        net.layers[1].ff = torch.tensor([[0.0], [2.0], [4.0]])
+        actions = net.run_trials(torch.ones(trials, 1, dtype=torch.float64), torch.zeros(trials, dtype=torch.long), learn=False).action
+        counts[epsilon, tau] = torch.bincount(actions, minlength=3).tolist()
+    assert counts[0.0, 1.0] == [0, 0, trials], "epsilon 0: always the greedy action"
+    assert counts[1.0, 0.05] == [0, 0, trials], "always a Boltzmann draw, so cold that it is greedy"
+    # So hot that the Boltzmann distribution is uniform (to 0.3%): each action a third of the time.
+    sd = (trials / 3 * 2 / 3) ** 0.5
+    assert all(abs(count - trials / 3) < 5 * sd for count in counts[1.0, 1000.0]), counts
+
+
+def test_the_same_seed_and_weights_draw_the_actions_of_the_torch_backend(build_net):
+    # The backends' Q-values differ by up to 1.3e-4 here (Brian2's activity settles towards the
+    # torch backend's), less than a fifth of the closest call between two actions.
+    description = dense_net([6]).replace(action_selection={"epsilon": 0.7, "tau": 1.0})
+    net = build_net(description, seed=3)
+    reference = build(description, device=net.device, dtype=torch.float64, seed=3)
+    g = torch.Generator().manual_seed(4)
+    images, labels = torch.rand(20, 4, generator=g, dtype=torch.float64), torch.randint(3, (20,), generator=g)
+    for batch in range(2):  # the second batch shows that both generators advanced alike
+        trials = net.run_trials(images, labels, learn=False)
+        expected = reference.run_trials(images, labels, learn=False)
+        assert torch.equal(trials.action.cpu(), expected.action.cpu()), batch
+        assert (trials.action != trials.q.argmax(1)).sum() >= 3, "some trials explored off the greedy action"
+
+
+def test_weights_are_set_by_assignment_and_writes_into_them_raise(build_net):
+    # A backend may hand out a copy of its weights (Brian2 does), where a write would be lost.
+    net = build_net(ColumnNetwork((4,), [Dense(3)], 2, rule=Rule(init_range=0.5, bias=True, feedback="independent")))
+    layer, start = net.layers[0], net.weights()
+    read_only = r"layers\.0\.{}: weights read from a layer are read-only .* assigning a whole tensor"
+    with pytest.raises(RuntimeError, match=read_only.format("ff")):
+        layer.ff.mul_(0)
+    with pytest.raises(RuntimeError, match=read_only.format("ff")):
+        layer.ff[1] = -1.0
+    with pytest.raises(RuntimeError, match=read_only.format("ff")):
+        layer.ff[1][2] = 5.0  # through a view
+    with pytest.raises(RuntimeError, match=read_only.format("fb")):
+        layer.fb += 1
+    with pytest.raises(RuntimeError, match=read_only.format("bias")):
+        layer.bias.zero_()
+    for key, value in net.weights().items():
+        assert torch.equal(value, start[key]), key
+    ff = layer.ff.clone()
+    ff[1] = -1.0
+    layer.ff = ff
+    layer.bias = layer.bias + 1
+    after = net.weights()
+    assert torch.equal(after["layers.0.ff"], ff) and torch.equal(after["layers.0.bias"], start["layers.0.bias"] + 1)
+    assert torch.equal(after["layers.0.fb"], start["layers.0.fb"])
+    without_biases = build_net(dense_net([3])).layers[0]
+    assert without_biases.bias is None
+    with pytest.raises(ValueError, match=r"layers\.0\.bias: this network has no biases"):
+        without_biases.bias = torch.zeros(3)
+
+
+def test_labels_and_actions_of_any_integer_dtype(build_net):
+    net = build_net(dense_net([4]))
+    g = torch.Generator().manual_seed(5)
+    images, labels, actions = torch.rand(3, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2]), torch.tensor([2, 1, 1])
+    expected = net.run_trials(images, labels, actions=actions, learn=False)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        trials = net.run_trials(images, labels.to(dtype), actions=actions.to(dtype), learn=False)
+        assert trials.action.dtype == torch.int64 and torch.equal(trials.action.cpu(), actions)
+        assert torch.equal(trials.reward, expected.reward) and torch.equal(trials.delta, expected.delta)
+    with pytest.raises(TypeError, match=r"actions: expected a tensor of integers .*got torch.float32"):
+        net.run_trials(images, labels, actions=actions.float())
+    with pytest.raises(TypeError, match=r"labels: expected a tensor of integers .*got torch.bool"):
+        net.run_trials(images, labels > 0)
+    with pytest.raises(TypeError, match=r"actions: expected a tensor of integers .*got list"):
+        net.run_trials(images, labels, actions=[2, 1, 1])

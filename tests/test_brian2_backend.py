@@ -303,18 +303,18 @@ def test_changed_fraction_counts_the_four_factor_change_alone():
 def test_an_interrupted_batch_leaves_no_pending_change(monkeypatch):
     from agrel_sim.backends import brian2_backend
 
-    description = describe()
+    description = describe().replace(action_selection={"epsilon": 0.0})  # greedy: no random numbers drawn
     images, labels, _ = next(batches(description, (3,)))
     interrupted, clean = settled(description, 4, seed=0), settled(description, 4, seed=0)
     calls = []
 
-    def select_action(q, *args):
+    def max_boltzmann(q, *args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the batch
         return q.argmax(1)
 
-    monkeypatch.setattr(brian2_backend.agrel, "select_action", select_action)
+    monkeypatch.setattr(brian2_backend.agrel, "max_boltzmann", max_boltzmann)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run_trials(images, labels)
     assert interrupted.trials_run == 0

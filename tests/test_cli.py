@@ -94,6 +94,7 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (('model = "net.toml"', 'model = "nowhere.toml"'), r"nowhere\.toml: model file not found"),
         (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
         (("[training]", "[neuromodulator]\nreward = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward: unknown field"),
+        (("[training]", "[logging]\nevery_batches = 0\n[training]"), r"tiny\.toml: logging\.every_batches: expected an integer >= 1, got 0"),
         (('dataset = "digits"', 'dataset = "digits"\naction_selection = 0.1'), r"tiny\.toml: action_selection: expected a table of fields of the model's \[action_selection\], got 0\.1"),
         (("learning_rate = 0.1", "learning_rate = inf"), r"tiny\.toml: rule\.learning_rate: expected a number > 0, got inf"),
         (("patience = 2", "patience = 2\n[training.augmentaton]\nfactor = 2"), r"tiny\.toml: training\.augmentaton: unknown field; the fields here are: augmentation, "),
@@ -159,3 +160,91 @@ def test_a_rule_the_backend_cannot_run_names_the_flag(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"--rule ebp does not fit experiment 'digits_brian2': .*rule\.name: the brian2 backend simulates DeepAGREL only, got 'ebp'", err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rule_override_keeps_the_learning_rate_and_is_named_apart(capsys):
+    assert main(["train", "--rule", "ebp", "--max-epochs", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment digits_deepagrel_as_ebp (<embedded default>): model digits_dense, rule ebp, learning rate 0.5," in out
+    assert out.strip().splitlines()[-1].startswith("summary: experiment=digits_deepagrel_as_ebp rule=ebp seed=0")
+    assert main(["train", "--rule", "deepagrel", "--max-epochs", "1", "--quiet"]) == 0
+    assert "summary: experiment=digits_deepagrel rule=deepagrel" in capsys.readouterr().out, "the experiment's own rule changes nothing"
+
+
+def test_a_folder_named_like_an_experiment_does_not_hide_it(tmp_path, monkeypatch, capsys):
+    experiments = tmp_path / "mine"
+    experiments.mkdir()
+    (experiments / "net.toml").write_text(MODEL)
+    (experiments / "tiny.toml").write_text(EXPERIMENT)
+    monkeypatch.setenv("AGREL_SIM_EXPERIMENTS", str(experiments))
+    (tmp_path / "tiny").mkdir()  # a run folder the user named after the experiment
+    assert main(["train", "tiny", "--max-epochs", "1", "--quiet", "--out", "tiny/seed0"]) == 0
+    assert "summary: experiment=tiny_ebp" in capsys.readouterr().out
+
+
+def test_a_seed_beyond_the_range_names_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--seed", str(2**64 - 2)])
+    assert "argument --seed: 18446744073709551614 is above 4294967295" in capsys.readouterr().err
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
+    assert main(["train", "--resume", "--max-epochs", "1", "--out", str(tmp_path / "typo")]) == 0
+    assert f"{tmp_path / 'typo'}: no checkpoint to resume from; starting the run afresh" in capsys.readouterr().out
+
+
+def test_finished_epochs_without_their_checkpoint_are_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "3", "--out", str(run), "--quiet"]) == 0
+    with h5py.File(run / "run.h5", "a") as handle:  # as if killed after epoch 3
+        handle.attrs["complete"] = False
+    (run / "checkpoint.pt").unlink()
+    assert main(["train", "--resume", "--max-epochs", "5", "--out", str(run), "--quiet"]) == 2
+    assert "run.h5: 3 finished epochs but no checkpoint.pt, so the run cannot go on; restore the checkpoint" in capsys.readouterr().err
+    with h5py.File(run / "run.h5", "r") as handle:
+        assert handle["epochs"]["epoch"][:].tolist() == [1, 2, 3]
+
+
+def test_a_run_is_not_continued_on_another_copy_of_its_data(tmp_path, capsys):
+    from test_datasets import write_mnist
+
+    write_mnist(tmp_path / "copy1", n_train=40)
+    write_mnist(tmp_path / "copy2", n_train=50)
+    small = EXPERIMENT.replace('dataset = "digits"', 'dataset = "mnist"').replace('model = "net.toml"', 'model = "mnist_fc3"').replace("validation_size = 100", "validation_size = 10")
+    (tmp_path / "small.toml").write_text(small)
+    common = ["train", str(tmp_path / "small.toml"), "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*common, "--max-epochs", "1", "--data-dir", str(tmp_path / "copy1")]) == 0
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as handle:
+        assert json.loads(handle.attrs["config"])["data"]["train"] == 40
+    capsys.readouterr()
+    assert main([*common, "--max-epochs", "2", "--resume", "--data-dir", str(tmp_path / "copy2")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"cannot continue this run with other settings than it began with \(data\.sha256: '[0-9a-f]{64}' in the run, '[0-9a-f]{64}' now; data\.train: 40 in the run, 50 now\)", err), err
+    assert main([*common, "--max-epochs", "2", "--resume", "--data-dir", str(tmp_path / "copy1")]) == 0
+
+
+def test_a_validation_split_larger_than_the_data_names_the_file_and_field(tmp_path, capsys):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace("validation_size = 100", "validation_size = 1437"))
+    assert main(["train", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"tiny\.toml: training\.validation_size: expected 0 < validation_size < 1437 \(the training images of 'digits'\), got 1437", err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_table_names_a_csv_path_it_cannot_write(tmp_path, capsys):
+    assert main(["train", "--max-epochs", "1", "--quiet", "--out", str(tmp_path / "runs" / "seed0")]) == 0
+    assert main(["table", str(tmp_path / "runs"), "--csv", str(tmp_path / "no_folder" / "t.csv")]) == 2
+    assert f"{tmp_path / 'no_folder' / 't.csv'}: cannot write the CSV (No such file or directory); give a writable path with --csv" in capsys.readouterr().err
+
+
+def test_the_experiment_file_sets_what_the_run_file_samples(tmp_path):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT + "\n[logging]\nevery_batches = 2\ntrials_per_batch = 3\n")
+    assert main(["train", str(tmp_path / "tiny.toml"), "--max-epochs", "1", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as run:
+        batches = run["trials"]["batch"][:].tolist()
+        logging = json.loads(run.attrs["config"])["logging"]
+    assert (logging["every_batches"], logging["trials_per_batch"]) == (2, 3)
+    n_batches = -(-(1437 - 100) // 20)  # digits' training images less the validation split, in batches of 20
+    assert batches == [b for b in range(0, n_batches, 2) for _ in range(3)]

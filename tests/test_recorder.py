@@ -520,7 +520,8 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
 
     description = ColumnNetwork((6,), [Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5), name="tiny")
     net = build(description, backend="brian2", trace_every=4, t_stimulus=20, t_selection=5, t_feedback=20, t_rpe=5, t_plasticity=5)
-    recorder = RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none", "backend": "brian2"}, 0)
+    # A configuration made in Python need not name the backend: the run file takes the network's.
+    recorder = RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none"}, 0)
     images, labels = torch.rand(5, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
     for batch in range(2):
         trials = net.run_trials(images, labels, record=True)
@@ -540,6 +541,16 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
         run = load_run(tmp_path / "run.h5")
     png = plot_trial_timecourse(run, tmp_path / "trial.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_configuration_naming_another_backend_than_the_networks_is_refused(tmp_path):
+    from agrel_sim import ColumnNetwork, Dense, build
+    from agrel_sim.recorder import RunFile
+
+    net = build(ColumnNetwork((6,), [Dense(5)], 3), backend="brian2")
+    with pytest.raises(ValueError, match=r"config: backend 'torch', but the network was built by the 'brian2' backend"):
+        RunFile(tmp_path / "run.h5", net, {"experiment": "tiny", "backend": "torch"}, 0)
+    assert not (tmp_path / "run.h5").exists()
 
 
 @pytest.mark.slow

@@ -1,17 +1,26 @@
-"""Sweeps (local pool and submitit's local executor) and Table 1, end to end on tiny budgets."""
+"""Sweeps (local processes and submitit's local executor) and Table 1, end to end on tiny budgets."""
 
 import csv
+import fcntl
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
 
+from agrel_sim import sweep as sweep_module
 from agrel_sim.cli import main
 from agrel_sim.experiment import load_experiment
-from agrel_sim.sweep import load_sweep, plan, run_sweep
+from agrel_sim.runs import is_complete
+from agrel_sim.sweep import execute, load_sweep, plan, run_sweep
 from agrel_sim.table import markdown, table1, write_csv
 
 MODEL = """
@@ -140,7 +149,7 @@ def test_submitit_local_runs_at_most_jobs_at_once(sweep_file, tmp_path, monkeypa
         given.append(len(tasks))
         return map_array(self, function, tasks)
 
-    monkeypatch.setattr(submitit.LocalExecutor, "map_array", counted)
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", counted)
     assert run_sweep(load_sweep(sweep_file), tmp_path / "runs", jobs=3, executor="submitit-local") == []
     assert given == [3, 1]
 
@@ -173,6 +182,101 @@ def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, c
     assert captured.out.count("FAILED") == 2 and "MNIST not found" in captured.out
     assert "run the same command again" in captured.err
     assert len(run_files(tmp_path / "runs")) == 2
+
+
+def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, tmp_path):
+    long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
+    (tmp_path / "tiny_long.toml").write_text(long)
+    sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0, 1]\nout = "runs/tiny"\n')
+    folder = tmp_path / "runs" / "tiny" / "tiny_long"
+    command = [sys.executable, "-m", "agrel_sim.cli", "sweep", str(sweep_file)]
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder / "seed0" / "checkpoint.pt").exists():  # written at the end of each epoch
+            if sweep.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run did not finish an epoch: {sweep.stderr.read()}")
+            time.sleep(0.05)
+        os.killpg(sweep.pid, signal.SIGINT)  # as Ctrl-C on a terminal: the whole process group
+        _, err = sweep.communicate(timeout=30)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+    assert sweep.returncode == 130 and "agrel-sim: interrupted" in err and "Traceback" not in err, err
+    assert not (folder / "seed1").exists(), "no other run started"
+    with open(folder / "seed0" / "run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run's process still holds it
+    with h5py.File(folder / "seed0" / "run.h5", "r") as run:
+        assert not run.attrs["complete"] and len(run["epochs/epoch"]) >= 1
+    tasks, finished = plan(load_sweep(sweep_file), tmp_path / "runs" / "tiny")  # reads the run file and the checkpoint it goes on from
+    assert [task.seed for task in tasks] == [0, 1] and finished == []
+
+
+def crashing_execute(task):
+    """:func:`execute`, but seed 1 of tiny_ebp kills its own process, and seed 0 of tiny_deepagrel
+    waits for seed 1 of tiny_deepagrel to finish first."""
+    folder = Path(task.folder)
+    if folder.parent.name == "tiny_ebp" and task.seed == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if folder.parent.name == "tiny_deepagrel" and task.seed == 0:
+        deadline = time.monotonic() + 60
+        while not is_complete(folder.parent / "seed1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return execute(task)
+
+
+def test_a_killed_run_fails_alone_and_each_outcome_is_logged_as_its_run_ends(sweep_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep_module, "execute", crashing_execute)  # what each run's process runs
+    assert main(["sweep", str(sweep_file), "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"FAILED \S*tiny_ebp\.toml seed=1: its process was killed by signal SIGKILL", out), out
+    assert out.count("FAILED") == 1, out
+    assert out.index("tiny_deepagrel seed=1:") < out.index("tiny_deepagrel seed=0:"), out
+    assert run_files(tmp_path / "runs" / "tiny") == ["tiny_deepagrel/seed0/run.h5", "tiny_deepagrel/seed1/run.h5", "tiny_ebp/seed0/run.h5"]
+
+
+def test_a_sweep_refuses_two_entries_that_would_run_in_one_folder(sweep_file, tmp_path, capsys):
+    (tmp_path / "copy.toml").write_text(experiment("deepagrel"))  # another file of the same name
+    entry = r"experiments\[{}\] \(\S*{}\.toml\) seed 1"
+    for experiments, first, second in (
+        (["tiny_deepagrel.toml", "tiny_deepagrel.toml"], entry.format(0, "tiny_deepagrel"), entry.format(1, "tiny_deepagrel")),
+        (["tiny_deepagrel.toml", "tiny_ebp.toml", "copy.toml"], entry.format(0, "tiny_deepagrel"), entry.format(2, "copy")),
+    ):
+        sweep_file.write_text(f"experiments = {json.dumps(experiments)}\nseeds = [1]\n")
+        assert main(["sweep", str(sweep_file)]) == 2
+        error = capsys.readouterr().err
+        assert re.search(rf"sweep\.toml: {first} and {second} would both run in runs/sweep/tiny_deepagrel/seed1; list each experiment and seed once", error), error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_run(sweep_file, tmp_path, capsys, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    text = sweep_file.read_text()
+    for table, error in (
+        ("cpus_per_tsk = 8", r"slurm\.cpus_per_tsk: submitit refuses it \(Unknown executor 'cpus' in parameter 'cpus_per_tsk'\.\)"),
+        ("slurm_partitoin = 'gpu'", r"slurm\.slurm_partitoin: submitit refuses it \(Unknown argument 'partitoin' for executor 'slurm'"),
+        ("timeout_min = '1h'", r"slurm\.timeout_min: submitit refuses it \(Parameter \"timeout_min\" expected type"),
+    ):
+        sweep_file.write_text(f"{text}[slurm]\n{table}\n")
+        assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
+        assert re.search(rf"agrel-sim: error: \S*sweep\.toml: {error}", capsys.readouterr().err)
+
+    def refused(self, function, tasks):
+        raise submitit.core.utils.FailedJobError("sbatch: error: invalid partition specified: gpu")
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", refused)
+    sweep_file.write_text(f"{text}[slurm]\nslurm_partition = 'gpu'\n")
+    assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
+    assert re.search(r"sweep\.toml: submitting 1 run\(s\) failed: sbatch: error: invalid partition specified: gpu; check the \[slurm\] table", capsys.readouterr().err)
+    assert run_files(tmp_path) == []
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine is a SLURM node")
+def test_the_slurm_executor_off_a_cluster(sweep_file, tmp_path):
+    with pytest.raises(ValueError, match=r"executor slurm: Could not detect \"srun\".*; submit the sweep from a machine of the cluster"):
+        run_sweep(load_sweep(sweep_file), executor="slurm")
+    assert run_files(tmp_path) == []
 
 
 def test_every_repository_experiment_and_the_table1_sweep_load():
@@ -208,20 +312,26 @@ def test_bad_sweep_file(tmp_path, capsys):
     path.write_text('experiments = ["no_such_experiment"]\nseeds = [0]\n')
     assert main(["sweep", str(path)]) == 2
     assert re.search(r"sweep\.toml: experiments\[0\]: experiment 'no_such_experiment' not found", capsys.readouterr().err)
+    for seeds in ("[true]", "[3, 3]", "[4294967296]"):
+        path.write_text(f'experiments = ["mnist_conv3_deepagrel"]\nseeds = {seeds}\n')
+        assert main(["sweep", str(path)]) == 2
+        assert f"sweep.toml: seeds: expected a non-empty list of distinct whole-number seeds from 0 to 4294967295, got {seeds.replace('true', 'True')}" in capsys.readouterr().err
 
 
 def test_a_sweep_checks_its_jobs_and_device_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="jobs: expected a whole number of runs at once, at least 1, got 0"):
         run_sweep(load_sweep("table1"), tmp_path, jobs=0)
+    with pytest.raises(ValueError, match="jobs: expected a whole number of runs at once, at least 1, got True"):
+        run_sweep(load_sweep("table1"), tmp_path, jobs=True)
     with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
         run_sweep(load_sweep("table1"), tmp_path, device="gpu")
     assert not any(tmp_path.iterdir())
 
 
-def record(dataset, network, rule, accuracy, epochs, converged=True, augmented=False):
+def record(dataset, network, rule, accuracy, epochs, converged=True, augmentation=None):
     return {
         "dataset": dataset, "model": {"name": network, "rule": {"name": rule}},
-        "training": {"augmentation": {"factor": 10} if augmented else None},
+        "training": {"augmentation": {"factor": augmentation} if augmentation else None},
         "result": {"test_accuracy": accuracy, "epochs": epochs, "converged": converged},
     }
 
@@ -230,11 +340,12 @@ def test_table1_statistics(tmp_path):
     records = [
         record("mnist", "mnist_conv3", "deepagrel", 0.99, 60), record("mnist", "mnist_conv3", "deepagrel", 0.98, 80, converged=False),
         record("mnist", "mnist_conv3", "ebp", 0.992, 35), record("mnist", "mnist_conv3", "ebp", 0.99, 45),
-        record("cifar10", "cifar10_conv3", "ebp", 0.7, 50, augmented=True),
+        record("cifar10", "cifar10_conv3", "ebp", 0.7, 50, augmentation=10),
+        record("cifar10", "cifar10_conv3", "ebp", 0.65, 40, augmentation=2),
     ]
     rows = table1(records)
-    assert [(r["dataset"], r["augmentation"]) for r in rows] == [("cifar10", "10x"), ("mnist", "none")]
-    mnist = rows[1]
+    assert [(r["dataset"], r["augmentation"]) for r in rows] == [("cifar10", "2x"), ("cifar10", "10x"), ("mnist", "none")]
+    mnist = rows[2]
     assert mnist["deepagrel_acc_mean"] == pytest.approx(98.5) and mnist["deepagrel_acc_std"] == pytest.approx(0.7071, abs=1e-4)
     assert mnist["epoch_ratio"] == pytest.approx(70 / 40) and mnist["deepagrel_converged"] == "1/2"
     text = markdown(rows)
@@ -243,8 +354,44 @@ def test_table1_statistics(tmp_path):
     assert "| cifar10 | cifar10_conv3 | 10x | – | 70.00 | – | 50.0 | – | 0/0, 1/1 |" in text
     write_csv(rows, tmp_path / "table1.csv")
     with open(tmp_path / "table1.csv", newline="") as handle:
-        cifar = next(csv.DictReader(handle))
+        cifar = list(csv.DictReader(handle))[1]
     assert (cifar["ebp_acc_mean"], cifar["ebp_acc_std"]) == ("70.0", "")
+
+
+EBP_EXPERIMENT = """
+name = "digits_ebp"
+dataset = "digits"
+[model]
+name = "digits_dense"
+input_shape = [1, 8, 8]
+layers = [{kind = "dense", units = 128}, {kind = "dense", units = 64}]
+output = {actions = 10}
+rule = {name = "ebp", learning_rate = 0.1, init_range = 0.1}
+[action_selection]
+epsilon = 0.3
+[training]
+batch_size = 10
+max_epochs = 2
+patience = 30
+validation_size = 200
+"""
+
+
+def test_the_two_rules_of_a_row_must_share_the_protocol(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--max-epochs", "2", "--quiet", "--out", "runs/deepagrel"]) == 0  # the embedded default
+    (tmp_path / "ebp.toml").write_text(EBP_EXPERIMENT)
+    assert main(["train", "ebp.toml", "--quiet", "--out", "runs/ebp"]) == 0
+    capsys.readouterr()
+    assert main(["table", "runs"]) == 0, "the rule, its learning rate and its action selection may differ"
+    assert re.search(r"\| digits \| digits_dense \| none \| \d+\.\d\d \| \d+\.\d\d \| 2\.0 \| 2\.0 \| 1\.00 \|", capsys.readouterr().out)
+    (tmp_path / "ebp.toml").write_text(EBP_EXPERIMENT.replace("patience = 30", "patience = 5"))
+    assert main(["train", "ebp.toml", "--quiet", "--out", "runs/ebp_other"]) == 0
+    shutil.rmtree(tmp_path / "runs" / "ebp")
+    capsys.readouterr()
+    assert main(["table", "runs"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the deepagrel and ebp runs of the Table 1 row digits, digits_dense, no augmentation were made under different protocols \(training\.patience: 30 and 5\)", err), err
 
 
 def test_table_of_an_empty_folder(tmp_path, capsys):

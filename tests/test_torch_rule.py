@@ -45,31 +45,35 @@ def relative_error(value, reference):
     return ((value - reference).norm() / reference.norm()).item()
 
 
-@pytest.mark.parametrize("feedback", ["tied", "reciprocal"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_decay", "decay"])
+@pytest.mark.parametrize("feedback", ["tied", "reciprocal", "independent"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("device", DEVICES)
-def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(device, kind, bias, feedback):
-    net = make(kind, bias=bias, feedback=feedback, device=device)
+def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(device, kind, bias, feedback, weight_decay):
+    net = make(kind, bias=bias, feedback=feedback, weight_decay=weight_decay, device=device)
     images, labels, actions = random_batch(net)
     before = net.weights()
     trials = net.run_trials(images, labels, actions=actions, record=True)
     after = net.weights()
 
     # The oracle: alpha * delta * dq_s/dW by autograd through an independent forward pass,
-    # with the same dropout masks and delta held fixed; averaged over the batch.
+    # with the same dropout masks and delta held fixed; averaged over the batch. The forward
+    # pass computes with the ff weights and the gradient flows back through the fb weights
+    # (W' = W unless feedback is independent); ff and fb get this change after the decay.
     keeps = {i: rec.gate for i, rec in enumerate(trials.layers) if isinstance(net.description.layers[min(i, len(net.description.layers) - 1)], Dropout)}
-    params = {k: v.clone().requires_grad_(True) for k, v in before.items() if not k.endswith(".fb")}
-    q = reference_q(net.description, params, images, keeps)
+    learnt = {k: v.clone().requires_grad_(True) for k, v in before.items() if not k.endswith(".ff")}
+    q = reference_q(net.description, {**before, **learnt}, images, keeps, through_feedback=True)
     torch.testing.assert_close(q.detach(), trials.q, rtol=1e-12, atol=1e-12)
     q_s = q.gather(1, actions[:, None]).squeeze(1)
     objective = (trials.delta * q_s).sum() * net.description.rule.learning_rate / len(images)
-    oracle = dict(zip(params, torch.autograd.grad(objective, list(params.values()))))
+    oracle = dict(zip(learnt, torch.autograd.grad(objective, list(learnt.values()))))
+    kept = 1 - net.description.rule.learning_rate * weight_decay
 
     assert torch.equal(trials.action, actions)
     for key in after:
-        change = after[key] - before[key]
-        expected = oracle[key.replace(".fb", ".ff")]
+        change = after[key] - before[key] * kept
+        expected = oracle[key.replace(".ff", ".fb")]
         assert expected.abs().max() > 0, f"{key}: oracle is zero, the test would be vacuous"
         assert relative_error(change, expected) < 1e-10, key
 
@@ -82,7 +86,7 @@ def test_reciprocal_feedback_stays_exactly_the_transpose():
         net.run_trials(images, labels)
     for layer in net.layers:
         if layer.has_weights:
-            assert layer.fb is not layer.ff
+            assert layer.fb.data_ptr() != layer.ff.data_ptr(), "separate tensors"
             assert torch.equal(layer.fb, layer.ff), layer.name
             assert not torch.equal(layer.ff, start[f"{layer.name}.ff"]), f"{layer.name} learnt"
 
@@ -140,7 +144,7 @@ def test_ebp_step_is_sgd_on_cross_entropy():
     net = build(description, dtype=torch.float64, seed=0)
     images, labels, _ = random_batch(net)
     before = net.weights()
-    trials = net.run_trials(images, labels)
+    trials = net.run_trials(images, labels.int())  # labels of any integer dtype
     params = {k: v.clone().requires_grad_(True) for k, v in before.items() if not k.endswith(".fb")}
     loss = torch.nn.functional.cross_entropy(reference_q(description, params, images, {}), labels)
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))

@@ -2,13 +2,19 @@
 of the learning rate, and resuming from a checkpoint."""
 
 import dataclasses
+import math
 
+import h5py
 import pytest
 import torch
 
 from agrel_sim import ColumnNetwork, Dense, Rule, build
 from agrel_sim import training
+from agrel_sim.augmentation import Augmentation
 from agrel_sim.datasets import load_dataset
+from agrel_sim.experiment import default_experiment
+from agrel_sim.recorder import LogSettings
+from agrel_sim.runs import run_experiment
 from agrel_sim.training import TrainingSettings, load_checkpoint, train
 
 DESCRIPTION = ColumnNetwork((1, 8, 8), [Dense(16)], 10, rule=Rule(learning_rate=0.4, init_range=0.1))
@@ -122,3 +128,61 @@ def test_labels_outside_the_actions_are_named_before_training(field, tmp_path):
     with pytest.raises(ValueError, match=rf"data set 'digits': {field} outside 0\.\.9 \(found 0\.\.10\)"):
         train(DESCRIPTION, data, SETTINGS, progress=False, log=None, checkpoint=tmp_path / "checkpoint.pt")
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def logged_images(folder):
+    """The training images of every logged trial."""
+    with h5py.File(folder / "run.h5", "r") as run:
+        return run["trials"]["image"][:]
+
+
+def test_the_validation_split_is_drawn_by_the_seed_and_never_trained_on(tmp_path):
+    experiment = default_experiment()
+    experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, max_epochs=1))
+    every_trial = LogSettings(every_batches=1, trials_per_batch=experiment.training.batch_size)
+    n_train, size = len(load_dataset("digits").train_labels), experiment.training.validation_size
+    validation = {}
+    for seed in (0, 1):
+        run_experiment(experiment, seed, tmp_path / f"seed{seed}", logging=every_trial, progress=False, log=None)
+        trained = logged_images(tmp_path / f"seed{seed}")
+        train_part, validation_part = training.split_validation(n_train, size, seed)
+        assert sorted(trained.tolist()) == sorted(train_part.tolist()), "every training image once per epoch"
+        assert not set(trained.tolist()) & set(validation_part.tolist()), "no validation image is trained on"
+        validation[seed] = validation_part
+    assert not torch.equal(validation[0], validation[1]), "another seed, another split"
+    assert torch.equal(training.split_validation(n_train, size, 0)[1], validation[0]), "the same seed, the same split"
+
+
+def test_augmented_training_transforms_every_batch_and_sees_each_image_factor_times(monkeypatch, tmp_path):
+    seen = []
+    real = training.augment
+
+    def augment(images, settings, generator):
+        out = real(images, settings, generator)
+        seen.append((images.clone(), out))
+        return out
+
+    monkeypatch.setattr(training, "augment", augment)
+    experiment = default_experiment()
+    settings = dataclasses.replace(experiment.training, max_epochs=1, augmentation=Augmentation(factor=2))
+    experiment = dataclasses.replace(experiment, training=settings)
+    run_experiment(experiment, 0, tmp_path / "run", logging=LogSettings(every_batches=1, trials_per_batch=settings.batch_size), progress=False, log=None)
+    trained = logged_images(tmp_path / "run")
+    n_train = len(load_dataset("digits").train_labels) - settings.validation_size
+    assert len(trained) == 2 * n_train and len(set(trained.tolist())) == n_train, "each training image twice per epoch"
+    assert len(seen) == -(-2 * n_train // settings.batch_size), "every batch goes through augmentation"
+    changed = [not torch.equal(before, after) for before, after in seen]
+    assert sum(changed) >= 0.9 * len(seen), "the batches are transformed"
+
+
+def test_a_diverged_run_stops_unconverged_at_the_first_epoch_with_a_non_finite_loss(tmp_path):
+    # A linear net learning Q-values at this rate runs off to inf within a few epochs.
+    description = ColumnNetwork((1, 8, 8), [], 10, rule=Rule(learning_rate=1000.0, init_range=0.1))
+    lines = []
+    result = train(description, load_dataset("digits"), SETTINGS, progress=False, log=lines.append, checkpoint=tmp_path / "checkpoint.pt")
+    losses = [m.train_loss for m in result.history]
+    assert not result.converged and result.epochs < SETTINGS.patience
+    assert all(map(math.isfinite, losses[:-1])) and not math.isfinite(losses[-1]), "stops at the first non-finite loss"
+    assert lines[-1] == f"epoch {result.epochs}: the training loss is not finite: the network has diverged, so the run stops here (a lower learning rate may help)"
+    resumed = train(description, load_dataset("digits"), dataclasses.replace(SETTINGS, patience=50), progress=False, log=None, resume=load_checkpoint(tmp_path / "checkpoint.pt"))
+    assert (resumed.epochs, resumed.converged) == (result.epochs, False), "a diverged run stays stopped"

@@ -51,6 +51,7 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
 def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True) -> None:
     """Check a batch of trials against the network before it runs, naming what is wrong.
 
+    Labels and actions may have any integer dtype (the backends use them as int64).
     ``check_range=False`` skips checking that labels and actions lie in ``[0, n_actions)``,
     the one check that makes the host wait for a GPU.
     """
@@ -70,6 +71,9 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check
         raise ValueError("images: expected at least one image, got an empty batch")
     given = {name: values for name, values in (("labels", labels), ("actions", actions)) if values is not None}
     for name, values in given.items():
+        if not torch.is_tensor(values) or values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            kind = values.dtype if torch.is_tensor(values) else type(values).__name__
+            raise TypeError(f"{name}: expected a tensor of integers (indices of actions; any integer dtype), got {kind}")
         if tuple(values.shape) != (batch,):
             raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
     if not given or not check_range:

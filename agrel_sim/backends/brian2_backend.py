@@ -19,9 +19,11 @@ One trial is a timeline of five phases, whose durations are options of :func:`bu
     settle, level by level. No feedback yet.
 ``selection``
     At its start the Q-values (the output ff activity) are read and
-    :func:`agrel_sim.rule.select_action` (max-Boltzmann) picks the action ``s``, or the forced
-    action is taken; the chosen output unit's motor signal ``z_s = 1`` turns on, and its fb
-    neuron starts the feedback wave.
+    :func:`agrel_sim.rule.max_boltzmann` picks the action ``s`` with the trial's row of the
+    random numbers drawn for the whole batch before its first trial
+    (:func:`agrel_sim.rule.exploration_draws`, as the torch backend draws them: the same seed
+    and Q-values give the same actions), or the forced action is taken; the chosen output
+    unit's motor signal ``z_s = 1`` turns on, and its fb neuron starts the feedback wave.
 ``feedback``
     The wave descends through the fb synapses, each column's gate multiplying its fb neuron's
     input, so that a silent column neither passes feedback on nor learns.
@@ -42,8 +44,8 @@ changes agree; shorter settling times give a transient, time-resolved version of
 
 A batch of trials runs as one Brian2 run (runtime mode, numpy or Cython code generation), with
 two network operations that act at phase boundaries and record what is asked for. Weights are
-read and set as torch tensors in the layouts of the torch backend (dense: ``(units, inputs)``);
-the simulation itself runs in float64.
+read (as read-only copies) and set as torch tensors in the layouts of the torch backend (dense:
+``(units, inputs)``); the simulation itself runs in float64.
 
 Cost: every Brian2 run begins with a full ``gc.collect()`` and prepares its code, about 0.2 s
 in a process that has imported torch, so large batches run faster per trial
@@ -65,7 +67,7 @@ from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
 from agrel_sim.backends import UnsupportedLayerError, check_batch, check_weight_keys
-from agrel_sim.backends.torch_backend import LayerActivity, TorchNetwork, Trials, changed_fraction
+from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.network import ColumnNetwork, Dense
 
 BACKEND = "brian2"
@@ -272,9 +274,10 @@ class DenseColumnPopulation:
         self.dtype = dtype
 
     @property
-    def ff(self) -> torch.Tensor:
-        """Feedforward weights ``(units, inputs)`` (a copy; assign to set them)."""
-        return _tensor(self.ff_synapses.w[:].reshape(self.weight_shape), self.dtype)
+    def ff(self) -> ReadOnlyWeights:
+        """Feedforward weights ``(units, inputs)``: a read-only copy (in-place writes raise, as
+        on the torch backend); assign a tensor to set them."""
+        return ReadOnlyWeights.of(_tensor(self.ff_synapses.w[:].reshape(self.weight_shape), self.dtype), f"{self.name}.ff")
 
     @ff.setter
     def ff(self, value):
@@ -284,11 +287,11 @@ class DenseColumnPopulation:
             self.fb_synapses.w[:] = matrix.ravel()
 
     @property
-    def fb(self) -> torch.Tensor:
+    def fb(self) -> ReadOnlyWeights:
         """Feedback weights ``fb[q, m]`` from upper column q to lower column m, the layout of
-        :attr:`ff` (strict reciprocity reads ``fb == ff``). In ``tied`` mode setting either sets
-        both."""
-        return _tensor(self.fb_synapses.w[:].reshape(self.weight_shape), self.dtype)
+        :attr:`ff` (strict reciprocity reads ``fb == ff``), read as :attr:`ff`. In ``tied`` mode
+        setting either sets both."""
+        return ReadOnlyWeights.of(_tensor(self.fb_synapses.w[:].reshape(self.weight_shape), self.dtype), f"{self.name}.fb")
 
     @fb.setter
     def fb(self, value):
@@ -298,11 +301,11 @@ class DenseColumnPopulation:
             self.fb_synapses.w[:] = _matrix(value, self.weight_shape, f"{self.name}.fb").ravel()
 
     @property
-    def bias(self) -> torch.Tensor | None:
-        """The columns' biases, or None when the rule has none."""
+    def bias(self) -> ReadOnlyWeights | None:
+        """The columns' biases, read as :attr:`ff`, or None when the rule has none."""
         if self.bias_synapses is None:
             return None
-        return _tensor(self.bias_synapses.w[:], self.dtype)
+        return ReadOnlyWeights.of(_tensor(self.bias_synapses.w[:], self.dtype), f"{self.name}.bias")
 
     @bias.setter
     def bias(self, value):
@@ -364,6 +367,8 @@ class Brian2Network:
 
     Attributes
     ----------
+    backend : str
+        ``"brian2"``, the key of this backend in :data:`agrel_sim.backends.BACKENDS`.
     description : ColumnNetwork
     layers : list of DenseColumnPopulation
         The hidden layers bottom to top, then the output layer.
@@ -377,6 +382,8 @@ class Brian2Network:
     dtype : torch.dtype
         The floating-point type of returned tensors; the simulation runs in float64.
     """
+
+    backend = BACKEND
 
     def __init__(self, description: ColumnNetwork, timeline: Timeline, tau_ff: float, tau_fb: float,
                  gate_threshold: float, codegen_target: str, trace_every: int, dtype: torch.dtype, seed: int):
@@ -542,9 +549,9 @@ class Brian2Network:
         ----------
         images : Tensor (B, *input_shape)
             Floating-point stimuli.
-        labels : Tensor (B,)
+        labels : Tensor (B,) of any integer dtype
             The correct action of each trial.
-        actions : Tensor (B,), optional
+        actions : Tensor (B,) of any integer dtype, optional
             Force these actions instead of selecting them.
         learn : bool
             Apply plasticity: the mean of the B single-trial changes, at the end of the batch.
@@ -563,14 +570,14 @@ class Brian2Network:
         before = [layer.ff_synapses.w[:].copy() for layer in self.layers] if record and learn else None
         decay = self.learning_rate * self.description.rule.weight_decay  # as the batch's end applies it
         episode = _Episode(
-            self, stimuli, steps_per_trial=self.timeline.trial_steps, labels=labels.detach().cpu(),
-            actions=None if actions is None else actions.detach().cpu(), learn=learn, record=record,
+            self, stimuli, steps_per_trial=self.timeline.trial_steps, labels=labels.detach().cpu().long(),
+            actions=None if actions is None else actions.detach().cpu().long(), learn=learn, record=record,
         )
         self._run(episode)
         self.trials_run += len(stimuli)
         q = torch.from_numpy(episode.q).to(self.dtype)
         chosen = torch.tensor(episode.actions, dtype=torch.long)
-        rewards = agrel.reward(chosen, labels.cpu(), self.description.neuromodulator.reward_correct, self.description.neuromodulator.reward_wrong, self.dtype)
+        rewards = agrel.reward(chosen, episode.labels, self.description.neuromodulator.reward_correct, self.description.neuromodulator.reward_wrong, self.dtype)
         records = None
         if record:
             # The fraction of synapses that the four-factor rule changed, as the torch backend counts
@@ -597,13 +604,20 @@ class _Episode:
         self.steps_per_trial = steps_per_trial
         self.total_steps = steps_per_trial * len(stimuli)
         self.labels, self.forced, self.learn, self.record = labels, actions, learn, record
+        n_actions = net.description.n_actions
+        # The random numbers of action selection for the whole batch, drawn before its first
+        # trial as the torch backend draws them (in the dtype it would run in); row i is trial i's.
+        self.exploration = None
+        if labels is not None and actions is None:
+            selection = net.description.action_selection
+            self.exploration = agrel.exploration_draws(len(stimuli), n_actions, selection.epsilon, net.dtype, net.generator)
         self.step = 0
         timeline = net.timeline
         self.selection_step = timeline.start("selection")
         self.rpe_step = timeline.start("rpe")
         self.plasticity_step = timeline.start("plasticity")
         self.plasticity_rate = net.learning_rate / (len(stimuli) * timeline.steps["plasticity"]) if learn else 0.0
-        self.q = np.zeros((len(stimuli), net.description.n_actions))
+        self.q = np.zeros((len(stimuli), n_actions))
         self.actions, self.deltas, self.traces = [], [], []
         self.records = {layer.name: {"ff": [], "fb": [], "gate": []} for layer in net.layers}
         self.tracing = None
@@ -666,8 +680,8 @@ class _Episode:
         net = self.net
         q = torch.from_numpy(self.q[trial : trial + 1])
         if self.forced is None:
-            selection = net.description.action_selection
-            action = int(agrel.select_action(q, selection.epsilon, selection.tau, net.generator)[0])
+            draws = None if self.exploration is None else tuple(rows[trial : trial + 1] for rows in self.exploration)
+            action = int(agrel.max_boltzmann(q, net.description.action_selection.tau, draws)[0])
         else:
             action = int(self.forced[trial])
         self.actions.append(action)

@@ -21,6 +21,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +73,84 @@ def local_feedback(gfb, fb, input_size, kernel_size, stride, padding):
 
 def local_weight_change(patches, dgfb):
     return torch.einsum("bol,bkl->lok", dgfb, patches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights handed out for reading.
+
+# Special methods that write into their tensor (``w[i] = x``, ``w += x``, ``w.data = x``).
+IN_PLACE_SPECIAL_METHODS = frozenset({
+    "__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__imatmul__", "__itruediv__", "__ifloordiv__",
+    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+})
+
+
+class ReadOnlyWeights(torch.Tensor):
+    """Weights as a layer hands them out (``layer.ff``, ``layer.fb``, ``layer.bias``): read-only.
+
+    The Brian2 backend hands out a copy of its synapses' weights, so that a write into it would
+    be lost without a word; on every backend, therefore, a write into these tensors raises
+    (``w[1] = 0``, ``w.mul_(0)``, ``w += 1``, ``out=w``, ``inplace=True``) with a
+    ``RuntimeError`` (not a ``TypeError``, which torch would turn into ``w = w + 1``), and
+    weights are set by assigning a whole tensor: ``layer.ff = new``. What shares their memory (a
+    view such as ``w[1]`` or ``w.T``, ``w.numpy()``) is read-only too; new tensors
+    (``w.clone()``, ``w * 2``, a deep copy, what ``torch.save`` stores) are plain.
+
+    Attributes
+    ----------
+    weight_name : str
+        ``"<layer>.ff"``, ``"<layer>.fb"`` or ``"<layer>.bias"``, for the error message.
+    """
+
+    weight_name: str
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, weight_name: str) -> ReadOnlyWeights:
+        """A read-only tensor that shares ``tensor``'s memory (detached from autograd)."""
+        weights = tensor.detach().as_subclass(cls)
+        weights.weight_name = weight_name
+        return weights
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        written = kwargs.get("out")
+        written = list(written) if isinstance(written, (tuple, list)) else [written]
+        if args and (name in IN_PLACE_SPECIAL_METHODS or (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace")):
+            written.append(args[0])
+        for target in written:
+            if isinstance(target, cls):
+                part = target.weight_name.rpartition(".")[2]
+                raise RuntimeError(
+                    f"{target.weight_name}: weights read from a layer are read-only (the brian2 backend hands out a "
+                    f"copy, where an in-place write would be lost); set them by assigning a whole tensor: "
+                    f"w = layer.{part}.clone(); w[...] = ...; layer.{part} = w"
+                )
+        sources = [a for a in args if isinstance(a, cls)]
+        with torch._C.DisableTorchFunctionSubclass():
+            return _read_only_where_shared(func(*args, **kwargs), sources)
+
+    def __deepcopy__(self, memo):
+        return self.clone()
+
+    def __reduce_ex__(self, protocol):
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def _read_only_where_shared(value, sources: list[ReadOnlyWeights]):
+    """``value`` (a result computed from ``sources``), read-only where it shares their memory."""
+    if isinstance(value, torch.Tensor):
+        for source in sources:
+            if value.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+                return ReadOnlyWeights.of(value, source.weight_name)
+        return value.as_subclass(torch.Tensor) if isinstance(value, ReadOnlyWeights) else value
+    if isinstance(value, np.ndarray):  # w.numpy(), np.asarray(w): the tensor's memory
+        value.flags.writeable = False
+    elif type(value) is tuple:  # w.unbind(), w.split(...): views
+        return tuple(_read_only_where_shared(item, sources) for item in value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,33 +222,46 @@ class _Layer:
             self._fb = self._ff.clone()
         else:  # independent: drawn once every ff tensor is (TorchNetwork), so ff is the same in every mode
             self._fb = None
-        self.bias = torch.zeros(bias_shape, device=net.device, dtype=net.dtype) if rule.bias else None
+        self._bias = torch.zeros(bias_shape, device=net.device, dtype=net.dtype) if rule.bias else None
         self.saved = None  # what the forward pass keeps for the feedback and plasticity phases
 
     @property
-    def ff(self) -> torch.Tensor:
-        """Feedforward weights (a live tensor; assign to set them)."""
-        return self._ff
+    def ff(self) -> ReadOnlyWeights:
+        """Feedforward weights: a read-only view of the weights the layer learns with, which
+        later learning changes (clone it to keep a snapshot); assign a tensor to set them."""
+        return ReadOnlyWeights.of(self._ff, f"{self.name}.ff")
 
     @ff.setter
     def ff(self, value):
         _copy_into(self._ff, value, f"{self.name}.ff")
 
     @property
-    def fb(self) -> torch.Tensor:
-        """Feedback weights; in ``tied`` mode the same tensor as :attr:`ff`."""
-        return self._fb
+    def fb(self) -> ReadOnlyWeights:
+        """Feedback weights, read as :attr:`ff`; in ``tied`` mode the same weights as ``ff``
+        (setting either sets both)."""
+        return ReadOnlyWeights.of(self._fb, f"{self.name}.fb")
 
     @fb.setter
     def fb(self, value):
         _copy_into(self._fb, value, f"{self.name}.fb")
 
+    @property
+    def bias(self) -> ReadOnlyWeights | None:
+        """The columns' biases, read as :attr:`ff`, or None when the rule has none."""
+        return None if self._bias is None else ReadOnlyWeights.of(self._bias, f"{self.name}.bias")
+
+    @bias.setter
+    def bias(self, value):
+        if self._bias is None:
+            raise ValueError(f"{self.name}.bias: this network has no biases (rule.bias = false)")
+        _copy_into(self._bias, value, f"{self.name}.bias")
+
     def tensors(self) -> dict[str, torch.Tensor]:
         named = {"ff": self._ff}
         if self._fb is not self._ff:
             named["fb"] = self._fb
-        if self.bias is not None:
-            named["bias"] = self.bias
+        if self._bias is not None:
+            named["bias"] = self._bias
         return named
 
     def gate(self, y):
@@ -185,10 +277,10 @@ class _Layer:
             if decay:
                 weights.mul_(1 - decay)
             weights.add_(change)
-        if self.bias is not None:
+        if self._bias is not None:
             if decay:
-                self.bias.mul_(1 - decay)
-            self.bias.add_(self.bias_change(dgfb))
+                self._bias.mul_(1 - decay)
+            self._bias.add_(self.bias_change(dgfb))
         return change
 
 
@@ -202,7 +294,7 @@ class DenseColumns(_Layer):
 
     def forward(self, y_prev, learning):
         self.saved = y_prev
-        drive = dense_drive(y_prev, self._ff, self.bias)
+        drive = dense_drive(y_prev, self._ff, self._bias)
         return drive if self.linear else drive.relu_()
 
     def gate(self, y):
@@ -236,7 +328,7 @@ class ConvColumns(_Layer):
 
     def forward(self, y_prev, learning):
         self.saved = y_prev
-        return conv_drive(y_prev, self._ff, self.bias, self.stride, self.padding).relu_()
+        return conv_drive(y_prev, self._ff, self._bias, self.stride, self.padding).relu_()
 
     def feedback(self, gfb):
         return conv_feedback(gfb, self._fb, self.stride, self.padding, self.output_padding)
@@ -261,8 +353,8 @@ class LocallyConnectedColumns(_Layer):
         patches = F.unfold(y_prev, self.kernel_size, padding=self.padding, stride=self.stride)
         self.saved = patches
         drive = local_drive(patches, self._ff).view(-1, *self.output_shape)
-        if self.bias is not None:
-            drive = drive + self.bias
+        if self._bias is not None:
+            drive = drive + self._bias
         return drive.relu_()
 
     def feedback(self, gfb):
@@ -351,9 +443,12 @@ class TorchNetwork:
 
     Attributes
     ----------
+    backend : str
+        ``"torch"``, the key of this backend in :data:`agrel_sim.backends.BACKENDS`.
     layers : list
         The hidden column layers bottom to top, then the output layer; each has ``ff`` and
-        ``fb`` weights (dropout layers have none).
+        ``fb`` weights (dropout layers have none), read-only tensors (:class:`ReadOnlyWeights`)
+        that are set by assignment.
     learning_rate : float
         The step size alpha of the next updates; starts at ``description.rule.learning_rate``
         and may be changed between batches (a learning-rate schedule).
@@ -361,6 +456,8 @@ class TorchNetwork:
         Trials run so far by :meth:`run_trials` (a checkpoint keeps it, as for the Brian2
         backend, whose traces it numbers).
     """
+
+    backend = "torch"
 
     def __init__(self, description: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0):
         self.description = description
@@ -406,10 +503,10 @@ class TorchNetwork:
         out = {}
         for layer in self.layers:
             if layer.has_weights:
-                out[f"{layer.name}.ff"] = layer.ff.detach().clone()
-                out[f"{layer.name}.fb"] = layer.fb.detach().clone()
-                if layer.bias is not None:
-                    out[f"{layer.name}.bias"] = layer.bias.detach().clone()
+                out[f"{layer.name}.ff"] = layer._ff.detach().clone()
+                out[f"{layer.name}.fb"] = layer._fb.detach().clone()
+                if layer._bias is not None:
+                    out[f"{layer.name}.bias"] = layer._bias.detach().clone()
         return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -418,10 +515,10 @@ class TorchNetwork:
         for layer in self.layers:
             if layer.has_weights:
                 layer.ff = weights[f"{layer.name}.ff"]
-                if layer.fb is not layer.ff:
+                if layer._fb is not layer._ff:
                     layer.fb = weights[f"{layer.name}.fb"]
-                if layer.bias is not None:
-                    _copy_into(layer.bias, weights[f"{layer.name}.bias"], f"{layer.name}.bias")
+                if layer._bias is not None:
+                    layer.bias = weights[f"{layer.name}.bias"]
 
     # -- trials -------------------------------------------------------------------------------
 
@@ -451,9 +548,9 @@ class TorchNetwork:
         ----------
         images : Tensor (B, *input_shape)
             Floating-point stimuli.
-        labels : Tensor (B,)
+        labels : Tensor (B,) of any integer dtype
             The correct action of each trial.
-        actions : Tensor (B,), optional
+        actions : Tensor (B,) of any integer dtype, optional
             Force these actions instead of selecting them (DeepAGREL only).
         learn : bool
             Apply plasticity (and dropout). With ``False`` the trial is only observed.
@@ -465,7 +562,7 @@ class TorchNetwork:
             set's labels once instead and passes ``False``.
         """
         x = self._check_batch(images, labels, actions, check_range)
-        labels = labels.to(self.device)
+        labels = labels.to(self.device, torch.long)
         self.trials_run += x.shape[0]
         if self.description.rule.name == "ebp":
             if actions is not None:
@@ -482,7 +579,7 @@ class TorchNetwork:
         if actions is None:
             actions = agrel.select_action(q, net.action_selection.epsilon, net.action_selection.tau, self.generator)
         else:
-            actions = actions.to(self.device)
+            actions = actions.to(self.device, torch.long)
         rewards = agrel.reward(actions, labels, net.neuromodulator.reward_correct, net.neuromodulator.reward_wrong, self.dtype)
         delta = agrel.rpe(q, actions, rewards)
         # Phases 3 and 5, top to bottom: each layer passes feedback down through its fb weights
@@ -534,7 +631,7 @@ class TorchNetwork:
             records = []
             for layer, y in zip(self.layers, activity[1:]):
                 y = y.detach()
-                changed = changed_fraction(grad_of[id(layer.ff)]) if learn and layer.has_weights else None
+                changed = changed_fraction(grad_of[id(layer._ff)]) if learn and layer.has_weights else None
                 records.append(LayerActivity(layer.name, y, None, layer.gate(y), changed))
             records = self._dropout_gates(records)
         for layer in self.layers:
