@@ -176,30 +176,30 @@ def table_rows(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, list[Run
     value those runs behaved as (:func:`agrel_sim.runs.settings_of`); their data is unknown.
     """
     rows: dict[tuple, dict[str, list[Run]]] = {}
-    first_of_rule: dict[tuple, tuple[Run, dict]] = {}
-    first_of_row: dict[tuple, tuple[Run, dict]] = {}
+    seen: dict[tuple, list[tuple[Run, dict]]] = {}
     for run in runs:
         row = row_key(run.config)
         settings = {key: value for key, value in settings_of(run.config).items() if top_setting(key) in ROW_SETTINGS}
-        group = rows.setdefault(row, {}).setdefault(run.rule, [])
         where = f"Table 1 row {row_label(row)}"
-        other, other_settings = first_of_rule.setdefault((row, run.rule), (run, settings))
-        if differences := changed_settings(other_settings, settings):
-            raise RunFileError(
-                f"{other.path} and {run.path}: runs of the {where}, {run.rule} made with different settings ({_listed(differences, other_settings, settings)}); "
-                "a row averages runs that differ only in their seed: give a folder with one setting per row (one sweep's out folder, say)"
-            )
-        other, other_settings = first_of_row.setdefault(row, (run, settings))
-        if differences := [key for key in changed_settings(other_settings, settings) if key not in RULE_SETTINGS and not key.startswith(RULE_TABLES)]:
-            raise RunFileError(
-                f"{other.path} and {run.path}: the {other.rule} and {run.rule} runs of the {where} were made under different protocols ({_listed(differences, other_settings, settings)}); "
-                "a row compares the two rules under one protocol, in which they may differ only in the rule's own settings (learning rate and its schedule, "
-                "weight decay, feedback, action selection, neuromodulator): give a folder with one protocol per row"
-            )
-        twin = next((seen for seen in group if seen.seed == run.seed), None)
-        if twin is not None:
-            raise RunFileError(f"{twin.path} and {run.path}: seed {run.seed} twice in the {where}, {run.rule}; a row averages distinct seeds: remove or move one of them")
-        group.append(run)
+        # Against every run before it, not the first alone: one that lacks a record (an older
+        # run file's data) must not let two that have it differ.
+        for other, other_settings in seen.setdefault(row, []):
+            differences = changed_settings(other_settings, settings)
+            if other.rule == run.rule and differences:
+                raise RunFileError(
+                    f"{other.path} and {run.path}: runs of the {where}, {run.rule} made with different settings ({_listed(differences, other_settings, settings)}); "
+                    "a row averages runs that differ only in their seed: give a folder with one setting per row (one sweep's out folder, say)"
+                )
+            if protocol := [key for key in differences if key not in RULE_SETTINGS and not key.startswith(RULE_TABLES)]:
+                raise RunFileError(
+                    f"{other.path} and {run.path}: the {other.rule} and {run.rule} runs of the {where} were made under different protocols ({_listed(protocol, other_settings, settings)}); "
+                    "a row compares the two rules under one protocol, in which they may differ only in the rule's own settings (learning rate and its schedule, "
+                    "weight decay, feedback, action selection, neuromodulator): give a folder with one protocol per row"
+                )
+            if other.rule == run.rule and other.seed == run.seed:
+                raise RunFileError(f"{other.path} and {run.path}: seed {run.seed} twice in the {where}, {run.rule}; a row averages distinct seeds: remove or move one of them")
+        seen[row].append((run, settings))
+        rows.setdefault(row, {}).setdefault(run.rule, []).append(run)
     return rows
 
 
@@ -214,7 +214,7 @@ def table1_records(runs: list[Run]) -> list[dict]:
     """
     complete = [run for run in runs if run.complete and run.result is not None]
     return [
-        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result}
+        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result, "path": run.path}
         for rules in table_rows(complete).values() for group in rules.values() for run in group
     ]
 

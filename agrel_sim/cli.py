@@ -66,6 +66,9 @@ def _table(args) -> int:
     except OSError as error:
         raise ValueError(f"{csv_path}: cannot write the CSV ({error.strerror}); give a writable path with --csv") from None
     print(f"\n{len(records)} runs; CSV written to {csv_path}")
+    diverged = [str(record["path"]) for record in records if record["result"].get("diverged", False)]
+    if diverged:
+        print(f"{len(diverged)} diverged run(s), counted as not converged and left out of the accuracies and epochs (a lower learning rate may help): {', '.join(diverged)}")
     if incomplete:
         print(left_out)
     return 0
@@ -117,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")
     sweep.add_argument("sweep", help="sweep name (in experiments/) or path to a .toml file")
-    sweep.add_argument("--jobs", type=_integer_from(1), help="runs at once (default 1); with --executor slurm, SLURM jobs at once (default: no limit beyond the number of runs)")
+    sweep.add_argument("--jobs", type=_integer_from(1), help="runs at once (default 1); with --executor slurm, SLURM jobs at once (default: the [slurm] table's slurm_array_parallelism, else the number of runs)")
     sweep.add_argument("--executor", choices=EXECUTORS, default="local", help="a process per run on this machine (default), slurm via submitit, or submitit-local")
     sweep.add_argument("--device", default="cpu")
     sweep.add_argument("--out", help="output folder (default: the sweep file's out)")

@@ -218,14 +218,15 @@ class ArrayUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and numpy arrays, and nothing else.
 
     A pickle can name any function to call while it is read; a data file may name only those
-    that rebuild numpy arrays and scalars, so that a planted file cannot run code.
+    that rebuild numpy arrays and scalars (and ``_codecs.encode``, by which Python 3 pickles of
+    protocol 2 and below store bytes), so that a planted file cannot run code.
     """
 
     ALLOWED = {
         (module, name)
         for module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
         for name in ("_reconstruct", "scalar", "_frombuffer")
-    } | {("numpy", "ndarray"), ("numpy", "dtype")}
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -238,7 +239,7 @@ def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> 
         with open(path, "rb") as handle:
             batch = ArrayUnpickler(handle, encoding="bytes").load()
     except Exception as error:  # a damaged or foreign pickle can raise almost anything (ImportError, AttributeError, ...)
-        raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged: obtain it again. {how}") from None
+        raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged or not one of the data set's: obtain it again. {how}") from None
     if isinstance(batch, dict):  # the official release has bytes keys, pickles made by Python 3 str keys
         batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
     if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:

@@ -92,10 +92,21 @@ def stored_config(config: dict, settings: LogSettings) -> dict:
     return {**config, "logging": asdict(settings)}
 
 
-def check_resumable(path: Path, version: int) -> None:
-    """Refuse to continue a run file of another layout: its records would mix two layouts."""
+def check_resumable(path: Path, attrs) -> None:
+    """Refuse to continue a run file (its ``/`` attributes ``attrs``) that this version cannot.
+
+    A run file of another layout would mix two layouts. A Brian2 run begun by another version
+    of agrel-sim would match no uninterrupted run: the Brian2 backend's trials are not kept
+    identical from one version to the next (the torch backend's are).
+    """
+    from agrel_sim import __version__
+
+    version = int(attrs["layout_version"])
     if version != LAYOUT_VERSION:
         raise ValueError(f"{path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
+    began = str(attrs.get("software_version", "unknown"))
+    if str(attrs.get("backend", "torch")) == "brian2" and began != __version__:
+        raise ValueError(f"{path}: a Brian2 run begun by agrel-sim {began} cannot be continued by agrel-sim {__version__}, whose Brian2 trials may differ; start it again in a new folder")
 
 
 def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
@@ -140,7 +151,7 @@ class RunFile:
             if resume_after is None:
                 self._create(net, config, seed)
             else:
-                check_resumable(self.path, int(self.file.attrs["layout_version"]))
+                check_resumable(self.path, self.file.attrs)
                 self._truncate_after(resume_after)
                 self.file.attrs["config"] = json.dumps(stored_config(config, settings))
                 self.file.attrs["complete"] = False

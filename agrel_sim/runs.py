@@ -185,12 +185,12 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     """
     try:
         with h5py.File(path, "r") as handle:
-            version = int(handle.attrs["layout_version"])
-            before = settings_of({"seed": int(handle.attrs["seed"]), **json.loads(handle.attrs["config"])})
+            attrs = dict(handle.attrs)
+            before = settings_of({"seed": int(attrs["seed"]), **json.loads(attrs["config"])})
     except (OSError, KeyError) as error:
         raise ValueError(f"{path}: the run file of this checkpoint is missing or unreadable ({error}); start the run again in a new folder") from None
     if resuming:
-        check_resumable(path, version)
+        check_resumable(path, attrs)
     now = settings_of(json.loads(json.dumps({"seed": seed, **config})))
     changed = [key for key in changed_settings(before, now) if top_setting(key) not in ignore]
     raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]

@@ -277,12 +277,19 @@ def _set_parameters(runner, parameters: dict, where: str) -> None:
 
 
 def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) -> Iterator[tuple[RunTask, bool, str]]:
-    """Yield ``(task, ok, line)`` for each task as its submitit job ends."""
+    """Yield ``(task, ok, line)`` for each task as its submitit job ends.
+
+    When the generator is closed (or Ctrl-C reaches it), the jobs of submitit's local executor
+    that are still running are cancelled; SLURM jobs go on on the cluster (``scancel`` ends them).
+    """
     from submitit.core.utils import FailedJobError
     from submitit.helpers import as_completed
 
     if runner.cluster == "slurm":
-        runner.update_parameters(slurm_array_parallelism=jobs if jobs is not None else sweep.slurm.get("slurm_array_parallelism", len(tasks)))
+        if jobs is not None:
+            runner.update_parameters(slurm_array_parallelism=jobs)
+        elif not {"slurm_array_parallelism", "array_parallelism"} & set(sweep.slurm):
+            runner.update_parameters(slurm_array_parallelism=len(tasks))
         batches = [tasks]
     else:  # the local executor starts every job it is given at once
         batches = [tasks[start:start + jobs] for start in range(0, len(tasks), jobs)]
@@ -294,8 +301,14 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
                 f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; check the [slurm] table "
                 "(partition, account, time and memory limits) against the cluster's"
             ) from None
-        for job in as_completed(list(submitted), poll_frequency=1):
-            yield submitted[job], *_outcome(job.result)
+        try:
+            for job in as_completed(list(submitted), poll_frequency=1):
+                yield submitted[job], *_outcome(job.result)
+        finally:
+            if runner.cluster != "slurm":
+                for job in submitted:
+                    if not job.done():
+                        job.cancel(check=False)
 
 
 def _outcome(result) -> tuple[bool, str]:

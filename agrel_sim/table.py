@@ -11,7 +11,11 @@ RULES = ("deepagrel", "ebp")
 
 @dataclass
 class RuleStats:
-    """The runs of one rule on one row: test accuracies, epochs to stop, convergence."""
+    """The runs of one rule on one row: test accuracies, epochs to stop, convergence.
+
+    A run that diverged (its loss ran off to inf or NaN) counts as not converged, and its
+    accuracy and epochs stay out of the means: they describe a failure, not the protocol's end.
+    """
 
     accuracies: list[float] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
@@ -19,12 +23,14 @@ class RuleStats:
 
     def add(self, record: dict) -> None:
         result = record["result"]
-        self.accuracies.append(result["test_accuracy"])
-        self.epochs.append(result["epochs"])
-        self.converged.append(result["converged"])
+        self.converged.append(bool(result["converged"]))
+        if not result.get("diverged", False):  # runs written before divergence was recorded had not
+            self.accuracies.append(result["test_accuracy"])
+            self.epochs.append(result["epochs"])
 
     @property
     def runs(self) -> int:
+        """The runs whose accuracy and epochs are averaged (all but the diverged ones)."""
         return len(self.accuracies)
 
     def accuracy_mean_std(self) -> tuple[float, float | None]:
@@ -63,10 +69,9 @@ def table1(records: list[dict]) -> list[dict]:
                 row[f"{rule}_acc_mean"] = 100 * mean
                 row[f"{rule}_acc_std"] = None if std is None else 100 * std
                 row[f"{rule}_epochs"] = s.mean_epochs()
-                row[f"{rule}_converged"] = f"{sum(s.converged)}/{s.runs}"
             else:
                 row[f"{rule}_acc_mean"] = row[f"{rule}_acc_std"] = row[f"{rule}_epochs"] = None
-                row[f"{rule}_converged"] = "0/0"
+            row[f"{rule}_converged"] = f"{sum(s.converged)}/{len(s.converged)}"
         both = stats["deepagrel"].runs and stats["ebp"].runs
         row["epoch_ratio"] = stats["deepagrel"].mean_epochs() / stats["ebp"].mean_epochs() if both else None
         table.append(row)

@@ -93,7 +93,7 @@ class EpochMetrics:
 
 @dataclass
 class RunResult:
-    """The outcome of a training run."""
+    """The outcome of a training run; ``diverged``: it stopped at an epoch whose loss was not finite."""
 
     test_accuracy: float
     best_epoch: int
@@ -101,11 +101,12 @@ class RunResult:
     converged: bool
     seconds: float
     history: list[EpochMetrics] = field(default_factory=list)
+    diverged: bool = False
 
     def summary(self) -> str:
         return (
             f"test_acc={self.test_accuracy:.4f} best_epoch={self.best_epoch} epochs={self.epochs} "
-            f"converged={self.converged} time={self.seconds:.1f}s"
+            f"converged={self.converged}{' diverged=True' if self.diverged else ''} time={self.seconds:.1f}s"
         )
 
 
@@ -319,8 +320,8 @@ def train(
     bar.close()
     net.load_weights(best_weights)
     test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
-    converged = stopped and not diverged(history[-1])
-    result = RunResult(test, best_epoch, epoch, converged, elapsed + time.perf_counter() - started, history)
+    ran_off = diverged(history[-1])
+    result = RunResult(test, best_epoch, epoch, stopped and not ran_off, elapsed + time.perf_counter() - started, history, ran_off)
     if recorder is not None:
         recorder.finish(result)
     return result

@@ -5,6 +5,9 @@ backend in turn (the PyTorch backend also on CUDA, where there is a GPU); a back
 build a layer kind skips the scenario with its reason.
 """
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -187,8 +190,21 @@ def test_weights_are_set_by_assignment_and_writes_into_them_raise(build_net):
         layer.fb += 1
     with pytest.raises(RuntimeError, match=read_only.format("bias")):
         layer.bias.zero_()
+    with pytest.raises(RuntimeError, match=read_only.format("ff")):
+        torch.select(input=layer.ff, dim=0, index=1).zero_()  # a view made with keywords
+    if layer.ff.device.type == "cpu":
+        with pytest.raises(ValueError, match="read-only"):
+            layer.ff.numpy()[0, 0] = 1.0
+    # Copies are plain tensors and arrays: writing into them leaves the weights alone.
+    copy.copy(layer.ff)[0, 0] = 123.0
+    copy.deepcopy(layer.ff)[0, 0] = 123.0
+    np.from_dlpack(layer.ff.cpu())[0, 1] = 7.0
+    np.asarray(layer.ff.cpu(), dtype=np.float32)[0, 2] = 7.0
     for key, value in net.weights().items():
         assert torch.equal(value, start[key]), key
+    # Reads that make no change work as on a plain tensor.
+    assert layer.ff.to_sparse().layout == torch.sparse_coo
+    assert layer.ff.requires_grad_().requires_grad and not net.weights()["layers.0.ff"].requires_grad
     ff = layer.ff.clone()
     ff[1] = -1.0
     layer.ff = ff

@@ -103,7 +103,7 @@ def test_missing_data_lists_the_paths_searched(tmp_path):
         load_dataset("svhn", tmp_path)
 
 
-def write_cifar(root: Path, folder: str, files: dict[str, int], label_key: bytes, n_classes: int, str_keys=False) -> Path:
+def write_cifar(root: Path, folder: str, files: dict[str, int], label_key: bytes, n_classes: int, str_keys=False, protocol=None) -> Path:
     path = root / folder
     path.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -111,13 +111,13 @@ def write_cifar(root: Path, folder: str, files: dict[str, int], label_key: bytes
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(np.arange(n) % n_classes)}
         if str_keys:
             batch = {key.decode(): value for key, value in batch.items()}
-        (path / name).write_bytes(pickle.dumps(batch))
+        (path / name).write_bytes(pickle.dumps(batch, protocol=protocol))
     return path
 
 
-@pytest.mark.parametrize("str_keys", [False, True], ids=["bytes_keys", "str_keys"])
-def test_cifar10_reader(tmp_path, str_keys):
-    write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 4 for i in range(1, 6)}, "test_batch": 3}, b"labels", 10, str_keys)
+@pytest.mark.parametrize("str_keys, protocol", [(False, None), (True, None), (False, 2), (False, 5)], ids=["bytes_keys", "str_keys", "protocol2", "protocol5"])
+def test_cifar10_reader(tmp_path, str_keys, protocol):
+    write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 4 for i in range(1, 6)}, "test_batch": 3}, b"labels", 10, str_keys, protocol)
     data = load_dataset("cifar10", tmp_path)
     assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (3, 3, 32, 32)
     raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes())

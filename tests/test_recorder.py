@@ -20,7 +20,7 @@ from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFil
 from agrel_sim.cli import main
 from agrel_sim.experiment import Experiment
 from agrel_sim.network import Dense
-from agrel_sim.recorder import LogSettings
+from agrel_sim.recorder import LAYOUT_VERSION, LogSettings, check_resumable
 from agrel_sim.runs import run_experiment
 from agrel_sim.training import load_checkpoint
 from devices import DEVICES
@@ -560,3 +560,15 @@ def test_brian2_experiment_learns_digits(tmp_path):
     result = run_experiment(load_experiment("digits_brian2"), seed=0, out=tmp_path, log=None)
     assert result.test_accuracy >= 0.9
     assert load_run(tmp_path / "run.h5").has_timecourses
+
+
+def test_a_brian2_run_resumes_only_under_the_version_that_began_it(tmp_path):
+    import agrel_sim
+
+    now = {"layout_version": LAYOUT_VERSION, "software_version": agrel_sim.__version__}
+    check_resumable(tmp_path / "run.h5", {**now, "backend": "brian2"})
+    check_resumable(tmp_path / "run.h5", {**now, "backend": "torch", "software_version": "0.1.0"})  # torch keeps its trials
+    with pytest.raises(ValueError, match=rf"run\.h5: a Brian2 run begun by agrel-sim 0\.1\.0 cannot be continued by agrel-sim {re.escape(agrel_sim.__version__)}"):
+        check_resumable(tmp_path / "run.h5", {**now, "backend": "brian2", "software_version": "0.1.0"})
+    with pytest.raises(ValueError, match=r"run-file layout version 2, but this agrel-sim writes"):
+        check_resumable(tmp_path / "run.h5", {**now, "backend": "torch", "layout_version": 2})

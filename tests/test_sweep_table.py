@@ -213,6 +213,38 @@ def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, 
     assert [task.seed for task in tasks] == [0, 1] and finished == []
 
 
+def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path):
+    long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
+    (tmp_path / "tiny_long.toml").write_text(long)
+    sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0, 1]\nout = "runs/tiny"\n')
+    folder = tmp_path / "runs" / "tiny" / "tiny_long"
+    command = [sys.executable, "-m", "agrel_sim.cli", "sweep", str(sweep_file), "--executor", "submitit-local", "--jobs", "2"]
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not all((folder / f"seed{seed}" / "checkpoint.pt").exists() for seed in (0, 1)):
+            if sweep.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the runs did not finish an epoch: {sweep.stderr.read()}")
+            time.sleep(0.05)
+        os.kill(sweep.pid, signal.SIGINT)  # the sweep's process alone: its jobs are its to end
+        sweep.communicate(timeout=30)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+    assert sweep.returncode == 130
+    deadline = time.monotonic() + 30
+    for seed in (0, 1):
+        with open(folder / f"seed{seed}" / "run.lock", "w") as lock:
+            while True:  # the cancelled job's process ends and the system releases its lock
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, f"seed {seed} is still training"
+                    time.sleep(0.1)
+
+
 def crashing_execute(task):
     """:func:`execute`, but seed 1 of tiny_ebp kills its own process, and seed 0 of tiny_deepagrel
     waits for seed 1 of tiny_deepagrel to finish first."""
@@ -328,11 +360,11 @@ def test_a_sweep_checks_its_jobs_and_device_before_any_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def record(dataset, network, rule, accuracy, epochs, converged=True, augmentation=None):
+def record(dataset, network, rule, accuracy, epochs, converged=True, augmentation=None, diverged=False):
     return {
         "dataset": dataset, "model": {"name": network, "rule": {"name": rule}},
         "training": {"augmentation": {"factor": augmentation} if augmentation else None},
-        "result": {"test_accuracy": accuracy, "epochs": epochs, "converged": converged},
+        "result": {"test_accuracy": accuracy, "epochs": epochs, "converged": converged, "diverged": diverged},
     }
 
 
@@ -340,6 +372,7 @@ def test_table1_statistics(tmp_path):
     records = [
         record("mnist", "mnist_conv3", "deepagrel", 0.99, 60), record("mnist", "mnist_conv3", "deepagrel", 0.98, 80, converged=False),
         record("mnist", "mnist_conv3", "ebp", 0.992, 35), record("mnist", "mnist_conv3", "ebp", 0.99, 45),
+        record("mnist", "mnist_conv3", "ebp", 0.1, 3, converged=False, diverged=True),
         record("cifar10", "cifar10_conv3", "ebp", 0.7, 50, augmentation=10),
         record("cifar10", "cifar10_conv3", "ebp", 0.65, 40, augmentation=2),
     ]
@@ -349,7 +382,8 @@ def test_table1_statistics(tmp_path):
     assert mnist["deepagrel_acc_mean"] == pytest.approx(98.5) and mnist["deepagrel_acc_std"] == pytest.approx(0.7071, abs=1e-4)
     assert mnist["epoch_ratio"] == pytest.approx(70 / 40) and mnist["deepagrel_converged"] == "1/2"
     text = markdown(rows)
-    assert "| mnist | mnist_conv3 | none | 98.50 ± 0.71 | 99.10 ± 0.14 | 70.0 | 40.0 | 1.75 | 1/2, 2/2 |" in text
+    # The diverged EBP run counts as not converged; its accuracy and epochs stay out of the means.
+    assert "| mnist | mnist_conv3 | none | 98.50 ± 0.71 | 99.10 ± 0.14 | 70.0 | 40.0 | 1.75 | 1/2, 2/3 |" in text
     # One run has no spread: its accuracy stands alone, and the CSV leaves the deviation empty.
     assert "| cifar10 | cifar10_conv3 | 10x | – | 70.00 | – | 50.0 | – | 0/0, 1/1 |" in text
     write_csv(rows, tmp_path / "table1.csv")
@@ -400,3 +434,40 @@ def test_table_of_an_empty_folder(tmp_path, capsys):
     (tmp_path / "run.h5").write_text("{broken")
     assert main(["table", str(tmp_path)]) == 2
     assert "run.h5: not an HDF5 file, so not a run file of agrel-sim" in capsys.readouterr().err
+
+
+def test_a_row_never_mixes_runs_on_two_copies_of_the_data(tmp_path, monkeypatch, capsys):
+    from test_datasets import write_mnist
+
+    monkeypatch.chdir(tmp_path)
+    write_mnist(tmp_path / "copy1", n_train=40)
+    write_mnist(tmp_path / "copy2", n_train=50)
+    (tmp_path / "small.toml").write_text(
+        'name = "small"\ndataset = "mnist"\nmodel = "mnist_fc3"\n[rule]\nname = "ebp"\nlearning_rate = 0.1\n'
+        "[training]\nbatch_size = 20\nmax_epochs = 1\nvalidation_size = 10\n"
+    )
+    for seed, copy in ((0, "copy1"), (1, "copy1"), (2, "copy2")):
+        assert main(["train", "small.toml", "--seed", str(seed), "--data-dir", copy, "--quiet", "--out", f"runs/seed{seed}"]) == 0
+    with h5py.File(tmp_path / "runs" / "seed0" / "run.h5", "a") as run:  # as a run file written before data was recorded
+        config = json.loads(run.attrs["config"])
+        del config["data"]
+        run.attrs["config"] = json.dumps(config)
+    capsys.readouterr()
+    assert main(["table", "runs"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"seed1/run\.h5 and .*seed2/run\.h5: runs of the Table 1 row mnist, mnist_fc3, no augmentation, ebp made with different settings \(data\.sha256: .*data\.train: 40 and 50\)", err), err
+
+
+def test_the_table_lists_diverged_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    linear = 'name = "linear"\ninput_shape = [1, 8, 8]\nlayers = []\noutput = {actions = 10}\n'
+    (tmp_path / "hot.toml").write_text(
+        f'name = "hot"\ndataset = "digits"\n[model]\n{linear}rule = {{name = "deepagrel", learning_rate = 1000.0, init_range = 0.1}}\n'
+        "[training]\nbatch_size = 50\nmax_epochs = 30\npatience = 4\nvalidation_size = 300\n"
+    )
+    assert main(["train", "hot.toml", "--quiet", "--out", "runs/hot"]) == 0
+    assert "diverged=True" in capsys.readouterr().out
+    assert main(["table", "runs"]) == 0
+    out = capsys.readouterr().out
+    assert "| digits | linear | none | – | – | – | – | – | 0/1, 0/0 |" in out
+    assert "1 diverged run(s), counted as not converged and left out of the accuracies and epochs (a lower learning rate may help): runs/hot/run.h5" in out

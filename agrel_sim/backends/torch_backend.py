@@ -83,6 +83,8 @@ IN_PLACE_SPECIAL_METHODS = frozenset({
     "__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__imatmul__", "__itruediv__", "__ifloordiv__",
     "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
 })
+# Methods named like in-place operations that change no values.
+NOT_WRITING = frozenset({"requires_grad_", "share_memory_"})
 
 
 class ReadOnlyWeights(torch.Tensor):
@@ -94,7 +96,8 @@ class ReadOnlyWeights(torch.Tensor):
     ``RuntimeError`` (not a ``TypeError``, which torch would turn into ``w = w + 1``), and
     weights are set by assigning a whole tensor: ``layer.ff = new``. What shares their memory (a
     view such as ``w[1]`` or ``w.T``, ``w.numpy()``) is read-only too; new tensors
-    (``w.clone()``, ``w * 2``, a deep copy, what ``torch.save`` stores) are plain.
+    (``w.clone()``, ``w * 2``, a copy or deep copy, what ``torch.save`` stores, what DLPack
+    exports) are plain.
 
     Attributes
     ----------
@@ -117,7 +120,8 @@ class ReadOnlyWeights(torch.Tensor):
         name = getattr(func, "__name__", "")
         written = kwargs.get("out")
         written = list(written) if isinstance(written, (tuple, list)) else [written]
-        if args and (name in IN_PLACE_SPECIAL_METHODS or (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace")):
+        in_place = name in IN_PLACE_SPECIAL_METHODS or (name.endswith("_") and not name.endswith("__") and name not in NOT_WRITING)
+        if args and (in_place or kwargs.get("inplace")):
             written.append(args[0])
         for target in written:
             if isinstance(target, cls):
@@ -127,12 +131,19 @@ class ReadOnlyWeights(torch.Tensor):
                     f"copy, where an in-place write would be lost); set them by assigning a whole tensor: "
                     f"w = layer.{part}.clone(); w[...] = ...; layer.{part} = w"
                 )
-        sources = [a for a in args if isinstance(a, cls)]
+        sources = [a for a in (*args, *kwargs.values()) if isinstance(a, cls)]
         with torch._C.DisableTorchFunctionSubclass():
             return _read_only_where_shared(func(*args, **kwargs), sources)
 
+    def __copy__(self):
+        return self.clone()
+
     def __deepcopy__(self, memo):
         return self.clone()
+
+    def __dlpack__(self, *args, **kwargs):
+        with torch._C.DisableTorchFunctionSubclass():  # a consumer may write into what it receives
+            return self.clone().__dlpack__(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):
         with torch._C.DisableTorchFunctionSubclass():
@@ -141,13 +152,18 @@ class ReadOnlyWeights(torch.Tensor):
 
 def _read_only_where_shared(value, sources: list[ReadOnlyWeights]):
     """``value`` (a result computed from ``sources``), read-only where it shares their memory."""
+    if any(value is source for source in sources):  # a method that returns its tensor (requires_grad_)
+        return value
     if isinstance(value, torch.Tensor):
         for source in sources:
-            if value.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+            if value.layout == torch.strided and value.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
                 return ReadOnlyWeights.of(value, source.weight_name)
         return value.as_subclass(torch.Tensor) if isinstance(value, ReadOnlyWeights) else value
-    if isinstance(value, np.ndarray):  # w.numpy(), np.asarray(w): the tensor's memory
-        value.flags.writeable = False
+    if isinstance(value, np.ndarray):  # w.numpy(), np.asarray(w): the tensor's memory, unless copied
+        for source in sources:
+            storage = source.untyped_storage()
+            if source.device.type == "cpu" and storage.data_ptr() <= value.ctypes.data < storage.data_ptr() + storage.nbytes():
+                value.flags.writeable = False
     elif type(value) is tuple:  # w.unbind(), w.split(...): views
         return tuple(_read_only_where_shared(item, sources) for item in value)
     return value
