@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,6 +172,28 @@ def load_checkpoint(path: Path) -> dict:
 
 
 @contextlib.contextmanager
+def ctrl_c_between_batches():
+    """For the duration: Ctrl-C (SIGINT) is taken between two batches; yields the list of signals received.
+
+    Python raises ``KeyboardInterrupt`` wherever the signal lands, and where that is a callback
+    run by the garbage collector, the exception is printed and dropped and the run goes on. So,
+    in the main thread and where SIGINT has a Python handler (Python's own, or the one Brian2
+    installs when imported; not where it is ignored, as in a sweep's workers), that handler is
+    replaced for the duration by one that only notes the signal, and the training loop raises
+    ``KeyboardInterrupt`` after the batch it arrived in (an unfinished epoch is never kept).
+    """
+    received = []
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        yield received
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def full_precision_cudnn():
     """For the duration: cuDNN's deterministic algorithms, no autotuning, and no TF32.
 
@@ -270,53 +294,58 @@ def train(
     bar = tqdm(total=settings.max_epochs, initial=first_epoch - 1, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
     stopped = first_epoch > 1 and (history[-1].epoch - best_epoch >= settings.patience or diverged(history[-1]))
     epoch = first_epoch - 1
-    while not stopped and epoch < settings.max_epochs:
-        epoch += 1
-        epoch_started = time.perf_counter()
-        order = torch.cat([train_index[torch.randperm(len(train_index), generator=generators["order"]).to(device)] for _ in range(copies)])
-        rewarded = torch.zeros((), dtype=torch.float64, device=device)
-        loss = torch.zeros((), dtype=torch.float64, device=device)
-        for batch, start in enumerate(range(0, len(order), settings.batch_size)):
-            index = order[start:start + settings.batch_size]
-            labels = data.train_labels[index]
-            images = data.batch(data.train_images, index, dtype)
-            if augmentation:
-                images = augment(images, augmentation, generators["augment"])
-            trials = net.run_trials(images, labels, record=recorder is not None, check_range=False)
-            rewarded += (trials.action == labels).sum()
-            loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
+    with ctrl_c_between_batches() as interrupted:
+        while not stopped and epoch < settings.max_epochs:
+            epoch += 1
+            epoch_started = time.perf_counter()
+            order = torch.cat([train_index[torch.randperm(len(train_index), generator=generators["order"]).to(device)] for _ in range(copies)])
+            rewarded = torch.zeros((), dtype=torch.float64, device=device)
+            loss = torch.zeros((), dtype=torch.float64, device=device)
+            for batch, start in enumerate(range(0, len(order), settings.batch_size)):
+                index = order[start:start + settings.batch_size]
+                labels = data.train_labels[index]
+                images = data.batch(data.train_images, index, dtype)
+                if augmentation:
+                    images = augment(images, augmentation, generators["augment"])
+                trials = net.run_trials(images, labels, record=recorder is not None, check_range=False)
+                rewarded += (trials.action == labels).sum()
+                loss += trials.loss * len(index) if trials.loss is not None else (trials.delta ** 2).sum() / 2
+                if recorder is not None:
+                    recorder.record_batch(epoch, batch, index, labels, trials)
+                if interrupted:
+                    raise KeyboardInterrupt
+            validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
+            metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started, net.learning_rate)
+            history.append(metrics)
+            if validation > best_accuracy:
+                best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
+            stopped = epoch - best_epoch >= settings.patience or diverged(metrics)
+            # Decided also at the stop, so that the checkpoint holds the rate with which a longer
+            # patience would go on.
+            if settings.lr_decay_factor < 1 and epoch - max(best_epoch, last_decay) >= settings.lr_decay_patience:
+                net.learning_rate *= settings.lr_decay_factor
+                last_decay = epoch
             if recorder is not None:
-                recorder.record_batch(epoch, batch, index, labels, trials)
-        validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
-        metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started, net.learning_rate)
-        history.append(metrics)
-        if validation > best_accuracy:
-            best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
-        stopped = epoch - best_epoch >= settings.patience or diverged(metrics)
-        # Decided also at the stop, so that the checkpoint holds the rate with which a longer
-        # patience would go on.
-        if settings.lr_decay_factor < 1 and epoch - max(best_epoch, last_decay) >= settings.lr_decay_patience:
-            net.learning_rate *= settings.lr_decay_factor
-            last_decay = epoch
-        if recorder is not None:
-            recorder.write_epoch(epoch, metrics)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "epoch": epoch, "weights": net.weights(), "best_weights": best_weights, "best_accuracy": best_accuracy,
-                "best_epoch": best_epoch, "history": [asdict(m) for m in history],
-                "rng": {name: g.get_state() for name, g in generators.items()},
-                "learning_rate": net.learning_rate, "last_decay": last_decay, "trials_run": net.trials_run,
-                "seconds": elapsed + time.perf_counter() - started,
-            })
-        bar.update()
-        bar.set_postfix(reward_p=f"{metrics.reward_probability:.3f}", val_acc=f"{validation:.4f}")
-        if log is not None:
-            log(
-                f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
-                f"val_acc={validation:.4f}  lr={metrics.learning_rate:.3g}  time={metrics.seconds:.2f}s"
-            )
-            if diverged(metrics):
-                log(f"epoch {epoch}: the training loss is not finite: the network has diverged, so the run stops here (a lower learning rate may help)")
+                recorder.write_epoch(epoch, metrics)
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, {
+                    "epoch": epoch, "weights": net.weights(), "best_weights": best_weights, "best_accuracy": best_accuracy,
+                    "best_epoch": best_epoch, "history": [asdict(m) for m in history],
+                    "rng": {name: g.get_state() for name, g in generators.items()},
+                    "learning_rate": net.learning_rate, "last_decay": last_decay, "trials_run": net.trials_run,
+                    "seconds": elapsed + time.perf_counter() - started,
+                })
+            bar.update()
+            bar.set_postfix(reward_p=f"{metrics.reward_probability:.3f}", val_acc=f"{validation:.4f}")
+            if log is not None:
+                log(
+                    f"epoch {epoch:3d}  reward_p={metrics.reward_probability:.4f}  loss={metrics.train_loss:.4f}  "
+                    f"val_acc={validation:.4f}  lr={metrics.learning_rate:.3g}  time={metrics.seconds:.2f}s"
+                )
+                if diverged(metrics):
+                    log(f"epoch {epoch}: the training loss is not finite: the network has diverged, so the run stops here (a lower learning rate may help)")
+            if interrupted:  # arrived while the epoch was validated and saved
+                raise KeyboardInterrupt
     bar.close()
     net.load_weights(best_weights)
     test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)

@@ -1,4 +1,4 @@
-"""An independent, loop-based forward pass used as the oracle in tests.
+"""An independent forward pass used as the oracle in tests.
 
 It shares no code with the backends: convolutions use ``torch.nn.functional.conv2d`` and the
 locally connected layer is a Python loop over output positions.

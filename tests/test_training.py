@@ -3,6 +3,9 @@ of the learning rate, and resuming from a checkpoint."""
 
 import dataclasses
 import math
+import os
+import signal
+import weakref
 
 import h5py
 import pytest
@@ -186,3 +189,26 @@ def test_a_diverged_run_stops_unconverged_at_the_first_epoch_with_a_non_finite_l
     assert lines[-1] == f"epoch {result.epochs}: the training loss is not finite: the network has diverged, so the run stops here (a lower learning rate may help)"
     resumed = train(description, load_dataset("digits"), dataclasses.replace(SETTINGS, patience=50), progress=False, log=None, resume=load_checkpoint(tmp_path / "checkpoint.pt"))
     assert (resumed.epochs, resumed.converged) == (result.epochs, False), "a diverged run stays stopped"
+
+
+def test_ctrl_c_during_training_is_taken_between_batches_even_inside_a_collector_callback(monkeypatch, tmp_path):
+    # Python's own handler would raise KeyboardInterrupt inside the callback, where it is dropped.
+    real = training.accuracy
+
+    def accuracy(net, data, images, labels, batch_size):
+        if len(labels) == SETTINGS.validation_size and len(validations) == 1:  # in epoch 2
+            weakref.finalize(Marker(), os.kill, os.getpid(), signal.SIGINT)  # runs as the marker dies
+        validations.append(len(labels))
+        return real(net, data, images, labels, batch_size)
+
+    validations = []
+    monkeypatch.setattr(training, "accuracy", accuracy)
+    before = signal.getsignal(signal.SIGINT)  # Python's own, or Brian2's once another test imported it
+    with pytest.raises(KeyboardInterrupt):
+        train(DESCRIPTION, load_dataset("digits"), SETTINGS, progress=False, log=None, checkpoint=tmp_path / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2, "epoch 2 finished and was kept; no later epoch ran"
+    assert signal.getsignal(signal.SIGINT) is before, "the handler in place before is back"
+
+
+class Marker:
+    """An object that dies as soon as it is made (nothing refers to it)."""
