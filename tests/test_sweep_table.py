@@ -471,3 +471,44 @@ def test_the_table_lists_diverged_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| digits | linear | none | – | – | – | – | – | 0/1, 0/0 |" in out
     assert "1 diverged run(s), counted as not converged and left out of the accuracies and epochs (a lower learning rate may help): runs/hot/run.h5" in out
+
+
+def test_local_runs_share_only_the_cores_this_process_may_use(sweep_file, monkeypatch):
+    planned = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # as under taskset -c 0-3
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(sweep_module, "plan", lambda sweep, out, device, data_dir, threads: planned.append(threads) or ([], []))
+    run_sweep(load_sweep(sweep_file), jobs=2, log=lambda line: None)
+    run_sweep(load_sweep(sweep_file), jobs=8, log=lambda line: None)
+    assert planned == [2, 1]
+
+
+class FakeSlurmExecutor:
+    """Records the parameters a SLURM submission would get; runs nothing."""
+
+    cluster = "slurm"
+
+    def __init__(self):
+        self.parameters = {}
+
+    def update_parameters(self, **parameters):
+        self.parameters.update(parameters)
+
+    def map_array(self, function, tasks):
+        return []
+
+
+@pytest.mark.parametrize("jobs, table, expected", [
+    (None, {}, 4),  # every run at once: SLURM schedules them
+    (3, {}, 3),
+    (None, {"slurm_array_parallelism": 2}, None),  # the table's own, set with the other parameters
+    (None, {"array_parallelism": 2}, None),  # submitit's older name for it
+])
+def test_slurm_array_parallelism(sweep_file, jobs, table, expected):
+    executor = FakeSlurmExecutor()
+    sweep = load_sweep(sweep_file)
+    sweep = sweep_module.Sweep(sweep.name, sweep.experiments, sweep.seeds, sweep.out, table, sweep.source)
+    tasks, _ = plan(sweep, "runs")
+    assert len(tasks) == 4
+    assert list(sweep_module._run_submitit(executor, tasks, jobs, sweep)) == []
+    assert executor.parameters.get("slurm_array_parallelism") == expected
