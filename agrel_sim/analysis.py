@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION
+from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS
 from agrel_sim.runs import RUN_FILE, changed_settings, settings_of, shown, top_setting
 from agrel_sim.table import row_key
 
@@ -29,6 +29,18 @@ class IncompleteRunWarning(UserWarning):
 
 class OlderRunFileWarning(UserWarning):
     """A run file of an older layout that records something differently (the message says what)."""
+
+
+_DAMAGED = "the run file is damaged: train the run again in a new folder, or move it out of the folder to analyse the others"
+
+
+def _read(group: h5py.Group, name: str, index=()) -> np.ndarray:
+    """``group[name][index]``, or a :class:`RunFileError` naming the file and the dataset where
+    the dataset is missing or its data cannot be read (a damaged chunk)."""
+    try:
+        return group[name][index]
+    except (KeyError, OSError) as error:
+        raise RunFileError(f"{group.file.filename}: cannot read {group.name}/{name} ({error}); {_DAMAGED}") from None
 
 
 @dataclass
@@ -55,13 +67,13 @@ class Run:
     def trials(self) -> dict[str, np.ndarray]:
         """The logged trials: epoch, batch, image, label, action, reward, delta, q."""
         with h5py.File(self.path, "r") as handle:
-            return {name: handle["trials"][name][:] for name in handle["trials"]}
+            return {name: _read(handle["trials"], name) for name in (*TRIAL_FIELDS, "q")}
 
     def layer(self, name: str) -> dict[str, np.ndarray]:
         """Traces of one layer for the logged trials: units, ff, fb, gate; and its ``shape``."""
         with h5py.File(self.path, "r") as handle:
             group = handle["layers"][name]
-            return {**{key: group[key][:] for key in group}, "shape": tuple(group.attrs["shape"])}
+            return {**{key: _read(group, key) for key in ("units", "ff", "fb", "gate")}, "shape": tuple(group.attrs["shape"])}
 
     @property
     def has_timecourses(self) -> bool:
@@ -74,48 +86,55 @@ class Run:
         with h5py.File(self.path, "r") as handle:
             group = handle["timecourses"]
             return {
-                "t": group["t"][:], "phases": {name: tuple(value) for name, value in group.attrs.items()},
-                "delta": group["delta"][index], "epoch": int(group["epoch"][index]), "trial": int(group["trial"][index]),
-                "populations": {name: {field: group[name][field][index] for field in ("ff", "fb", "gate")} for name in group if isinstance(group[name], h5py.Group)},
+                "t": _read(group, "t"), "phases": {name: tuple(value) for name, value in group.attrs.items()},
+                "delta": _read(group, "delta", index), "epoch": int(_read(group, "epoch", index)), "trial": int(_read(group, "trial", index)),
+                "populations": {name: {field: _read(group[name], field, index) for field in ("ff", "fb", "gate")} for name in group if isinstance(group[name], h5py.Group)},
             }
 
     def gating(self) -> dict[str, dict[str, np.ndarray]]:
         """Per-batch gating summaries: ``{"epoch": ..., "batch": ..., layer: {field: ...}}``."""
         with h5py.File(self.path, "r") as handle:
             group = handle["gating"]
-            out = {"epoch": group["epoch"][:], "batch": group["batch"][:]}
+            out = {"epoch": _read(group, "epoch"), "batch": _read(group, "batch")}
             for name in group:
                 if isinstance(group[name], h5py.Group):
-                    out[name] = {field: group[name][field][:] for field in GATING_FIELDS}
+                    out[name] = {field: _read(group[name], field) for field in GATING_FIELDS}
             return out
 
 
 def load_run(path: str | Path) -> Run:
     """Open a run file, checking that it is one and that its layout is not newer than this code's.
 
-    An incomplete run is loaded with an :class:`IncompleteRunWarning`.
+    An incomplete run is loaded with an :class:`IncompleteRunWarning`. A file that cannot be
+    read, or lacks a record that every run file has, raises :class:`RunFileError` naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise RunFileError(f"{path}: no such run file")
-    if not h5py.is_hdf5(path):
-        raise RunFileError(f"{path}: not an HDF5 file, so not a run file of agrel-sim")
     try:
+        if not h5py.is_hdf5(path):
+            raise RunFileError(f"{path}: not an HDF5 file, so not a run file of agrel-sim")
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
             if "layout_version" not in attrs or "epochs" not in handle:
                 raise RunFileError(f"{path}: an HDF5 file, but not a run file of agrel-sim (no layout_version)")
-            version = int(attrs["layout_version"])
+            version = _attribute(path, attrs, "layout_version", int)
             if version > LAYOUT_VERSION:
                 raise RunFileError(
                     f"{path}: written with run-file layout version {version}, newer than the {LAYOUT_VERSION} "
                     "this agrel-sim reads; upgrade agrel-sim to analyse it"
                 )
-            epochs = {name: handle["epochs"][name][:] for name in EPOCH_FIELDS if name in handle["epochs"]}
+            records = [f"/epochs/{name}" for name in EPOCH_FIELDS if version > 1 or name != "learning_rate"] + ["/trials", "/layers", "/gating"]
+            missing = [f"the attribute {name}" for name in ("config", "seed", "rule", "backend") if name not in attrs]
+            missing += [name for name in records if name not in handle]
+            if missing:
+                raise RunFileError(f"{path}: a run file that lacks {', '.join(missing)}; {_DAMAGED}")
+            config = _attribute(path, attrs, "config", json.loads)
+            seed = _attribute(path, attrs, "seed", int)
+            epochs = {name: _read(handle["epochs"], name) for name in EPOCH_FIELDS if name in handle["epochs"]}
             if version == 1:  # before learning-rate schedules: the rule's constant learning rate
-                rate = json.loads(attrs["config"])["model"]["rule"]["learning_rate"]
-                epochs["learning_rate"] = np.full(len(epochs["epoch"]), rate)
-            if version < 3 and any(layer["kind"] == "dropout" for layer in json.loads(attrs["config"])["model"]["layers"]):
+                epochs["learning_rate"] = np.full(len(epochs["epoch"]), config["model"]["rule"]["learning_rate"])
+            if version < 3 and any(layer["kind"] == "dropout" for layer in config["model"]["layers"]):
                 warnings.warn(
                     f"{path}: run-file layout version {version}: the gates recorded for layers below dropout layers show "
                     "ff activity only (a dropped column reads open); train the run again with this agrel-sim to analyse them",
@@ -123,6 +142,8 @@ def load_run(path: str | Path) -> Run:
                     stacklevel=2,
                 )
             result = dict(handle["result"].attrs) if "result" in handle else None
+    except PermissionError:
+        raise RunFileError(f"{path}: no permission to read this run file; make it readable, or move it out of the folder to analyse the others") from None
     except OSError as error:
         raise RunFileError(f"{path}: cannot be read as a run file ({error})") from None
     complete = bool(attrs.get("complete", False))
@@ -133,7 +154,16 @@ def load_run(path: str | Path) -> Run:
             IncompleteRunWarning,
             stacklevel=2,
         )
-    return Run(path, json.loads(attrs["config"]), int(attrs["seed"]), str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result)
+    return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result)
+
+
+def _attribute(path: Path, attrs: dict, name: str, convert):
+    """The run file's attribute ``name`` through ``convert`` (``int``, ``json.loads``), or a
+    :class:`RunFileError` naming the file and the attribute."""
+    try:
+        return convert(attrs[name])
+    except (TypeError, ValueError) as error:
+        raise RunFileError(f"{path}: bad {name} attribute ({error}); {_DAMAGED}") from None
 
 
 def load_runs(path: str | Path) -> list[Run]:
@@ -224,11 +254,12 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
 
     For DeepAGREL the share of rewarded training trials, for EBP one minus the training error
     (the share of correct greedy choices). Runs stop at different epochs: each epoch averages
-    the runs that reached it (incomplete runs included). Runs are grouped and checked by
-    :func:`table_rows`, so runs of different data sets, networks or settings never share a curve.
+    the runs that reached it (incomplete runs included; runs that finished no epoch add nothing).
+    Runs are grouped and checked by :func:`table_rows`, so runs of different data sets, networks
+    or settings never share a curve.
     """
     curves = {}
-    for row, rules in sorted(table_rows(runs).items()):
+    for row, rules in sorted(table_rows([run for run in runs if len(run.epochs["epoch"])]).items()):
         curves[row] = {}
         for rule, group in sorted(rules.items()):
             series = [run.epochs["reward_probability"] for run in group]
@@ -263,9 +294,12 @@ def gating_by_epoch(run: Run) -> dict[str, dict[str, np.ndarray]]:
 
 
 def gating_by_outcome(run: Run) -> dict[str, dict[str, float]]:
-    """Per layer, open-gate fraction and mean |fb| of the logged trials, rewarded against not."""
+    """Per layer, open-gate fraction and mean |fb| of the logged trials, rewarded against not;
+    empty for a run that logged no trials (killed in its first epoch)."""
     trials = run.trials()
     rewarded = trials["action"] == trials["label"]
+    if not len(rewarded):
+        return {}
     out = {}
     for name in run.layer_names:
         layer = run.layer(name)
@@ -291,11 +325,14 @@ def summary(run: Run) -> str:
     ]
     if run.result is not None:
         r = run.result
-        lines.append(f"  result: test_acc={r['test_accuracy']:.4f} best_epoch={r['best_epoch']} epochs={r['epochs']} converged={bool(r['converged'])} time={r['seconds']:.1f}s")
+        diverged = " diverged=True" if r.get("diverged", False) else ""
+        lines.append(f"  result: test_acc={r['test_accuracy']:.4f} best_epoch={r['best_epoch']} epochs={r['epochs']} converged={bool(r['converged'])}{diverged} time={r['seconds']:.1f}s")
     trials = run.trials()
     if len(trials["delta"]):
         rpe = "no RPE (EBP)" if np.isnan(trials["delta"]).all() else f"RPE mean {np.nanmean(trials['delta']):+.4f}"
         lines.append(f"  logged trials: {len(trials['delta'])}; {rpe}, rewarded {np.mean(trials['action'] == trials['label']):.3f}")
+    else:
+        lines.append("  logged trials: none")
     return "\n".join(lines)
 
 
@@ -317,12 +354,15 @@ def plot_reward_curves(runs: list[Run], path: Path) -> Path:
     """Figure 3: reward probability per epoch, mean ± 2σ over runs, per rule; a panel per Table 1 row."""
     plt = _pyplot()
     curves = reward_curves(runs)
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    panels = max(1, len(curves))
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    if not curves:
+        axes[0, 0].text(0.5, 0.5, "no run has finished an epoch", ha="center", transform=axes[0, 0].transAxes)
     for ax, (row, rules) in zip(axes[0], curves.items()):
         for rule, curve in rules.items():
-            ax.plot(curve["epoch"], curve["mean"], label=f"{LABELS.get(rule, rule)} (n={int(curve['runs'][0])})")
+            ax.plot(curve["epoch"], curve["mean"], marker="o", markersize=3, label=f"{LABELS.get(rule, rule)} (n={int(curve['runs'][0])})")
             ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)
-        ax.set(xlabel="epoch", ylabel="probability", title=f"{row_label(row)}: reward probability (mean ± 2σ)", ylim=(0, 1.01))
+        ax.set(xlabel="epoch", ylabel="reward probability (mean ± 2σ)", title=row_label(row), ylim=(0, 1.01))
         ax.legend(loc="lower right")
     return _save(fig, path)
 
@@ -334,7 +374,7 @@ def plot_gating(run: Run, path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for name, values in stats.items():
         for ax, field in zip(axes, GATING_FIELDS):
-            ax.plot(values["epoch"], values[field], label=name)
+            ax.plot(values["epoch"], values[field], marker="o", markersize=3, label=name)
     for ax, title in zip(axes, ("fraction of open gates", "mean |feedback|", "fraction of synapses changed per batch")):
         ax.set(xlabel="epoch", title=title)
     axes[0].legend(fontsize=7)
@@ -347,7 +387,9 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
     plt = _pyplot()
     trials = run.trials()
     fig, ax = plt.subplots(figsize=(6, 4))
-    if np.all(np.isnan(trials["delta"])):
+    if not len(trials["delta"]):
+        ax.text(0.5, 0.5, "no logged trials", ha="center", transform=ax.transAxes)
+    elif np.all(np.isnan(trials["delta"])):
         ax.text(0.5, 0.5, "no RPE: this rule has none (EBP)", ha="center", transform=ax.transAxes)
     else:
         last = trials["epoch"].max()
@@ -371,7 +413,14 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
         layer = run.layer(name)
         for col, field in enumerate(("ff", "fb", "gate")):
             data = layer[field][-count:] if count else np.zeros((1, len(layer["units"])))
-            axes[row, col].imshow(data, aspect="auto", interpolation="nearest", cmap="viridis" if field != "fb" else "coolwarm")
+            reach = (float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0) or 1.0
+            scale = {
+                "ff": dict(cmap="viridis"),
+                "fb": dict(cmap="coolwarm", vmin=-reach, vmax=reach),  # white at zero
+                "gate": dict(cmap="gray", vmin=0, vmax=1),  # black closed, white open, in every layer
+            }[field]
+            image = axes[row, col].imshow(data, aspect="auto", interpolation="nearest", **scale)
+            fig.colorbar(image, ax=axes[row, col], fraction=0.05, pad=0.02)
             axes[row, col].set_yticks(range(len(data)))
             axes[row, col].set_yticklabels([f"a={a} l={l}" for a, l in zip(logged["action"][-count:], logged["label"][-count:])] if count else [""], fontsize=6)
             axes[row, col].set_xticks([])
@@ -418,13 +467,17 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    except OSError as error:
+        raise ValueError(f"{path.parent}: cannot write the figures in this folder ({error.strerror or error}); give a writable folder with --out") from None
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, analyze, load_runs, table1_records
@@ -153,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # bad input: configuration, data, devices, run files
             print(f"agrel-sim: error: {error}", file=sys.stderr)
             return 2
+        except (MemoryError, RuntimeError) as error:
+            # torch's CPU allocator raises a plain RuntimeError with this text (CUDA's is torch.cuda.OutOfMemoryError)
+            if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+                raise
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            print(
+                f"agrel-sim: error: out of memory ({detail}); check the layer sizes of the model, or lower"
+                " training.batch_size or training.eval_batch_size; every finished epoch is kept",
+                file=sys.stderr,
+            )
+            return 1
         except KeyboardInterrupt:
             print("agrel-sim: interrupted; every finished epoch is kept: `agrel-sim train ... --resume` (a run) or the same `agrel-sim sweep` command (a sweep) goes on from there", file=sys.stderr)
             return 130  # the shell's status for a process ended by Ctrl-C

@@ -42,6 +42,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the file ({error.strerror}); check its permissions") from None
 
 
 def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) -> Path:
@@ -59,10 +61,15 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) ->
     """
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.is_file():
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; give the path of a {kind} file (.toml)")
         if not path.is_file():
             raise ConfigError(f"{path}: {kind} file not found")
         return path
     folders = [Path(p) for p in os.environ.get(env_var, "").split(os.pathsep) if p]
+    for folder in folders:  # a misspelt folder would otherwise let a file of the same name elsewhere be used
+        if not folder.is_dir():
+            raise ConfigError(f"{env_var}: {folder} is not a folder; set {env_var} to folders of {kind} files, separated by {os.pathsep!r}")
     folders += [Path.cwd() / f"{kind}s", Path(__file__).resolve().parent.parent / f"{kind}s"]
     tried = [folder / f"{name_or_path}.toml" for folder in folders]
     for candidate in tried:
@@ -117,7 +124,10 @@ class Fields:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # TOML integers are acceptable where a float is expected; booleans are never numbers.
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise self.error(key, f"expected a finite number, got an integer of {len(str(abs(value)))} digits") from None
         if isinstance(value, bool) and bool not in kinds:
             ok = False
         elif isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan; no setting takes them

@@ -163,6 +163,8 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
+    except PermissionError:
+        raise DatasetError(f"{path}: no permission to read this file; check its permissions") from None
     except (OSError, EOFError, zlib.error) as error:
         raise DatasetError(f"{path}: cannot read ({error}); the file is damaged: obtain it again. {MNIST_HOW}") from None
     expected_magic = 0x0800 + ndim
@@ -238,6 +240,8 @@ def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> 
     try:
         with open(path, "rb") as handle:
             batch = ArrayUnpickler(handle, encoding="bytes").load()
+    except PermissionError:
+        raise DatasetError(f"{path}: no permission to read this file; check its permissions") from None
     except Exception as error:  # a damaged or foreign pickle can raise almost anything (ImportError, AttributeError, ...)
         raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged or not one of the data set's: obtain it again. {how}") from None
     if isinstance(batch, dict):  # the official release has bytes keys, pickles made by Python 3 str keys

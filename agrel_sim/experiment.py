@@ -84,13 +84,18 @@ class Experiment:
         """Build an experiment from plain data (a parsed TOML file), checking every field."""
         if isinstance(table, dict) and "experiments" in table:
             raise ConfigError(f"{source}: a sweep file (it lists experiments): run it with `agrel-sim sweep`")
+        if isinstance(table, dict) and "model" not in table and "layers" in table:
+            raise ConfigError(f"{source}: a model file (it lists layers): give an experiment, which names its model and data set")
         top = Fields(table, source)
         name = top.get("name", str, default=Path(source).stem)
         model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")
         if isinstance(model_entry, dict):
             model = ColumnNetwork.from_dict({"name": name, **model_entry}, f"{source}: model")
         else:
-            model = load_model(_relative_to(model_entry, source))
+            try:
+                model = load_model(_relative_to(model_entry, source))
+            except ConfigError as error:
+                raise ConfigError(f"{source}: model: {error}") from None
         overrides = {key: top.get(key, dict, default={}, hint=f"a table of fields of the model's [{key}]") for key in MODEL_OVERRIDES}
         if any(overrides.values()):  # checked field by field as part of the model, named as in this file
             described = model.to_dict()

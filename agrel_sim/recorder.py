@@ -12,7 +12,8 @@ chunked and compressed with gzip and shuffle)::
     /trials/<field>           (trials,)   epoch, batch, image (index into the training set),
                                           label, action, reward, delta; q: (trials, actions)
     /layers/<layer>/          attrs: shape (the layer's column sheet)
-        units                 (units,)    flat indices of the sampled columns
+        units                 (units,)    flat indices of the sampled columns (a dropout
+                                          layer: those of the layer below it)
         ff, fb                (trials, units) float32 activity of the ff / fb neurons (fb: NaN
                                           for EBP, which has none)
         gate                  (trials, units) uint8, 1 where the column's gate was open
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from agrel_sim.config import is_count
+from agrel_sim.network import Dropout
 
 # 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
 # learning used (active and kept); version 2 recorded its ff activity alone (y > 0) there.
@@ -165,14 +167,20 @@ class RunFile:
         """Edit a copy of the run file and replace the file with it: at no moment is the run
         file itself half written, wherever the process is killed."""
         partial = self.path.with_name(self.path.name + ".partial")
-        if not create:
-            shutil.copyfile(self.path, partial)
-        with h5py.File(partial, "w" if create else "a") as self.file:
-            yield
-        self.file = None
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, self.path)
+        try:
+            if not create:
+                shutil.copyfile(self.path, partial)
+            with h5py.File(partial, "w" if create else "a") as self.file:
+                yield
+            self.file = None
+            with open(partial, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(partial, self.path)
+        except OSError as error:  # no permission, a full or read-only disk
+            raise ValueError(
+                f"{self.path}: cannot write the run file ({error}); make the run folder writable or free space,"
+                " then train again with --resume, which keeps the epochs already written"
+            ) from None
 
     def _create(self, net, config: dict, seed: int) -> None:
         from agrel_sim import __version__
@@ -197,9 +205,11 @@ class RunFile:
         _growing(gating, "batch", "i4")
         layers = self.file.create_group("layers")
         pick = torch.Generator().manual_seed(seed)
-        for layer, shape in zip(net.layers, net.description.layer_shapes()[1:]):
+        units = None
+        for layer, shape, kind in zip(net.layers, net.description.layer_shapes()[1:], [*net.description.layers, None]):
             size = int(np.prod(shape))
-            units = torch.arange(size) if size <= self.settings.max_units else torch.randperm(size, generator=pick)[: self.settings.max_units].sort().values
+            if not isinstance(kind, Dropout):  # a dropout layer's record shows the columns of the layer below it
+                units = torch.arange(size) if size <= self.settings.max_units else torch.randperm(size, generator=pick)[: self.settings.max_units].sort().values
             group = layers.create_group(layer.name)
             group.attrs["shape"] = list(shape)
             group.create_dataset("units", data=units.numpy().astype(np.int64))

@@ -79,7 +79,11 @@ def locked(folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, no permission, a read-only disk
         raise ValueError(f"{folder}: cannot make the run folder ({error.strerror}); choose another --out") from None
-    with open(folder / LOCK_FILE, "w") as lock:
+    try:
+        lock = open(folder / LOCK_FILE, "w")
+    except OSError as error:
+        raise ValueError(f"{folder}: cannot write in the run folder ({error.strerror}); make it writable or choose another --out") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -204,13 +208,24 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     return bool(raised)
 
 
-def recorded_epochs(path: Path) -> int:
-    """How many epochs the run file records (0 for a run file that cannot be read)."""
+def check_readable(path: Path) -> None:
+    """Raise unless ``path`` opens as an HDF5 file, so that a run file that cannot be read now
+    (no permission, held open for writing by another program, damaged) is never taken for one
+    with nothing in it and overwritten."""
     try:
-        with h5py.File(path, "r") as handle:
-            return int(handle["epochs"]["epoch"].shape[0])
-    except (OSError, KeyError):
-        return 0
+        with h5py.File(path, "r"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{path}: cannot read this run file ({error}); check its permissions and that no other program holds it open,"
+            " or, if it is damaged, move the run folder away and train again"
+        ) from None
+
+
+def recorded_epochs(path: Path) -> int:
+    """How many epochs the run file records (0 for an HDF5 file that records none)."""
+    with h5py.File(path, "r") as handle:
+        return int(handle["epochs"]["epoch"].shape[0]) if "epochs/epoch" in handle else 0
 
 
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:
@@ -239,6 +254,8 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
     if not path.exists() and not checkpoint.is_file():
         return "start", None
+    if path.exists():
+        check_readable(path)
     if is_complete(folder):
         if not check_same_run(path, config, seed, ignore=("source", "device", "logging"), resuming=False):
             return "finished", None
@@ -290,9 +307,13 @@ def run_experiment(
         run_file, checkpoint, state = None, None, None
         if folder is not None:
             path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
-            if not resume and path.exists():
-                raise ValueError(f"{path}: a run file exists already; pass --resume to continue it, or choose another --out")
+            if not resume:
+                for existing, what in ((path, "run file"), (checkpoint, "checkpoint")):
+                    if existing.exists():
+                        raise ValueError(f"{existing}: a {what} exists already; pass --resume to continue the run, or choose another --out")
         data = load_dataset(experiment.dataset, data_dir)
+        if log is not None:  # a short or padded copy of a data set shows here
+            log(f"data {data.name}: {len(data.train_labels):,} training images ({experiment.training.validation_size:,} of them for validation), {len(data.test_labels):,} test images")
         try:
             check_fits(experiment.model, data, experiment.training)
         except ValueError as error:

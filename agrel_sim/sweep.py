@@ -20,6 +20,8 @@ stops the sweep with an error that names them, before anything runs.
 
 Locally, each run has a process of its own: a run whose process crashes or is killed fails
 alone, and Ctrl-C ends every run in progress (each keeps its finished epochs) and starts no other.
+Through submitit, a job that reaches its time limit or is preempted is requeued and its run goes
+on from its checkpoint (see :class:`SubmititRun`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tqdm import tqdm
 
 from agrel_sim.config import ConfigError, Fields, find_named_file, is_count, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
@@ -40,6 +45,7 @@ from agrel_sim.recorder import stored_config
 from agrel_sim.runs import MAX_SEED, check_device, default_run_folder, resume_plan, run_config
 
 EXECUTORS = ("local", "slurm", "submitit-local")
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit-local's time limit per job (submitit's own default is 2 minutes)
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,12 @@ class Sweep:
         entries = top.get("experiments", list, check=lambda v: v and all(isinstance(e, str) for e in v), hint="a non-empty list of experiment names or paths")
         experiments = []
         for index, entry in enumerate(entries):
-            relative = path.parent / entry
-            try:
-                experiments.append(str(relative if entry.endswith(".toml") and relative.is_file() else find_named_file(entry, "experiment", "AGREL_SIM_EXPERIMENTS")))
+            try:  # a path is relative to the sweep file's folder
+                experiments.append(str(find_named_file(path.parent / entry if entry.endswith(".toml") else entry, "experiment", "AGREL_SIM_EXPERIMENTS")))
             except ConfigError as error:
                 raise ConfigError(f"{path}: experiments[{index}]: {error}") from None
         seeds = top.get("seeds", list, check=lambda v: v and all(is_count(s, 0) and s <= MAX_SEED for s in v) and len(set(v)) == len(v), hint=f"a non-empty list of distinct whole-number seeds from 0 to {MAX_SEED}")
-        out = top.get("out", str, default=str(Path("runs") / name))
+        out = top.get("out", str, default=str(Path("runs") / name), check=lambda v: v.strip() != "", hint="a folder for the runs")
         slurm = top.get("slurm", dict, default={})
         top.finish()
         return cls(name, tuple(experiments), tuple(seeds), out, slurm, str(path))
@@ -101,6 +106,53 @@ def execute(task: RunTask) -> str:
     experiment = load_experiment(task.experiment_path)
     result = run_experiment(experiment, task.seed, task.folder, device=task.device, data_dir=task.data_dir, resume=True, progress=False, log=None)
     return f"{experiment.name} seed={task.seed}: {result.summary()}"
+
+
+class SubmititRun:
+    """:func:`execute` as a submitit job that is requeued, not failed, when its time runs out.
+
+    SLURM signals a job (USR2) ``signal_delay_s`` before its time limit and when it preempts
+    it, and so does submitit's local executor 30 s before its ``timeout_min``. submitit's own
+    handler of that signal checkpoints the job (:meth:`checkpoint`) and requeues it, up to 3
+    times for a time limit (submitit's ``max_num_timeout``); the requeued job resumes the run
+    from its folder's last checkpoint. This is the protocol of submitit's
+    ``helpers.Checkpointable``, written out so that this module imports without submitit.
+    """
+
+    def __call__(self, task: RunTask) -> tuple[bool, str]:
+        """Run the task and return ``(ok, line)``, as a process of :func:`_run_processes` sends it.
+
+        submitit's handler would requeue by raising ``SystemExit`` wherever the signal lands,
+        and where that is a callback of the garbage collector, Python prints and drops it and
+        the run goes on until the job is killed, unrequeued. So the signal stops the run as
+        Ctrl-C does, after the batch at hand, and submitit's handler runs then. A failure of the
+        run, or submitit's refusal to requeue a job that timed out too often, comes back as its
+        line, not as a job traceback.
+        """
+        from submitit import JobEnvironment
+
+        timeout_signal = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")
+        requeue = signal.getsignal(timeout_signal)
+        received = []
+
+        def stop(signum, frame):
+            received.append(signum)
+            signal.raise_signal(signal.SIGINT)
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the job's parent ignored it
+        signal.signal(timeout_signal, stop)
+        try:
+            return _outcome(lambda: execute(task))
+        except KeyboardInterrupt:
+            if not received:  # a cancelled job
+                raise
+            return _outcome(lambda: requeue(received[0], None))  # exits to be requeued, or raises
+
+    def checkpoint(self, task: RunTask):
+        """The submission that requeues this job: the same task, which resumes the run."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, task)
 
 
 def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=None, threads: int = 1) -> tuple[list[RunTask], list[Path]]:
@@ -143,14 +195,17 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
         ``slurm.slurm_array_parallelism``, or all of them, leaving the scheduling to SLURM).
     executor : {"local", "slurm", "submitit-local"}
         A process per run on this machine; submitit on SLURM; submitit's local executor (the
-        SLURM code path run on this machine). The submitit executors take the parameters of
-        the sweep file's ``[slurm]`` table, checked before anything runs.
+        SLURM code path run on this machine, its jobs given :data:`LOCAL_TIMEOUT_MIN` unless
+        the table sets a limit). The submitit executors take the parameters of the sweep file's
+        ``[slurm]`` table, checked before anything runs, and requeue a job out of time
+        (:class:`SubmititRun`).
 
     Returns
     -------
     list of str
-        For each run that failed (an error, or a process that crashed or was killed), how it
-        ended; the other runs go on regardless.
+        For each run that failed (an error, a process that crashed or was killed, or a
+        submitit job that ended without the run's outcome), how it ended, in one line; the
+        other runs go on regardless.
 
     Raises
     ------
@@ -233,6 +288,10 @@ def _run_processes(function: Callable, tasks: list, jobs: int) -> Iterator[tuple
 def _work(function: Callable, task, connection) -> None:
     """The body of a process of :func:`_run_processes`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
+    # tqdm would guard its bars with a multiprocessing lock: in a spawned process, a named semaphore
+    # that the parent's resource tracker reports as leaked at exit when this process is killed.
+    # No other process writes this one's bars, so a thread lock does.
+    tqdm.set_lock(threading.RLock())
     connection.send(_outcome(lambda: function(task)))
 
 
@@ -257,8 +316,8 @@ def _submitit_executor(executor: str, out: Path, sweep: Sweep):
         runner = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster="slurm" if executor == "slurm" else "local")
     except RuntimeError as error:  # no SLURM on this machine
         raise ValueError(f"executor slurm: {error}; submit the sweep from a machine of the cluster, or use --executor submitit-local") from None
-    if executor == "submitit-local":
-        runner.update_parameters(timeout_min=60)  # the local executor's own default is 2 minutes
+    if executor == "submitit-local":  # no time limit to speak of: the [slurm] table's timeout_min, if any, sets one
+        runner.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
     for key, value in sweep.slurm.items():  # one at a time first, so that an error names its key
         _set_parameters(runner, {key: value}, f"{sweep.source}: slurm.{key}")
     _set_parameters(runner, sweep.slurm, f"{sweep.source}: slurm")  # submitit lets slurm_<key> win over <key> only within one call
@@ -295,7 +354,7 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
         batches = [tasks[start:start + jobs] for start in range(0, len(tasks), jobs)]
     for batch in batches:
         try:
-            submitted = dict(zip(runner.map_array(execute, batch), batch))
+            submitted = dict(zip(runner.map_array(SubmititRun(), batch), batch))
         except (FailedJobError, OSError) as error:  # sbatch refused the jobs, or could not be run
             raise ValueError(
                 f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; check the [slurm] table "
@@ -303,12 +362,26 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
             ) from None
         try:
             for job in as_completed(list(submitted), poll_frequency=1):
-                yield submitted[job], *_outcome(job.result)
+                yield submitted[job], *_job_outcome(job)
         finally:
             if runner.cluster != "slurm":
                 for job in submitted:
                     if not job.done():
                         job.cancel(check=False)
+
+
+def _job_outcome(job) -> tuple[bool, str]:
+    """What a :class:`SubmititRun` job returned, or one line on why it returned nothing, and where its log is."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError, pickle_load
+
+    try:
+        return job.result()
+    except FailedJobError:  # an error around the run: the job could not load it (no agrel_sim there), say
+        _, trace = pickle_load(job.paths.result_pickle)
+        reason = trace.strip().splitlines()[-1]
+    except UncompletedJobError:  # no result at all: killed (out of memory, scancel), timed out unsignalled, ...
+        reason = f"its job ended without a result (job state {job.state})"
+    return False, f"{reason}; its log: {job.paths.stderr}"
 
 
 def _outcome(result) -> tuple[bool, str]:

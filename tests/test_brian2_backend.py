@@ -241,7 +241,9 @@ def test_other_layer_kinds_name_the_backend_and_the_kind(layers, index):
     (dict(tau_fb=-1), r"tau_fb: expected a duration > 0"),
     (dict(dt=2 * brian2.mV), r"dt: expected a duration"),
     (dict(t_rpe="10 ms"), r"t_rpe: expected a duration"),
-    (dict(gate_threshold=-0.1), r"gate_threshold: expected a number >= 0"),
+    (dict(gate_threshold=-0.1), r"gate_threshold: expected a finite number >= 0"),
+    (dict(gate_threshold=True), r"gate_threshold: expected a finite number >= 0, got True"),
+    (dict(gate_threshold=float("inf")), r"gate_threshold: expected a finite number >= 0, got inf"),
     (dict(trace_every=-1), r"trace_every: expected an integer >= 0"),
 ])
 def test_bad_settings_name_the_setting(options, message):

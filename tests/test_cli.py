@@ -7,6 +7,7 @@ import sys
 
 import h5py
 import pytest
+import torch
 
 from agrel_sim.cli import main
 from agrel_sim.experiment import Experiment
@@ -91,7 +92,7 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (("learning_rate = 0.1", "learning_rate = -1.0"), r"tiny\.toml: rule\.learning_rate: expected a number > 0"),
         (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
         (("patience = 2", "patience = 2\nlr_decay_patience = 0"), r"tiny\.toml: training\.lr_decay_patience: expected an integer >= 1"),
-        (('model = "net.toml"', 'model = "nowhere.toml"'), r"nowhere\.toml: model file not found"),
+        (('model = "net.toml"', 'model = "nowhere.toml"'), r"tiny\.toml: model: .*nowhere\.toml: model file not found"),
         (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
         (("[training]", "[neuromodulator]\nreward = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward: unknown field"),
         (("[training]", "[logging]\nevery_batches = 0\n[training]"), r"tiny\.toml: logging\.every_batches: expected an integer >= 1, got 0"),
@@ -103,6 +104,9 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (('dataset = "digits"', 'dataset = "digits"\nbackend_options = {foo = 1}'), r"tiny\.toml: backend_options\.foo: not an option of the torch backend; its options: none"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {seed = 1}'), r"backend_options\.seed: not an option of the brian2 backend \(device, dtype and seed come from the run.*its options: tau_ff, "),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"'), r"tiny\.toml: layers\[0\]: the brian2 backend builds dense column layers only, not layer kind 'conv'"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {gate_threshold = true}'), r"tiny\.toml: backend_options\.gate_threshold: expected a finite number >= 0, got True"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {gate_threshold = inf}'), r"tiny\.toml: backend_options\.gate_threshold: expected a finite number >= 0, got inf"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {t_rpe = 0.3}'), r"tiny\.toml: backend_options\.t_rpe: 0\.3 ms is not a whole number of time steps"),
     ],
 )
 def test_bad_experiment_files_fail_before_training(tmp_path, capsys, change, message):
@@ -119,6 +123,12 @@ def test_an_experiment_file_that_is_not_utf8_is_named(tmp_path, capsys):
     (tmp_path / "tiny.toml").write_bytes(EXPERIMENT.replace('name = "tiny_ebp"', 'name = "caf\xe9"').encode("latin-1"))
     assert main(["train", str(tmp_path / "tiny.toml")]) == 2
     assert re.search(r"tiny\.toml: not valid TOML: TOML files are UTF-8 text, and this one is not .*save it as UTF-8", capsys.readouterr().err)
+
+
+def test_a_model_file_given_as_the_experiment_is_named(tmp_path, capsys):
+    (tmp_path / "net.toml").write_text(MODEL)
+    assert main(["train", str(tmp_path / "net.toml")]) == 2
+    assert "net.toml: a model file (it lists layers): give an experiment, which names its model and data set" in capsys.readouterr().err
 
 
 def test_unknown_experiment_name_lists_the_paths_tried(capsys):
@@ -203,6 +213,53 @@ def test_finished_epochs_without_their_checkpoint_are_never_overwritten(tmp_path
     assert "run.h5: 3 finished epochs but no checkpoint.pt, so the run cannot go on; restore the checkpoint" in capsys.readouterr().err
     with h5py.File(run / "run.h5", "r") as handle:
         assert handle["epochs"]["epoch"][:].tolist() == [1, 2, 3]
+
+
+def test_a_run_file_that_cannot_be_read_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.h5").write_bytes(b"not yet readable")  # no permission, held open, or damaged
+    assert main(["train", "--resume", "--max-epochs", "1", "--out", str(run), "--quiet"]) == 2
+    assert re.search(r"run\.h5: cannot read this run file \(.*\); check its permissions", capsys.readouterr().err)
+    assert (run / "run.h5").read_bytes() == b"not yet readable"
+
+
+def test_a_checkpoint_is_never_overwritten_without_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+    (run / "run.h5").rename(tmp_path / "moved.h5")
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main(["train", "--max-epochs", "1", "--out", str(run), "--quiet"]) == 2
+    assert "checkpoint.pt: a checkpoint exists already; pass --resume to continue the run, or choose another --out" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("blocked, message", [
+    ("run.lock", r"run: cannot write in the run folder \(Is a directory\); make it writable or choose another --out"),
+    ("run.h5.partial", r"run\.h5: cannot write the run file \(.*\); make the run folder writable or free space, then train again with --resume"),
+])
+def test_a_run_folder_that_cannot_be_written_is_named(tmp_path, capsys, blocked, message):
+    (tmp_path / "run" / blocked).mkdir(parents=True)  # root may write anywhere; a folder in the way fails for everyone
+    assert main(["train", "--max-epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 512000000000000 bytes."),
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB."),
+])
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error):
+    raised = [error, RuntimeError("a bug")]
+
+    def run_experiment(*args, **kwargs):
+        raise raised.pop(0)
+
+    monkeypatch.setattr("agrel_sim.cli.run_experiment", run_experiment)
+    assert main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("agrel-sim: error: out of memory (") and "check the layer sizes of the model, or lower training.batch_size" in err
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
+        main(["train"])
 
 
 def test_a_run_is_not_continued_on_another_copy_of_its_data(tmp_path, capsys):

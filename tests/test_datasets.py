@@ -88,6 +88,21 @@ def test_corrupt_gzip_is_reported(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_a_data_file_without_read_permission_is_not_called_damaged(tmp_path, monkeypatch, dataset):
+    if dataset == "mnist":
+        write_mnist(tmp_path, gz=False)
+    else:
+        write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 4 for i in range(1, 6)}, "test_batch": 3}, b"labels", 10)
+
+    def no_permission(path, *args, **kwargs):  # what open() raises for a file of mode 000, except for root
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("agrel_sim.datasets.open", no_permission, raising=False)
+    with pytest.raises(DatasetError, match=r"(ubyte|data_batch_1): no permission to read this file; check its permissions$"):
+        load_dataset(dataset, tmp_path)
+
+
 def test_a_held_out_set_without_images_is_named(tmp_path):
     write_mnist(tmp_path, n_test=0)
     with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz: holds no images"):

@@ -57,6 +57,28 @@ def test_load_by_name_and_by_path(tmp_path, monkeypatch):
         load_model("nope")
 
 
+def test_a_search_folder_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    # A misspelt folder must not let the repository's model of the same name be used instead.
+    monkeypatch.setenv("AGREL_SIM_MODELS", str(tmp_path / "mymodel"))
+    with pytest.raises(ConfigError, match=r"AGREL_SIM_MODELS: .*mymodel is not a folder; set AGREL_SIM_MODELS to folders of model files"):
+        load_model("mnist_fc3")
+
+
+def test_a_folder_or_an_unreadable_file_given_as_a_model_is_named(tmp_path):
+    (tmp_path / "net.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"net\.toml: is a folder; give the path of a model file \(\.toml\)"):
+        load_model(tmp_path / "net.toml")
+    with pytest.raises(ConfigError, match=r"net\.toml: cannot read the file \(Is a directory\); check its permissions"):
+        ColumnNetwork.from_toml(tmp_path / "net.toml")
+
+
+def test_an_integer_too_large_for_a_float_is_named(tmp_path):
+    text = GOOD.replace("learning_rate = 0.1", "learning_rate = 1" + "0" * 400)
+    assert text != GOOD
+    with pytest.raises(ConfigError, match=r"rule\.learning_rate: expected a finite number, got an integer of 401 digits"):
+        ColumnNetwork.from_toml(write(tmp_path, text))
+
+
 def test_every_repository_model_loads_by_name():
     paths = sorted((Path(__file__).parent.parent / "models").glob("*.toml"))
     assert len(paths) >= 14, "the paper's Table 1 networks"

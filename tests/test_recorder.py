@@ -68,6 +68,11 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
             open_fraction = run["gating"][name]["open_fraction"][:]
             assert np.all((open_fraction >= 0) & (open_fraction <= 1))
             assert np.isnan(run["gating"][name]["fb_mean_abs"][:]).all() == (rule == "ebp")
+        # The dropout layer (layers.1, rate 0.2) shows the columns of the layer below, scaled where kept.
+        below, dropout = run["layers"]["layers.0"], run["layers"]["layers.1"]
+        assert np.array_equal(dropout["units"][:], below["units"][:])
+        kept = dropout["ff"][:] != 0
+        np.testing.assert_allclose(dropout["ff"][:], below["ff"][:] * kept / 0.8, rtol=1e-6)
         assert np.isnan(run["gating"]["layers.1"]["changed_fraction"][:]).all(), "dropout has no synapses"
         changed = run["gating"]["layers.2"]["changed_fraction"][:]
         assert np.all((changed > 0) & (changed <= 1))
@@ -432,6 +437,30 @@ def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_activity_maps_share_one_scale_for_gates_and_centre_feedback_on_zero(finished_runs, tmp_path, monkeypatch):
+    from agrel_sim import analysis
+
+    drawn = []
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: drawn.append(fig))
+    analysis.plot_activity_maps(load_run(finished_runs / "deepagrel" / "seed0" / "run.h5"), tmp_path / "activity.png")
+    axes = [ax for ax in drawn[0].axes if ax.images]
+    assert [ax.get_title() for ax in axes[:3]] == ["ff", "fb", "gate"]
+    for ax in axes[1::3]:  # fb
+        low, high = ax.images[0].get_clim()
+        assert low == -high and high > 0
+    assert all(ax.images[0].get_clim() == (0, 1) for ax in axes[2::3]), "a gate reads the same in every layer, the output's (always open) too"
+
+
+def test_the_summary_of_a_diverged_run_says_so(tmp_path):
+    from agrel_sim.analysis import summary
+
+    linear = {"name": "linear", "input_shape": [1, 8, 8], "layers": [], "output": {"actions": 10}, "rule": {"learning_rate": 1000.0, "init_range": 0.1}}
+    hot = Experiment.from_dict({"name": "hot", "model": linear, "dataset": "digits", "training": {"batch_size": 50, "validation_size": 300}}, "<test>")
+    result = run_experiment(hot, seed=0, out=tmp_path, log=None)
+    assert result.diverged
+    assert re.search(r"result: test_acc=.* converged=False diverged=True time=", summary(load_run(tmp_path / "run.h5")))
+
+
 def test_reward_curves_and_gating_statistics(finished_runs, tmp_path):
     from agrel_sim.analysis import gating_by_epoch, gating_by_outcome, reward_curves
 
@@ -500,6 +529,135 @@ def test_bad_run_files_get_clear_messages(finished_runs, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_run(finished_runs / "ebp" / "seed0" / "run.h5")
+
+
+def killed_in_its_first_epoch(source, path, seed):
+    """A copy of the run file ``source`` at ``path``, as the run of ``seed`` killed before it finished an epoch leaves it."""
+    path.parent.mkdir(parents=True)
+    shutil.copy(source, path)
+    with h5py.File(path, "a") as run:
+        run.attrs["seed"] = seed
+        run.attrs["complete"] = False
+        del run["result"]
+        run.visititems(lambda name, item: item.resize(0, axis=0) if isinstance(item, h5py.Dataset) and item.maxshape[0] is None else None)
+
+
+def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs, tmp_path, capsys):
+    from agrel_sim.analysis import (
+        gating_by_epoch,
+        gating_by_outcome,
+        plot_reward_curves,
+        reward_curves,
+        summary,
+    )
+
+    shutil.copytree(finished_runs / "deepagrel", tmp_path / "runs" / "deepagrel")
+    killed_in_its_first_epoch(finished_runs / "ebp" / "seed0" / "run.h5", tmp_path / "runs" / "ebp" / "seed5" / "run.h5", seed=5)
+    assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("open gates rewarded") == 2 * 4 and "nan" not in out
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 1 + 3 * 3
+    with pytest.warns(IncompleteRunWarning, match="holds 0 finished epochs"):
+        runs = load_runs(tmp_path / "runs")
+    killed = runs[-1]
+    assert list(reward_curves(runs)["digits", "small", False]) == ["deepagrel"], "a run without epochs adds no curve"
+    assert reward_curves([killed]) == {}
+    assert plot_reward_curves([killed], tmp_path / "none.png").read_bytes()[:4] == b"\x89PNG"
+    assert gating_by_epoch(killed)["layers.0"]["epoch"].tolist() == []
+    assert gating_by_outcome(killed) == {}
+    assert summary(killed).splitlines()[1:] == ["  epochs: none finished", "  logged trials: none"]
+
+
+@pytest.mark.parametrize("cause", ["a file there", "no permission"])
+def test_a_figure_folder_that_cannot_be_written_is_named(finished_runs, tmp_path, capsys, monkeypatch, cause):
+    out = tmp_path / "figures"
+    if cause == "a file there":
+        out.write_text("a file where the figures should go")
+        reason = "File exists"
+    else:
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(type(out), "mkdir", refuse)
+        reason = "Permission denied"
+    assert main(["analyze", str(finished_runs / "ebp"), "--out", str(out)]) == 2
+    assert re.fullmatch(rf"agrel-sim: error: .*figures: cannot write the figures in this folder \({reason}\); give a writable folder with --out\n", capsys.readouterr().err)
+
+
+def test_an_unreadable_run_file_is_named(finished_runs, tmp_path, capsys, monkeypatch):
+    def refuse(path):  # what h5py raises for a run file without read permission (tests may run as root, whom chmod does not stop)
+        raise PermissionError(13, f"Unable to determine if file is accessible as hdf5 (unable to open file: name = '{path}', errno = 13, error message = 'Permission denied')")
+
+    monkeypatch.setattr(h5py, "is_hdf5", refuse)
+    for command in ("table", "analyze"):
+        assert main([command, str(finished_runs / "ebp")]) == 2
+        assert re.fullmatch(r"agrel-sim: error: .*ebp/seed0/run\.h5: no permission to read this run file; make it readable, or move it out of the folder to analyse the others\n", capsys.readouterr().err)
+
+
+def damage(path, dataset):
+    """Flip every byte of the first stored chunk of ``dataset`` in the HDF5 file at ``path``."""
+    with h5py.File(path, "r") as handle:
+        chunk = handle[dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as file:
+        file.seek(chunk.byte_offset)
+        data = file.read(chunk.size)
+        file.seek(chunk.byte_offset)
+        file.write(bytes(byte ^ 0xFF for byte in data))
+
+
+@pytest.mark.parametrize("dataset", ["trials/delta", "layers/layers.2/fb", "gating/layers.0/open_fraction", "epochs/reward_probability"])
+def test_a_damaged_dataset_is_named(finished_runs, tmp_path, capsys, dataset):
+    shutil.copytree(finished_runs / "ebp", tmp_path / "runs")
+    damage(tmp_path / "runs" / "seed1" / "run.h5", dataset)
+    if not dataset.startswith("epochs/"):
+        assert main(["table", str(tmp_path / "runs")]) == 0, "the table reads none of these"
+        capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 2
+    message = rf"agrel-sim: error: .*seed1/run\.h5: cannot read /{re.escape(dataset)} \(.*\); the run file is damaged: train the run again in a new folder, or move it out of the folder to analyse the others\n"
+    assert re.fullmatch(message, capsys.readouterr().err)
+
+
+def without(name):
+    """An edit of a run file that deletes its object or attribute ``name``."""
+    def edit(run):
+        del (run if name in run else run.attrs)[name]
+
+    return edit
+
+
+def setting(name, value):
+    """An edit of a run file that sets its attribute ``name`` to ``value``."""
+    def edit(run):
+        run.attrs[name] = value
+
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    pytest.param(without("rule"), r"lacks the attribute rule", id="no rule"),
+    pytest.param(without("config"), r"lacks the attribute config", id="no config"),
+    pytest.param(without("epochs/validation_accuracy"), r"lacks /epochs/validation_accuracy", id="no validation accuracy"),
+    pytest.param(without("trials"), r"lacks /trials", id="no trials"),
+    pytest.param(setting("config", "{not json"), r"bad config attribute \(Expecting property name enclosed in double quotes", id="config not JSON"),
+    pytest.param(setting("layout_version", "three"), r"bad layout_version attribute \(invalid literal for int\(\) with base 10: 'three'\)", id="layout version not a number"),
+    pytest.param(setting("seed", "zero"), r"bad seed attribute", id="seed not a number"),
+])
+def test_run_files_with_missing_or_bad_records_are_named(finished_runs, tmp_path, edit, message):
+    path = tmp_path / "run.h5"
+    shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", path)
+    with h5py.File(path, "a") as run:
+        edit(run)
+    with pytest.raises(RunFileError, match=rf"run\.h5: .*{message}.*; the run file is damaged: train the run again"):
+        load_run(path)
+
+
+def test_an_empty_run_like_file_is_named(tmp_path):
+    path = tmp_path / "run.h5"
+    with h5py.File(path, "w") as run:
+        run.attrs["layout_version"] = LAYOUT_VERSION
+        run.create_group("epochs")
+    with pytest.raises(RunFileError, match=r"run\.h5: a run file that lacks the attribute config, the attribute seed, the attribute rule, the attribute backend, /epochs/epoch, .*, /trials, /layers, /gating; the run file is damaged"):
+        load_run(path)
 
 
 def test_analysis_scripts_regenerate_table_and_figures(finished_runs, tmp_path):

@@ -2,6 +2,7 @@
 
 import csv
 import fcntl
+import importlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import torch
 from agrel_sim import sweep as sweep_module
 from agrel_sim.cli import main
 from agrel_sim.experiment import load_experiment
-from agrel_sim.runs import is_complete
+from agrel_sim.runs import is_complete, run_experiment
 from agrel_sim.sweep import execute, load_sweep, plan, run_sweep
 from agrel_sim.table import markdown, table1, write_csv
 
@@ -204,6 +205,9 @@ def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, 
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait()
     assert sweep.returncode == 130 and "agrel-sim: interrupted" in err and "Traceback" not in err, err
+    # The run's process was terminated: it must leave no named semaphore (tqdm's lock, say) for
+    # the resource tracker to report as leaked as the sweep's process exits.
+    assert "resource_tracker" not in err and "leaked" not in err, err
     assert not (folder / "seed1").exists(), "no other run started"
     with open(folder / "seed0" / "run.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the run's process still holds it
@@ -243,6 +247,70 @@ def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path)
                 except BlockingIOError:
                     assert time.monotonic() < deadline, f"seed {seed} is still training"
                     time.sleep(0.1)
+
+
+def test_a_submitit_job_out_of_time_is_requeued_and_its_run_goes_on_from_its_checkpoint(sweep_file, tmp_path, capsys):
+    """submitit's local executor signals a job 30 s (its signal_delay_s, which the AutoExecutor does
+    not let one change) before the job's timeout: with ``local_timeout_min = 0.75`` (``timeout_min``
+    takes whole minutes, its ``local_`` override fractions), after 15 s, some 3 of which the job
+    spends starting. A timeout of 0.5 minutes or less would never signal a job, only end it.
+
+    A short run first sizes the run to about two jobs' worth of training, so that it is requeued
+    once or twice (submitit requeues a job 3 times at most) on a slow machine as on a fast one.
+    """
+    pytest.importorskip("submitit")
+    (tmp_path / "wide.toml").write_text(MODEL.replace("units = 16", "units = 1024"))  # epochs long next to their checkpoints
+    long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("tiny.toml", "wide.toml").replace("batch_size = 50", "batch_size = 10")
+    (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", "max_epochs = 20"))
+    seconds = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, tmp_path / "sizing", log=None, progress=False).seconds
+    epochs = max(20, round(2 * 12 / (seconds / 20)))
+    (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", f"max_epochs = {epochs}\npatience = {epochs}"))
+    sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0]\nout = "runs/tiny"\n[slurm]\nlocal_timeout_min = 0.75\n')
+    assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 0
+    assert re.search(rf"tiny_long seed=0: test_acc=\S+ best_epoch=\d+ epochs={epochs} ", capsys.readouterr().out)
+    [log] = (tmp_path / "runs" / "tiny" / "submitit").glob("*/*_0_log.out")
+    assert "Requeued job" in log.read_text(), f"the run of {epochs} epochs was never requeued"
+    # Every epoch once, each as an uninterrupted run computes it.
+    reference = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, log=None, progress=False)
+    with h5py.File(tmp_path / "runs" / "tiny" / "tiny_long" / "seed0" / "run.h5", "r") as run:
+        assert run.attrs["complete"] and run["epochs/epoch"][:].tolist() == list(range(1, epochs + 1))
+        for name in ("reward_probability", "train_loss", "validation_accuracy", "learning_rate"):
+            assert run["epochs"][name][:].tolist() == [getattr(metrics, name) for metrics in reference.history], name
+        assert run["result"].attrs["test_accuracy"] == reference.test_accuracy
+
+
+class NotInstalled(sweep_module.SubmititRun):
+    """A job function that its job cannot load, as where agrel_sim is not installed."""
+
+    def __reduce__(self):
+        return importlib.import_module, ("agrel_sim_not_installed_here",)
+
+
+@pytest.mark.parametrize("case", ["killed", "not installed"])
+def test_a_submitit_job_that_ends_without_its_runs_outcome_fails_in_one_line(sweep_file, tmp_path, capsys, monkeypatch, case):
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 0)  # no waiting for result files that never come
+    if case == "killed":  # a timeout of 0: the local executor ends each job as it starts, with no signal first
+        sweep_file.write_text(sweep_file.read_text() + "[slurm]\ntimeout_min = 0\n")
+        reason = r"its job ended without a result \(job state \w+\)"
+    else:
+        monkeypatch.setattr(sweep_module, "SubmititRun", NotInstalled)
+        reason = r"ModuleNotFoundError: No module named 'agrel_sim_not_installed_here'"
+    assert main(["sweep", str(sweep_file), "--executor", "submitit-local", "--jobs", "4"]) == 1
+    captured = capsys.readouterr()
+    log = r"\S*/runs/tiny/submitit/(\d+)/\1_0_log\.err"
+    failures = [line for line in captured.out.splitlines() if line.startswith("FAILED")]
+    assert len(failures) == 4 and all(re.fullmatch(rf"FAILED \S+\.toml seed=\d: {reason}; its log: {log}", line) for line in failures), captured.out
+    assert "Traceback" not in captured.out + captured.err and len(captured.out.splitlines()) == 5, captured.out
+
+
+def test_submitit_local_jobs_get_a_week_unless_the_slurm_table_says_otherwise(sweep_file, tmp_path):
+    pytest.importorskip("submitit")
+    sweep = load_sweep(sweep_file)
+    runner = sweep_module._submitit_executor("submitit-local", tmp_path, sweep)
+    assert runner._executor.parameters["timeout_min"] == 7 * 24 * 60  # submitit's own default is 2 minutes
+    sweep = sweep_module.Sweep(sweep.name, sweep.experiments, sweep.seeds, sweep.out, {"timeout_min": 30}, sweep.source)
+    assert sweep_module._submitit_executor("submitit-local", tmp_path, sweep)._executor.parameters["timeout_min"] == 30
 
 
 def crashing_execute(task):
@@ -339,11 +407,21 @@ def test_train_refuses_a_sweep_file(capsys):
     assert "a sweep file (it lists experiments): run it with `agrel-sim sweep`" in capsys.readouterr().err
 
 
-def test_bad_sweep_file(tmp_path, capsys):
+def test_bad_sweep_file(tmp_path, capsys, monkeypatch):
     path = tmp_path / "sweep.toml"
     path.write_text('experiments = ["no_such_experiment"]\nseeds = [0]\n')
     assert main(["sweep", str(path)]) == 2
     assert re.search(r"sweep\.toml: experiments\[0\]: experiment 'no_such_experiment' not found", capsys.readouterr().err)
+    # A path is relative to the sweep file's folder, never to the working directory.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "e1.toml").write_text('model = "mnist_fc3"\ndataset = "mnist"\n')
+    path.write_text('experiments = ["e1.toml"]\nseeds = [0]\n')
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["sweep", str(path)]) == 2
+    assert re.search(r"sweep\.toml: experiments\[0\]: .*e1\.toml: experiment file not found", capsys.readouterr().err)
+    path.write_text('experiments = ["mnist_conv3_deepagrel"]\nseeds = [0]\nout = " "\n')
+    assert main(["sweep", str(path)]) == 2
+    assert "sweep.toml: out: expected a folder for the runs, got ' '" in capsys.readouterr().err
     for seeds in ("[true]", "[3, 3]", "[4294967296]"):
         path.write_text(f'experiments = ["mnist_conv3_deepagrel"]\nseeds = {seeds}\n')
         assert main(["sweep", str(path)]) == 2

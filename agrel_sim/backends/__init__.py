@@ -1,8 +1,10 @@
 """Backends build a runnable network from a :class:`~agrel_sim.network.ColumnNetwork`.
 
-Each backend is a module with a ``build(network, device, dtype, seed, **options)`` function and
-a ``check_network(network)`` function that raises for what the backend cannot build, imported
-only when it is asked for (so that using one backend never imports another's dependencies).
+Each backend is a module with a ``build(network, device, dtype, seed, **options)`` function, a
+``check_network(network)`` function that raises for what the backend cannot build and, if
+``build`` takes options, a ``check_options(options)`` function that raises for a bad value; it
+is imported only when it is asked for (so that using one backend never imports another's
+dependencies).
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ class UnsupportedLayerError(NotImplementedError, ValueError):
 def check_backend(network: ColumnNetwork, backend: str, options: dict, source: str) -> None:
     """Check, before any run, that ``backend`` exists, takes ``options`` and can build ``network``.
 
-    Only the names of the options are checked here; the builder checks their values.
-
     Raises
     ------
     ConfigError
-        For an unknown backend or option (naming ``source`` and the options there are).
+        For an unknown backend or option (naming ``source`` and the options there are), or a bad
+        option value.
     UnsupportedLayerError, ValueError
         From the backend's ``check_network``.
     """
@@ -45,6 +46,11 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     if unknown:
         given_by_run = " (device, dtype and seed come from the run: --device, --dtype, --seed)" if unknown[0] in RUN_OPTIONS else ""
         raise ConfigError(f"{source}: backend_options.{unknown[0]}: not an option of the {backend} backend{given_by_run}; its options: {', '.join(accepted) or 'none'}")
+    if options:
+        try:
+            module.check_options(options)
+        except ValueError as error:  # its messages begin with the option's name
+            raise ConfigError(f"{source}: backend_options.{error}") from None
     module.check_network(network)
 
 

@@ -56,6 +56,7 @@ in a process that has imported torch, so large batches run faster per trial
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -66,8 +67,9 @@ import torch
 from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import UnsupportedLayerError, check_batch, check_weight_keys
+from agrel_sim.backends import RUN_OPTIONS, UnsupportedLayerError, check_batch, check_weight_keys
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
+from agrel_sim.config import is_count, is_number
 from agrel_sim.network import ColumnNetwork, Dense
 
 BACKEND = "brian2"
@@ -829,15 +831,25 @@ def build(
         raise ValueError(f"dtype: the {BACKEND} backend returns torch.float32 or torch.float64 tensors, got {dtype}")
     if not isinstance(brian2.get_device(), RuntimeDevice):
         raise ValueError(f"the {BACKEND} backend runs in Brian2's runtime mode, but the active Brian2 device is {brian2.get_device()!r}; call brian2.set_device('runtime')")
+    settings = _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, gate_threshold, codegen_target, trace_every)
+    return Brian2Network(network, *settings, dtype, seed)
+
+
+def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, gate_threshold, codegen_target, trace_every):
+    """:func:`build`'s settings, checked: ``(timeline, tau_ff, tau_fb, gate_threshold, codegen_target, trace_every)``."""
     if codegen_target not in CODEGEN_TARGETS:
         raise ValueError(f"codegen_target: expected one of {CODEGEN_TARGETS} (Brian2 runtime mode), got {codegen_target!r}")
-    if not (isinstance(trace_every, int) and not isinstance(trace_every, bool) and trace_every >= 0):
+    if not is_count(trace_every, 0):
         raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {trace_every!r}")
-    if not (isinstance(gate_threshold, numbers.Real) and gate_threshold >= 0):
-        raise ValueError(f"gate_threshold: expected a number >= 0, got {gate_threshold!r}")
+    if not is_number(gate_threshold, lambda v: v >= 0):
+        raise ValueError(f"gate_threshold: expected a finite number >= 0, got {gate_threshold!r}")
     durations = dict(stimulus=t_stimulus, selection=t_selection, feedback=t_feedback, rpe=t_rpe, plasticity=t_plasticity)
     timeline = Timeline.from_durations(dt, durations)
-    return Brian2Network(
-        network, timeline, _milliseconds(tau_ff, "tau_ff"), _milliseconds(tau_fb, "tau_fb"), float(gate_threshold),
-        codegen_target, trace_every, dtype, seed,
-    )
+    return timeline, _milliseconds(tau_ff, "tau_ff"), _milliseconds(tau_fb, "tau_fb"), float(gate_threshold), codegen_target, trace_every
+
+
+def check_options(options: dict) -> None:
+    """Raise ``ValueError`` for a bad value among ``options``, keyword arguments of :func:`build`
+    (before any data loads; :func:`build` checks them again)."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(build).parameters.items() if name not in ("network", *RUN_OPTIONS)}
+    _settings(**{**defaults, **options})
