@@ -7,6 +7,7 @@ return plain numpy arrays, and the ``plot_*`` functions draw them with matplotli
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +171,11 @@ def load_runs(path: str | Path) -> list[Run]:
     """Load a run file, or every run file (``run.h5``) in a folder and its subfolders."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.rglob(RUN_FILE))
+        unreadable = []  # a run in a folder that cannot be listed would be left out unseen
+        files = sorted(Path(folder) / RUN_FILE for folder, _, names in os.walk(path, onerror=unreadable.append) if RUN_FILE in names)
+        if unreadable:
+            error = unreadable[0]
+            raise RunFileError(f"{error.filename}: cannot list this folder ({error.strerror}), so its runs would be left out; make it readable, or give a folder without it")
         if not files:
             raise RunFileError(f"{path}: no run files ({RUN_FILE}) in this folder or below it")
         return [load_run(f) for f in files]

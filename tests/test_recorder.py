@@ -594,6 +594,19 @@ def test_an_unreadable_run_file_is_named(finished_runs, tmp_path, capsys, monkey
         assert re.fullmatch(r"agrel-sim: error: .*ebp/seed0/run\.h5: no permission to read this run file; make it readable, or move it out of the folder to analyse the others\n", capsys.readouterr().err)
 
 
+def test_a_folder_of_runs_that_cannot_be_listed_is_named(finished_runs, capsys, monkeypatch):
+    scandir = os.scandir
+
+    def refuse(path="."):  # what listing a folder without read permission raises (tests may run as root)
+        if str(path).endswith("ebp"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    assert main(["table", str(finished_runs)]) == 2
+    assert re.fullmatch(r"agrel-sim: error: .*/ebp: cannot list this folder \(Permission denied\), so its runs would be left out; make it readable, or give a folder without it\n", capsys.readouterr().err)
+
+
 def damage(path, dataset):
     """Flip every byte of the first stored chunk of ``dataset`` in the HDF5 file at ``path``."""
     with h5py.File(path, "r") as handle:
