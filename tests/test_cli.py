@@ -72,6 +72,8 @@ def test_experiment_file_with_model_path_and_rule_override(tmp_path, capsys):
     assert main(["train", str(tmp_path / "tiny.toml"), "--seed", "3", "--quiet"]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert "experiment=tiny_ebp rule=ebp seed=3" in summary and "epochs=3" in summary
+    assert main(["train", str(tmp_path / "tiny.toml"), "--max-epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert "data digits: 1,437 training images (100 of them for validation), 360 test images\n" in capsys.readouterr().out
 
 
 def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
