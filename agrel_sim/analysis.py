@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from agrel_sim.config import is_count
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS
 from agrel_sim.runs import RUN_FILE, changed_settings, settings_of, shown, top_setting
 from agrel_sim.table import row_key
@@ -73,6 +74,8 @@ class Run:
     def layer(self, name: str) -> dict[str, np.ndarray]:
         """Traces of one layer for the logged trials: units, ff, fb, gate; and its ``shape``."""
         with h5py.File(self.path, "r") as handle:
+            if name not in handle["layers"]:
+                raise RunFileError(f"{self.path}: no layer {name!r} is recorded; the layers are {', '.join(self.layer_names)}")
             group = handle["layers"][name]
             return {**{key: _read(group, key) for key in ("units", "ff", "fb", "gate")}, "shape": tuple(group.attrs["shape"])}
 
@@ -85,7 +88,12 @@ class Run:
         """One traced trial's time course (Brian2 backend): ``t``, ``phases``, ``delta``,
         ``epoch``, ``trial`` and ``populations`` (name to ``{"ff", "fb", "gate"}``, each (steps, columns))."""
         with h5py.File(self.path, "r") as handle:
+            if "timecourses" not in handle:
+                raise RunFileError(f"{self.path}: no time courses: only the brian2 backend records them, with backend_options.trace_every > 0")
             group = handle["timecourses"]
+            traced = len(group["trial"])
+            if not -traced <= index < traced:
+                raise IndexError(f"index: {index} is out of range for the {traced} traced trials")
             return {
                 "t": _read(group, "t"), "phases": {name: tuple(value) for name, value in group.attrs.items()},
                 "delta": _read(group, "delta", index), "epoch": int(_read(group, "epoch", index)), "trial": int(_read(group, "trial", index)),
@@ -117,7 +125,7 @@ def load_run(path: str | Path) -> Run:
             raise RunFileError(f"{path}: not an HDF5 file, so not a run file of agrel-sim")
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
-            if "layout_version" not in attrs or "epochs" not in handle:
+            if "layout_version" not in attrs:
                 raise RunFileError(f"{path}: an HDF5 file, but not a run file of agrel-sim (no layout_version)")
             version = _attribute(path, attrs, "layout_version", int)
             if version > LAYOUT_VERSION:
@@ -131,6 +139,10 @@ def load_run(path: str | Path) -> Run:
             if missing:
                 raise RunFileError(f"{path}: a run file that lacks {', '.join(missing)}; {_DAMAGED}")
             config = _attribute(path, attrs, "config", json.loads)
+            parts = {"experiment": str, "dataset": str, "model": dict}  # what every analysis reads
+            if not (isinstance(config, dict) and all(isinstance(config.get(key), kind) for key, kind in parts.items())
+                    and all(key in config["model"] for key in ("name", "layers"))):
+                raise RunFileError(f"{path}: its config attribute lacks the experiment, data set or model; {_DAMAGED}")
             seed = _attribute(path, attrs, "seed", int)
             epochs = {name: _read(handle["epochs"], name) for name in EPOCH_FIELDS if name in handle["epochs"]}
             if version == 1:  # before learning-rate schedules: the rule's constant learning rate
@@ -171,8 +183,18 @@ def load_runs(path: str | Path) -> list[Run]:
     """Load a run file, or every run file (``run.h5``) in a folder and its subfolders."""
     path = Path(path)
     if path.is_dir():
-        unreadable = []  # a run in a folder that cannot be listed would be left out unseen
-        files = sorted(Path(folder) / RUN_FILE for folder, _, names in os.walk(path, onerror=unreadable.append) if RUN_FILE in names)
+        unreadable, seen, files = [], set(), []  # a run in a folder that cannot be listed would be left out unseen
+        for folder, subfolders, names in os.walk(path, followlinks=True, onerror=unreadable.append):  # runs linked in from elsewhere count
+            status = os.stat(folder)
+            identity = (status.st_dev, status.st_ino)
+            if identity in seen:  # a folder reached twice (linked twice, or a link cycle) counts once
+                subfolders.clear()
+                continue
+            seen.add(identity)
+            subfolders.sort()  # the first of two paths to a folder, in name order, is the one kept
+            if RUN_FILE in names:
+                files.append(Path(folder) / RUN_FILE)
+        files.sort()
         if unreadable:
             error = unreadable[0]
             raise RunFileError(f"{error.filename}: cannot list this folder ({error.strerror}), so its runs would be left out; make it readable, or give a folder without it")
@@ -409,6 +431,8 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
 
 def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     """ff activity, fb activity and gate of the sampled units of each layer, for the last logged trials."""
+    if not is_count(trials):
+        raise ValueError(f"trials: expected an integer >= 1, got {trials!r}")
     plt = _pyplot()
     names = run.layer_names
     logged = run.trials()

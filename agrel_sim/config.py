@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 
 
 def is_count(value, minimum: int = 1) -> bool:
-    """An integer (not a bool) of at least ``minimum``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """An integer (not a bool) of at least ``minimum`` that fits in 64 bits, as torch needs."""
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value < 2**63
 
 
 def is_number(value, check=lambda v: True) -> bool:
@@ -44,6 +44,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the file ({error.strerror}); check its permissions") from None
+    except ValueError as error:  # an integer of thousands of digits, say
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
 
 def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) -> Path:

@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agrel_sim.config import is_count, is_number
+
 DATA_ENV = "AGREL_SIM_DATA"
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class DatasetError(ValueError):
@@ -55,6 +58,32 @@ class Dataset:
     test_labels: torch.Tensor
     scale: float
     n_classes: int
+
+    def __post_init__(self):
+        # Checked when the data are made, so that a mismatch fails before training, not after
+        # it, and so that no batch has to wait for a GPU to check its labels.
+        where = f"data set {self.name!r}"
+        if not is_number(self.scale, lambda v: v > 0):
+            raise DatasetError(f"{where}: scale: expected a finite number > 0 (it turns pixel values into rates in [0, 1]), got {self.scale!r}")
+        if not is_count(self.n_classes, 2):
+            raise DatasetError(f"{where}: n_classes: expected an integer >= 2, got {self.n_classes!r}")
+        for part in ("train", "test"):
+            images, labels = getattr(self, f"{part}_images"), getattr(self, f"{part}_labels")
+            if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() >= 2):
+                kind = f"{images.dtype} tensor of shape {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+                raise DatasetError(f"{where}: {part}_images: expected a uint8 tensor of pixel values, (images, C, H, W) or (images, features), got a {kind}")
+            if not (torch.is_tensor(labels) and labels.dim() == 1 and labels.dtype in INTEGER_DTYPES):
+                kind = f"{labels.dtype} tensor of shape {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
+                raise DatasetError(f"{where}: {part}_labels: expected a 1-d tensor of integer class indices, got a {kind}")
+            if len(images) != len(labels) or not len(labels):
+                raise DatasetError(f"{where}: {len(images)} {part} images and {len(labels)} {part} labels; expected as many labels as images, and at least one")
+            if labels.min() < 0 or labels.max() >= self.n_classes:
+                raise DatasetError(f"{where}: {part}_labels outside 0..{self.n_classes - 1} (found {int(labels.min())}..{int(labels.max())})")
+        if self.test_images.shape[1:] != self.train_images.shape[1:]:
+            raise DatasetError(f"{where}: test images of shape {list(self.test_images.shape[1:])}, training images of shape {list(self.image_shape)}; expected one shape")
+        brightest = max(int(self.train_images.max()), int(self.test_images.max()))
+        if brightest * self.scale > 1 + 1e-6:
+            raise DatasetError(f"{where}: scale: pixel values up to {brightest} times scale {self.scale:g} exceed 1; expected rates in [0, 1] (e.g. scale 1/255 for 8-bit pixels)")
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -137,7 +166,11 @@ def _find_folder(data_dir, candidates: list[str], required: list[list[str]], wha
             found = {}
             for group in required:
                 for name in group:
-                    if (folder / name).is_file():
+                    try:
+                        exists = (folder / name).is_file()
+                    except PermissionError:  # Python 3.11's is_file raises for a folder that cannot be searched
+                        raise DatasetError(f"{folder}: no permission to look into this folder; check its permissions") from None
+                    if exists:
                         found[group[0]] = folder / name
                         break
             if len(found) == len(required):

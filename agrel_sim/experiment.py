@@ -77,6 +77,12 @@ class Experiment:
     def __post_init__(self):
         if not (isinstance(self.name, str) and self.name.strip() and self.name not in (".", "..") and not any(c in self.name for c in "/\\")):
             raise ConfigError(f"{self.source}: name: expected a non-empty name without '/' (it names the run folder runs/<name>/seed<N>), got {self.name!r}")
+        for field, kind in (("model", ColumnNetwork), ("training", TrainingSettings), ("logging", LogSettings), ("backend_options", dict)):
+            value = getattr(self, field)
+            if not isinstance(value, kind):
+                raise ConfigError(f"{self.source}: {field}: expected an object of class {kind.__name__}, got {type(value).__name__} {value!r}")
+        if self.dataset not in LOADERS:
+            raise ConfigError(f"{self.source}: dataset: expected one of {sorted(LOADERS)}, got {self.dataset!r}")
         check_backend(self.model, self.backend, self.backend_options, self.source)
 
     @classmethod

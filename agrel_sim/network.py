@@ -213,8 +213,14 @@ class ColumnNetwork:
     source: str = field(default="<python>", compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "input_shape", tuple(self.input_shape))
-        object.__setattr__(self, "layers", tuple(self.layers))
+        for key in ("input_shape", "layers"):  # any sequence is taken, never a string or a single layer
+            value = getattr(self, key)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{self.source}: {key}: expected a list or tuple, got {type(value).__name__} {value!r}")
+            object.__setattr__(self, key, tuple(value))
+        for key, kind in (("action_selection", ActionSelection), ("neuromodulator", Neuromodulator), ("rule", Rule)):
+            if not isinstance(getattr(self, key), kind):
+                raise ConfigError(f"{self.source}: {key}: expected an object of class {kind.__name__} (or use network.replace({key}=dict(...))), got {getattr(self, key)!r}")
         _validate(self)
 
     def layer_shapes(self) -> list[tuple[int, ...]]:

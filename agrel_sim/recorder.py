@@ -176,8 +176,10 @@ class RunFile:
             with open(partial, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(partial, self.path)
-        except OSError as error:  # no permission, a full or read-only disk
-            raise ValueError(
+        except OSError as error:
+            if error.errno is None:  # HDF5's own failures, such as a chunk that fails its checksum
+                raise ValueError(f"{self.path}: the run file is damaged ({error}); move the run folder away and train the run again") from None
+            raise ValueError(  # no permission, a full or read-only disk
                 f"{self.path}: cannot write the run file ({error}); make the run folder writable or free space,"
                 " then train again with --resume, which keeps the epochs already written"
             ) from None

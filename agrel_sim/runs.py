@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import torch
 
+from agrel_sim.backends import check_device
 from agrel_sim.config import is_count
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
@@ -49,22 +50,6 @@ def is_complete(folder: str | os.PathLike) -> bool:
             return bool(handle.attrs.get("complete", False))
     except OSError:
         return False
-
-
-def check_device(device: str) -> None:
-    """Raise a clear error for a device name other than cpu, cuda or cuda:N, or a CUDA device this machine lacks."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine; use 'cpu'")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise ValueError(f"device: {device!r} requested but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 @contextlib.contextmanager
@@ -297,6 +282,8 @@ def run_experiment(
         What the run file samples; ``None``: the experiment's (its ``[logging]`` table).
     """
     logging = experiment.logging if logging is None else logging
+    if not isinstance(logging, LogSettings):
+        raise ValueError(f"logging: expected an object of class LogSettings, got {type(logging).__name__} {logging!r}")
     check_device(device)
     if not (is_count(seed, 0) and seed <= MAX_SEED):
         raise ValueError(f"seed: expected an integer from 0 to {MAX_SEED}, got {seed!r}")
@@ -308,9 +295,10 @@ def run_experiment(
         if folder is not None:
             path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
             if not resume:
-                for existing, what in ((path, "run file"), (checkpoint, "checkpoint")):
-                    if existing.exists():
-                        raise ValueError(f"{existing}: a {what} exists already; pass --resume to continue the run, or choose another --out")
+                if path.exists():
+                    raise ValueError(f"{path}: a run file exists already; pass --resume to continue the run, or choose another --out")
+                if checkpoint.exists():
+                    raise ValueError(f"{checkpoint}: a checkpoint without its run file {RUN_FILE}; restore the run file, or choose another --out")
         data = load_dataset(experiment.dataset, data_dir)
         if log is not None:  # a short or padded copy of a data set shows here
             log(f"data {data.name}: {len(data.train_labels):,} training images ({experiment.training.validation_size:,} of them for validation), {len(data.test_labels):,} test images")

@@ -20,8 +20,9 @@ stops the sweep with an error that names them, before anything runs.
 
 Locally, each run has a process of its own: a run whose process crashes or is killed fails
 alone, and Ctrl-C ends every run in progress (each keeps its finished epochs) and starts no other.
-Through submitit, a job that reaches its time limit or is preempted is requeued and its run goes
-on from its checkpoint (see :class:`SubmititRun`).
+Through submitit, a job that reaches its time limit is requeued and its run goes on from its
+checkpoint, and so is a preempted one where the cluster signals preemptions (see
+:class:`SubmititRun`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import threading
 from collections import deque
@@ -37,15 +39,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 from tqdm import tqdm
 
+from agrel_sim.backends import check_device
 from agrel_sim.config import ConfigError, Fields, find_named_file, is_count, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import MAX_SEED, check_device, default_run_folder, resume_plan, run_config
+from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, resume_plan, run_config
+from agrel_sim.training import RunResult
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit-local's time limit per job (submitit's own default is 2 minutes)
+MAX_TIMEOUTS = 3  # the times a job out of time is requeued, at most (submitit's max_num_timeout)
 
 
 @dataclass(frozen=True)
@@ -97,26 +103,53 @@ class RunTask:
 
 
 def execute(task: RunTask) -> str:
-    """Run one task in a worker (a pool process or a SLURM job) and return its summary line."""
+    """Run one task in a worker (a process of its own, or a submitit job) and return its summary line.
+
+    A run that is already complete, made with the task's settings, is not run again: its line
+    is the one it finished with. So a job requeued after its run had finished (its signal came
+    as the run ended, see :class:`SubmititRun`) reports the run.
+    """
     import torch
 
     from agrel_sim.runs import run_experiment
 
     torch.set_num_threads(task.threads)
     experiment = load_experiment(task.experiment_path)
-    result = run_experiment(experiment, task.seed, task.folder, device=task.device, data_dir=task.data_dir, resume=True, progress=False, log=None)
+    folder = Path(task.folder)
+    if is_complete(folder) and resume_plan(folder, stored_config(run_config(experiment, task.device), experiment.logging), task.seed)[0] == "finished":
+        result = stored_result(folder)
+    else:
+        result = run_experiment(experiment, task.seed, folder, device=task.device, data_dir=task.data_dir, resume=True, progress=False, log=None)
     return f"{experiment.name} seed={task.seed}: {result.summary()}"
+
+
+def stored_result(folder: Path) -> RunResult:
+    """The result that a complete run stored in its run file (without its epochs' history)."""
+    with h5py.File(folder / RUN_FILE, "r") as handle:
+        stored = dict(handle["result"].attrs)
+    return RunResult(
+        float(stored["test_accuracy"]), int(stored["best_epoch"]), int(stored["epochs"]), bool(stored["converged"]),
+        float(stored["seconds"]), diverged=bool(stored.get("diverged", False)),
+    )
 
 
 class SubmititRun:
     """:func:`execute` as a submitit job that is requeued, not failed, when its time runs out.
 
-    SLURM signals a job (USR2) ``signal_delay_s`` before its time limit and when it preempts
-    it, and so does submitit's local executor 30 s before its ``timeout_min``. submitit's own
-    handler of that signal checkpoints the job (:meth:`checkpoint`) and requeues it, up to 3
-    times for a time limit (submitit's ``max_num_timeout``); the requeued job resumes the run
-    from its folder's last checkpoint. This is the protocol of submitit's
-    ``helpers.Checkpointable``, written out so that this module imports without submitit.
+    SLURM signals a job (USR2) ``signal_delay_s`` (90 s) before its time limit, and so does
+    submitit's local executor (30 s before its ``timeout_min``). submitit's handler of that
+    signal checkpoints the job (:meth:`checkpoint`) and requeues it, up to :data:`MAX_TIMEOUTS`
+    times for a time limit; the requeued job resumes the run from its folder's last checkpoint.
+    This is the protocol of submitit's ``helpers.Checkpointable``, written out so that this
+    module imports without submitit.
+
+    A preempted job is signalled so only where the cluster sets ``PreemptParameters=send_user_signal``
+    (formerly ``SlurmctldParameters=preempt_send_user_signal``), and is then requeued too. By
+    default SLURM preempts with SIGCONT and SIGTERM, which submitit's handler logs ("Bypassing
+    signal SIGTERM") and ignores, and SIGKILL at the end of the grace time: the unfinished epoch
+    is lost, and with ``PreemptMode=REQUEUE`` SLURM requeues the job, which resumes the run from
+    its last checkpoint; otherwise the job ends without a result and the sweep, run again,
+    continues the run.
     """
 
     def __call__(self, task: RunTask) -> tuple[bool, str]:
@@ -124,35 +157,69 @@ class SubmititRun:
 
         submitit's handler would requeue by raising ``SystemExit`` wherever the signal lands,
         and where that is a callback of the garbage collector, Python prints and drops it and
-        the run goes on until the job is killed, unrequeued. So the signal stops the run as
-        Ctrl-C does, after the batch at hand, and submitit's handler runs then. A failure of the
-        run, or submitit's refusal to requeue a job that timed out too often, comes back as its
-        line, not as a job traceback.
+        the run goes on until the job is killed, unrequeued. So, while the task runs, the signal
+        is turned into Ctrl-C (SIGINT): inside training's loop it stops the run after the batch
+        at hand, and elsewhere (loading the data before, testing and storing the result after)
+        it raises ``KeyboardInterrupt`` at once; then submitit's handler requeues the job. If the
+        run ends all the same (the signal came as it finished), its line is returned, and a job
+        requeued after its run had finished reports the run (:func:`execute`). Once the task
+        has run, submitit's handler is back, so that a signal that comes as submitit stores
+        the result requeues the job as submitit would.
+
+        One window remains: a ``KeyboardInterrupt`` raised outside training's loop that lands
+        in a callback of the garbage collector is dropped; before the loop, the run then goes
+        on until the job is killed at its time limit, and the sweep reports the job as ended
+        without a result (the run keeps its finished epochs, and running the sweep again
+        continues it).
+
+        A failure of the run, or submitit's refusal to requeue a job out of time too often, comes
+        back as its line, not as a job traceback.
         """
         from submitit import JobEnvironment
+        from submitit.core.utils import UncompletedJobError
 
         timeout_signal = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")
-        requeue = signal.getsignal(timeout_signal)
         received = []
 
         def stop(signum, frame):
             received.append(signum)
             signal.raise_signal(signal.SIGINT)
 
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the job's parent ignored it
-        signal.signal(timeout_signal, stop)
+        interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the job's parent ignored it
+        requeue = signal.signal(timeout_signal, stop)
+        outcome = None
         try:
-            return _outcome(lambda: execute(task))
+            outcome = _outcome(lambda: execute(task))
         except KeyboardInterrupt:
             if not received:  # a cancelled job
                 raise
-            return _outcome(lambda: requeue(received[0], None))  # exits to be requeued, or raises
+        finally:
+            signal.signal(timeout_signal, requeue)  # from now on, even after the return, submitit's handler takes the signal
+            signal.signal(signal.SIGINT, interrupt)
+        if outcome is not None:
+            return outcome
+        log = JobEnvironment().paths.stderr
+        try:
+            requeue(received[0], None)  # checkpoints and exits to be requeued, or raises
+        except UncompletedJobError:  # "timed-out too many times": the only reason submitit gives for a checkpointable job
+            return False, _out_of_time(log)
+        except Exception as error:  # scontrol failed to requeue the job, say
+            return False, f"{type(error).__name__}: {error}; its log: {log}"
+        return False, f"the job was signalled but not requeued; its log: {log}"
 
     def checkpoint(self, task: RunTask):
         """The submission that requeues this job: the same task, which resumes the run."""
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, task)
+
+
+def _out_of_time(log) -> str:
+    """The line of a job that ran out of time once more than it may be requeued."""
+    return (
+        f"out of time {MAX_TIMEOUTS + 1} times, and submitit requeues a job {MAX_TIMEOUTS} times at most; the run keeps "
+        f"its finished epochs: raise timeout_min in the [slurm] table, or run the sweep again to continue it; its log: {log}"
+    )
 
 
 def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=None, threads: int = 1) -> tuple[list[RunTask], list[Path]]:
@@ -313,7 +380,10 @@ def _submitit_executor(executor: str, out: Path, sweep: Sweep):
     except ImportError:
         raise ValueError("executor: submitit is not installed; pip install 'agrel-sim[slurm]'") from None
     try:
-        runner = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster="slurm" if executor == "slurm" else "local")
+        runner = submitit.AutoExecutor(
+            folder=out / "submitit" / "%j", cluster="slurm" if executor == "slurm" else "local",
+            slurm_max_num_timeout=MAX_TIMEOUTS, local_max_num_timeout=MAX_TIMEOUTS,
+        )
     except RuntimeError as error:  # no SLURM on this machine
         raise ValueError(f"executor slurm: {error}; submit the sweep from a machine of the cluster, or use --executor submitit-local") from None
     if executor == "submitit-local":  # no time limit to speak of: the [slurm] table's timeout_min, if any, sets one
@@ -321,6 +391,12 @@ def _submitit_executor(executor: str, out: Path, sweep: Sweep):
     for key, value in sweep.slurm.items():  # one at a time first, so that an error names its key
         _set_parameters(runner, {key: value}, f"{sweep.source}: slurm.{key}")
     _set_parameters(runner, sweep.slurm, f"{sweep.source}: slurm")  # submitit lets slurm_<key> win over <key> only within one call
+    tasks = runner._executor._num_tasks()  # nodes × tasks per node, as submitit counts the processes of a job
+    if tasks != 1:
+        raise ConfigError(
+            f"{sweep.source}: slurm: {tasks} tasks per job (nodes × tasks_per_node), but each run is one process; "
+            "remove nodes and tasks_per_node from the [slurm] table (cpus_per_task gives a run more cores)"
+        )
     return runner
 
 
@@ -372,16 +448,26 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
 
 def _job_outcome(job) -> tuple[bool, str]:
     """What a :class:`SubmititRun` job returned, or one line on why it returned nothing, and where its log is."""
-    from submitit.core.utils import FailedJobError, UncompletedJobError, pickle_load
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     try:
         return job.result()
-    except FailedJobError:  # an error around the run: the job could not load it (no agrel_sim there), say
-        _, trace = pickle_load(job.paths.result_pickle)
-        reason = trace.strip().splitlines()[-1]
+    except FailedJobError as error:  # an error around the run: the job could not load it (no agrel_sim there), say
+        trace = re.search(r"with trace:\n-+\n(.*?)\n-+\n", str(error), re.DOTALL)
+        reason = trace.group(1).strip().splitlines()[-1] if trace else _error_line(error)
+        if "timed-out too many times" in reason:  # signalled once more as submitit stored the run's result
+            return False, _out_of_time(job.paths.stderr)
     except UncompletedJobError:  # no result at all: killed (out of memory, scancel), timed out unsignalled, ...
         reason = f"its job ended without a result (job state {job.state})"
+    except Exception as error:  # its result could not be read: a damaged file, a network file system's error, ...
+        reason = f"its result could not be read ({_error_line(error)})"
     return False, f"{reason}; its log: {job.paths.stderr}"
+
+
+def _error_line(error: Exception) -> str:
+    """``Type: first line of the message``."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _outcome(result) -> tuple[bool, str]:

@@ -126,6 +126,8 @@ def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSett
         )
     if data.n_classes != description.n_actions:
         raise ValueError(f"model: {description.name!r} has {description.n_actions} actions, data set {data.name!r} has {data.n_classes} classes; choose a model made for this data set")
+    if settings.augmentation is not None and len(description.input_shape) != 3:
+        raise ValueError(f"training.augmentation: zoom, shift and reflection need images [channels, height, width], but model {description.name!r} takes input of shape {list(description.input_shape)}; remove the augmentation")
     n_train = len(data.train_labels)
     if not 0 < settings.validation_size < n_train:
         raise ValueError(f"training.validation_size: expected 0 < validation_size < {n_train} (the training images of {data.name!r}), got {settings.validation_size}")
@@ -143,7 +145,7 @@ def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, bat
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     for start in range(0, len(labels), batch_size):
         index = torch.arange(start, min(start + batch_size, len(labels)), device=images.device)
-        q = net.q_values(data.batch(images, index, net.dtype))
+        q = net.q_values(data.batch(images, index, net.dtype), check_range=False)  # a Dataset's pixels are valid rates
         correct += (q.argmax(1) == labels[index]).sum()
     return correct.item() / len(labels)
 
@@ -262,10 +264,6 @@ def train(
     Runs under :func:`full_precision_cudnn`.
     """
     check_fits(description, data, settings)
-    # Checked once here, so that no batch has to wait for a GPU to check its labels.
-    for name, labels in (("train_labels", data.train_labels), ("test_labels", data.test_labels)):
-        if len(labels) and (labels.min() < 0 or labels.max() >= data.n_classes):
-            raise ValueError(f"data set {data.name!r}: {name} outside 0..{data.n_classes - 1} (found {int(labels.min())}..{int(labels.max())})")
 
     started = time.perf_counter()
     data = data.to(device)
@@ -283,12 +281,13 @@ def train(
     best_accuracy, best_epoch, best_weights, history, first_epoch, elapsed = -1.0, 0, None, [], 1, 0.0
     last_decay = 0  # the epoch of the last learning-rate decay
     if resume is not None:
-        net.load_weights(resume["weights"])
+        history = [EpochMetrics(**m) for m in resume["history"]]
+        if not diverged(history[-1]):  # a diverged run goes no further, and its last weights are not finite
+            net.load_weights(resume["weights"])
         net.learning_rate, last_decay, net.trials_run = resume["learning_rate"], resume["last_decay"], resume["trials_run"]
         for name, generator in generators.items():
             generator.set_state(resume["rng"][name])
         best_accuracy, best_epoch, best_weights = resume["best_accuracy"], resume["best_epoch"], resume["best_weights"]
-        history = [EpochMetrics(**m) for m in resume["history"]]
         first_epoch, elapsed = resume["epoch"] + 1, resume["seconds"]
     recorder = run_file(net) if run_file is not None else None
     bar = tqdm(total=settings.max_epochs, initial=first_epoch - 1, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
@@ -317,7 +316,7 @@ def train(
             validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
             metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started, net.learning_rate)
             history.append(metrics)
-            if validation > best_accuracy:
+            if validation > best_accuracy and not diverged(metrics):
                 best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()
             stopped = epoch - best_epoch >= settings.patience or diverged(metrics)
             # Decided also at the stop, so that the checkpoint holds the rate with which a longer
@@ -347,8 +346,11 @@ def train(
             if interrupted:  # arrived while the epoch was validated and saved
                 raise KeyboardInterrupt
     bar.close()
-    net.load_weights(best_weights)
-    test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
+    if best_weights is None:  # diverged in its first epoch: no weights to test
+        test = math.nan
+    else:
+        net.load_weights(best_weights)
+        test = accuracy(net, data, data.test_images, data.test_labels, settings.eval_batch_size)
     ran_off = diverged(history[-1])
     result = RunResult(test, best_epoch, epoch, stopped and not ran_off, elapsed + time.perf_counter() - started, history, ran_off)
     if recorder is not None:

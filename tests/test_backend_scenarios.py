@@ -6,6 +6,7 @@ build a layer kind skips the scenario with its reason.
 """
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -223,7 +224,7 @@ def test_labels_and_actions_of_any_integer_dtype(build_net):
     g = torch.Generator().manual_seed(5)
     images, labels, actions = torch.rand(3, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2]), torch.tensor([2, 1, 1])
     expected = net.run_trials(images, labels, actions=actions, learn=False)
-    for dtype in (torch.int32, torch.int16, torch.uint8):
+    for dtype in (torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64):
         trials = net.run_trials(images, labels.to(dtype), actions=actions.to(dtype), learn=False)
         assert trials.action.dtype == torch.int64 and torch.equal(trials.action.cpu(), actions)
         assert torch.equal(trials.reward, expected.reward) and torch.equal(trials.delta, expected.delta)
@@ -233,3 +234,71 @@ def test_labels_and_actions_of_any_integer_dtype(build_net):
         net.run_trials(images, labels > 0)
     with pytest.raises(TypeError, match=r"actions: expected a tensor of integers .*got list"):
         net.run_trials(images, labels, actions=[2, 1, 1])
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no comparisons for these
+        with pytest.raises(ValueError, match=r"labels: values must lie in \[0, 3\), got 0\.\.5"):
+            net.run_trials(images, torch.tensor([0, 5, 1]).to(dtype))
+
+
+def test_images_must_be_finite_rates(build_net):
+    net = build_net(dense_net([3]))
+    images, labels, start = torch.rand(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]), net.weights()
+    for value, message in ((float("nan"), "not finite"), (float("inf"), "not finite"), (-0.5, r"negative \(the lowest -0\.5\), but input columns are rates: rates must be >= 0;")):
+        bad = images.clone()
+        bad[1:, 2] = value
+        with pytest.raises(ValueError, match=rf"images: 2 value\(s\), the first in image 1 of the batch, are {message}"):
+            net.run_trials(bad, labels)
+        with pytest.raises(ValueError, match=rf"images: 2 value\(s\), the first in image 1 of the batch, are {message}"):
+            net.q_values(bad)
+    for key, value in net.weights().items():
+        assert torch.equal(value, start[key]), key
+    net.run_trials(images * 3, labels)  # rates above 1 are fine
+
+
+def test_in_place_functions_raise_for_weights_given_by_keyword_or_in_a_list(build_net):
+    net = build_net(dense_net([3]))
+    layer, start = net.layers[0], net.weights()
+    read_only = r"layers\.0\.ff: weights read from a layer are read-only"
+    for write in (
+        lambda: torch.nn.init.uniform_(layer.ff, -1, 1),  # torch.nn.init passes the tensor as tensor=
+        lambda: torch.nn.init.normal_(tensor=layer.ff),
+        lambda: torch.nn.init.constant_(layer.ff, 0.3),
+        lambda: torch.nn.init.kaiming_uniform_(layer.ff),
+        lambda: torch._foreach_mul_([layer.ff], 0.0),
+    ):
+        with pytest.raises(RuntimeError, match=read_only):
+            write()
+    for key, value in net.weights().items():
+        assert torch.equal(value, start[key]), key
+    # An in-place function only reads its other arguments.
+    copied = torch.zeros_like(start["layers.0.ff"])
+    copied.copy_(layer.ff)
+    torch._foreach_add_([copied], [layer.ff])
+    assert torch.equal(copied, 2 * start["layers.0.ff"])
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), r"layers\.0\.ff: values must be finite \(got NaN or inf\)"),
+    (float("-inf"), r"layers\.0\.ff: values must be finite \(got NaN or inf\)"),
+    (1 + 2j, r"layers\.0\.ff: expected real numbers, got torch\.complex64"),
+    (True, r"layers\.0\.ff: expected real numbers, got torch\.bool"),
+], ids=["nan", "inf", "complex", "bool"])
+def test_assigned_weights_must_be_finite_real_numbers(build_net, value, message):
+    net = build_net(dense_net([3]))
+    start = net.weights()
+    with pytest.raises(ValueError, match=message):
+        net.layers[0].ff = torch.full((3, 4), value)
+    for key, weights in net.weights().items():
+        assert torch.equal(weights, start[key]), key
+    net.layers[0].ff = torch.ones(3, 4, dtype=torch.int64)  # integers are real numbers
+    assert torch.equal(net.weights()["layers.0.ff"].cpu(), torch.ones(3, 4, dtype=torch.float64))
+
+
+def test_the_learning_rate_must_be_a_finite_number_above_zero(build_net):
+    net = build_net(dense_net([3]))
+    for value in (float("nan"), float("inf"), -0.1, 0, "0.1", True, None):
+        with pytest.raises(ValueError, match=rf"learning_rate: expected a finite number > 0, got {re.escape(repr(value))}$"):
+            net.learning_rate = value
+        assert net.learning_rate == 0.5
+    net.learning_rate *= 0.5  # as a learning-rate schedule decays it
+    net.learning_rate = np.float64(net.learning_rate)
+    assert net.learning_rate == 0.25

@@ -1,5 +1,7 @@
 """The Brian2 backend: parity with the torch backend, its time course, its settings and errors."""
 
+import re
+
 import brian2
 import h5py
 import numpy as np
@@ -245,6 +247,10 @@ def test_other_layer_kinds_name_the_backend_and_the_kind(layers, index):
     (dict(gate_threshold=True), r"gate_threshold: expected a finite number >= 0, got True"),
     (dict(gate_threshold=float("inf")), r"gate_threshold: expected a finite number >= 0, got inf"),
     (dict(trace_every=-1), r"trace_every: expected an integer >= 0"),
+    (dict(seed=-1), r"seed: expected an integer >= 0, got -1"),
+    (dict(seed=True), r"seed: expected an integer >= 0, got True"),
+    (dict(seed=1.5), r"seed: expected an integer >= 0, got 1.5"),
+    (dict(seed=2**63), r"seed: expected an integer >= 0, got 9223372036854775808"),
 ])
 def test_bad_settings_name_the_setting(options, message):
     with pytest.raises(ValueError, match=message):
@@ -369,3 +375,92 @@ def test_the_gate_threshold_silences_feedback_in_the_simulation():
     assert below.any() and (layer.ff > 0.3).any()
     assert torch.all(layer.fb[below] == 0) and torch.all(~layer.gate[below])
     assert (layer.fb[layer.ff > 0.3] != 0).any()
+
+
+# Tiny networks with short phases, for the tests of bad values.
+SHORT = dict(dtype=torch.float64, codegen_target="numpy", t_stimulus=5, t_selection=1, t_feedback=3, t_rpe=1, t_plasticity=1)
+
+
+def overflowing(weights):
+    """``weights`` with every ff and fb weight 1e200: the activity of the second hidden layer
+    overflows to infinity, and the layers above it reach NaN."""
+    return {key: torch.full_like(value, 1e200) if not key.endswith(".bias") else value for key, value in weights.items()}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_evaluation_leaves_the_weights_alone_whatever_the_activity():
+    # The plasticity code multiplies the activity by a rate of 0 outside learning; 0 * NaN is
+    # NaN, so it used to turn every weight that NaN activity reached into NaN, even in q_values.
+    description = describe(layers=(Dense(2), Dense(2)), n_inputs=3, n_actions=2)
+    net = build(description, backend="brian2", **SHORT)
+    huge = overflowing(net.weights())
+    net.load_weights(huge)
+    images, labels, actions = next(batches(description, (2,)))
+    assert torch.isnan(net.q_values(images)).all()
+    net.run_trials(images, labels, actions=actions, learn=False)
+    for key, value in net.weights().items():
+        assert torch.equal(value, huge[key]), key
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_restored_weights_recover_from_a_diverged_batch():
+    # What training does after a diverged run: load the best weights, then go on. Nothing of the
+    # NaN batch (its accumulated change) may survive into later batches.
+    description = describe(layers=(Dense(2), Dense(2)), n_inputs=3, n_actions=2)
+    diverged, fresh = build(description, backend="brian2", **SHORT), build(description, backend="brian2", **SHORT)
+    start = fresh.weights()
+    images, labels, actions = next(batches(description, (2,)))
+    diverged.load_weights(overflowing(start))
+    diverged.run_trials(images, labels, actions=actions)
+    assert all(torch.isnan(value).all() for value in diverged.weights().values()), "learning from NaN activity gives NaN weights"
+    diverged.load_weights(start)
+    for net in (diverged, fresh):
+        net.run_trials(images, labels, actions=actions)
+    for key, value in fresh.weights().items():
+        assert torch.equal(diverged.weights()[key], value), key
+    assert torch.equal(diverged.q_values(images), fresh.q_values(images))
+
+
+@pytest.mark.parametrize("value, message", [
+    (float("nan"), r"values must be finite \(got NaN or inf\)"),
+    (float("-inf"), r"values must be finite \(got NaN or inf\)"),
+    (torch.complex128, r"expected real numbers, got torch.complex128"),
+    (torch.bool, r"expected real numbers, got torch.bool"),
+    (np.complex128, r"expected real numbers, got complex128"),
+    (bool, r"expected real numbers, got bool"),
+], ids=["nan", "inf", "complex_tensor", "bool_tensor", "complex_array", "bool_array"])
+def test_weights_must_be_finite_real_numbers(value, message):
+    description = describe("independent", bias=True, layers=(Dense(2),), n_inputs=3, n_actions=2)
+    net = build(description, backend="brian2", **SHORT)
+    start = net.weights()
+
+    def bad(key):
+        shape = start[key].shape
+        if isinstance(value, float):
+            return torch.full(shape, value, dtype=torch.float64)
+        return torch.ones(shape, dtype=value) if isinstance(value, torch.dtype) else np.ones(shape, dtype=value)
+
+    for part in ("ff", "fb", "bias"):
+        with pytest.raises(ValueError, match=rf"^layers\.0\.{part}: {message}$"):
+            setattr(net.layers[0], part, bad(f"layers.0.{part}"))
+    with pytest.raises(ValueError, match=rf"^output\.ff: {message}$"):
+        net.load_weights({**start, "output.ff": bad("output.ff")})
+    for key, weights in net.weights().items():
+        assert torch.equal(weights, start[key]), key
+
+
+def test_integer_weights_are_accepted():
+    net = build(describe(layers=(Dense(2),), n_inputs=3, n_actions=2), backend="brian2", **SHORT)
+    net.layers[0].ff = np.ones((2, 3), dtype=np.int64)
+    net.layers[0].ff = torch.ones(2, 3, dtype=torch.int32)
+    assert torch.equal(net.layers[0].ff, torch.ones(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("value", [0, -0.1, float("nan"), float("inf"), True, "0.1"])
+def test_the_learning_rate_must_be_a_finite_positive_number(value):
+    net = build(describe(layers=(Dense(2),), n_inputs=3, n_actions=2), backend="brian2", **SHORT)
+    with pytest.raises(ValueError, match=rf"^learning_rate: expected a finite number > 0, got {re.escape(repr(value))}$"):
+        net.learning_rate = value
+    assert net.learning_rate == 0.5
+    net.learning_rate = 0.25
+    assert net.learning_rate == 0.25

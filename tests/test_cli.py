@@ -232,7 +232,7 @@ def test_a_checkpoint_is_never_overwritten_without_resume(tmp_path, capsys):
     (run / "run.h5").rename(tmp_path / "moved.h5")
     before = (run / "checkpoint.pt").read_bytes()
     assert main(["train", "--max-epochs", "1", "--out", str(run), "--quiet"]) == 2
-    assert "checkpoint.pt: a checkpoint exists already; pass --resume to continue the run, or choose another --out" in capsys.readouterr().err
+    assert "checkpoint.pt: a checkpoint without its run file run.h5; restore the run file, or choose another --out" in capsys.readouterr().err
     assert (run / "checkpoint.pt").read_bytes() == before
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agrel_sim.augmentation import Augmentation, augment
-from agrel_sim.datasets import DatasetError, load_dataset
+from agrel_sim.datasets import Dataset, DatasetError, load_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -101,6 +101,44 @@ def test_a_data_file_without_read_permission_is_not_called_damaged(tmp_path, mon
     monkeypatch.setattr("agrel_sim.datasets.open", no_permission, raising=False)
     with pytest.raises(DatasetError, match=r"(ubyte|data_batch_1): no permission to read this file; check its permissions$"):
         load_dataset(dataset, tmp_path)
+
+
+def test_a_data_folder_that_cannot_be_searched_is_named(tmp_path, monkeypatch):
+    write_mnist(tmp_path)
+    is_file = Path.is_file
+
+    def no_permission(path):  # what Path.is_file raises below a folder of mode 000, except for root
+        if path.parent.name == "raw":
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", no_permission)
+    with pytest.raises(DatasetError, match=r"MNIST/raw: no permission to look into this folder; check its permissions$"):
+        load_dataset("mnist", tmp_path)
+
+
+def tiny_parts(**changes) -> dict:
+    pixels = torch.randint(0, 256, (6, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    parts = dict(name="tiny", train_images=pixels, train_labels=torch.tensor([0, 1, 2, 0, 1, 2]), test_images=pixels[:3], test_labels=torch.tensor([0, 1, 2]), scale=1 / 255, n_classes=3)
+    return {**parts, **changes}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(scale=1.0), r"scale: pixel values up to \d+ times scale 1 exceed 1; expected rates in \[0, 1\]"),
+    (dict(scale=0.0), r"scale: expected a finite number > 0"),
+    (dict(scale=float("nan")), r"scale: expected a finite number > 0"),
+    (dict(n_classes=1), r"n_classes: expected an integer >= 2, got 1"),
+    (dict(train_images=torch.rand(6, 1, 2, 2)), r"train_images: expected a uint8 tensor of pixel values.*got a torch\.float32 tensor"),
+    (dict(test_labels=torch.tensor([0.0, 1.0, 2.0])), r"test_labels: expected a 1-d tensor of integer class indices, got a torch\.float32"),
+    (dict(train_labels=torch.tensor([0, 1, 2, 0, 1])), r"6 train images and 5 train labels; expected as many labels as images"),
+    (dict(test_images=torch.zeros(0, 1, 2, 2, dtype=torch.uint8), test_labels=torch.zeros(0, dtype=torch.long)), r"0 test images and 0 test labels; expected as many labels as images, and at least one"),
+    (dict(test_labels=torch.tensor([0, 1, 3])), r"test_labels outside 0\.\.2 \(found 0\.\.3\)"),
+    (dict(test_images=torch.zeros(3, 1, 3, 3, dtype=torch.uint8)), r"test images of shape \[1, 3, 3\], training images of shape \[1, 2, 2\]; expected one shape"),
+])
+def test_a_data_set_made_in_code_is_checked_before_any_training(changes, message):
+    with pytest.raises(DatasetError, match=r"data set 'tiny': " + message):
+        Dataset(**tiny_parts(**changes))
+    Dataset(**tiny_parts())
 
 
 def test_a_held_out_set_without_images_is_named(tmp_path):

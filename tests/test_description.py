@@ -72,6 +72,49 @@ def test_a_folder_or_an_unreadable_file_given_as_a_model_is_named(tmp_path):
         ColumnNetwork.from_toml(tmp_path / "net.toml")
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(input_shape=784), r"input_shape: expected a list or tuple, got int 784"),
+    (dict(layers=Dense(3)), r"layers: expected a list or tuple, got Dense"),
+    (dict(layers="dense"), r"layers: expected a list or tuple, got str 'dense'"),
+    (dict(rule=dict(learning_rate=0.1)), r"rule: expected an object of class Rule \(or use network\.replace\(rule=dict\(\.\.\.\)\)\), got \{'learning_rate': 0\.1\}"),
+    (dict(action_selection=Rule()), r"action_selection: expected an object of class ActionSelection"),
+    (dict(neuromodulator=None), r"neuromodulator: expected an object of class Neuromodulator .*got None"),
+])
+def test_a_network_built_in_code_with_a_wrong_kind_of_part_is_named(arguments, message):
+    with pytest.raises(ConfigError, match=r"<python>: " + message):
+        ColumnNetwork(**{"input_shape": (4,), "layers": [Dense(3)], "n_actions": 3, **arguments})
+
+
+def test_an_experiment_built_in_code_is_checked_like_a_file():
+    from agrel_sim.experiment import Experiment
+    from agrel_sim.recorder import LogSettings
+    from agrel_sim.training import TrainingSettings
+
+    net = ColumnNetwork((1, 8, 8), [Dense(8)], 10)
+    for arguments, message in [
+        (("e", net, "digit", TrainingSettings()), r"dataset: expected one of \[.*'digits'.*\], got 'digit'"),
+        (("e", net.to_dict(), "digits", TrainingSettings()), r"model: expected an object of class ColumnNetwork, got dict"),
+        (("e", net, "digits", {"batch_size": 5}), r"training: expected an object of class TrainingSettings, got dict"),
+    ]:
+        with pytest.raises(ConfigError, match=r"<python>: " + message):
+            Experiment(*arguments)
+    with pytest.raises(ConfigError, match=r"<python>: logging: expected an object of class LogSettings, got dict"):
+        Experiment("e", net, "digits", TrainingSettings(), logging={"every_batches": 5})
+    experiment = Experiment("e", net, "digits", TrainingSettings(), logging=LogSettings(every_batches=5))
+    assert experiment.logging.every_batches == 5
+    from agrel_sim.runs import run_experiment
+
+    with pytest.raises(ValueError, match=r"logging: expected an object of class LogSettings, got dict"):
+        run_experiment(experiment, logging={"every_batches": 5})
+
+
+def test_integers_beyond_64_bits_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"layers\[2\]\.units: expected an integer >= 1, got 1000000000000000000000000000000"):
+        ColumnNetwork.from_toml(write(tmp_path, GOOD.replace("units = 16", "units = 1" + "0" * 30)))
+    with pytest.raises(ConfigError, match=r"net\.toml: not valid TOML: Exceeds the limit \(4300 digits\)"):
+        ColumnNetwork.from_toml(write(tmp_path, GOOD + "x = " + "1" * 5000 + "\n"))
+
+
 def test_an_integer_too_large_for_a_float_is_named(tmp_path):
     text = GOOD.replace("learning_rate = 0.1", "learning_rate = 1" + "0" * 400)
     assert text != GOOD

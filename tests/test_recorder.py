@@ -451,6 +451,18 @@ def test_activity_maps_share_one_scale_for_gates_and_centre_feedback_on_zero(fin
     assert all(ax.images[0].get_clim() == (0, 1) for ax in axes[2::3]), "a gate reads the same in every layer, the output's (always open) too"
 
 
+def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_path):
+    from agrel_sim.analysis import plot_activity_maps
+
+    run = load_run(finished_runs / "ebp" / "seed0" / "run.h5")
+    with pytest.raises(RunFileError, match=r"run\.h5: no layer 'layers\.5' is recorded; the layers are layers\.0, layers\.1, layers\.2, output"):
+        run.layer("layers.5")
+    with pytest.raises(RunFileError, match=r"run\.h5: no time courses: only the brian2 backend records them, with backend_options\.trace_every > 0"):
+        run.timecourse()
+    with pytest.raises(ValueError, match=r"trials: expected an integer >= 1, got -3"):
+        plot_activity_maps(run, tmp_path / "maps.png", trials=-3)
+
+
 def test_the_summary_of_a_diverged_run_says_so(tmp_path):
     from agrel_sim.analysis import summary
 
@@ -594,6 +606,17 @@ def test_an_unreadable_run_file_is_named(finished_runs, tmp_path, capsys, monkey
         assert re.fullmatch(r"agrel-sim: error: .*ebp/seed0/run\.h5: no permission to read this run file; make it readable, or move it out of the folder to analyse the others\n", capsys.readouterr().err)
 
 
+def test_runs_linked_into_a_folder_count_once_each(finished_runs, tmp_path):
+    table = tmp_path / "table"
+    (table / "more").mkdir(parents=True)
+    (table / "deepagrel").symlink_to(finished_runs / "deepagrel")  # runs brought in from scratch storage
+    (table / "more" / "again").symlink_to(finished_runs / "deepagrel")  # the same runs a second time
+    (table / "more" / "loop").symlink_to(table)
+    shutil.copytree(finished_runs / "ebp" / "seed0", table / "more" / "ebp0")
+    found = sorted(str(run.path.relative_to(table)) for run in load_runs(table))
+    assert found == ["deepagrel/seed0/run.h5", "deepagrel/seed1/run.h5", "more/ebp0/run.h5"]
+
+
 def test_a_folder_of_runs_that_cannot_be_listed_is_named(finished_runs, capsys, monkeypatch):
     scandir = os.scandir
 
@@ -616,6 +639,13 @@ def damage(path, dataset):
         data = file.read(chunk.size)
         file.seek(chunk.byte_offset)
         file.write(bytes(byte ^ 0xFF for byte in data))
+
+
+def test_resuming_a_damaged_run_file_says_it_is_damaged(tmp_path, capsys):
+    assert main(["train", "--max-epochs", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    damage(tmp_path / "run" / "run.h5", "epochs/epoch")
+    assert main(["train", "--resume", "--max-epochs", "3", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert re.search(r"run\.h5: the run file is damaged \(.*\); move the run folder away and train the run again", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("dataset", ["trials/delta", "layers/layers.2/fb", "gating/layers.0/open_fraction", "epochs/reward_probability"])
@@ -654,6 +684,9 @@ def setting(name, value):
     pytest.param(setting("config", "{not json"), r"bad config attribute \(Expecting property name enclosed in double quotes", id="config not JSON"),
     pytest.param(setting("layout_version", "three"), r"bad layout_version attribute \(invalid literal for int\(\) with base 10: 'three'\)", id="layout version not a number"),
     pytest.param(setting("seed", "zero"), r"bad seed attribute", id="seed not a number"),
+    pytest.param(setting("config", "{}"), r"its config attribute lacks the experiment, data set or model", id="config empty"),
+    pytest.param(setting("config", "[1, 2]"), r"its config attribute lacks", id="config a list"),
+    pytest.param(without("epochs"), r"lacks /epochs/epoch, ", id="no epochs"),
 ])
 def test_run_files_with_missing_or_bad_records_are_named(finished_runs, tmp_path, edit, message):
     path = tmp_path / "run.h5"
@@ -712,6 +745,9 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
         run = load_run(tmp_path / "run.h5")
     png = plot_trial_timecourse(run, tmp_path / "trial.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert run.timecourse(-3)["trial"] == 0
+    with pytest.raises(IndexError, match=r"index: 3 is out of range for the 3 traced trials"):
+        run.timecourse(3)
 
 
 def test_a_configuration_naming_another_backend_than_the_networks_is_refused(tmp_path):

@@ -249,29 +249,39 @@ def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path)
                     time.sleep(0.1)
 
 
-def test_a_submitit_job_out_of_time_is_requeued_and_its_run_goes_on_from_its_checkpoint(sweep_file, tmp_path, capsys):
+def test_a_submitit_job_out_of_time_is_requeued_and_its_run_goes_on_from_its_checkpoint(sweep_file, tmp_path, capsys, monkeypatch):
     """submitit's local executor signals a job 30 s (its signal_delay_s, which the AutoExecutor does
     not let one change) before the job's timeout: with ``local_timeout_min = 0.75`` (``timeout_min``
-    takes whole minutes, its ``local_`` override fractions), after 15 s, some 3 of which the job
+    takes whole minutes, its ``local_`` override fractions), after 15 s, some 5 of which the job
     spends starting. A timeout of 0.5 minutes or less would never signal a job, only end it.
 
-    A short run first sizes the run to about two jobs' worth of training, so that it is requeued
-    once or twice (submitit requeues a job 3 times at most) on a slow machine as on a fast one.
+    A short run first sizes the run to about 2.4 jobs' worth of training; with up to 5 requeues
+    (6 jobs, as many as the local executor starts), it is requeued where jobs train 2.4 times as
+    fast as the sizing found, and ends where they train 2.5 times as slowly. The job trains with
+    one thread, as the sizing and the reference do: results depend on the thread count, and two
+    threads on a busy machine wait on each other, so that their speed varies tenfold.
     """
     pytest.importorskip("submitit")
+    monkeypatch.setattr(sweep_module, "_usable_cores", lambda: 1)  # the job's threads: cores ÷ jobs
+    monkeypatch.setattr(sweep_module, "MAX_TIMEOUTS", 5)
     (tmp_path / "wide.toml").write_text(MODEL.replace("units = 16", "units = 1024"))  # epochs long next to their checkpoints
     long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("tiny.toml", "wide.toml").replace("batch_size = 50", "batch_size = 10")
-    (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", "max_epochs = 20"))
-    seconds = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, tmp_path / "sizing", log=None, progress=False).seconds
-    epochs = max(20, round(2 * 12 / (seconds / 20)))
-    (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", f"max_epochs = {epochs}\npatience = {epochs}"))
-    sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0]\nout = "runs/tiny"\n[slurm]\nlocal_timeout_min = 0.75\n')
-    assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 0
-    assert re.search(rf"tiny_long seed=0: test_acc=\S+ best_epoch=\d+ epochs={epochs} ", capsys.readouterr().out)
-    [log] = (tmp_path / "runs" / "tiny" / "submitit").glob("*/*_0_log.out")
-    assert "Requeued job" in log.read_text(), f"the run of {epochs} epochs was never requeued"
-    # Every epoch once, each as an uninterrupted run computes it.
-    reference = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, log=None, progress=False)
+    (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", "max_epochs = 50\npatience = 50"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sizing = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, tmp_path / "sizing", log=None, progress=False)
+        epochs = max(20, round(2.4 * 10 / (sizing.seconds / sizing.epochs)))  # 10 s of training a job
+        (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", f"max_epochs = {epochs}\npatience = {epochs}"))
+        sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0]\nout = "runs/tiny"\n[slurm]\nlocal_timeout_min = 0.75\n')
+        assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 0
+        assert re.search(rf"tiny_long seed=0: test_acc=\S+ best_epoch=\d+ epochs={epochs} ", capsys.readouterr().out)
+        [log] = (tmp_path / "runs" / "tiny" / "submitit").glob("*/*_0_log.out")
+        assert "Requeued job" in log.read_text(), f"the run of {epochs} epochs was never requeued"
+        # Every epoch once, each as an uninterrupted run with the job's thread count computes it.
+        reference = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, log=None, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     with h5py.File(tmp_path / "runs" / "tiny" / "tiny_long" / "seed0" / "run.h5", "r") as run:
         assert run.attrs["complete"] and run["epochs/epoch"][:].tolist() == list(range(1, epochs + 1))
         for name in ("reward_probability", "train_loss", "validation_accuracy", "learning_rate"):
@@ -302,6 +312,134 @@ def test_a_submitit_job_that_ends_without_its_runs_outcome_fails_in_one_line(swe
     failures = [line for line in captured.out.splitlines() if line.startswith("FAILED")]
     assert len(failures) == 4 and all(re.fullmatch(rf"FAILED \S+\.toml seed=\d: {reason}; its log: {log}", line) for line in failures), captured.out
     assert "Traceback" not in captured.out + captured.err and len(captured.out.splitlines()) == 5, captured.out
+
+
+class FakeJob:
+    """A finished submitit job whose ``result()`` returns ``outcome``, or raises it."""
+
+    def __init__(self, name, outcome):
+        self.paths = type("Paths", (), {"stderr": Path(f"/logs/{name}_0_log.err")})()
+        self.state = "COMPLETED"
+        self.outcome = outcome
+
+    def done(self):
+        return True
+
+    def result(self):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class FakeLocalExecutor:
+    """Hands out ``jobs`` as the jobs of the tasks it is given."""
+
+    cluster = "local"
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+
+    def map_array(self, function, tasks):
+        return self.jobs[:len(tasks)]
+
+
+def test_a_submitit_job_whose_outcome_cannot_be_read_fails_alone_in_one_line(sweep_file):
+    utils = pytest.importorskip("submitit").core.utils
+    trace = "Traceback (most recent call last):\n  File ...\nsubmitit.core.utils.UncompletedJobError: Job not requeued because: timed-out too many times.\n"
+    jobs = [
+        FakeJob("1", AssertionError("You should use `results()` if your job has subtasks.")),
+        FakeJob("2", OSError(5, "Input/output error")),
+        FakeJob("3", utils.FailedJobError(f"Job (task=0) failed during processing with trace:\n----------------------\n{trace}\n----------------------\nYou can check full logs")),
+        FakeJob("4", (True, "tiny_ebp seed=1: test_acc=0.5")),
+    ]
+    sweep = load_sweep(sweep_file)
+    tasks, _ = plan(sweep, "runs")
+    outcomes = [(ok, line) for _, ok, line in sweep_module._run_submitit(FakeLocalExecutor(jobs), tasks, 4, sweep)]
+    assert outcomes == [
+        (False, "its result could not be read (AssertionError: You should use `results()` if your job has subtasks.); its log: /logs/1_0_log.err"),
+        (False, "its result could not be read (OSError: [Errno 5] Input/output error); its log: /logs/2_0_log.err"),
+        (False, (
+            "out of time 4 times, and submitit requeues a job 3 times at most; the run keeps its finished epochs: raise "
+            "timeout_min in the [slurm] table, or run the sweep again to continue it; its log: /logs/3_0_log.err"
+        )),
+        (True, "tiny_ebp seed=1: test_acc=0.5"),
+    ]
+
+
+class Submitit:
+    """Stands for submitit's handler of its time-out signal in a job: it requeues the job
+    (``SystemExit``), or, with ``refuse``, raises as where the job timed out too often."""
+
+    def __init__(self, refuse=False):
+        self.refuse, self.calls = refuse, 0
+
+    def __call__(self, signum, frame):
+        from submitit.core.utils import UncompletedJobError
+
+        self.calls += 1
+        if self.refuse:
+            raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+        raise SystemExit(-1)
+
+
+@pytest.fixture
+def in_a_job(sweep_file, tmp_path, monkeypatch):
+    """This process as a submitit job that runs seed 0 of tiny_deepagrel: its task, and its
+    stand-in for submitit's handler of the time-out signal, installed for the test's duration."""
+    pytest.importorskip("submitit")
+    for name, value in (("SUBMITIT_EXECUTOR", "local"), ("SUBMITIT_FOLDER", str(tmp_path / "job")), ("SUBMITIT_LOCAL_JOB_ID", "7"), ("SUBMITIT_LOCAL_GLOBALID", "0")):
+        monkeypatch.setenv(name, value)
+    [task] = [task for task in plan(load_sweep(sweep_file), "runs", threads=torch.get_num_threads())[0] if "deepagrel" in task.experiment_path and task.seed == 0]
+    handlers = signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGINT)
+    yield task
+    signal.signal(signal.SIGUSR2, handlers[0])
+    signal.signal(signal.SIGINT, handlers[1])
+
+
+def test_a_submitit_job_signalled_as_its_run_ends_is_requeued_and_then_reports_the_run(in_a_job, monkeypatch):
+    submitit = Submitit()
+    signal.signal(signal.SIGUSR2, submitit)
+
+    def signalled_as_it_ends(task):
+        line = execute(task)
+        signal.raise_signal(signal.SIGUSR2)  # its time is up just after the run was marked complete
+        return line
+
+    monkeypatch.setattr(sweep_module, "execute", signalled_as_it_ends)
+    with pytest.raises(SystemExit):
+        sweep_module.SubmititRun()(in_a_job)
+    assert submitit.calls == 1 and is_complete(in_a_job.folder)
+    monkeypatch.setattr(sweep_module, "execute", execute)  # the requeued job: the run is complete, made with these settings
+    ok, line = sweep_module.SubmititRun()(in_a_job)
+    with h5py.File(Path(in_a_job.folder) / "run.h5", "r") as run:
+        result = dict(run["result"].attrs)
+    assert ok and line == f"tiny_deepagrel seed=0: test_acc={result['test_accuracy']:.4f} best_epoch={result['best_epoch']} epochs=2 converged={result['converged']} time={result['seconds']:.1f}s", line
+
+
+def test_once_a_submitit_job_has_run_its_signal_is_submitits_again(in_a_job):
+    submitit = Submitit()
+    signal.signal(signal.SIGUSR2, submitit)
+    interrupt = signal.getsignal(signal.SIGINT)
+    ok, line = sweep_module.SubmititRun()(in_a_job)
+    assert ok and line.startswith("tiny_deepagrel seed=0: test_acc="), line
+    assert signal.getsignal(signal.SIGUSR2) is submitit and signal.getsignal(signal.SIGINT) is interrupt
+    with pytest.raises(SystemExit):  # as submitit stores the result: submitit requeues the job
+        signal.raise_signal(signal.SIGUSR2)
+    assert submitit.calls == 1
+
+
+def test_a_submitit_job_out_of_time_too_often_fails_in_one_line(in_a_job, tmp_path, monkeypatch):
+    signal.signal(signal.SIGUSR2, Submitit(refuse=True))
+
+    def signalled(task):
+        signal.raise_signal(signal.SIGUSR2)
+        return execute(task)
+
+    monkeypatch.setattr(sweep_module, "execute", signalled)
+    assert sweep_module.SubmititRun()(in_a_job) == (False, (
+        "out of time 4 times, and submitit requeues a job 3 times at most; the run keeps its finished epochs: raise "
+        f"timeout_min in the [slurm] table, or run the sweep again to continue it; its log: {tmp_path / 'job' / '7_0_log.err'}"
+    ))
 
 
 def test_submitit_local_jobs_get_a_week_unless_the_slurm_table_says_otherwise(sweep_file, tmp_path):
@@ -357,6 +495,7 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
         ("cpus_per_tsk = 8", r"slurm\.cpus_per_tsk: submitit refuses it \(Unknown executor 'cpus' in parameter 'cpus_per_tsk'\.\)"),
         ("slurm_partitoin = 'gpu'", r"slurm\.slurm_partitoin: submitit refuses it \(Unknown argument 'partitoin' for executor 'slurm'"),
         ("timeout_min = '1h'", r"slurm\.timeout_min: submitit refuses it \(Parameter \"timeout_min\" expected type"),
+        ("tasks_per_node = 2", r"slurm: 2 tasks per job \(nodes × tasks_per_node\), but each run is one process; remove nodes and tasks_per_node"),
     ):
         sweep_file.write_text(f"{text}[slurm]\n{table}\n")
         assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2

@@ -171,3 +171,61 @@ def test_observing_without_learning_changes_nothing():
         assert torch.equal(value, before[key])
     assert all(torch.equal(trials.layers[i].ff, trials.layers[i - 1].ff) for i in (1, 3)), "no dropout"
     torch.testing.assert_close(trials.q, net.q_values(images))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("dtype", torch.int64, r"dtype: expected one of torch\.float16, torch\.bfloat16, torch\.float32, torch\.float64, got torch\.int64"),
+    ("dtype", "float32", r"dtype: expected one of .*, got 'float32'"),
+    ("device", "gpu", r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ("seed", None, r"seed: expected an integer from 0 to 2\*\*63 - 1, got None"),
+    ("seed", 1.5, r"seed: expected an integer from 0 to 2\*\*63 - 1, got 1\.5"),
+    ("seed", True, r"seed: expected an integer from 0 to 2\*\*63 - 1, got True"),
+    ("seed", -1, r"seed: expected an integer from 0 to 2\*\*63 - 1, got -1"),
+    ("seed", 2**63, r"seed: expected an integer from 0 to 2\*\*63 - 1, got 9223372036854775808"),
+])
+def test_build_names_a_bad_dtype_device_or_seed(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        build(ColumnNetwork((4,), [Dense(3)], 2), **{option: value})
+
+
+def test_build_names_a_missing_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device: 'cuda' requested but CUDA is not available on this machine; use 'cpu'"):
+        build(ColumnNetwork((4,), [Dense(3)], 2), device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_every_layer_kind(dtype):
+    input_shape, layers = ARCHITECTURES["paper_like"]
+    for rule in (Rule(bias=True, feedback="independent"), Rule(name="ebp", bias=True)):
+        net = build(ColumnNetwork(input_shape, layers, 5, rule=rule), dtype=dtype, seed=2**63 - 1)
+        images, labels, _ = random_batch(net)
+        trials = net.run_trials(images, labels, record=True)
+        assert trials.q.dtype == dtype and net.q_values(images).dtype == dtype
+        assert all(value.dtype == dtype and torch.isfinite(value).all() for value in net.weights().values())
+
+
+def test_a_dropout_layer_has_no_weights_to_read_or_set():
+    net = build(ColumnNetwork((3,), [Dense(2), Dropout(0.5)], 2))
+    dropout = net.layers[1]
+    for part in ("ff", "fb", "bias"):
+        with pytest.raises(AttributeError, match=r"layers\.1 is a dropout layer: it has no weights"):
+            getattr(dropout, part)
+        with pytest.raises(AttributeError, match=r"layers\.1 is a dropout layer: it has no weights"):
+            setattr(dropout, part, torch.zeros(2, 3))
+
+
+def test_trials_need_labels():
+    net = build(ColumnNetwork((4,), [Dense(3)], 2))
+    with pytest.raises(ValueError, match=r"labels: trials need the correct action of each trial, a tensor of shape \(batch,\); got None"):
+        net.run_trials(torch.rand(2, 4), None)
+    assert net.trials_run == 0
+
+
+def test_a_refused_batch_counts_no_trials():
+    net = build(ColumnNetwork((4,), [Dense(3)], 2, rule=Rule(name="ebp")))
+    with pytest.raises(ValueError, match=r"actions: forcing actions is meaningful only for rule 'deepagrel'"):
+        net.run_trials(torch.rand(2, 4), torch.tensor([0, 1]), actions=torch.tensor([1, 1]))
+    assert net.trials_run == 0
+    net.run_trials(torch.rand(2, 4), torch.tensor([0, 1]))
+    assert net.trials_run == 2

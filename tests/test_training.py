@@ -156,6 +156,14 @@ def test_the_validation_split_is_drawn_by_the_seed_and_never_trained_on(tmp_path
     assert torch.equal(training.split_validation(n_train, size, 0)[1], validation[0]), "the same seed, the same split"
 
 
+def test_augmentation_needs_image_input():
+    flat = ColumnNetwork((64,), [Dense(8)], 10)
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, train_images=data.train_images.flatten(1), test_images=data.test_images.flatten(1))
+    with pytest.raises(ValueError, match=r"training\.augmentation: zoom, shift and reflection need images \[channels, height, width\], but model .* takes input of shape \[64\]"):
+        train(flat, data, TrainingSettings(max_epochs=1, augmentation=Augmentation(factor=2)), progress=False, log=None)
+
+
 def test_augmented_training_transforms_every_batch_and_sees_each_image_factor_times(monkeypatch, tmp_path):
     seen = []
     real = training.augment
@@ -189,6 +197,30 @@ def test_a_diverged_run_stops_unconverged_at_the_first_epoch_with_a_non_finite_l
     assert lines[-1] == f"epoch {result.epochs}: the training loss is not finite: the network has diverged, so the run stops here (a lower learning rate may help)"
     resumed = train(description, load_dataset("digits"), dataclasses.replace(SETTINGS, patience=50), progress=False, log=None, resume=load_checkpoint(tmp_path / "checkpoint.pt"))
     assert (resumed.epochs, resumed.converged) == (result.epochs, False), "a diverged run stays stopped"
+
+
+def test_training_checks_no_batch_values_that_would_make_the_host_wait_for_a_gpu(monkeypatch):
+    from agrel_sim.backends import torch_backend
+
+    checked = []
+    real = torch_backend.check_batch
+
+    def check_batch(*args, **kwargs):
+        checked.append(args[4] if len(args) > 4 else kwargs.get("check_range", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "check_batch", check_batch)
+    train(ColumnNetwork((1, 8, 8), [Dense(16)], 10), load_dataset("digits"), dataclasses.replace(SETTINGS, max_epochs=1), progress=False, log=None)
+    assert checked and not any(checked), "training, validation and test batches skip the value checks (a Dataset's pixels are valid rates)"
+
+
+def test_a_run_diverged_in_its_first_epoch_has_no_best_weights_to_test(tmp_path):
+    description = ColumnNetwork((1, 8, 8), [Dense(16)], 10, rule=Rule(learning_rate=1e6))
+    result = train(description, load_dataset("digits"), SETTINGS, progress=False, log=None, checkpoint=tmp_path / "checkpoint.pt")
+    assert (result.epochs, result.best_epoch, result.diverged, result.converged) == (1, 0, True, False)
+    assert math.isnan(result.test_accuracy), "no epoch gave weights worth testing"
+    resumed = train(description, load_dataset("digits"), dataclasses.replace(SETTINGS, patience=50), progress=False, log=None, resume=load_checkpoint(tmp_path / "checkpoint.pt"))
+    assert (resumed.epochs, resumed.diverged) == (1, True) and math.isnan(resumed.test_accuracy)
 
 
 def test_ctrl_c_during_training_is_taken_between_batches_even_inside_a_collector_callback(monkeypatch, tmp_path):

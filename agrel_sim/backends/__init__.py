@@ -54,12 +54,59 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     module.check_network(network)
 
 
-def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True) -> None:
-    """Check a batch of trials against the network before it runs, naming what is wrong.
+def check_device(device) -> None:
+    """Raise a clear error for a device other than cpu, cuda or cuda:N, or a CUDA device this machine lacks.
 
-    Labels and actions may have any integer dtype (the backends use them as int64).
-    ``check_range=False`` skips checking that labels and actions lie in ``[0, n_actions)``,
-    the one check that makes the host wait for a GPU.
+    Parameters
+    ----------
+    device : str or torch.device
+        The device asked for.
+
+    Raises
+    ------
+    ValueError
+        Naming ``device`` and the devices there are.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine; use 'cpu'")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device: {device!r} requested but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True, *, trials: bool = False) -> None:
+    """Check a batch against the network before it runs, naming what is wrong.
+
+    Parameters
+    ----------
+    network : ColumnNetwork
+        The description the batch must fit.
+    images : Tensor (B, *input_shape)
+        Floating-point stimuli: rates, finite and ``>= 0``.
+    labels, actions : Tensor (B,) or None
+        Indices of actions, of any integer dtype (the backends use them as int64).
+    check_range : bool
+        Check the values: that images are finite and ``>= 0`` and that labels and actions lie
+        in ``[0, n_actions)``. On a GPU these checks make the host wait for the device; with
+        ``False`` only types and shapes are checked, which needs no wait.
+    trials : bool
+        The batch is run as trials, which need ``labels``.
+
+    Raises
+    ------
+    TypeError
+        For images that are not a floating-point tensor, labels or actions not integer tensors.
+    ValueError
+        For a wrong shape, missing labels or (with ``check_range``) a value out of range.
     """
     import torch
 
@@ -75,6 +122,8 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check
     batch = images.shape[0]
     if batch == 0:
         raise ValueError("images: expected at least one image, got an empty batch")
+    if trials and labels is None:
+        raise ValueError("labels: trials need the correct action of each trial, a tensor of shape (batch,); got None")
     given = {name: values for name, values in (("labels", labels), ("actions", actions)) if values is not None}
     for name, values in given.items():
         if not torch.is_tensor(values) or values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
@@ -82,13 +131,31 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check
             raise TypeError(f"{name}: expected a tensor of integers (indices of actions; any integer dtype), got {kind}")
         if tuple(values.shape) != (batch,):
             raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
-    if not given or not check_range:
+    if not check_range:
         return
-    outside = {name: ((values < 0) | (values >= network.n_actions)).any() for name, values in given.items()}
-    if torch.stack(list(outside.values())).any():  # makes the host wait for a GPU
-        name = next(name for name, flag in outside.items() if flag)
-        values = given[name]
-        raise ValueError(f"{name}: values must lie in [0, {network.n_actions}), got {int(values.min())}..{int(values.max())}")
+    not_finite, negative = ~torch.isfinite(images), images < 0
+    # In float64, indices of every integer dtype compare exactly with n_actions (torch has no
+    # comparisons for uint16, uint32 and uint64).
+    indices = {name: values.double() for name, values in given.items()}
+    outside = {name: (values < 0) | (values >= network.n_actions) for name, values in indices.items()}
+    flags = [not_finite.any(), negative.any(), *(where.any().to(images.device) for where in outside.values())]
+    if not torch.stack(flags).any():  # makes the host wait for a GPU, once for all these checks
+        return
+    if not_finite.any():
+        raise ValueError(f"images: {_count_and_first(not_finite)} not finite (NaN or inf); replace them (torch.nan_to_num) or leave those images out")
+    if negative.any():
+        raise ValueError(
+            f"images: {_count_and_first(negative)} negative (the lowest {images.min().item():g}), but input columns are rates: "
+            "rates must be >= 0; shift or clip the stimuli (images.clamp(min=0))"
+        )
+    name = next(name for name, where in outside.items() if where.any())
+    values = indices[name]
+    raise ValueError(f"{name}: values must lie in [0, {network.n_actions}), got {int(values.min())}..{int(values.max())}")
+
+
+def _count_and_first(where) -> str:
+    """``"N value(s), the first in image i of the batch, are"``, for a boolean mask over a batch of images."""
+    return f"{where.sum().item()} value(s), the first in image {where.flatten(1).any(1).nonzero()[0].item()} of the batch, are"
 
 
 def check_weight_keys(weights: dict, expected: set[str]) -> None:

@@ -35,7 +35,9 @@ One trial is a timeline of five phases, whose durations are options of :func:`bu
     ``alpha * delta * y_p * gate_m * fb_m``, averaged over the time steps of this phase and
     over the trials of the batch; at the last step of a batch the accumulated change (and
     weight decay) is applied, so that a batch's update is the mean of single-trial updates from
-    the same starting weights, as in the torch backend.
+    the same starting weights, as in the torch backend. Every batch starts from no accumulated
+    change, and the plasticity code runs only in batches that learn: Q-values and trials with
+    ``learn=False`` leave the weights untouched, whatever activity (even NaN) they produce.
 
 The stimulus stays on and all neurons keep integrating throughout the trial; activity is reset
 to 0 between trials. When the settling times are long compared with ``tau_ff`` and ``tau_fb``
@@ -127,15 +129,14 @@ BIAS_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_bias_post = w * y_pre : 1 (summed)" + NEU
 
 # The four factors: dopamine (delta), presynaptic ff activity, gate and feedback of the upper
 # column. Written in the same order for both directions, so tied weights stay bitwise equal.
+# It runs in learning batches only, and dw is 0 at the start of every batch (Brian2Network._run).
 FF_PLASTICITY = """
 dw += plasticity_rate * delta * y_pre * gate_post * fb_post
 w = w * (1 - consolidate * decay) + consolidate * dw
-dw = dw * (1 - consolidate)
 """
 FB_PLASTICITY = """
 dw += plasticity_rate * delta * y_post * gate_pre * fb_pre
 w = w * (1 - consolidate * decay) + consolidate * dw
-dw = dw * (1 - consolidate)
 """
 
 
@@ -329,9 +330,36 @@ def _tensor(array: np.ndarray, dtype) -> torch.Tensor:
 
 
 def _matrix(value, shape, name) -> np.ndarray:
-    array = value.detach().cpu().double().numpy() if torch.is_tensor(value) else np.asarray(value, dtype=np.float64)
+    """Weights to assign, checked, as a float64 array.
+
+    Parameters
+    ----------
+    value : Tensor or array_like
+        Real numbers (integer or floating-point, not bool or complex).
+    shape : tuple of int
+        The shape ``value`` must have.
+    name : str
+        What is set (``"layers.0.ff"``), for the messages.
+
+    Raises
+    ------
+    ValueError
+        For a wrong shape, values that are not real numbers, NaN or infinity.
+    """
+    if torch.is_tensor(value):
+        dtype = value.dtype
+        real = dtype != torch.bool and not dtype.is_complex
+    else:
+        value = np.asarray(value)
+        dtype = value.dtype
+        real = dtype.kind in "iuf"
+    if not real:
+        raise ValueError(f"{name}: expected real numbers, got {dtype}")
+    array = value.detach().cpu().double().numpy() if torch.is_tensor(value) else value.astype(np.float64)
     if array.shape != tuple(shape):
         raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {tuple(array.shape)}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: values must be finite (got NaN or inf)")
     return array
 
 
@@ -418,6 +446,8 @@ class Brian2Network:
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
+        if not is_number(value, lambda v: v > 0):
+            raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
         self._learning_rate = value
         # Brian2 reads external constants from the namespace at the start of every run.
         self.namespace["decay"] = value * self.description.rule.weight_decay
@@ -439,6 +469,7 @@ class Brian2Network:
         self.input_feedback = self._neurons(n_input, fb_neuron_model(top=False), "input_fb", method="exponential_euler")
         self.input_feedback.y = brian2.linked_var(self.stimulus, "y")
         objects = [self.dopamine, self.stimulus, self.input_feedback]
+        self._plasticity = []  # the plasticity operations, active in learning batches only
         if bias:
             bias_unit = self._neurons(1, BIAS_UNIT_MODEL, "bias_unit")
             bias_unit.y = 1.0
@@ -469,7 +500,8 @@ class Brian2Network:
                 plastic.append((bias_syn, FF_PLASTICITY))
             for synapses, code in plastic:
                 self._link_dopamine(synapses)
-                objects += [synapses, synapses.run_regularly(code, when="end", name=f"{synapses.name}_plasticity")]
+                self._plasticity.append(synapses.run_regularly(code, when="end", name=f"{synapses.name}_plasticity"))
+                objects += [synapses, self._plasticity[-1]]
             objects += [ff, fb]
             tied = description.rule.feedback == "tied"
             self.layers.append(DenseColumnPopulation(name, ff, fb, ff_syn, fb_syn, bias_syn, (units, inputs), tied, self.dtype))
@@ -509,24 +541,30 @@ class Brian2Network:
 
     # -- trials -------------------------------------------------------------------------------
 
-    def _check_batch(self, images, labels=None, actions=None, check_range=True) -> np.ndarray:
-        check_batch(self.description, images, labels, actions, check_range)
+    def _check_batch(self, images, labels=None, actions=None, check_range=True, trials=False) -> np.ndarray:
+        check_batch(self.description, images, labels, actions, check_range, trials=trials)
         return images.detach().cpu().double().flatten(1).numpy()
 
     def _run(self, episode: "_Episode") -> None:
+        """Run ``episode`` in one Brian2 run, the plasticity code only when it learns.
+
+        The batch starts from no pending change, whatever an earlier run left in ``dw`` (an
+        interrupted batch, NaN), and weights set since then are the ones it starts from.
+        """
+        self._drop_pending_change()
+        for operation in self._plasticity:
+            operation.active = episode.learn
         self._episode = episode
         try:
             with _codegen_target(self.codegen_target):
                 self.network.run(episode.total_steps * self.timeline.dt * brian2.ms, namespace={})
         finally:
             self._episode = None
-            if episode.step != episode.total_steps:  # interrupted: forget the batch's pending change
-                self._drop_pending_change()
         if episode.step != episode.total_steps:
             raise RuntimeError(f"brian2 backend: the run took {episode.step} time steps, expected {episode.total_steps}")
 
     def _drop_pending_change(self) -> None:
-        """Zero the accumulated weight changes and the dopamine signals of an unfinished batch."""
+        """Zero the accumulated weight changes and the dopamine signals."""
         for layer in self.layers:
             for synapses in (layer.ff_synapses, layer.fb_synapses, layer.bias_synapses):
                 if synapses is not None:
@@ -534,12 +572,13 @@ class Brian2Network:
         for name in ("delta", "plasticity_rate", "consolidate"):
             _state(self.dopamine, name)[:] = 0.0
 
-    def q_values(self, images: torch.Tensor) -> torch.Tensor:
+    def q_values(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
         """Q-values of a batch, read at the end of the stimulus phase; no feedback, no learning.
 
-        Each image is one stimulus phase of the timeline, all in one Brian2 run.
+        Each image is one stimulus phase of the timeline, all in one Brian2 run;
+        ``check_range=False`` skips checking the images' values (see :func:`check_batch`).
         """
-        stimuli = self._check_batch(images)
+        stimuli = self._check_batch(images, check_range=check_range)
         episode = _Episode(self, stimuli, steps_per_trial=self.timeline.steps["stimulus"])
         self._run(episode)
         return torch.from_numpy(episode.q).to(self.dtype)
@@ -568,7 +607,7 @@ class Brian2Network:
             ``q`` (read at the end of the stimulus phase), ``action``, ``reward``, ``delta``,
             ``layers`` (when ``record``) and ``traces`` of the trials chosen by ``trace_every``.
         """
-        stimuli = self._check_batch(images, labels, actions, check_range)
+        stimuli = self._check_batch(images, labels, actions, check_range, trials=True)
         before = [layer.ff_synapses.w[:].copy() for layer in self.layers] if record and learn else None
         decay = self.learning_rate * self.description.rule.weight_decay  # as the batch's end applies it
         episode = _Episode(
@@ -822,9 +861,12 @@ def build(
     UnsupportedLayerError
         For a layer kind other than dense (the message names the backend and the kind).
     ValueError
-        For a non-CPU device, an unsupported dtype, rule ``ebp`` or a bad setting.
+        For a non-CPU device, an unsupported dtype, a seed that is not an integer in
+        ``[0, 2**63 - 1]``, rule ``ebp`` or a bad setting.
     """
     check_network(network)
+    if not (is_count(seed, 0) and seed <= 2**63 - 1):
+        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
     if torch.device(device).type != "cpu":
         raise ValueError(f"device: the {BACKEND} backend runs on the CPU (Brian2 runtime mode), got {str(device)!r}")
     if dtype not in (torch.float32, torch.float64):

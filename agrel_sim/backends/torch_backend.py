@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import check_batch, check_weight_keys
+from agrel_sim.backends import check_batch, check_device, check_weight_keys
+from agrel_sim.config import is_count, is_number
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
 
@@ -92,7 +93,8 @@ class ReadOnlyWeights(torch.Tensor):
 
     The Brian2 backend hands out a copy of its synapses' weights, so that a write into it would
     be lost without a word; on every backend, therefore, a write into these tensors raises
-    (``w[1] = 0``, ``w.mul_(0)``, ``w += 1``, ``out=w``, ``inplace=True``) with a
+    (``w[1] = 0``, ``w.mul_(0)``, ``w += 1``, ``out=w``, ``inplace=True``,
+    ``torch.nn.init.uniform_(w)``, ``torch._foreach_mul_([w], 0)``) with a
     ``RuntimeError`` (not a ``TypeError``, which torch would turn into ``w = w + 1``), and
     weights are set by assigning a whole tensor: ``layer.ff = new``. What shares their memory (a
     view such as ``w[1]`` or ``w.T``, ``w.numpy()``) is read-only too; new tensors
@@ -118,11 +120,14 @@ class ReadOnlyWeights(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        written = kwargs.get("out")
-        written = list(written) if isinstance(written, (tuple, list)) else [written]
+        written = [kwargs.get("out")]
         in_place = name in IN_PLACE_SPECIAL_METHODS or (name.endswith("_") and not name.endswith("__") and name not in NOT_WRITING)
-        if args and (in_place or kwargs.get("inplace")):
-            written.append(args[0])
+        if in_place or kwargs.get("inplace"):
+            # What an in-place function writes is its first argument, given by position
+            # (``w.mul_(0)``) or by keyword (torch.nn.init passes ``tensor=w``), or each tensor
+            # of a list there (``torch._foreach_mul_([w], 0)``); the other arguments it reads.
+            written.append(args[0] if args else next(iter(kwargs.values()), None))
+        written = [item for target in written for item in (target if isinstance(target, (tuple, list)) else [target])]
         for target in written:
             if isinstance(target, cls):
                 part = target.weight_name.rpartition(".")[2]
@@ -384,9 +389,18 @@ class LocallyConnectedColumns(_Layer):
 
 
 class DropoutColumns:
-    """Silences a random subset of the columns below during learning trials; no weights."""
+    """Silences a random subset of the columns below during learning trials; no weights.
+
+    Its ``ff``, ``fb`` and ``bias`` raise ``AttributeError``, when read or assigned, so that
+    weights set on it are not silently ignored.
+    """
 
     has_weights = False
+
+    def _no_weights(self, value=None):
+        raise AttributeError(f"{self.name} is a dropout layer: it has no weights")
+
+    ff = fb = bias = property(_no_weights, _no_weights)
 
     def __init__(self, name, spec: Dropout, input_shape, net):
         self.name = name
@@ -435,9 +449,15 @@ def changed_fraction(change: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_into(target: torch.Tensor, value, name: str) -> None:
+    """Set the weights ``target`` (named ``name`` in messages) to ``value``: real numbers,
+    finite, of ``target``'s shape; raise ``ValueError`` otherwise."""
     value = torch.as_tensor(value)
+    if value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(f"{name}: expected real numbers, got {value.dtype}")
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"{name}: expected a tensor of shape {tuple(target.shape)}, got {tuple(value.shape)}")
+    if not torch.isfinite(value).all():  # makes the host wait for a GPU: weights are set between batches
+        raise ValueError(f"{name}: values must be finite (got NaN or inf)")
     with torch.no_grad():
         target.copy_(value)
 
@@ -451,7 +471,7 @@ class TorchNetwork:
     device : str or torch.device
         ``"cpu"``, ``"cuda"``, ...
     dtype : torch.dtype
-        Floating-point type of weights and activity.
+        Floating-point type of weights and activity (:data:`DTYPES`).
     seed : int
         Seeds the weight initialisation (drawn on the CPU in float64, so identical on every
         device; ff weights are the same in every feedback mode and for EBP, and independent fb
@@ -463,11 +483,13 @@ class TorchNetwork:
         ``"torch"``, the key of this backend in :data:`agrel_sim.backends.BACKENDS`.
     layers : list
         The hidden column layers bottom to top, then the output layer; each has ``ff`` and
-        ``fb`` weights (dropout layers have none), read-only tensors (:class:`ReadOnlyWeights`)
-        that are set by assignment.
+        ``fb`` weights (dropout layers have none: reading or setting them raises
+        ``AttributeError``), read-only tensors (:class:`ReadOnlyWeights`) that are set by
+        assignment of finite real numbers.
     learning_rate : float
-        The step size alpha of the next updates; starts at ``description.rule.learning_rate``
-        and may be changed between batches (a learning-rate schedule).
+        The step size alpha of the next updates, a finite number > 0; starts at
+        ``description.rule.learning_rate`` and may be changed between batches (a learning-rate
+        schedule).
     trials_run : int
         Trials run so far by :meth:`run_trials` (a checkpoint keeps it, as for the Brian2
         backend, whose traces it numbers).
@@ -504,6 +526,17 @@ class TorchNetwork:
             for tensor in self.parameters():
                 tensor.requires_grad_(True)
 
+    @property
+    def learning_rate(self) -> float:
+        """The step size alpha of the next updates; may be changed between batches."""
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        if not is_number(value, lambda v: v > 0):
+            raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
+        self._learning_rate = value
+
     def uniform(self, shape) -> torch.Tensor:
         """Weights uniform in ``[-init_range, init_range]``, drawn reproducibly on the CPU."""
         r = self.description.rule.init_range
@@ -538,8 +571,8 @@ class TorchNetwork:
 
     # -- trials -------------------------------------------------------------------------------
 
-    def _check_batch(self, images, labels=None, actions=None, check_range=True):
-        check_batch(self.description, images, labels, actions, check_range)
+    def _check_batch(self, images, labels=None, actions=None, check_range=True, trials=False):
+        check_batch(self.description, images, labels, actions, check_range, trials=trials)
         return images.to(self.device, self.dtype)
 
     def _forward(self, x, learning):
@@ -549,9 +582,10 @@ class TorchNetwork:
         return activity
 
     @torch.no_grad()
-    def q_values(self, images: torch.Tensor) -> torch.Tensor:
-        """Q-values of a batch with no dropout and no learning (for evaluation)."""
-        x = self._check_batch(images)
+    def q_values(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """Q-values of a batch with no dropout and no learning (for evaluation);
+        ``check_range=False`` skips checking the images' values (see :func:`check_batch`)."""
+        x = self._check_batch(images, check_range=check_range)
         q = self._forward(x, learning=False)[-1]
         for layer in self.layers:
             layer.saved = None
@@ -563,7 +597,7 @@ class TorchNetwork:
         Parameters
         ----------
         images : Tensor (B, *input_shape)
-            Floating-point stimuli.
+            Floating-point stimuli: rates, finite and ``>= 0``.
         labels : Tensor (B,) of any integer dtype
             The correct action of each trial.
         actions : Tensor (B,) of any integer dtype, optional
@@ -573,19 +607,21 @@ class TorchNetwork:
         record : bool
             Also return each layer's ff activity, fb activity and gate.
         check_range : bool
-            Check that labels and actions lie in ``[0, n_actions)``. On a GPU this makes the host
-            wait for the device every batch; :func:`~agrel_sim.training.train` checks its data
-            set's labels once instead and passes ``False``.
+            Check that images are finite and ``>= 0`` and that labels and actions lie in
+            ``[0, n_actions)``. On a GPU this makes the host wait for the device every batch;
+            :func:`~agrel_sim.training.train` checks its data set once instead and passes ``False``.
         """
-        x = self._check_batch(images, labels, actions, check_range)
+        x = self._check_batch(images, labels, actions, check_range, trials=True)
         labels = labels.to(self.device, torch.long)
-        self.trials_run += x.shape[0]
         if self.description.rule.name == "ebp":
             if actions is not None:
                 raise ValueError("actions: forcing actions is meaningful only for rule 'deepagrel'")
-            return self._ebp_trials(x, labels, learn, record)
-        with torch.no_grad():
-            return self._deepagrel_trials(x, labels, actions, learn, record)
+            trials = self._ebp_trials(x, labels, learn, record)
+        else:
+            with torch.no_grad():
+                trials = self._deepagrel_trials(x, labels, actions, learn, record)
+        self.trials_run += x.shape[0]
+        return trials
 
     def _deepagrel_trials(self, x, labels, actions, learn, record):
         net = self.description
@@ -669,6 +705,22 @@ def check_network(network: ColumnNetwork) -> None:
     """The torch backend builds every layer kind and both rules: nothing to refuse."""
 
 
+# The floating-point types the backend computes in, half precision included.
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> TorchNetwork:
-    """Build ``network`` into tensors; see :class:`TorchNetwork`."""
+    """Build ``network`` into tensors; see :class:`TorchNetwork`.
+
+    Raises
+    ------
+    ValueError
+        For a device other than cpu, cuda or cuda:N (or one this machine lacks), a dtype not in
+        :data:`DTYPES` or a seed that is not an integer in ``[0, 2**63 - 1]``.
+    """
+    check_device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
+    if not (is_count(seed, 0) and seed <= 2**63 - 1):
+        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
     return TorchNetwork(network, device=device, dtype=dtype, seed=seed)
