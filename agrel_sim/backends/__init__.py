@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from agrel_sim.config import ConfigError
+from agrel_sim.config import ConfigError, is_number
 from agrel_sim.network import ColumnNetwork
 
 BACKENDS = {"torch": "agrel_sim.backends.torch_backend", "brian2": "agrel_sim.backends.brian2_backend"}
@@ -156,6 +156,13 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check
 def _count_and_first(where) -> str:
     """``"N value(s), the first in image i of the batch, are"``, for a boolean mask over a batch of images."""
     return f"{where.sum().item()} value(s), the first in image {where.flatten(1).any(1).nonzero()[0].item()} of the batch, are"
+
+
+def checked_learning_rate(value) -> float:
+    """``value`` if it can be a network's learning rate (a finite number > 0), else ``ValueError``."""
+    if not is_number(value, lambda v: v > 0):
+        raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
+    return value
 
 
 def check_weight_keys(weights: dict, expected: set[str]) -> None:

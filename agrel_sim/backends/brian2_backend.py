@@ -69,7 +69,7 @@ import torch
 from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import RUN_OPTIONS, UnsupportedLayerError, check_batch, check_weight_keys
+from agrel_sim.backends import RUN_OPTIONS, UnsupportedLayerError, check_batch, check_weight_keys, checked_learning_rate
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number
 from agrel_sim.network import ColumnNetwork, Dense
@@ -446,9 +446,7 @@ class Brian2Network:
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
-        if not is_number(value, lambda v: v > 0):
-            raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
-        self._learning_rate = value
+        self._learning_rate = checked_learning_rate(value)
         # Brian2 reads external constants from the namespace at the start of every run.
         self.namespace["decay"] = value * self.description.rule.weight_decay
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import check_batch, check_device, check_weight_keys
-from agrel_sim.config import is_count, is_number
+from agrel_sim.backends import check_batch, check_device, check_weight_keys, checked_learning_rate
+from agrel_sim.config import is_count
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
 
@@ -533,9 +533,7 @@ class TorchNetwork:
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
-        if not is_number(value, lambda v: v > 0):
-            raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
-        self._learning_rate = value
+        self._learning_rate = checked_learning_rate(value)
 
     def uniform(self, shape) -> torch.Tensor:
         """Weights uniform in ``[-init_range, init_range]``, drawn reproducibly on the CPU."""
