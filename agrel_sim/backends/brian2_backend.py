@@ -863,7 +863,7 @@ def build(
         ``[0, 2**63 - 1]``, rule ``ebp`` or a bad setting.
     """
     check_network(network)
-    if not (is_count(seed, 0) and seed <= 2**63 - 1):
+    if not is_count(seed, 0):  # a 64-bit integer, as torch generators take
         raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
     if torch.device(device).type != "cpu":
         raise ValueError(f"device: the {BACKEND} backend runs on the CPU (Brian2 runtime mode), got {str(device)!r}")

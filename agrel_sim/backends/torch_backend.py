@@ -719,6 +719,6 @@ def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> 
     check_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
-    if not (is_count(seed, 0) and seed <= 2**63 - 1):
+    if not is_count(seed, 0):  # a 64-bit integer, as torch generators take
         raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
     return TorchNetwork(network, device=device, dtype=dtype, seed=seed)
