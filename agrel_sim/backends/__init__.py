@@ -158,11 +158,17 @@ def _count_and_first(where) -> str:
     return f"{where.sum().item()} value(s), the first in image {where.flatten(1).any(1).nonzero()[0].item()} of the batch, are"
 
 
-def checked_learning_rate(value) -> float:
-    """``value`` if it can be a network's learning rate (a finite number > 0), else ``ValueError``."""
+def _set_learning_rate(net, value) -> None:
     if not is_number(value, lambda v: v > 0):
         raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
-    return value
+    net._learning_rate = value
+
+
+# The ``learning_rate`` attribute of every backend's network.
+LEARNING_RATE = property(
+    lambda net: net._learning_rate, _set_learning_rate,
+    doc="The step size alpha of the next updates, a finite number > 0; may be changed between batches.",
+)
 
 
 def check_weight_keys(weights: dict, expected: set[str]) -> None:

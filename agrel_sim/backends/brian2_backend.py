@@ -69,7 +69,7 @@ import torch
 from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import RUN_OPTIONS, UnsupportedLayerError, check_batch, check_weight_keys, checked_learning_rate
+from agrel_sim.backends import LEARNING_RATE, RUN_OPTIONS, UnsupportedLayerError, check_batch, check_weight_keys
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number
 from agrel_sim.network import ColumnNetwork, Dense
@@ -426,7 +426,8 @@ class Brian2Network:
         self.dtype = dtype
         self.generator = torch.Generator().manual_seed(seed)
         self.trials_run = 0
-        self.namespace = {"tau_ff": tau_ff * brian2.ms, "tau_fb": tau_fb * brian2.ms, "gate_threshold": gate_threshold}
+        # decay: set from the learning rate at the start of every batch (_run)
+        self.namespace = {"tau_ff": tau_ff * brian2.ms, "tau_fb": tau_fb * brian2.ms, "gate_threshold": gate_threshold, "decay": 0.0}
         self.learning_rate = description.rule.learning_rate
         self.clock = brian2.Clock(dt=timeline.dt * brian2.ms, name="trial_clock")
         self._episode = None
@@ -439,16 +440,7 @@ class Brian2Network:
             self.network.run(0 * brian2.ms, namespace={})
         self.load_weights(TorchNetwork(description, dtype=torch.float64, seed=seed).weights())
 
-    @property
-    def learning_rate(self) -> float:
-        """The step size alpha of the next updates; may be changed between batches."""
-        return self._learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, value: float) -> None:
-        self._learning_rate = checked_learning_rate(value)
-        # Brian2 reads external constants from the namespace at the start of every run.
-        self.namespace["decay"] = value * self.description.rule.weight_decay
+    learning_rate = LEARNING_RATE
 
     def _neurons(self, size, model, name, **options):
         return brian2.NeuronGroup(size, model, clock=self.clock, name=name, namespace=self.namespace, **options)
@@ -552,6 +544,8 @@ class Brian2Network:
         self._drop_pending_change()
         for operation in self._plasticity:
             operation.active = episode.learn
+        # Brian2 reads external constants from the namespace at the start of every run.
+        self.namespace["decay"] = self.learning_rate * self.description.rule.weight_decay
         self._episode = episode
         try:
             with _codegen_target(self.codegen_target):

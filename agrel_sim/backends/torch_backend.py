@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import check_batch, check_device, check_weight_keys, checked_learning_rate
+from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_weight_keys
 from agrel_sim.config import is_count
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
@@ -526,14 +526,7 @@ class TorchNetwork:
             for tensor in self.parameters():
                 tensor.requires_grad_(True)
 
-    @property
-    def learning_rate(self) -> float:
-        """The step size alpha of the next updates; may be changed between batches."""
-        return self._learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, value: float) -> None:
-        self._learning_rate = checked_learning_rate(value)
+    learning_rate = LEARNING_RATE
 
     def uniform(self, shape) -> torch.Tensor:
         """Weights uniform in ``[-init_range, init_range]``, drawn reproducibly on the CPU."""
