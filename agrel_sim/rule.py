@@ -63,7 +63,11 @@ def max_boltzmann(q: torch.Tensor, tau: float, draws: tuple[torch.Tensor, torch.
     if draws is None:
         return greedy
     explore, race = draws
-    boltzmann = (torch.softmax(q / tau, dim=1) / race).argmax(dim=1)
+    # The largest Q-value is taken out before dividing by tau: q / tau alone overflows in float16
+    # and loses the differences between large Q-values in float32. With tau = 1 this is what
+    # softmax does inside, so the draws are unchanged.
+    shifted = (q - q.gather(1, greedy.unsqueeze(1))) / tau
+    boltzmann = (torch.softmax(shifted, dim=1) / race).argmax(dim=1)
     return torch.where(explore, boltzmann, greedy)
 
 

@@ -9,24 +9,33 @@ from dataclasses import dataclass, field
 RULES = ("deepagrel", "ebp")
 
 
+def capped(result: dict) -> bool:
+    """Whether a run reached ``max_epochs`` before the stopping criterion (and did not diverge)."""
+    return not result["converged"] and not result.get("diverged", False)  # runs written before divergence was recorded had not
+
+
 @dataclass
 class RuleStats:
     """The runs of one rule on one row: test accuracies, epochs to stop, convergence.
 
     A run that diverged (its loss ran off to inf or NaN) counts as not converged, and its
     accuracy and epochs stay out of the means: they describe a failure, not the protocol's end.
+    A run that reached ``max_epochs`` before the stopping criterion (``capped``) counts as not
+    converged but stays in the means: its epochs to stop are a lower bound, and so is the mean.
     """
 
     accuracies: list[float] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     converged: list[bool] = field(default_factory=list)
+    capped: int = 0
 
     def add(self, record: dict) -> None:
         result = record["result"]
         self.converged.append(bool(result["converged"]))
-        if not result.get("diverged", False):  # runs written before divergence was recorded had not
+        if not result.get("diverged", False):
             self.accuracies.append(result["test_accuracy"])
             self.epochs.append(result["epochs"])
+            self.capped += capped(result)
 
     @property
     def runs(self) -> int:
@@ -54,7 +63,11 @@ def augmentation_label(factor: int) -> str:
 
 
 def table1(records: list[dict]) -> list[dict]:
-    """One dict per row, with mean ± std test accuracy (%), mean epochs, epoch ratio, convergence."""
+    """One dict per row, with mean ± std test accuracy (%), mean epochs, epoch ratio, convergence.
+
+    Per rule, ``<rule>_runs`` counts the runs averaged (all but the diverged ones) and
+    ``<rule>_capped`` those of them that reached ``max_epochs`` before the stopping criterion.
+    """
     rows: dict[tuple, dict[str, RuleStats]] = {}
     for record in records:
         rule = record["model"]["rule"]["name"]
@@ -72,6 +85,7 @@ def table1(records: list[dict]) -> list[dict]:
             else:
                 row[f"{rule}_acc_mean"] = row[f"{rule}_acc_std"] = row[f"{rule}_epochs"] = None
             row[f"{rule}_converged"] = f"{sum(s.converged)}/{len(s.converged)}"
+            row[f"{rule}_runs"], row[f"{rule}_capped"] = s.runs, s.capped
         both = stats["deepagrel"].runs and stats["ebp"].runs
         row["epoch_ratio"] = stats["deepagrel"].mean_epochs() / stats["ebp"].mean_epochs() if both else None
         table.append(row)
@@ -82,6 +96,22 @@ def _fmt(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def _epochs(row: dict, rule: str) -> str:
+    """Mean epochs to stop, '≥ mean' when some runs reached max_epochs first (a lower bound)."""
+    text = _fmt(row[f"{rule}_epochs"], ".1f")
+    return f"≥ {text}" if row[f"{rule}_capped"] else text
+
+
+def _ratio(row: dict) -> str:
+    """The epoch ratio, marked as a bound where capped runs make one of its means a lower bound:
+    '≥' (DeepAGREL's), '≤' (EBP's), and '?' after it when both are, which bounds nothing."""
+    text = _fmt(row["epoch_ratio"], ".2f")
+    if row["epoch_ratio"] is None:
+        return text
+    capped = (bool(row["deepagrel_capped"]), bool(row["ebp_capped"]))
+    return {(True, False): f"≥ {text}", (False, True): f"≤ {text}", (True, True): f"{text}?"}.get(capped, text)
+
+
 def _accuracy(mean, std):
     """'mean ± std'; the mean alone for a single run; '–' for none."""
     if mean is None:
@@ -90,7 +120,12 @@ def _accuracy(mean, std):
 
 
 def markdown(table: list[dict]) -> str:
-    """Table 1 as Markdown."""
+    """Table 1 as Markdown.
+
+    Mean epochs of runs that reached ``max_epochs`` before the stopping criterion are lower
+    bounds, shown as '≥ mean'; the epoch ratio is then '≥ r' or '≤ r', or 'r?' when both rules
+    have such runs.
+    """
     lines = [
         "| data set | network | augmentation | DeepAGREL acc (%) | EBP acc (%) | DeepAGREL epochs | EBP epochs | epoch ratio | converged (DeepAGREL, EBP) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -99,7 +134,7 @@ def markdown(table: list[dict]) -> str:
         acc = {r: _accuracy(row[f"{r}_acc_mean"], row[f"{r}_acc_std"]) for r in RULES}
         lines.append(
             f"| {row['dataset']} | {row['network']} | {row['augmentation']} | {acc['deepagrel']} | {acc['ebp']} | "
-            f"{_fmt(row['deepagrel_epochs'], '.1f')} | {_fmt(row['ebp_epochs'], '.1f')} | {_fmt(row['epoch_ratio'], '.2f')} | "
+            f"{_epochs(row, 'deepagrel')} | {_epochs(row, 'ebp')} | {_ratio(row)} | "
             f"{row['deepagrel_converged']}, {row['ebp_converged']} |"
         )
     return "\n".join(lines)

@@ -29,6 +29,19 @@ def test_action_frequencies_match_max_boltzmann(epsilon, tau):
     assert abs(non_greedy - p) <= 5 * (p * (1 - p) / DRAWS) ** 0.5 + 1e-9
 
 
+@pytest.mark.parametrize("q, tau, dtype", [
+    ([1e4, 1e4 - 0.01, 0.0, 0.0], 0.01, torch.float32),  # q / tau would round off their difference
+    ([0.5, 1.0, 0.2], 1e-5, torch.float16),  # q / tau would overflow to inf, and softmax to NaN
+])
+def test_boltzmann_draws_are_exact_for_large_q_over_tau(q, tau, dtype):
+    q = torch.tensor(q, dtype=dtype)
+    actions = select_action(q.expand(DRAWS, -1), 1.0, tau, torch.Generator().manual_seed(2))
+    counts = torch.bincount(actions, minlength=len(q)).double()
+    expected = torch.softmax((q.double() - q.double().max()) / tau, 0) * DRAWS
+    sigma = (expected * (1 - expected / DRAWS)).sqrt()
+    assert torch.all((counts - expected).abs() <= 5 * sigma + 1), (counts, expected)
+
+
 def test_boltzmann_draws_depend_on_tau():
     q = torch.tensor([0.0, 1.0])
     shares = [select_action(q.expand(DRAWS, -1), 1.0, tau, torch.Generator().manual_seed(1)).double().mean().item() for tau in (0.25, 4.0)]

@@ -1,6 +1,7 @@
 """The Brian2 backend: parity with the torch backend, its time course, its settings and errors."""
 
 import re
+import warnings
 
 import brian2
 import h5py
@@ -12,6 +13,8 @@ from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d,
 from agrel_sim.backends import UnsupportedLayerError
 
 TAU = 10.0  # ms, both time constants in the parity runs
+# Many tests run short trials on purpose (to be quick, or to measure the transient).
+pytestmark = pytest.mark.filterwarnings("ignore:brian2 backend.*short of its fixed point:UserWarning")
 
 
 def describe(feedback="tied", bias=False, weight_decay=0.0, layers=(Dense(6), Dense(5)), n_inputs=8, n_actions=4):
@@ -125,6 +128,27 @@ def test_setting_ff_in_tied_mode_sets_fb_and_independent_fb_is_separate():
     independent = build(describe("independent"), backend="brian2", dtype=torch.float64)
     independent.layers[0].fb = torch.full((6, 8), -0.5)
     assert torch.all(independent.layers[0].fb == -0.5) and not torch.any(independent.layers[0].ff == -0.5)
+
+
+def test_phases_too_short_for_a_deep_network_warn_and_the_durations_named_settle_it():
+    description = describe(layers=[Dense(6) for _ in range(5)])
+    images = next(batches(description, (3,)))[0]
+    exact = build(description, dtype=torch.float64).q_values(images)
+    with pytest.warns(UserWarning, match="brian2 backend: with 6 levels of columns") as caught:
+        defaults = build(description, backend="brian2", dtype=torch.float64)
+    messages = [str(w.message) for w in caught if "brian2 backend" in str(w.message)]
+    assert len(messages) == 2 and "ff activity is still about 7%" in messages[0] and "fb activity" in messages[1]
+    named = dict(re.search(r"(t_\w+) = (\d+) ms", message).groups() for message in messages)
+    assert named == {"t_stimulus": "132", "t_feedback": "102"}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="brian2 backend")
+        settled_net = build(description, backend="brian2", dtype=torch.float64, **{k: float(v) for k, v in named.items()})
+        build(describe(), backend="brian2")  # 3 levels settle in the default phases
+
+    def error(net):
+        return ((net.q_values(images) - exact).abs().max() / exact.abs().max()).item()
+
+    assert error(defaults) > 0.05 and error(settled_net) < 0.015
 
 
 def test_settled_activity_and_q_values_match_torch():

@@ -600,7 +600,12 @@ def test_table1_statistics(tmp_path):
     assert mnist["epoch_ratio"] == pytest.approx(70 / 40) and mnist["deepagrel_converged"] == "1/2"
     text = markdown(rows)
     # The diverged EBP run counts as not converged; its accuracy and epochs stay out of the means.
-    assert "| mnist | mnist_conv3 | none | 98.50 ± 0.71 | 99.10 ± 0.14 | 70.0 | 40.0 | 1.75 | 1/2, 2/3 |" in text
+    # The DeepAGREL run that reached max_epochs first stays in: its mean epochs, and with them the
+    # ratio, are lower bounds.
+    assert "| mnist | mnist_conv3 | none | 98.50 ± 0.71 | 99.10 ± 0.14 | ≥ 70.0 | 40.0 | ≥ 1.75 | 1/2, 2/3 |" in text
+    assert (mnist["deepagrel_runs"], mnist["deepagrel_capped"], mnist["ebp_runs"], mnist["ebp_capped"]) == (2, 1, 2, 0)
+    capped_ebp = table1([record("mnist", "m", "deepagrel", 0.9, 60), record("mnist", "m", "ebp", 0.9, 30, converged=False)])
+    assert "| 60.0 | ≥ 30.0 | ≤ 2.00 |" in markdown(capped_ebp)
     # One run has no spread: its accuracy stands alone, and the CSV leaves the deviation empty.
     assert "| cifar10 | cifar10_conv3 | 10x | – | 70.00 | – | 50.0 | – | 0/0, 1/1 |" in text
     write_csv(rows, tmp_path / "table1.csv")
@@ -635,7 +640,10 @@ def test_the_two_rules_of_a_row_must_share_the_protocol(tmp_path, monkeypatch, c
     assert main(["train", "ebp.toml", "--quiet", "--out", "runs/ebp"]) == 0
     capsys.readouterr()
     assert main(["table", "runs"]) == 0, "the rule, its learning rate and its action selection may differ"
-    assert re.search(r"\| digits \| digits_dense \| none \| \d+\.\d\d \| \d+\.\d\d \| 2\.0 \| 2\.0 \| 1\.00 \|", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    # Both rules' runs reached max_epochs = 2 before the stopping criterion: lower bounds, no ratio bound.
+    assert re.search(r"\| digits \| digits_dense \| none \| \d+\.\d\d \| \d+\.\d\d \| ≥ 2\.0 \| ≥ 2\.0 \| 1\.00\? \| 0/1, 0/1 \|", out), out
+    assert "2 run(s) reached max_epochs before the stopping criterion" in out
     (tmp_path / "ebp.toml").write_text(EBP_EXPERIMENT.replace("patience = 30", "patience = 5"))
     assert main(["train", "ebp.toml", "--quiet", "--out", "runs/ebp_other"]) == 0
     shutil.rmtree(tmp_path / "runs" / "ebp")

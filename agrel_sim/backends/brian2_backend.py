@@ -61,6 +61,7 @@ import contextlib
 import inspect
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import brian2
@@ -77,6 +78,9 @@ from agrel_sim.network import ColumnNetwork, Dense
 BACKEND = "brian2"
 CODEGEN_TARGETS = ("numpy", "cython")
 PHASES = ("stimulus", "selection", "feedback", "rpe", "plasticity")
+# A phase that leaves activity further than this from its fixed point (a fraction of a step)
+# gets a warning: the trial is then a transient, not the torch backend's rule.
+SETTLING_TOLERANCE = 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +199,47 @@ class Timeline:
     def phase_times(self) -> dict[str, tuple[float, float]]:
         """Start and end of each phase within a trial, in seconds."""
         return {p: (self.start(p) * self.dt / 1000, (self.start(p) + self.steps[p]) * self.dt / 1000) for p in PHASES}
+
+
+def unsettled_fraction(duration: float, tau: float, stages: int) -> float:
+    """The fraction of a step that a chain of low-pass stages has still to go after ``duration``.
+
+    Every layer of rate neurons is a first-order low-pass filter of the layer before it, so a
+    network settles level by level: after a step at time 0, the last of ``stages`` filters with
+    time constant ``tau`` is ``exp(-x) * sum_{k < stages} x**k / k!`` (``x = duration / tau``)
+    short of its new value.
+    """
+    x = duration / tau
+    return math.exp(-x) * sum(x**k / math.factorial(k) for k in range(stages))
+
+
+def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: float) -> None:
+    """Warn when a phase is too short for ``stages`` levels of columns to settle.
+
+    The ff activity must settle within ``t_stimulus`` (the Q-values are read then) and the fb
+    activity within ``t_selection + t_feedback + t_rpe`` (plasticity begins then); a network
+    twice as deep needs longer phases. The warning names the duration that brings the
+    activity within :data:`SETTLING_TOLERANCE` of the fixed point that the torch backend computes.
+    """
+    before_feedback = (timeline.steps["selection"] + timeline.steps["rpe"]) * timeline.dt
+    checks = (
+        ("ff", "when the Q-values are read", "t_stimulus", tau_ff, 0.0),
+        ("fb", "when plasticity begins", "t_feedback", tau_fb, before_feedback),
+    )
+    for neurons, moment, option, tau, fixed in checks:
+        steps = {"ff": timeline.steps["stimulus"], "fb": timeline.steps["selection"] + timeline.steps["feedback"] + timeline.steps["rpe"]}[neurons]
+        remainder = unsettled_fraction(steps * timeline.dt, tau, stages)
+        if remainder <= SETTLING_TOLERANCE:
+            continue
+        while unsettled_fraction(steps * timeline.dt, tau, stages) > SETTLING_TOLERANCE:
+            steps += 1
+        warnings.warn(
+            f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still about {remainder:.0%} "
+            f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {steps * timeline.dt - fixed:g} ms "
+            f"brings that to about {SETTLING_TOLERANCE:.0%}, near the torch backend's values (shorter phases simulate a "
+            f"transient version of the rule)",
+            stacklevel=4,  # the caller of agrel_sim.build
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -855,6 +900,13 @@ def build(
     ValueError
         For a non-CPU device, an unsupported dtype, a seed that is not an integer in
         ``[0, 2**63 - 1]``, rule ``ebp`` or a bad setting.
+
+    Warns
+    -----
+    UserWarning
+        When ``t_stimulus`` or the feedback phases are too short for a network of this depth to
+        come within 1% of the fixed point that the torch backend computes (see
+        :func:`unsettled_fraction`); the message names the duration that would.
     """
     check_network(network)
     if not is_count(seed, 0):  # a 64-bit integer, as torch generators take
@@ -866,6 +918,8 @@ def build(
     if not isinstance(brian2.get_device(), RuntimeDevice):
         raise ValueError(f"the {BACKEND} backend runs in Brian2's runtime mode, but the active Brian2 device is {brian2.get_device()!r}; call brian2.set_device('runtime')")
     settings = _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, gate_threshold, codegen_target, trace_every)
+    timeline, tau_ff, tau_fb = settings[:3]
+    warn_if_unsettled(len(network.layers) + 1, timeline, tau_ff, tau_fb)  # the hidden layers and the output
     return Brian2Network(network, *settings, dtype, seed)
 
 
