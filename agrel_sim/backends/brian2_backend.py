@@ -219,23 +219,23 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
     The ff activity must settle within ``t_stimulus`` (the Q-values are read then) and the fb
     activity within ``t_selection + t_feedback + t_rpe`` (plasticity begins then); a network
     twice as deep needs longer phases. The warning names the duration that brings the
-    activity within :data:`SETTLING_TOLERANCE` of the fixed point that the torch backend computes.
+    remainder of :func:`unsettled_fraction` down to :data:`SETTLING_TOLERANCE`.
     """
-    before_feedback = (timeline.steps["selection"] + timeline.steps["rpe"]) * timeline.dt
-    checks = (
-        ("ff", "when the Q-values are read", "t_stimulus", tau_ff, 0.0),
-        ("fb", "when plasticity begins", "t_feedback", tau_fb, before_feedback),
+    steps = timeline.steps
+    other_fb_steps = steps["selection"] + steps["rpe"]  # the phases around t_feedback before plasticity
+    checks = (  # neurons, when they must have settled, the option that lengthens it, tau, steps to settle, of them not the option's
+        ("ff", "when the Q-values are read", "t_stimulus", tau_ff, steps["stimulus"], 0),
+        ("fb", "when plasticity begins", "t_feedback", tau_fb, steps["feedback"] + other_fb_steps, other_fb_steps),
     )
-    for neurons, moment, option, tau, fixed in checks:
-        steps = {"ff": timeline.steps["stimulus"], "fb": timeline.steps["selection"] + timeline.steps["feedback"] + timeline.steps["rpe"]}[neurons]
-        remainder = unsettled_fraction(steps * timeline.dt, tau, stages)
+    for neurons, moment, option, tau, settling, others in checks:
+        remainder = unsettled_fraction(settling * timeline.dt, tau, stages)
         if remainder <= SETTLING_TOLERANCE:
             continue
-        while unsettled_fraction(steps * timeline.dt, tau, stages) > SETTLING_TOLERANCE:
-            steps += 1
+        while unsettled_fraction(settling * timeline.dt, tau, stages) > SETTLING_TOLERANCE:
+            settling += 1
         warnings.warn(
             f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still about {remainder:.0%} "
-            f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {steps * timeline.dt - fixed:g} ms "
+            f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {(settling - others) * timeline.dt:g} ms "
             f"brings that to about {SETTLING_TOLERANCE:.0%}, near the torch backend's values (shorter phases simulate a "
             f"transient version of the rule)",
             stacklevel=4,  # the caller of agrel_sim.build
