@@ -7,6 +7,7 @@ return plain numpy arrays, and the ``plot_*`` functions draw them with matplotli
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -47,7 +48,28 @@ def _read(group: h5py.Group, name: str, index=()) -> np.ndarray:
 
 @dataclass
 class Run:
-    """A run file's metadata and per-epoch metrics; the larger records are read on demand."""
+    """A run file's metadata and per-epoch metrics; the larger records are read on demand.
+
+    Attributes
+    ----------
+    path : Path
+        The run file.
+    config : dict
+        The run's settings as the run file stores them (its ``config`` attribute): experiment,
+        dataset, model, training, backend, ..., logging.
+    seed : int
+    rule : str
+        ``"deepagrel"`` or ``"ebp"``.
+    backend : str
+        ``"torch"`` or ``"brian2"``.
+    complete : bool
+        Whether the run ended cleanly; False for a run killed, crashed or still running.
+    epochs : dict of str to ndarray
+        ``/epochs``: per finished epoch, each of :data:`~agrel_sim.recorder.EPOCH_FIELDS`.
+    result : dict or None
+        The attributes of ``/result`` (test accuracy, best epoch, seconds, ...); None until the
+        run has ended.
+    """
 
     path: Path
     config: dict
@@ -60,10 +82,14 @@ class Run:
 
     @property
     def layer_names(self) -> list[str]:
-        """The recorded layers, bottom to top (HDF5 lists groups by name: layers.10 before layers.2)."""
-        order = [f"layers.{index}" for index in range(len(self.config["model"]["layers"]))] + ["output"]
+        """The recorded layers, bottom to top."""
         with h5py.File(self.path, "r") as handle:
-            present = set(handle["layers"])
+            return self._bottom_to_top(handle["layers"])
+
+    def _bottom_to_top(self, present) -> list[str]:
+        """The populations among ``present`` from the input to the output (HDF5 lists groups by
+        name: layers.10 before layers.2)."""
+        order = ["input", *(f"layers.{index}" for index in range(len(self.config["model"]["layers"]))), "output"]
         return [name for name in order if name in present]
 
     def trials(self) -> dict[str, np.ndarray]:
@@ -85,20 +111,48 @@ class Run:
             return "timecourses" in handle
 
     def timecourse(self, index: int = -1) -> dict:
-        """One traced trial's time course (Brian2 backend): ``t``, ``phases``, ``delta``,
-        ``epoch``, ``trial`` and ``populations`` (name to ``{"ff", "fb", "gate"}``, each (steps, columns))."""
+        """One traced trial's time course (Brian2 backend).
+
+        Parameters
+        ----------
+        index : int
+            Which traced trial, in the order they ran: 0 the first, -1 (default) the last.
+
+        Returns
+        -------
+        dict
+            ``t`` (steps,): seconds from the trial's start to the end of each time step;
+            ``phases``: phase name to (start, end) in seconds, in the trial's order; ``delta``
+            (steps,): the dopamine signal; ``epoch``, ``batch``, ``trial``; ``image``, ``label``,
+            ``action``, ``reward`` and ``q`` (actions,), the Q-values the action was chosen from
+            (None in run files of layouts before 4, which lack them); ``populations``: name to
+            ``{"ff", "fb", "gate"}``, each (steps, columns), from the input to the output.
+
+        Raises
+        ------
+        TypeError
+            For an ``index`` that is not an integer.
+        IndexError
+            For an ``index`` beyond the traced trials.
+        RunFileError
+            For a run without time courses.
+        """
+        if not isinstance(index, numbers.Integral) or isinstance(index, bool):
+            raise TypeError(f"index: expected an integer (0 the first traced trial, -1 the last), got {index!r}")
         with h5py.File(self.path, "r") as handle:
             if "timecourses" not in handle:
                 raise RunFileError(f"{self.path}: no time courses: only the brian2 backend records them, with backend_options.trace_every > 0")
             group = handle["timecourses"]
             traced = len(group["trial"])
             if not -traced <= index < traced:
-                raise IndexError(f"index: {index} is out of range for the {traced} traced trials")
-            return {
-                "t": _read(group, "t"), "phases": {name: tuple(value) for name, value in group.attrs.items()},
-                "delta": _read(group, "delta", index), "epoch": int(_read(group, "epoch", index)), "trial": int(_read(group, "trial", index)),
-                "populations": {name: {field: _read(group[name], field, index) for field in ("ff", "fb", "gate")} for name in group if isinstance(group[name], h5py.Group)},
-            }
+                raise IndexError(f"{self.path}: index {index} is out of range for its {traced} traced trials (0 to {traced - 1}, or -{traced} to -1 from the last)")
+            phases = sorted(((name, (float(start), float(end))) for name, (start, end) in group.attrs.items()), key=lambda phase: phase[1][0])
+            course = {"t": _read(group, "t"), "phases": dict(phases), "delta": _read(group, "delta", index)}
+            course.update({name: int(_read(group, name, index)) for name in ("epoch", "batch", "trial")})
+            for name, kind in (("image", int), ("label", int), ("action", int), ("reward", float), ("q", np.asarray)):  # since layout 4
+                course[name] = kind(_read(group, name, index)) if name in group else None
+            course["populations"] = {name: {field: _read(group[name], field, index) for field in ("ff", "fb", "gate")} for name in self._bottom_to_top(group)}
+            return course
 
     def gating(self) -> dict[str, dict[str, np.ndarray]]:
         """Per-batch gating summaries: ``{"epoch": ..., "batch": ..., layer: {field: ...}}``."""
@@ -118,6 +172,8 @@ def load_run(path: str | Path) -> Run:
     read, or lacks a record that every run file has, raises :class:`RunFileError` naming it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise RunFileError(f"{path}: a folder, not a run file: give its run file {path / RUN_FILE}, or load every run below it with load_runs")
     if not path.is_file():
         raise RunFileError(f"{path}: no such run file")
     try:
@@ -264,15 +320,23 @@ def _listed(keys: list[str], first: dict, second: dict) -> str:
     return "; ".join(f"{key}: {shown(first, key)} and {shown(second, key)}" for key in keys)
 
 
+def averaged(run: Run) -> bool:
+    """Whether Table 1 and Figure 3 average the run: it ended cleanly and has its result.
+
+    An incomplete run is left out of both: a killed run's epochs end where it was killed, not
+    where its stopping criterion would have ended them.
+    """
+    return run.complete and run.result is not None
+
+
 def table1_records(runs: list[Run]) -> list[dict]:
     """The data behind Table 1: one record per complete run, for :func:`agrel_sim.table.table1`.
 
     The complete runs are grouped and checked by :func:`table_rows`.
     """
-    complete = [run for run in runs if run.complete and run.result is not None]
     return [
         {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result, "path": run.path}
-        for rules in table_rows(complete).values() for group in rules.values() for run in group
+        for rules in table_rows([run for run in runs if averaged(run)]).values() for group in rules.values() for run in group
     ]
 
 
@@ -280,13 +344,20 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
     """The paper's Figure 3: per Table 1 row and rule, reward probability per epoch, mean and 2σ over runs.
 
     For DeepAGREL the share of rewarded training trials, for EBP one minus the training error
-    (the share of correct greedy choices). Runs stop at different epochs: each epoch averages
-    the runs that reached it (incomplete runs included; runs that finished no epoch add nothing).
-    Runs are grouped and checked by :func:`table_rows`, so runs of different data sets, networks
-    or settings never share a curve.
+    (the share of correct greedy choices). Only complete runs count, as in Table 1
+    (:func:`averaged`). Runs stop at different epochs: each epoch averages the runs that reached
+    it. Runs are grouped and checked by :func:`table_rows`, so runs of different data sets,
+    networks or settings never share a curve.
+
+    Returns
+    -------
+    dict
+        Row key (:func:`agrel_sim.table.row_key`) to rule to ``epoch`` (from 1), ``mean``,
+        ``two_sigma`` (twice the sample standard deviation, NaN where fewer than 2 runs reached
+        the epoch) and ``runs`` (how many runs each epoch averages), arrays of one length.
     """
     curves = {}
-    for row, rules in sorted(table_rows([run for run in runs if len(run.epochs["epoch"])]).items()):
+    for row, rules in sorted(table_rows([run for run in runs if averaged(run)]).items()):
         curves[row] = {}
         for rule, group in sorted(rules.items()):
             series = [run.epochs["reward_probability"] for run in group]
@@ -295,11 +366,11 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
             for i, s in enumerate(series):
                 padded[i, : len(s)] = s
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a single run has no spread
+                warnings.simplefilter("ignore", RuntimeWarning)  # one run has no spread: NaN
                 curves[row][rule] = {
                     "epoch": np.arange(1, length + 1),
                     "mean": np.nanmean(padded, axis=0),
-                    "two_sigma": 2 * np.nan_to_num(np.nanstd(padded, axis=0, ddof=1)) if len(series) > 1 else np.zeros(length),
+                    "two_sigma": 2 * np.nanstd(padded, axis=0, ddof=1),
                     "runs": np.sum(~np.isnan(padded), axis=0),
                 }
     return curves
@@ -378,42 +449,79 @@ LABELS = {"deepagrel": "DeepAGREL: reward probability", "ebp": "EBP: 1 − train
 
 
 def plot_reward_curves(runs: list[Run], path: Path) -> Path:
-    """Figure 3: reward probability per epoch, mean ± 2σ over runs, per rule; a panel per Table 1 row."""
+    """Figure 3 (:func:`reward_curves`): reward probability per epoch, mean ± 2σ over runs, per
+    rule; a panel per Table 1 row. The legend says how many runs the first and the last epoch
+    average; no band is drawn where fewer than 2 runs remain."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     curves = reward_curves(runs)
     panels = max(1, len(curves))
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False, layout="constrained")
     if not curves:
-        axes[0, 0].text(0.5, 0.5, "no run has finished an epoch", ha="center", transform=axes[0, 0].transAxes)
+        axes[0, 0].text(0.5, 0.5, "no complete run", ha="center", transform=axes[0, 0].transAxes)
     for ax, (row, rules) in zip(axes[0], curves.items()):
         for rule, curve in rules.items():
-            ax.plot(curve["epoch"], curve["mean"], marker="o", markersize=3, label=f"{LABELS.get(rule, rule)} (n={int(curve['runs'][0])})")
-            ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)
-        ax.set(xlabel="epoch", ylabel="reward probability (mean ± 2σ)", title=row_label(row), ylim=(0, 1.01))
-        ax.legend(loc="lower right")
+            ax.plot(curve["epoch"], curve["mean"], marker="o", markersize=3, label=f"{LABELS.get(rule, rule)} ({_run_counts(curve['runs'])})")
+            ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)  # NaN 2σ: a gap
+        ax.set(xlabel="epoch", ylabel="reward probability (mean ± 2σ of 2 or more runs)", title=row_label(row), ylim=(0, 1.01))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
+
+
+def _run_counts(runs: np.ndarray) -> str:
+    """'n=4' where every run reached the last epoch, else 'n=4 at epoch 1, 2 at epoch 5'."""
+    first, last = int(runs[0]), int(runs[-1])
+    return f"n={first}" if first == last else f"n={first} at epoch 1, {last} at epoch {len(runs)}"
 
 
 def plot_gating(run: Run, path: Path) -> Path:
-    """Fraction of open gates, mean |fb| and fraction of changed synapses per layer over epochs."""
+    """Fraction of open gates and mean |fb| per hidden layer, and fraction of synapses changed
+    per layer, the output's too, over epochs.
+
+    Dropout layers are left out: their records show the columns of the layer below. So is the
+    output from the first two panels: its gates are always open and its |fb| is the chosen
+    action's one-hot signal, constants that would flatten the hidden layers' scale.
+    """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     stats = gating_by_epoch(run)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for name, values in stats.items():
-        for ax, field in zip(axes, GATING_FIELDS):
-            ax.plot(values["epoch"], values[field], marker="o", markersize=3, label=name)
-    for ax, title in zip(axes, ("fraction of open gates", "mean |feedback|", "fraction of synapses changed per batch")):
+    kinds = {f"layers.{index}": layer["kind"] for index, layer in enumerate(run.config["model"]["layers"])}
+    synaptic = [name for name in stats if kinds.get(name) != "dropout"]  # the output has no kind
+    hidden = [name for name in synaptic if name != "output"]
+    panels = (("open_fraction", "fraction of open gates", hidden), ("fb_mean_abs", "mean |feedback|", hidden), ("changed_fraction", "fraction of synapses changed per batch", synaptic))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
+    for ax, (field, title, names) in zip(axes, panels):
+        for name in names:
+            ax.plot(stats[name]["epoch"], stats[name][field], marker="o", markersize=3, color=f"C{synaptic.index(name)}", label=name)
         ax.set(xlabel="epoch", title=title)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Gating over training: {run.config['experiment']} seed {run.seed}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not any(np.isfinite(stats[name][field]).any() for name in names):
+            ax.text(0.5, 0.5, _empty_gating_panel(run, names), ha="center", transform=ax.transAxes)
+            ax.set(xticks=[], yticks=[])
+    if axes[2].lines:
+        axes[2].legend(fontsize=7)
+    dropout = "; dropout layers left out (they show the columns below them)" if len(synaptic) < len(stats) else ""
+    fig.suptitle(f"Gating over training: {run.config['experiment']} seed {run.seed}\n(output in the last panel only: its gates are always open{dropout})", fontsize=10)
     return _save(fig, path)
+
+
+def _empty_gating_panel(run: Run, names: list[str]) -> str:
+    """Why a panel of :func:`plot_gating` has no line."""
+    if not len(run.epochs["epoch"]):
+        return "no finished epoch"
+    if not names:
+        return "no hidden column layer"
+    return "no feedback (EBP)"  # the one record that holds only NaN where there are epochs and layers
 
 
 def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
     """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training."""
     plt = _pyplot()
     trials = run.trials()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     if not len(trials["delta"]):
         ax.text(0.5, 0.5, "no logged trials", ha="center", transform=ax.transAxes)
     elif np.all(np.isnan(trials["delta"])):
@@ -437,7 +545,7 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     names = run.layer_names
     logged = run.trials()
     count = min(trials, len(logged["label"]))
-    fig, axes = plt.subplots(len(names), 3, figsize=(10, 1.3 * len(names) + 1), squeeze=False)
+    fig, axes = plt.subplots(len(names), 3, figsize=(10, 1.3 * len(names) + 1), squeeze=False, layout="constrained")
     for row, name in enumerate(names):
         layer = run.layer(name)
         for col, field in enumerate(("ff", "fb", "gate")):
@@ -461,38 +569,77 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
 
 
 def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6) -> Path:
-    """One traced trial unfolding in time: ff and fb activity of a few columns per population,
-    the open gates, and the dopamine signal, with the five phases marked."""
+    """One traced trial unfolding in time (Brian2 backend), its phases shaded.
+
+    Per population above the input (whose ff activity is the image, clamped through the
+    trial): the ff and fb activity of the ``units`` columns whose ff activity varies most over
+    the trial, in the output always with the chosen action's unit (black) and the Q-values it
+    was chosen from; then the dopamine signal δ and the fraction of open gates per hidden layer.
+    The title names the trial's label, action and reward (run files of layouts before 4 lack
+    them).
+
+    Parameters
+    ----------
+    run : Run
+    path : Path
+        The PNG file to write.
+    index : int
+        Which traced trial (:meth:`Run.timecourse`): 0 the first, -1 (default) the last.
+    units : int
+        How many columns to draw per population, at least 1.
+    """
+    if not is_count(units):
+        raise ValueError(f"units: expected an integer >= 1, got {units!r}")
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     course = run.timecourse(index)
     t_ms = course["t"] * 1000
-    names = list(course["populations"])
-    fig, axes = plt.subplots(len(names) + 1, 2, figsize=(11, 1.7 * (len(names) + 1) + 0.8), sharex=True, squeeze=False)
+    names = [name for name in course["populations"] if name != "input"]
+    fig, axes = plt.subplots(len(names) + 1, 2, figsize=(12, 1.9 * (len(names) + 1) + 1.2), sharex=True, squeeze=False, layout="constrained")
     for row, name in enumerate(names):
         population = course["populations"][name]
-        shown = np.argsort(-population["ff"].max(axis=0))[:units]  # the most active columns
+        chosen = course["action"] if name == "output" else None
+        shown = _most_varying_columns(population["ff"], units, keep=chosen)
         for unit in shown:
-            axes[row, 0].plot(t_ms, population["ff"][:, unit], lw=1)
-            axes[row, 1].plot(t_ms, population["fb"][:, unit], lw=1)
-        gates = "" if name == "input" else f"\n(open gates {population['gate'][-1].mean():.0%})"
-        axes[row, 0].set_ylabel(f"{name}{gates}", fontsize=8)
+            style = dict(color="k", lw=2) if unit == chosen else dict(lw=1)
+            label = f"column {unit}" if name != "output" else f"action {unit}" + (" (chosen)" if unit == chosen else "")
+            axes[row, 0].plot(t_ms, population["ff"][:, unit], label=label, **style)
+            axes[row, 1].plot(t_ms, population["fb"][:, unit], **style)
+        if name == "output" and course["q"] is not None:  # read at the end of the stimulus phase
+            axes[row, 0].plot(np.full(len(shown), course["phases"]["stimulus"][1] * 1000), course["q"][shown], "x", color="k", label="Q-values read")
+        axes[row, 0].set_ylabel(name)
+        axes[row, 1].legend(*axes[row, 0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes[0, 0].set_title("feedforward activity y")
     axes[0, 1].set_title("feedback activity fb")
     axes[-1, 0].plot(t_ms, course["delta"], color="k")
-    axes[-1, 0].set_ylabel("dopamine δ", fontsize=8)
-    gates = np.concatenate([course["populations"][n]["gate"] for n in names[1:-1]], axis=1) if len(names) > 2 else None
-    if gates is not None:
-        axes[-1, 1].plot(t_ms, gates.mean(axis=1), color="tab:green")
-    axes[-1, 1].set_ylabel("open gates (hidden)", fontsize=8)
+    axes[-1, 0].set_ylabel("dopamine δ = r − q_s")
+    for name in names[:-1]:
+        axes[-1, 1].plot(t_ms, course["populations"][name]["gate"].mean(axis=1), label=name)
+    if len(names) > 1:
+        axes[-1, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        axes[-1, 1].text(0.5, 0.5, "no hidden layer", ha="center", transform=axes[-1, 1].transAxes)
+    axes[-1, 1].set(ylabel="fraction of open gates", ylim=(0, 1.02))
+    shades = [plt.cm.Pastel1(i) for i in range(len(course["phases"]))]
     for ax in axes.flat:
-        for start, _ in course["phases"].values():
-            ax.axvline(start * 1000, color="0.8", lw=0.8)
-    for phase, (start, end) in course["phases"].items():
-        axes[0, 0].text((start + end) * 500, axes[0, 0].get_ylim()[1], phase, fontsize=7, ha="center", va="bottom")
+        for (start, end), shade in zip(course["phases"].values(), shades):
+            ax.axvspan(start * 1000, end * 1000, color=shade, alpha=0.4, lw=0)
     for ax in axes[-1]:
         ax.set_xlabel("time in trial (ms)")
-    fig.suptitle(f"One trial in time: trial {course['trial']}, epoch {course['epoch']} ({run.config['experiment']})", y=1.0)
+    phases = [Patch(color=shade, alpha=0.4, label=f"{phase} {start * 1000:g}–{end * 1000:g} ms") for (phase, (start, end)), shade in zip(course["phases"].items(), shades)]
+    fig.legend(handles=phases, loc="outside lower center", ncol=len(phases), fontsize=8, title="phases of the trial", title_fontsize=8)
+    outcome = "label, action and reward not recorded (a run file of an older layout)" if course["action"] is None else f"label {course['label']}, action {course['action']}, reward {course['reward']:g}"
+    fig.suptitle(f"{run.config['experiment']} seed {run.seed}: trial {course['trial']} (epoch {course['epoch']}, batch {course['batch']}); {outcome}", fontsize=10)
     return _save(fig, path)
+
+
+def _most_varying_columns(activity: np.ndarray, count: int, keep: int | None = None) -> list[int]:
+    """The ``count`` columns of ``activity`` (steps, columns) whose activity spans the widest
+    range over the trial, in index order; ``keep``, where given, is one of them."""
+    spans = np.ptp(activity, axis=0)
+    others = [int(unit) for unit in np.argsort(-spans, kind="stable") if unit != keep]
+    return sorted(([] if keep is None else [keep]) + others[: count - (keep is not None)])
 
 
 def _save(fig, path: Path) -> Path:
@@ -501,8 +648,7 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100)  # laid out by the figure's constrained layout
     except OSError as error:
         raise ValueError(f"{path.parent}: cannot write the figures in this folder ({error.strerror or error}); give a writable folder with --out") from None
     finally:
@@ -510,13 +656,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def analyze(path: str | Path, out: str | Path) -> tuple[str, list[Path]]:
-    """Summaries of every run under ``path`` and its figures in ``out``; returns (text, figure paths)."""
+def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, list[Path]]:
+    """Summaries of every run under ``path`` and its figures in ``out``; returns (text, figure paths).
+
+    Each run's figures go into the folder of ``out`` that lies where the run's folder lies
+    under ``path`` (``out`` itself for a run file given alone), named
+    ``<experiment>_seed<N>_<figure>.png``: runs of one experiment and seed in two folders keep
+    their figures apart. ``reward_curves.png`` (Figure 3, :func:`plot_reward_curves`) averages
+    the complete runs, as Table 1 does; a Table 1 row whose runs :func:`table_rows` refuses gets
+    no panel, and the text says why. ``trial`` picks the traced trial drawn for Brian2 runs
+    (:meth:`Run.timecourse`).
+    """
+    path, out = Path(path), Path(out)
     runs = load_runs(path)
-    out = Path(out)
-    figures = [plot_reward_curves(runs, out / "reward_curves.png")]
+    root = path if path.is_dir() else path.parent
+    drawn, notes = _figure3_runs(runs)
+    refused = not drawn and any(averaged(run) for run in runs)  # every row with complete runs: the notes say why
+    figures = [] if refused else [plot_reward_curves(drawn, out / "reward_curves.png")]
     texts = []
     for run in runs:
+        folder = out / run.path.parent.relative_to(root)
         stem = f"{run.config['experiment']}_seed{run.seed}"
         texts.append(summary(run))
         for name, row in gating_by_outcome(run).items():
@@ -525,10 +684,32 @@ def analyze(path: str | Path, out: str | Path) -> tuple[str, list[Path]]:
                 f"|fb| {row['fb_mean_abs_rewarded']:.4f} / {row['fb_mean_abs_unrewarded']:.4f}"
             )
         figures += [
-            plot_gating(run, out / f"{stem}_gating.png"),
-            plot_rpe_distribution(run, out / f"{stem}_rpe.png"),
-            plot_activity_maps(run, out / f"{stem}_activity.png"),
+            plot_gating(run, folder / f"{stem}_gating.png"),
+            plot_rpe_distribution(run, folder / f"{stem}_rpe.png"),
+            plot_activity_maps(run, folder / f"{stem}_activity.png"),
         ]
         if run.has_timecourses:
-            figures.append(plot_trial_timecourse(run, out / f"{stem}_trial.png"))
-    return "\n".join(texts), figures
+            figures.append(plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial))
+    return "\n".join(texts + notes), figures
+
+
+def _figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """The runs that Figure 3 can draw (complete, of rows that :func:`table_rows` accepts), and
+    a line for each run or row left out, saying why."""
+    notes = []
+    incomplete = [str(run.path) for run in runs if not averaged(run)]
+    if incomplete:
+        notes.append(f"Figure 3 leaves out {len(incomplete)} incomplete run(s), as Table 1 does (still running, killed or crashed): {', '.join(incomplete)}")
+    rows: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if averaged(run):
+            rows.setdefault(row_key(run.config), []).append(run)
+    drawn = []
+    for row, group in sorted(rows.items()):
+        try:
+            table_rows(group)
+        except RunFileError as error:
+            notes.append(f"Figure 3 has no panel for the Table 1 row {row_label(row)}: {error}")
+        else:
+            drawn += group
+    return drawn, notes

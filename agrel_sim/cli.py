@@ -82,7 +82,10 @@ def _table(args) -> int:
 def _analyze(args) -> int:
     path = Path(args.path)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "analysis"
-    text, figures = analyze(path, out)
+    try:
+        text, figures = analyze(path, out, trial=args.trial)
+    except IndexError as error:  # a run with fewer traced trials
+        raise ValueError(f"--trial {args.trial}: {error}") from None
     print(text)
     print(f"\n{len(figures)} figures written to {out}")
     return 0
@@ -137,9 +140,10 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("--csv", help="CSV path (default RUNS/table1.csv)")
     table.set_defaults(handler=_table)
 
-    analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, RPE distribution, activity maps.")
+    analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, RPE distribution, activity maps, and one traced trial of Brian2 runs.")
     analyze_cmd.add_argument("path", metavar="RUN_OR_DIR", help="a run file (run.h5) or a folder of runs")
     analyze_cmd.add_argument("--out", help="folder for the figures (default: <folder>/analysis)")
+    analyze_cmd.add_argument("--trial", type=int, default=-1, metavar="N", help="which traced trial of a Brian2 run to draw, in the order they ran: 0 the first, -1 the last (default)")
     analyze_cmd.set_defaults(handler=_analyze)
     return root
 

@@ -5,7 +5,8 @@ Layout (version :data:`LAYOUT_VERSION`; every dataset but ``/layers/<layer>/unit
 chunked and compressed with gzip and shuffle)::
 
     /                         attrs: layout_version, software_version, seed, backend, rule,
-                                     config (JSON text: experiment, model, training, logging),
+                                     config (JSON text: the run's settings, see
+                                     agrel_sim.runs.run_config, and logging),
                                      complete (False until the run ended cleanly)
     /epochs/<metric>          (epochs,)   epoch, reward_probability, train_loss,
                                           validation_accuracy, seconds, learning_rate
@@ -21,11 +22,15 @@ chunked and compressed with gzip and shuffle)::
     /gating/<layer>/open_fraction, fb_mean_abs, changed_fraction   (batches,)  (the first two
                               over the first ``summary_trials`` trials of each batch)
     /timecourses/             time-resolved trials (Brian2 backend; attrs: phase start/end, s)
-        t                     (steps,)    time since the trial's start, s
-        epoch, batch, trial   (traced,)   which trials were traced
+        t                     (steps,)    time since the trial's start at the end of each
+                                          step, s (from dt)
+        epoch, batch, trial   (traced,)   which trials were traced (trial: int64, it counts
+                                          every trial of the run)
+        image, label, action, reward   (traced,)   as in /trials, for the traced trials
+        q                     (traced, actions)   the Q-values the action was chosen from
         delta                 (traced, steps)   the dopamine signal
         <population>/ff, fb, gate   (traced, steps, columns), populations "input", layers, "output"
-    /result                   attrs: test_accuracy, best_epoch, epochs, converged, seconds
+    /result                   attrs: test_accuracy, best_epoch, epochs, converged, diverged, seconds
 
 Rows of ``/trials`` and of ``/layers/<layer>/{ff,fb,gate}`` correspond one to one: they map to
 the trials table and to TimeSeries of an NWB file. Nothing is written during an epoch: the
@@ -53,10 +58,14 @@ from agrel_sim.network import Dropout
 
 # 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
 # learning used (active and kept); version 2 recorded its ff activity alone (y > 0) there.
-LAYOUT_VERSION = 3
+# 4: /timecourses/{image, label, action, reward, q}, and /timecourses/{epoch, batch} int32 as
+# in /trials (int64 before).
+LAYOUT_VERSION = 4
 EPOCH_FIELDS = ("epoch", "reward_probability", "train_loss", "validation_accuracy", "seconds", "learning_rate")
 TRIAL_FIELDS = ("epoch", "batch", "image", "label", "action", "reward", "delta")
 GATING_FIELDS = ("open_fraction", "fb_mean_abs", "changed_fraction")
+# Per traced trial (with q and delta): what joins a time course to its trial.
+TRACE_FIELDS = {"epoch": "i4", "batch": "i4", "trial": "i8", "image": "i4", "label": "i4", "action": "i4", "reward": "f4"}
 _COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 
 
@@ -129,7 +138,8 @@ class RunFile:
     ----------
     path : Path
     net : TorchNetwork or Brian2Network
-        The built network (its layers name the groups; its ``backend`` is stored).
+        The built network (its layers name the groups; its ``backend`` is stored; its
+        ``trials_run`` places each traced trial in its batch).
     config : dict
         Experiment configuration, stored as JSON text; its ``backend``, where given, must be
         the network's.
@@ -145,6 +155,7 @@ class RunFile:
     def __init__(self, path: Path, net, config: dict, seed: int, settings: LogSettings = LogSettings(), resume_after: int | None = None):
         self.path = Path(path)
         self.settings = settings
+        self.net = net
         self.layer_names = [layer.name for layer in net.layers]
         self.file = None  # the partial copy, while an edit is open
         if config.get("backend", net.backend) != net.backend:
@@ -238,7 +249,7 @@ class RunFile:
         if "timecourses" in self.file:
             timecourses = self.file["timecourses"]
             n_traced = keep(timecourses["epoch"])
-            groups += [(timecourses, n_traced, ("epoch", "batch", "trial", "delta"))]
+            groups += [(timecourses, n_traced, (*TRACE_FIELDS, "q", "delta"))]
             groups += [(group, n_traced, ("ff", "fb", "gate")) for group in timecourses.values() if isinstance(group, h5py.Group)]
         for group, rows, names in groups:
             for name in names:
@@ -247,10 +258,11 @@ class RunFile:
     def _new_epoch_buffers(self) -> None:
         self.batches: list[tuple[int, torch.Tensor]] = []  # (batch number, gating summary tensor)
         self.trials: list[dict] = []
-        self.traces: list[tuple[int, int, object]] = []  # (epoch, batch, TrialTrace)
+        self.traces: list[tuple[dict, object]] = []  # (the trial's TRACE_FIELDS and q, TrialTrace)
 
     def record_batch(self, epoch: int, batch: int, index: torch.Tensor, labels: torch.Tensor, trials) -> None:
-        """Buffer one training batch (``trials`` from ``run_trials(..., record=True)``)."""
+        """Buffer one training batch (``trials`` from the network's ``run_trials(..., record=True)``
+        for this batch, called just before: its traces are placed in the batch by ``trials_run``)."""
         nan = torch.full((), float("nan"), device=trials.q.device)  # filled on the device: no host copy
         n = self.settings.summary_trials
         summary = []
@@ -260,7 +272,13 @@ class RunFile:
             summary.append(layer.fb[:n].abs().mean() if layer.fb is not None else nan)
             summary.append(layer.changed.float() if layer.changed is not None else nan)
         self.batches.append((batch, torch.stack(summary)))
-        self.traces += [(epoch, batch, trace) for trace in getattr(trials, "traces", ())]
+        first = self.net.trials_run - len(index)  # run_trials has counted the batch already
+        for trace in getattr(trials, "traces", ()):
+            i = trace.trial - first
+            if not 0 <= i < len(index):
+                raise ValueError(f"record_batch: traced trial {trace.trial} is not in this batch (trials {first} to {first + len(index) - 1}); record each batch right after its run_trials")
+            values = {"epoch": epoch, "batch": batch, "trial": trace.trial, "image": int(index[i]), "label": int(labels[i]), "action": int(trials.action[i]), "reward": float(trials.reward[i])}
+            self.traces.append(({**values, "q": trials.q[i].cpu().numpy()}, trace))
         if batch % self.settings.every_batches:
             return
         k = self.settings.trials_per_batch
@@ -309,14 +327,15 @@ class RunFile:
             self._write_timecourses()
 
     def _write_timecourses(self) -> None:
-        first = self.traces[0][2]
+        values, first = self.traces[0]
         if "timecourses" not in self.file:
             group = self.file.create_group("timecourses")
             group.create_dataset("t", data=first.t)
             for phase, (start, end) in first.phases.items():
                 group.attrs[phase] = [start, end]
-            for name in ("epoch", "batch", "trial"):
-                _growing(group, name, "i8", chunk_rows=64)
+            for name, dtype in TRACE_FIELDS.items():
+                _growing(group, name, dtype, chunk_rows=64)
+            _growing(group, "q", "f4", len(values["q"]), chunk_rows=64)
             _growing(group, "delta", "f4", len(first.t), chunk_rows=64)
             for population in first.layers:
                 sub = group.create_group(population.name)
@@ -324,13 +343,12 @@ class RunFile:
                 for name, dtype in (("ff", "f4"), ("fb", "f4"), ("gate", "u1")):
                     sub.create_dataset(name, shape=shape, maxshape=(None, *shape[1:]), chunks=(1, *shape[1:]), dtype=dtype, **_COMPRESSION)
         group = self.file["timecourses"]
-        _append(group["epoch"], np.array([e for e, _, _ in self.traces]))
-        _append(group["batch"], np.array([b for _, b, _ in self.traces]))
-        _append(group["trial"], np.array([t.trial for _, _, t in self.traces]))
-        _append(group["delta"], np.stack([t.delta for _, _, t in self.traces]))
+        for name in (*TRACE_FIELDS, "q"):
+            _append(group[name], np.stack([v[name] for v, _ in self.traces]))
+        _append(group["delta"], np.stack([t.delta for _, t in self.traces]))
         for i, population in enumerate(first.layers):
             for name in ("ff", "fb", "gate"):
-                _append(group[population.name][name], np.stack([getattr(t.layers[i], name) for _, _, t in self.traces]).astype(np.uint8 if name == "gate" else np.float32))
+                _append(group[population.name][name], np.stack([getattr(t.layers[i], name) for _, t in self.traces]).astype(np.uint8 if name == "gate" else np.float32))
 
     def finish(self, result) -> None:
         """Store the run's result and mark the run file complete."""

@@ -3,7 +3,9 @@
     python analysis/figure3.py RUNS [--out figure3.png]
 
 RUNS holds runs of both rules (e.g. runs/table1/cifar10_conv3_*); each Table 1 row among them
-(data set, network, augmentation) gets a panel of its own.
+(data set, network, augmentation) gets a panel of its own. As Table 1, it averages the complete
+runs and refuses runs of one row made with different settings; the legend says how many runs
+the first and the last epoch average, and no band is drawn where one run remains.
 """
 
 import argparse

@@ -1,5 +1,7 @@
 """Gating figures for every run in a folder: gates, feedback and plasticity per layer over training,
-the RPE distribution, and activity maps of sampled trials; with gating against outcome printed.
+the RPE distribution, activity maps of sampled trials and, for Brian2 runs, one trial in time;
+with gating against outcome printed. Each run's figures go into the subfolder of FOLDER that
+lies where the run's folder lies under RUNS (``agrel-sim analyze`` as a script).
 
     python analysis/gating_figures.py RUNS [--out FOLDER]
 """

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -49,7 +50,7 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
     batches = -(-1237 // 20)  # per epoch
     sampled = 3 * len(range(0, batches, 10))
     with h5py.File(tmp_path / "run.h5", "r") as run:
-        assert run.attrs["complete"] and run.attrs["layout_version"] == 3 and run.attrs["seed"] == 4
+        assert run.attrs["complete"] and run.attrs["layout_version"] == 4 and run.attrs["seed"] == 4
         assert run.attrs["rule"] == rule and run.attrs["backend"] == "torch" and "experiment" in run.attrs["config"]
         assert run["epochs"]["epoch"][:].tolist() == [1, 2, 3]
         np.testing.assert_allclose(run["epochs"]["validation_accuracy"][:], [m.validation_accuracy for m in result.history])
@@ -269,7 +270,7 @@ def test_older_checkpoints_and_run_files_cannot_be_resumed(tmp_path):
     torch.save(state, tmp_path / "checkpoint.pt")
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["layout_version"] = 1
-    with pytest.raises(ValueError, match=r"run\.h5: run-file layout version 1, but this agrel-sim writes 3"):
+    with pytest.raises(ValueError, match=r"run\.h5: run-file layout version 1, but this agrel-sim writes 4"):
         run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
 
 
@@ -431,9 +432,10 @@ def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
     assert main(["analyze", str(finished_runs), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
     assert out.count("complete") >= 4 and "test_acc=" in out and "open gates rewarded" in out and "learning rate 0.3 to 0.3" in out
-    pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
-    assert "reward_curves.png" in pngs and len(pngs) == 1 + 4 * 3
-    for png in (tmp_path / "figures").glob("*.png"):
+    pngs = sorted(str(p.relative_to(tmp_path / "figures")) for p in (tmp_path / "figures").rglob("*.png"))
+    assert "reward_curves.png" in pngs and "ebp/seed1/small_ebp_seed1_gating.png" in pngs and len(pngs) == 1 + 4 * 3
+    assert f"\n{len(pngs)} figures written to" in out
+    for png in (tmp_path / "figures").rglob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
@@ -497,6 +499,91 @@ def test_reward_curves_and_gating_statistics(finished_runs, tmp_path):
     assert outcome["layers.2"]["trials_rewarded"] + outcome["layers.2"]["trials_unrewarded"] == len(runs[0].trials()["label"])
 
 
+def edit_config(path, edit):
+    """Apply ``edit`` to the configuration stored in the run file at ``path``."""
+    with h5py.File(path, "a") as run:
+        config = json.loads(run.attrs["config"])
+        edit(config)
+        run.attrs["config"] = json.dumps(config)
+
+
+def test_figure3_says_how_many_runs_each_epoch_averages(finished_runs, tmp_path, monkeypatch):
+    from agrel_sim.analysis import plot_reward_curves, reward_curves
+
+    shutil.copytree(finished_runs, tmp_path / "runs")
+    with h5py.File(tmp_path / "runs" / "deepagrel" / "seed1" / "run.h5", "a") as run:  # as a run that stopped after epoch 1
+        for name in run["epochs"]:
+            run["epochs"][name].resize(1, axis=0)
+    runs = load_runs(tmp_path / "runs")
+    curve = reward_curves(runs)["digits", "small", False]["deepagrel"]
+    assert curve["runs"].tolist() == [2, 1]
+    assert np.isfinite(curve["two_sigma"][0]) and np.isnan(curve["two_sigma"][1]), "one run has no spread"
+    figures = drawn_figures(monkeypatch)
+    plot_reward_curves(runs, tmp_path / "figure3.png")
+    ax = figures[0].axes[0]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["DeepAGREL: reward probability (n=2 at epoch 1, 1 at epoch 2)", "EBP: 1 − training error (n=2)"]
+    deepagrel_band, ebp_band = ax.collections
+    assert max(path.vertices[:, 0].max() for path in deepagrel_band.get_paths()) == 1, "no band where one run remains"
+    assert max(path.vertices[:, 0].max() for path in ebp_band.get_paths()) == 2
+
+
+def test_analyze_keeps_the_figures_of_every_run_apart_and_draws_the_rows_it_can(finished_runs, tmp_path, capsys):
+    shutil.copytree(finished_runs / "deepagrel", tmp_path / "runs" / "a")
+    shutil.copytree(finished_runs / "deepagrel" / "seed0", tmp_path / "runs" / "b" / "seed0")  # the same experiment and seed again
+    shutil.copytree(finished_runs / "ebp" / "seed0", tmp_path / "runs" / "other")
+    edit_config(tmp_path / "runs" / "other" / "run.h5", lambda config: config["model"].update(name="other"))  # a row of its own
+    assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Figure 3 has no panel for the Table 1 row digits, small, no augmentation: .*a/seed0/run\.h5 and .*b/seed0/run\.h5: seed 0 twice", out), out
+    pngs = sorted(str(p.relative_to(tmp_path / "figures")) for p in (tmp_path / "figures").rglob("*.png"))
+    assert "a/seed0/small_deepagrel_seed0_gating.png" in pngs and "b/seed0/small_deepagrel_seed0_gating.png" in pngs
+    assert len(pngs) == 1 + 4 * 3 and f"\n{len(pngs)} figures written to" in out, "every file counted is there"
+    assert "reward_curves.png" in pngs, "the other row is drawn"
+
+
+def test_table_and_analyze_agree_about_incomplete_runs(finished_runs, tmp_path, capsys):
+    from agrel_sim.analysis import reward_curves
+
+    shutil.copytree(finished_runs / "deepagrel", tmp_path / "runs")
+    killed = tmp_path / "runs" / "seed7" / "run.h5"  # killed after 2 epochs, and begun with another epoch limit
+    killed.parent.mkdir()
+    shutil.copy(finished_runs / "deepagrel" / "seed0" / "run.h5", killed)
+    with h5py.File(killed, "a") as run:
+        run.attrs["seed"], run.attrs["complete"] = 7, False
+        del run["result"]
+    edit_config(killed, lambda config: config["training"].update(max_epochs=200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteRunWarning)
+        assert main(["table", str(tmp_path / "runs")]) == 0
+        assert re.search(r"1 incomplete run\(s\) left out .*seed7/run\.h5", capsys.readouterr().out)
+        assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Figure 3 leaves out 1 incomplete run\(s\), as Table 1 does \(still running, killed or crashed\): .*seed7/run\.h5", out)
+    assert len(list((tmp_path / "figures").rglob("*.png"))) == 1 + 3 * 3
+    with pytest.warns(IncompleteRunWarning):
+        runs = load_runs(tmp_path / "runs")
+    assert reward_curves(runs)["digits", "small", False]["deepagrel"]["runs"].tolist() == [2, 2]
+
+
+def test_the_gating_figure_leaves_out_dropout_layers_and_says_why_a_panel_is_empty(finished_runs, tmp_path, monkeypatch):
+    from agrel_sim.analysis import plot_gating
+
+    figures = drawn_figures(monkeypatch)
+    for rule in ("deepagrel", "ebp"):
+        plot_gating(load_run(finished_runs / rule / "seed0" / "run.h5"), tmp_path / "gating.png")
+    for fig in figures:  # layers.1 is a dropout layer; the output's gates are always open
+        gates, feedback, changed = fig.axes
+        assert [line.get_label() for line in gates.lines] == ["layers.0", "layers.2"]
+        assert [line.get_label() for line in changed.lines] == ["layers.0", "layers.2", "output"]
+    assert [line.get_label() for line in figures[0].axes[1].lines] == ["layers.0", "layers.2"] and not figures[0].axes[1].texts
+    assert [text.get_text() for text in figures[1].axes[1].texts] == ["no feedback (EBP)"]
+
+
+def test_a_folder_given_as_a_run_file_is_named(finished_runs):
+    with pytest.raises(RunFileError, match=r"ebp/seed0: a folder, not a run file: give its run file .*ebp/seed0/run\.h5, or load every run below it with load_runs"):
+        load_run(finished_runs / "ebp" / "seed0")
+
+
 def test_layers_are_listed_bottom_to_top(tmp_path):
     deep = {**MODEL, "layers": [{"kind": "dense", "units": 6}] * 11}
     run = Experiment.from_dict({"name": "deep", "model": deep, "dataset": "digits", "training": {"max_epochs": 1, "validation_size": 200}}, "<test>")
@@ -518,7 +605,7 @@ def test_bad_run_files_get_clear_messages(finished_runs, tmp_path):
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", newer)
     with h5py.File(newer, "a") as handle:
         handle.attrs["layout_version"] = 99
-    with pytest.raises(RunFileError, match="layout version 99, newer than the 3 this agrel-sim reads; upgrade"):
+    with pytest.raises(RunFileError, match="layout version 99, newer than the 4 this agrel-sim reads; upgrade"):
         load_run(newer)
     older = tmp_path / "older.h5"  # layout 1 had no learning-rate schedule: the rule's rate throughout
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", older)
@@ -568,7 +655,7 @@ def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
     assert out.count("open gates rewarded") == 2 * 4 and "nan" not in out
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 1 + 3 * 3
+    assert len(list((tmp_path / "figures").rglob("*.png"))) == 1 + 3 * 3
     with pytest.warns(IncompleteRunWarning, match="holds 0 finished epochs"):
         runs = load_runs(tmp_path / "runs")
     killed = runs[-1]
@@ -713,25 +800,46 @@ def test_analysis_scripts_regenerate_table_and_figures(finished_runs, tmp_path):
     subprocess.run([sys.executable, scripts / "figure3.py", finished_runs, "--out", tmp_path / "f3.png"], check=True, capture_output=True)
     assert (tmp_path / "f3.png").read_bytes()[:4] == b"\x89PNG"
     gating = subprocess.run([sys.executable, scripts / "gating_figures.py", finished_runs / "ebp", "--out", tmp_path / "g"], capture_output=True, text=True, check=True)
-    assert len(list((tmp_path / "g").glob("*.png"))) == 1 + 2 * 3 and "open gates rewarded" in gating.stdout
+    assert len(list((tmp_path / "g").rglob("*.png"))) == 1 + 2 * 3 and "open gates rewarded" in gating.stdout
 
 
-def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
+TRACED_BATCHES = ((torch.arange(5), torch.tensor([0, 1, 2, 0, 1])), (torch.arange(10, 14), torch.tensor([2, 2, 1, 0])))  # (index, labels)
+
+
+def tiny_brian2(trace_every=4):
     from agrel_sim import ColumnNetwork, Dense, Rule, build
-    from agrel_sim.analysis import plot_trial_timecourse
+
+    description = ColumnNetwork((6,), [Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5), name="tiny")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "brian2 backend: .* short of its fixed point", UserWarning)  # short phases suffice here
+        return description, build(description, backend="brian2", trace_every=trace_every, t_stimulus=20, t_selection=5, t_feedback=20, t_rpe=5, t_plasticity=5)
+
+
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory):
+    """A Brian2 run file of one epoch of two batches (5 and 4 trials, every 4th trial traced:
+    trials 0 and 4 of the first, 8 of the second) in a folder of its own; and the batches' trials."""
     from agrel_sim.recorder import RunFile
     from agrel_sim.training import EpochMetrics
 
-    description = ColumnNetwork((6,), [Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5), name="tiny")
-    net = build(description, backend="brian2", trace_every=4, t_stimulus=20, t_selection=5, t_feedback=20, t_rpe=5, t_plasticity=5)
+    path = tmp_path_factory.mktemp("traced") / "run.h5"
+    description, net = tiny_brian2()
     # A configuration made in Python need not name the backend: the run file takes the network's.
-    recorder = RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none"}, 0)
-    images, labels = torch.rand(5, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1])
-    for batch in range(2):
-        trials = net.run_trials(images, labels, record=True)
-        recorder.record_batch(1, batch, torch.arange(5), labels, trials)
+    recorder = RunFile(path, net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none"}, 0)
+    images = torch.rand(5, 6, generator=torch.Generator().manual_seed(0))
+    batches = []
+    for batch, (index, labels) in enumerate(TRACED_BATCHES):
+        batches.append(net.run_trials(images[: len(index)], labels, record=True))
+        recorder.record_batch(1, batch, index, labels, batches[-1])
     recorder.write_epoch(1, EpochMetrics(1, 0.3, 0.1, 0.3, 1.0, 0.5))
-    with h5py.File(tmp_path / "run.h5", "r") as run:
+    return path, batches
+
+
+def test_brian2_time_courses_go_into_the_run_file_and_a_figure(traced_run, tmp_path):
+    from agrel_sim.analysis import plot_trial_timecourse
+
+    path, batches = traced_run
+    with h5py.File(path, "r") as run:
         assert run.attrs["backend"] == "brian2"
         course = run["timecourses"]
         assert course["trial"][:].tolist() == [0, 4, 8] and course["t"].shape == (55,)
@@ -739,15 +847,143 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(tmp_path):
         assert course["input"]["ff"].shape == (3, 55, 6) and course["output"]["gate"][:].all()
         assert np.all(course["delta"][:, :45] == 0) and np.all(course["delta"][:, 45:] != 0), "δ arrives in the RPE phase"
         assert list(course.attrs["rpe"]) == pytest.approx([0.045, 0.05])
+        assert course["t"][0] == pytest.approx(0.001), "sampled at the end of each step"
+        # Each traced trial's own record, whatever the batch's size: trials 0 and 4 of the first batch, 3 of the second.
+        where = [(0, 0), (0, 4), (1, 3)]
+        assert course["batch"][:].tolist() == [0, 0, 1] and course["epoch"].dtype == course["label"].dtype == np.int32
+        assert course["image"][:].tolist() == [int(TRACED_BATCHES[b][0][i]) for b, i in where]
+        assert course["label"][:].tolist() == [int(TRACED_BATCHES[b][1][i]) for b, i in where] == [0, 1, 0]
+        assert course["action"][:].tolist() == [int(batches[b].action[i]) for b, i in where]
+        np.testing.assert_allclose(course["reward"][:], [float(batches[b].reward[i]) for b, i in where])
+        np.testing.assert_allclose(course["q"][:], np.stack([batches[b].q[i].numpy() for b, i in where]), rtol=1e-6)
+        np.testing.assert_allclose(course["delta"][:, -1], [float(batches[b].delta[i]) for b, i in where], rtol=1e-6)
         changed = run["gating"]["layers.0"]["changed_fraction"][:]
         assert changed.shape == (2,) and np.all((changed > 0) & (changed <= 1))
     with pytest.warns(IncompleteRunWarning):
-        run = load_run(tmp_path / "run.h5")
+        run = load_run(path)
     png = plot_trial_timecourse(run, tmp_path / "trial.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert run.timecourse(-3)["trial"] == 0
-    with pytest.raises(IndexError, match=r"index: 3 is out of range for the 3 traced trials"):
+    with pytest.raises(IndexError, match=r"run\.h5: index 3 is out of range for its 3 traced trials \(0 to 2, or -3 to -1 from the last\)"):
         run.timecourse(3)
+
+
+def test_a_traced_trial_comes_back_with_its_record_and_phases_in_order(traced_run, tmp_path):
+    path, batches = traced_run
+    with pytest.warns(IncompleteRunWarning):
+        run = load_run(path)
+    course = run.timecourse(2)
+    assert list(course["phases"]) == ["stimulus", "selection", "feedback", "rpe", "plasticity"]
+    assert course["phases"]["plasticity"] == pytest.approx((0.05, 0.055))
+    assert (course["epoch"], course["batch"], course["trial"], course["image"], course["label"]) == (1, 1, 8, 13, 0)
+    assert (course["action"], course["reward"]) == (int(batches[1].action[3]), float(batches[1].reward[3]))
+    np.testing.assert_allclose(course["q"], batches[1].q[3].numpy(), rtol=1e-6)
+    assert list(course["populations"]) == ["input", "layers.0", "output"]
+    for index in (1.5, "0", True, None):
+        with pytest.raises(TypeError, match=rf"index: expected an integer \(0 the first traced trial, -1 the last\), got {re.escape(repr(index))}"):
+            run.timecourse(index)
+    assert run.timecourse(np.int64(0))["trial"] == 0
+
+    # A run file of layout 3 lacks the traced trials' records: they come back as None.
+    older = tmp_path / "older.h5"
+    shutil.copy(path, older)
+    with h5py.File(older, "a") as handle:
+        handle.attrs["layout_version"] = 3
+        for name in ("image", "label", "action", "reward", "q"):
+            del handle["timecourses"][name]
+    with pytest.warns(IncompleteRunWarning):
+        course = load_run(older).timecourse()
+    assert (course["image"], course["label"], course["action"], course["reward"], course["q"]) == (None,) * 5 and course["trial"] == 8
+
+    # HDF5 lists groups by name, layers.10 before layers.2: they come back bottom to top.
+    deep = tmp_path / "deep.h5"
+    shutil.copy(path, deep)
+    with h5py.File(deep, "a") as handle:
+        handle["timecourses"].move("layers.0", "layers.2")
+        handle["timecourses"].copy("layers.2", "layers.10")
+    edit_config(deep, lambda config: config["model"].update(layers=config["model"]["layers"] * 11))
+    with pytest.warns(IncompleteRunWarning):
+        assert list(load_run(deep).timecourse()["populations"]) == ["input", "layers.2", "layers.10", "output"]
+
+
+def drawn_figures(monkeypatch):
+    """The figures that the analysis draws from now on, kept instead of written."""
+    from agrel_sim import analysis
+
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(analysis, "_save", keep)
+    return figures
+
+
+def test_the_trial_figure_marks_the_chosen_action_and_names_lines_and_phases(traced_run, tmp_path, monkeypatch):
+    from agrel_sim.analysis import plot_trial_timecourse
+
+    path, batches = traced_run
+    with pytest.warns(IncompleteRunWarning):
+        run = load_run(path)
+    figures = drawn_figures(monkeypatch)
+    course = run.timecourse(0)
+    plot_trial_timecourse(run, tmp_path / "trial.png", index=0, units=2)
+    fig = figures[0]
+    assert fig.get_suptitle().startswith(f"tiny_brian2 seed 0: trial 0 (epoch 1, batch 0); label 0, action {course['action']}, reward {course['reward']:g}")
+    rows = [ax for ax in fig.axes[::2]]
+    assert [ax.get_ylabel() for ax in rows] == ["layers.0", "output", "dopamine δ = r − q_s"], "no row for the clamped input"
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["stimulus 0–20 ms", "selection 20–25 ms", "feedback 25–45 ms", "rpe 45–50 ms", "plasticity 50–55 ms"]
+    # The columns whose activity spans the widest range (a Q-value that falls, too), with the chosen action's.
+    widest = [int(unit) for unit in np.argsort(-np.ptp(course["populations"]["output"]["ff"], axis=0))]
+    other = next(unit for unit in widest if unit != course["action"])
+    expected = [f"action {unit}" + (" (chosen)" if unit == course["action"] else "") for unit in sorted((course["action"], other))]
+    assert [line.get_label() for line in rows[1].lines] == [*expected, "Q-values read"]
+    assert [line.get_label() for line in rows[0].lines] == [f"column {unit}" for unit in sorted(np.argsort(-np.ptp(course["populations"]["layers.0"]["ff"], axis=0))[:2])]
+    with pytest.raises(ValueError, match=r"units: expected an integer >= 1, got -1"):
+        plot_trial_timecourse(run, tmp_path / "trial.png", units=-1)
+
+    # The chosen action's unit is drawn whatever its activity: here the one that varies least.
+    quiet = tmp_path / "quiet.h5"
+    shutil.copy(path, quiet)
+    with h5py.File(quiet, "a") as handle:
+        handle["timecourses"]["action"][0] = widest[-1]
+    with pytest.warns(IncompleteRunWarning):
+        plot_trial_timecourse(load_run(quiet), tmp_path / "trial.png", index=0, units=1)
+    assert [line.get_label() for line in figures[-1].axes[2].lines] == [f"action {widest[-1]} (chosen)", "Q-values read"]
+
+
+def test_analyze_draws_the_traced_trial_asked_for(traced_run, tmp_path, monkeypatch, capsys):
+    figures = drawn_figures(monkeypatch)
+    folder = traced_run[0].parent
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "figures"), "--trial", "1"]) == 0
+    assert [fig.get_suptitle() for fig in figures if "trial 4 (epoch 1, batch 0)" in fig.get_suptitle()], "the second traced trial"
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "figures"), "--trial", "-4"]) == 2
+    assert re.search(r"agrel-sim: error: --trial -4: .*run\.h5: index -4 is out of range for its 3 traced trials", capsys.readouterr().err)
+
+
+def test_resuming_drops_the_time_courses_of_later_epochs(traced_run, tmp_path):
+    from agrel_sim.recorder import RunFile
+
+    shutil.copy(traced_run[0], tmp_path / "run.h5")
+    description, net = tiny_brian2()
+    RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none"}, 0, resume_after=0)
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        course = run["timecourses"]
+        kept = {name: item.shape[0] for name, item in course.items() if isinstance(item, h5py.Dataset) and name != "t"}
+        assert set(kept) == {"epoch", "batch", "trial", "image", "label", "action", "reward", "q", "delta"} and set(kept.values()) == {0}
+
+
+def test_a_batch_is_recorded_with_its_own_trials(tmp_path):
+    from agrel_sim.recorder import RunFile
+
+    description, net = tiny_brian2(trace_every=2)
+    recorder = RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none"}, 0)
+    images, labels = torch.rand(3, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
+    first = net.run_trials(images, labels, record=True)
+    net.run_trials(images, labels, record=True)
+    with pytest.raises(ValueError, match=r"record_batch: traced trial 0 is not in this batch \(trials 3 to 5\); record each batch right after its run_trials"):
+        recorder.record_batch(1, 0, torch.arange(3), labels, first)
 
 
 def test_a_configuration_naming_another_backend_than_the_networks_is_refused(tmp_path):
