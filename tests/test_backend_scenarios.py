@@ -2,18 +2,19 @@
 
 As Nengo's ``Simulator`` fixture does, ``build_net`` builds a description with each registered
 backend in turn (the PyTorch backend also on CUDA, where there is a GPU); a backend that cannot
-build a layer kind skips the scenario with its reason.
+build a network (a layer kind, a rule) skips the scenario with its reason.
 """
 
 import copy
+import importlib
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from agrel_sim import ColumnNetwork, Dense, Dropout, Rule, build
-from agrel_sim.backends import BACKENDS, UnsupportedLayerError
+from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
+from agrel_sim.backends import BACKENDS
 from devices import needs_cuda
 
 BACKEND_DEVICES = [pytest.param((backend, "cpu"), id=backend) for backend in sorted(BACKENDS)]
@@ -22,20 +23,34 @@ BACKEND_DEVICES.append(pytest.param(("torch", "cuda"), id="torch-cuda", marks=ne
 
 @pytest.fixture(params=BACKEND_DEVICES)
 def build_net(request):
-    """A function that builds a description with the backend and device of this parametrisation."""
+    """A function that builds a description with the backend and device of this parametrisation,
+    in float64 with seed 0 unless ``options`` say otherwise."""
     backend, device = request.param
 
-    def make(description, seed=0):
+    def make(description, **options):
         try:
-            return build(description, backend=backend, device=device, dtype=torch.float64, seed=seed)
-        except UnsupportedLayerError as error:
+            importlib.import_module(BACKENDS[backend]).check_network(description)
+        except ValueError as error:  # a layer kind (UnsupportedLayerError) or a rule the backend does not build
             pytest.skip(str(error))
+        return build(description, backend=backend, **{"device": device, "dtype": torch.float64, "seed": 0, **options})
 
     return make
 
 
-def dense_net(hidden, n_inputs=4, n_actions=3):
-    return ColumnNetwork((n_inputs,), [Dense(n) for n in hidden], n_actions, rule=Rule(learning_rate=0.5, init_range=0.5))
+def dense_net(hidden, n_inputs=4, n_actions=3, **rule):
+    return ColumnNetwork((n_inputs,), [Dense(n) for n in hidden], n_actions, rule=Rule(learning_rate=0.5, init_range=0.5, **rule))
+
+
+def random_batch(description, size, seed=1):
+    """Images, labels and actions drawn on the CPU, for ``size`` trials."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand((size, *description.input_shape), generator=g, dtype=torch.float64)
+    return images, torch.randint(description.n_actions, (size,), generator=g), torch.randint(description.n_actions, (size,), generator=g)
+
+
+def assert_unchanged(net, weights):
+    for key, value in net.weights().items():
+        assert torch.equal(value, weights[key]), key
 
 
 def test_gating_silences_feedback(build_net):
@@ -201,8 +216,7 @@ def test_weights_are_set_by_assignment_and_writes_into_them_raise(build_net):
     copy.deepcopy(layer.ff)[0, 0] = 123.0
     np.from_dlpack(layer.ff.cpu())[0, 1] = 7.0
     np.asarray(layer.ff.cpu(), dtype=np.float32)[0, 2] = 7.0
-    for key, value in net.weights().items():
-        assert torch.equal(value, start[key]), key
+    assert_unchanged(net, start)
     # Reads that make no change work as on a plain tensor.
     assert layer.ff.to_sparse().layout == torch.sparse_coo
     assert layer.ff.requires_grad_().requires_grad and not net.weights()["layers.0.ff"].requires_grad
@@ -249,8 +263,7 @@ def test_images_must_be_finite_rates(build_net):
             net.run_trials(bad, labels)
         with pytest.raises(ValueError, match=rf"images: 2 value\(s\), the first in image 1 of the batch, are {message}"):
             net.q_values(bad)
-    for key, value in net.weights().items():
-        assert torch.equal(value, start[key]), key
+    assert_unchanged(net, start)
     net.run_trials(images * 3, labels)  # rates above 1 are fine
 
 
@@ -267,8 +280,7 @@ def test_in_place_functions_raise_for_weights_given_by_keyword_or_in_a_list(buil
     ):
         with pytest.raises(RuntimeError, match=read_only):
             write()
-    for key, value in net.weights().items():
-        assert torch.equal(value, start[key]), key
+    assert_unchanged(net, start)
     # An in-place function only reads its other arguments.
     copied = torch.zeros_like(start["layers.0.ff"])
     copied.copy_(layer.ff)
@@ -277,28 +289,241 @@ def test_in_place_functions_raise_for_weights_given_by_keyword_or_in_a_list(buil
 
 
 @pytest.mark.parametrize("value, message", [
-    (float("nan"), r"layers\.0\.ff: values must be finite \(got NaN or inf\)"),
-    (float("-inf"), r"layers\.0\.ff: values must be finite \(got NaN or inf\)"),
-    (1 + 2j, r"layers\.0\.ff: expected real numbers, got torch\.complex64"),
-    (True, r"layers\.0\.ff: expected real numbers, got torch\.bool"),
-], ids=["nan", "inf", "complex", "bool"])
+    (float("nan"), r"values must be finite \(got NaN or inf\)"),
+    (float("-inf"), r"values must be finite \(got NaN or inf\)"),
+    (torch.complex128, r"expected real numbers, got torch\.complex128"),
+    (torch.bool, r"expected real numbers, got torch\.bool"),
+    (np.complex128, r"expected real numbers, got complex128"),
+    (bool, r"expected real numbers, got bool"),
+], ids=["nan", "inf", "complex_tensor", "bool_tensor", "complex_array", "bool_array"])
 def test_assigned_weights_must_be_finite_real_numbers(build_net, value, message):
-    net = build_net(dense_net([3]))
+    net = build_net(dense_net([2], n_inputs=3, n_actions=2, bias=True, feedback="independent"))
     start = net.weights()
-    with pytest.raises(ValueError, match=message):
-        net.layers[0].ff = torch.full((3, 4), value)
-    for key, weights in net.weights().items():
-        assert torch.equal(weights, start[key]), key
-    net.layers[0].ff = torch.ones(3, 4, dtype=torch.int64)  # integers are real numbers
-    assert torch.equal(net.weights()["layers.0.ff"].cpu(), torch.ones(3, 4, dtype=torch.float64))
+
+    def bad(key):
+        shape = start[key].shape
+        if isinstance(value, float):
+            return torch.full(shape, value, dtype=torch.float64)
+        return torch.ones(shape, dtype=value) if isinstance(value, torch.dtype) else np.ones(shape, dtype=value)
+
+    for part in ("ff", "fb", "bias"):
+        with pytest.raises(ValueError, match=rf"^layers\.0\.{part}: {message}$"):
+            setattr(net.layers[0], part, bad(f"layers.0.{part}"))
+    with pytest.raises(ValueError, match=rf"^output\.ff: {message}$"):
+        net.load_weights({**start, "output.ff": bad("output.ff")})
+    assert_unchanged(net, start)
+
+
+def test_integer_weights_are_real_numbers(build_net):
+    net = build_net(dense_net([2], n_inputs=3, n_actions=2))
+    for value, weights in enumerate((np.ones((2, 3), dtype=np.int64), torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int64)), 2):
+        net.layers[0].ff = weights * value
+        assert torch.equal(net.weights()["layers.0.ff"].cpu(), torch.full((2, 3), value, dtype=torch.float64)), type(weights)
 
 
 def test_the_learning_rate_must_be_a_finite_number_above_zero(build_net):
     net = build_net(dense_net([3]))
     for value in (float("nan"), float("inf"), -0.1, 0, "0.1", True, None):
-        with pytest.raises(ValueError, match=rf"learning_rate: expected a finite number > 0, got {re.escape(repr(value))}$"):
+        with pytest.raises(ValueError, match=rf"^learning_rate: expected a finite number > 0, got {re.escape(repr(value))}$"):
             net.learning_rate = value
         assert net.learning_rate == 0.5
     net.learning_rate *= 0.5  # as a learning-rate schedule decays it
     net.learning_rate = np.float64(net.learning_rate)
     assert net.learning_rate == 0.25
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("device", "gpu", r"^device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'$"),
+    ("seed", None, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got None$"),
+    ("seed", 1.5, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got 1\.5$"),
+    ("seed", True, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got True$"),
+    ("seed", -1, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got -1$"),
+    ("seed", 2**63, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got 9223372036854775808$"),
+], ids=["device_gpu", "seed_none", "seed_float", "seed_bool", "seed_negative", "seed_2_63"])
+def test_build_names_a_bad_device_or_seed(build_net, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        build_net(dense_net([3]), **{option: value})
+
+
+def test_build_names_a_missing_cuda_device(build_net, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device: 'cuda' requested but CUDA is not available on this machine; use 'cpu'$"):
+        build_net(dense_net([3]), device="cuda")
+
+
+def test_input_that_does_not_match_the_network_is_named(build_net):
+    net = build_net(ColumnNetwork((1, 8, 8), [Dense(5)], 3, name="tiny"))
+    images, labels = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 1, 8, 8\) for network 'tiny'.*got \(2, 1, 7, 7\)"):
+        net.run_trials(torch.zeros(2, 1, 7, 7), labels)
+    with pytest.raises(TypeError, match="images: expected a floating-point tensor"):
+        net.run_trials(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels)
+    with pytest.raises(TypeError, match="images: expected a floating-point tensor"):
+        net.q_values(torch.ones(2, 1, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels: values must lie in \[0, 3\)"):
+        net.run_trials(images, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"actions: values must lie in \[0, 3\)"):
+        net.run_trials(images, labels, actions=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"actions: expected shape \(2,\)"):
+        net.run_trials(images, labels, actions=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"layers\.0\.ff: expected a tensor of shape \(5, 64\), got \(64, 5\)"):
+        net.layers[0].ff = torch.zeros(64, 5)
+
+
+def test_load_weights_names_missing_and_unexpected_keys(build_net):
+    net = build_net(dense_net([3]))  # tied: load_weights ignores the fb values, but not their keys
+    start = net.weights()
+    wrong = {**{key: value for key, value in start.items() if key != "output.fb"}, "output.gain": start["output.ff"]}
+    with pytest.raises(ValueError, match=r"^weights: keys do not match the network \(missing \['output\.fb'\], unexpected \['output\.gain'\]\)$"):
+        net.load_weights(wrong)
+    assert_unchanged(net, start)
+
+
+def test_float32_requests_float32_tensors(build_net):
+    net = build_net(dense_net([4]), dtype=torch.float32)
+    images, labels, _ = random_batch(net.description, 2)
+    trials = net.run_trials(images.float(), labels, record=True)
+    assert trials.q.dtype == trials.delta.dtype == trials.reward.dtype == net.layers[0].ff.dtype == torch.float32
+    assert trials.layers[0].ff.dtype == trials.layers[0].fb.dtype == net.q_values(images.float()).dtype == torch.float32
+
+
+def test_a_refused_batch_counts_no_trials_and_changes_nothing(build_net):
+    net = build_net(dense_net([3]))
+    images, labels, _ = random_batch(net.description, 2)
+    start = net.weights()
+    with pytest.raises(ValueError, match=r"^labels: trials need the correct action of each trial, a tensor of shape \(batch,\); got None$"):
+        net.run_trials(images, None)
+    with pytest.raises(ValueError, match=r"^labels: values must lie in \[0, 3\), got 0\.\.3$"):
+        net.run_trials(images, torch.tensor([0, 3]))
+    assert net.trials_run == 0
+    assert_unchanged(net, start)
+    net.run_trials(images, labels)
+    assert net.trials_run == 2
+
+
+def test_ebp_refuses_forced_actions_and_counts_no_trials(build_net):
+    net = build_net(dense_net([3], name="ebp"))
+    images, labels, actions = random_batch(net.description, 2)
+    start = net.weights()
+    with pytest.raises(ValueError, match=r"^actions: forcing actions is meaningful only for rule 'deepagrel'$"):
+        net.run_trials(images, labels, actions=actions)
+    assert net.trials_run == 0
+    assert_unchanged(net, start)
+    net.run_trials(images, labels)
+    assert net.trials_run == 2
+
+
+OBSERVED_NETWORKS = [
+    pytest.param(ColumnNetwork((6,), [Dense(5), Dense(4)], 3), id="dense"),
+    pytest.param(ColumnNetwork((2, 8, 8), [Conv2d(3, 3), Dropout(0.4), Dense(9), Dropout(0.3), Dense(7)], 5), id="conv_dropout"),
+]
+
+
+@pytest.mark.parametrize("description", OBSERVED_NETWORKS)
+@pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
+def test_observing_without_learning_changes_nothing(build_net, rule, description):
+    net = build_net(description.replace(rule=dict(name=rule, learning_rate=0.7, init_range=0.5, bias=True, feedback="independent")))
+    images, labels, _ = random_batch(description, 6)
+    start = net.weights()
+    trials = net.run_trials(images, labels, learn=False, record=True)
+    assert_unchanged(net, start)
+    assert all(record.changed is None for record in trials.layers)
+    dropout = [index for index, layer in enumerate(description.layers) if isinstance(layer, Dropout)]
+    assert all(torch.equal(trials.layers[i].ff, trials.layers[i - 1].ff) for i in dropout), "no dropout"
+    torch.testing.assert_close(trials.q, net.q_values(images))
+
+
+def overflowing(weights):
+    """``weights`` with every ff and fb weight 1e200, the output's with every other input's
+    -1e200: the second hidden layer's activity overflows to infinity, the Q-values (inf - inf)
+    are NaN."""
+    huge = {key: torch.full_like(value, 1e200) if not key.endswith(".bias") else value for key, value in weights.items()}
+    for key in ("output.ff", "output.fb"):
+        huge[key][:, 1::2] *= -1
+    return huge
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
+def test_evaluation_leaves_the_weights_alone_whatever_the_activity(build_net, rule):
+    # Brian2's plasticity code multiplied the activity by a rate of 0 outside learning; 0 * NaN is
+    # NaN, so it used to turn every weight that NaN activity reached into NaN, even in q_values.
+    net = build_net(dense_net([2, 2], n_inputs=3, n_actions=2, name=rule, bias=True))
+    huge = overflowing(net.weights())
+    net.load_weights(huge)
+    images, labels, _ = random_batch(net.description, 2)
+    assert torch.isnan(net.q_values(images)).all()
+    net.run_trials(images, labels, learn=False)
+    assert_unchanged(net, huge)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_restored_weights_recover_from_a_diverged_batch(build_net):
+    # What training does after a diverged run: load the best weights, then go on. Nothing of the
+    # NaN batch (Brian2: its accumulated change) may survive into later batches.
+    description = dense_net([2, 2], n_inputs=3, n_actions=2)
+    diverged, fresh = build_net(description), build_net(description)
+    start = fresh.weights()
+    images, labels, actions = random_batch(description, 2)
+    diverged.load_weights(overflowing(start))
+    diverged.run_trials(images, labels, actions=actions)
+    assert all(torch.isnan(value).all() for value in diverged.weights().values()), "learning from NaN activity gives NaN weights"
+    diverged.load_weights(start)
+    for net in (diverged, fresh):
+        net.run_trials(images, labels, actions=actions)
+    assert_unchanged(diverged, fresh.weights())
+    assert torch.equal(diverged.q_values(images), fresh.q_values(images))
+
+
+@pytest.mark.parametrize("feedback", ["tied", "reciprocal", "independent"])
+def test_setting_ff_or_fb_sets_both_when_tied_and_one_otherwise(build_net, feedback):
+    net = build_net(dense_net([3], feedback=feedback))
+    layer, start, tied = net.layers[0], net.weights(), feedback == "tied"
+    layer.ff = torch.full((3, 4), 0.25)
+    assert torch.all(layer.ff == 0.25)
+    assert torch.equal(layer.fb.cpu(), torch.full((3, 4), 0.25, dtype=torch.float64) if tied else start["layers.0.fb"].cpu())
+    layer.fb = torch.full((3, 4), -0.5)
+    assert torch.all(layer.fb == -0.5)
+    assert torch.all(layer.ff == (-0.5 if tied else 0.25)), "setting either sets both when tied, only fb otherwise"
+    net.load_weights({**net.weights(), "layers.0.fb": torch.zeros(3, 4)})  # tied: the fb entries are ignored
+    assert torch.all(layer.fb == (-0.5 if tied else 0.0)) and torch.all(layer.ff == (-0.5 if tied else 0.25))
+
+
+FEEDBACK_NETWORKS = [  # a description and how many batches it learns from
+    pytest.param(ColumnNetwork((6,), [Dense(5), Dense(4)], 3), 2, id="dense"),
+    pytest.param(ColumnNetwork((1, 12, 12), [LocallyConnected2d(4, 3), Conv2d(4, 3, stride=2), Dropout(0.5), Dense(10), Dropout(0.3)], 5), 60, id="paper_like"),
+]
+
+
+@pytest.mark.parametrize("description, batches", FEEDBACK_NETWORKS)
+@pytest.mark.parametrize("feedback", ["tied", "reciprocal"])
+def test_tied_and_reciprocal_feedback_stay_exactly_equal_to_ff(build_net, feedback, description, batches):
+    net = build_net(description.replace(rule=dict(learning_rate=0.2, init_range=0.5, bias=True, feedback=feedback)))
+    start = net.weights()
+    for step in range(batches):
+        images, labels, _ = random_batch(description, 10, seed=step)
+        net.run_trials(images, labels)
+    for layer in net.layers:
+        if layer.has_weights:
+            if feedback == "reciprocal":
+                assert layer.fb.data_ptr() != layer.ff.data_ptr(), "separate tensors"
+            assert torch.equal(layer.fb, layer.ff), layer.name
+            assert not torch.equal(layer.ff, start[f"{layer.name}.ff"]), f"{layer.name} learnt"
+
+
+@pytest.mark.parametrize("description", [
+    pytest.param(ColumnNetwork((6,), [Dense(5), Dense(4)], 3), id="dense"),
+    pytest.param(ColumnNetwork((2, 9, 9), [Conv2d(3, 3), Conv2d(4, 3), Conv2d(3, 2)], 5), id="conv"),
+])
+def test_independent_feedback_without_decay_gets_identical_updates(build_net, description):
+    net = build_net(description.replace(rule=dict(learning_rate=0.7, init_range=0.5, feedback="independent")))
+    images, labels, actions = random_batch(description, 6)
+    before = net.weights()
+    net.run_trials(images, labels, actions=actions)
+    after = net.weights()
+    for layer in net.layers:
+        d_ff = after[f"{layer.name}.ff"] - before[f"{layer.name}.ff"]
+        d_fb = after[f"{layer.name}.fb"] - before[f"{layer.name}.fb"]
+        assert d_ff.abs().max() > 0, layer.name
+        torch.testing.assert_close(d_ff, d_fb, rtol=1e-12, atol=1e-15)
+        assert not torch.equal(after[f"{layer.name}.ff"], after[f"{layer.name}.fb"]), layer.name

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from agrel_sim import ColumnNetwork, ConfigError, Conv2d, Dense, Rule, build, load_model
 from agrel_sim.network import ActionSelection, Dropout, Neuromodulator
@@ -177,18 +176,7 @@ def test_descriptions_built_in_python_are_checked_like_files(make, message):
         make()
 
 
-def test_input_that_does_not_match_the_network():
-    net = build(ColumnNetwork((1, 8, 8), [Dense(5)], 3, name="tiny"))
-    labels = torch.zeros(2, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"images: expected shape \(batch, 1, 8, 8\) for network 'tiny'.*got \(2, 1, 7, 7\)"):
-        net.run_trials(torch.zeros(2, 1, 7, 7), labels)
-    with pytest.raises(TypeError, match="images: expected a floating-point tensor"):
-        net.run_trials(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels)
-    with pytest.raises(ValueError, match=r"labels: values must lie in \[0, 3\)"):
-        net.run_trials(torch.zeros(2, 1, 8, 8), torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match=r"actions: expected shape \(2,\)"):
-        net.run_trials(torch.zeros(2, 1, 8, 8), labels, actions=torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"layers\.0\.ff: expected a tensor of shape \(5, 64\)"):
-        net.layers[0].ff = torch.zeros(64, 5)
-    with pytest.raises(ValueError, match=r"backend: unknown backend 'jax'"):
-        build(net.description, backend="jax")
+def test_an_unknown_backend_is_named():
+    # Batches and weights that do not match the network: tests/test_backend_scenarios.py, for every backend.
+    with pytest.raises(ValueError, match=r"backend: unknown backend 'jax'; available: \['brian2', 'torch'\]"):
+        build(ColumnNetwork((1, 8, 8), [Dense(5)], 3), backend="jax")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
+from agrel_sim.backends.torch_backend import CHANGED_SAMPLE, _synapse_sample, changed_fraction
 from devices import DEVICES
 from reference import reference_q
 
@@ -78,19 +79,6 @@ def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(device, kind, bia
         assert relative_error(change, expected) < 1e-10, key
 
 
-def test_reciprocal_feedback_stays_exactly_the_transpose():
-    net = make("paper_like", feedback="reciprocal", learning_rate=0.2, bias=True)
-    start = net.weights()
-    for step in range(60):
-        images, labels, _ = random_batch(net, batch=10, seed=step)
-        net.run_trials(images, labels)
-    for layer in net.layers:
-        if layer.has_weights:
-            assert layer.fb.data_ptr() != layer.ff.data_ptr(), "separate tensors"
-            assert torch.equal(layer.fb, layer.ff), layer.name
-            assert not torch.equal(layer.ff, start[f"{layer.name}.ff"]), f"{layer.name} learnt"
-
-
 def feedback_angle(layer):
     ff, fb = layer.ff.flatten(), layer.fb.flatten()
     return math.degrees(math.acos((ff @ fb / (ff.norm() * fb.norm())).clamp(-1, 1).item()))
@@ -124,33 +112,21 @@ def test_every_feedback_mode_and_ebp_start_from_the_same_ff_weights():
             assert not torch.equal(weights["independent"][key], weights["tied"][key]), key
 
 
-def test_independent_feedback_without_decay_gets_identical_updates():
-    net = make("conv", feedback="independent")
-    images, labels, actions = random_batch(net)
-    before = net.weights()
-    net.run_trials(images, labels, actions=actions)
-    after = net.weights()
-    for layer in net.layers:
-        d_ff = after[f"{layer.name}.ff"] - before[f"{layer.name}.ff"]
-        d_fb = after[f"{layer.name}.fb"] - before[f"{layer.name}.fb"]
-        assert d_ff.abs().max() > 0
-        torch.testing.assert_close(d_ff, d_fb, rtol=1e-12, atol=1e-15)
-        assert not torch.equal(after[f"{layer.name}.ff"], after[f"{layer.name}.fb"])
-
-
-def test_ebp_step_is_sgd_on_cross_entropy():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1], ids=["no_decay", "decay"])
+def test_ebp_step_is_sgd_on_cross_entropy(weight_decay):
     input_shape, layers = ARCHITECTURES["strided_locally_connected"]
-    description = ColumnNetwork(input_shape, layers, 5, rule=Rule(name="ebp", learning_rate=0.3, bias=True, init_range=0.5))
-    net = build(description, dtype=torch.float64, seed=0)
+    rule = Rule(name="ebp", learning_rate=0.3, bias=True, init_range=0.5, weight_decay=weight_decay)
+    net = build(ColumnNetwork(input_shape, layers, 5, rule=rule), dtype=torch.float64, seed=0)
     images, labels, _ = random_batch(net)
     before = net.weights()
     trials = net.run_trials(images, labels.int())  # labels of any integer dtype
     params = {k: v.clone().requires_grad_(True) for k, v in before.items() if not k.endswith(".fb")}
-    loss = torch.nn.functional.cross_entropy(reference_q(description, params, images, {}), labels)
+    loss = torch.nn.functional.cross_entropy(reference_q(net.description, params, images, {}), labels)
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
     torch.testing.assert_close(trials.loss, loss.detach())
-    for key, grad in grads.items():
-        torch.testing.assert_close(net.weights()[key], before[key] - 0.3 * grad, rtol=1e-12, atol=1e-12)
+    for key, grad in grads.items():  # the decay first, then the gradient step (weights and biases alike)
+        expected = before[key] * (1 - 0.3 * weight_decay) - 0.3 * grad
+        torch.testing.assert_close(net.weights()[key], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_ebp_records_the_gates_of_dropped_columns_closed():
@@ -162,36 +138,14 @@ def test_ebp_records_the_gates_of_dropped_columns_closed():
     assert torch.equal(trials.layers[1].gate, columns.gate) and torch.equal(trials.layers[2].gate, columns.gate)
 
 
-def test_observing_without_learning_changes_nothing():
-    net = make("dropout")
-    images, labels, _ = random_batch(net)
-    before = net.weights()
-    trials = net.run_trials(images, labels, learn=False, record=True)
-    for key, value in net.weights().items():
-        assert torch.equal(value, before[key])
-    assert all(torch.equal(trials.layers[i].ff, trials.layers[i - 1].ff) for i in (1, 3)), "no dropout"
-    torch.testing.assert_close(trials.q, net.q_values(images))
-
-
-@pytest.mark.parametrize("option, value, message", [
-    ("dtype", torch.int64, r"dtype: expected one of torch\.float16, torch\.bfloat16, torch\.float32, torch\.float64, got torch\.int64"),
-    ("dtype", "float32", r"dtype: expected one of .*, got 'float32'"),
-    ("device", "gpu", r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
-    ("seed", None, r"seed: expected an integer from 0 to 2\*\*63 - 1, got None"),
-    ("seed", 1.5, r"seed: expected an integer from 0 to 2\*\*63 - 1, got 1\.5"),
-    ("seed", True, r"seed: expected an integer from 0 to 2\*\*63 - 1, got True"),
-    ("seed", -1, r"seed: expected an integer from 0 to 2\*\*63 - 1, got -1"),
-    ("seed", 2**63, r"seed: expected an integer from 0 to 2\*\*63 - 1, got 9223372036854775808"),
+@pytest.mark.parametrize("value, message", [
+    (torch.int64, r"dtype: expected one of torch\.float16, torch\.bfloat16, torch\.float32, torch\.float64, got torch\.int64"),
+    ("float32", r"dtype: expected one of .*, got 'float32'"),
 ])
-def test_build_names_a_bad_dtype_device_or_seed(option, value, message):
+def test_build_names_a_bad_dtype(value, message):
+    # Bad devices and seeds: tests/test_backend_scenarios.py, for every backend.
     with pytest.raises(ValueError, match=message):
-        build(ColumnNetwork((4,), [Dense(3)], 2), **{option: value})
-
-
-def test_build_names_a_missing_cuda_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"device: 'cuda' requested but CUDA is not available on this machine; use 'cpu'"):
-        build(ColumnNetwork((4,), [Dense(3)], 2), device="cuda")
+        build(ColumnNetwork((4,), [Dense(3)], 2), dtype=value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -215,17 +169,25 @@ def test_a_dropout_layer_has_no_weights_to_read_or_set():
             setattr(dropout, part, torch.zeros(2, 3))
 
 
-def test_trials_need_labels():
-    net = build(ColumnNetwork((4,), [Dense(3)], 2))
-    with pytest.raises(ValueError, match=r"labels: trials need the correct action of each trial, a tensor of shape \(batch,\); got None"):
-        net.run_trials(torch.rand(2, 4), None)
-    assert net.trials_run == 0
-
-
-def test_a_refused_batch_counts_no_trials():
-    net = build(ColumnNetwork((4,), [Dense(3)], 2, rule=Rule(name="ebp")))
-    with pytest.raises(ValueError, match=r"actions: forcing actions is meaningful only for rule 'deepagrel'"):
-        net.run_trials(torch.rand(2, 4), torch.tensor([0, 1]), actions=torch.tensor([1, 1]))
-    assert net.trials_run == 0
-    net.run_trials(torch.rand(2, 4), torch.tensor([0, 1]))
-    assert net.trials_run == 2
+def test_changed_fraction_of_a_large_layer_is_measured_on_a_fixed_sample():
+    size = 1000 * 1000
+    g = torch.Generator().manual_seed(0)
+    change = torch.rand(1000, 1000, generator=g, dtype=torch.float64) + 0.5
+    change.view(-1)[torch.randperm(size, generator=g)[: size * 3 // 10]] = 0  # 30% of the synapses unchanged
+    # A sample of n = 65536 of N = 10**6 synapses, drawn without regard to which changed: the
+    # measured fraction has standard error sqrt(0.7 * 0.3 / n * (N - n) / (N - 1)) = 0.0017; 0.01
+    # is six of them.
+    measured = changed_fraction(change).item()
+    assert abs(measured - 0.7) < 0.01
+    assert measured * CHANGED_SAMPLE == round(measured * CHANGED_SAMPLE), "a count among CHANGED_SAMPLE synapses"
+    # The sample is the same synapses every call, even once the cache is emptied: it depends on
+    # the layer's size alone. A change on the sampled synapses alone reads as all, elsewhere as none.
+    sample = _synapse_sample(size, change.device)
+    _synapse_sample.cache_clear()
+    assert torch.equal(_synapse_sample(size, change.device), sample)
+    assert len(sample) == len(sample.unique()) == CHANGED_SAMPLE
+    on_sample = torch.zeros(size, dtype=torch.float64)
+    on_sample[sample] = 1.0
+    assert changed_fraction(on_sample.view(1000, 1000)).item() == 1.0
+    assert changed_fraction((1 - on_sample).view(1000, 1000)).item() == 0.0
+    assert changed_fraction(change).item() == measured

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from agrel_sim.config import ConfigError, is_number
+from agrel_sim.config import ConfigError, is_count, is_number
 from agrel_sim.network import ColumnNetwork
 
 BACKENDS = {"torch": "agrel_sim.backends.torch_backend", "brian2": "agrel_sim.backends.brian2_backend"}
@@ -81,6 +81,18 @@ def check_device(device) -> None:
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
             raise ValueError(f"device: {device!r} requested but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def check_seed(seed) -> None:
+    """Raise a clear error for a seed that is not an integer in ``[0, 2**63 - 1]`` (what torch generators take).
+
+    Raises
+    ------
+    ValueError
+        Naming ``seed`` and the integers it may be.
+    """
+    if not is_count(seed, 0):
+        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
 
 
 def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True, *, trials: bool = False) -> None:
@@ -176,6 +188,46 @@ def check_weight_keys(weights: dict, expected: set[str]) -> None:
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
+
+
+def weights_to_set(value, shape, name: str):
+    """Weights about to be assigned, checked, as a tensor.
+
+    Parameters
+    ----------
+    value : Tensor or array_like
+        Real numbers (integer or floating-point, not bool or complex), finite.
+    shape : tuple of int
+        The shape ``value`` must have.
+    name : str
+        What is set (``"layers.0.ff"``), for the messages.
+
+    Returns
+    -------
+    Tensor
+        ``value`` itself when it is a tensor, else a new tensor of its values in their NumPy
+        dtype (so that float64 values keep their precision).
+
+    Raises
+    ------
+    ValueError
+        For values that are not real numbers, a wrong shape, NaN or infinity.
+    """
+    import numpy as np
+    import torch
+
+    if not torch.is_tensor(value):
+        array = np.asarray(value)
+        if array.dtype.kind not in "iuf":  # before torch sees it: it has no tensors of strings or objects
+            raise ValueError(f"{name}: expected real numbers, got {array.dtype}")
+        value = torch.tensor(array)  # a copy, also of a read-only array (torch.as_tensor would warn)
+    if value.dtype == torch.bool or value.dtype.is_complex:
+        raise ValueError(f"{name}: expected real numbers, got {value.dtype}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {tuple(value.shape)}")
+    if value.is_floating_point() and not torch.isfinite(value).all():  # makes the host wait for a GPU: weights are set between batches
+        raise ValueError(f"{name}: values must be finite (got NaN or inf)")
+    return value
 
 
 def build(network: ColumnNetwork, backend: str = "torch", **options):

@@ -70,7 +70,9 @@ import torch
 from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import LEARNING_RATE, RUN_OPTIONS, UnsupportedLayerError, check_batch, check_weight_keys
+from agrel_sim.backends import (
+    LEARNING_RATE, RUN_OPTIONS, UnsupportedLayerError, check_batch, check_device, check_seed, check_weight_keys, weights_to_set,
+)
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number
 from agrel_sim.network import ColumnNetwork, Dense
@@ -177,6 +179,21 @@ class Timeline:
 
     @classmethod
     def from_durations(cls, dt, durations: dict) -> "Timeline":
+        """The timeline of phases lasting ``durations``, in steps of ``dt``.
+
+        Parameters
+        ----------
+        dt : duration
+            The time step: a Brian2 time quantity or a number of milliseconds.
+        durations : dict of str to duration
+            The duration of each phase of :data:`PHASES`, keyed by the phase's name.
+
+        Raises
+        ------
+        ValueError
+            For a duration that is not > 0 or not a whole number of time steps (named as the
+            option ``t_<phase>`` of :func:`build`).
+        """
         dt = _milliseconds(dt, "dt")
         steps = {}
         for phase in PHASES:
@@ -190,6 +207,7 @@ class Timeline:
 
     @property
     def trial_steps(self) -> int:
+        """The time steps of a whole trial, all five phases."""
         return sum(self.steps.values())
 
     def start(self, phase: str) -> int:
@@ -375,37 +393,8 @@ def _tensor(array: np.ndarray, dtype) -> torch.Tensor:
 
 
 def _matrix(value, shape, name) -> np.ndarray:
-    """Weights to assign, checked, as a float64 array.
-
-    Parameters
-    ----------
-    value : Tensor or array_like
-        Real numbers (integer or floating-point, not bool or complex).
-    shape : tuple of int
-        The shape ``value`` must have.
-    name : str
-        What is set (``"layers.0.ff"``), for the messages.
-
-    Raises
-    ------
-    ValueError
-        For a wrong shape, values that are not real numbers, NaN or infinity.
-    """
-    if torch.is_tensor(value):
-        dtype = value.dtype
-        real = dtype != torch.bool and not dtype.is_complex
-    else:
-        value = np.asarray(value)
-        dtype = value.dtype
-        real = dtype.kind in "iuf"
-    if not real:
-        raise ValueError(f"{name}: expected real numbers, got {dtype}")
-    array = value.detach().cpu().double().numpy() if torch.is_tensor(value) else value.astype(np.float64)
-    if array.shape != tuple(shape):
-        raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {tuple(array.shape)}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name}: values must be finite (got NaN or inf)")
-    return array
+    """Weights to assign, checked by :func:`~agrel_sim.backends.weights_to_set`, as a float64 array."""
+    return weights_to_set(value, shape, name).detach().cpu().double().numpy()
 
 
 @contextlib.contextmanager
@@ -636,7 +625,8 @@ class Brian2Network:
         record : bool
             Also return each layer's ff activity, fb activity and gate at the end of each trial.
         check_range : bool
-            Check that labels and actions lie in ``[0, n_actions)`` (as the torch backend).
+            Check that images are finite and ``>= 0`` and that labels and actions lie in
+            ``[0, n_actions)``, as the torch backend does (see :func:`~agrel_sim.backends.check_batch`).
 
         Returns
         -------
@@ -898,8 +888,9 @@ def build(
     UnsupportedLayerError
         For a layer kind other than dense (the message names the backend and the kind).
     ValueError
-        For a non-CPU device, an unsupported dtype, a seed that is not an integer in
-        ``[0, 2**63 - 1]``, rule ``ebp`` or a bad setting.
+        For a device other than the CPU (one that is not cpu, cuda or cuda:N, or that this
+        machine lacks, is named as by the torch backend), an unsupported dtype, a seed that is
+        not an integer in ``[0, 2**63 - 1]``, rule ``ebp`` or a bad setting.
 
     Warns
     -----
@@ -909,8 +900,8 @@ def build(
         :func:`unsettled_fraction`); the message names the duration that would.
     """
     check_network(network)
-    if not is_count(seed, 0):  # a 64-bit integer, as torch generators take
-        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    check_seed(seed)
+    check_device(device)
     if torch.device(device).type != "cpu":
         raise ValueError(f"device: the {BACKEND} backend runs on the CPU (Brian2 runtime mode), got {str(device)!r}")
     if dtype not in (torch.float32, torch.float64):

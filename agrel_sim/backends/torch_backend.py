@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_weight_keys
-from agrel_sim.config import is_count
+from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_seed, check_weight_keys, weights_to_set
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
 
@@ -37,42 +36,50 @@ from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConn
 # trial by alpha * delta / B, so that the weight change is a plain correlation with ``y_prev``.
 
 def dense_drive(y_prev, ff, bias):
+    """The ff drive ``(B, units)`` of dense columns: ``ff @ y_prev (+ bias)``, the input flattened."""
     return F.linear(y_prev.flatten(1), ff, bias)
 
 
 def dense_feedback(gfb, fb, input_shape):
+    """The feedback ``gfb @ fb`` that reaches each lower column, in the layout ``(B, *input_shape)``."""
     return (gfb @ fb).view(-1, *input_shape)
 
 
 def dense_weight_change(y_prev, dgfb):
+    """The change of the ``(units, inputs)`` weights: ``dgfb`` correlated with ``y_prev``, summed over the batch."""
     return dgfb.T @ y_prev.flatten(1)
 
 
 def conv_drive(y_prev, ff, bias, stride, padding):
+    """The ff drive ``(B, channels, H, W)`` of a sheet of columns sharing the kernel ``ff``."""
     return F.conv2d(y_prev, ff, bias, stride=stride, padding=padding)
 
 
 def conv_feedback(gfb, fb, stride, padding, output_padding):
-    # The transposed convolution with the fb kernel: each lower column collects fb from every
-    # upper column whose kernel covers it.
+    """The feedback that reaches each lower column: the transposed convolution of ``gfb`` with
+    the fb kernel, so that each collects fb from every upper column whose kernel covers it."""
     return F.conv_transpose2d(gfb, fb, stride=stride, padding=padding, output_padding=output_padding)
 
 
 def conv_weight_change(y_prev, dgfb, weight_shape, stride, padding):
-    # The shared kernel's change is the four-factor product summed over all positions.
+    """The shared kernel's change: the four-factor product summed over all positions and the batch."""
     return torch.nn.grad.conv2d_weight(y_prev, weight_shape, dgfb, stride=stride, padding=padding)
 
 
 def local_drive(patches, ff):
+    """The ff drive ``(B, channels, positions)`` of a locally connected sheet, from unfolded ``patches``."""
     return torch.einsum("bkl,lok->bol", patches, ff)
 
 
 def local_feedback(gfb, fb, input_size, kernel_size, stride, padding):
+    """The feedback that reaches each lower column: every position's ``gfb`` through its own fb
+    kernel, the overlapping patches summed back onto the ``input_size`` sheet."""
     patches = torch.einsum("bol,lok->bkl", gfb, fb)
     return F.fold(patches, input_size, kernel_size, stride=stride, padding=padding)
 
 
 def local_weight_change(patches, dgfb):
+    """The change of every position's kernel: ``dgfb`` correlated with its patch, summed over the batch."""
     return torch.einsum("bol,bkl->lok", dgfb, patches)
 
 
@@ -314,6 +321,7 @@ class DenseColumns(_Layer):
         self.linear = linear
 
     def forward(self, y_prev, learning):
+        """The columns' ff activity (the output's linear drive), keeping ``y_prev`` for learning."""
         self.saved = y_prev
         drive = dense_drive(y_prev, self._ff, self._bias)
         return drive if self.linear else drive.relu_()
@@ -325,9 +333,11 @@ class DenseColumns(_Layer):
         return fb if self.linear else super().gate_feedback(fb, y)
 
     def feedback(self, gfb):
+        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below."""
         return dense_feedback(gfb, self._fb, self.input_shape)
 
     def weight_change(self, y_prev, dgfb):
+        """The change of the ff (and fb) weights; see :func:`dense_weight_change`."""
         return dense_weight_change(y_prev, dgfb)
 
     def bias_change(self, dgfb):
@@ -348,13 +358,16 @@ class ConvColumns(_Layer):
         )
 
     def forward(self, y_prev, learning):
+        """The columns' ff activity, keeping ``y_prev`` for learning."""
         self.saved = y_prev
         return conv_drive(y_prev, self._ff, self._bias, self.stride, self.padding).relu_()
 
     def feedback(self, gfb):
+        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below."""
         return conv_feedback(gfb, self._fb, self.stride, self.padding, self.output_padding)
 
     def weight_change(self, y_prev, dgfb):
+        """The change of the ff (and fb) kernels; see :func:`conv_weight_change`."""
         return conv_weight_change(y_prev, dgfb, self._ff.shape, self.stride, self.padding)
 
     def bias_change(self, dgfb):
@@ -371,6 +384,7 @@ class LocallyConnectedColumns(_Layer):
         self.kernel_size, self.stride, self.padding = k, spec.stride, spec.padding
 
     def forward(self, y_prev, learning):
+        """The columns' ff activity, keeping the unfolded patches of ``y_prev`` for learning."""
         patches = F.unfold(y_prev, self.kernel_size, padding=self.padding, stride=self.stride)
         self.saved = patches
         drive = local_drive(patches, self._ff).view(-1, *self.output_shape)
@@ -379,9 +393,11 @@ class LocallyConnectedColumns(_Layer):
         return drive.relu_()
 
     def feedback(self, gfb):
+        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below."""
         return local_feedback(gfb.flatten(2), self._fb, self.input_shape[1:], self.kernel_size, self.stride, self.padding)
 
     def weight_change(self, patches, dgfb):
+        """The change of the ff (and fb) kernels; see :func:`local_weight_change`."""
         return local_weight_change(patches, dgfb.flatten(2))
 
     def bias_change(self, dgfb):
@@ -410,6 +426,8 @@ class DropoutColumns:
         self.saved = None
 
     def forward(self, y_prev, learning):
+        """``y_prev`` with a random subset of columns silenced and the others scaled by
+        ``1 / (1 - rate)`` when ``learning``; else ``y_prev`` unchanged."""
         if not learning or self.rate == 0:
             self.saved = None
             return y_prev
@@ -424,6 +442,7 @@ class DropoutColumns:
         return fb if self.saved is None else fb * self.saved
 
     def feedback(self, gfb):
+        """The gated feedback, passed on unchanged (the gate of dropped columns is in ``gfb``)."""
         return gfb
 
     def tensors(self):
@@ -449,15 +468,9 @@ def changed_fraction(change: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_into(target: torch.Tensor, value, name: str) -> None:
-    """Set the weights ``target`` (named ``name`` in messages) to ``value``: real numbers,
-    finite, of ``target``'s shape; raise ``ValueError`` otherwise."""
-    value = torch.as_tensor(value)
-    if value.is_complex() or value.dtype == torch.bool:
-        raise ValueError(f"{name}: expected real numbers, got {value.dtype}")
-    if tuple(value.shape) != tuple(target.shape):
-        raise ValueError(f"{name}: expected a tensor of shape {tuple(target.shape)}, got {tuple(value.shape)}")
-    if not torch.isfinite(value).all():  # makes the host wait for a GPU: weights are set between batches
-        raise ValueError(f"{name}: values must be finite (got NaN or inf)")
+    """Set the weights ``target`` (named ``name`` in messages) to ``value``, checked by
+    :func:`~agrel_sim.backends.weights_to_set`."""
+    value = weights_to_set(value, target.shape, name)
     with torch.no_grad():
         target.copy_(value)
 
@@ -712,6 +725,5 @@ def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> 
     check_device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
-    if not is_count(seed, 0):  # a 64-bit integer, as torch generators take
-        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
+    check_seed(seed)
     return TorchNetwork(network, device=device, dtype=dtype, seed=seed)
