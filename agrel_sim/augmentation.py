@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from agrel_sim.config import is_count, is_number
+from agrel_sim.config import is_count, is_fraction
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Augmentation:
         if not is_count(self.factor):
             raise ValueError(f"augmentation.factor: expected an integer >= 1, got {self.factor!r}")
         for key in ("zoom", "shift"):
-            if not is_number(getattr(self, key), lambda v: 0 <= v < 1):
+            if not is_fraction(getattr(self, key)):
                 raise ValueError(f"augmentation.{key}: expected a fraction in [0, 1), got {getattr(self, key)!r}")
         if not isinstance(self.flip, bool):
             raise ValueError(f"augmentation.flip: expected true or false, got {self.flip!r}")

@@ -109,6 +109,10 @@ def _integer_from(minimum: int, maximum: int | None = None):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``agrel-sim`` with its commands train, sweep, table and analyze.
+
+    Each command's arguments carry a ``handler`` that :func:`main` calls with them.
+    """
     root = argparse.ArgumentParser(prog="agrel-sim", description="Simulate deep networks of cortical columns that learn by reinforcement (DeepAGREL).")
     commands = root.add_subparsers(dest="command", required=True)
 
@@ -154,6 +158,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``agrel-sim`` with the arguments ``argv`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 1 when runs failed or memory ran out, 2 for bad input
+        (the message on stderr names the field), 130 when interrupted by Ctrl-C.
+
+    Raises
+    ------
+    SystemExit
+        For arguments that do not parse (status 2, from argparse) and for ``--help``.
+    """
     args = parser().parse_args(argv)
     with warnings.catch_warnings():  # restores Python's own display of warnings on return
         warnings.showwarning = _show_warning

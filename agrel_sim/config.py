@@ -33,6 +33,16 @@ def is_number(value, check=lambda v: True) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and check(value)
 
 
+def is_fraction(value) -> bool:
+    """A finite real number in ``[0, 1)`` (not a bool)."""
+    return is_number(value, lambda v: 0 <= v < 1)
+
+
+# Arguments of Fields.get for the kinds of setting that many tables hold.
+POSITIVE_INT = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
+FRACTION = dict(kind=float, check=is_fraction, hint="a fraction in [0, 1)")
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file, turning syntax errors into a :class:`ConfigError` naming the file."""
     try:
@@ -106,9 +116,11 @@ class Fields:
         self._used: set[str] = set()
 
     def name(self, key: str) -> str:
+        """The dotted name of ``key`` in the file, as messages give it (``layers[2].kernel_size``)."""
         return f"{self.where}.{key}" if self.where else key
 
     def error(self, key: str, problem: str) -> ConfigError:
+        """A :class:`ConfigError` naming the file and the field ``key``, saying ``problem``; the caller raises it."""
         return ConfigError(f"{self.source}: {self.name(key)}: {problem}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., check=None, hint: str = ""):

@@ -87,6 +87,7 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
+        """The shape of one image, ``(C, H, W)`` (or ``(features,)``)."""
         return tuple(self.train_images.shape[1:])
 
     def to(self, device) -> "Dataset":
@@ -156,8 +157,11 @@ def data_roots(data_dir=None) -> list[Path]:
     return from_env or [Path("data")]
 
 
-def _find_folder(data_dir, candidates: list[str], required: list[list[str]], what: str, how: str) -> tuple[Path, dict[str, Path]]:
-    """Find the first folder among ``root/candidate`` holding one file of each group in ``required``."""
+def _find_files(data_dir, candidates: list[str], required: list[list[str]], what: str, how: str) -> dict[str, Path]:
+    """Find the first folder among ``root/candidate`` holding one file of each group in ``required``.
+
+    Returns the path of the file found for each group, keyed by the group's first name.
+    """
     searched, partial = [], []
     for root in data_roots(data_dir):
         for candidate in candidates:
@@ -174,7 +178,7 @@ def _find_folder(data_dir, candidates: list[str], required: list[list[str]], wha
                         found[group[0]] = folder / name
                         break
             if len(found) == len(required):
-                return folder, found
+                return found
             if found:
                 missing = ", ".join(" or ".join(group) for group in required if group[0] not in found)
                 partial.append(f"{folder} holds {len(found)} of the {len(required)} files; missing there: {missing}\n")
@@ -224,7 +228,7 @@ def load_mnist(data_dir=None) -> Dataset:
         [f"{part}-{kind}-ubyte", f"{part}-{kind}-ubyte.gz"]
         for part in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
     ]
-    _, files = _find_folder(data_dir, ["MNIST/raw", "raw", "."], names, "MNIST", MNIST_HOW)
+    files = _find_files(data_dir, ["MNIST/raw", "raw", "."], names, "MNIST", MNIST_HOW)
     arrays = {}
     for part in ("train", "t10k"):
         images = read_idx(files[f"{part}-images-idx3-ubyte"], 3)
@@ -298,7 +302,7 @@ def _load_cifar(data_dir, name, folder, archive, train_files, test_file, label_k
         f"Unpack the CIFAR python release ({archive}) so that DATA/{folder}/ holds "
         f"{', '.join(train_files)} and {test_file}, then pass --data-dir DATA or set {DATA_ENV}=DATA."
     )
-    _, files = _find_folder(data_dir, [folder, "."], [[f] for f in (*train_files, test_file)], name.upper(), how)
+    files = _find_files(data_dir, [folder, "."], [[f] for f in (*train_files, test_file)], name.upper(), how)
     parts = [_read_cifar_pickle(files[f], label_key, n_classes, how) for f in train_files]
     test_x, test_y = _read_cifar_pickle(files[test_file], label_key, n_classes, how)
     train_x = np.concatenate([p[0] for p in parts])

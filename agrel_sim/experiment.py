@@ -39,7 +39,7 @@ from pathlib import Path
 
 from agrel_sim.augmentation import Augmentation
 from agrel_sim.backends import BACKENDS, check_backend
-from agrel_sim.config import ConfigError, Fields, find_named_file, read_toml
+from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, read_toml
 from agrel_sim.datasets import LOADERS
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
@@ -126,6 +126,13 @@ class Experiment:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "Experiment":
+        """Read an experiment from a TOML file (see the module docstring for the layout).
+
+        Raises
+        ------
+        ConfigError
+            If the file cannot be read or a field is missing, unknown or invalid.
+        """
         path = Path(path)
         return cls.from_dict(read_toml(path), str(path))
 
@@ -133,22 +140,19 @@ class Experiment:
 # The model's tables that an experiment file may override field by field.
 MODEL_OVERRIDES = ("rule", "action_selection", "neuromodulator")
 
-_POSITIVE = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
-_FRACTION = dict(kind=float, check=lambda v: 0 <= v < 1, hint="a fraction in [0, 1)")
-
 
 def _training_settings(fields: Fields) -> TrainingSettings:
     defaults = TrainingSettings()
     counts = ("batch_size", "max_epochs", "patience", "validation_size", "eval_batch_size")
-    values = {key: fields.get(key, default=getattr(defaults, key), **_POSITIVE) for key in (*counts, "lr_decay_patience")}
+    values = {key: fields.get(key, default=getattr(defaults, key), **POSITIVE_INT) for key in (*counts, "lr_decay_patience")}
     values["lr_decay_factor"] = fields.get("lr_decay_factor", float, defaults.lr_decay_factor, lambda v: 0 < v <= 1, "a number in (0, 1]; 1 keeps the learning rate constant")
     table = fields.sub("augmentation")  # read even when absent, so that a misspelt table name is told this one
     if "augmentation" in fields.table:
         standard = Augmentation()
         values["augmentation"] = Augmentation(
-            factor=table.get("factor", default=standard.factor, **_POSITIVE),
-            zoom=table.get("zoom", default=standard.zoom, **_FRACTION),
-            shift=table.get("shift", default=standard.shift, **_FRACTION),
+            factor=table.get("factor", default=standard.factor, **POSITIVE_INT),
+            zoom=table.get("zoom", default=standard.zoom, **FRACTION),
+            shift=table.get("shift", default=standard.shift, **FRACTION),
             flip=table.get("flip", bool, standard.flip),
         )
         table.finish()
@@ -158,7 +162,7 @@ def _training_settings(fields: Fields) -> TrainingSettings:
 
 def _log_settings(fields: Fields) -> LogSettings:
     defaults = LogSettings()
-    values = {key: fields.get(key, default=value, **_POSITIVE) for key, value in dataclasses.asdict(defaults).items()}
+    values = {key: fields.get(key, default=value, **POSITIVE_INT) for key, value in dataclasses.asdict(defaults).items()}
     fields.finish()
     return LogSettings(**values)
 

@@ -38,12 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from agrel_sim.config import ConfigError, Fields, find_named_file, is_count, is_number, read_toml
+from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, is_fraction, is_number, read_toml
 
 FEEDBACK_MODES = ("tied", "reciprocal", "independent")
 RULES = ("deepagrel", "ebp")
 
-_positive_int = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
 _non_negative_int = dict(kind=int, check=lambda v: v >= 0, hint="an integer >= 0")
 
 
@@ -262,7 +261,7 @@ class ColumnNetwork:
         layers = tuple(_layer_from_table(Fields(t, source, f"layers[{i}]")) for i, t in enumerate(layer_tables))
 
         output = top.sub("output", default_empty=False)
-        n_actions = output.get("actions", **_positive_int)
+        n_actions = output.get("actions", **POSITIVE_INT)
         output.finish()
 
         selection = top.sub("action_selection")
@@ -304,14 +303,14 @@ def _layer_from_table(fields: Fields) -> Layer:
     if kind not in LAYER_KINDS:
         raise fields.error("kind", f"unknown layer kind {kind!r}; known kinds: {sorted(LAYER_KINDS)}")
     if kind == "dense":
-        layer = Dense(units=fields.get("units", **_positive_int))
+        layer = Dense(units=fields.get("units", **POSITIVE_INT))
     elif kind == "dropout":
-        layer = Dropout(rate=fields.get("rate", float, check=lambda v: 0 <= v < 1, hint="a fraction in [0, 1)"))
+        layer = Dropout(rate=fields.get("rate", **FRACTION))
     else:
         layer = LAYER_KINDS[kind](
-            channels=fields.get("channels", **_positive_int),
-            kernel_size=fields.get("kernel_size", **_positive_int),
-            stride=fields.get("stride", default=1, **_positive_int),
+            channels=fields.get("channels", **POSITIVE_INT),
+            kernel_size=fields.get("kernel_size", **POSITIVE_INT),
+            stride=fields.get("stride", default=1, **POSITIVE_INT),
             padding=fields.get("padding", default=0, **_non_negative_int),
         )
     fields.finish()
@@ -330,7 +329,7 @@ def _validate(network: ColumnNetwork) -> None:
         if not isinstance(layer, tuple(LAYER_KINDS.values())):
             raise ConfigError(f"{where}: unknown layer {layer!r}; known kinds: {sorted(LAYER_KINDS)}")
         if isinstance(layer, Dropout):
-            if not is_number(layer.rate, lambda v: 0 <= v < 1):
+            if not is_fraction(layer.rate):
                 raise ConfigError(f"{where}.rate: expected a fraction in [0, 1), got {layer.rate!r}")
             if index == 0:
                 raise ConfigError(f"{where}: dropout must follow a column layer, not the input")

@@ -30,6 +30,8 @@ class RuleStats:
     capped: int = 0
 
     def add(self, record: dict) -> None:
+        """Count one run, a record of :func:`agrel_sim.analysis.table1_records`: whether it converged
+        and, unless it diverged, its test accuracy and epochs to stop."""
         result = record["result"]
         self.converged.append(bool(result["converged"]))
         if not result.get("diverged", False):
@@ -48,6 +50,7 @@ class RuleStats:
         return mean, statistics.stdev(self.accuracies) if self.runs > 1 else None
 
     def mean_epochs(self) -> float:
+        """The mean number of epochs to stop over the runs averaged (see :attr:`runs`)."""
         return statistics.fmean(self.epochs)
 
 

@@ -106,6 +106,8 @@ class RunResult:
     diverged: bool = False
 
     def summary(self) -> str:
+        """One line for logs and sweeps: test accuracy, best epoch, epochs, convergence (and
+        divergence) and training time."""
         return (
             f"test_acc={self.test_accuracy:.4f} best_epoch={self.best_epoch} epochs={self.epochs} "
             f"converged={self.converged}{' diverged=True' if self.diverged else ''} time={self.seconds:.1f}s"

@@ -304,6 +304,16 @@ def test_shift_moves_each_image_by_up_to_the_set_fraction_in_both_directions():
         assert centre.max() > 0.15 * 28 and centre.min() < -0.15 * 28, "both ways, nearly as far"
 
 
+def test_zoom_scales_each_image_by_up_to_the_set_fraction_both_ways():
+    zoom = 0.2
+    images = torch.zeros(256, 1, 64, 64)
+    images[:, :, 24:40, 24:40] = 1.0  # a square in the centre, inside the border at any zoom
+    out = augment(images, Augmentation(zoom=zoom, shift=0.0, flip=False), torch.Generator().manual_seed(0))
+    area = out[:, 0].sum((1, 2)) / images[:, 0].sum((1, 2))  # the square's area scales with the zoom squared
+    assert area.min() >= (1 - zoom) ** 2 - 0.01 and area.max() <= (1 + zoom) ** 2 + 0.01, "no more than the set zoom"
+    assert area.max() > (1 + 0.8 * zoom) ** 2 and area.min() < (1 - 0.8 * zoom) ** 2, "enlarged and shrunk, nearly as far"
+
+
 def test_augmentation_asks_for_scaled_images():
     with pytest.raises(TypeError, match="images: augment expects a floating-point batch .* got torch.uint8"):
         augment(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), Augmentation(), torch.Generator())

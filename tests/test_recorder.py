@@ -88,13 +88,28 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
 
 @pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_run_file_records_agree_with_their_definitions(tmp_path, device, rule):
+def test_run_file_records_agree_with_their_definitions(tmp_path, device, rule, monkeypatch):
     from agrel_sim.analysis import gating_by_epoch, gating_by_outcome
+    from agrel_sim.backends.torch_backend import TorchNetwork
     from agrel_sim.datasets import load_dataset
 
+    # Per learning batch, the share of each layer's ff weights that the batch changed, from
+    # snapshots of the weights around it.
+    changed = []
+    run_trials = TorchNetwork.run_trials
+
+    def snapshotting(net, *args, learn=True, **kwargs):
+        before = net.weights()
+        trials = run_trials(net, *args, learn=learn, **kwargs)
+        if learn:
+            after = net.weights()
+            changed.append({key.removesuffix(".ff"): torch.count_nonzero(after[key] - before[key]).item() / after[key].numel() for key in after if key.endswith(".ff")})
+        return trials
+
+    monkeypatch.setattr(TorchNetwork, "run_trials", snapshotting)
     # Every trial of every batch logged, all columns traced: the summaries can be recomputed.
     logging = LogSettings(every_batches=1, trials_per_batch=20, max_units=10_000, summary_trials=20)
-    run_experiment(experiment(rule, epochs=2), seed=1, out=tmp_path, device=device, logging=logging, log=None)
+    run_experiment(experiment(rule, epochs=2), seed=1, out=tmp_path, device=device, dtype="float64", logging=logging, log=None)
     run = load_run(tmp_path / "run.h5")
     trials, gating = run.trials(), run.gating()
     labels = load_dataset("digits").train_labels.numpy()
@@ -122,6 +137,12 @@ def test_run_file_records_agree_with_their_definitions(tmp_path, device, rule):
             assert by_epoch[name]["open_fraction"][epoch - 1] == pytest.approx(np.mean(per_batch[gating["epoch"] == epoch]), rel=1e-6)
         assert by_outcome[name]["open_fraction_rewarded"] == pytest.approx(layer["gate"][rewarded].mean())
         assert by_outcome[name]["open_fraction_unrewarded"] == pytest.approx(layer["gate"][~rewarded].mean())
+        for outcome, mask in (("rewarded", rewarded), ("unrewarded", ~rewarded)):
+            fb_mean_abs = np.abs(layer["fb"][mask]).mean()  # NaN for EBP, which has no fb neurons
+            assert by_outcome[name][f"fb_mean_abs_{outcome}"] == pytest.approx(fb_mean_abs, rel=1e-5, nan_ok=True)
+    assert len(changed) == len(gating["batch"]), "every training batch learns once"
+    for name in ("layers.0", "layers.2", "output"):
+        np.testing.assert_allclose(gating[name]["changed_fraction"], [batch[name] for batch in changed], rtol=1e-6)
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):
@@ -365,7 +386,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
         np.testing.assert_equal(part[name], full[name], err_msg=name)
 
 
-def test_ctrl_c_ends_a_run_with_a_message_and_the_run_goes_on_with_resume(tmp_path):
+def test_ctrl_c_ends_a_run_with_a_message_and_the_run_goes_on_with_resume(tmp_path, python_sigint):
     path = tmp_path / "killed.toml"
     path.write_text(KILL_EXPERIMENT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

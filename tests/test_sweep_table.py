@@ -250,41 +250,69 @@ def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path)
                     time.sleep(0.1)
 
 
-def test_a_submitit_job_out_of_time_is_requeued_and_its_run_goes_on_from_its_checkpoint(sweep_file, tmp_path, capsys, monkeypatch):
-    """submitit's local executor signals a job 30 s (its signal_delay_s, which the AutoExecutor does
-    not let one change) before the job's timeout: with ``local_timeout_min = 0.75`` (``timeout_min``
-    takes whole minutes, its ``local_`` override fractions), after 15 s, some 5 of which the job
-    spends starting. A timeout of 0.5 minutes or less would never signal a job, only end it.
+class OutOfTimeAfterEpoch(sweep_module.SubmititRun):
+    """The job function of a sweep whose job gets submitit's time-out signal (USR2) as soon as
+    it has saved the checkpoint of ``epoch``, as from submitit's executor when the job's time is
+    up. Each job notes ``<process id> <epoch>`` in the file ``saves`` for each checkpoint it saves.
 
-    A short run first sizes the run to about 2.4 jobs' worth of training; with up to 5 requeues
-    (6 jobs, as many as the local executor starts), it is requeued where jobs train 2.4 times as
-    fast as the sizing found, and ends where they train 2.5 times as slowly. The job trains with
-    one thread, as the sizing and the reference do: results depend on the thread count, and two
-    threads on a busy machine wait on each other, so that their speed varies tenfold.
+    The job loads this class from this file (``PYTHONPATH``), and its requeued job, which resumes
+    the run after ``epoch``, is never signalled.
+    """
+
+    def __init__(self, epoch, saves):
+        self.epoch, self.saves = epoch, saves
+
+    def __call__(self, task):
+        from submitit import JobEnvironment
+
+        from agrel_sim import training
+
+        save = training.save_checkpoint
+
+        def save_then_time_out(path, state):
+            save(path, state)
+            with open(self.saves, "a") as saves:
+                saves.write(f"{os.getpid()} {state['epoch']}\n")
+            if state["epoch"] == self.epoch:
+                signal.raise_signal(getattr(signal, f"SIG{JobEnvironment.USR_SIG}"))
+
+        training.save_checkpoint = save_then_time_out  # in the job's own process, which ends with the job
+        return super().__call__(task)
+
+
+def test_a_submitit_job_out_of_time_is_requeued_and_its_run_goes_on_from_its_checkpoint(sweep_file, tmp_path, capsys, monkeypatch):
+    """A real submitit-local job, signalled out of time after epoch 2 of 5: the signal stops the
+    run after a batch of epoch 3, submitit requeues the job, and the requeued job goes on from
+    epoch 2; the run ends as an uninterrupted run does.
+
+    With a time limit under 10 minutes, submitit takes any signal for a time-out (not a
+    preemption); the executor's own signal, 30 s before the limit, comes long after the run ended.
     """
     pytest.importorskip("submitit")
+    saves = tmp_path / "saves"
+    monkeypatch.setattr(sweep_module, "SubmititRun", lambda: OutOfTimeAfterEpoch(2, saves))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setattr(sweep_module, "_usable_cores", lambda: 1)  # the job's threads: cores ÷ jobs
-    monkeypatch.setattr(sweep_module, "MAX_TIMEOUTS", 5)
-    (tmp_path / "wide.toml").write_text(MODEL.replace("units = 16", "units = 1024"))  # epochs long next to their checkpoints
-    long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("tiny.toml", "wide.toml").replace("batch_size = 50", "batch_size = 10")
-    (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", "max_epochs = 50\npatience = 50"))
+    long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 5\npatience = 5")
+    (tmp_path / "tiny_long.toml").write_text(long)
+    sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0]\nout = "runs/tiny"\n[slurm]\nlocal_timeout_min = 5\n')
+    assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 0
+    assert re.search(r"tiny_long seed=0: test_acc=\S+ best_epoch=\d+ epochs=5 ", capsys.readouterr().out)
+    log = "".join(path.read_text() for path in sorted((tmp_path / "runs" / "tiny" / "submitit").glob("*/*_0_log.*")))
+    assert "this job is timed-out" in log and "Requeued job" in log, log
+    jobs = {}
+    for line in saves.read_text().splitlines():
+        pid, epoch = map(int, line.split())
+        jobs.setdefault(pid, []).append(epoch)
+    assert list(jobs.values()) == [[1, 2], [3, 4, 5]], "the requeued job went on from the last finished epoch"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the job trains: results depend on the thread count
     try:
-        sizing = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, tmp_path / "sizing", log=None, progress=False)
-        epochs = max(20, round(2.4 * 10 / (sizing.seconds / sizing.epochs)))  # 10 s of training a job
-        (tmp_path / "tiny_long.toml").write_text(long.replace("max_epochs = 2", f"max_epochs = {epochs}\npatience = {epochs}"))
-        sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0]\nout = "runs/tiny"\n[slurm]\nlocal_timeout_min = 0.75\n')
-        assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 0
-        assert re.search(rf"tiny_long seed=0: test_acc=\S+ best_epoch=\d+ epochs={epochs} ", capsys.readouterr().out)
-        [log] = (tmp_path / "runs" / "tiny" / "submitit").glob("*/*_0_log.out")
-        assert "Requeued job" in log.read_text(), f"the run of {epochs} epochs was never requeued"
-        # Every epoch once, each as an uninterrupted run with the job's thread count computes it.
         reference = run_experiment(load_experiment(tmp_path / "tiny_long.toml"), 0, log=None, progress=False)
     finally:
         torch.set_num_threads(threads)
     with h5py.File(tmp_path / "runs" / "tiny" / "tiny_long" / "seed0" / "run.h5", "r") as run:
-        assert run.attrs["complete"] and run["epochs/epoch"][:].tolist() == list(range(1, epochs + 1))
+        assert run.attrs["complete"] and run["epochs/epoch"][:].tolist() == [1, 2, 3, 4, 5]
         for name in ("reward_probability", "train_loss", "validation_accuracy", "learning_rate"):
             assert run["epochs"][name][:].tolist() == [getattr(metrics, name) for metrics in reference.history], name
         assert run["result"].attrs["test_accuracy"] == reference.test_accuracy

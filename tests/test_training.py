@@ -223,7 +223,7 @@ def test_a_run_diverged_in_its_first_epoch_has_no_best_weights_to_test(tmp_path)
     assert (resumed.epochs, resumed.diverged) == (1, True) and math.isnan(resumed.test_accuracy)
 
 
-def test_ctrl_c_during_training_is_taken_between_batches_even_inside_a_collector_callback(monkeypatch, tmp_path):
+def test_ctrl_c_during_training_is_taken_between_batches_even_inside_a_collector_callback(monkeypatch, tmp_path, python_sigint):
     # Python's own handler would raise KeyboardInterrupt inside the callback, where it is dropped.
     real = training.accuracy
 
@@ -235,7 +235,7 @@ def test_ctrl_c_during_training_is_taken_between_batches_even_inside_a_collector
 
     validations = []
     monkeypatch.setattr(training, "accuracy", accuracy)
-    before = signal.getsignal(signal.SIGINT)  # Python's own, or Brian2's once another test imported it
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(DESCRIPTION, load_dataset("digits"), SETTINGS, progress=False, log=None, checkpoint=tmp_path / "checkpoint.pt")
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2, "epoch 2 finished and was kept; no later epoch ran"
