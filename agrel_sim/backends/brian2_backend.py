@@ -252,9 +252,9 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
         while unsettled_fraction(settling * timeline.dt, tau, stages) > SETTLING_TOLERANCE:
             settling += 1
         warnings.warn(
-            f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still about {remainder:.0%} "
+            f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still {remainder:.1%} "
             f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {(settling - others) * timeline.dt:g} ms "
-            f"brings that to about {SETTLING_TOLERANCE:.0%}, near the torch backend's values (shorter phases simulate a "
+            f"brings that to {SETTLING_TOLERANCE:.0%}, near the torch backend's values (shorter phases simulate a "
             f"transient version of the rule)",
             stacklevel=4,  # the caller of agrel_sim.build
         )
