@@ -15,7 +15,7 @@ from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, analyz
 from agrel_sim.experiment import default_experiment, load_experiment
 from agrel_sim.runs import DTYPES, MAX_SEED, default_run_folder, run_experiment
 from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
-from agrel_sim.table import capped, markdown, table1, write_csv
+from agrel_sim.table import is_capped, markdown, table1, write_csv
 
 
 def _train(args) -> int:
@@ -70,7 +70,7 @@ def _table(args) -> int:
     diverged = [str(record["path"]) for record in records if record["result"].get("diverged", False)]
     if diverged:
         print(f"{len(diverged)} diverged run(s), counted as not converged and left out of the accuracies and epochs (a lower learning rate may help): {', '.join(diverged)}")
-    at_max_epochs = [str(record["path"]) for record in records if capped(record["result"])]
+    at_max_epochs = [str(record["path"]) for record in records if is_capped(record["result"])]
     if at_max_epochs:
         print(f"{len(at_max_epochs)} run(s) reached max_epochs before the stopping criterion, counted as not converged; their epochs to stop are a lower bound (≥ in the table), "
               f"and a larger max_epochs continues them (train --resume --max-epochs N, or the sweep again): {', '.join(at_max_epochs)}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 RULES = ("deepagrel", "ebp")
 
 
-def capped(result: dict) -> bool:
+def is_capped(result: dict) -> bool:
     """Whether a run reached ``max_epochs`` before the stopping criterion (and did not diverge)."""
     return not result["converged"] and not result.get("diverged", False)  # runs written before divergence was recorded had not
 
@@ -37,7 +37,7 @@ class RuleStats:
         if not result.get("diverged", False):
             self.accuracies.append(result["test_accuracy"])
             self.epochs.append(result["epochs"])
-            self.capped += capped(result)
+            self.capped += is_capped(result)
 
     @property
     def runs(self) -> int:
