@@ -665,7 +665,7 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
     their figures apart. ``reward_curves.png`` (Figure 3, :func:`plot_reward_curves`) averages
     the complete runs, as Table 1 does; a Table 1 row whose runs :func:`table_rows` refuses gets
     no panel, and the text says why. ``trial`` picks the traced trial drawn for Brian2 runs
-    (:meth:`Run.timecourse`).
+    (:meth:`Run.timecourse`); a run with fewer traced trials raises ``ValueError``.
     """
     path, out = Path(path), Path(out)
     runs = load_runs(path)
@@ -689,7 +689,10 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
             plot_activity_maps(run, folder / f"{stem}_activity.png"),
         ]
         if run.has_timecourses:
-            figures.append(plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial))
+            try:
+                figures.append(plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial))
+            except IndexError as error:  # a run with fewer traced trials
+                raise ValueError(f"trial {trial}: {error}") from None
     return "\n".join(texts + notes), figures
 
 

@@ -82,10 +82,7 @@ def _table(args) -> int:
 def _analyze(args) -> int:
     path = Path(args.path)
     out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "analysis"
-    try:
-        text, figures = analyze(path, out, trial=args.trial)
-    except IndexError as error:  # a run with fewer traced trials
-        raise ValueError(f"--trial {args.trial}: {error}") from None
+    text, figures = analyze(path, out, trial=args.trial)
     print(text)
     print(f"\n{len(figures)} figures written to {out}")
     return 0

@@ -322,6 +322,15 @@ def test_integer_weights_are_real_numbers(build_net):
         assert torch.equal(net.weights()["layers.0.ff"].cpu(), torch.full((2, 3), value, dtype=torch.float64)), type(weights)
 
 
+def test_numpy_weights_of_any_byte_order_and_precision_are_taken(build_net):
+    net = build_net(dense_net([2], n_inputs=3, n_actions=2))
+    for dtype in (">f8", "<f8", ">i4", np.longdouble, np.float16):
+        weights = net.weights()
+        weights["layers.0.ff"] = np.full((2, 3), 3, dtype=dtype)  # exact in every one of them
+        net.load_weights(weights)
+        assert torch.equal(net.weights()["layers.0.ff"].cpu(), torch.full((2, 3), 3.0, dtype=torch.float64)), dtype
+
+
 def test_the_learning_rate_must_be_a_finite_number_above_zero(build_net):
     net = build_net(dense_net([3]))
     for value in (float("nan"), float("inf"), -0.1, 0, "0.1", True, None):

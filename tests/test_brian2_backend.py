@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
-from agrel_sim.backends import UnsupportedLayerError
+from agrel_sim.backends import UnsupportedLayerError, brian2_backend
 
 TAU = 10.0  # ms, both time constants in the parity runs
 # Many tests run short trials on purpose (to be quick, or to measure the transient).
@@ -116,7 +116,11 @@ def test_phases_too_short_for_a_deep_network_warn_and_the_durations_named_settle
     with pytest.warns(UserWarning, match="brian2 backend: with 6 levels of columns") as caught:
         defaults = build(description, backend="brian2", dtype=torch.float64)
     messages = [str(w.message) for w in caught if "brian2 backend" in str(w.message)]
-    assert len(messages) == 2 and "ff activity is still 6.7%" in messages[0] and "fb activity" in messages[1]
+    assert {w.filename for w in caught if "brian2 backend" in str(w.message)} == {__file__}, "the warning names the caller"
+    with pytest.warns(UserWarning, match="brian2 backend") as direct:
+        brian2_backend.build(description, dtype=torch.float64)
+    assert {w.filename for w in direct if "brian2 backend" in str(w.message)} == {__file__}
+    assert len(messages) == 2 and "ff activity is still 6.71%" in messages[0] and "fb activity" in messages[1]
     named = dict(re.search(r"(t_\w+) = (\d+) ms", message).groups() for message in messages)
     assert named == {"t_stimulus": "132", "t_feedback": "102"}
     with warnings.catch_warnings():

@@ -980,7 +980,7 @@ def test_analyze_draws_the_traced_trial_asked_for(traced_run, tmp_path, monkeypa
     assert main(["analyze", str(folder), "--out", str(tmp_path / "figures"), "--trial", "1"]) == 0
     assert [fig.get_suptitle() for fig in figures if "trial 4 (epoch 1, batch 0)" in fig.get_suptitle()], "the second traced trial"
     assert main(["analyze", str(folder), "--out", str(tmp_path / "figures"), "--trial", "-4"]) == 2
-    assert re.search(r"agrel-sim: error: --trial -4: .*run\.h5: index -4 is out of range for its 3 traced trials", capsys.readouterr().err)
+    assert re.search(r"agrel-sim: error: trial -4: .*run\.h5: index -4 is out of range for its 3 traced trials", capsys.readouterr().err)
 
 
 def test_resuming_drops_the_time_courses_of_later_epochs(traced_run, tmp_path):

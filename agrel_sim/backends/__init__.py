@@ -220,7 +220,9 @@ def weights_to_set(value, shape, name: str):
         array = np.asarray(value)
         if array.dtype.kind not in "iuf":  # before torch sees it: it has no tensors of strings or objects
             raise ValueError(f"{name}: expected real numbers, got {array.dtype}")
-        value = torch.tensor(array)  # a copy, also of a read-only array (torch.as_tensor would warn)
+        if array.dtype.itemsize > 8:  # long double, which torch lacks
+            array = array.astype(np.float64)
+        value = torch.tensor(array.astype(array.dtype.newbyteorder("=")))  # native byte order, which torch needs; a copy
     if value.dtype == torch.bool or value.dtype.is_complex:
         raise ValueError(f"{name}: expected real numbers, got {value.dtype}")
     if tuple(value.shape) != tuple(shape):

@@ -61,6 +61,8 @@ import contextlib
 import inspect
 import math
 import numbers
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -252,12 +254,22 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
         while unsettled_fraction(settling * timeline.dt, tau, stages) > SETTLING_TOLERANCE:
             settling += 1
         warnings.warn(
-            f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still {remainder:.1%} "
+            f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still {remainder:.2%} "
             f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {(settling - others) * timeline.dt:g} ms "
             f"brings that to {SETTLING_TOLERANCE:.0%}, near the torch backend's values (shorter phases simulate a "
             f"transient version of the rule)",
-            stacklevel=4,  # the caller of agrel_sim.build
+            stacklevel=_first_caller_outside_agrel_sim(),
         )
+
+
+def _first_caller_outside_agrel_sim() -> int:
+    """The ``stacklevel`` that makes a warning name the code that called into agrel-sim (the
+    user's script, or the ``agrel-sim`` command), however many of its functions lie between."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(2), 2  # level 1: the function that warns
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # ---------------------------------------------------------------------------------------------
