@@ -10,14 +10,14 @@ import json
 import numbers
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from agrel_sim.config import is_count
-from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS
+from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions
 from agrel_sim.runs import RUN_FILE, changed_settings, settings_of, shown, top_setting
 from agrel_sim.table import row_key
 
@@ -69,6 +69,10 @@ class Run:
     result : dict or None
         The attributes of ``/result`` (test accuracy, best epoch, seconds, ...); None until the
         run has ended.
+    sessions : list of dict
+        What each training session (the start, then every resume) ran on: versions, git
+        commit, device, host (:func:`~agrel_sim.recorder.session`); empty for run files of
+        agrel-sim 0.2.0 and older.
     """
 
     path: Path
@@ -79,6 +83,7 @@ class Run:
     complete: bool
     epochs: dict[str, np.ndarray]
     result: dict | None
+    sessions: list[dict] = field(default_factory=list)
 
     @property
     def layer_names(self) -> list[str]:
@@ -200,6 +205,7 @@ def load_run(path: str | Path) -> Run:
                     and all(key in config["model"] for key in ("name", "layers"))):
                 raise RunFileError(f"{path}: its config attribute lacks the experiment, data set or model; {_DAMAGED}")
             seed = _attribute(path, attrs, "seed", int)
+            sessions = _attribute(path, attrs, "sessions", parse_sessions) if "sessions" in attrs else []
             epochs = {name: _read(handle["epochs"], name) for name in EPOCH_FIELDS if name in handle["epochs"]}
             if version == 1:  # before learning-rate schedules: the rule's constant learning rate
                 epochs["learning_rate"] = np.full(len(epochs["epoch"]), config["model"]["rule"]["learning_rate"])
@@ -223,7 +229,7 @@ def load_run(path: str | Path) -> Run:
             IncompleteRunWarning,
             stacklevel=2,
         )
-    return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result)
+    return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result, sessions)
 
 
 def _attribute(path: Path, attrs: dict, name: str, convert):
@@ -425,6 +431,7 @@ def summary(run: Run) -> str:
         r = run.result
         diverged = " diverged=True" if r.get("diverged", False) else ""
         lines.append(f"  result: test_acc={r['test_accuracy']:.4f} best_epoch={r['best_epoch']} epochs={r['epochs']} converged={bool(r['converged'])}{diverged} time={r['seconds']:.1f}s")
+    lines += [f"  session {number}: {_session_line(entry, run.backend)}" for number, entry in enumerate(run.sessions, 1)]
     trials = run.trials()
     if len(trials["delta"]):
         rpe = "no RPE (EBP)" if np.isnan(trials["delta"]).all() else f"RPE mean {np.nanmean(trials['delta']):+.4f}"
@@ -432,6 +439,14 @@ def summary(run: Run) -> str:
     else:
         lines.append("  logged trials: none")
     return "\n".join(lines)
+
+
+def _session_line(entry: dict, backend: str) -> str:
+    """One training session of a run in a line: where it began and what it ran on."""
+    commit = entry.get("commit")
+    source = f" (commit {commit[:10]}{', modified' if entry.get('modified') else ''})" if commit else ""
+    engine = f"brian2 {entry.get('brian2', '?')}" if backend == "brian2" else f"torch {entry.get('torch', '?')} on {entry.get('device', '?')} ({entry.get('torch_threads', '?')} threads)"
+    return f"from epoch {entry.get('from_epoch', '?')}, began {entry.get('began', '?')}, agrel-sim {entry.get('agrel_sim', '?')}{source}, {engine}, host {entry.get('host', '?')}"
 
 
 # -- figures -----------------------------------------------------------------------------------

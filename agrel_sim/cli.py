@@ -110,7 +110,10 @@ def parser() -> argparse.ArgumentParser:
 
     Each command's arguments carry a ``handler`` that :func:`main` calls with them.
     """
+    from agrel_sim import __version__
+
     root = argparse.ArgumentParser(prog="agrel-sim", description="Simulate deep networks of cortical columns that learn by reinforcement (DeepAGREL).")
+    root.add_argument("--version", action="version", version=f"agrel-sim {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one run of an experiment", description="Train one run; with no EXPERIMENT, the embedded default (8×8 digits, DeepAGREL).")

@@ -7,7 +7,9 @@ chunked and compressed with gzip and shuffle)::
     /                         attrs: layout_version, software_version, seed, backend, rule,
                                      config (JSON text: the run's settings, see
                                      agrel_sim.runs.run_config, and logging),
-                                     complete (False until the run ended cleanly)
+                                     complete (False until the run ended cleanly),
+                                     sessions (JSON text: a list, one entry per start or
+                                     resume, see session)
     /epochs/<metric>          (epochs,)   epoch, reward_probability, train_loss,
                                           validation_accuracy, seconds, learning_rate
     /trials/<field>           (trials,)   epoch, batch, image (index into the training set),
@@ -45,8 +47,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 import h5py
@@ -101,6 +108,81 @@ class LogSettings:
 def stored_config(config: dict, settings: LogSettings) -> dict:
     """The configuration a run file stores (``/`` attribute ``config``): the experiment's and the logging's."""
     return {**config, "logging": asdict(settings)}
+
+
+def session(device: torch.device, from_epoch: int) -> dict:
+    """What one training session of a run (its start, or a resume) ran on.
+
+    Parameters
+    ----------
+    device : torch.device
+        The device the network computes on.
+    from_epoch : int
+        The last epoch finished before this session: 0 for a start.
+
+    Returns
+    -------
+    dict
+        ``from_epoch``; ``began`` (UTC, ISO 8601); the versions of ``agrel_sim``, ``python``
+        and the packages that compute or write (``numpy``, ``torch``, ``h5py``, ``brian2``: as
+        imported, else as installed, else None); ``commit`` and ``modified`` (whether tracked files
+        differ from it) where agrel-sim runs from a git checkout, else None; ``device`` (on
+        CUDA with the GPU's name and the CUDA and cuDNN versions), ``torch_threads``,
+        ``platform`` and ``host``.
+    """
+    from agrel_sim import __version__
+
+    device = torch.device(device)
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+    return {
+        "from_epoch": from_epoch,
+        "began": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "agrel_sim": __version__,
+        **git_checkout(Path(__file__).resolve()),
+        "python": platform.python_version(),
+        **{package: _installed_version(package) for package in ("numpy", "torch", "h5py", "brian2")},
+        "device": name,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "host": platform.node(),
+    }
+
+
+def parse_sessions(text: str) -> list[dict]:
+    """The ``sessions`` attribute of a run file, a JSON list of objects; ValueError otherwise."""
+    sessions = json.loads(text)
+    if not (isinstance(sessions, list) and all(isinstance(entry, dict) for entry in sessions)):
+        raise ValueError(f"expected a JSON list of objects, got {text[:80]!r}")
+    return sessions
+
+
+def _installed_version(package: str) -> str | None:
+    """The version of ``package`` as this process imported it, else as installed, else None."""
+    if package in sys.modules:
+        return str(sys.modules[package].__version__)
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_checkout(source: Path) -> dict:
+    """``commit`` and ``modified`` (whether tracked files differ from it) of the git checkout
+    that holds the file ``source``; None for both where git does not track ``source`` (an
+    installed package, a virtual environment inside a clone) or is missing."""
+    def git(*arguments) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(source.parent), *arguments], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", source.name) is None:
+        return {"commit": None, "modified": None}
+    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip() if commit else None, "modified": None if changes is None else bool(changes.strip())}
 
 
 def check_resumable(path: Path, attrs) -> None:
@@ -170,6 +252,11 @@ class RunFile:
                 self.file.attrs["complete"] = False
                 if "result" in self.file:
                     del self.file["result"]
+                try:
+                    before = parse_sessions(self.file.attrs.get("sessions", "[]"))  # none in files of agrel-sim 0.2.0 and older
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"{self.path}: bad sessions attribute ({error}); the run file is damaged: train the run again in a new folder") from None
+                self.file.attrs["sessions"] = json.dumps([*before, session(net.device, resume_after)])
             self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}
         self._new_epoch_buffers()
 
@@ -206,6 +293,7 @@ class RunFile:
         attrs["rule"] = net.description.rule.name
         attrs["config"] = json.dumps(stored_config(config, self.settings))
         attrs["complete"] = False
+        attrs["sessions"] = json.dumps([session(net.device, 0)])
         epochs = self.file.create_group("epochs")
         for name in EPOCH_FIELDS:
             _growing(epochs, name, "i4" if name == "epoch" else "f8", chunk_rows=256)

@@ -36,6 +36,14 @@ def test_console_script_entry_point():
     assert done.returncode == 0 and "--seed" in done.stdout
 
 
+def test_version(capsys):
+    from agrel_sim import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"agrel-sim {__version__}\n"
+
+
 EXPERIMENT = """
 name = "tiny_ebp"
 dataset = "digits"

@@ -1,8 +1,10 @@
 """Run files, checkpoints and exact resume after SIGKILL, and the analysis of run files."""
 
 import dataclasses
+import importlib.metadata
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -17,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs
+import agrel_sim
+from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs, summary
 from agrel_sim.cli import main
 from agrel_sim.experiment import Experiment
 from agrel_sim.network import Dense
@@ -154,9 +158,10 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
 
 
 def datasets(path):
-    """Every dataset of a run file but the wall times, and its attributes but the software's version."""
+    """Every dataset of a run file but the wall times, and its attributes but the software's
+    version and the training sessions."""
     with h5py.File(path, "r") as run:
-        found = {"attrs": {k: v for k, v in run.attrs.items() if k != "software_version"}}
+        found = {"attrs": {k: v for k, v in run.attrs.items() if k not in ("software_version", "sessions")}}
         found["result"] = {k: v for k, v in run["result"].attrs.items() if k != "seconds"}
         run.visititems(lambda name, item: found.update({name: item[()]}) if isinstance(item, h5py.Dataset) and name != "epochs/seconds" else None)
     return found
@@ -176,11 +181,83 @@ def test_a_finished_run_goes_on_with_more_epochs_as_if_it_had_had_them(tmp_path,
     assert part.keys() == full.keys() and '"max_epochs": 3' in part["attrs"]["config"]
     for name in full:
         np.testing.assert_equal(part[name], full[name], err_msg=name)
+    sessions = load_run(tmp_path / "part" / "run.h5").sessions
+    assert [entry["from_epoch"] for entry in sessions] == [0, 2], "a session for the start and one for the resume"
+    assert all(entry["device"].startswith(device) for entry in sessions)
+    if device == "cuda":
+        assert all(f"({torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN " in entry["device"] for entry in sessions)
 
     (tmp_path / "part" / "checkpoint.pt").unlink()
     with pytest.raises(ValueError, match=r"this run is complete and its checkpoint checkpoint\.pt is gone"):
         run_experiment(experiment(epochs=4), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
     assert datasets(tmp_path / "part" / "run.h5")["result"] == full["result"], "a refusal leaves the finished run as it was"
+    assert load_run(tmp_path / "part" / "run.h5").sessions == sessions, "a refused resume adds no session"
+
+
+def test_a_run_file_names_the_software_and_machine_of_each_session(tmp_path):
+    from agrel_sim import recorder
+
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+    (entry,) = load_run(tmp_path / "run.h5").sessions
+    began = datetime.fromisoformat(entry.pop("began"))
+    assert before <= began <= datetime.now(timezone.utc)
+    assert entry == {
+        "from_epoch": 0, "agrel_sim": agrel_sim.__version__, **recorder.git_checkout(Path(recorder.__file__)),
+        "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__, "h5py": h5py.__version__,
+        "brian2": importlib.metadata.version("brian2"), "device": "cpu", "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "host": platform.node(),
+    }
+    assert re.search(
+        rf"\n  session 1: from epoch 0, began {re.escape(began.isoformat())}, agrel-sim {re.escape(agrel_sim.__version__)}.*, "
+        rf"torch {re.escape(torch.__version__)} on cpu \({torch.get_num_threads()} threads\), host ",
+        summary(load_run(tmp_path / "run.h5")),
+    )
+
+
+def test_a_session_names_the_git_commit_of_the_checkout_it_runs_from(tmp_path, monkeypatch):
+    from agrel_sim.recorder import git_checkout
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks for no repository above tmp_path
+    repo = tmp_path / "repo"
+    (repo / "venv").mkdir(parents=True)
+
+    def git(*arguments):
+        done = subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org", *arguments], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (repo / "module.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("venv/\n")
+    (repo / "venv" / "module.py").write_text("x = 1\n")
+    git("add", "module.py", ".gitignore")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "HEAD")
+    assert git_checkout(repo / "module.py") == {"commit": head, "modified": False}
+    (repo / "module.py").write_text("x = 2\n")
+    assert git_checkout(repo / "module.py") == {"commit": head, "modified": True}
+    (repo / "notes.txt").write_text("untracked\n")
+    git("checkout", "module.py")
+    assert git_checkout(repo / "module.py") == {"commit": head, "modified": False}, "untracked files change no result"
+    assert git_checkout(repo / "venv" / "module.py") == {"commit": None, "modified": None}, "an installed copy inside a clone"
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "module.py").write_text("x = 1\n")
+    assert git_checkout(tmp_path / "loose" / "module.py") == {"commit": None, "modified": None}
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+    assert git_checkout(repo / "module.py") == {"commit": None, "modified": None}, "no git"
+
+
+def test_a_run_file_without_sessions_gains_one_when_resumed_and_bad_sessions_are_named(tmp_path):
+    run_experiment(experiment(epochs=1), out=tmp_path, log=None)
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        del run.attrs["sessions"]  # as agrel-sim 0.2.0 wrote it
+    assert load_run(tmp_path / "run.h5").sessions == []
+    run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+    assert [entry["from_epoch"] for entry in load_run(tmp_path / "run.h5").sessions] == [1]
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        run.attrs["sessions"] = "[1, 2]"
+    with pytest.raises(ValueError, match=r"run\.h5: bad sessions attribute \(expected a JSON list of objects, got '\[1, 2\]'\); the run file is damaged"):
+        run_experiment(experiment(epochs=3), out=tmp_path, resume=True, log=None)
 
 
 def test_table_refuses_runs_of_other_settings_or_one_seed_twice_and_lists_incomplete_ones(tmp_path, capsys):
@@ -487,8 +564,6 @@ def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_pat
 
 
 def test_the_summary_of_a_diverged_run_says_so(tmp_path):
-    from agrel_sim.analysis import summary
-
     linear = {"name": "linear", "input_shape": [1, 8, 8], "layers": [], "output": {"actions": 10}, "rule": {"learning_rate": 1000.0, "init_range": 0.1}}
     hot = Experiment.from_dict({"name": "hot", "model": linear, "dataset": "digits", "training": {"batch_size": 50, "validation_size": 300}}, "<test>")
     result = run_experiment(hot, seed=0, out=tmp_path, log=None)
@@ -668,7 +743,6 @@ def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs
         gating_by_outcome,
         plot_reward_curves,
         reward_curves,
-        summary,
     )
 
     shutil.copytree(finished_runs / "deepagrel", tmp_path / "runs" / "deepagrel")
@@ -685,7 +759,9 @@ def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs
     assert plot_reward_curves([killed], tmp_path / "none.png").read_bytes()[:4] == b"\x89PNG"
     assert gating_by_epoch(killed)["layers.0"]["epoch"].tolist() == []
     assert gating_by_outcome(killed) == {}
-    assert summary(killed).splitlines()[1:] == ["  epochs: none finished", "  logged trials: none"]
+    lines = summary(killed).splitlines()[1:]
+    assert lines[0] == "  epochs: none finished" and lines[-1] == "  logged trials: none"
+    assert [line[:12] for line in lines[1:-1]] == ["  session 1:"]
 
 
 @pytest.mark.parametrize("cause", ["a file there", "no permission"])
@@ -795,6 +871,8 @@ def setting(name, value):
     pytest.param(setting("config", "{}"), r"its config attribute lacks the experiment, data set or model", id="config empty"),
     pytest.param(setting("config", "[1, 2]"), r"its config attribute lacks", id="config a list"),
     pytest.param(without("epochs"), r"lacks /epochs/epoch, ", id="no epochs"),
+    pytest.param(setting("sessions", "[{"), r"bad sessions attribute \(Expecting property name", id="sessions not JSON"),
+    pytest.param(setting("sessions", '{"from_epoch": 0}'), r"bad sessions attribute \(expected a JSON list of objects", id="sessions not a list"),
 ])
 def test_run_files_with_missing_or_bad_records_are_named(finished_runs, tmp_path, edit, message):
     path = tmp_path / "run.h5"
