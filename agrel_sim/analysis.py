@@ -431,6 +431,8 @@ def summary(run: Run) -> str:
         r = run.result
         diverged = " diverged=True" if r.get("diverged", False) else ""
         lines.append(f"  result: test_acc={r['test_accuracy']:.4f} best_epoch={r['best_epoch']} epochs={r['epochs']} converged={bool(r['converged'])}{diverged} time={r['seconds']:.1f}s")
+    if run.sessions and run.sessions[0].get("from_epoch") != 0:
+        lines.append(f"  sessions before epoch {run.sessions[0].get('from_epoch')}: not recorded (agrel-sim 0.2.0 or older)")
     lines += [f"  session {number}: {_session_line(entry, run.backend)}" for number, entry in enumerate(run.sessions, 1)]
     trials = run.trials()
     if len(trials["delta"]):
@@ -444,7 +446,7 @@ def summary(run: Run) -> str:
 def _session_line(entry: dict, backend: str) -> str:
     """One training session of a run in a line: where it began and what it ran on."""
     commit = entry.get("commit")
-    source = f" (commit {commit[:10]}{', modified' if entry.get('modified') else ''})" if commit else ""
+    source = f" (commit {str(commit)[:10]}{', modified' if entry.get('modified') else ''})" if commit else ""
     engine = f"brian2 {entry.get('brian2', '?')}" if backend == "brian2" else f"torch {entry.get('torch', '?')} on {entry.get('device', '?')} ({entry.get('torch_threads', '?')} threads)"
     return f"from epoch {entry.get('from_epoch', '?')}, began {entry.get('began', '?')}, agrel-sim {entry.get('agrel_sim', '?')}{source}, {engine}, host {entry.get('host', '?')}"
 

@@ -50,7 +50,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -124,11 +123,10 @@ def session(device: torch.device, from_epoch: int) -> dict:
     -------
     dict
         ``from_epoch``; ``began`` (UTC, ISO 8601); the versions of ``agrel_sim``, ``python``
-        and the packages that compute or write (``numpy``, ``torch``, ``h5py``, ``brian2``: as
-        imported, else as installed, else None); ``commit`` and ``modified`` (whether tracked files
-        differ from it) where agrel-sim runs from a git checkout, else None; ``device`` (on
-        CUDA with the GPU's name and the CUDA and cuDNN versions), ``torch_threads``,
-        ``platform`` and ``host``.
+        and the packages that compute or write (``numpy``, ``torch``, ``h5py``, ``brian2``,
+        None where Brian2 is not installed); ``commit`` and ``modified``
+        (:func:`git_checkout`); ``device`` (on CUDA with the GPU's name and the CUDA and cuDNN
+        versions), ``torch_threads``, ``platform`` and ``host``.
     """
     from agrel_sim import __version__
 
@@ -136,13 +134,20 @@ def session(device: torch.device, from_epoch: int) -> dict:
     name = str(device)
     if device.type == "cuda":
         name += f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+    try:
+        brian2 = metadata.version("brian2")  # the Brian2 backend imports it; torch runs need not
+    except metadata.PackageNotFoundError:
+        brian2 = None
     return {
         "from_epoch": from_epoch,
         "began": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "agrel_sim": __version__,
         **git_checkout(Path(__file__).resolve()),
         "python": platform.python_version(),
-        **{package: _installed_version(package) for package in ("numpy", "torch", "h5py", "brian2")},
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "h5py": h5py.__version__,
+        "brian2": brian2,
         "device": name,
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -151,30 +156,53 @@ def session(device: torch.device, from_epoch: int) -> dict:
 
 
 def parse_sessions(text: str) -> list[dict]:
-    """The ``sessions`` attribute of a run file, a JSON list of objects; ValueError otherwise."""
+    """Read the ``sessions`` attribute of a run file.
+
+    Parameters
+    ----------
+    text : str
+        The attribute: JSON text, a list of objects (:func:`session`).
+
+    Returns
+    -------
+    list of dict
+
+    Raises
+    ------
+    ValueError
+        Where ``text`` is not JSON or not a list of objects.
+    """
     sessions = json.loads(text)
     if not (isinstance(sessions, list) and all(isinstance(entry, dict) for entry in sessions)):
         raise ValueError(f"expected a JSON list of objects, got {text[:80]!r}")
     return sessions
 
 
-def _installed_version(package: str) -> str | None:
-    """The version of ``package`` as this process imported it, else as installed, else None."""
-    if package in sys.modules:
-        return str(sys.modules[package].__version__)
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+# Variables that would point git at another repository than the one holding the file.
+_GIT_LOCATION = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR")
 
 
 def git_checkout(source: Path) -> dict:
-    """``commit`` and ``modified`` (whether tracked files differ from it) of the git checkout
-    that holds the file ``source``; None for both where git does not track ``source`` (an
-    installed package, a virtual environment inside a clone) or is missing."""
+    """The git commit of the checkout that holds a file, and whether it is modified.
+
+    Parameters
+    ----------
+    source : Path
+        A file (agrel-sim's own, for :func:`session`).
+
+    Returns
+    -------
+    dict
+        ``commit`` (the checkout's HEAD) and ``modified`` (whether tracked files differ from
+        it; untracked files do not count). Both None where git cannot say: git does not track
+        ``source`` (an installed package, also in a virtual environment inside a clone), git
+        is missing, or git refuses the checkout (one owned by another user).
+    """
+    environment = {key: value for key, value in os.environ.items() if key not in _GIT_LOCATION}
+
     def git(*arguments) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(source.parent), *arguments], capture_output=True, text=True, timeout=10)
+        try:  # --no-optional-locks: git status leaves the index alone, not to block the user's git
+            done = subprocess.run(["git", "--no-optional-locks", "-C", str(source.parent), *arguments], capture_output=True, text=True, timeout=10, env=environment)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout if done.returncode == 0 else None
@@ -200,6 +228,13 @@ def check_resumable(path: Path, attrs) -> None:
     began = str(attrs.get("software_version", "unknown"))
     if str(attrs.get("backend", "torch")) == "brian2" and began != __version__:
         raise ValueError(f"{path}: a Brian2 run begun by agrel-sim {began} cannot be continued by agrel-sim {__version__}, whose Brian2 trials may differ; start it again in a new folder")
+    try:
+        parse_sessions(attrs.get("sessions", "[]"))  # none in files of agrel-sim 0.2.0 and older
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path}: bad sessions attribute ({error}); to resume all the same, delete it"
+            " (h5py: del run.attrs['sessions']), which forgets what the earlier sessions ran on"
+        ) from None
 
 
 def _append(dataset: h5py.Dataset, rows: np.ndarray) -> None:
@@ -252,10 +287,7 @@ class RunFile:
                 self.file.attrs["complete"] = False
                 if "result" in self.file:
                     del self.file["result"]
-                try:
-                    before = parse_sessions(self.file.attrs.get("sessions", "[]"))  # none in files of agrel-sim 0.2.0 and older
-                except (TypeError, ValueError) as error:
-                    raise ValueError(f"{self.path}: bad sessions attribute ({error}); the run file is damaged: train the run again in a new folder") from None
+                before = parse_sessions(self.file.attrs.get("sessions", "[]"))
                 self.file.attrs["sessions"] = json.dumps([*before, session(net.device, resume_after)])
             self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}
         self._new_epoch_buffers()

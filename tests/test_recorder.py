@@ -219,11 +219,14 @@ def test_a_session_names_the_git_commit_of_the_checkout_it_runs_from(tmp_path, m
     from agrel_sim.recorder import git_checkout
 
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git looks for no repository above tmp_path
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)  # nor reads the user's settings (signed commits, say)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "elsewhere"))  # git_checkout looks at the file's checkout all the same
     repo = tmp_path / "repo"
     (repo / "venv").mkdir(parents=True)
 
     def git(*arguments):
-        done = subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org", *arguments], capture_output=True, text=True, check=True)
+        done = subprocess.run(["git", f"--git-dir={repo / '.git'}", f"--work-tree={repo}", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org", *arguments], capture_output=True, text=True, check=True)
         return done.stdout.strip()
 
     git("init", "-q")
@@ -235,7 +238,9 @@ def test_a_session_names_the_git_commit_of_the_checkout_it_runs_from(tmp_path, m
     head = git("rev-parse", "HEAD")
     assert git_checkout(repo / "module.py") == {"commit": head, "modified": False}
     (repo / "module.py").write_text("x = 2\n")
+    index = (repo / ".git" / "index").read_bytes()
     assert git_checkout(repo / "module.py") == {"commit": head, "modified": True}
+    assert (repo / ".git" / "index").read_bytes() == index, "git status must not rewrite the index under the user's git"
     (repo / "notes.txt").write_text("untracked\n")
     git("checkout", "module.py")
     assert git_checkout(repo / "module.py") == {"commit": head, "modified": False}, "untracked files change no result"
@@ -253,11 +258,19 @@ def test_a_run_file_without_sessions_gains_one_when_resumed_and_bad_sessions_are
         del run.attrs["sessions"]  # as agrel-sim 0.2.0 wrote it
     assert load_run(tmp_path / "run.h5").sessions == []
     run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
-    assert [entry["from_epoch"] for entry in load_run(tmp_path / "run.h5").sessions] == [1]
+    resumed = load_run(tmp_path / "run.h5")
+    assert [entry["from_epoch"] for entry in resumed.sessions] == [1]
+    assert "\n  sessions before epoch 1: not recorded (agrel-sim 0.2.0 or older)\n  session 1: from epoch 1, " in summary(resumed)
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["sessions"] = "[1, 2]"
-    with pytest.raises(ValueError, match=r"run\.h5: bad sessions attribute \(expected a JSON list of objects, got '\[1, 2\]'\); the run file is damaged"):
+    before = (tmp_path / "run.h5").read_bytes()
+    with pytest.raises(ValueError, match=r"run\.h5: bad sessions attribute \(expected a JSON list of objects, got '\[1, 2\]'\); to resume all the same, delete it"):
         run_experiment(experiment(epochs=3), out=tmp_path, resume=True, log=None)
+    assert (tmp_path / "run.h5").read_bytes() == before and not (tmp_path / "run.h5.partial").exists(), "refused before the file is copied"
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        del run.attrs["sessions"]  # as the message says
+    run_experiment(experiment(epochs=3), out=tmp_path, resume=True, log=None)
+    assert [entry["from_epoch"] for entry in load_run(tmp_path / "run.h5").sessions] == [2]
 
 
 def test_table_refuses_runs_of_other_settings_or_one_seed_twice_and_lists_incomplete_ones(tmp_path, capsys):
