@@ -180,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"agrel-sim: error: {error}", file=sys.stderr)
             return 2
         except (MemoryError, RuntimeError) as error:
-            # torch's CPU allocator raises a plain RuntimeError with this text (CUDA's is torch.cuda.OutOfMemoryError)
-            if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+            # torch's CPU allocator raises a plain RuntimeError with one of these texts (CUDA's is
+            # torch.cuda.OutOfMemoryError); the second, for a tensor of more than 2**63 bytes
+            too_big = ("can't allocate memory", "Storage size calculation overflowed")
+            if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and not any(text in str(error) for text in too_big):
                 raise
             detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
             print(

@@ -225,6 +225,11 @@ class ColumnNetwork:
     def layer_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the column populations: the input, each hidden layer, then the output."""
         shapes = [self.input_shape]
+        if self.layers and isinstance(self.layers[0], _Sheet) and len(self.input_shape) != 3:
+            raise ConfigError(
+                f"{self.source}: input_shape: {list(self.input_shape)} is a vector, but layers[0] is a {self.layers[0].kind} layer,"
+                " which needs a sheet: give input_shape as [C, H, W]"
+            )
         for index, layer in enumerate(self.layers):
             shapes.append(layer.output_shape(shapes[-1], f"{self.source}: layers[{index}]"))
         return shapes + [(self.n_actions,)]
@@ -261,7 +266,7 @@ class ColumnNetwork:
         layers = tuple(_layer_from_table(Fields(t, source, f"layers[{i}]")) for i, t in enumerate(layer_tables))
 
         output = top.sub("output", default_empty=False)
-        n_actions = output.get("actions", **POSITIVE_INT)
+        n_actions = output.get("actions", int, check=lambda v: v >= 2, hint="an integer >= 2")
         output.finish()
 
         selection = top.sub("action_selection")
@@ -354,6 +359,11 @@ def _validate(network: ColumnNetwork) -> None:
     for key, (value, check, hint) in numbers_and_checks.items():
         if not is_number(value, check):
             raise ConfigError(f"{source}: {key}: expected {hint}, got {value!r}")
+    if rule.learning_rate * rule.weight_decay >= 1:
+        raise ConfigError(
+            f"{source}: rule.weight_decay: learning_rate × weight_decay is {rule.learning_rate * rule.weight_decay:g}; it must be"
+            f" below 1, as each update scales the weights by 1 − learning_rate × weight_decay (from 1 on, it zeroes or flips them)"
+        )
     if rule.name not in RULES:
         raise ConfigError(f"{source}: rule.name: expected one of {RULES}, got {rule.name!r}")
     if rule.feedback not in FEEDBACK_MODES:

@@ -65,8 +65,10 @@ def max_boltzmann(q: torch.Tensor, tau: float, draws: tuple[torch.Tensor, torch.
     explore, race = draws
     # The largest Q-value is taken out before dividing by tau: q / tau alone overflows in float16
     # and loses the differences between large Q-values in float32. With tau = 1 this is what
-    # softmax does inside, so the draws are unchanged.
-    shifted = (q - q.gather(1, greedy.unsqueeze(1))) / tau
+    # softmax does inside, so the draws are unchanged. The largest stay exactly 0: a tau that
+    # rounds to 0 in q's dtype would make them 0 / 0 (the limit, tau -> 0, is greedy).
+    below = q - q.gather(1, greedy.unsqueeze(1))
+    shifted = torch.where(below == 0, 0.0, below / tau)
     boltzmann = (torch.softmax(shifted, dim=1) / race).argmax(dim=1)
     return torch.where(explore, boltzmann, greedy)
 

@@ -42,6 +42,14 @@ def test_boltzmann_draws_are_exact_for_large_q_over_tau(q, tau, dtype):
     assert torch.all((counts - expected).abs() <= 5 * sigma + 1), (counts, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_temperature_that_rounds_to_zero_is_greedy(dtype):
+    q = torch.tensor([[0.1, 0.5, 0.3, 0.2], [0.4, 0.4, -1.0, 0.0]], dtype=dtype).repeat(500, 1)
+    actions = select_action(q, 1.0, 1e-320, torch.Generator().manual_seed(0))  # every trial explores
+    assert torch.all(actions[0::2] == 1), "the greedy action, the limit of the Boltzmann draw as tau -> 0"
+    assert set(actions[1::2].tolist()) == {0, 1}, "a tie for the largest Q-value is drawn among its actions"
+
+
 def test_boltzmann_draws_depend_on_tau():
     q = torch.tensor([0.0, 1.0])
     shares = [select_action(q.expand(DRAWS, -1), 1.0, tau, torch.Generator().manual_seed(1)).double().mean().item() for tau in (0.25, 4.0)]

@@ -1,5 +1,7 @@
 """The Brian2 backend: parity with the torch backend, its time course, its settings and errors."""
 
+import itertools
+import math
 import re
 import warnings
 
@@ -97,6 +99,23 @@ def test_a_zero_gate_threshold_keeps_decaying_columns_open():
             trials.layers, reference.run_trials(images, labels, actions=actions, learn=False, record=True).layers))
     print(f"gates that differ from torch's: {errors}")
     assert errors[1e-3] == 0 and errors[0.0] > 0
+
+
+def test_the_settling_time_named_is_the_shortest_for_any_time_constant():
+    for dt, tau, stages in [(1.0, 10.0, 3), (1.0, 10.0, 6), (0.1, 3.0, 2), (1.0, 0.5, 4)]:
+        too_few = 1
+        brute = next(n for n in itertools.count(1) if brian2_backend.unsettled_fraction(n * dt, tau, stages) <= brian2_backend.SETTLING_TOLERANCE)
+        assert brian2_backend._steps_to_settle(too_few, dt, tau, stages) == brute, (dt, tau, stages)
+    assert brian2_backend.unsettled_fraction(100.0, 1e-200, 3) == 0.0, "a tiny tau: settled at once, no overflow"
+    assert brian2_backend.unsettled_fraction(0.0, 10.0, 3) == 1.0
+    assert brian2_backend.unsettled_fraction(30.0, 10.0, 2) == pytest.approx(4 * math.exp(-3), rel=1e-12)
+    steps = brian2_backend._steps_to_settle(100, 1.0, 1e9, 3)  # a tau of 10**9 steps, found at once
+    assert brian2_backend.unsettled_fraction(steps, 1e9, 3) <= 0.01 < brian2_backend.unsettled_fraction(steps - 1, 1e9, 3)
+
+
+def test_a_time_step_too_small_for_the_phases_is_named():
+    with pytest.raises(ValueError, match=r"^dt: 1e-05 ms makes a trial 22,000,000 time steps long; at most 10,000,000 are simulated: choose a larger dt$"):
+        build(describe(), backend="brian2", dt=1e-5)
 
 
 def test_initial_weights_are_the_torch_backends_for_the_same_seed():

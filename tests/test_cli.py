@@ -257,6 +257,7 @@ def test_a_run_folder_that_cannot_be_written_is_named(tmp_path, capsys, blocked,
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 512000000000000 bytes."),
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB."),
+    RuntimeError("Storage size calculation overflowed with sizes=[9223372036854775807, 64]"),
 ])
 def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error):
     raised = [error, RuntimeError("a bug")]

@@ -143,6 +143,9 @@ def test_every_repository_model_loads_by_name():
         (("stride = 2", "stride = 2 +"), r"net\.toml: not valid TOML"),
         (("learning_rate = 0.1", "learning_rate = inf"), r"net\.toml: rule\.learning_rate: expected a number > 0, got inf"),
         (("[output]", "[neuromodulator]\nreward_correct = nan\n[output]"), r"net\.toml: neuromodulator\.reward_correct: expected a finite number, got nan"),
+        (("actions = 10", "actions = 1"), r"net\.toml: output\.actions: expected an integer >= 2, got 1"),
+        (("input_shape = [1, 8, 8]", "input_shape = [64]"), r"net\.toml: input_shape: \[64\] is a vector, but layers\[0\] is a conv layer, which needs a sheet: give input_shape as \[C, H, W\]"),
+        (("learning_rate = 0.1", "learning_rate = 0.5\nweight_decay = 2.0"), r"net\.toml: rule\.weight_decay: learning_rate × weight_decay is 1; it must be below 1"),
     ],
 )
 def test_bad_model_files_name_file_and_field(tmp_path, change, message):
@@ -170,6 +173,7 @@ def test_bad_descriptions_in_python():
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=float("inf"))), r"rule\.learning_rate: expected a number > 0, got inf"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, neuromodulator=Neuromodulator(float("nan"))), r"neuromodulator\.reward_correct: expected a finite number, got nan"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, action_selection=ActionSelection(epsilon="0.1")), r"action_selection\.epsilon: expected a probability in \[0, 1\], got '0\.1'"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=0.5, weight_decay=4)), r"rule\.weight_decay: learning_rate × weight_decay is 2; it must be below 1"),
 ])
 def test_descriptions_built_in_python_are_checked_like_files(make, message):
     with pytest.raises(ConfigError, match=r"<python>: " + message):

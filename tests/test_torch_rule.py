@@ -1,6 +1,7 @@
 """The explicit DeepAGREL of the torch backend against its oracle and its defining properties."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -191,3 +192,16 @@ def test_changed_fraction_of_a_large_layer_is_measured_on_a_fixed_sample():
     assert changed_fraction(on_sample.view(1000, 1000)).item() == 1.0
     assert changed_fraction((1 - on_sample).view(1000, 1000)).item() == 0.0
     assert changed_fraction(change).item() == measured
+
+
+@pytest.mark.parametrize("field, value", [
+    ("neuromodulator", dict(reward_correct=1e39)),
+    ("neuromodulator", dict(reward_wrong=-1e39)),
+    ("rule", dict(init_range=1e39)),
+])
+def test_numbers_that_overflow_float32_are_named_at_build(field, value):
+    description = ColumnNetwork((4,), [Dense(3)], 2).replace(**{field: value})
+    (key, number), = value.items()
+    with pytest.raises(ValueError, match=rf"^<python>: {field}\.{key}: {re.escape(repr(number))} overflows torch\.float32, whose largest number is 3\.403e\+38; choose a smaller value or dtype float64$"):
+        build(description, dtype=torch.float32)
+    build(description, dtype=torch.float64)  # float64 holds it

@@ -95,6 +95,38 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
 
 
+def check_representable(network: ColumnNetwork, dtype) -> None:
+    """Raise unless the description's numbers survive the floating-point type a backend computes in.
+
+    Parameters
+    ----------
+    network : ColumnNetwork
+    dtype : torch.dtype
+        The type the weights, activities and rewards are held in.
+
+    Raises
+    ------
+    ValueError
+        Naming the field whose value overflows ``dtype``, or an ``init_range`` so small that
+        the initial weights would be subnormal or 0 (a network that never learns).
+    """
+    import torch
+
+    info, rule = torch.finfo(dtype), network.rule
+    fields = {
+        "neuromodulator.reward_correct": network.neuromodulator.reward_correct,
+        "neuromodulator.reward_wrong": network.neuromodulator.reward_wrong,
+        "rule.learning_rate": rule.learning_rate,
+        "rule.init_range": rule.init_range,
+        "rule.weight_decay": rule.weight_decay,
+    }
+    for key, value in fields.items():
+        if abs(value) > info.max:
+            raise ValueError(f"{network.source}: {key}: {value!r} overflows {dtype}, whose largest number is {info.max:.4g}; choose a smaller value or dtype float64")
+    if rule.init_range < info.tiny:
+        raise ValueError(f"{network.source}: rule.init_range: {rule.init_range!r} is below the smallest normal number of {dtype} ({info.tiny:.4g}): the weights would start at 0 and never learn")
+
+
 def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True, *, trials: bool = False) -> None:
     """Check a batch against the network before it runs, naming what is wrong.
 
@@ -173,6 +205,8 @@ def _count_and_first(where) -> str:
 def _set_learning_rate(net, value) -> None:
     if not is_number(value, lambda v: v > 0):
         raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
+    if value * net.description.rule.weight_decay >= 1:
+        raise ValueError(f"learning_rate: {value!r} × the rule's weight_decay {net.description.rule.weight_decay!r} must be below 1")
     net._learning_rate = value
 
 

@@ -73,7 +73,7 @@ from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
 from agrel_sim.backends import (
-    LEARNING_RATE, RUN_OPTIONS, UnsupportedLayerError, check_batch, check_device, check_seed, check_weight_keys, weights_to_set,
+    LEARNING_RATE, RUN_OPTIONS, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weight_keys, weights_to_set,
 )
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number
@@ -85,6 +85,9 @@ PHASES = ("stimulus", "selection", "feedback", "rpe", "plasticity")
 # A phase that leaves activity further than this from its fixed point (a fraction of a step)
 # gets a warning: the trial is then a transient, not the torch backend's rule.
 SETTLING_TOLERANCE = 0.01
+# Time steps of a whole trial, far beyond any trial's need (the defaults: 220), short of where a
+# dt too small for the phases rounds Brian2's clock off.
+MAX_TRIAL_STEPS = 10**7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +208,8 @@ class Timeline:
             if count < 1 or abs(count * dt - duration) > 1e-9 * duration:
                 raise ValueError(f"{name}: {duration} ms is not a whole number of time steps dt = {dt} ms")
             steps[phase] = count
+        if sum(steps.values()) > MAX_TRIAL_STEPS:
+            raise ValueError(f"dt: {dt:g} ms makes a trial {sum(steps.values()):,} time steps long; at most {MAX_TRIAL_STEPS:,} are simulated: choose a larger dt")
         return cls(dt, steps)
 
     @property
@@ -230,7 +235,10 @@ def unsettled_fraction(duration: float, tau: float, stages: int) -> float:
     short of its new value.
     """
     x = duration / tau
-    return math.exp(-x) * sum(x**k / math.factorial(k) for k in range(stages))
+    if x == 0:
+        return 1.0
+    # Each term exp(-x) x**k / k! in logarithms: x**k alone overflows for a tau tiny against the phase.
+    return sum(math.exp(k * math.log(x) - x - math.lgamma(k + 1)) for k in range(stages))
 
 
 def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: float) -> None:
@@ -251,15 +259,30 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
         remainder = unsettled_fraction(settling * timeline.dt, tau, stages)
         if remainder <= SETTLING_TOLERANCE:
             continue
-        while unsettled_fraction(settling * timeline.dt, tau, stages) > SETTLING_TOLERANCE:
-            settling += 1
+        enough = _steps_to_settle(settling, timeline.dt, tau, stages)
         warnings.warn(
             f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still {remainder:.2%} "
-            f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {(settling - others) * timeline.dt:g} ms "
+            f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {(enough - others) * timeline.dt:g} ms "
             f"brings that to {SETTLING_TOLERANCE:.0%}, near the torch backend's values (shorter phases simulate a "
             f"transient version of the rule)",
             stacklevel=_first_caller_outside_agrel_sim(),
         )
+
+
+def _steps_to_settle(too_few: int, dt: float, tau: float, stages: int) -> int:
+    """The fewest time steps after which :func:`unsettled_fraction` is within
+    :data:`SETTLING_TOLERANCE`, given that ``too_few`` are not enough (the remainder falls with
+    time): doubling, then bisection, so that a tau of many steps is found in a few dozen tries."""
+    def settles(steps: int) -> bool:
+        return unsettled_fraction(steps * dt, tau, stages) <= SETTLING_TOLERANCE
+
+    low, high = too_few, max(2 * too_few, 1)
+    while not settles(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if settles(middle) else (middle, high)
+    return high
 
 
 def _first_caller_outside_agrel_sim() -> int:
@@ -914,6 +937,7 @@ def build(
     check_network(network)
     check_seed(seed)
     check_device(device)
+    check_representable(network, torch.float64)  # Brian2 computes in float64, whatever it returns
     if torch.device(device).type != "cpu":
         raise ValueError(f"device: the {BACKEND} backend runs on the CPU (Brian2 runtime mode), got {str(device)!r}")
     if dtype not in (torch.float32, torch.float64):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_seed, check_weight_keys, weights_to_set
+from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_representable, check_seed, check_weight_keys, weights_to_set
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
 
@@ -726,4 +726,5 @@ def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(map(str, DTYPES))}, got {dtype!r}")
     check_seed(seed)
+    check_representable(network, dtype)
     return TorchNetwork(network, device=device, dtype=dtype, seed=seed)
