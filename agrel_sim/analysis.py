@@ -341,7 +341,7 @@ def table1_records(runs: list[Run]) -> list[dict]:
     The complete runs are grouped and checked by :func:`table_rows`.
     """
     return [
-        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "result": run.result, "path": run.path}
+        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "seed": run.seed, "result": run.result, "path": run.path}
         for rules in table_rows([run for run in runs if averaged(run)]).values() for group in rules.values() for run in group
     ]
 

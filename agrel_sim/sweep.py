@@ -7,7 +7,7 @@ A sweep file in ``experiments/`` lists experiments and seeds::
     seeds = [0, 1, 2]
     out = "runs/table1"          # optional; --out overrides
 
-    [slurm]                      # optional: submitit parameters for --executor slurm
+    [slurm]                      # optional: submitit parameters (timeout_min required for --executor slurm)
     timeout_min = 720
     slurm_partition = "gpu"
     gpus_per_node = 1
@@ -15,8 +15,10 @@ A sweep file in ``experiments/`` lists experiments and seeds::
 Each run records itself in ``<out>/<experiment>/seed<N>/run.h5``; runs whose run file is
 complete are skipped and interrupted ones resume from their checkpoint, so a sweep can be
 started again after a failure and only the missing work executes. A finished run goes on if its
-experiment file now has a longer patience or more epochs; a run made with any other settings
-stops the sweep with an error that names them, before anything runs.
+experiment file now has a longer patience or more epochs; a run made with other settings (data
+set, model, training, backend, dtype) stops the sweep with an error that names them, before
+anything runs. What does not change the protocol, the experiment file's path, the device and the
+logging, is not compared for a finished run; a run that goes on must have the ones it began with.
 
 Locally, each run has a process of its own: a run whose process crashes or is killed fails
 alone, and Ctrl-C ends every run in progress (each keeps its finished epochs) and starts no other.
@@ -34,6 +36,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +46,7 @@ import h5py
 from tqdm import tqdm
 
 from agrel_sim.backends import check_device
-from agrel_sim.config import ConfigError, Fields, find_named_file, is_count, read_toml
+from agrel_sim.config import POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, read_toml
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
 from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, resume_plan, run_config
@@ -52,6 +55,11 @@ from agrel_sim.training import RunResult
 EXECUTORS = ("local", "slurm", "submitit-local")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit-local's time limit per job (submitit's own default is 2 minutes)
 MAX_TIMEOUTS = 3  # the times a job out of time is requeued, at most (submitit's max_num_timeout)
+# submitit signals a job this many seconds before its time limit, so that it can be requeued
+# (its signal_delay_s): on SLURM by default, and always on its local executor.
+SLURM_SIGNAL_DELAY_S = 90
+LOCAL_SIGNAL_DELAY_S = 30
+POLL_S = 1  # seconds between looks at the submitit jobs running (as submitit's as_completed waits)
 
 
 @dataclass(frozen=True)
@@ -228,7 +236,9 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
     Every experiment file is loaded and every existing run file checked against it first, so a
     bad file, two entries that would run in one folder (an experiment listed twice, or two
     experiment files of the same name), or a run made with other settings stops the sweep
-    before anything runs.
+    before anything runs. A complete run counts as finished whatever its device and logging
+    (they do not change the protocol); one that goes on must have the ones it began with. The
+    data is not read here: a run that goes on checks it as it resumes.
     """
     tasks, finished, entries = [], [], {}
     for index, path in enumerate(sweep.experiments):
@@ -257,15 +267,17 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     Parameters
     ----------
     jobs : int, optional
-        Runs at once (default 1), each with the usable cores ÷ ``jobs`` threads; for the slurm
-        executor, SLURM jobs at once (submitit's array parallelism; default: the file's
-        ``slurm.slurm_array_parallelism``, or all of them, leaving the scheduling to SLURM).
+        Runs at once (default 1), each with the usable cores ÷ ``jobs`` threads: locally and with
+        submitit's local executor, a run starts as soon as another ends. For the slurm executor,
+        SLURM jobs at once: all runs are submitted as one job array, and SLURM starts at most
+        ``jobs`` of its tasks at once (submitit's ``slurm_array_parallelism``; default: the
+        file's ``slurm.slurm_array_parallelism``, or all of them, leaving the scheduling to SLURM).
     executor : {"local", "slurm", "submitit-local"}
         A process per run on this machine; submitit on SLURM; submitit's local executor (the
         SLURM code path run on this machine, its jobs given :data:`LOCAL_TIMEOUT_MIN` unless
         the table sets a limit). The submitit executors take the parameters of the sweep file's
-        ``[slurm]`` table, checked before anything runs, and requeue a job out of time
-        (:class:`SubmititRun`).
+        ``[slurm]`` table, checked before anything runs (:func:`check_slurm_table`), and requeue
+        a job out of time (:class:`SubmititRun`).
 
     Returns
     -------
@@ -277,8 +289,9 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     Raises
     ------
     ValueError
-        Before any run, for bad arguments, a bad ``[slurm]`` table or a sweep that cannot go on
-        (see :func:`plan`); while submitting, when SLURM refuses the jobs.
+        Before any run, for bad arguments, an output folder that is not one, a bad ``[slurm]``
+        table or a sweep that cannot go on (see :func:`plan`); while submitting, when SLURM
+        refuses the jobs.
     KeyboardInterrupt
         On Ctrl-C, once the local runs in progress have been ended (their finished epochs are
         kept) and none other started.
@@ -290,6 +303,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if executor != "slurm":  # the machine that submits to SLURM need not have the cluster's GPUs
         check_device(device)
     out = Path(out or sweep.out)
+    _check_out_folder(out)
     runner = None if executor == "local" else _submitit_executor(executor, out, sweep)
     if executor == "slurm":
         threads = int(sweep.slurm.get("slurm_cpus_per_task", sweep.slurm.get("cpus_per_task", 1)))
@@ -308,6 +322,16 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
             if not ok:
                 failures.append(line)
     return failures
+
+
+def _check_out_folder(out: Path) -> None:
+    """Raise :class:`ValueError` unless ``out`` is a folder or can be made one: no file may stand
+    where it, or a folder above it, would be."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"{out}: cannot hold the sweep's runs, as {path} is not a folder; choose another --out (or out in the sweep file)")
+            return
 
 
 def _usable_cores() -> int:
@@ -373,19 +397,58 @@ def _how_it_ended(exitcode: int) -> str:
     return f"its process was killed by signal {name}{memory}"
 
 
+def check_slurm_table(sweep: Sweep, executor: str) -> None:
+    """Check the ``[slurm]`` values that submitit takes unchecked, or checks only as it starts a job.
+
+    submitit checks the names and the types of the other values as they are set
+    (:func:`_submitit_executor`).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``slurm.<key>`` and the values it takes: a time limit that leaves no time to run
+        before submitit's signal to requeue (which comes :data:`SLURM_SIGNAL_DELAY_S` or
+        :data:`LOCAL_SIGNAL_DELAY_S` before it), cores per run below 1, setup commands that are
+        not a list of strings; and, for the slurm executor, a table without a time limit.
+    """
+    table = Fields(sweep.slurm, sweep.source, "slurm")
+    # Whole minutes, as submitit reads the time limit to tell a job out of time from a preempted one.
+    minutes = f"a whole number of minutes, at least 2 (submitit signals a job {SLURM_SIGNAL_DELAY_S} s before its time limit on SLURM, to requeue it)"
+    limits = ("timeout_min", "slurm_timeout_min", "slurm_time")
+    for key in limits:
+        table.get(key, int, default=None, check=lambda v: 60 * v > SLURM_SIGNAL_DELAY_S, hint=minutes)
+    table.get(
+        "local_timeout_min", float, default=None, check=lambda v: int(60 * v) > LOCAL_SIGNAL_DELAY_S,  # submitit-local's whole seconds
+        hint=f"a number of minutes of at least {LOCAL_SIGNAL_DELAY_S + 1} s (submitit-local signals a job {LOCAL_SIGNAL_DELAY_S} s before its time limit, to requeue it)",
+    )
+    for key in ("cpus_per_task", "slurm_cpus_per_task"):  # each run's threads
+        table.get(key, **POSITIVE_INT, default=None)
+    for key in ("local_setup", "slurm_setup"):
+        table.get(key, list, default=None, check=lambda v: all(isinstance(command, str) for command in v), hint="a list of shell commands (strings) run before each job")
+    # Without one, submitit asks SLURM for 5 minutes, and a run would fail after 4 × 5 minutes
+    # (3 requeues); any default here could exceed the partition's limit, and a job asking for
+    # more than that waits in the queue forever where the cluster does not refuse it.
+    if executor == "slurm" and not set(limits) & set(sweep.slurm):
+        raise table.error("timeout_min", f"missing; SLURM jobs need a time limit: give one in the [slurm] table, as {minutes}, within the partition's limit")
+
+
 def _submitit_executor(executor: str, out: Path, sweep: Sweep):
-    """A submitit executor with the sweep file's ``[slurm]`` parameters, each checked by submitit."""
+    """A submitit executor with the sweep file's ``[slurm]`` parameters, each checked (:func:`check_slurm_table`, then by submitit)."""
     try:
         import submitit
     except ImportError:
         raise ValueError("executor: submitit is not installed; pip install 'agrel-sim[slurm]'") from None
+    check_slurm_table(sweep, executor)
+    folder = out / "submitit"
     try:
         runner = submitit.AutoExecutor(
-            folder=out / "submitit" / "%j", cluster="slurm" if executor == "slurm" else "local",
+            folder=folder / "%j", cluster="slurm" if executor == "slurm" else "local",
             slurm_max_num_timeout=MAX_TIMEOUTS, local_max_num_timeout=MAX_TIMEOUTS,
         )
     except RuntimeError as error:  # no SLURM on this machine
         raise ValueError(f"executor slurm: {error}; submit the sweep from a machine of the cluster, or use --executor submitit-local") from None
+    except OSError as error:  # the local executor makes its folder at once
+        raise ValueError(f"{folder}: cannot make the folder of submitit's jobs ({error.strerror}); choose another --out (or out in the sweep file)") from None
     if executor == "submitit-local":  # no time limit to speak of: the [slurm] table's timeout_min, if any, sets one
         runner.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
     for key, value in sweep.slurm.items():  # one at a time first, so that an error names its key
@@ -414,36 +477,49 @@ def _set_parameters(runner, parameters: dict, where: str) -> None:
 def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) -> Iterator[tuple[RunTask, bool, str]]:
     """Yield ``(task, ok, line)`` for each task as its submitit job ends.
 
+    On SLURM, every task is submitted at once, as one job array, and SLURM starts ``jobs`` of
+    its tasks at once (the array's throttle, submitit's ``slurm_array_parallelism``). submitit's
+    local executor starts each job it is given at once: it is given ``jobs`` tasks first, and
+    another each time a job ends.
+
     When the generator is closed (or Ctrl-C reaches it), the jobs of submitit's local executor
-    that are still running are cancelled; SLURM jobs go on on the cluster (``scancel`` ends them).
+    that are still running are cancelled and no other is started; SLURM jobs go on on the
+    cluster (``scancel`` ends them).
     """
     from submitit.core.utils import FailedJobError
-    from submitit.helpers import as_completed
 
     if runner.cluster == "slurm":
         if jobs is not None:
             runner.update_parameters(slurm_array_parallelism=jobs)
         elif not {"slurm_array_parallelism", "array_parallelism"} & set(sweep.slurm):
             runner.update_parameters(slurm_array_parallelism=len(tasks))
-        batches = [tasks]
-    else:  # the local executor starts every job it is given at once
-        batches = [tasks[start:start + jobs] for start in range(0, len(tasks), jobs)]
-    for batch in batches:
-        try:
-            submitted = dict(zip(runner.map_array(SubmititRun(), batch), batch))
-        except (FailedJobError, OSError) as error:  # sbatch refused the jobs, or could not be run
-            raise ValueError(
-                f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; check the [slurm] table "
-                "(partition, account, time and memory limits) against the cluster's"
-            ) from None
-        try:
-            for job in as_completed(list(submitted), poll_frequency=1):
-                yield submitted[job], *_job_outcome(job)
-        finally:
-            if runner.cluster != "slurm":
-                for job in submitted:
-                    if not job.done():
-                        job.cancel(check=False)
+        at_once = len(tasks)
+    else:
+        at_once = jobs
+    waiting, running = deque(tasks), {}
+    try:
+        while waiting or running:
+            if waiting and len(running) < at_once:
+                batch = [waiting.popleft() for _ in range(min(at_once - len(running), len(waiting)))]
+                try:
+                    running.update(zip(runner.map_array(SubmititRun(), batch), batch))
+                # sbatch refused the jobs or could not be run, or a [slurm] value that submitit
+                # takes unchecked failed as the local executor started a job (local_gpus_per_node = "x")
+                except (FailedJobError, OSError, TypeError, ValueError) as error:
+                    raise ValueError(
+                        f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; "
+                        "check the [slurm] table (partition, account, time and memory limits) against the cluster's"
+                    ) from None
+            ended = [job for job in running if job.done()]
+            if not ended:
+                time.sleep(POLL_S)
+            for job in ended:
+                yield running.pop(job), *_job_outcome(job)
+    finally:
+        if runner.cluster != "slurm":
+            for job in running:
+                if not job.done():
+                    job.cancel(check=False)
 
 
 def _job_outcome(job) -> tuple[bool, str]:
@@ -458,7 +534,12 @@ def _job_outcome(job) -> tuple[bool, str]:
         if "timed-out too many times" in reason:  # signalled once more as submitit stored the run's result
             return False, _out_of_time(job.paths.stderr)
     except UncompletedJobError:  # no result at all: killed (out of memory, scancel), timed out unsignalled, ...
-        reason = f"its job ended without a result (job state {job.state})"
+        # The local executor records no exit status of the job's process, and calls a job whose
+        # process was killed FINISHED; SLURM's states say more (OUT_OF_MEMORY, CANCELLED, ...).
+        reason = (
+            f"its job ended without a result (submitit's job state: {job.state}), so its process was killed (by hand, by the cluster, "
+            "or by the system when memory ran out) or crashed; the run keeps its finished epochs, and running the sweep again continues it"
+        )
     except Exception as error:  # its result could not be read: a damaged file, a network file system's error, ...
         reason = f"its result could not be read ({_error_line(error)})"
     return False, f"{reason}; its log: {job.paths.stderr}"

@@ -5,6 +5,11 @@ from __future__ import annotations
 import csv
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+
+from agrel_sim.runs import CHECKPOINT_FILE, RUN_FILE
 
 RULES = ("deepagrel", "ebp")
 
@@ -16,7 +21,7 @@ def is_capped(result: dict) -> bool:
 
 @dataclass
 class RuleStats:
-    """The runs of one rule on one row: test accuracies, epochs to stop, convergence.
+    """The runs of one rule on one row: seeds, test accuracies, epochs to stop, convergence.
 
     A run that diverged (its loss ran off to inf or NaN) counts as not converged, and its
     accuracy and epochs stay out of the means: they describe a failure, not the protocol's end.
@@ -24,15 +29,17 @@ class RuleStats:
     converged but stays in the means: its epochs to stop are a lower bound, and so is the mean.
     """
 
+    seeds: list[int] = field(default_factory=list)
     accuracies: list[float] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     converged: list[bool] = field(default_factory=list)
     capped: int = 0
 
     def add(self, record: dict) -> None:
-        """Count one run, a record of :func:`agrel_sim.analysis.table1_records`: whether it converged
-        and, unless it diverged, its test accuracy and epochs to stop."""
+        """Count one run, a record of :func:`agrel_sim.analysis.table1_records`: its seed,
+        whether it converged and, unless it diverged, its test accuracy and epochs to stop."""
         result = record["result"]
+        self.seeds.append(record["seed"])
         self.converged.append(bool(result["converged"]))
         if not result.get("diverged", False):
             self.accuracies.append(result["test_accuracy"])
@@ -68,8 +75,9 @@ def augmentation_label(factor: int) -> str:
 def table1(records: list[dict]) -> list[dict]:
     """One dict per row, with mean ± std test accuracy (%), mean epochs, epoch ratio, convergence.
 
-    Per rule, ``<rule>_runs`` counts the runs averaged (all but the diverged ones) and
-    ``<rule>_capped`` those of them that reached ``max_epochs`` before the stopping criterion.
+    Per rule, ``<rule>_runs`` counts the runs averaged (all but the diverged ones),
+    ``<rule>_capped`` those of them that reached ``max_epochs`` before the stopping criterion,
+    and ``<rule>_seeds`` lists the seeds of all its runs, in order, separated by spaces.
     """
     rows: dict[tuple, dict[str, RuleStats]] = {}
     for record in records:
@@ -89,6 +97,7 @@ def table1(records: list[dict]) -> list[dict]:
                 row[f"{rule}_acc_mean"] = row[f"{rule}_acc_std"] = row[f"{rule}_epochs"] = None
             row[f"{rule}_converged"] = f"{sum(s.converged)}/{len(s.converged)}"
             row[f"{rule}_runs"], row[f"{rule}_capped"] = s.runs, s.capped
+            row[f"{rule}_seeds"] = " ".join(str(seed) for seed in sorted(s.seeds))
         both = stats["deepagrel"].runs and stats["ebp"].runs
         row["epoch_ratio"] = stats["deepagrel"].mean_epochs() / stats["ebp"].mean_epochs() if both else None
         table.append(row)
@@ -123,7 +132,7 @@ def _accuracy(mean, std):
 
 
 def markdown(table: list[dict]) -> str:
-    """Table 1 as Markdown.
+    """Table 1 as Markdown, with a note under it for each row whose two rules ran different seeds.
 
     Mean epochs of runs that reached ``max_epochs`` before the stopping criterion are lower
     bounds, shown as '≥ mean'; the epoch ratio is then '≥ r' or '≤ r', or 'r?' when both rules
@@ -140,11 +149,26 @@ def markdown(table: list[dict]) -> str:
             f"{_epochs(row, 'deepagrel')} | {_epochs(row, 'ebp')} | {_ratio(row)} | "
             f"{row['deepagrel_converged']}, {row['ebp_converged']} |"
         )
-    return "\n".join(lines)
+    notes = [
+        f"Note: the rules of the row {row['dataset']}, {row['network']}, augmentation {row['augmentation']} ran different seeds "
+        f"(DeepAGREL {row['deepagrel_seeds']}; EBP {row['ebp_seeds']}), so it compares them over different initial weights, validation splits and trials."
+        for row in table if row["deepagrel_seeds"] and row["ebp_seeds"] and row["deepagrel_seeds"] != row["ebp_seeds"]
+    ]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def write_csv(table: list[dict], path) -> None:
-    """Table 1 as CSV, one row per Table 1 row, with the columns of :func:`table1`."""
+    """Table 1 as CSV, one row per Table 1 row, with the columns of :func:`table1`.
+
+    Raises
+    ------
+    ValueError
+        For a path that would overwrite finished work: a run file (``run.h5``, or any HDF5
+        file) or a checkpoint (``checkpoint.pt``).
+    """
+    path = Path(path)
+    if path.name in (RUN_FILE, CHECKPOINT_FILE) or h5py.is_hdf5(path):
+        raise ValueError(f"{path}: not a path for the CSV: {RUN_FILE}, {CHECKPOINT_FILE} and HDF5 files hold runs, which the CSV would overwrite; give another path with --csv")
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["dataset"])
         writer.writeheader()

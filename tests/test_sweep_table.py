@@ -90,8 +90,10 @@ def test_sweep_runs_missing_runs_only(sweep_file, tmp_path, capsys, executor):
     assert main(["table", str(runs)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"\| digits \| tiny \| none \| \d+\.\d\d ± \d+\.\d\d \| \d+\.\d\d ± \d+\.\d\d \| ≥ 2\.0 \| ≥ 2\.0 \| 1\.00\? \| 0/2, 0/2 \|", out), out
+    assert "Note:" not in out, "both rules ran seeds 0 and 1"
     rows = list(csv.DictReader(open(runs / "table1.csv")))
     assert len(rows) == 1 and rows[0]["network"] == "tiny"
+    assert (rows[0]["deepagrel_seeds"], rows[0]["ebp_seeds"]) == ("0 1", "0 1")
 
 
 def test_a_sweep_continues_runs_given_more_epochs_and_refuses_runs_made_otherwise(sweep_file, tmp_path, capsys):
@@ -142,18 +144,16 @@ def test_a_sweep_counts_finished_runs_of_older_layouts_but_continues_none_of_the
     assert files() == before, "no run was touched"
 
 
-def test_submitit_local_runs_at_most_jobs_at_once(sweep_file, tmp_path, monkeypatch):
-    submitit = pytest.importorskip("submitit")
-    given = []
-    map_array = submitit.LocalExecutor.map_array
-
-    def counted(self, function, tasks):
-        given.append(len(tasks))
-        return map_array(self, function, tasks)
-
-    monkeypatch.setattr(submitit.AutoExecutor, "map_array", counted)
-    assert run_sweep(load_sweep(sweep_file), tmp_path / "runs", jobs=3, executor="submitit-local") == []
-    assert given == [3, 1]
+def test_submitit_local_keeps_jobs_running_and_starts_one_as_another_ends(sweep_file, monkeypatch):
+    """Seed 0 of tiny_deepagrel runs long: the other runs start, two at a time, as runs end."""
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(sweep_module, "POLL_S", 0)
+    sweep = load_sweep(sweep_file)
+    tasks, _ = plan(sweep, "runs")
+    jobs = [FakeJob(str(index), (True, f"run {index}"), polls=5 if index == 0 else 1) for index in range(len(tasks))]
+    executor = FakeLocalExecutor(jobs)
+    lines = [line for _, _, line in sweep_module._run_submitit(executor, tasks, 2, sweep)]
+    assert executor.given == [2, 1, 1] and lines == ["run 1", "run 2", "run 3", "run 0"]
 
 
 def test_a_sweep_stops_before_any_run_for_a_checkpoint_it_cannot_continue(sweep_file, tmp_path, capsys):
@@ -325,13 +325,24 @@ class NotInstalled(sweep_module.SubmititRun):
         return importlib.import_module, ("agrel_sim_not_installed_here",)
 
 
+class KilledInItsJob(sweep_module.SubmititRun):
+    """A job function whose job's process is killed (SIGKILL) as it loads it, as by hand or by the
+    system when memory runs out."""
+
+    def __reduce__(self):
+        return signal.raise_signal, (signal.SIGKILL,)
+
+
 @pytest.mark.parametrize("case", ["killed", "not installed"])
 def test_a_submitit_job_that_ends_without_its_runs_outcome_fails_in_one_line(sweep_file, tmp_path, capsys, monkeypatch, case):
     submitit = pytest.importorskip("submitit")
     monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 0)  # no waiting for result files that never come
-    if case == "killed":  # a timeout of 0: the local executor ends each job as it starts, with no signal first
-        sweep_file.write_text(sweep_file.read_text() + "[slurm]\ntimeout_min = 0\n")
-        reason = r"its job ended without a result \(job state \w+\)"
+    if case == "killed":
+        monkeypatch.setattr(sweep_module, "SubmititRun", KilledInItsJob)
+        reason = (
+            r"its job ended without a result \(submitit's job state: \w+\), so its process was killed \(by hand, by the cluster, or by the "
+            r"system when memory ran out\) or crashed; the run keeps its finished epochs, and running the sweep again continues it"
+        )
     else:
         monkeypatch.setattr(sweep_module, "SubmititRun", NotInstalled)
         reason = r"ModuleNotFoundError: No module named 'agrel_sim_not_installed_here'"
@@ -344,15 +355,16 @@ def test_a_submitit_job_that_ends_without_its_runs_outcome_fails_in_one_line(swe
 
 
 class FakeJob:
-    """A finished submitit job whose ``result()`` returns ``outcome``, or raises it."""
+    """A submitit job that is done at the ``polls``-th look, and whose ``result()`` returns ``outcome``, or raises it."""
 
-    def __init__(self, name, outcome):
+    def __init__(self, name, outcome, polls=1):
         self.paths = type("Paths", (), {"stderr": Path(f"/logs/{name}_0_log.err")})()
         self.state = "COMPLETED"
-        self.outcome = outcome
+        self.outcome, self.polls = outcome, polls
 
     def done(self):
-        return True
+        self.polls -= 1
+        return self.polls <= 0
 
     def result(self):
         if isinstance(self.outcome, Exception):
@@ -361,15 +373,18 @@ class FakeJob:
 
 
 class FakeLocalExecutor:
-    """Hands out ``jobs`` as the jobs of the tasks it is given."""
+    """Hands out ``jobs``, in order, as the jobs of the tasks it is given; ``given`` counts the
+    tasks of each submission."""
 
     cluster = "local"
 
     def __init__(self, jobs):
-        self.jobs = jobs
+        self.jobs, self.given = jobs, []
 
     def map_array(self, function, tasks):
-        return self.jobs[:len(tasks)]
+        self.given.append(len(tasks))
+        jobs, self.jobs = self.jobs[:len(tasks)], self.jobs[len(tasks):]
+        return jobs
 
 
 def test_a_submitit_job_whose_outcome_cannot_be_read_fails_alone_in_one_line(sweep_file):
@@ -523,12 +538,27 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
     for table, error in (
         ("cpus_per_tsk = 8", r"slurm\.cpus_per_tsk: submitit refuses it \(Unknown executor 'cpus' in parameter 'cpus_per_tsk'\.\)"),
         ("slurm_partitoin = 'gpu'", r"slurm\.slurm_partitoin: submitit refuses it \(Unknown argument 'partitoin' for executor 'slurm'"),
-        ("timeout_min = '1h'", r"slurm\.timeout_min: submitit refuses it \(Parameter \"timeout_min\" expected type"),
         ("tasks_per_node = 2", r"slurm: 2 tasks per job \(nodes × tasks_per_node\), but each run is one process; remove nodes and tasks_per_node"),
+        # values that submitit takes unchecked, and fails on as a job starts or runs
+        *((f"{key} = {value}", rf"slurm\.{key}: expected a whole number of minutes, at least 2 \(submitit signals a job 90 s before its time limit on SLURM, to requeue it\), got {value}")
+          for key in ("timeout_min", "slurm_timeout_min") for value in ("-5", "1", "'1h'")),
+        *((f"local_timeout_min = {value}", rf"slurm\.local_timeout_min: expected a number of minutes of at least 31 s \(submitit-local signals a job 30 s before its time limit, to requeue it\), got {shown}")
+          for value, shown in (("'abc'", "'abc'"), ("-1", "-1.0"), ("0.3", "0.3"), ("0.5", "0.5"))),
+        ("local_setup = 5", r"slurm\.local_setup: expected a list of shell commands \(strings\) run before each job, got 5"),
+        ("slurm_setup = [1]", r"slurm\.slurm_setup: expected a list of shell commands \(strings\) run before each job, got \[1\]"),
+        ("cpus_per_task = 0", r"slurm\.cpus_per_task: expected an integer >= 1, got 0"),
     ):
         sweep_file.write_text(f"{text}[slurm]\n{table}\n")
         assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
-        assert re.search(rf"agrel-sim: error: \S*sweep\.toml: {error}", capsys.readouterr().err)
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"agrel-sim: error: \S*sweep\.toml: {error}.*\n", err, re.DOTALL) and "Traceback" not in err, err
+    sweep_file.write_text(f"{text}[slurm]\nlocal_timeout_min = 0.52\n")  # 31 s
+    sweep_module.check_slurm_table(load_sweep(sweep_file), "submitit-local")
+    # A value that submitit takes unchecked, and fails on as it starts the first job: nothing has run.
+    sweep_file.write_text(f"{text}[slurm]\nlocal_gpus_per_node = 'x'\n")
+    assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"sweep\.toml: submitting 1 run\(s\) failed: 'str' object cannot be interpreted as an integer; check the \[slurm\] table", err) and "Traceback" not in err, err
 
     def refused(self, function, tasks):
         raise submitit.core.utils.FailedJobError("sbatch: error: invalid partition specified: gpu")
@@ -540,11 +570,34 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
     assert run_files(tmp_path) == []
 
 
+def test_a_slurm_sweep_needs_a_time_limit(sweep_file, tmp_path):
+    """submitit would ask SLURM for 5 minutes, and a run would fail after 4 × 5 minutes."""
+    pytest.importorskip("submitit")
+    with pytest.raises(ValueError, match=r"sweep\.toml: slurm\.timeout_min: missing; SLURM jobs need a time limit: give one in the \[slurm\] table, as a whole number of minutes"):
+        run_sweep(load_sweep(sweep_file), executor="slurm")
+    assert not (tmp_path / "runs").exists()
+    for limit in ("timeout_min", "slurm_timeout_min", "slurm_time"):  # any of them; local runs need none
+        sweep_file.write_text(f"{sweep_file.read_text().split('[slurm]')[0]}[slurm]\n{limit} = 60\n")
+        sweep_module.check_slurm_table(load_sweep(sweep_file), "slurm")
+    sweep_module.check_slurm_table(sweep_module.Sweep("s", (), (0,), "runs"), "submitit-local")
+
+
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine is a SLURM node")
 def test_the_slurm_executor_off_a_cluster(sweep_file, tmp_path):
+    sweep_file.write_text(sweep_file.read_text() + "[slurm]\ntimeout_min = 60\n")
     with pytest.raises(ValueError, match=r"executor slurm: Could not detect \"srun\".*; submit the sweep from a machine of the cluster"):
         run_sweep(load_sweep(sweep_file), executor="slurm")
     assert run_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_a_sweep_into_a_file_stops_before_any_run(sweep_file, tmp_path, capsys, executor):
+    (tmp_path / "afile").write_text("kept")
+    for out in ("afile", "afile/sub"):
+        assert main(["sweep", str(sweep_file), "--out", out, "--executor", executor]) == 2
+        err = capsys.readouterr().err
+        assert err == f"agrel-sim: error: {out}: cannot hold the sweep's runs, as afile is not a folder; choose another --out (or out in the sweep file)\n", err
+    assert (tmp_path / "afile").read_text() == "kept" and run_files(tmp_path) == []
 
 
 def test_every_repository_experiment_and_the_table1_sweep_load():
@@ -606,9 +659,9 @@ def test_a_sweep_checks_its_jobs_and_device_before_any_run(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def record(dataset, network, rule, accuracy, epochs, converged=True, augmentation=None, diverged=False):
+def record(dataset, network, rule, accuracy, epochs, converged=True, augmentation=None, diverged=False, seed=0):
     return {
-        "dataset": dataset, "model": {"name": network, "rule": {"name": rule}},
+        "dataset": dataset, "model": {"name": network, "rule": {"name": rule}}, "seed": seed,
         "training": {"augmentation": {"factor": augmentation} if augmentation else None},
         "result": {"test_accuracy": accuracy, "epochs": epochs, "converged": converged, "diverged": diverged},
     }
@@ -616,9 +669,9 @@ def record(dataset, network, rule, accuracy, epochs, converged=True, augmentatio
 
 def test_table1_statistics(tmp_path):
     records = [
-        record("mnist", "mnist_conv3", "deepagrel", 0.99, 60), record("mnist", "mnist_conv3", "deepagrel", 0.98, 80, converged=False),
-        record("mnist", "mnist_conv3", "ebp", 0.992, 35), record("mnist", "mnist_conv3", "ebp", 0.99, 45),
-        record("mnist", "mnist_conv3", "ebp", 0.1, 3, converged=False, diverged=True),
+        record("mnist", "mnist_conv3", "deepagrel", 0.99, 60), record("mnist", "mnist_conv3", "deepagrel", 0.98, 80, converged=False, seed=1),
+        record("mnist", "mnist_conv3", "ebp", 0.992, 35), record("mnist", "mnist_conv3", "ebp", 0.99, 45, seed=1),
+        record("mnist", "mnist_conv3", "ebp", 0.1, 3, converged=False, diverged=True, seed=2),
         record("cifar10", "cifar10_conv3", "ebp", 0.7, 50, augmentation=10),
         record("cifar10", "cifar10_conv3", "ebp", 0.65, 40, augmentation=2),
     ]
@@ -641,6 +694,40 @@ def test_table1_statistics(tmp_path):
     with open(tmp_path / "table1.csv", newline="") as handle:
         cifar = list(csv.DictReader(handle))[1]
     assert (cifar["ebp_acc_mean"], cifar["ebp_acc_std"]) == ("70.0", "")
+
+
+def test_the_table_names_the_seeds_of_each_rule_and_notes_a_row_whose_rules_ran_different_ones(tmp_path):
+    records = [
+        *(record("digits", "tiny", "deepagrel", 0.9, 10, seed=seed) for seed in (1, 0)),
+        *(record("digits", "tiny", "ebp", 0.9, 10, seed=seed) for seed in (5, 6)),
+        *(record("mnist", "m", rule, 0.9, 10, seed=seed) for rule in ("deepagrel", "ebp") for seed in (0, 1)),
+        record("cifar10", "c", "ebp", 0.5, 10, seed=3),  # one rule only: nothing is compared
+    ]
+    rows = table1(records)
+    assert [(r["dataset"], r["deepagrel_seeds"], r["ebp_seeds"]) for r in rows] == [("cifar10", "", "3"), ("digits", "0 1", "5 6"), ("mnist", "0 1", "0 1")]
+    notes = [line for line in markdown(rows).splitlines() if line.startswith("Note")]
+    assert notes == [
+        "Note: the rules of the row digits, tiny, augmentation none ran different seeds (DeepAGREL 0 1; EBP 5 6), "
+        "so it compares them over different initial weights, validation splits and trials."
+    ]
+    write_csv(rows, tmp_path / "table1.csv")
+    with open(tmp_path / "table1.csv", newline="") as handle:
+        digits = list(csv.DictReader(handle))[1]
+    assert (digits["deepagrel_seeds"], digits["ebp_seeds"]) == ("0 1", "5 6")
+
+
+def test_table_never_writes_its_csv_over_a_runs_files(sweep_file, tmp_path, capsys):
+    assert main(["train", "tiny_ebp.toml", "--quiet", "--out", "runs/ebp"]) == 0
+    folder = tmp_path / "runs" / "ebp"
+    shutil.copy(folder / "run.h5", tmp_path / "copy.h5")
+    kept = {path: path.read_bytes() for path in (folder / "run.h5", folder / "checkpoint.pt", tmp_path / "copy.h5")}
+    for path in (*kept, tmp_path / "elsewhere" / "run.h5"):
+        capsys.readouterr()
+        assert main(["table", "runs", "--csv", str(path)]) == 2
+        assert capsys.readouterr().err == (
+            f"agrel-sim: error: {path}: not a path for the CSV: run.h5, checkpoint.pt and HDF5 files hold runs, which the CSV would overwrite; give another path with --csv\n"
+        )
+    assert {path: path.read_bytes() for path in kept} == kept
 
 
 EBP_EXPERIMENT = """
@@ -758,7 +845,8 @@ class FakeSlurmExecutor:
     (None, {"slurm_array_parallelism": 2}, None),  # the table's own, set with the other parameters
     (None, {"array_parallelism": 2}, None),  # submitit's older name for it
 ])
-def test_slurm_array_parallelism(sweep_file, jobs, table, expected):
+def test_slurm_array_parallelism(sweep_file, monkeypatch, jobs, table, expected):
+    monkeypatch.setattr(sweep_module, "POLL_S", 0)
     executor = FakeSlurmExecutor()
     sweep = load_sweep(sweep_file)
     sweep = sweep_module.Sweep(sweep.name, sweep.experiments, sweep.seeds, sweep.out, table, sweep.source)
