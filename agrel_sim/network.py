@@ -322,6 +322,17 @@ def _layer_from_table(fields: Fields) -> Layer:
     return layer
 
 
+def check_weight_decay(learning_rate: float, weight_decay: float, where: str) -> None:
+    """Raise :class:`ConfigError`, its message beginning with ``where``, unless
+    ``learning_rate × weight_decay`` is below 1: each update scales the weights by one minus it,
+    which from 1 on zeroes or flips them."""
+    if learning_rate * weight_decay >= 1:
+        raise ConfigError(
+            f"{where}: learning_rate × weight_decay is {learning_rate * weight_decay:g}; it must be below 1, as each update"
+            " scales the weights by 1 − learning_rate × weight_decay (from 1 on, it zeroes or flips them)"
+        )
+
+
 def _validate(network: ColumnNetwork) -> None:
     """Check a description built in Python as strictly as one read from a file."""
     source = network.source
@@ -359,11 +370,7 @@ def _validate(network: ColumnNetwork) -> None:
     for key, (value, check, hint) in numbers_and_checks.items():
         if not is_number(value, check):
             raise ConfigError(f"{source}: {key}: expected {hint}, got {value!r}")
-    if rule.learning_rate * rule.weight_decay >= 1:
-        raise ConfigError(
-            f"{source}: rule.weight_decay: learning_rate × weight_decay is {rule.learning_rate * rule.weight_decay:g}; it must be"
-            f" below 1, as each update scales the weights by 1 − learning_rate × weight_decay (from 1 on, it zeroes or flips them)"
-        )
+    check_weight_decay(rule.learning_rate, rule.weight_decay, f"{source}: rule.weight_decay")
     if rule.name not in RULES:
         raise ConfigError(f"{source}: rule.name: expected one of {RULES}, got {rule.name!r}")
     if rule.feedback not in FEEDBACK_MODES:

@@ -403,20 +403,30 @@ def check_slurm_table(sweep: Sweep, executor: str) -> None:
     submitit checks the names and the types of the other values as they are set
     (:func:`_submitit_executor`).
 
+    Parameters
+    ----------
+    sweep : Sweep
+        Its ``slurm`` table is checked.
+    executor : {"slurm", "submitit-local"}
+        The executor the table is for: it sets how long before a time limit submitit signals a
+        job (``slurm_signal_delay_s``, default :data:`SLURM_SIGNAL_DELAY_S`, on SLURM;
+        :data:`LOCAL_SIGNAL_DELAY_S` locally).
+
     Raises
     ------
     ConfigError
         Naming ``slurm.<key>`` and the values it takes: a time limit that leaves no time to run
-        before submitit's signal to requeue (which comes :data:`SLURM_SIGNAL_DELAY_S` or
-        :data:`LOCAL_SIGNAL_DELAY_S` before it), cores per run below 1, setup commands that are
-        not a list of strings; and, for the slurm executor, a table without a time limit.
+        before submitit's signal to requeue, cores per run below 1, setup commands that are not
+        a list of strings; and, for the slurm executor, a table without a time limit.
     """
     table = Fields(sweep.slurm, sweep.source, "slurm")
+    slurm_delay = table.get("slurm_signal_delay_s", **POSITIVE_INT, default=SLURM_SIGNAL_DELAY_S)
+    delay = LOCAL_SIGNAL_DELAY_S if executor == "submitit-local" else slurm_delay
     # Whole minutes, as submitit reads the time limit to tell a job out of time from a preempted one.
-    minutes = f"a whole number of minutes, at least 2 (submitit signals a job {SLURM_SIGNAL_DELAY_S} s before its time limit on SLURM, to requeue it)"
+    minutes = f"a whole number of minutes, longer than the {delay} s before its end at which submitit signals the job to requeue it"
     limits = ("timeout_min", "slurm_timeout_min", "slurm_time")
     for key in limits:
-        table.get(key, int, default=None, check=lambda v: 60 * v > SLURM_SIGNAL_DELAY_S, hint=minutes)
+        table.get(key, int, default=None, check=lambda v: 60 * v > delay, hint=minutes)
     table.get(
         "local_timeout_min", float, default=None, check=lambda v: int(60 * v) > LOCAL_SIGNAL_DELAY_S,  # submitit-local's whole seconds
         hint=f"a number of minutes of at least {LOCAL_SIGNAL_DELAY_S + 1} s (submitit-local signals a job {LOCAL_SIGNAL_DELAY_S} s before its time limit, to requeue it)",
@@ -496,7 +506,7 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
         at_once = len(tasks)
     else:
         at_once = jobs
-    waiting, running = deque(tasks), {}
+    waiting, running, started = deque(tasks), {}, False
     try:
         while waiting or running:
             if waiting and len(running) < at_once:
@@ -506,10 +516,15 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
                 # sbatch refused the jobs or could not be run, or a [slurm] value that submitit
                 # takes unchecked failed as the local executor started a job (local_gpus_per_node = "x")
                 except (FailedJobError, OSError, TypeError, ValueError) as error:
-                    raise ValueError(
-                        f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; "
-                        "check the [slurm] table (partition, account, time and memory limits) against the cluster's"
-                    ) from None
+                    if not started:  # nothing runs yet: the settings are at fault, and the sweep stops
+                        raise ValueError(
+                            f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; "
+                            "check the [slurm] table (partition, account, time and memory limits) against the cluster's"
+                        ) from None
+                    for task in batch:  # later, as a run that fails alone, leaving the others running
+                        yield task, False, f"its job could not be started ({_error_line(error)}); running the sweep again starts it"
+                    continue
+                started = True
             ended = [job for job in running if job.done()]
             if not ended:
                 time.sleep(POLL_S)
@@ -534,11 +549,14 @@ def _job_outcome(job) -> tuple[bool, str]:
         if "timed-out too many times" in reason:  # signalled once more as submitit stored the run's result
             return False, _out_of_time(job.paths.stderr)
     except UncompletedJobError:  # no result at all: killed (out of memory, scancel), timed out unsignalled, ...
-        # The local executor records no exit status of the job's process, and calls a job whose
-        # process was killed FINISHED; SLURM's states say more (OUT_OF_MEMORY, CANCELLED, ...).
+        # The local executor records no exit status: it calls a job whose run's process was killed
+        # FINISHED, and one whose own process (its job id) was killed INTERRUPTED, while the run's
+        # process may go on without it. SLURM's states say more (OUT_OF_MEMORY, CANCELLED, ...).
         reason = (
-            f"its job ended without a result (submitit's job state: {job.state}), so its process was killed (by hand, by the cluster, "
-            "or by the system when memory ran out) or crashed; the run keeps its finished epochs, and running the sweep again continues it"
+            f"its job ended without a result (submitit's job state: {job.state}): its process was killed (by hand, by the cluster, "
+            "or by the system when memory ran out) or crashed, or only submitit's process around it was killed and the run goes on "
+            "without it; the run keeps its finished epochs, and running the sweep again continues it once no process of it is left "
+            "(its run.lock stops a second one meanwhile)"
         )
     except Exception as error:  # its result could not be read: a damaged file, a network file system's error, ...
         reason = f"its result could not be read ({_error_line(error)})"

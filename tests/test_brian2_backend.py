@@ -103,14 +103,19 @@ def test_a_zero_gate_threshold_keeps_decaying_columns_open():
 
 def test_the_settling_time_named_is_the_shortest_for_any_time_constant():
     for dt, tau, stages in [(1.0, 10.0, 3), (1.0, 10.0, 6), (0.1, 3.0, 2), (1.0, 0.5, 4)]:
-        too_few = 1
         brute = next(n for n in itertools.count(1) if brian2_backend.unsettled_fraction(n * dt, tau, stages) <= brian2_backend.SETTLING_TOLERANCE)
-        assert brian2_backend._steps_to_settle(too_few, dt, tau, stages) == brute, (dt, tau, stages)
+        for too_few in {0, 1, brute // 3, brute - 1}:  # any number of steps that does not settle
+            assert brian2_backend._steps_to_settle(too_few, dt, tau, stages) == brute, (dt, tau, stages, too_few)
     assert brian2_backend.unsettled_fraction(100.0, 1e-200, 3) == 0.0, "a tiny tau: settled at once, no overflow"
     assert brian2_backend.unsettled_fraction(0.0, 10.0, 3) == 1.0
     assert brian2_backend.unsettled_fraction(30.0, 10.0, 2) == pytest.approx(4 * math.exp(-3), rel=1e-12)
     steps = brian2_backend._steps_to_settle(100, 1.0, 1e9, 3)  # a tau of 10**9 steps, found at once
     assert brian2_backend.unsettled_fraction(steps, 1e9, 3) <= 0.01 < brian2_backend.unsettled_fraction(steps - 1, 1e9, 3)
+
+
+def test_a_time_constant_too_long_to_settle_within_a_trial_is_named():
+    with pytest.warns(UserWarning, match=r"t_stimulus = [\d.e+]+ ms would bring that to 1%, but makes a trial longer than the 10,000,000 time steps simulated: choose a shorter tau_ff"):
+        build(describe(), backend="brian2", tau_ff=1e7)
 
 
 def test_a_time_step_too_small_for_the_phases_is_named():

@@ -340,8 +340,10 @@ def test_a_submitit_job_that_ends_without_its_runs_outcome_fails_in_one_line(swe
     if case == "killed":
         monkeypatch.setattr(sweep_module, "SubmititRun", KilledInItsJob)
         reason = (
-            r"its job ended without a result \(submitit's job state: \w+\), so its process was killed \(by hand, by the cluster, or by the "
-            r"system when memory ran out\) or crashed; the run keeps its finished epochs, and running the sweep again continues it"
+            r"its job ended without a result \(submitit's job state: \w+\): its process was killed \(by hand, by the cluster, or by the "
+            r"system when memory ran out\) or crashed, or only submitit's process around it was killed and the run goes on without it; "
+            r"the run keeps its finished epochs, and running the sweep again continues it once no process of it is left "
+            r"\(its run\.lock stops a second one meanwhile\)"
         )
     else:
         monkeypatch.setattr(sweep_module, "SubmititRun", NotInstalled)
@@ -385,6 +387,27 @@ class FakeLocalExecutor:
         self.given.append(len(tasks))
         jobs, self.jobs = self.jobs[:len(tasks)], self.jobs[len(tasks):]
         return jobs
+
+
+def test_a_job_that_cannot_be_started_once_others_run_fails_alone(sweep_file, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(sweep_module, "POLL_S", 0)
+    sweep = load_sweep(sweep_file)
+    tasks, _ = plan(sweep, "runs")
+    long_run = FakeJob("0", (True, "run 0"), polls=5)
+    executor = FakeLocalExecutor([long_run, FakeJob("1", (True, "run 1")), FakeJob("3", (True, "run 3"))])
+    hand_out = executor.map_array
+
+    def map_array(function, batch):  # the second submission fails, while the long run goes on
+        if len(executor.given) == 1:
+            executor.given.append(len(batch))
+            raise OSError(28, "No space left on device")
+        return hand_out(function, batch)
+
+    executor.map_array = map_array
+    outcomes = [(task.seed, ok, line) for task, ok, line in sweep_module._run_submitit(executor, tasks, 2, sweep)]
+    assert outcomes[:2] == [(tasks[1].seed, True, "run 1"), (tasks[2].seed, False, "its job could not be started (OSError: [Errno 28] No space left on device); running the sweep again starts it")]
+    assert [line for _, _, line in outcomes[2:]] == ["run 3", "run 0"], "the running job goes on, and the next one starts"
 
 
 def test_a_submitit_job_whose_outcome_cannot_be_read_fails_alone_in_one_line(sweep_file):
@@ -540,8 +563,8 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
         ("slurm_partitoin = 'gpu'", r"slurm\.slurm_partitoin: submitit refuses it \(Unknown argument 'partitoin' for executor 'slurm'"),
         ("tasks_per_node = 2", r"slurm: 2 tasks per job \(nodes × tasks_per_node\), but each run is one process; remove nodes and tasks_per_node"),
         # values that submitit takes unchecked, and fails on as a job starts or runs
-        *((f"{key} = {value}", rf"slurm\.{key}: expected a whole number of minutes, at least 2 \(submitit signals a job 90 s before its time limit on SLURM, to requeue it\), got {value}")
-          for key in ("timeout_min", "slurm_timeout_min") for value in ("-5", "1", "'1h'")),
+        *((f"{key} = {value}", rf"slurm\.{key}: expected a whole number of minutes, longer than the 30 s before its end at which submitit signals the job to requeue it, got {value}")
+          for key in ("timeout_min", "slurm_timeout_min") for value in ("-5", "0", "'1h'")),
         *((f"local_timeout_min = {value}", rf"slurm\.local_timeout_min: expected a number of minutes of at least 31 s \(submitit-local signals a job 30 s before its time limit, to requeue it\), got {shown}")
           for value, shown in (("'abc'", "'abc'"), ("-1", "-1.0"), ("0.3", "0.3"), ("0.5", "0.5"))),
         ("local_setup = 5", r"slurm\.local_setup: expected a list of shell commands \(strings\) run before each job, got 5"),
@@ -575,11 +598,27 @@ def test_a_slurm_sweep_needs_a_time_limit(sweep_file, tmp_path):
     pytest.importorskip("submitit")
     with pytest.raises(ValueError, match=r"sweep\.toml: slurm\.timeout_min: missing; SLURM jobs need a time limit: give one in the \[slurm\] table, as a whole number of minutes"):
         run_sweep(load_sweep(sweep_file), executor="slurm")
-    assert not (tmp_path / "runs").exists()
     for limit in ("timeout_min", "slurm_timeout_min", "slurm_time"):  # any of them; local runs need none
         sweep_file.write_text(f"{sweep_file.read_text().split('[slurm]')[0]}[slurm]\n{limit} = 60\n")
         sweep_module.check_slurm_table(load_sweep(sweep_file), "slurm")
     sweep_module.check_slurm_table(sweep_module.Sweep("s", (), (0,), "runs"), "submitit-local")
+
+
+def test_a_time_limit_must_outlast_submitits_signal_to_requeue(sweep_file):
+    text = sweep_file.read_text()
+
+    def check(table, executor):
+        sweep_file.write_text(f"{text}[slurm]\n{table}\n")
+        sweep_module.check_slurm_table(load_sweep(sweep_file), executor)
+
+    check("timeout_min = 1", "submitit-local")  # signalled 30 s before its end
+    with pytest.raises(ValueError, match=r"slurm\.timeout_min: expected a whole number of minutes, longer than the 90 s before its end at which submitit signals the job to requeue it, got 1"):
+        check("timeout_min = 1", "slurm")
+    check("timeout_min = 1\nslurm_signal_delay_s = 30", "slurm")
+    with pytest.raises(ValueError, match=r"slurm\.timeout_min: expected a whole number of minutes, longer than the 300 s before its end"):
+        check("timeout_min = 4\nslurm_signal_delay_s = 300", "slurm")
+    with pytest.raises(ValueError, match=r"slurm\.slurm_signal_delay_s: expected an integer >= 1, got 0"):
+        check("timeout_min = 4\nslurm_signal_delay_s = 0", "slurm")
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine is a SLURM node")

@@ -205,3 +205,12 @@ def test_numbers_that_overflow_float32_are_named_at_build(field, value):
     with pytest.raises(ValueError, match=rf"^<python>: {field}\.{key}: {re.escape(repr(number))} overflows torch\.float32, whose largest number is 3\.403e\+38; choose a smaller value or dtype float64$"):
         build(description, dtype=torch.float32)
     build(description, dtype=torch.float64)  # float64 holds it
+
+
+def test_an_init_range_or_learning_rate_that_rounds_to_zero_is_named_at_build():
+    description = ColumnNetwork((4,), [Dense(3)], 2)
+    with pytest.raises(ValueError, match=r"^<python>: rule\.init_range: 1e-46 rounds to 0 in torch\.float32, so every weight would start at 0; choose a larger value or dtype float64$"):
+        build(description.replace(rule=dict(init_range=1e-46)), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^<python>: rule\.learning_rate: 1e-46 rounds to 0 in torch\.float32, so no weight would change"):
+        build(description.replace(rule=dict(learning_rate=1e-46)), dtype=torch.float32)
+    build(description.replace(rule=dict(init_range=1e-40)), dtype=torch.float32)  # subnormal, but not 0

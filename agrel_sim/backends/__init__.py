@@ -13,7 +13,7 @@ import importlib
 import inspect
 
 from agrel_sim.config import ConfigError, is_count, is_number
-from agrel_sim.network import ColumnNetwork
+from agrel_sim.network import ColumnNetwork, check_weight_decay
 
 BACKENDS = {"torch": "agrel_sim.backends.torch_backend", "brian2": "agrel_sim.backends.brian2_backend"}
 # What a run gives every backend's build(); an experiment's backend_options cannot set them.
@@ -107,8 +107,8 @@ def check_representable(network: ColumnNetwork, dtype) -> None:
     Raises
     ------
     ValueError
-        Naming the field whose value overflows ``dtype``, or an ``init_range`` so small that
-        the initial weights would be subnormal or 0 (a network that never learns).
+        Naming the field whose value overflows ``dtype``, or an ``init_range`` or
+        ``learning_rate`` that rounds to 0 in it (a network that never learns).
     """
     import torch
 
@@ -123,8 +123,9 @@ def check_representable(network: ColumnNetwork, dtype) -> None:
     for key, value in fields.items():
         if abs(value) > info.max:
             raise ValueError(f"{network.source}: {key}: {value!r} overflows {dtype}, whose largest number is {info.max:.4g}; choose a smaller value or dtype float64")
-    if rule.init_range < info.tiny:
-        raise ValueError(f"{network.source}: rule.init_range: {rule.init_range!r} is below the smallest normal number of {dtype} ({info.tiny:.4g}): the weights would start at 0 and never learn")
+    for key, value, consequence in (("rule.init_range", rule.init_range, "every weight would start at 0"), ("rule.learning_rate", rule.learning_rate, "no weight would change")):
+        if torch.tensor(value, dtype=dtype) == 0:
+            raise ValueError(f"{network.source}: {key}: {value!r} rounds to 0 in {dtype}, so {consequence}; choose a larger value or dtype float64")
 
 
 def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True, *, trials: bool = False) -> None:
@@ -205,15 +206,14 @@ def _count_and_first(where) -> str:
 def _set_learning_rate(net, value) -> None:
     if not is_number(value, lambda v: v > 0):
         raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
-    if value * net.description.rule.weight_decay >= 1:
-        raise ValueError(f"learning_rate: {value!r} × the rule's weight_decay {net.description.rule.weight_decay!r} must be below 1")
+    check_weight_decay(value, net.description.rule.weight_decay, "learning_rate")
     net._learning_rate = value
 
 
 # The ``learning_rate`` attribute of every backend's network.
 LEARNING_RATE = property(
     lambda net: net._learning_rate, _set_learning_rate,
-    doc="The step size alpha of the next updates, a finite number > 0; may be changed between batches.",
+    doc="The step size alpha of the next updates, a finite number > 0 whose product with the rule's weight_decay is below 1; may be changed between batches.",
 )
 
 

@@ -260,10 +260,14 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
         if remainder <= SETTLING_TOLERANCE:
             continue
         enough = _steps_to_settle(settling, timeline.dt, tau, stages)
+        duration = f"{option} = {(enough - others) * timeline.dt:g} ms"
+        if timeline.trial_steps - settling + enough > MAX_TRIAL_STEPS:
+            remedy = f"{duration} would bring that to {SETTLING_TOLERANCE:.0%}, but makes a trial longer than the {MAX_TRIAL_STEPS:,} time steps simulated: choose a shorter tau_{neurons}"
+        else:
+            remedy = f"{duration} brings that to {SETTLING_TOLERANCE:.0%}, near the torch backend's values"
         warnings.warn(
             f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still {remainder:.2%} "
-            f"short of its fixed point {moment} ({tau:g} ms time constants); {option} = {(enough - others) * timeline.dt:g} ms "
-            f"brings that to {SETTLING_TOLERANCE:.0%}, near the torch backend's values (shorter phases simulate a "
+            f"short of its fixed point {moment} ({tau:g} ms time constants); {remedy} (shorter phases simulate a "
             f"transient version of the rule)",
             stacklevel=_first_caller_outside_agrel_sim(),
         )
