@@ -593,7 +593,7 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
     assert run_files(tmp_path) == []
 
 
-def test_a_slurm_sweep_needs_a_time_limit(sweep_file, tmp_path):
+def test_a_slurm_sweep_needs_a_time_limit(sweep_file):
     """submitit would ask SLURM for 5 minutes, and a run would fail after 4 × 5 minutes."""
     pytest.importorskip("submitit")
     with pytest.raises(ValueError, match=r"sweep\.toml: slurm\.timeout_min: missing; SLURM jobs need a time limit: give one in the \[slurm\] table, as a whole number of minutes"):
