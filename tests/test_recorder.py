@@ -215,6 +215,16 @@ def test_a_run_file_names_the_software_and_machine_of_each_session(tmp_path):
     )
 
 
+def test_a_session_on_cuda_names_the_gpu_and_the_versions_of_cuda_and_cudnn(monkeypatch):
+    from agrel_sim.recorder import session
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"GPU of {device}")
+    monkeypatch.setattr(torch.version, "cuda", "12.9")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    assert session(torch.device("cuda:1"), 3)["device"] == "cuda:1 (GPU of cuda:1, CUDA 12.9, cuDNN 91002)"
+    assert session("cpu", 3)["device"] == "cpu"
+
+
 def test_a_session_names_the_git_commit_of_the_checkout_it_runs_from(tmp_path, monkeypatch):
     from agrel_sim.recorder import git_checkout
 
