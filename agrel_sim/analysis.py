@@ -18,7 +18,7 @@ import numpy as np
 
 from agrel_sim.config import is_count
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions
-from agrel_sim.runs import RUN_FILE, changed_settings, settings_of, shown, top_setting
+from agrel_sim.runs import NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown, top_setting
 from agrel_sim.table import row_key
 
 
@@ -115,6 +115,12 @@ class Run:
         with h5py.File(self.path, "r") as handle:
             return "timecourses" in handle
 
+    @property
+    def traced_trials(self) -> int:
+        """How many trials have a time course (:meth:`timecourse`); 0 in a run without."""
+        with h5py.File(self.path, "r") as handle:
+            return len(handle["timecourses"]["trial"]) if "timecourses" in handle else 0
+
     def timecourse(self, index: int = -1) -> dict:
         """One traced trial's time course (Brian2 backend).
 
@@ -142,8 +148,7 @@ class Run:
         RunFileError
             For a run without time courses.
         """
-        if not isinstance(index, numbers.Integral) or isinstance(index, bool):
-            raise TypeError(f"index: expected an integer (0 the first traced trial, -1 the last), got {index!r}")
+        _check_trial_index("index", index)
         with h5py.File(self.path, "r") as handle:
             if "timecourses" not in handle:
                 raise RunFileError(f"{self.path}: no time courses: only the brian2 backend records them, with backend_options.trace_every > 0")
@@ -168,6 +173,12 @@ class Run:
                 if isinstance(group[name], h5py.Group):
                     out[name] = {field: _read(group[name], field) for field in GATING_FIELDS}
             return out
+
+
+def _check_trial_index(name: str, index) -> None:
+    """Raise ``TypeError`` unless ``index`` is an integer: which traced trial (0 the first, -1 the last)."""
+    if not isinstance(index, numbers.Integral) or isinstance(index, bool):
+        raise TypeError(f"{name}: expected an integer (0 the first traced trial, -1 the last), got {index!r}")
 
 
 def load_run(path: str | Path) -> Run:
@@ -269,7 +280,8 @@ def load_runs(path: str | Path) -> list[Run]:
 # -- what the runs show ------------------------------------------------------------------------
 
 # What runs that share a Table 1 row and a rule must have in common: everything but the seed, the
-# experiment's name and source, the device and the logging.
+# experiment's name and source, the device, the logging and the backend options in which runs of
+# one model may differ (NOT_MODELLING).
 ROW_SETTINGS = ("dataset", "data", "model", "training", "backend", "backend_options", "dtype")
 
 # What the two rules of a row may differ in besides: the rule and its optimisation (each rule
@@ -298,7 +310,7 @@ def table_rows(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, list[Run
     seen: dict[tuple, list[tuple[Run, dict]]] = {}
     for run in runs:
         row = row_key(run.config)
-        settings = {key: value for key, value in settings_of(run.config).items() if top_setting(key) in ROW_SETTINGS}
+        settings = {key: value for key, value in settings_of(run.config).items() if top_setting(key) in ROW_SETTINGS and key not in NOT_MODELLING}
         where = f"Table 1 row {row_label(row)}"
         # Against every run before it, not the first alone: one that lacks a record (an older
         # run file's data) must not let two that have it differ.
@@ -397,24 +409,75 @@ def gating_by_epoch(run: Run) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def gating_by_outcome(run: Run) -> dict[str, dict[str, float]]:
-    """Per layer, open-gate fraction and mean |fb| of the logged trials, rewarded against not;
-    empty for a run that logged no trials (killed in its first epoch)."""
+def gating_by_outcome(run: Run) -> dict[str, dict]:
+    """Per layer, gate and feedback activity of the logged trials, rewarded against not, epoch by epoch.
+
+    Rewarded trials grow common as a run learns while its gates change with learning, so a
+    comparison pooled over the whole run mixes the outcome with the stage of training and can
+    reverse a difference that holds in every epoch. The comparison is therefore made within
+    epochs: a ``*_difference`` is the weighted mean over epochs of rewarded minus unrewarded,
+    each epoch weighted by ``n_r·n_u / (n_r + n_u)`` (its numbers of rewarded and unrewarded
+    logged trials: the weights of a stratified difference of means), so that an epoch with
+    trials of one outcome only counts for nothing.
+
+    Returns
+    -------
+    dict
+        Per layer name: ``epoch`` (the epochs with logged trials), ``trials_rewarded`` and
+        ``trials_unrewarded`` (per epoch), ``open_fraction_rewarded``,
+        ``open_fraction_unrewarded``, ``fb_mean_abs_rewarded`` and ``fb_mean_abs_unrewarded``
+        (per epoch, NaN where an epoch has no trial of that outcome; the ``fb`` ones always NaN
+        for EBP, which has no feedback neurons), and ``open_fraction_difference`` and
+        ``fb_mean_abs_difference`` (floats, NaN where no epoch has trials of both outcomes).
+        Empty for a run that logged no trials (killed in its first epoch).
+    """
     trials = run.trials()
-    rewarded = trials["action"] == trials["label"]
-    if not len(rewarded):
+    if not len(trials["label"]):
         return {}
+    rewarded = trials["action"] == trials["label"]
+    epochs = np.unique(trials["epoch"])
+    counts = {outcome: np.array([np.sum((trials["epoch"] == e) & (rewarded == wanted)) for e in epochs]) for outcome, wanted in (("rewarded", True), ("unrewarded", False))}
+    weights = counts["rewarded"] * counts["unrewarded"] / (counts["rewarded"] + counts["unrewarded"])
+    both = weights > 0
     out = {}
     for name in run.layer_names:
         layer = run.layer(name)
-        row = {"trials_rewarded": int(rewarded.sum()), "trials_unrewarded": int((~rewarded).sum())}
-        for outcome, mask in (("rewarded", rewarded), ("unrewarded", ~rewarded)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                row[f"open_fraction_{outcome}"] = float(np.mean(layer["gate"][mask])) if mask.any() else float("nan")
-                row[f"fb_mean_abs_{outcome}"] = float(np.nanmean(np.abs(layer["fb"][mask]))) if mask.any() else float("nan")
+        row = {"epoch": epochs, "trials_rewarded": counts["rewarded"], "trials_unrewarded": counts["unrewarded"]}
+        for field, values in (("open_fraction", layer["gate"]), ("fb_mean_abs", np.abs(layer["fb"]))):
+            for outcome, wanted in (("rewarded", True), ("unrewarded", False)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # an epoch without this outcome; EBP's NaN fb
+                    row[f"{field}_{outcome}"] = np.array([np.mean(values[(trials["epoch"] == e) & (rewarded == wanted)]) for e in epochs])
+            differences = (row[f"{field}_rewarded"] - row[f"{field}_unrewarded"])[both]
+            row[f"{field}_difference"] = float(np.average(differences, weights=weights[both])) if both.any() else float("nan")
         out[name] = row
     return out
+
+
+def hidden_layers(run: Run) -> list[str]:
+    """The recorded hidden layers that have synapses of their own: not the dropout layers (whose
+    records show the columns of the layer below them), not the output (whose gates are always
+    open)."""
+    kinds = {f"layers.{index}": layer["kind"] for index, layer in enumerate(run.config["model"]["layers"])}
+    return [name for name in run.layer_names if name in kinds and kinds[name] != "dropout"]
+
+
+def outcome_lines(run: Run) -> list[str]:
+    """Lines of :func:`analyze` that compare each hidden layer's gates and feedback on rewarded
+    and unrewarded trials, within epochs (:func:`gating_by_outcome`)."""
+    by_outcome, hidden = gating_by_outcome(run), hidden_layers(run)
+    if not by_outcome or not hidden:
+        return []
+    counts = by_outcome[hidden[0]]
+    both = int(np.sum((counts["trials_rewarded"] > 0) & (counts["trials_unrewarded"] > 0)))
+    if not both:
+        return ["  rewarded against unrewarded trials: no epoch logged trials of both outcomes"]
+    lines = [f"  rewarded minus unrewarded logged trials, within epochs ({both} of {len(counts['epoch'])} epochs have both):"]
+    for name in hidden:
+        row = by_outcome[name]
+        fb = "no feedback (EBP)" if run.rule == "ebp" else f"{row['fb_mean_abs_difference']:+.4f}"
+        lines.append(f"    {name:10s} open gates {row['open_fraction_difference']:+.3f}, |fb| {fb}")
+    return lines
 
 
 def summary(run: Run) -> str:
@@ -447,7 +510,7 @@ def _session_line(entry: dict, backend: str) -> str:
     """One training session of a run in a line: where it began and what it ran on."""
     commit = entry.get("commit")
     source = f" (commit {str(commit)[:10]}{', modified' if entry.get('modified') else ''})" if commit else ""
-    engine = f"brian2 {entry.get('brian2', '?')}" if backend == "brian2" else f"torch {entry.get('torch', '?')} on {entry.get('device', '?')} ({entry.get('torch_threads', '?')} threads)"
+    engine = f"brian2 {entry.get('brian2', '?')}" if backend == "brian2" else f"torch {entry.get('torch', '?')} on {entry.get('device', '?')} ({entry.get('torch_threads', '?')} thread{'' if entry.get('torch_threads') == 1 else 's'})"
     return f"from epoch {entry.get('from_epoch', '?')}, began {entry.get('began', '?')}, agrel-sim {entry.get('agrel_sim', '?')}{source}, {engine}, host {entry.get('host', '?')}"
 
 
@@ -505,9 +568,8 @@ def plot_gating(run: Run, path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     stats = gating_by_epoch(run)
-    kinds = {f"layers.{index}": layer["kind"] for index, layer in enumerate(run.config["model"]["layers"])}
-    synaptic = [name for name in stats if kinds.get(name) != "dropout"]  # the output has no kind
-    hidden = [name for name in synaptic if name != "output"]
+    hidden = hidden_layers(run)
+    synaptic = hidden + [name for name in stats if name == "output"]
     panels = (("open_fraction", "fraction of open gates", hidden), ("fb_mean_abs", "mean |feedback|", hidden), ("changed_fraction", "fraction of synapses changed per batch", synaptic))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     for ax, (field, title, names) in zip(axes, panels):
@@ -535,20 +597,26 @@ def _empty_gating_panel(run: Run, names: list[str]) -> str:
 
 
 def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
-    """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training."""
+    """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training,
+    over the range of every finite δ logged."""
     plt = _pyplot()
     trials = run.trials()
+    delta, epoch = trials["delta"], trials["epoch"]
+    finite = np.isfinite(delta)
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    if not len(trials["delta"]):
+    if not len(delta):
         ax.text(0.5, 0.5, "no logged trials", ha="center", transform=ax.transAxes)
-    elif np.all(np.isnan(trials["delta"])):
+    elif run.rule == "ebp":
         ax.text(0.5, 0.5, "no RPE: this rule has none (EBP)", ha="center", transform=ax.transAxes)
+    elif not finite.any():
+        ax.text(0.5, 0.5, "no finite RPE (the run diverged)", ha="center", transform=ax.transAxes)
     else:
-        last = trials["epoch"].max()
+        last = epoch.max()
+        span = (delta[finite].min(), delta[finite].max())  # every δ drawn, on bins that the three parts share
         for part, (low, high) in zip(("early", "middle", "late"), ((0, last / 3), (last / 3, 2 * last / 3), (2 * last / 3, last))):
-            mask = (trials["epoch"] > low) & (trials["epoch"] <= high)
+            mask = (epoch > low) & (epoch <= high) & finite
             if mask.any():
-                ax.hist(trials["delta"][mask], bins=bins, range=(-1.5, 1.5), histtype="step", density=True, label=f"{part} (epochs {int(low) + 1}–{int(high)})")
+                ax.hist(delta[mask], bins=bins, range=span, histtype="step", density=True, label=f"{part} (epochs {int(low) + 1}–{int(high)})")
         ax.legend()
     ax.set(xlabel="RPE δ = r − q_s", ylabel="density", title="Distribution of the dopamine-like RPE")
     return _save(fig, path)
@@ -682,38 +750,38 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
     their figures apart. ``reward_curves.png`` (Figure 3, :func:`plot_reward_curves`) averages
     the complete runs, as Table 1 does; a Table 1 row whose runs :func:`table_rows` refuses gets
     no panel, and the text says why. ``trial`` picks the traced trial drawn for Brian2 runs
-    (:meth:`Run.timecourse`); a run with fewer traced trials raises ``ValueError``.
+    (:meth:`Run.timecourse`): a run with fewer traced trials gets no trial figure, and a line of
+    the text says so; ``ValueError`` where no run has that trial.
     """
+    _check_trial_index("trial", trial)
     path, out = Path(path), Path(out)
     runs = load_runs(path)
+    traced = {run.path: run.traced_trials for run in runs}
+    if any(traced.values()) and not any(-count <= trial < count for count in traced.values()):  # checked before any figure is written
+        raise ValueError(f"trial {trial}: no run here has that traced trial (the traced runs here have {' or '.join(map(str, sorted(set(traced.values()) - {0})))} traced trials); give 0 to n - 1, or -n to -1 from the last")
     root = path if path.is_dir() else path.parent
-    drawn, notes = _figure3_runs(runs)
+    drawn, notes = figure3_runs(runs)
     refused = not drawn and any(averaged(run) for run in runs)  # every row with complete runs: the notes say why
     figures = [] if refused else [plot_reward_curves(drawn, out / "reward_curves.png")]
-    texts = []
+    texts, untraced = [], []
     for run in runs:
         folder = out / run.path.parent.relative_to(root)
         stem = f"{run.config['experiment']}_seed{run.seed}"
         texts.append(summary(run))
-        for name, row in gating_by_outcome(run).items():
-            texts.append(
-                f"    {name:10s} open gates rewarded {row['open_fraction_rewarded']:.3f} / unrewarded {row['open_fraction_unrewarded']:.3f}; "
-                f"|fb| {row['fb_mean_abs_rewarded']:.4f} / {row['fb_mean_abs_unrewarded']:.4f}"
-            )
+        texts += outcome_lines(run)
         figures += [
             plot_gating(run, folder / f"{stem}_gating.png"),
             plot_rpe_distribution(run, folder / f"{stem}_rpe.png"),
             plot_activity_maps(run, folder / f"{stem}_activity.png"),
         ]
-        if run.has_timecourses:
-            try:
-                figures.append(plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial))
-            except IndexError as error:  # a run with fewer traced trials
-                raise ValueError(f"trial {trial}: {error}") from None
-    return "\n".join(texts + notes), figures
+        if -traced[run.path] <= trial < traced[run.path]:
+            figures.append(plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial))
+        elif traced[run.path]:
+            untraced.append(f"{run.path}: no trial figure: trial {trial} is out of range for its {traced[run.path]} traced trials")
+    return "\n".join(texts + notes + untraced), figures
 
 
-def _figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
+def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
     """The runs that Figure 3 can draw (complete, of rows that :func:`table_rows` accepts), and
     a line for each run or row left out, saying why."""
     notes = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, analyze, load_runs, table1_records
+from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, Run, analyze, figure3_runs, load_runs, plot_reward_curves, table1_records
 from agrel_sim.experiment import default_experiment, load_experiment
 from agrel_sim.runs import DTYPES, MAX_SEED, default_run_folder, run_experiment
 from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
@@ -49,11 +49,23 @@ def _sweep(args) -> int:
     return 0
 
 
-def _table(args) -> int:
+def _averaged_runs(path: str) -> list[Run]:
+    """The runs under ``path`` for Table 1 or Figure 3, which list incomplete runs as left out
+    and use no gate records: loaded without the warnings about those."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IncompleteRunWarning)  # listed at the end instead, as left out
-        warnings.simplefilter("ignore", OlderRunFileWarning)  # about gate records, which the table does not use
-        runs = load_runs(args.runs)
+        warnings.simplefilter("ignore", IncompleteRunWarning)
+        warnings.simplefilter("ignore", OlderRunFileWarning)
+        return load_runs(path)
+
+
+def _beside(runs: str, name: str) -> Path:
+    """``name`` in the folder ``runs``, or beside ``runs`` when it is a run file: where a
+    command writes what it makes of them by default."""
+    return (Path(runs) if Path(runs).is_dir() else Path(runs).parent) / name
+
+
+def _table(args) -> int:
+    runs = _averaged_runs(args.runs)
     incomplete = [str(run.path) for run in runs if not run.complete]
     left_out = f"{len(incomplete)} incomplete run(s) left out (still running, killed or crashed; --resume or the sweep again finishes them): {', '.join(incomplete)}"
     records = table1_records(runs)
@@ -61,7 +73,7 @@ def _table(args) -> int:
         raise ValueError(f"{args.runs}: no complete runs here" + (f"; {left_out}" if incomplete else ""))
     table = table1(records)
     print(markdown(table))
-    csv_path = Path(args.csv) if args.csv else (Path(args.runs) if Path(args.runs).is_dir() else Path(args.runs).parent) / "table1.csv"
+    csv_path = Path(args.csv) if args.csv else _beside(args.runs, "table1.csv")
     try:
         write_csv(table, csv_path)
     except OSError as error:
@@ -79,9 +91,19 @@ def _table(args) -> int:
     return 0
 
 
+def _figure3(args) -> int:
+    drawn, notes = figure3_runs(_averaged_runs(args.runs))
+    for note in notes:
+        print(note)
+    if not drawn:
+        raise ValueError(f"{args.runs}: no complete runs of a Table 1 row to draw" + ("; see the lines above" if notes else ""))
+    print(f"Figure 3 ({len(drawn)} runs) written to {plot_reward_curves(drawn, Path(args.out) if args.out else _beside(args.runs, 'figure3.png'))}")
+    return 0
+
+
 def _analyze(args) -> int:
     path = Path(args.path)
-    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "analysis"
+    out = Path(args.out) if args.out else _beside(path, "analysis")
     text, figures = analyze(path, out, trial=args.trial)
     print(text)
     print(f"\n{len(figures)} figures written to {out}")
@@ -106,7 +128,7 @@ def _integer_from(minimum: int, maximum: int | None = None):
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser of ``agrel-sim`` with its commands train, sweep, table and analyze.
+    """The argument parser of ``agrel-sim`` with its commands train, sweep, table, figure3 and analyze.
 
     Each command's arguments carry a ``handler`` that :func:`main` calls with them.
     """
@@ -143,6 +165,11 @@ def parser() -> argparse.ArgumentParser:
     table.add_argument("runs", help="folder searched recursively for run files (run.h5)")
     table.add_argument("--csv", help="CSV path (default RUNS/table1.csv)")
     table.set_defaults(handler=_table)
+
+    figure3 = commands.add_parser("figure3", help="draw Figure 3 from finished runs", description="Draw the paper's Figure 3 from a folder of runs: reward probability per epoch, DeepAGREL against EBP, mean ± 2σ over the complete runs, a panel per Table 1 row.")
+    figure3.add_argument("runs", help="folder searched recursively for run files (run.h5)")
+    figure3.add_argument("--out", help="image path (default RUNS/figure3.png; the suffix names the format: .png, .pdf, .svg)")
+    figure3.set_defaults(handler=_figure3)
 
     analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, RPE distribution, activity maps, and one traced trial of Brian2 runs.")
     analyze_cmd.add_argument("path", metavar="RUN_OR_DIR", help="a run file (run.h5) or a folder of runs")

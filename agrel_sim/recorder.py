@@ -34,12 +34,14 @@ chunked and compressed with gzip and shuffle)::
         <population>/ff, fb, gate   (traced, steps, columns), populations "input", layers, "output"
     /result                   attrs: test_accuracy, best_epoch, epochs, converged, diverged, seconds
 
-Rows of ``/trials`` and of ``/layers/<layer>/{ff,fb,gate}`` correspond one to one: they map to
-the trials table and to TimeSeries of an NWB file. Nothing is written during an epoch: the
-epoch's records are buffered (on the training device, with no host synchronisation per batch)
-and added at its end to a copy of the file that then replaces it (an atomic rename), so that a
-run killed at any moment leaves a file that opens and holds every finished epoch, and a running
-run can be read at any time: the run file is never open for writing.
+Every dataset carries the attributes ``description`` and ``unit`` (:data:`DESCRIPTIONS`). Rows
+of ``/trials`` and of ``/layers/<layer>/{ff,fb,gate}`` correspond one to one, shaped like the
+trials table and TimeSeries of an NWB file (which would also need trial times in seconds).
+Nothing is written during an epoch: the epoch's records are buffered (on the training device,
+with no host synchronisation per batch) and added at its end to a copy of the file that then
+replaces it (an atomic rename), so that a run killed at any moment leaves a file that opens and
+holds every finished epoch, and a running run can be read at any time: the run file is never
+open for writing.
 """
 
 from __future__ import annotations
@@ -73,6 +75,61 @@ GATING_FIELDS = ("open_fraction", "fb_mean_abs", "changed_fraction")
 # Per traced trial (with q and delta): what joins a time course to its trial.
 TRACE_FIELDS = {"epoch": "i4", "batch": "i4", "trial": "i8", "image": "i4", "label": "i4", "action": "i4", "reward": "f4"}
 _COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+
+# What each dataset holds, and its unit ("1" for counts, indices, fractions and other pure
+# numbers; "s" for times): written as the attributes description and unit of each dataset, so
+# that the file explains itself to a reader with plain h5py. <layer> stands for a recorded
+# layer (layers.N, output), <population> for a time-resolved one (input, layers.N, output).
+DESCRIPTIONS = {
+    "epochs/epoch": ("the epoch, from 1", "1"),
+    "epochs/reward_probability": ("share of rewarded training trials in the epoch (EBP: 1 - training error)", "1"),
+    "epochs/train_loss": ("mean of delta**2 / 2 over the epoch's training trials (EBP: cross-entropy)", "1"),
+    "epochs/validation_accuracy": ("accuracy of the greedy action on the validation images after the epoch", "1"),
+    "epochs/seconds": ("wall time of the epoch's training batches and validation", "s"),
+    "epochs/learning_rate": ("learning rate of the epoch's updates", "1"),
+    "trials/epoch": ("epoch of the logged trial", "1"),
+    "trials/batch": ("batch of the logged trial within its epoch, from 0", "1"),
+    "trials/image": ("index of the trial's image in the training set", "1"),
+    "trials/label": ("the image's class", "1"),
+    "trials/action": ("the action chosen", "1"),
+    "trials/reward": ("the reward given for the action", "1"),
+    "trials/delta": ("reward-prediction error delta = reward - q[action] (NaN for EBP)", "1"),
+    "trials/q": ("Q-values the action was chosen from (trials, actions)", "1"),
+    "layers/<layer>/units": ("flat indices of the traced columns in the layer's sheet (attribute shape of the group)", "1"),
+    "layers/<layer>/ff": ("activity of the feedforward neurons of the traced columns, row for row with /trials", "1"),
+    "layers/<layer>/fb": ("activity of the feedback neurons of the traced columns, row for row with /trials (NaN for EBP)", "1"),
+    "layers/<layer>/gate": ("1 where the column's gate was open (its feedforward activity above threshold), row for row with /trials", "1"),
+    "gating/epoch": ("epoch of the training batch", "1"),
+    "gating/batch": ("training batch within its epoch, from 0", "1"),
+    "gating/<layer>/open_fraction": ("fraction of the layer's gates open, over the batch's first summary_trials trials", "1"),
+    "gating/<layer>/fb_mean_abs": ("mean absolute feedback activity, over the batch's first summary_trials trials", "1"),
+    "gating/<layer>/changed_fraction": ("fraction of the layer's feedforward synapses that the batch changed (NaN for dropout layers)", "1"),
+    "timecourses/t": ("time from the trial's start at the end of each time step; the group's attributes hold each phase's start and end, in s", "s"),
+    "timecourses/epoch": ("epoch of the traced trial", "1"),
+    "timecourses/batch": ("batch of the traced trial within its epoch, from 0", "1"),
+    "timecourses/trial": ("the traced trial's number among all the run's trials, from 0", "1"),
+    "timecourses/image": ("index of the traced trial's image in the training set", "1"),
+    "timecourses/label": ("the image's class", "1"),
+    "timecourses/action": ("the action chosen", "1"),
+    "timecourses/reward": ("the reward given for the action", "1"),
+    "timecourses/q": ("Q-values the action was chosen from, read at the end of the stimulus phase (traced, actions)", "1"),
+    "timecourses/delta": ("the dopamine signal delta at each time step (traced, steps)", "1"),
+    "timecourses/<population>/ff": ("feedforward activity at each time step (traced, steps, columns)", "1"),
+    "timecourses/<population>/fb": ("feedback activity at each time step (traced, steps, columns)", "1"),
+    "timecourses/<population>/gate": ("1 where the column's gate was open, at each time step (traced, steps, columns)", "1"),
+}
+
+
+def _describe(group: h5py.Group) -> None:
+    """Give every dataset in ``group`` the attributes description and unit of :data:`DESCRIPTIONS`."""
+    def describe(name: str, item) -> None:
+        parts = item.name.strip("/").split("/")
+        if isinstance(item, h5py.Dataset):
+            if len(parts) == 3:
+                parts[1] = "<layer>" if parts[0] in ("layers", "gating") else "<population>"
+            item.attrs["description"], item.attrs["unit"] = DESCRIPTIONS["/".join(parts)]
+
+    group.visititems(describe)
 
 
 @dataclass(frozen=True)
@@ -351,6 +408,7 @@ class RunFile:
             summary = gating.create_group(layer.name)
             for name in GATING_FIELDS:
                 _growing(summary, name, "f4")
+        _describe(self.file)
 
     def _truncate_after(self, epoch: int) -> None:
         """Drop rows that belong to epochs after ``epoch``."""
@@ -462,6 +520,7 @@ class RunFile:
                 shape = (0, *population.ff.shape)
                 for name, dtype in (("ff", "f4"), ("fb", "f4"), ("gate", "u1")):
                     sub.create_dataset(name, shape=shape, maxshape=(None, *shape[1:]), chunks=(1, *shape[1:]), dtype=dtype, **_COMPRESSION)
+            _describe(group)
         group = self.file["timecourses"]
         for name in (*TRACE_FIELDS, "q"):
             _append(group[name], np.stack([v[name] for v, _ in self.traces]))

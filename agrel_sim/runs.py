@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from agrel_sim.backends import check_device
+from agrel_sim.backends import BACKENDS, NOT_MODELLING_OPTIONS, check_device, resolved_options
 from agrel_sim.config import is_count
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
@@ -115,8 +115,18 @@ def shown(leaves: dict, key: str) -> str:
 
 
 def settings_of(config: dict) -> dict:
-    """A stored run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them."""
+    """A stored run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them
+    and every backend option (:func:`~agrel_sim.backends.resolved_options`): run files before
+    agrel-sim 0.4.0 hold only the options their experiment gave."""
+    backend = config.get("backend", ADDED_SETTINGS["backend"])
+    if "backend_options" in config and backend in BACKENDS:  # another backend: a difference named as it is
+        config = {**config, "backend_options": resolved_options(backend, config["backend_options"])}
     return {**ADDED_SETTINGS, **flatten(config)}
+
+
+# Settings in which finished runs may differ and still count as the same run: where the
+# experiment file lies, and how a run is computed (device, Brian2's code generation) or recorded.
+NOT_MODELLING = ("source", "device", "logging", *(f"backend_options.{name}" for name in NOT_MODELLING_OPTIONS))
 
 
 # Records that run files written before them, and a sweep's plan (which reads no data), lack: they
@@ -151,7 +161,7 @@ def run_config(experiment: Experiment, device: str = "cpu", dtype: str = "float3
     config = {
         "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
         "model": experiment.model.to_dict(), "training": dataclasses.asdict(experiment.training),
-        "backend": experiment.backend, "backend_options": experiment.backend_options, "device": device, "dtype": dtype,
+        "backend": experiment.backend, "backend_options": resolved_options(experiment.backend, experiment.backend_options), "device": device, "dtype": dtype,
     }
     return config if data is None else {**config, "data": data}
 
@@ -161,9 +171,10 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
 
     A run continued under other settings (another seed draws another validation split, say) or
     on other data (another copy of the data set, whose fingerprint differs) would be a mixture
-    that no uninterrupted run produces. Top-level settings in ``ignore`` (and
-    everything below them) may differ: by default only ``source``, the path the experiment was
-    read from, so that a moved checkout resumes its runs. The stopping criterion
+    that no uninterrupted run produces. Settings in ``ignore``, top-level ones with
+    everything below them or flattened keys (``backend_options.trace_every``), may differ: by
+    default only ``source``, the path the experiment was read from, so that a moved checkout
+    resumes its runs. The stopping criterion
     (:data:`STOPPING`) may be raised, never lowered. With ``resuming``, the run file must also be
     of the layout this version writes.
 
@@ -181,7 +192,7 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     if resuming:
         check_resumable(path, attrs)
     now = settings_of(json.loads(json.dumps({"seed": seed, **config})))
-    changed = [key for key in changed_settings(before, now) if top_setting(key) not in ignore]
+    changed = [key for key in changed_settings(before, now) if top_setting(key) not in ignore and key not in ignore]
     raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]
     differences = [f"{key}: {shown(before, key)} in the run, {shown(now, key)} now" for key in changed if key not in raised]
     if differences:
@@ -242,7 +253,7 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     if path.exists():
         check_readable(path)
     if is_complete(folder):
-        if not check_same_run(path, config, seed, ignore=("source", "device", "logging"), resuming=False):
+        if not check_same_run(path, config, seed, ignore=NOT_MODELLING, resuming=False):
             return "finished", None
         if not checkpoint.is_file():
             raise ValueError(f"{path}: this run is complete and its checkpoint {checkpoint.name} is gone, so it cannot go on; train it again in a new folder")

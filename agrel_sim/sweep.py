@@ -17,8 +17,9 @@ complete are skipped and interrupted ones resume from their checkpoint, so a swe
 started again after a failure and only the missing work executes. A finished run goes on if its
 experiment file now has a longer patience or more epochs; a run made with other settings (data
 set, model, training, backend, dtype) stops the sweep with an error that names them, before
-anything runs. What does not change the protocol, the experiment file's path, the device and the
-logging, is not compared for a finished run; a run that goes on must have the ones it began with.
+anything runs. What does not change the protocol, the experiment file's path, the device, the
+logging and the Brian2 backend's ``codegen_target`` and ``trace_every``, is not compared for a
+finished run; a run that goes on must have the ones it began with.
 
 Locally, each run has a process of its own: a run whose process crashes or is killed fails
 alone, and Ctrl-C ends every run in progress (each keeps its finished epochs) and starts no other.

@@ -1,21 +1,15 @@
-"""Gating figures for every run in a folder: gates, feedback and plasticity per layer over training,
-the RPE distribution, activity maps of sampled trials and, for Brian2 runs, one trial in time;
-with gating against outcome printed. Each run's figures go into the subfolder of FOLDER that
-lies where the run's folder lies under RUNS (``agrel-sim analyze`` as a script).
+"""Gating figures for every run in a folder: ``agrel-sim analyze`` as a script.
 
-    python analysis/gating_figures.py RUNS [--out FOLDER]
+    python analysis/gating_figures.py RUNS [--out FOLDER] [--trial N]
+
+Gates, feedback and plasticity per layer over training, the RPE distribution, activity maps of
+sampled trials and, for Brian2 runs, one trial in time; gating on rewarded against unrewarded
+trials printed. Each run's figures go into the subfolder of FOLDER (default RUNS/analysis) that
+lies where the run's folder lies under RUNS.
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from agrel_sim.analysis import analyze
+from agrel_sim.cli import main
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("runs", type=Path)
-parser.add_argument("--out", type=Path, default=Path("gating_figures"))
-args = parser.parse_args()
-
-text, figures = analyze(args.runs, args.out)
-print(text)
-print("\n".join(str(f) for f in figures))
+sys.exit(main(["analyze", *sys.argv[1:]]))

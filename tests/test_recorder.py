@@ -88,6 +88,15 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
             assert np.all(run["layers"]["layers.2"]["fb"][:][silent] == 0), "a closed gate silences the fb neuron"
         else:
             assert np.isnan(delta).all()
+        assert undescribed(run) == [] and run["epochs"]["seconds"].attrs["unit"] == "s"
+        assert run["layers"]["layers.2"]["gate"].attrs["description"].startswith("1 where the column's gate was open")
+
+
+def undescribed(run: h5py.File) -> list[str]:
+    """The datasets of ``run`` without a description, or with a unit other than 1 and s."""
+    found = []
+    run.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) and not (item.attrs.get("description") and item.attrs.get("unit") in ("1", "s")) else None)
+    return found
 
 
 @pytest.mark.parametrize("rule", ["deepagrel", "ebp"])
@@ -139,11 +148,19 @@ def test_run_file_records_agree_with_their_definitions(tmp_path, device, rule, m
             np.testing.assert_allclose(gating[name]["fb_mean_abs"], [np.abs(layer["fb"][rows]).mean() for rows in batches], rtol=1e-5)
         for epoch in (1, 2):
             assert by_epoch[name]["open_fraction"][epoch - 1] == pytest.approx(np.mean(per_batch[gating["epoch"] == epoch]), rel=1e-6)
-        assert by_outcome[name]["open_fraction_rewarded"] == pytest.approx(layer["gate"][rewarded].mean())
-        assert by_outcome[name]["open_fraction_unrewarded"] == pytest.approx(layer["gate"][~rewarded].mean())
+        assert by_outcome[name]["epoch"].tolist() == [1, 2]
+        counts = {}
         for outcome, mask in (("rewarded", rewarded), ("unrewarded", ~rewarded)):
-            fb_mean_abs = np.abs(layer["fb"][mask]).mean()  # NaN for EBP, which has no fb neurons
-            assert by_outcome[name][f"fb_mean_abs_{outcome}"] == pytest.approx(fb_mean_abs, rel=1e-5, nan_ok=True)
+            rows = [mask & (trials["epoch"] == epoch) for epoch in (1, 2)]
+            counts[outcome] = np.array([r.sum() for r in rows])
+            assert by_outcome[name][f"trials_{outcome}"].tolist() == counts[outcome].tolist()
+            np.testing.assert_allclose(by_outcome[name][f"open_fraction_{outcome}"], [layer["gate"][r].mean() for r in rows], rtol=1e-6)
+            fb_mean_abs = [np.abs(layer["fb"][r]).mean() for r in rows]  # NaN for EBP, which has no fb neurons
+            np.testing.assert_allclose(by_outcome[name][f"fb_mean_abs_{outcome}"], fb_mean_abs, rtol=1e-5)
+        weights = counts["rewarded"] * counts["unrewarded"] / (counts["rewarded"] + counts["unrewarded"])
+        for field in ("open_fraction", "fb_mean_abs"):
+            difference = by_outcome[name][f"{field}_rewarded"] - by_outcome[name][f"{field}_unrewarded"]
+            assert by_outcome[name][f"{field}_difference"] == pytest.approx(np.sum(weights * difference) / np.sum(weights), rel=1e-6, nan_ok=True)
     assert len(changed) == len(gating["batch"]), "every training batch learns once"
     for name in ("layers.0", "layers.2", "output"):
         np.testing.assert_allclose(gating[name]["changed_fraction"], [batch[name] for batch in changed], rtol=1e-6)
@@ -210,7 +227,7 @@ def test_a_run_file_names_the_software_and_machine_of_each_session(tmp_path):
     }
     assert re.search(
         rf"\n  session 1: from epoch 0, began {re.escape(began.isoformat())}, agrel-sim {re.escape(agrel_sim.__version__)}.*, "
-        rf"torch {re.escape(torch.__version__)} on cpu \({torch.get_num_threads()} threads\), host ",
+        rf"torch {re.escape(torch.__version__)} on cpu \({torch.get_num_threads()} threads?\), host ",
         summary(load_run(tmp_path / "run.h5")),
     )
 
@@ -552,7 +569,10 @@ def finished_runs(tmp_path_factory):
 def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
     assert main(["analyze", str(finished_runs), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
-    assert out.count("complete") >= 4 and "test_acc=" in out and "open gates rewarded" in out and "learning rate 0.3 to 0.3" in out
+    assert out.count("complete") >= 4 and "test_acc=" in out and "learning rate 0.3 to 0.3" in out
+    assert out.count("rewarded minus unrewarded logged trials, within epochs (2 of 2 epochs have both):") == 4
+    assert re.search(r"\n    layers\.0 +open gates [+-]0\.\d{3}, \|fb\| [+-]0\.\d{4}\n", out), "DeepAGREL"
+    assert re.search(r"\n    layers\.0 +open gates [+-]0\.\d{3}, \|fb\| no feedback \(EBP\)\n", out)
     pngs = sorted(str(p.relative_to(tmp_path / "figures")) for p in (tmp_path / "figures").rglob("*.png"))
     assert "reward_curves.png" in pngs and "ebp/seed1/small_ebp_seed1_gating.png" in pngs and len(pngs) == 1 + 4 * 3
     assert f"\n{len(pngs)} figures written to" in out
@@ -614,8 +634,52 @@ def test_reward_curves_and_gating_statistics(finished_runs, tmp_path):
     stats = gating_by_epoch(runs[0])
     assert stats["layers.0"]["epoch"].tolist() == [1, 2]
     outcome = gating_by_outcome(runs[0])
-    assert outcome["output"]["open_fraction_rewarded"] == 1.0
-    assert outcome["layers.2"]["trials_rewarded"] + outcome["layers.2"]["trials_unrewarded"] == len(runs[0].trials()["label"])
+    assert outcome["output"]["open_fraction_rewarded"].tolist() == [1.0, 1.0] and outcome["output"]["open_fraction_difference"] == 0
+    assert sum(outcome["layers.2"]["trials_rewarded"] + outcome["layers.2"]["trials_unrewarded"]) == len(runs[0].trials()["label"])
+
+
+def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs():
+    from agrel_sim.analysis import gating_by_outcome
+
+    # Rewarded trials open one more gate of ten than unrewarded ones in both epochs, but nine of
+    # ten are rewarded in epoch 1, whose gates are mostly shut, and one of ten in epoch 2.
+    rows = [(1, True, 3)] * 9 + [(1, False, 2)] + [(2, True, 9)] + [(2, False, 8)] * 9  # (epoch, rewarded, open gates)
+    epoch, rewarded = np.array([row[0] for row in rows]), np.array([row[1] for row in rows])
+    gate = np.array([[1] * row[2] + [0] * (10 - row[2]) for row in rows], dtype=np.uint8)
+
+    class Run:  # what gating_by_outcome reads of a run
+        layer_names = ["layers.0"]
+
+        def trials(self):
+            return {"epoch": epoch, "label": np.zeros(len(rows), int), "action": np.where(rewarded, 0, 1)}
+
+        def layer(self, name):
+            return {"gate": gate, "fb": gate / 2}
+
+    assert gate[rewarded].mean() - gate[~rewarded].mean() == pytest.approx(0.36 - 0.74), "pooled, the difference reverses"
+    row = gating_by_outcome(Run())["layers.0"]
+    assert row["trials_rewarded"].tolist() == [9, 1] and row["trials_unrewarded"].tolist() == [1, 9]
+    np.testing.assert_allclose(row["open_fraction_rewarded"], [0.3, 0.9])
+    np.testing.assert_allclose(row["open_fraction_unrewarded"], [0.2, 0.8])
+    assert row["open_fraction_difference"] == pytest.approx(0.1) and row["fb_mean_abs_difference"] == pytest.approx(0.05)
+    epoch[:] = [1] * 10 + [2] * 10
+    rewarded[:] = [True] * 10 + [False] * 10  # no epoch with both outcomes: nothing to compare
+    row = gating_by_outcome(Run())["layers.0"]
+    assert np.isnan(row["open_fraction_difference"]) and np.isnan(row["open_fraction_unrewarded"][0])
+
+
+def test_the_rpe_histogram_shows_every_delta(finished_runs, tmp_path, monkeypatch):
+    from agrel_sim.analysis import plot_rpe_distribution
+
+    path = tmp_path / "run.h5"
+    shutil.copy(finished_runs / "deepagrel" / "seed0" / "run.h5", path)
+    with h5py.File(path, "a") as run:  # as with rewards of 5 and -1: RPEs well beyond ±1.5
+        run["trials"]["delta"][:3] = [4.8, -6.7, np.nan]
+    figures = drawn_figures(monkeypatch)
+    plot_rpe_distribution(load_run(path), tmp_path / "rpe.png")
+    for patch in figures[-1].axes[0].patches:
+        xs = patch.get_path().vertices[:, 0]
+        assert xs.min() == pytest.approx(-6.7) and xs.max() == pytest.approx(4.8)
 
 
 def edit_config(path, edit):
@@ -658,6 +722,51 @@ def test_analyze_keeps_the_figures_of_every_run_apart_and_draws_the_rows_it_can(
     assert "a/seed0/small_deepagrel_seed0_gating.png" in pngs and "b/seed0/small_deepagrel_seed0_gating.png" in pngs
     assert len(pngs) == 1 + 4 * 3 and f"\n{len(pngs)} figures written to" in out, "every file counted is there"
     assert "reward_curves.png" in pngs, "the other row is drawn"
+
+
+def test_figure3_draws_the_rows_it_can_and_says_why_not_the_others(finished_runs, tmp_path, capsys):
+    shutil.copytree(finished_runs / "deepagrel", tmp_path / "runs" / "deepagrel")
+    shutil.copytree(finished_runs / "ebp", tmp_path / "runs" / "ebp")
+    assert main(["figure3", str(tmp_path / "runs")]) == 0
+    assert capsys.readouterr().out == f"Figure 3 (4 runs) written to {tmp_path / 'runs' / 'figure3.png'}\n"
+    assert (tmp_path / "runs" / "figure3.png").read_bytes()[:4] == b"\x89PNG"
+    edit_config(tmp_path / "runs" / "ebp" / "seed1" / "run.h5", lambda config: config["training"].update(max_epochs=200))
+    assert main(["figure3", str(tmp_path / "runs"), "--out", str(tmp_path / "none.png")]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(r"^Figure 3 has no panel for the Table 1 row digits, small, no augmentation: .*training\.max_epochs: 2 and 200", out)
+    assert err == f"agrel-sim: error: {tmp_path / 'runs'}: no complete runs of a Table 1 row to draw; see the lines above\n"
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_brian2_runs_that_differ_in_recording_or_code_generation_share_a_table_row(finished_runs, tmp_path):
+    from agrel_sim.analysis import table_rows
+    from agrel_sim.experiment import load_experiment
+    from agrel_sim.runs import resume_plan, run_config, settings_of
+
+    defaults = settings_of({"backend": "brian2", "backend_options": {}})
+    assert defaults["backend_options.tau_ff"] == 10.0 and defaults["backend_options.trace_every"] == 0, "options at their defaults"
+    stored = run_config(load_experiment("digits_brian2"))["backend_options"]  # what a run file holds: every option
+    assert stored == {**{key.removeprefix("backend_options."): value for key, value in defaults.items() if key.startswith("backend_options.")}, "codegen_target": "cython", "trace_every": 1000}
+    options = ({"trace_every": 100}, {"codegen_target": "cython"}, {"tau_ff": 10.0})  # the last as older files: the default, named
+    for seed, given in enumerate(options):
+        path = tmp_path / f"seed{seed}" / "run.h5"
+        shutil.copytree(finished_runs / "deepagrel" / "seed0", path.parent)
+        with h5py.File(path, "a") as run:
+            run.attrs["seed"] = seed
+        edit_config(path, lambda config: config.update(backend="brian2", backend_options=given))
+    rows = table_rows(load_runs(tmp_path))
+    assert [run.seed for run in rows["digits", "small", 0]["deepagrel"]] == [0, 1, 2]
+    # A sweep counts a finished run as finished whatever it recorded; a run that goes on must record as it began.
+    config = json.loads(h5py.File(tmp_path / "seed0" / "run.h5", "r").attrs["config"])
+    untraced = {**config, "backend_options": {"trace_every": 0}}
+    assert resume_plan(tmp_path / "seed0", untraced, 0) == ("finished", None)
+    with pytest.raises(ValueError, match=r"backend_options\.trace_every: 100 in the run, 0 now"):
+        resume_plan(tmp_path / "seed0", {**untraced, "training": {**config["training"], "max_epochs": 3}}, 0)
+    edit_config(tmp_path / "seed2" / "run.h5", lambda config: config.update(backend_options={"tau_ff": 20.0}))
+    with pytest.raises(RunFileError, match=r"backend_options\.tau_ff: 10\.0 and 20\.0"):
+        table_rows(load_runs(tmp_path))
+    with pytest.raises(ValueError, match=r"backend_options\.tau_ff: 20\.0 in the run, 10\.0 now"):
+        resume_plan(tmp_path / "seed2", untraced, 2)
 
 
 def test_table_and_analyze_agree_about_incomplete_runs(finished_runs, tmp_path, capsys):
@@ -772,7 +881,7 @@ def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs
     killed_in_its_first_epoch(finished_runs / "ebp" / "seed0" / "run.h5", tmp_path / "runs" / "ebp" / "seed5" / "run.h5", seed=5)
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
-    assert out.count("open gates rewarded") == 2 * 4 and "nan" not in out
+    assert out.count(", |fb| ") == 2 * 2 and "nan" not in out  # two runs of two hidden layers, not the dropout layer
     assert len(list((tmp_path / "figures").rglob("*.png"))) == 1 + 3 * 3
     with pytest.warns(IncompleteRunWarning, match="holds 0 finished epochs"):
         runs = load_runs(tmp_path / "runs")
@@ -922,7 +1031,7 @@ def test_analysis_scripts_regenerate_table_and_figures(finished_runs, tmp_path):
     subprocess.run([sys.executable, scripts / "figure3.py", finished_runs, "--out", tmp_path / "f3.png"], check=True, capture_output=True)
     assert (tmp_path / "f3.png").read_bytes()[:4] == b"\x89PNG"
     gating = subprocess.run([sys.executable, scripts / "gating_figures.py", finished_runs / "ebp", "--out", tmp_path / "g"], capture_output=True, text=True, check=True)
-    assert len(list((tmp_path / "g").rglob("*.png"))) == 1 + 2 * 3 and "open gates rewarded" in gating.stdout
+    assert len(list((tmp_path / "g").rglob("*.png"))) == 1 + 2 * 3 and "|fb| no feedback (EBP)" in gating.stdout
 
 
 TRACED_BATCHES = ((torch.arange(5), torch.tensor([0, 1, 2, 0, 1])), (torch.arange(10, 14), torch.tensor([2, 2, 1, 0])))  # (index, labels)
@@ -970,6 +1079,7 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(traced_run, tmp_p
         assert np.all(course["delta"][:, :45] == 0) and np.all(course["delta"][:, 45:] != 0), "δ arrives in the RPE phase"
         assert list(course.attrs["rpe"]) == pytest.approx([0.045, 0.05])
         assert course["t"][0] == pytest.approx(0.001), "sampled at the end of each step"
+        assert undescribed(run) == [] and course["t"].attrs["unit"] == "s" and "feedback activity" in course["layers.0"]["fb"].attrs["description"]
         # Each traced trial's own record, whatever the batch's size: trials 0 and 4 of the first batch, 3 of the second.
         where = [(0, 0), (0, 4), (1, 3)]
         assert course["batch"][:].tolist() == [0, 0, 1] and course["epoch"].dtype == course["label"].dtype == np.int32
@@ -1080,8 +1190,21 @@ def test_analyze_draws_the_traced_trial_asked_for(traced_run, tmp_path, monkeypa
     folder = traced_run[0].parent
     assert main(["analyze", str(folder), "--out", str(tmp_path / "figures"), "--trial", "1"]) == 0
     assert [fig.get_suptitle() for fig in figures if "trial 4 (epoch 1, batch 0)" in fig.get_suptitle()], "the second traced trial"
-    assert main(["analyze", str(folder), "--out", str(tmp_path / "figures"), "--trial", "-4"]) == 2
-    assert re.search(r"agrel-sim: error: trial -4: .*run\.h5: index -4 is out of range for its 3 traced trials", capsys.readouterr().err)
+    capsys.readouterr()
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "none"), "--trial", "-4"]) == 2
+    assert "agrel-sim: error: trial -4: no run here has that traced trial (the traced runs here have 3 traced trials)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists(), "checked before any figure is written"
+    # A run with fewer traced trials gets no trial figure, and a line says so; the others get theirs.
+    shorter = tmp_path / "runs" / "short" / "run.h5"
+    shutil.copytree(folder, tmp_path / "runs" / "long")
+    shorter.parent.mkdir()
+    shutil.copy(traced_run[0], shorter)
+    with h5py.File(shorter, "a") as run:
+        run["timecourses"].visititems(lambda name, item: item.resize(1, axis=0) if isinstance(item, h5py.Dataset) and item.maxshape[0] is None else None)
+    figures.clear()
+    assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "both"), "--trial", "2"]) == 0
+    assert f"{shorter}: no trial figure: trial 2 is out of range for its 1 traced trials" in capsys.readouterr().out
+    assert [fig.get_suptitle().split(";")[0] for fig in figures if "(epoch 1, batch" in fig.get_suptitle()] == ["tiny_brian2 seed 0: trial 8 (epoch 1, batch 1)"]
 
 
 def test_resuming_drops_the_time_courses_of_later_epochs(traced_run, tmp_path):

@@ -20,6 +20,11 @@ BACKENDS = {"torch": "agrel_sim.backends.torch_backend", "brian2": "agrel_sim.ba
 RUN_OPTIONS = ("device", "dtype", "seed")
 
 
+# Backend options (the Brian2 backend's) that choose how a run is computed or what it records,
+# not what it models: like the device and the logging, finished runs may differ in them.
+NOT_MODELLING_OPTIONS = ("codegen_target", "trace_every")
+
+
 class UnsupportedLayerError(NotImplementedError, ValueError):
     """A backend cannot build a layer kind; the message names the backend and the kind.
 
@@ -41,7 +46,7 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     if backend not in BACKENDS:
         raise ConfigError(f"{source}: backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
     module = importlib.import_module(BACKENDS[backend])
-    accepted = [name for name in list(inspect.signature(module.build).parameters)[1:] if name not in RUN_OPTIONS]
+    accepted = list(resolved_options(backend, {}))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         given_by_run = " (device, dtype and seed come from the run: --device, --dtype, --seed)" if unknown[0] in RUN_OPTIONS else ""
@@ -52,6 +57,22 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
         except ValueError as error:  # its messages begin with the option's name
             raise ConfigError(f"{source}: backend_options.{error}") from None
     module.check_network(network)
+
+
+def resolved_options(backend: str, options: dict) -> dict:
+    """``options`` with every other option of ``backend``'s ``build`` at its default: what a run
+    of that backend ran with, in full.
+
+    Parameters
+    ----------
+    backend : str
+        A name in :data:`BACKENDS`.
+    options : dict
+        Keyword arguments of the backend's ``build``, as an experiment's ``[backend_options]``.
+    """
+    module = importlib.import_module(BACKENDS[backend])
+    defaults = {name: parameter.default for name, parameter in list(inspect.signature(module.build).parameters.items())[1:] if name not in RUN_OPTIONS}
+    return {**defaults, **options}
 
 
 def check_device(device) -> None:

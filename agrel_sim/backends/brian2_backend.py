@@ -58,7 +58,6 @@ in a process that has imported torch, so large batches run faster per trial
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import numbers
 import os
@@ -73,7 +72,7 @@ from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
 from agrel_sim.backends import (
-    LEARNING_RATE, RUN_OPTIONS, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weight_keys, weights_to_set,
+    LEARNING_RATE, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weight_keys, resolved_options, weights_to_set,
 )
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number
@@ -970,5 +969,4 @@ def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_
 def check_options(options: dict) -> None:
     """Raise ``ValueError`` for a bad value among ``options``, keyword arguments of :func:`build`
     (before any data loads; :func:`build` checks them again)."""
-    defaults = {name: parameter.default for name, parameter in inspect.signature(build).parameters.items() if name not in ("network", *RUN_OPTIONS)}
-    _settings(**{**defaults, **options})
+    _settings(**resolved_options("brian2", options))
