@@ -111,15 +111,14 @@ class Run:
             return {**{key: _read(group, key) for key in ("units", "ff", "fb", "gate")}, "shape": tuple(group.attrs["shape"])}
 
     @property
-    def has_timecourses(self) -> bool:
-        with h5py.File(self.path, "r") as handle:
-            return "timecourses" in handle
-
-    @property
     def traced_trials(self) -> int:
         """How many trials have a time course (:meth:`timecourse`); 0 in a run without."""
         with h5py.File(self.path, "r") as handle:
             return len(handle["timecourses"]["trial"]) if "timecourses" in handle else 0
+
+    @property
+    def has_timecourses(self) -> bool:
+        return self.traced_trials > 0
 
     def timecourse(self, index: int = -1) -> dict:
         """One traced trial's time course (Brian2 backend).
@@ -418,13 +417,14 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
     epochs: a ``*_difference`` is the weighted mean over epochs of rewarded minus unrewarded,
     each epoch weighted by ``n_r·n_u / (n_r + n_u)`` (its numbers of rewarded and unrewarded
     logged trials: the weights of a stratified difference of means), so that an epoch with
-    trials of one outcome only counts for nothing.
+    trials of one outcome only counts for nothing. Trials whose Q-values are not finite (a
+    diverged network, whose gates and choices no longer mean anything) are left out.
 
     Returns
     -------
     dict
         Per layer name: ``epoch`` (the epochs with logged trials), ``trials_rewarded`` and
-        ``trials_unrewarded`` (per epoch), ``open_fraction_rewarded``,
+        ``trials_unrewarded`` (per epoch, the trials compared), ``open_fraction_rewarded``,
         ``open_fraction_unrewarded``, ``fb_mean_abs_rewarded`` and ``fb_mean_abs_unrewarded``
         (per epoch, NaN where an epoch has no trial of that outcome; the ``fb`` ones always NaN
         for EBP, which has no feedback neurons), and ``open_fraction_difference`` and
@@ -436,7 +436,9 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
         return {}
     rewarded = trials["action"] == trials["label"]
     epochs = np.unique(trials["epoch"])
-    counts = {outcome: np.array([np.sum((trials["epoch"] == e) & (rewarded == wanted)) for e in epochs]) for outcome, wanted in (("rewarded", True), ("unrewarded", False))}
+    kept = np.isfinite(trials["q"]).all(axis=1)
+    outcomes = {outcome: [kept & (trials["epoch"] == e) & (rewarded == wanted) for e in epochs] for outcome, wanted in (("rewarded", True), ("unrewarded", False))}
+    counts = {outcome: np.array([rows.sum() for rows in outcomes[outcome]]) for outcome in outcomes}
     weights = counts["rewarded"] * counts["unrewarded"] / (counts["rewarded"] + counts["unrewarded"])
     both = weights > 0
     out = {}
@@ -444,10 +446,10 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
         layer = run.layer(name)
         row = {"epoch": epochs, "trials_rewarded": counts["rewarded"], "trials_unrewarded": counts["unrewarded"]}
         for field, values in (("open_fraction", layer["gate"]), ("fb_mean_abs", np.abs(layer["fb"]))):
-            for outcome, wanted in (("rewarded", True), ("unrewarded", False)):
+            for outcome, rows_by_epoch in outcomes.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # an epoch without this outcome; EBP's NaN fb
-                    row[f"{field}_{outcome}"] = np.array([np.mean(values[(trials["epoch"] == e) & (rewarded == wanted)]) for e in epochs])
+                    row[f"{field}_{outcome}"] = np.array([np.mean(values[rows]) for rows in rows_by_epoch])
             differences = (row[f"{field}_rewarded"] - row[f"{field}_unrewarded"])[both]
             row[f"{field}_difference"] = float(np.average(differences, weights=weights[both])) if both.any() else float("nan")
         out[name] = row
@@ -751,7 +753,7 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
     the complete runs, as Table 1 does; a Table 1 row whose runs :func:`table_rows` refuses gets
     no panel, and the text says why. ``trial`` picks the traced trial drawn for Brian2 runs
     (:meth:`Run.timecourse`): a run with fewer traced trials gets no trial figure, and a line of
-    the text says so; ``ValueError`` where no run has that trial.
+    the text says so; ``ValueError`` where runs are traced but none has that trial.
     """
     _check_trial_index("trial", trial)
     path, out = Path(path), Path(out)

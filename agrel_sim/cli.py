@@ -92,12 +92,18 @@ def _table(args) -> int:
 
 
 def _figure3(args) -> int:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out = Path(args.out) if args.out else _beside(args.runs, "figure3.png")
+    formats = FigureCanvasBase.get_supported_filetypes()  # what savefig writes, by suffix
+    if out.is_dir() or out.suffix[1:].lower() not in formats:
+        raise ValueError(f"--out {out}: {'a folder' if out.is_dir() else 'not a name of an image file'}; give a file name whose suffix names its format: {', '.join(f'.{suffix}' for suffix in sorted(formats))}")
     drawn, notes = figure3_runs(_averaged_runs(args.runs))
     for note in notes:
         print(note)
     if not drawn:
         raise ValueError(f"{args.runs}: no complete runs of a Table 1 row to draw" + ("; see the lines above" if notes else ""))
-    print(f"Figure 3 ({len(drawn)} runs) written to {plot_reward_curves(drawn, Path(args.out) if args.out else _beside(args.runs, 'figure3.png'))}")
+    print(f"Figure 3 ({len(drawn)} runs) written to {plot_reward_curves(drawn, out)}")
     return 0
 
 

@@ -98,7 +98,7 @@ DESCRIPTIONS = {
     "layers/<layer>/units": ("flat indices of the traced columns in the layer's sheet (attribute shape of the group)", "1"),
     "layers/<layer>/ff": ("activity of the feedforward neurons of the traced columns, row for row with /trials", "1"),
     "layers/<layer>/fb": ("activity of the feedback neurons of the traced columns, row for row with /trials (NaN for EBP)", "1"),
-    "layers/<layer>/gate": ("1 where the column's gate was open (its feedforward activity above threshold), row for row with /trials", "1"),
+    "layers/<layer>/gate": ("1 where the column's gate was open as learning used it (feedforward activity above threshold, and not dropped by a dropout layer above), row for row with /trials", "1"),
     "gating/epoch": ("epoch of the training batch", "1"),
     "gating/batch": ("training batch within its epoch, from 0", "1"),
     "gating/<layer>/open_fraction": ("fraction of the layer's gates open, over the batch's first summary_trials trials", "1"),
@@ -346,6 +346,7 @@ class RunFile:
                     del self.file["result"]
                 before = parse_sessions(self.file.attrs.get("sessions", "[]"))
                 self.file.attrs["sessions"] = json.dumps([*before, session(net.device, resume_after)])
+                _describe(self.file)  # a file of agrel-sim 0.3.0 lacks the descriptions
             self.units = {name: torch.from_numpy(self.file["layers"][name]["units"][:]).to(net.device) for name in self.layer_names}
         self._new_epoch_buffers()
 

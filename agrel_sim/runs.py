@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from agrel_sim.backends import BACKENDS, NOT_MODELLING_OPTIONS, check_device, resolved_options
+from agrel_sim.backends import NOT_MODELLING_OPTIONS, check_device, resolved_options
 from agrel_sim.config import is_count
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
@@ -114,13 +114,23 @@ def shown(leaves: dict, key: str) -> str:
     return repr(leaves[key]) if key in leaves else "absent"
 
 
+# The backend options of agrel-sim 0.3.0 and older where their experiment gave none: the run
+# files of those versions hold only the options given (later ones hold every option).
+EARLIER_BACKEND_DEFAULTS = {
+    "torch": {},
+    "brian2": {
+        "tau_ff": 10.0, "tau_fb": 10.0, "dt": 1.0, "t_stimulus": 100.0, "t_selection": 20.0, "t_feedback": 80.0, "t_rpe": 10.0,
+        "t_plasticity": 10.0, "gate_threshold": 1e-3, "codegen_target": "numpy", "trace_every": 0,
+    },
+}
+
+
 def settings_of(config: dict) -> dict:
     """A stored run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them
-    and every backend option (:func:`~agrel_sim.backends.resolved_options`): run files before
-    agrel-sim 0.4.0 hold only the options their experiment gave."""
+    and the :data:`EARLIER_BACKEND_DEFAULTS` of the backend options it lacks."""
     backend = config.get("backend", ADDED_SETTINGS["backend"])
-    if "backend_options" in config and backend in BACKENDS:  # another backend: a difference named as it is
-        config = {**config, "backend_options": resolved_options(backend, config["backend_options"])}
+    if "backend_options" in config:
+        config = {**config, "backend_options": {**EARLIER_BACKEND_DEFAULTS.get(backend, {}), **config["backend_options"]}}
     return {**ADDED_SETTINGS, **flatten(config)}
 
 

@@ -237,8 +237,9 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
     Every experiment file is loaded and every existing run file checked against it first, so a
     bad file, two entries that would run in one folder (an experiment listed twice, or two
     experiment files of the same name), or a run made with other settings stops the sweep
-    before anything runs. A complete run counts as finished whatever its device and logging
-    (they do not change the protocol); one that goes on must have the ones it began with. The
+    before anything runs. A complete run counts as finished whatever its device, logging and
+    the backend options in :data:`~agrel_sim.runs.NOT_MODELLING` (they do not change the
+    protocol); one that goes on must have the ones it began with. The
     data is not read here: a run that goes on checks it as it resumes.
     """
     tasks, finished, entries = [], [], {}

@@ -282,9 +282,12 @@ def test_a_session_names_the_git_commit_of_the_checkout_it_runs_from(tmp_path, m
 def test_a_run_file_without_sessions_gains_one_when_resumed_and_bad_sessions_are_named(tmp_path):
     run_experiment(experiment(epochs=1), out=tmp_path, log=None)
     with h5py.File(tmp_path / "run.h5", "a") as run:
-        del run.attrs["sessions"]  # as agrel-sim 0.2.0 wrote it
+        del run.attrs["sessions"]  # as agrel-sim 0.2.0 wrote it, without the descriptions of 0.4.0
+        run.visititems(lambda name, item: [item.attrs.pop(key) for key in ("description", "unit")] if isinstance(item, h5py.Dataset) else None)
     assert load_run(tmp_path / "run.h5").sessions == []
     run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        assert undescribed(run) == [], "a resume describes the datasets"
     resumed = load_run(tmp_path / "run.h5")
     assert [entry["from_epoch"] for entry in resumed.sessions] == [1]
     assert "\n  sessions before epoch 1: not recorded (agrel-sim 0.2.0 or older)\n  session 1: from epoch 1, " in summary(resumed)
@@ -641,29 +644,35 @@ def test_reward_curves_and_gating_statistics(finished_runs, tmp_path):
 def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs():
     from agrel_sim.analysis import gating_by_outcome
 
-    # Rewarded trials open one more gate of ten than unrewarded ones in both epochs, but nine of
-    # ten are rewarded in epoch 1, whose gates are mostly shut, and one of ten in epoch 2.
-    rows = [(1, True, 3)] * 9 + [(1, False, 2)] + [(2, True, 9)] + [(2, False, 8)] * 9  # (epoch, rewarded, open gates)
+    # Rewarded trials open more of ten gates than unrewarded ones in epochs 1 and 2 (by 1 and
+    # 3), but most are in epoch 1, whose gates are mostly shut; epoch 3 has rewarded trials
+    # only, and one trial of epoch 1 comes from a diverged network (Q-values NaN).
+    rows = [(1, True, 3)] * 8 + [(1, False, 2)] * 2 + [(2, True, 9)] + [(2, False, 6)] * 9 + [(3, True, 5)] * 5 + [(1, False, 10)]  # (epoch, rewarded, open gates)
     epoch, rewarded = np.array([row[0] for row in rows]), np.array([row[1] for row in rows])
     gate = np.array([[1] * row[2] + [0] * (10 - row[2]) for row in rows], dtype=np.uint8)
+    q = np.zeros((len(rows), 2))
+    q[-1] = np.nan
 
     class Run:  # what gating_by_outcome reads of a run
         layer_names = ["layers.0"]
 
         def trials(self):
-            return {"epoch": epoch, "label": np.zeros(len(rows), int), "action": np.where(rewarded, 0, 1)}
+            return {"epoch": epoch, "label": np.zeros(len(rows), int), "action": np.where(rewarded, 0, 1), "q": q}
 
         def layer(self, name):
             return {"gate": gate, "fb": gate / 2}
 
-    assert gate[rewarded].mean() - gate[~rewarded].mean() == pytest.approx(0.36 - 0.74), "pooled, the difference reverses"
+    assert gate[:-1][rewarded[:-1]].mean() - gate[:-1][~rewarded[:-1]].mean() == pytest.approx(5.8 / 14 - 5.8 / 11), "pooled, the difference reverses"
     row = gating_by_outcome(Run())["layers.0"]
-    assert row["trials_rewarded"].tolist() == [9, 1] and row["trials_unrewarded"].tolist() == [1, 9]
-    np.testing.assert_allclose(row["open_fraction_rewarded"], [0.3, 0.9])
-    np.testing.assert_allclose(row["open_fraction_unrewarded"], [0.2, 0.8])
-    assert row["open_fraction_difference"] == pytest.approx(0.1) and row["fb_mean_abs_difference"] == pytest.approx(0.05)
-    epoch[:] = [1] * 10 + [2] * 10
-    rewarded[:] = [True] * 10 + [False] * 10  # no epoch with both outcomes: nothing to compare
+    assert row["epoch"].tolist() == [1, 2, 3]
+    assert row["trials_rewarded"].tolist() == [8, 1, 5] and row["trials_unrewarded"].tolist() == [2, 9, 0], "the diverged trial left out"
+    np.testing.assert_allclose(row["open_fraction_rewarded"], [0.3, 0.9, 0.5])
+    np.testing.assert_allclose(row["open_fraction_unrewarded"], [0.2, 0.6, np.nan])
+    weights = np.array([8 * 2 / 10, 1 * 9 / 10])  # epoch 3 counts for nothing
+    assert row["open_fraction_difference"] == pytest.approx(np.sum(weights * [0.1, 0.3]) / weights.sum())  # 0.172, not 0.2 unweighted
+    assert row["fb_mean_abs_difference"] == pytest.approx(row["open_fraction_difference"] / 2)
+    epoch[:] = [1] * 13 + [2] * 13
+    rewarded[:] = [True] * 13 + [False] * 13  # no epoch with both outcomes: nothing to compare
     row = gating_by_outcome(Run())["layers.0"]
     assert np.isnan(row["open_fraction_difference"]) and np.isnan(row["open_fraction_unrewarded"][0])
 
@@ -680,6 +689,10 @@ def test_the_rpe_histogram_shows_every_delta(finished_runs, tmp_path, monkeypatc
     for patch in figures[-1].axes[0].patches:
         xs = patch.get_path().vertices[:, 0]
         assert xs.min() == pytest.approx(-6.7) and xs.max() == pytest.approx(4.8)
+    with h5py.File(path, "a") as run:  # a network that diverged before any logged trial
+        run["trials"]["delta"][:] = np.nan
+    plot_rpe_distribution(load_run(path), tmp_path / "rpe.png")
+    assert [text.get_text() for text in figures[-1].axes[0].texts] == ["no finite RPE (the run diverged)"]
 
 
 def edit_config(path, edit):
@@ -736,17 +749,25 @@ def test_figure3_draws_the_rows_it_can_and_says_why_not_the_others(finished_runs
     assert re.search(r"^Figure 3 has no panel for the Table 1 row digits, small, no augmentation: .*training\.max_epochs: 2 and 200", out)
     assert err == f"agrel-sim: error: {tmp_path / 'runs'}: no complete runs of a Table 1 row to draw; see the lines above\n"
     assert not (tmp_path / "none.png").exists()
+    run_file = tmp_path / "runs" / "ebp" / "seed0" / "run.h5"
+    before = run_file.read_bytes()
+    for out, why in ((run_file, "not a name of an image file"), (tmp_path / "runs", "a folder")):
+        assert main(["figure3", str(tmp_path / "runs" / "deepagrel"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"agrel-sim: error: --out {out}: {why}; give a file name whose suffix names its format: ")
+    assert run_file.read_bytes() == before
 
 
 def test_brian2_runs_that_differ_in_recording_or_code_generation_share_a_table_row(finished_runs, tmp_path):
     from agrel_sim.analysis import table_rows
     from agrel_sim.experiment import load_experiment
-    from agrel_sim.runs import resume_plan, run_config, settings_of
+    from agrel_sim.backends import resolved_options
+    from agrel_sim.runs import EARLIER_BACKEND_DEFAULTS, resume_plan, run_config, settings_of
 
-    defaults = settings_of({"backend": "brian2", "backend_options": {}})
-    assert defaults["backend_options.tau_ff"] == 10.0 and defaults["backend_options.trace_every"] == 0, "options at their defaults"
+    older = settings_of({"backend": "brian2", "backend_options": {"trace_every": 100}})  # as agrel-sim 0.3.0 stored options
+    assert older["backend_options.tau_ff"] == 10.0 and older["backend_options.trace_every"] == 100, "the defaults of then"
+    assert set(EARLIER_BACKEND_DEFAULTS["brian2"]) == set(resolved_options("brian2", {})), "a default of then for every option"
     stored = run_config(load_experiment("digits_brian2"))["backend_options"]  # what a run file holds: every option
-    assert stored == {**{key.removeprefix("backend_options."): value for key, value in defaults.items() if key.startswith("backend_options.")}, "codegen_target": "cython", "trace_every": 1000}
+    assert stored == {**resolved_options("brian2", {}), "codegen_target": "cython", "trace_every": 1000} and stored["t_stimulus"] == 100.0
     options = ({"trace_every": 100}, {"codegen_target": "cython"}, {"tau_ff": 10.0})  # the last as older files: the default, named
     for seed, given in enumerate(options):
         path = tmp_path / f"seed{seed}" / "run.h5"
