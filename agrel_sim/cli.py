@@ -145,7 +145,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one run of an experiment", description="Train one run; with no EXPERIMENT, the embedded default (8×8 digits, DeepAGREL).")
-    train.add_argument("experiment", nargs="?", help="experiment name (in experiments/) or path to a .toml file")
+    train.add_argument("experiment", nargs="?", help="experiment name (looked up in $AGREL_SIM_EXPERIMENTS, ./experiments and the checkout's experiments/) or path to a .toml file")
     train.add_argument("--seed", type=_integer_from(0, MAX_SEED), default=0, help=f"seed of the run, 0 to {MAX_SEED} (default 0)")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -159,12 +159,12 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")
-    sweep.add_argument("sweep", help="sweep name (in experiments/) or path to a .toml file")
+    sweep.add_argument("sweep", help="sweep name (looked up as an experiment name is) or path to a .toml file")
     sweep.add_argument("--jobs", type=_integer_from(1), help="runs at once (default 1); with --executor slurm, SLURM jobs at once (default: the [slurm] table's slurm_array_parallelism, else the number of runs)")
     sweep.add_argument("--executor", choices=EXECUTORS, default="local", help="a process per run on this machine (default), slurm via submitit, or submitit-local")
-    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for every run (default cpu)")
     sweep.add_argument("--out", help="output folder (default: the sweep file's out)")
-    sweep.add_argument("--data-dir", help="folder holding the data sets")
+    sweep.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
     sweep.set_defaults(handler=_sweep)
 
     table = commands.add_parser("table", help="print Table 1 from finished runs", description="Print the paper's Table 1 as Markdown from a folder of runs and write it as CSV.")
@@ -179,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
 
     analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, RPE distribution, activity maps, and one traced trial of Brian2 runs.")
     analyze_cmd.add_argument("path", metavar="RUN_OR_DIR", help="a run file (run.h5) or a folder of runs")
-    analyze_cmd.add_argument("--out", help="folder for the figures (default: <folder>/analysis)")
+    analyze_cmd.add_argument("--out", help="folder for the figures (default RUN_OR_DIR/analysis, or analysis beside a run file)")
     analyze_cmd.add_argument("--trial", type=int, default=-1, metavar="N", help="which traced trial of a Brian2 run to draw, in the order they ran: 0 the first, -1 the last (default)")
     analyze_cmd.set_defaults(handler=_analyze)
     return root

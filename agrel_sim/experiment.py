@@ -5,6 +5,7 @@ An experiment file in ``experiments/`` looks like::
     name = "mnist_fc3_deepagrel"
     model = "mnist_fc3"           # a model name (models/) or path, or an inline [model] table
     dataset = "mnist"
+    backend = "torch"             # optional, or "brian2"; a top-level key, before the tables
 
     [rule]                        # overrides of the model's [rule]
     name = "deepagrel"
@@ -26,7 +27,6 @@ An experiment file in ``experiments/`` looks like::
     [logging]                     # optional: what the run file samples (LogSettings)
     every_batches = 50
 
-    backend = "torch"             # optional, or "brian2"; goes before the tables
     [backend_options]             # optional: the backend's own settings (see its build())
 """
 
