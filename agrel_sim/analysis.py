@@ -765,7 +765,7 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
     drawn, notes = figure3_runs(runs)
     refused = not drawn and any(averaged(run) for run in runs)  # every row with complete runs: the notes say why
     figures = [] if refused else [plot_reward_curves(drawn, out / "reward_curves.png")]
-    texts, untraced = [], []
+    texts, no_trial_figure = [], []
     for run in runs:
         folder = out / run.path.parent.relative_to(root)
         stem = f"{run.config['experiment']}_seed{run.seed}"
@@ -779,8 +779,8 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
         if -traced[run.path] <= trial < traced[run.path]:
             figures.append(plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial))
         elif traced[run.path]:
-            untraced.append(f"{run.path}: no trial figure: trial {trial} is out of range for its {traced[run.path]} traced trials")
-    return "\n".join(texts + notes + untraced), figures
+            no_trial_figure.append(f"{run.path}: no trial figure: trial {trial} is out of range for its {traced[run.path]} traced trials")
+    return "\n".join(texts + notes + no_trial_figure), figures
 
 
 def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
