@@ -123,8 +123,8 @@ DESCRIPTIONS = {
 def _describe(group: h5py.Group) -> None:
     """Give every dataset in ``group`` the attributes description and unit of :data:`DESCRIPTIONS`."""
     def describe(name: str, item) -> None:
-        parts = item.name.strip("/").split("/")
         if isinstance(item, h5py.Dataset):
+            parts = item.name.strip("/").split("/")
             if len(parts) == 3:
                 parts[1] = "<layer>" if parts[0] in ("layers", "gating") else "<population>"
             item.attrs["description"], item.attrs["unit"] = DESCRIPTIONS["/".join(parts)]

@@ -181,12 +181,11 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
 
     A run continued under other settings (another seed draws another validation split, say) or
     on other data (another copy of the data set, whose fingerprint differs) would be a mixture
-    that no uninterrupted run produces. Settings in ``ignore``, top-level ones with
-    everything below them or flattened keys (``backend_options.trace_every``), may differ: by
-    default only ``source``, the path the experiment was read from, so that a moved checkout
-    resumes its runs. The stopping criterion
-    (:data:`STOPPING`) may be raised, never lowered. With ``resuming``, the run file must also be
-    of the layout this version writes.
+    that no uninterrupted run produces. Settings in ``ignore``, top-level ones with everything
+    below them or flattened keys (``backend_options.trace_every``), may differ: by default only
+    ``source``, the path the experiment was read from, so that a moved checkout resumes its
+    runs. The stopping criterion (:data:`STOPPING`) may be raised, never lowered. With
+    ``resuming``, the run file must also be of the layout this version writes.
 
     Returns
     -------
