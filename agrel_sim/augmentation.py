@@ -26,8 +26,8 @@ class Augmentation:
     zoom : float
         Images are scaled by a factor drawn uniformly from ``[1 - zoom, 1 + zoom]``.
     shift : float
-        Images are shifted by up to this fraction of their width and height, each direction
-        drawn uniformly.
+        Images are shifted (after the zoom) by up to this fraction of their width and height,
+        each direction drawn uniformly.
     flip : bool
         Reflect left-right with probability 1/2.
     """
@@ -65,7 +65,9 @@ def augment(images: torch.Tensor, settings: Augmentation, generator: torch.Gener
     theta = torch.zeros(batch, 2, 3, dtype=images.dtype, device=images.device)
     theta[:, 0, 0] = scale * mirror
     theta[:, 1, 1] = scale
-    theta[:, 0, 2] = 2 * settings.shift * uniform()
-    theta[:, 1, 2] = 2 * settings.shift * uniform()
+    # The shift is scaled like the output coordinates, so that it moves the zoomed image by at
+    # most `shift` of its size whatever the zoom.
+    theta[:, 0, 2] = 2 * settings.shift * uniform() * scale * mirror
+    theta[:, 1, 2] = 2 * settings.shift * uniform() * scale
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -39,7 +39,7 @@ def is_fraction(value) -> bool:
 
 
 # Arguments of Fields.get for the kinds of setting that many tables hold.
-POSITIVE_INT = dict(kind=int, check=lambda v: v >= 1, hint="an integer >= 1")
+POSITIVE_INT = dict(kind=int, check=is_count, hint="an integer >= 1")
 FRACTION = dict(kind=float, check=is_fraction, hint="a fraction in [0, 1)")
 
 
@@ -52,6 +52,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; give the path of a .toml file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the path of a .toml file") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the file ({error.strerror}); check its permissions") from None
     except ValueError as error:  # an integer of thousands of digits, say

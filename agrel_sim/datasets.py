@@ -332,6 +332,6 @@ LOADERS = {
 
 def load_dataset(name: str, data_dir=None) -> Dataset:
     """Load a data set by name (a key of :data:`LOADERS`) from ``data_dir`` or the default roots."""
-    if name not in LOADERS:
+    if not (isinstance(name, str) and name in LOADERS):
         raise DatasetError(f"dataset: unknown data set {name!r}; available: {sorted(LOADERS)}")
     return LOADERS[name](data_dir)

@@ -81,7 +81,7 @@ class Experiment:
             value = getattr(self, field)
             if not isinstance(value, kind):
                 raise ConfigError(f"{self.source}: {field}: expected an object of class {kind.__name__}, got {type(value).__name__} {value!r}")
-        if self.dataset not in LOADERS:
+        if not (isinstance(self.dataset, str) and self.dataset in LOADERS):
             raise ConfigError(f"{self.source}: dataset: expected one of {sorted(LOADERS)}, got {self.dataset!r}")
         check_backend(self.model, self.backend, self.backend_options, self.source)
 

@@ -57,13 +57,19 @@ def locked(folder: Path):
     """Hold the run folder's lock, or raise if another process holds it.
 
     Folders made here are removed again if the run fails before writing anything into them
-    (missing data files, say), so a failed start leaves no empty run folder behind.
+    (missing data files, say), so a failed start leaves no empty run folder behind (a parent
+    folder that runs starting at the same moment share may stay, empty).
     """
     made = [path for path in (folder, *folder.parents) if not path.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way, no permission, a read-only disk
-        raise ValueError(f"{folder}: cannot make the run folder ({error.strerror}); choose another --out") from None
+    for attempt in range(1, 6):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            break
+        except FileNotFoundError:  # a parent just removed by another run's failed start (below), in a sweep: make it again
+            if attempt == 5:
+                raise ValueError(f"{folder}: cannot make the run folder (its parent folders keep disappearing); choose another --out") from None
+        except OSError as error:  # a file in the way, no permission, a read-only disk
+            raise ValueError(f"{folder}: cannot make the run folder ({error.strerror}); choose another --out") from None
     try:
         lock = open(folder / LOCK_FILE, "w")
     except OSError as error:
@@ -77,11 +83,13 @@ def locked(folder: Path):
             yield
         except BaseException:
             if made and [entry.name for entry in folder.iterdir()] == [LOCK_FILE]:
-                (folder / LOCK_FILE).unlink()
-                for path in made:  # the run folder first, then the parents made for it
-                    if any(path.iterdir()):
-                        break
-                    path.rmdir()
+                # Best effort, the run folder first, then the parents made for it: other runs of a
+                # sweep may be making or removing the same parents, and this run's own error must
+                # be the one raised. rmdir raises once a folder is not empty, or already gone.
+                with contextlib.suppress(OSError):
+                    (folder / LOCK_FILE).unlink()
+                    for path in made:
+                        path.rmdir()
             raise
 
 
@@ -196,8 +204,11 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
             before = settings_of({"seed": int(attrs["seed"]), **json.loads(attrs["config"])})
-    except (OSError, KeyError) as error:
-        raise ValueError(f"{path}: the run file of this checkpoint is missing or unreadable ({error}); start the run again in a new folder") from None
+    except (OSError, KeyError, TypeError, ValueError) as error:  # ValueError: a damaged config attribute, not JSON
+        raise ValueError(
+            f"{path}: the run file of this checkpoint is missing, unreadable or damaged ({type(error).__name__}: {error});"
+            " move the run folder away and train the run again"
+        ) from None
     if resuming:
         check_resumable(path, attrs)
     now = settings_of(json.loads(json.dumps({"seed": seed, **config})))
@@ -214,17 +225,19 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
 
 
 def check_readable(path: Path) -> None:
-    """Raise unless ``path`` opens as an HDF5 file, so that a run file that cannot be read now
-    (no permission, held open for writing by another program, damaged) is never taken for one
-    with nothing in it and overwritten."""
+    """Raise unless ``path`` opens as a run file of agrel-sim, so that a run file that cannot be
+    read now (no permission, held open for writing by another program, damaged), or another
+    HDF5 file, is never taken for one with nothing in it and overwritten."""
     try:
-        with h5py.File(path, "r"):
-            pass
+        with h5py.File(path, "r") as handle:
+            attrs = set(handle.attrs)
     except OSError as error:
         raise ValueError(
             f"{path}: cannot read this run file ({error}); check its permissions and that no other program holds it open,"
             " or, if it is damaged, move the run folder away and train again"
         ) from None
+    if not {"layout_version", "config"} <= attrs:  # a run file is written whole, with these attributes, or not at all
+        raise ValueError(f"{path}: an HDF5 file but not a run file of agrel-sim (it lacks the layout_version and config attributes); move it away or choose another --out")
 
 
 def recorded_epochs(path: Path) -> int:

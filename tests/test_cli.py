@@ -106,6 +106,7 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
         (("[training]", "[neuromodulator]\nreward = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward: unknown field"),
         (("[training]", "[logging]\nevery_batches = 0\n[training]"), r"tiny\.toml: logging\.every_batches: expected an integer >= 1, got 0"),
+        (("batch_size = 20", "batch_size = 100000000000000000000"), r"tiny\.toml: training\.batch_size: expected an integer >= 1, got 100000000000000000000"),
         (('dataset = "digits"', 'dataset = "digits"\naction_selection = 0.1'), r"tiny\.toml: action_selection: expected a table of fields of the model's \[action_selection\], got 0\.1"),
         (("learning_rate = 0.1", "learning_rate = inf"), r"tiny\.toml: rule\.learning_rate: expected a number > 0, got inf"),
         (("patience = 2", "patience = 2\n[training.augmentaton]\nfactor = 2"), r"tiny\.toml: training\.augmentaton: unknown field; the fields here are: augmentation, "),

@@ -154,6 +154,8 @@ def test_missing_data_lists_the_paths_searched(tmp_path):
         load_dataset("cifar100", tmp_path)
     with pytest.raises(DatasetError, match=r"dataset: unknown data set 'svhn'"):
         load_dataset("svhn", tmp_path)
+    with pytest.raises(DatasetError, match=r"dataset: unknown data set \['mnist'\]"):
+        load_dataset(["mnist"], tmp_path)
 
 
 def write_cifar(root: Path, folder: str, files: dict[str, int], label_key: bytes, n_classes: int, str_keys=False, protocol=None) -> Path:
@@ -292,10 +294,11 @@ def test_augmentation_is_random_per_image_and_keeps_shapes():
     assert (centre_x > 14).any() and (centre_x < 14).any(), "some images are reflected"
 
 
-def test_shift_moves_each_image_by_up_to_the_set_fraction_in_both_directions():
+@pytest.mark.parametrize("zoom", [0.0, 0.5])
+def test_shift_moves_each_image_by_up_to_the_set_fraction_in_both_directions(zoom):
     images = torch.zeros(256, 1, 28, 28)
-    images[:, :, 11:17, 11:17] = 1.0  # a square in the centre, well inside the border
-    out = augment(images, Augmentation(zoom=0.0, shift=0.2, flip=False), torch.Generator().manual_seed(0))
+    images[:, :, 11:17, 11:17] = 1.0  # a square in the centre, well inside the border at any zoom and shift
+    out = augment(images, Augmentation(zoom=zoom, shift=0.2, flip=False), torch.Generator().manual_seed(0))
     mass = out[:, 0].sum((1, 2))
     centre_y = (out[:, 0].sum(2) * torch.arange(28)).sum(1) / mass - 13.5
     centre_x = (out[:, 0].sum(1) * torch.arange(28)).sum(1) / mass - 13.5

@@ -67,8 +67,10 @@ def test_a_folder_or_an_unreadable_file_given_as_a_model_is_named(tmp_path):
     (tmp_path / "net.toml").mkdir()
     with pytest.raises(ConfigError, match=r"net\.toml: is a folder; give the path of a model file \(\.toml\)"):
         load_model(tmp_path / "net.toml")
-    with pytest.raises(ConfigError, match=r"net\.toml: cannot read the file \(Is a directory\); check its permissions"):
+    with pytest.raises(ConfigError, match=r"net\.toml: is a folder; give the path of a \.toml file$"):
         ColumnNetwork.from_toml(tmp_path / "net.toml")
+    with pytest.raises(ConfigError, match=r"nowhere\.toml: no such file; give the path of a \.toml file$"):
+        ColumnNetwork.from_toml(tmp_path / "nowhere.toml")
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -92,6 +94,7 @@ def test_an_experiment_built_in_code_is_checked_like_a_file():
     net = ColumnNetwork((1, 8, 8), [Dense(8)], 10)
     for arguments, message in [
         (("e", net, "digit", TrainingSettings()), r"dataset: expected one of \[.*'digits'.*\], got 'digit'"),
+        (("e", net, ["digits"], TrainingSettings()), r"dataset: expected one of \[.*'digits'.*\], got \['digits'\]"),
         (("e", net.to_dict(), "digits", TrainingSettings()), r"model: expected an object of class ColumnNetwork, got dict"),
         (("e", net, "digits", {"batch_size": 5}), r"training: expected an object of class TrainingSettings, got dict"),
     ]:

@@ -23,6 +23,7 @@ import torch
 import agrel_sim
 from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs, summary
 from agrel_sim.cli import main
+from agrel_sim.datasets import DatasetError
 from agrel_sim.experiment import Experiment
 from agrel_sim.network import Dense
 from agrel_sim.recorder import LAYOUT_VERSION, LogSettings, check_resumable
@@ -352,6 +353,32 @@ def test_table_refuses_runs_of_other_settings_or_one_seed_twice_and_lists_incomp
     assert re.match(r"agrel-sim: warning: .*b/seed1/run\.h5: incomplete run", capsys.readouterr().err)
 
 
+def test_a_failed_start_beside_other_runs_keeps_its_own_error_and_their_folders(tmp_path, monkeypatch):
+    # Runs of a sweep share parent folders: another run's failed start may remove one just as
+    # this run makes it, or remove it before this run's cleanup does.
+    made, removed, real_mkdir, real_rmdir = [], [], Path.mkdir, Path.rmdir
+
+    def mkdir_once_too_late(path, *args, **kwargs):
+        if path.name == "seed0" and not made:
+            made.append(path)
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_mkdir(path, *args, **kwargs)
+
+    def rmdir_already_gone(path):
+        if path.name == "shared":
+            real_rmdir(path)
+            removed.append(path)
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_rmdir(path)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_once_too_late)
+    monkeypatch.setattr(Path, "rmdir", rmdir_already_gone)
+    failing = dataclasses.replace(experiment(epochs=1), dataset="mnist")
+    with pytest.raises(DatasetError, match="MNIST not found"):
+        run_experiment(failing, out=tmp_path / "shared" / "seed0", data_dir=tmp_path / "nodata", log=None)
+    assert made and removed and not (tmp_path / "shared").exists()
+
+
 def test_a_run_folder_that_cannot_be_made_is_named(tmp_path):
     (tmp_path / "taken").write_text("a file where the run folder should go")
     with pytest.raises(ValueError, match=r"taken: cannot make the run folder \(File exists\); choose another --out"):
@@ -424,9 +451,22 @@ def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path):
     with pytest.raises(ValueError, match=r"model\.rule\.learning_rate: 0\.3 in the run, 0\.5 now; training\.batch_size: 20 in the run, 10 now"):
         run_experiment(experiment(epochs=1, batch_size=10, learning_rate=0.5), seed=3, out=tmp_path, resume=True, log=None)
     run_experiment(experiment(epochs=1), seed=3, out=tmp_path, resume=True, log=None)  # the same settings resume
-    (tmp_path / "run.h5").unlink()
-    with pytest.raises(ValueError, match=r"run\.h5: the run file of this checkpoint is missing or unreadable.*start the run again"):
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        run.attrs["config"] = run.attrs["config"][:-1]  # damaged: no longer JSON
+    with pytest.raises(ValueError, match=r"run\.h5: the run file of this checkpoint is missing, unreadable or damaged \(JSONDecodeError: .*\); move the run folder away and train the run again$"):
         run_experiment(experiment(epochs=1), seed=3, out=tmp_path, resume=True, log=None)
+    (tmp_path / "run.h5").unlink()
+    with pytest.raises(ValueError, match=r"run\.h5: the run file of this checkpoint is missing, unreadable or damaged \(FileNotFoundError: .*move the run folder away"):
+        run_experiment(experiment(epochs=1), seed=3, out=tmp_path, resume=True, log=None)
+
+
+def test_resume_never_overwrites_an_hdf5_file_that_is_not_a_run_file(tmp_path):
+    with h5py.File(tmp_path / "run.h5", "w") as other:
+        other["x"] = [1]
+    with pytest.raises(ValueError, match=r"run\.h5: an HDF5 file but not a run file of agrel-sim .*; move it away or choose another --out$"):
+        run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
+    with h5py.File(tmp_path / "run.h5", "r") as other:
+        assert list(other) == ["x"]
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path):
@@ -434,7 +474,10 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["complete"] = False  # as if killed
     (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")
-    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint"):
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint \(.*\); restore it from a copy, or move the run folder away and train the run again"):
+        run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
+    torch.save({"weights": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a checkpoint of agrel-sim; restore it from a copy"):
         run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
 
 

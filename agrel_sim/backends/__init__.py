@@ -149,8 +149,8 @@ def check_representable(network: ColumnNetwork, dtype) -> None:
             raise ValueError(f"{network.source}: {key}: {value!r} rounds to 0 in {dtype}, so {consequence}; choose a larger value or dtype float64")
 
 
-def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True, *, trials: bool = False) -> None:
-    """Check a batch against the network before it runs, naming what is wrong.
+def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True, *, trials: bool = False, dtype):
+    """Check a batch against the network before it runs, naming what is wrong; return the images in ``dtype``.
 
     Parameters
     ----------
@@ -166,6 +166,13 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check
         ``False`` only types and shapes are checked, which needs no wait.
     trials : bool
         The batch is run as trials, which need ``labels``.
+    dtype : torch.dtype
+        The floating-point type the backend computes in; images must be finite in it.
+
+    Returns
+    -------
+    Tensor
+        ``images`` converted to ``dtype``, on their device.
 
     Raises
     ------
@@ -197,18 +204,22 @@ def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check
             raise TypeError(f"{name}: expected a tensor of integers (indices of actions; any integer dtype), got {kind}")
         if tuple(values.shape) != (batch,):
             raise ValueError(f"{name}: expected shape ({batch},), got {tuple(values.shape)}")
+    stimuli = images.to(dtype)
     if not check_range:
-        return
-    not_finite, negative = ~torch.isfinite(images), images < 0
+        return stimuli
+    not_finite, negative = ~torch.isfinite(stimuli), images < 0
     # In float64, indices of every integer dtype compare exactly with n_actions (torch has no
     # comparisons for uint16, uint32 and uint64).
     indices = {name: values.double() for name, values in given.items()}
     outside = {name: (values < 0) | (values >= network.n_actions) for name, values in indices.items()}
     flags = [not_finite.any(), negative.any(), *(where.any().to(images.device) for where in outside.values())]
     if not torch.stack(flags).any():  # makes the host wait for a GPU, once for all these checks
-        return
+        return stimuli
     if not_finite.any():
-        raise ValueError(f"images: {_count_and_first(not_finite)} not finite (NaN or inf); replace them (torch.nan_to_num) or leave those images out")
+        raise ValueError(
+            f"images: {_count_and_first(not_finite)} not finite (NaN or inf, or beyond {torch.finfo(dtype).max:.4g}, the largest "
+            f"{dtype} holds); replace them (torch.nan_to_num) or leave those images out"
+        )
     if negative.any():
         raise ValueError(
             f"images: {_count_and_first(negative)} negative (the lowest {images.min().item():g}), but input columns are rates: "
@@ -245,8 +256,8 @@ def check_weight_keys(weights: dict, expected: set[str]) -> None:
         raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
 
 
-def weights_to_set(value, shape, name: str):
-    """Weights about to be assigned, checked, as a tensor.
+def weights_to_set(value, shape, name: str, dtype):
+    """Weights about to be assigned, checked, as a tensor of the type they are held in.
 
     Parameters
     ----------
@@ -256,17 +267,20 @@ def weights_to_set(value, shape, name: str):
         The shape ``value`` must have.
     name : str
         What is set (``"layers.0.ff"``), for the messages.
+    dtype : torch.dtype
+        The floating-point type the weights are held in; the values must be finite in it.
 
     Returns
     -------
     Tensor
-        ``value`` itself when it is a tensor, else a new tensor of its values in their NumPy
-        dtype (so that float64 values keep their precision).
+        ``value`` in ``dtype``, on its device (NumPy values are read in their own dtype first,
+        so that float64 values keep their precision).
 
     Raises
     ------
     ValueError
-        For values that are not real numbers, a wrong shape, NaN or infinity.
+        For values that are not real numbers, a wrong shape, NaN or infinity, or values beyond
+        the largest number ``dtype`` holds.
     """
     import numpy as np
     import torch
@@ -284,7 +298,10 @@ def weights_to_set(value, shape, name: str):
         raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {tuple(value.shape)}")
     if value.is_floating_point() and not torch.isfinite(value).all():  # makes the host wait for a GPU: weights are set between batches
         raise ValueError(f"{name}: values must be finite (got NaN or inf)")
-    return value
+    converted = value.to(dtype)
+    if not torch.isfinite(converted).all():
+        raise ValueError(f"{name}: values must be finite in {dtype}, whose largest is {torch.finfo(dtype).max:.4g}; got {value.abs().max().item():.4g}")
+    return converted
 
 
 def build(network: ColumnNetwork, backend: str = "torch", **options):

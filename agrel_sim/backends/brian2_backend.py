@@ -432,7 +432,7 @@ def _tensor(array: np.ndarray, dtype) -> torch.Tensor:
 
 def _matrix(value, shape, name) -> np.ndarray:
     """Weights to assign, checked by :func:`~agrel_sim.backends.weights_to_set`, as a float64 array."""
-    return weights_to_set(value, shape, name).detach().cpu().double().numpy()
+    return weights_to_set(value, shape, name, torch.float64).detach().cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -604,8 +604,7 @@ class Brian2Network:
     # -- trials -------------------------------------------------------------------------------
 
     def _check_batch(self, images, labels=None, actions=None, check_range=True, trials=False) -> np.ndarray:
-        check_batch(self.description, images, labels, actions, check_range, trials=trials)
-        return images.detach().cpu().double().flatten(1).numpy()
+        return check_batch(self.description, images, labels, actions, check_range, trials=trials, dtype=torch.float64).detach().cpu().flatten(1).numpy()
 
     def _run(self, episode: "_Episode") -> None:
         """Run ``episode`` in one Brian2 run, the plasticity code only when it learns.

@@ -303,11 +303,11 @@ class _Layer:
         change = self.weight_change(y_prev, dgfb)
         for weights in {id(t): t for t in (self._ff, self._fb)}.values():
             if decay:
-                weights.mul_(1 - decay)
+                weights.add_(weights, alpha=-decay)
             weights.add_(change)
         if self._bias is not None:
             if decay:
-                self._bias.mul_(1 - decay)
+                self._bias.add_(self._bias, alpha=-decay)
             self._bias.add_(self.bias_change(dgfb))
         return change
 
@@ -470,7 +470,7 @@ def changed_fraction(change: torch.Tensor) -> torch.Tensor:
 def _copy_into(target: torch.Tensor, value, name: str) -> None:
     """Set the weights ``target`` (named ``name`` in messages) to ``value``, checked by
     :func:`~agrel_sim.backends.weights_to_set`."""
-    value = weights_to_set(value, target.shape, name)
+    value = weights_to_set(value, target.shape, name, target.dtype)
     with torch.no_grad():
         target.copy_(value)
 
@@ -576,8 +576,7 @@ class TorchNetwork:
     # -- trials -------------------------------------------------------------------------------
 
     def _check_batch(self, images, labels=None, actions=None, check_range=True, trials=False):
-        check_batch(self.description, images, labels, actions, check_range, trials=trials)
-        return images.to(self.device, self.dtype)
+        return check_batch(self.description, images, labels, actions, check_range, trials=trials, dtype=self.dtype).to(self.device)
 
     def _forward(self, x, learning):
         activity = [x]
@@ -697,7 +696,7 @@ class TorchNetwork:
                 decay = self.learning_rate * net.rule.weight_decay
                 for tensor, grad in zip(params, grads):
                     if decay:
-                        tensor.mul_(1 - decay)
+                        tensor.add_(tensor, alpha=-decay)
                     tensor.sub_(grad, alpha=self.learning_rate)
             q = q.detach()
             actions = q.argmax(1)
@@ -710,7 +709,7 @@ def check_network(network: ColumnNetwork) -> None:
 
 
 # The floating-point types the backend computes in, half precision included.
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPES = (torch.float32, torch.float64)
 
 
 def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> TorchNetwork:
