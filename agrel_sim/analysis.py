@@ -207,6 +207,12 @@ def load_run(path: str | Path) -> Run:
             records = [f"/epochs/{name}" for name in EPOCH_FIELDS if version > 1 or name != "learning_rate"] + ["/trials", "/layers", "/gating"]
             missing = [f"the attribute {name}" for name in ("config", "seed", "rule", "backend") if name not in attrs]
             missing += [name for name in records if name not in handle]
+            if "/layers" in handle and "/gating" in handle:
+                for name, group in handle["layers"].items():
+                    if name not in handle["gating"]:
+                        missing.append(f"/gating/{name}")
+                    if "shape" not in group.attrs:
+                        missing.append(f"the attribute shape of /layers/{name}")
             if missing:
                 raise RunFileError(f"{path}: a run file that lacks {', '.join(missing)}; {_DAMAGED}")
             config = _attribute(path, attrs, "config", json.loads)
@@ -338,12 +344,23 @@ def _listed(keys: list[str], first: dict, second: dict) -> str:
 
 
 def averaged(run: Run) -> bool:
-    """Whether Table 1 and Figure 3 average the run: it ended cleanly and has its result.
+    """Whether Table 1 counts the run: it ended cleanly and has its result.
 
-    An incomplete run is left out of both: a killed run's epochs end where it was killed, not
-    where its stopping criterion would have ended them.
+    An incomplete run is left out (of Figure 3 too): a killed run's epochs end where it was
+    killed, not where its stopping criterion would have ended them. A diverged run counts as
+    not converged, but its accuracy and epochs are not averaged (:func:`in_figure3`).
     """
     return run.complete and run.result is not None
+
+
+def diverged(run: Run) -> bool:
+    """Whether the run ended because its loss ran off to inf or NaN."""
+    return run.result is not None and bool(run.result.get("diverged", False))
+
+
+def in_figure3(run: Run) -> bool:
+    """Whether Figure 3 averages the run: the runs whose accuracy and epochs Table 1 averages."""
+    return averaged(run) and not diverged(run)
 
 
 def table1_records(runs: list[Run]) -> list[dict]:
@@ -361,8 +378,8 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
     """The paper's Figure 3: per Table 1 row and rule, reward probability per epoch, mean and 2σ over runs.
 
     For DeepAGREL the share of rewarded training trials, for EBP one minus the training error
-    (the share of correct greedy choices). Only complete runs count, as in Table 1
-    (:func:`averaged`). Runs stop at different epochs: each epoch averages the runs that reached
+    (the share of correct greedy choices). Only the runs whose accuracy and epochs Table 1
+    averages count (:func:`in_figure3`): complete, not diverged. Runs stop at different epochs: each epoch averages the runs that reached
     it. Runs are grouped and checked by :func:`table_rows`, so runs of different data sets,
     networks or settings never share a curve.
 
@@ -374,7 +391,7 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
         the epoch) and ``runs`` (how many runs each epoch averages), arrays of one length.
     """
     curves = {}
-    for row, rules in sorted(table_rows([run for run in runs if averaged(run)]).items()):
+    for row, rules in sorted(table_rows([run for run in runs if in_figure3(run)]).items()):
         curves[row] = {}
         for rule, group in sorted(rules.items()):
             series = [run.epochs["reward_probability"] for run in group]
@@ -501,7 +518,12 @@ def summary(run: Run) -> str:
     lines += [f"  session {number}: {_session_line(entry, run.backend)}" for number, entry in enumerate(run.sessions, 1)]
     trials = run.trials()
     if len(trials["delta"]):
-        rpe = "no RPE (EBP)" if np.isnan(trials["delta"]).all() else f"RPE mean {np.nanmean(trials['delta']):+.4f}"
+        if run.rule == "ebp":
+            rpe = "no RPE (EBP)"
+        elif np.isnan(trials["delta"]).all():
+            rpe = "no finite RPE (the run diverged)"
+        else:
+            rpe = f"RPE mean {np.nanmean(trials['delta']):+.4f}"
         lines.append(f"  logged trials: {len(trials['delta'])}; {rpe}, rewarded {np.mean(trials['action'] == trials['label']):.3f}")
     else:
         lines.append("  logged trials: none")
@@ -784,15 +806,18 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
 
 
 def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
-    """The runs that Figure 3 can draw (complete, of rows that :func:`table_rows` accepts), and
-    a line for each run or row left out, saying why."""
+    """The runs that Figure 3 can draw (:func:`in_figure3`, of rows that :func:`table_rows` accepts),
+    and a line for each run or row left out, saying why."""
     notes = []
     incomplete = [str(run.path) for run in runs if not averaged(run)]
     if incomplete:
         notes.append(f"Figure 3 leaves out {len(incomplete)} incomplete run(s), as Table 1 does (still running, killed or crashed): {', '.join(incomplete)}")
+    ran_off = [str(run.path) for run in runs if averaged(run) and diverged(run)]
+    if ran_off:
+        notes.append(f"Figure 3 leaves out {len(ran_off)} diverged run(s), as Table 1 leaves them out of its accuracies and epochs (a lower learning rate may help): {', '.join(ran_off)}")
     rows: dict[tuple, list[Run]] = {}
     for run in runs:
-        if averaged(run):
+        if in_figure3(run):
             rows.setdefault(row_key(run.config), []).append(run)
     drawn = []
     for row, group in sorted(rows.items()):

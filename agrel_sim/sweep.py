@@ -302,11 +302,10 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
     if jobs is not None and not is_count(jobs):
         raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {jobs!r}")
-    if executor != "slurm":  # the machine that submits to SLURM need not have the cluster's GPUs
-        check_device(device)
+    check_device(device, here=executor != "slurm")  # the machine that submits to SLURM need not have the cluster's GPUs
     out = Path(out or sweep.out)
     _check_out_folder(out)
-    runner = None if executor == "local" else _submitit_executor(executor, out, sweep)
+    runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)
     if executor == "slurm":
         threads = int(sweep.slurm.get("slurm_cpus_per_task", sweep.slurm.get("cpus_per_task", 1)))
     else:
@@ -399,7 +398,7 @@ def _how_it_ended(exitcode: int) -> str:
     return f"its process was killed by signal {name}{memory}"
 
 
-def check_slurm_table(sweep: Sweep, executor: str) -> None:
+def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
     """Check the ``[slurm]`` values that submitit takes unchecked, or checks only as it starts a job.
 
     submitit checks the names and the types of the other values as they are set
@@ -413,13 +412,18 @@ def check_slurm_table(sweep: Sweep, executor: str) -> None:
         The executor the table is for: it sets how long before a time limit submitit signals a
         job (``slurm_signal_delay_s``, default :data:`SLURM_SIGNAL_DELAY_S`, on SLURM;
         :data:`LOCAL_SIGNAL_DELAY_S` locally).
+    device : str
+        The device of the runs: a CUDA device needs GPUs in every job (submitit shows a job
+        only its own, as ``cuda:0`` up).
 
     Raises
     ------
     ConfigError
         Naming ``slurm.<key>`` and the values it takes: a time limit that leaves no time to run
         before submitit's signal to requeue, cores per run below 1, setup commands that are not
-        a list of strings; and, for the slurm executor, a table without a time limit.
+        a list of strings, no GPUs per job (or fewer than ``cuda:N`` needs) for a CUDA device;
+        and, for the slurm executor, a table without a time limit, or a signal so early that
+        submitit would take a job out of time for a preempted one and requeue it without end.
     """
     table = Fields(sweep.slurm, sweep.source, "slurm")
     slurm_delay = table.get("slurm_signal_delay_s", **POSITIVE_INT, default=SLURM_SIGNAL_DELAY_S)
@@ -442,15 +446,35 @@ def check_slurm_table(sweep: Sweep, executor: str) -> None:
     # more than that waits in the queue forever where the cluster does not refuse it.
     if executor == "slurm" and not set(limits) & set(sweep.slurm):
         raise table.error("timeout_min", f"missing; SLURM jobs need a time limit: give one in the [slurm] table, as {minutes}, within the partition's limit")
+    for key in limits if executor == "slurm" else ():
+        if key in sweep.slurm:
+            # submitit takes a signalled job for one out of time only once it has run
+            # min(0.8 T, T - 600 s); a minute is left for the job's start.
+            latest = max(12 * sweep.slurm[key], 600) - 60
+            if slurm_delay > latest:
+                raise table.error(
+                    "slurm_signal_delay_s",
+                    f"{slurm_delay} s before the end of {key} = {sweep.slurm[key]} is too early: submitit would take the job for a preempted"
+                    f" one, not one out of time, and requeue it without end; give at most {latest}",
+                )
+    gpus = sweep.slurm.get("slurm_gpus_per_node", sweep.slurm.get("gpus_per_node"))
+    parsed = check_device(device, here=False)
+    if parsed.type == "cuda" and not gpus and "gpu" not in str(sweep.slurm.get("slurm_gres", "")):
+        raise table.error("gpus_per_node", f"missing; --device {device} needs a GPU in every job: give gpus_per_node = 1 in the [slurm] table")
+    if parsed.type == "cuda" and isinstance(gpus, int) and parsed.index is not None and parsed.index >= gpus:
+        raise table.error(
+            "gpus_per_node",
+            f"{gpus} GPU(s) per job, which a job sees as cuda:0 to cuda:{gpus - 1}, but --device {device}; use --device cuda, or more GPUs per job",
+        )
 
 
-def _submitit_executor(executor: str, out: Path, sweep: Sweep):
+def _submitit_executor(executor: str, out: Path, sweep: Sweep, device: str = "cpu"):
     """A submitit executor with the sweep file's ``[slurm]`` parameters, each checked (:func:`check_slurm_table`, then by submitit)."""
     try:
         import submitit
     except ImportError:
         raise ValueError("executor: submitit is not installed; pip install 'agrel-sim[slurm]'") from None
-    check_slurm_table(sweep, executor)
+    check_slurm_table(sweep, executor, device)
     folder = out / "submitit"
     try:
         runner = submitit.AutoExecutor(

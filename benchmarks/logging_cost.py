@@ -23,6 +23,7 @@ import torch
 from agrel_sim import build, load_model
 from agrel_sim.recorder import LogSettings, RunFile
 from agrel_sim.training import EpochMetrics
+from rule_vs_ebp import sync  # the script beside this one (its folder is on the path)
 
 
 def main():
@@ -43,17 +44,21 @@ def main():
         path = Path(folder) / "run.h5"
         recorder = RunFile(path, logged, {"experiment": "benchmark"}, 0, settings)
         steps = {"plain": [], "logged": []}
-        for batch in range(args.batches):
+        for batch in range(args.batches):  # sync: each time ends when a GPU's queued work is done
+            sync(args.device)
             start = time.perf_counter()
             plain.run_trials(images, labels)
+            sync(args.device)
             steps["plain"].append(time.perf_counter() - start)
             start = time.perf_counter()
             trials = logged.run_trials(images, labels, record=True)
             recorder.record_batch(1, batch, index, labels, trials)
+            sync(args.device)
             steps["logged"].append(time.perf_counter() - start)
             del trials
         start = time.perf_counter()
         recorder.write_epoch(1, EpochMetrics(1, 0.5, 0.1, 0.5, 1.0, logged.learning_rate))
+        sync(args.device)
         write = time.perf_counter() - start
         size = path.stat().st_size
     plain_total, logged_total = sum(steps["plain"]), sum(steps["logged"]) + write

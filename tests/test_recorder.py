@@ -684,6 +684,21 @@ def test_reward_curves_and_gating_statistics(finished_runs, tmp_path):
     assert sum(outcome["layers.2"]["trials_rewarded"] + outcome["layers.2"]["trials_unrewarded"]) == len(runs[0].trials()["label"])
 
 
+def test_figure3_leaves_out_diverged_runs_as_table1_averages_them(finished_runs, tmp_path):
+    from agrel_sim.analysis import figure3_runs, reward_curves
+
+    shutil.copytree(finished_runs, tmp_path / "runs")
+    with h5py.File(tmp_path / "runs" / "deepagrel" / "seed1" / "run.h5", "a") as run:
+        run["result"].attrs["diverged"] = True
+    runs = load_runs(tmp_path / "runs")
+    curves = reward_curves(runs)["digits", "small", False]
+    kept = next(run for run in runs if run.rule == "deepagrel" and run.seed == 0)
+    assert curves["deepagrel"]["runs"].tolist() == [1, 1] and curves["ebp"]["runs"].tolist() == [2, 2]
+    np.testing.assert_array_equal(curves["deepagrel"]["mean"], kept.epochs["reward_probability"])
+    drawn, notes = figure3_runs(runs)
+    assert len(drawn) == 3 and notes == [f"Figure 3 leaves out 1 diverged run(s), as Table 1 leaves them out of its accuracies and epochs (a lower learning rate may help): {tmp_path / 'runs' / 'deepagrel' / 'seed1' / 'run.h5'}"]
+
+
 def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs():
     from agrel_sim.analysis import gating_by_outcome
 
@@ -736,6 +751,7 @@ def test_the_rpe_histogram_shows_every_delta(finished_runs, tmp_path, monkeypatc
         run["trials"]["delta"][:] = np.nan
     plot_rpe_distribution(load_run(path), tmp_path / "rpe.png")
     assert [text.get_text() for text in figures[-1].axes[0].texts] == ["no finite RPE (the run diverged)"]
+    assert re.search(r"logged trials: \d+; no finite RPE \(the run diverged\), rewarded", summary(load_run(path)))
 
 
 def edit_config(path, edit):
@@ -1061,6 +1077,8 @@ def setting(name, value):
     pytest.param(without("config"), r"lacks the attribute config", id="no config"),
     pytest.param(without("epochs/validation_accuracy"), r"lacks /epochs/validation_accuracy", id="no validation accuracy"),
     pytest.param(without("trials"), r"lacks /trials", id="no trials"),
+    pytest.param(without("gating/layers.1"), r"lacks /gating/layers\.1", id="no gating of a layer"),
+    pytest.param(lambda run: run["layers"]["output"].attrs.__delitem__("shape"), r"lacks the attribute shape of /layers/output", id="no layer shape"),
     pytest.param(setting("config", "{not json"), r"bad config attribute \(Expecting property name enclosed in double quotes", id="config not JSON"),
     pytest.param(setting("layout_version", "three"), r"bad layout_version attribute \(invalid literal for int\(\) with base 10: 'three'\)", id="layout version not a number"),
     pytest.param(setting("seed", "zero"), r"bad seed attribute", id="seed not a number"),

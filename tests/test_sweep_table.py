@@ -1,5 +1,6 @@
 """Sweeps (local processes and submitit's local executor) and Table 1, end to end on tiny budgets."""
 
+import contextlib
 import csv
 import fcntl
 import importlib
@@ -593,23 +594,25 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
     assert run_files(tmp_path) == []
 
 
+def with_slurm_table(sweep_file, table):
+    """The sweep of ``sweep_file`` with ``table`` as its ``[slurm]`` table."""
+    sweep_file.write_text(f"{sweep_file.read_text().split('[slurm]')[0]}[slurm]\n{table}\n")
+    return load_sweep(sweep_file)
+
+
 def test_a_slurm_sweep_needs_a_time_limit(sweep_file):
     """submitit would ask SLURM for 5 minutes, and a run would fail after 4 × 5 minutes."""
     pytest.importorskip("submitit")
     with pytest.raises(ValueError, match=r"sweep\.toml: slurm\.timeout_min: missing; SLURM jobs need a time limit: give one in the \[slurm\] table, as a whole number of minutes"):
         run_sweep(load_sweep(sweep_file), executor="slurm")
     for limit in ("timeout_min", "slurm_timeout_min", "slurm_time"):  # any of them; local runs need none
-        sweep_file.write_text(f"{sweep_file.read_text().split('[slurm]')[0]}[slurm]\n{limit} = 60\n")
-        sweep_module.check_slurm_table(load_sweep(sweep_file), "slurm")
+        sweep_module.check_slurm_table(with_slurm_table(sweep_file, f"{limit} = 60"), "slurm")
     sweep_module.check_slurm_table(sweep_module.Sweep("s", (), (0,), "runs"), "submitit-local")
 
 
 def test_a_time_limit_must_outlast_submitits_signal_to_requeue(sweep_file):
-    text = sweep_file.read_text()
-
     def check(table, executor):
-        sweep_file.write_text(f"{text}[slurm]\n{table}\n")
-        sweep_module.check_slurm_table(load_sweep(sweep_file), executor)
+        sweep_module.check_slurm_table(with_slurm_table(sweep_file, table), executor)
 
     check("timeout_min = 1", "submitit-local")  # signalled 30 s before its end
     with pytest.raises(ValueError, match=r"slurm\.timeout_min: expected a whole number of minutes, longer than the 90 s before its end at which submitit signals the job to requeue it, got 1"):
@@ -619,6 +622,34 @@ def test_a_time_limit_must_outlast_submitits_signal_to_requeue(sweep_file):
         check("timeout_min = 4\nslurm_signal_delay_s = 300", "slurm")
     with pytest.raises(ValueError, match=r"slurm\.slurm_signal_delay_s: expected an integer >= 1, got 0"):
         check("timeout_min = 4\nslurm_signal_delay_s = 0", "slurm")
+    # Signalled before min(0.8 T, T - 600 s), a job counts as preempted, and is requeued without end.
+    check("timeout_min = 60\nslurm_signal_delay_s = 660", "slurm")
+    with pytest.raises(ValueError, match=r"slurm\.slurm_signal_delay_s: 661 s before the end of timeout_min = 60 is too early: .* requeue it without end; give at most 660$"):
+        check("timeout_min = 60\nslurm_signal_delay_s = 661", "slurm")
+    with pytest.raises(ValueError, match=r"slurm\.slurm_signal_delay_s: 541 s before the end of slurm_time = 20 is too early: .*; give at most 540$"):
+        check("slurm_time = 20\nslurm_signal_delay_s = 541", "slurm")
+
+
+@pytest.mark.parametrize("table, device, error", [
+    ("", "cpu", None),
+    ("", "cuda", r"slurm\.gpus_per_node: missing; --device cuda needs a GPU in every job: give gpus_per_node = 1 in the \[slurm\] table$"),
+    ("gpus_per_node = 0", "cuda", r"slurm\.gpus_per_node: missing"),
+    ("gpus_per_node = 1", "cuda", None),
+    ("slurm_gres = 'gpu:a100:1'", "cuda:0", None),
+    ("gpus_per_node = 2", "cuda:1", None),
+    ("gpus_per_node = 1", "cuda:1", r"slurm\.gpus_per_node: 1 GPU\(s\) per job, which a job sees as cuda:0 to cuda:0, but --device cuda:1; use --device cuda, or more GPUs per job$"),
+])
+def test_runs_on_a_cuda_device_need_gpus_in_their_jobs(sweep_file, table, device, error):
+    """submitit shows a job only its own GPUs (none without gpus_per_node), as cuda:0 up."""
+    sweep = with_slurm_table(sweep_file, f"timeout_min = 60\n{table}")
+    for executor in ("slurm", "submitit-local"):
+        with contextlib.nullcontext() if error is None else pytest.raises(ValueError, match=error):
+            sweep_module.check_slurm_table(sweep, executor, device)
+
+
+def test_a_sweep_for_slurm_checks_the_form_of_its_device(sweep_file):
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'cdua'"):
+        run_sweep(load_sweep(sweep_file), executor="slurm", device="cdua")
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine is a SLURM node")

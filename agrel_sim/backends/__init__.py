@@ -75,13 +75,20 @@ def resolved_options(backend: str, options: dict) -> dict:
     return {**defaults, **options}
 
 
-def check_device(device) -> None:
+def check_device(device, here: bool = True):
     """Raise a clear error for a device other than cpu, cuda or cuda:N, or a CUDA device this machine lacks.
 
     Parameters
     ----------
     device : str or torch.device
         The device asked for.
+    here : bool
+        The device is used on this machine, so it must have it; with ``False`` (a device of
+        the cluster's jobs) only the form is checked.
+
+    Returns
+    -------
+    torch.device
 
     Raises
     ------
@@ -96,12 +103,13 @@ def check_device(device) -> None:
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if parsed.type == "cuda":
+    if parsed.type == "cuda" and here:
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine; use 'cpu'")
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
             raise ValueError(f"device: {device!r} requested but this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return parsed
 
 
 def check_seed(seed) -> None:
