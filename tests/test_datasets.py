@@ -294,6 +294,15 @@ def test_augmentation_is_random_per_image_and_keeps_shapes():
     assert (centre_x > 14).any() and (centre_x < 14).any(), "some images are reflected"
 
 
+def test_half_the_images_are_reflected():
+    images = torch.zeros(4000, 1, 8, 8)
+    images[:, :, :, :3] = 1.0  # a bar at the left edge
+    for flip, share in ((True, 0.5), (False, 0.0)):
+        out = augment(images, Augmentation(zoom=0.0, shift=0.0, flip=flip), torch.Generator().manual_seed(0))
+        reflected = out[:, 0, :, 5:].sum((1, 2)) > out[:, 0, :, :3].sum((1, 2))
+        assert reflected.float().mean().item() == pytest.approx(share, abs=0.03)  # 4 sigma: 0.5 ± 0.032
+
+
 @pytest.mark.parametrize("zoom", [0.0, 0.5])
 def test_shift_moves_each_image_by_up_to_the_set_fraction_in_both_directions(zoom):
     images = torch.zeros(256, 1, 28, 28)

@@ -144,11 +144,22 @@ def test_a_small_weight_decay_in_float32_is_that_of_sgd(name):
     # 1 - 1e-7 is 1 - 1.19e-7 in float32: a decay applied as a factor (1 - decay) would be 19% too strong.
     rule = Rule(name=name, learning_rate=0.01, weight_decay=1e-5, init_range=0.5, bias=True)
     net = build(ColumnNetwork((200,), [Dense(100)], 3, rule=rule), dtype=torch.float32, seed=0)
-    weights = torch.nn.Parameter(net.layers[0].ff.clone())
-    net.run_trials(torch.zeros(10, 200), torch.zeros(10, dtype=torch.long))  # silent inputs: only the decay moves layers.0.ff
-    weights.grad = torch.zeros_like(weights)
-    torch.optim.SGD([weights], lr=0.01, weight_decay=1e-5).step()
-    assert torch.equal(net.layers[0].ff, weights.detach())
+    net.layers[0].bias = -0.5 - torch.rand(100)  # every column silent, its gate shut
+    weights, bias = torch.nn.Parameter(net.layers[0].ff.clone()), torch.nn.Parameter(net.layers[0].bias.clone())
+    net.run_trials(torch.zeros(10, 200), torch.zeros(10, dtype=torch.long))  # silent inputs: only the decay moves layers.0
+    weights.grad, bias.grad = torch.zeros_like(weights), torch.zeros_like(bias)
+    torch.optim.SGD([weights, bias], lr=0.01, weight_decay=1e-5).step()
+    assert torch.equal(net.layers[0].ff, weights.detach()) and torch.equal(net.layers[0].bias, bias.detach())
+
+
+def test_dropout_silences_its_share_of_columns_and_scales_up_the_rest():
+    net = build(ColumnNetwork((20,), [Dense(1000), Dropout(0.8)], 3, rule=Rule(init_range=0.5)), dtype=torch.float64, seed=0)
+    net.layers[0].ff = torch.full((1000, 20), 0.01)  # every column active
+    images = torch.rand(50, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    columns, dropped = net.run_trials(images, torch.zeros(50, dtype=torch.long), record=True).layers[:2]
+    assert (columns.ff > 0).all()
+    assert dropped.gate.double().mean().item() == pytest.approx(0.2, abs=0.01)  # 50,000 draws: 0.2 ± 0.0018
+    torch.testing.assert_close(dropped.ff, torch.where(dropped.gate, columns.ff / 0.2, 0.0))
 
 
 def test_float64_values_beyond_float32_are_refused_by_a_float32_net():
