@@ -84,6 +84,18 @@ def test_experiment_file_with_model_path_and_rule_override(tmp_path, capsys):
     assert "data digits: 1,437 training images (100 of them for validation), 360 test images\n" in capsys.readouterr().out
 
 
+def test_a_run_resumes_from_a_moved_copy_of_its_experiment_file(tmp_path, capsys):
+    for folder in ("a", "b"):  # a checkout moved from a to b, say
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "net.toml").write_text(MODEL)
+        (tmp_path / folder / "tiny.toml").write_text(EXPERIMENT)
+    assert main(["train", str(tmp_path / "a" / "tiny.toml"), "--max-epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    with h5py.File(tmp_path / "run" / "run.h5", "a") as handle:  # as if killed
+        handle.attrs["complete"] = False
+    assert main(["train", str(tmp_path / "b" / "tiny.toml"), "--resume", "--max-epochs", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "epochs=2" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
 def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
     (tmp_path / "net.toml").write_text(MODEL + "[action_selection]\nepsilon = 0.05\ntau = 0.5\n")
     overrides = "\n[action_selection]\nepsilon = 0.1\n[neuromodulator]\nreward_wrong = -1.0\n"
@@ -102,6 +114,7 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (("learning_rate = 0.1", "learning_rate = -1.0"), r"tiny\.toml: rule\.learning_rate: expected a number > 0"),
         (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
         (("patience = 2", "patience = 2\nlr_decay_patience = 0"), r"tiny\.toml: training\.lr_decay_patience: expected an integer >= 1"),
+        (("patience = 2", "patience = 2\n[training.augmentation]\nzoom = 1"), r"tiny\.toml: training\.augmentation\.zoom: expected a fraction in \[0, 1\), got 1\.0"),
         (('model = "net.toml"', 'model = "nowhere.toml"'), r"tiny\.toml: model: .*nowhere\.toml: model file not found"),
         (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
         (("[training]", "[neuromodulator]\nreward = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward: unknown field"),
@@ -224,6 +237,18 @@ def test_finished_epochs_without_their_checkpoint_are_never_overwritten(tmp_path
     assert "run.h5: 3 finished epochs but no checkpoint.pt, so the run cannot go on; restore the checkpoint" in capsys.readouterr().err
     with h5py.File(run / "run.h5", "r") as handle:
         assert handle["epochs"]["epoch"][:].tolist() == [1, 2, 3]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "1", "--out", str(run), "--quiet"]) == 0
+    with h5py.File(run / "run.h5", "a") as handle:  # as if killed between epoch 1's record and its checkpoint
+        handle.attrs["complete"] = False
+    (run / "checkpoint.pt").unlink()
+    assert main(["train", "--resume", "--max-epochs", "2", "--out", str(run)]) == 0
+    assert f"{run}: no checkpoint to resume from; starting the run afresh" in capsys.readouterr().out
+    with h5py.File(run / "run.h5", "r") as handle:
+        assert handle.attrs["complete"] and handle["epochs"]["epoch"][:].tolist() == [1, 2]
 
 
 def test_a_run_file_that_cannot_be_read_is_never_overwritten(tmp_path, capsys):

@@ -63,6 +63,8 @@ def test_data_folder_from_environment(tmp_path, monkeypatch):
         ("train-labels-idx1-ubyte", lambda b: (0x0803).to_bytes(4, "big") + b[4:], r"wrong magic number 2051"),
         ("t10k-images-idx3-ubyte", lambda b: b + b"\0" * 28, r"longer than its header says"),
         ("t10k-labels-idx1-ubyte", lambda b: b[:8] + bytes([12] * 10), r"labels outside 0\.\.9"),
+        ("train-labels-idx1-ubyte", lambda b: b[:8] + bytes([10] * 30), r"labels outside 0\.\.9 \(found 10\.\.10\)"),
+        ("train-images-idx3-ubyte", lambda b: idx_bytes(np.zeros((31, 28, 28))), r"31 images of \(28, 28\) pixels with 30 labels; expected 28×28 images, one label each"),
     ],
 )
 def test_damaged_mnist_files_are_named(tmp_path, name, damage, message):
@@ -182,9 +184,12 @@ def test_cifar10_reader(tmp_path, str_keys, protocol):
 
 
 def test_cifar100_reader_uses_fine_labels(tmp_path):
-    write_cifar(tmp_path, "cifar-100-python", {"train": 7, "test": 5}, b"fine_labels", 100)
+    folder = write_cifar(tmp_path, "cifar-100-python", {"train": 7, "test": 5}, b"fine_labels", 100)
     data = load_dataset("cifar100", tmp_path)
     assert data.n_classes == 100 and data.train_labels.tolist() == list(range(7))
+    (folder / "test").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [99, 100]}))
+    with pytest.raises(DatasetError, match=r"test: labels outside 0\.\.99 \(found 99\.\.100\)"):
+        load_dataset("cifar100", tmp_path)
 
 
 def test_damaged_cifar_files_are_named(tmp_path):
@@ -210,6 +215,9 @@ def test_damaged_cifar_files_are_named(tmp_path):
         (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": labels}))
         with pytest.raises(DatasetError, match=r"data_batch_3: labels must be a list of integers, found " + found):
             load_dataset("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}))
+    with pytest.raises(DatasetError, match=r"data_batch_3: labels outside 0\.\.9 \(found 0\.\.10\)"):
+        load_dataset("cifar10", tmp_path)
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}))
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4}))
     with pytest.raises(DatasetError, match=r"test_batch: wrong array size: data uint8 \(0, 3072\).*N > 0"):
@@ -253,9 +261,10 @@ def test_the_fingerprint_tells_copies_of_a_data_set_apart(tmp_path):
     assert a == b, "the same images and labels, gzipped or not"
     assert a["sha256"] != c["sha256"] and (a["train"], c["train"]) == (30, 31)
     assert a == {"name": "mnist", "train": 30, "test": 10, "image_shape": [1, 28, 28], "n_classes": 10, "sha256": a["sha256"]}
-    changed = load_dataset("mnist", tmp_path / "a")
-    changed.train_labels[0] = 1
-    assert changed.fingerprint()["sha256"] != a["sha256"], "one label changed"
+    for part in ("train_labels", "test_labels", "train_images", "test_images"):
+        changed = load_dataset("mnist", tmp_path / "a")
+        getattr(changed, part).view(-1)[0] += 1
+        assert changed.fingerprint()["sha256"] != a["sha256"], f"one value of {part} changed"
 
 
 def test_embedded_data_sets():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from agrel_sim import ColumnNetwork, ConfigError, Conv2d, Dense, Rule, build, load_model
+from agrel_sim import ColumnNetwork, ConfigError, Conv2d, Dense, LocallyConnected2d, Rule, build, load_model
 from agrel_sim.network import ActionSelection, Dropout, Neuromodulator
 
 GOOD = """
@@ -110,6 +110,15 @@ def test_an_experiment_built_in_code_is_checked_like_a_file():
         run_experiment(experiment, logging={"every_batches": 5})
 
 
+def test_a_learning_rate_decay_factor_of_1_keeps_the_rate():
+    from agrel_sim.experiment import Experiment
+
+    model = {"name": "linear", "input_shape": [1, 8, 8], "layers": [], "output": {"actions": 10}}
+    for factor in (1, 1.0):
+        experiment = Experiment.from_dict({"name": "e", "model": model, "dataset": "digits", "training": {"lr_decay_factor": factor}}, "<test>")
+        assert experiment.training.lr_decay_factor == 1.0
+
+
 def test_integers_beyond_64_bits_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"layers\[2\]\.units: expected an integer >= 1, got 1000000000000000000000000000000"):
         ColumnNetwork.from_toml(write(tmp_path, GOOD.replace("units = 16", "units = 1" + "0" * 30)))
@@ -177,10 +186,19 @@ def test_bad_descriptions_in_python():
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, neuromodulator=Neuromodulator(float("nan"))), r"neuromodulator\.reward_correct: expected a finite number, got nan"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, action_selection=ActionSelection(epsilon="0.1")), r"action_selection\.epsilon: expected a probability in \[0, 1\], got '0\.1'"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=0.5, weight_decay=4)), r"rule\.weight_decay: learning_rate × weight_decay is 2; it must be below 1"),
+    (lambda: ColumnNetwork((4,), [Dense(2**63)], 3), r"layers\[0\]\.units: expected an integer >= 1, got 9223372036854775808"),
+    (lambda: ColumnNetwork((4,), [Dense(3), Dropout(1.0)], 3), r"layers\[1\]\.rate: expected a fraction in \[0, 1\), got 1\.0"),
+    (lambda: ColumnNetwork((4,), [Dropout(0.5), Dense(3)], 3), r"layers\[0\]: dropout must follow a column layer, not the input"),
+    (lambda: ColumnNetwork((1, 5, 5), [Conv2d(2, 6)], 3), r"layers\[0\]\.kernel_size: kernel 6×6 is larger than its input 5×5 \(padding 0\)"),
 ])
 def test_descriptions_built_in_python_are_checked_like_files(make, message):
     with pytest.raises(ConfigError, match=r"<python>: " + message):
         make()
+
+
+def test_a_kernel_may_cover_its_whole_padded_input():
+    assert ColumnNetwork((1, 5, 5), [Conv2d(2, 5)], 3).layer_shapes() == [(1, 5, 5), (2, 1, 1), (3,)]
+    assert ColumnNetwork((1, 3, 3), [LocallyConnected2d(2, 5, padding=1)], 3).layer_shapes() == [(1, 3, 3), (2, 1, 1), (3,)]
 
 
 def test_an_unknown_backend_is_named():

@@ -700,17 +700,34 @@ def test_figure3_leaves_out_diverged_runs_as_table1_averages_them(finished_runs,
     assert len(drawn) == 3 and notes == [f"Figure 3 leaves out 1 diverged run(s), as Table 1 leaves them out of its accuracies and epochs (a lower learning rate may help): {tmp_path / 'runs' / 'deepagrel' / 'seed1' / 'run.h5'}"]
 
 
+def test_gating_by_epoch_averages_the_batches_of_each_epoch():
+    from agrel_sim.analysis import gating_by_epoch
+
+    class Run:  # what gating_by_epoch reads of a run
+        layer_names = ["layers.0"]
+
+        def gating(self):
+            summaries = {"open_fraction": np.array([0.2, 0.4, 1.0]), "fb_mean_abs": np.array([1.0, 3.0, 5.0]), "changed_fraction": np.full(3, np.nan)}
+            return {"epoch": np.array([1, 1, 2]), "batch": np.array([0, 1, 0]), "layers.0": summaries}
+
+    row = gating_by_epoch(Run())["layers.0"]
+    assert row["epoch"].tolist() == [1, 2]
+    np.testing.assert_allclose(row["open_fraction"], [0.3, 1.0])
+    np.testing.assert_allclose(row["fb_mean_abs"], [2.0, 5.0])
+    assert np.isnan(row["changed_fraction"]).all()
+
+
 def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs():
     from agrel_sim.analysis import gating_by_outcome
 
     # Rewarded trials open more of ten gates than unrewarded ones in epochs 1 and 2 (by 1 and
     # 3), but most are in epoch 1, whose gates are mostly shut; epoch 3 has rewarded trials
     # only, and one trial of epoch 1 comes from a diverged network (Q-values NaN).
-    rows = [(1, True, 3)] * 8 + [(1, False, 2)] * 2 + [(2, True, 9)] + [(2, False, 6)] * 9 + [(3, True, 5)] * 5 + [(1, False, 10)]  # (epoch, rewarded, open gates)
+    rows = [(1, True, 3)] * 8 + [(1, False, 2)] * 2 + [(2, True, 9)] + [(2, False, 6)] * 19 + [(3, True, 5)] * 5 + [(1, False, 10)]  # (epoch, rewarded, open gates)
     epoch, rewarded = np.array([row[0] for row in rows]), np.array([row[1] for row in rows])
     gate = np.array([[1] * row[2] + [0] * (10 - row[2]) for row in rows], dtype=np.uint8)
     q = np.zeros((len(rows), 2))
-    q[-1] = np.nan
+    q[-1, 0] = np.nan  # one Q-value not finite is enough
 
     class Run:  # what gating_by_outcome reads of a run
         layer_names = ["layers.0"]
@@ -721,17 +738,17 @@ def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs
         def layer(self, name):
             return {"gate": gate, "fb": gate / 2}
 
-    assert gate[:-1][rewarded[:-1]].mean() - gate[:-1][~rewarded[:-1]].mean() == pytest.approx(5.8 / 14 - 5.8 / 11), "pooled, the difference reverses"
+    assert gate[:-1][rewarded[:-1]].mean() - gate[:-1][~rewarded[:-1]].mean() == pytest.approx(5.8 / 14 - 11.8 / 21), "pooled, the difference reverses"
     row = gating_by_outcome(Run())["layers.0"]
     assert row["epoch"].tolist() == [1, 2, 3]
-    assert row["trials_rewarded"].tolist() == [8, 1, 5] and row["trials_unrewarded"].tolist() == [2, 9, 0], "the diverged trial left out"
+    assert row["trials_rewarded"].tolist() == [8, 1, 5] and row["trials_unrewarded"].tolist() == [2, 19, 0], "the diverged trial left out"
     np.testing.assert_allclose(row["open_fraction_rewarded"], [0.3, 0.9, 0.5])
     np.testing.assert_allclose(row["open_fraction_unrewarded"], [0.2, 0.6, np.nan])
-    weights = np.array([8 * 2 / 10, 1 * 9 / 10])  # epoch 3 counts for nothing
-    assert row["open_fraction_difference"] == pytest.approx(np.sum(weights * [0.1, 0.3]) / weights.sum())  # 0.172, not 0.2 unweighted
+    weights = np.array([8 * 2 / 10, 1 * 19 / 20])  # n_r·n_u / (n_r + n_u); epoch 3 counts for nothing
+    assert row["open_fraction_difference"] == pytest.approx(np.sum(weights * [0.1, 0.3]) / weights.sum())  # 0.174, not 0.2 unweighted
     assert row["fb_mean_abs_difference"] == pytest.approx(row["open_fraction_difference"] / 2)
-    epoch[:] = [1] * 13 + [2] * 13
-    rewarded[:] = [True] * 13 + [False] * 13  # no epoch with both outcomes: nothing to compare
+    epoch[:] = [1] * 18 + [2] * 18
+    rewarded[:] = [True] * 18 + [False] * 18  # no epoch with both outcomes: nothing to compare
     row = gating_by_outcome(Run())["layers.0"]
     assert np.isnan(row["open_fraction_difference"]) and np.isnan(row["open_fraction_unrewarded"][0])
 
@@ -1271,6 +1288,8 @@ def test_the_trial_figure_marks_the_chosen_action_and_names_lines_and_phases(tra
 def test_analyze_draws_the_traced_trial_asked_for(traced_run, tmp_path, monkeypatch, capsys):
     figures = drawn_figures(monkeypatch)
     folder = traced_run[0].parent
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "last")]) == 0
+    assert [fig.get_suptitle() for fig in figures if "trial 8 (epoch 1, batch 1)" in fig.get_suptitle()], "by default the last traced trial"
     assert main(["analyze", str(folder), "--out", str(tmp_path / "figures"), "--trial", "1"]) == 0
     assert [fig.get_suptitle() for fig in figures if "trial 4 (epoch 1, batch 0)" in fig.get_suptitle()], "the second traced trial"
     capsys.readouterr()

@@ -183,6 +183,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, c
     assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data")]) == 1
     captured = capsys.readouterr()
     assert captured.out.count("FAILED") == 2 and "MNIST not found" in captured.out
+    assert f"{tmp_path / 'no-data'}/MNIST/raw" in captured.out, "the runs searched the sweep's --data-dir"
     assert "run the same command again" in captured.err
     assert len(run_files(tmp_path / "runs")) == 2
 
@@ -520,11 +521,14 @@ def test_submitit_local_jobs_get_a_week_unless_the_slurm_table_says_otherwise(sw
 
 
 def crashing_execute(task):
-    """:func:`execute`, but seed 1 of tiny_ebp kills its own process, and seed 0 of tiny_deepagrel
-    waits for seed 1 of tiny_deepagrel to finish first."""
+    """:func:`execute`, but seed 1 of tiny_ebp kills its own process, seed 0 of tiny_ebp ends its
+    process with status 0 and no result, and seed 0 of tiny_deepagrel waits for seed 1 of
+    tiny_deepagrel to finish first."""
     folder = Path(task.folder)
     if folder.parent.name == "tiny_ebp" and task.seed == 1:
         os.kill(os.getpid(), signal.SIGKILL)
+    if folder.parent.name == "tiny_ebp" and task.seed == 0:
+        os._exit(0)
     if folder.parent.name == "tiny_deepagrel" and task.seed == 0:
         deadline = time.monotonic() + 60
         while not is_complete(folder.parent / "seed1") and time.monotonic() < deadline:
@@ -537,9 +541,10 @@ def test_a_killed_run_fails_alone_and_each_outcome_is_logged_as_its_run_ends(swe
     assert main(["sweep", str(sweep_file), "--jobs", "2"]) == 1
     out = capsys.readouterr().out
     assert re.search(r"FAILED \S*tiny_ebp\.toml seed=1: its process was killed by signal SIGKILL", out), out
-    assert out.count("FAILED") == 1, out
+    assert re.search(r"FAILED \S*tiny_ebp\.toml seed=0: its process exited with status 0 without a result", out), out
+    assert out.count("FAILED") == 2, out
     assert out.index("tiny_deepagrel seed=1:") < out.index("tiny_deepagrel seed=0:"), out
-    assert run_files(tmp_path / "runs" / "tiny") == ["tiny_deepagrel/seed0/run.h5", "tiny_deepagrel/seed1/run.h5", "tiny_ebp/seed0/run.h5"]
+    assert run_files(tmp_path / "runs" / "tiny") == ["tiny_deepagrel/seed0/run.h5", "tiny_deepagrel/seed1/run.h5"]
 
 
 def test_a_sweep_refuses_two_entries_that_would_run_in_one_folder(sweep_file, tmp_path, capsys):
