@@ -379,9 +379,10 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
 
     For DeepAGREL the share of rewarded training trials, for EBP one minus the training error
     (the share of correct greedy choices). Only the runs whose accuracy and epochs Table 1
-    averages count (:func:`in_figure3`): complete, not diverged. Runs stop at different epochs: each epoch averages the runs that reached
-    it. Runs are grouped and checked by :func:`table_rows`, so runs of different data sets,
-    networks or settings never share a curve.
+    averages count (:func:`in_figure3`): complete, not diverged. Runs stop at different epochs:
+    each epoch averages the runs that reached it. Runs are grouped and checked by
+    :func:`table_rows`, so runs of different data sets, networks or settings never share a
+    curve.
 
     Returns
     -------

@@ -162,7 +162,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(partial, path)
 
 
-DAMAGED_CHECKPOINT = "restore it from a copy, or move the run folder away and train the run again (its run file keeps the finished epochs for analysis)"
+_DAMAGED_CHECKPOINT = "restore it from a copy, or move the run folder away and train the run again (its run file keeps the finished epochs for analysis)"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -170,9 +170,9 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several kinds for a damaged file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); {DAMAGED_CHECKPOINT}") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); {_DAMAGED_CHECKPOINT}") from None
     if not isinstance(state, dict) or "epoch" not in state:
-        raise ValueError(f"{path}: not a checkpoint of agrel-sim; {DAMAGED_CHECKPOINT}")
+        raise ValueError(f"{path}: not a checkpoint of agrel-sim; {_DAMAGED_CHECKPOINT}")
     if "learning_rate" not in state or "trials_run" not in state:
         raise ValueError(f"{path}: a checkpoint of an older agrel-sim, which this version cannot resume; start the run again in a new folder")
     return state
