@@ -19,7 +19,7 @@ import numpy as np
 from agrel_sim.config import is_count
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions
 from agrel_sim.runs import NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown, top_setting
-from agrel_sim.table import row_key
+from agrel_sim.table import is_diverged, row_key
 
 
 class RunFileError(ValueError):
@@ -353,14 +353,9 @@ def averaged(run: Run) -> bool:
     return run.complete and run.result is not None
 
 
-def diverged(run: Run) -> bool:
-    """Whether the run ended because its loss ran off to inf or NaN."""
-    return run.result is not None and bool(run.result.get("diverged", False))
-
-
 def in_figure3(run: Run) -> bool:
     """Whether Figure 3 averages the run: the runs whose accuracy and epochs Table 1 averages."""
-    return averaged(run) and not diverged(run)
+    return averaged(run) and not is_diverged(run.result)
 
 
 def table1_records(runs: list[Run]) -> list[dict]:
@@ -512,7 +507,7 @@ def summary(run: Run) -> str:
     ]
     if run.result is not None:
         r = run.result
-        diverged = " diverged=True" if r.get("diverged", False) else ""
+        diverged = " diverged=True" if is_diverged(r) else ""
         lines.append(f"  result: test_acc={r['test_accuracy']:.4f} best_epoch={r['best_epoch']} epochs={r['epochs']} converged={bool(r['converged'])}{diverged} time={r['seconds']:.1f}s")
     if run.sessions and run.sessions[0].get("from_epoch") != 0:
         lines.append(f"  sessions before epoch {run.sessions[0].get('from_epoch')}: not recorded (agrel-sim 0.2.0 or older)")
@@ -813,7 +808,7 @@ def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
     incomplete = [str(run.path) for run in runs if not averaged(run)]
     if incomplete:
         notes.append(f"Figure 3 leaves out {len(incomplete)} incomplete run(s), as Table 1 does (still running, killed or crashed): {', '.join(incomplete)}")
-    ran_off = [str(run.path) for run in runs if averaged(run) and diverged(run)]
+    ran_off = [str(run.path) for run in runs if averaged(run) and is_diverged(run.result)]
     if ran_off:
         notes.append(f"Figure 3 leaves out {len(ran_off)} diverged run(s), as Table 1 leaves them out of its accuracies and epochs (a lower learning rate may help): {', '.join(ran_off)}")
     rows: dict[tuple, list[Run]] = {}

@@ -15,7 +15,7 @@ from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, Run, a
 from agrel_sim.experiment import default_experiment, load_experiment
 from agrel_sim.runs import DTYPES, MAX_SEED, default_run_folder, run_experiment
 from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
-from agrel_sim.table import is_capped, markdown, table1, write_csv
+from agrel_sim.table import is_capped, is_diverged, markdown, table1, write_csv
 
 
 def _train(args) -> int:
@@ -79,7 +79,7 @@ def _table(args) -> int:
     except OSError as error:
         raise ValueError(f"{csv_path}: cannot write the CSV ({error.strerror}); give a writable path with --csv") from None
     print(f"\n{len(records)} runs; CSV written to {csv_path}")
-    diverged = [str(record["path"]) for record in records if record["result"].get("diverged", False)]
+    diverged = [str(record["path"]) for record in records if is_diverged(record["result"])]
     if diverged:
         print(f"{len(diverged)} diverged run(s), counted as not converged and left out of the accuracies and epochs (a lower learning rate may help): {', '.join(diverged)}")
     at_max_epochs = [str(record["path"]) for record in records if is_capped(record["result"])]

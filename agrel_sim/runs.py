@@ -61,15 +61,16 @@ def locked(folder: Path):
     folder that runs starting at the same moment share may stay, empty).
     """
     made = [path for path in (folder, *folder.parents) if not path.exists()]
-    for attempt in range(1, 6):
+    for _ in range(5):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             break
         except FileNotFoundError:  # a parent just removed by another run's failed start (below), in a sweep: make it again
-            if attempt == 5:
-                raise ValueError(f"{folder}: cannot make the run folder (its parent folders keep disappearing); choose another --out") from None
+            continue
         except OSError as error:  # a file in the way, no permission, a read-only disk
             raise ValueError(f"{folder}: cannot make the run folder ({error.strerror}); choose another --out") from None
+    else:
+        raise ValueError(f"{folder}: cannot make the run folder (its parent folders keep disappearing); choose another --out")
     try:
         lock = open(folder / LOCK_FILE, "w")
     except OSError as error:

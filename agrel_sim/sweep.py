@@ -446,22 +446,24 @@ def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
     # more than that waits in the queue forever where the cluster does not refuse it.
     if executor == "slurm" and not set(limits) & set(sweep.slurm):
         raise table.error("timeout_min", f"missing; SLURM jobs need a time limit: give one in the [slurm] table, as {minutes}, within the partition's limit")
-    for key in limits if executor == "slurm" else ():
-        if key in sweep.slurm:
-            # submitit takes a signalled job for one out of time only once it has run
-            # min(0.8 T, T - 600 s); a minute is left for the job's start.
-            latest = max(12 * sweep.slurm[key], 600) - 60
-            if slurm_delay > latest:
-                raise table.error(
-                    "slurm_signal_delay_s",
-                    f"{slurm_delay} s before the end of {key} = {sweep.slurm[key]} is too early: submitit would take the job for a preempted"
-                    f" one, not one out of time, and requeue it without end; give at most {latest}",
-                )
-    gpus = sweep.slurm.get("slurm_gpus_per_node", sweep.slurm.get("gpus_per_node"))
+    given = [key for key in limits if key in sweep.slurm] if executor == "slurm" else []
+    for key in given:
+        # submitit takes a signalled job for one out of time only once it has run
+        # min(0.8 T, T - 600 s); a minute is left for the job's start.
+        latest = max(12 * sweep.slurm[key], 600) - 60
+        if slurm_delay > latest:
+            raise table.error(
+                "slurm_signal_delay_s",
+                f"{slurm_delay} s before the end of {key} = {sweep.slurm[key]} is too early: submitit would take the job for a preempted"
+                f" one, not one out of time, and requeue it without end; give at most {latest}",
+            )
     parsed = check_device(device, here=False)
-    if parsed.type == "cuda" and not gpus and "gpu" not in str(sweep.slurm.get("slurm_gres", "")):
+    if parsed.type != "cuda":
+        return
+    gpus = sweep.slurm.get("slurm_gpus_per_node", sweep.slurm.get("gpus_per_node"))
+    if not gpus and "gpu" not in str(sweep.slurm.get("slurm_gres", "")):
         raise table.error("gpus_per_node", f"missing; --device {device} needs a GPU in every job: give gpus_per_node = 1 in the [slurm] table")
-    if parsed.type == "cuda" and isinstance(gpus, int) and parsed.index is not None and parsed.index >= gpus:
+    if isinstance(gpus, int) and parsed.index is not None and parsed.index >= gpus:
         raise table.error(
             "gpus_per_node",
             f"{gpus} GPU(s) per job, which a job sees as cuda:0 to cuda:{gpus - 1}, but --device {device}; use --device cuda, or more GPUs per job",

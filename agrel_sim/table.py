@@ -14,9 +14,14 @@ from agrel_sim.runs import CHECKPOINT_FILE, RUN_FILE
 RULES = ("deepagrel", "ebp")
 
 
+def is_diverged(result: dict) -> bool:
+    """Whether a run stopped because its loss ran off to inf or NaN."""
+    return bool(result.get("diverged", False))  # runs written before divergence was recorded had not
+
+
 def is_capped(result: dict) -> bool:
     """Whether a run reached ``max_epochs`` before the stopping criterion (and did not diverge)."""
-    return not result["converged"] and not result.get("diverged", False)  # runs written before divergence was recorded had not
+    return not result["converged"] and not is_diverged(result)
 
 
 @dataclass
@@ -41,7 +46,7 @@ class RuleStats:
         result = record["result"]
         self.seeds.append(record["seed"])
         self.converged.append(bool(result["converged"]))
-        if not result.get("diverged", False):
+        if not is_diverged(result):
             self.accuracies.append(result["test_accuracy"])
             self.epochs.append(result["epochs"])
             self.capped += is_capped(result)

@@ -304,10 +304,10 @@ def weights_to_set(value, shape, name: str, dtype):
         raise ValueError(f"{name}: expected real numbers, got {value.dtype}")
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name}: expected a tensor of shape {tuple(shape)}, got {tuple(value.shape)}")
-    if value.is_floating_point() and not torch.isfinite(value).all():  # makes the host wait for a GPU: weights are set between batches
-        raise ValueError(f"{name}: values must be finite (got NaN or inf)")
     converted = value.to(dtype)
-    if not torch.isfinite(converted).all():
+    if not torch.isfinite(converted).all():  # makes the host wait for a GPU: weights are set between batches
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{name}: values must be finite (got NaN or inf)")
         raise ValueError(f"{name}: values must be finite in {dtype}, whose largest is {torch.finfo(dtype).max:.4g}; got {value.abs().max().item():.4g}")
     return converted
 
