@@ -72,12 +72,12 @@ def _table(args) -> int:
     if not records:
         raise ValueError(f"{args.runs}: no complete runs here" + (f"; {left_out}" if incomplete else ""))
     table = table1(records)
-    print(markdown(table))
     csv_path = Path(args.csv) if args.csv else _beside(args.runs, "table1.csv")
     try:
-        write_csv(table, csv_path)
+        write_csv(table, csv_path)  # before the table is printed, so that a refused path is the only output
     except OSError as error:
         raise ValueError(f"{csv_path}: cannot write the CSV ({error.strerror}); give a writable path with --csv") from None
+    print(markdown(table))
     print(f"\n{len(records)} runs; CSV written to {csv_path}")
     diverged = [str(record["path"]) for record in records if is_diverged(record["result"])]
     if diverged:

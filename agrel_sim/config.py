@@ -47,53 +47,59 @@ def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file, turning syntax errors into a :class:`ConfigError` naming the file."""
     try:
         with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
+            raw = handle.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; give the path of a .toml file") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder; give the path of a .toml file") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the file ({error.strerror}); check its permissions") from None
-    except ValueError as error:  # an integer of thousands of digits, say
+    if b"\0" in raw:  # no text file holds a NUL byte
+        raise ConfigError(f"{path}: not TOML but a binary file (a run file or a checkpoint?); give the path of a .toml file")
+    try:
+        return tomllib.loads(raw.decode())
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
+    except ValueError as error:  # TOMLDecodeError, or an integer of thousands of digits, say
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
 
-def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str) -> Path:
+def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, what: str | None = None) -> Path:
     """Find a ``kind`` file (``"model"``, ``"experiment"``) given as a path or as a name.
 
     A path ends in ``.toml`` or is an existing file; anything else is a name, looked up as
     ``NAME.toml`` in the folders of ``$env_var`` (``os.pathsep`` separated), then ``./<kind>s``
     and the repository's ``<kind>s/`` folder (so a run folder named like an experiment does not
-    hide it).
+    hide it). ``what`` names the file sought in messages (default: ``kind``), where it is one
+    that lives among the ``kind`` files (a sweep among the experiments).
 
     Raises
     ------
     ConfigError
         Listing every path tried, when no file is found.
     """
+    what = what or kind
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.is_file():
         if path.is_dir():
-            raise ConfigError(f"{path}: is a folder; give the path of a {kind} file (.toml)")
+            raise ConfigError(f"{path}: is a folder; give the path of a {what} file (.toml)")
         if not path.is_file():
-            raise ConfigError(f"{path}: {kind} file not found")
+            raise ConfigError(f"{path}: {what} file not found")
         return path
     folders = [Path(p) for p in os.environ.get(env_var, "").split(os.pathsep) if p]
     for folder in folders:  # a misspelt folder would otherwise let a file of the same name elsewhere be used
         if not folder.is_dir():
             raise ConfigError(f"{env_var}: {folder} is not a folder; set {env_var} to folders of {kind} files, separated by {os.pathsep!r}")
     folders += [Path.cwd() / f"{kind}s", Path(__file__).resolve().parent.parent / f"{kind}s"]
-    tried = [folder / f"{name_or_path}.toml" for folder in folders]
+    tried = list(dict.fromkeys(folder / f"{name_or_path}.toml" for folder in folders))  # a path given is one candidate, whatever the folders
     for candidate in tried:
         if candidate.is_file():
             return candidate
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of a {what} file (.toml), or the name of one")
     listing = "\n  ".join(str(p) for p in tried)
     raise ConfigError(
-        f"{kind} {str(name_or_path)!r} not found; tried:\n  {listing}\n"
+        f"{what} {str(name_or_path)!r} not found; tried:\n  {listing}\n"
         f"give a path to a .toml file, or set {env_var} to a folder of {kind}s"
     )
 

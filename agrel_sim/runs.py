@@ -334,12 +334,12 @@ def run_experiment(
                 if checkpoint.exists():
                     raise ValueError(f"{checkpoint}: a checkpoint without its run file {RUN_FILE}; restore the run file, or choose another --out")
         data = load_dataset(experiment.dataset, data_dir)
-        if log is not None:  # a short or padded copy of a data set shows here
-            log(f"data {data.name}: {len(data.train_labels):,} training images ({experiment.training.validation_size:,} of them for validation), {len(data.test_labels):,} test images")
         try:
             check_fits(experiment.model, data, experiment.training)
         except ValueError as error:
             raise ValueError(f"{experiment.source}: {error}") from None
+        if log is not None:  # a short or padded copy of a data set shows here
+            log(f"data {data.name}: {len(data.train_labels):,} training images ({experiment.training.validation_size:,} of them for validation), {len(data.test_labels):,} test images")
         if folder is not None:
             config = run_config(experiment, device, dtype, data.fingerprint())
             plan, state = resume_plan(folder, stored_config(config, logging), seed) if resume else ("start", None)

@@ -78,7 +78,10 @@ class Sweep:
     def from_toml(cls, path: str | os.PathLike) -> "Sweep":
         """Read a sweep file; a bad entry raises :class:`ConfigError` naming the file and the field."""
         path = Path(path)
-        top = Fields(read_toml(path), str(path))
+        table = read_toml(path)
+        if "experiments" not in table and "model" in table:
+            raise ConfigError(f"{path}: an experiment file (it names a model): run it with `agrel-sim train`, or list it in a sweep file's experiments")
+        top = Fields(table, str(path))
         name = top.get("name", str, default=path.stem)
         entries = top.get("experiments", list, check=lambda v: v and all(isinstance(e, str) for e in v), hint="a non-empty list of experiment names or paths")
         experiments = []
@@ -96,7 +99,7 @@ class Sweep:
 
 def load_sweep(name_or_path: str | os.PathLike) -> Sweep:
     """Load a sweep file by path, or by name from the experiment search path."""
-    return Sweep.from_toml(find_named_file(name_or_path, "experiment", "AGREL_SIM_EXPERIMENTS"))
+    return Sweep.from_toml(find_named_file(name_or_path, "experiment", "AGREL_SIM_EXPERIMENTS", what="sweep"))
 
 
 @dataclass(frozen=True)
@@ -478,6 +481,18 @@ def _submitit_executor(executor: str, out: Path, sweep: Sweep, device: str = "cp
         raise ValueError("executor: submitit is not installed; pip install 'agrel-sim[slurm]'") from None
     check_slurm_table(sweep, executor, device)
     folder = out / "submitit"
+    made = [path for path in (*reversed(folder.parents), folder) if not path.exists()]  # the local executor makes its folder at once
+    try:
+        return _configured_executor(submitit, executor, folder, sweep)
+    except ValueError:  # a refused parameter: the sweep stops with nothing run, and leaves no empty folder
+        for path in reversed(made):
+            with contextlib.suppress(OSError):  # one that is not empty is not removed
+                path.rmdir()
+        raise
+
+
+def _configured_executor(submitit, executor: str, folder: Path, sweep: Sweep):
+    """The submitit executor of :func:`_submitit_executor`, its jobs' files in ``folder``."""
     try:
         runner = submitit.AutoExecutor(
             folder=folder / "%j", cluster="slurm" if executor == "slurm" else "local",

@@ -149,6 +149,29 @@ def test_an_experiment_file_that_is_not_utf8_is_named(tmp_path, capsys):
     assert re.search(r"tiny\.toml: not valid TOML: TOML files are UTF-8 text, and this one is not .*save it as UTF-8", capsys.readouterr().err)
 
 
+def test_a_run_file_or_a_checkpoint_given_as_the_experiment_is_named(tmp_path, capsys):
+    h5py.File(tmp_path / "run.h5", "w").close()
+    torch.save({"epoch": 1}, tmp_path / "checkpoint.pt")
+    for path in (tmp_path / "run.h5", tmp_path / "checkpoint.pt"):
+        assert main(["train", str(path)]) == 2
+        assert capsys.readouterr().err == f"agrel-sim: error: {path}: not TOML but a binary file (a run file or a checkpoint?); give the path of a .toml file\n"
+
+
+def test_a_folder_given_as_the_experiment_or_the_sweep_is_named(tmp_path, capsys):
+    (tmp_path / "settings").mkdir()
+    for command in ("train", "sweep"):
+        assert main([command, str(tmp_path / "settings")]) == 2
+        what = "experiment" if command == "train" else "sweep"
+        assert capsys.readouterr().err == f"agrel-sim: error: {tmp_path / 'settings'}: is a folder; give the path of a {what} file (.toml), or the name of one\n"
+
+
+def test_an_experiment_given_as_the_sweep_or_a_missing_sweep_is_named(tmp_path, capsys):
+    assert main(["sweep", "mnist_fc3_deepagrel"]) == 2
+    assert re.fullmatch(r"agrel-sim: error: \S*mnist_fc3_deepagrel\.toml: an experiment file \(it names a model\): run it with `agrel-sim train`, or list it in a sweep file's experiments\n", capsys.readouterr().err)
+    assert main(["sweep", "table1x"]) == 2
+    assert re.match(r"agrel-sim: error: sweep 'table1x' not found; tried:\n.*table1x\.toml", capsys.readouterr().err)
+
+
 def test_a_model_file_given_as_the_experiment_is_named(tmp_path, capsys):
     (tmp_path / "net.toml").write_text(MODEL)
     assert main(["train", str(tmp_path / "net.toml")]) == 2
@@ -321,15 +344,18 @@ def test_a_validation_split_larger_than_the_data_names_the_file_and_field(tmp_pa
     (tmp_path / "net.toml").write_text(MODEL)
     (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace("validation_size = 100", "validation_size = 1437"))
     assert main(["train", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert re.search(r"tiny\.toml: training\.validation_size: expected 0 < validation_size < 1437 \(the training images of 'digits'\), got 1437", err), err
+    assert "of them for validation" not in out, "no line of sizes that do not fit"
     assert not (tmp_path / "run").exists()
 
 
 def test_table_names_a_csv_path_it_cannot_write(tmp_path, capsys):
     assert main(["train", "--max-epochs", "1", "--quiet", "--out", str(tmp_path / "runs" / "seed0")]) == 0
+    capsys.readouterr()
     assert main(["table", str(tmp_path / "runs"), "--csv", str(tmp_path / "no_folder" / "t.csv")]) == 2
-    assert f"{tmp_path / 'no_folder' / 't.csv'}: cannot write the CSV (No such file or directory); give a writable path with --csv" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == "" and f"{tmp_path / 'no_folder' / 't.csv'}: cannot write the CSV (No such file or directory); give a writable path with --csv" in err
 
 
 def test_the_experiment_file_sets_what_the_run_file_samples(tmp_path):

@@ -994,6 +994,14 @@ def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs
     assert [line[:12] for line in lines[1:-1]] == ["  session 1:"]
 
 
+def test_analyze_draws_no_figure3_when_every_run_is_incomplete(finished_runs, tmp_path, capsys):
+    killed_in_its_first_epoch(finished_runs / "ebp" / "seed0" / "run.h5", tmp_path / "runs" / "ebp" / "seed0" / "run.h5", seed=0)
+    assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
+    out, err = capsys.readouterr()
+    assert "holds 0 finished epochs" in err and "Figure 3 leaves out 1 incomplete run(s)" in out and "\n3 figures written to " in out
+    assert not (tmp_path / "figures" / "reward_curves.png").exists()
+
+
 @pytest.mark.parametrize("cause", ["a file there", "no permission"])
 def test_a_figure_folder_that_cannot_be_written_is_named(finished_runs, tmp_path, capsys, monkeypatch, cause):
     out = tmp_path / "figures"

@@ -581,6 +581,7 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
         assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
         err = capsys.readouterr().err
         assert re.fullmatch(rf"agrel-sim: error: \S*sweep\.toml: {error}.*\n", err, re.DOTALL) and "Traceback" not in err, err
+        assert not (tmp_path / "runs").exists(), "a refused table leaves no folder"
     sweep_file.write_text(f"{text}[slurm]\nlocal_timeout_min = 0.52\n")  # 31 s
     sweep_module.check_slurm_table(load_sweep(sweep_file), "submitit-local")
     # A value that submitit takes unchecked, and fails on as it starts the first job: nothing has run.
@@ -799,9 +800,9 @@ def test_table_never_writes_its_csv_over_a_runs_files(sweep_file, tmp_path, caps
     for path in (*kept, tmp_path / "elsewhere" / "run.h5"):
         capsys.readouterr()
         assert main(["table", "runs", "--csv", str(path)]) == 2
-        assert capsys.readouterr().err == (
+        assert capsys.readouterr() == ("", (
             f"agrel-sim: error: {path}: not a path for the CSV: run.h5, checkpoint.pt and HDF5 files hold runs, which the CSV would overwrite; give another path with --csv\n"
-        )
+        )), "the error is the only output"
     assert {path: path.read_bytes() for path in kept} == kept
 
 
