@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from agrel_sim.config import is_count
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions
-from agrel_sim.runs import NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown, top_setting
+from agrel_sim.runs import NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
 from agrel_sim.table import is_diverged, row_key
 
 
@@ -105,7 +106,7 @@ class Run:
     def layer(self, name: str) -> dict[str, np.ndarray]:
         """Traces of one layer for the logged trials: units, ff, fb, gate; and its ``shape``."""
         with h5py.File(self.path, "r") as handle:
-            if name not in handle["layers"]:
+            if not isinstance(name, str) or name not in handle["layers"]:
                 raise RunFileError(f"{self.path}: no layer {name!r} is recorded; the layers are {', '.join(self.layer_names)}")
             group = handle["layers"][name]
             return {**{key: _read(group, key) for key in ("units", "ff", "fb", "gate")}, "shape": tuple(group.attrs["shape"])}
@@ -340,7 +341,7 @@ def table_rows(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, list[Run
 
 
 def _listed(keys: list[str], first: dict, second: dict) -> str:
-    return "; ".join(f"{key}: {shown(first, key)} and {shown(second, key)}" for key in keys)
+    return "; ".join(f"{key}: {shown_leaf(first, key)} and {shown_leaf(second, key)}" for key in keys)
 
 
 def averaged(run: Run) -> bool:
@@ -386,6 +387,8 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
         ``two_sigma`` (twice the sample standard deviation, NaN where fewer than 2 runs reached
         the epoch) and ``runs`` (how many runs each epoch averages), arrays of one length.
     """
+    if isinstance(runs, (str, Path)) or not all(isinstance(run, Run) for run in runs):
+        raise ValueError(f"runs: expected a list of Run objects (load_runs(path) reads a folder of them), got {reprlib.repr(runs)}")
     curves = {}
     for row, rules in sorted(table_rows([run for run in runs if in_figure3(run)]).items()):
         curves[row] = {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from agrel_sim.config import is_count, is_fraction
+from agrel_sim.config import check_instance, is_count, is_fraction, shown
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Augmentation:
 
     def __post_init__(self):
         if not is_count(self.factor):
-            raise ValueError(f"augmentation.factor: expected an integer >= 1, got {self.factor!r}")
+            raise ValueError(f"augmentation.factor: expected an integer >= 1, got {shown(self.factor)}")
         for key in ("zoom", "shift"):
             if not is_fraction(getattr(self, key)):
                 raise ValueError(f"augmentation.{key}: expected a fraction in [0, 1), got {getattr(self, key)!r}")
@@ -52,6 +52,10 @@ def augment(images: torch.Tensor, settings: Augmentation, generator: torch.Gener
 
     Pixels that come from outside the image repeat its border (as Keras' ``fill_mode="nearest"``).
     """
+    check_instance("settings", settings, Augmentation)
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4):
+        shown_images = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: augment expects a batch of images (B, C, H, W), got {shown_images}")
     if not images.is_floating_point():
         raise TypeError(f"images: augment expects a floating-point batch (scale integer pixels first), got {images.dtype}")
     batch = images.shape[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import reprlib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,24 @@ class ConfigError(ValueError):
 
 
 def is_count(value, minimum: int = 1) -> bool:
-    """An integer (not a bool) of at least ``minimum`` that fits in 64 bits, as torch needs."""
+    """A Python integer (not a bool) of at least ``minimum`` that fits in 64 bits, as torch needs.
+
+    NumPy integers are refused, as settings are stored as JSON (:func:`shown` says why in messages).
+    """
     return isinstance(value, int) and not isinstance(value, bool) and minimum <= value < 2**63
+
+
+def check_instance(name: str, value, kind: type) -> None:
+    """Raise ValueError, naming the argument ``name``, unless ``value`` is a ``kind``."""
+    if not isinstance(value, kind):
+        raise ValueError(f"{name}: expected an object of class {kind.__name__}, got {type(value).__name__} {reprlib.repr(value)}")
+
+
+def shown(value) -> str:
+    """``repr(value)`` for an error message, saying what to do where a NumPy scalar was given."""
+    if isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
+        return f"{value!r} (a NumPy scalar; give a Python number: int(x) or float(x))"
+    return repr(value)
 
 
 def is_number(value, check=lambda v: True) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agrel_sim.config import is_count, is_number
+from agrel_sim.config import is_count, is_number, shown
 
 DATA_ENV = "AGREL_SIM_DATA"
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -45,7 +45,7 @@ class Dataset:
     ----------
     name : str
     train_images, test_images : Tensor of uint8, shape (N, C, H, W)
-    train_labels, test_labels : Tensor of int64, shape (N,)
+    train_labels, test_labels : Tensor of an integer dtype, shape (N,)
     scale : float
         Pixel values are multiplied by this to give activity in [0, 1].
     n_classes : int
@@ -66,7 +66,7 @@ class Dataset:
         if not is_number(self.scale, lambda v: v > 0):
             raise DatasetError(f"{where}: scale: expected a finite number > 0 (it turns pixel values into rates in [0, 1]), got {self.scale!r}")
         if not is_count(self.n_classes, 2):
-            raise DatasetError(f"{where}: n_classes: expected an integer >= 2, got {self.n_classes!r}")
+            raise DatasetError(f"{where}: n_classes: expected an integer >= 2, got {shown(self.n_classes)}")
         for part in ("train", "test"):
             images, labels = getattr(self, f"{part}_images"), getattr(self, f"{part}_labels")
             if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() >= 2):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, is_fraction, is_number, read_toml
+from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, is_fraction, is_number, read_toml, shown
 
 FEEDBACK_MODES = ("tied", "reciprocal", "independent")
 RULES = ("deepagrel", "ebp")
@@ -336,10 +336,12 @@ def check_weight_decay(learning_rate: float, weight_decay: float, where: str) ->
 def _validate(network: ColumnNetwork) -> None:
     """Check a description built in Python as strictly as one read from a file."""
     source = network.source
+    if not (isinstance(network.name, str) and network.name.strip()):
+        raise ConfigError(f"{source}: name: expected a non-empty string, got {network.name!r}")
     if len(network.input_shape) not in (1, 3) or not all(is_count(n) for n in network.input_shape):
         raise ConfigError(f"{source}: input_shape: expected [C, H, W] or [N] of positive integers, got {list(network.input_shape)}")
     if not is_count(network.n_actions, minimum=2):
-        raise ConfigError(f"{source}: output.actions: expected an integer >= 2, got {network.n_actions!r}")
+        raise ConfigError(f"{source}: output.actions: expected an integer >= 2, got {shown(network.n_actions)}")
     for index, layer in enumerate(network.layers):
         where = f"{source}: layers[{index}]"
         if not isinstance(layer, tuple(LAYER_KINDS.values())):
@@ -353,9 +355,9 @@ def _validate(network: ColumnNetwork) -> None:
         sizes = {"units": layer.units} if isinstance(layer, Dense) else {"channels": layer.channels, "kernel_size": layer.kernel_size, "stride": layer.stride}
         for key, value in sizes.items():
             if not is_count(value):
-                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {value!r}")
+                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {shown(value)}")
         if not isinstance(layer, Dense) and not is_count(layer.padding, minimum=0):
-            raise ConfigError(f"{where}.padding: expected an integer >= 0, got {layer.padding!r}")
+            raise ConfigError(f"{where}.padding: expected an integer >= 0, got {shown(layer.padding)}")
     network.layer_shapes()  # raises on geometry errors
     selection, modulator, rule = network.action_selection, network.neuromodulator, network.rule
     numbers_and_checks = {

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from agrel_sim.config import is_number
+
 
 def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.dtype,
                       generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -32,6 +34,8 @@ def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.d
         Boltzmann choice (see :func:`max_boltzmann`). ``None`` for ``epsilon == 0``, which draws
         nothing. Row i belongs to trial i.
     """
+    if not is_number(epsilon, lambda v: 0 <= v <= 1):
+        raise ValueError(f"epsilon: expected a probability of exploring, in [0, 1], got {epsilon!r}")
     if epsilon == 0:
         return None
     explore = torch.rand(batch, generator=generator, device=device) < epsilon
@@ -59,6 +63,9 @@ def max_boltzmann(q: torch.Tensor, tau: float, draws: tuple[torch.Tensor, torch.
         ``P(l)``. This is how ``torch.multinomial`` draws one sample, and with the same generator
         it gives the same actions (runs recorded with ``multinomial`` reproduce).
     """
+    check_q_values(q)
+    if not is_number(tau, lambda v: v > 0):
+        raise ValueError(f"tau: expected a temperature > 0, got {tau!r}")
     greedy = q.argmax(dim=1)
     if draws is None:
         return greedy
@@ -92,9 +99,27 @@ def select_action(q: torch.Tensor, epsilon: float, tau: float, generator: torch.
     -------
     Tensor of int64, shape (B,)
         The selected action ``s`` of each trial.
+
+    Raises
+    ------
+    ValueError
+        For ``q`` not a floating-point tensor of shape (B, L), ``epsilon`` outside [0, 1] or
+        ``tau`` not above 0 (see :func:`check_q_values` for NaN Q-values).
     """
+    check_q_values(q)
     draws = exploration_draws(q.shape[0], q.shape[1], epsilon, q.dtype, generator, q.device)
     return max_boltzmann(q, tau, draws)
+
+
+def check_q_values(q) -> None:
+    """Raise ValueError unless ``q`` is a floating-point tensor of shape (trials, actions).
+
+    Finiteness is not checked, as that would wait for the device in every batch: a NaN is the
+    greatest value to ``argmax``, so a row holding one picks it as the greedy action.
+    """
+    if not (isinstance(q, torch.Tensor) and q.is_floating_point() and q.dim() == 2 and q.shape[1] >= 1):
+        shown = f"a {q.dtype} tensor of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q: expected a floating-point tensor of Q-values, shape (trials, actions), got {shown}")
 
 
 def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, reward_wrong: float, dtype: torch.dtype) -> torch.Tensor:
@@ -104,7 +129,14 @@ def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, r
 
 
 def rpe(q: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """The global, dopamine-like reward-prediction error ``delta = r - q_s`` of each trial."""
+    """The global, dopamine-like reward-prediction error ``delta = r - q_s`` of each trial.
+
+    ``q`` (B, L) holds the Q-values, ``actions`` (B,) the selected actions ``s`` and
+    ``rewards`` (B,) the rewards ``r`` of B trials.
+    """
+    check_q_values(q)
+    if not (tuple(actions.shape) == tuple(rewards.shape) == (q.shape[0],)):
+        raise ValueError(f"actions, rewards: expected one of each per trial, shape ({q.shape[0]},) for q of shape {tuple(q.shape)}, got {tuple(actions.shape)} and {tuple(rewards.shape)}")
     return rewards - q.gather(1, actions.unsqueeze(1)).squeeze(1)
 
 

@@ -22,7 +22,7 @@ import h5py
 import torch
 
 from agrel_sim.backends import NOT_MODELLING_OPTIONS, check_device, resolved_options
-from agrel_sim.config import is_count
+from agrel_sim.config import check_instance, is_count, shown
 from agrel_sim.datasets import load_dataset
 from agrel_sim.experiment import Experiment
 from agrel_sim.recorder import LogSettings, RunFile, check_resumable, stored_config
@@ -118,7 +118,7 @@ def top_setting(key: str) -> str:
     return re.split(r"[.[]", key.removeprefix("len(").removesuffix(")"), maxsplit=1)[0]
 
 
-def shown(leaves: dict, key: str) -> str:
+def shown_leaf(leaves: dict, key: str) -> str:
     """``repr(leaves[key])``, or ``absent``: a value in a message about two settings."""
     return repr(leaves[key]) if key in leaves else "absent"
 
@@ -215,7 +215,7 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     now = settings_of(json.loads(json.dumps({"seed": seed, **config})))
     changed = [key for key in changed_settings(before, now) if top_setting(key) not in ignore and key not in ignore]
     raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]
-    differences = [f"{key}: {shown(before, key)} in the run, {shown(now, key)} now" for key in changed if key not in raised]
+    differences = [f"{key}: {shown_leaf(before, key)} in the run, {shown_leaf(now, key)} now" for key in changed if key not in raised]
     if differences:
         raise ValueError(
             f"{path}: cannot continue this run with other settings than it began with ("
@@ -315,12 +315,12 @@ def run_experiment(
     logging : LogSettings or None
         What the run file samples; ``None``: the experiment's (its ``[logging]`` table).
     """
+    check_instance("experiment", experiment, Experiment)
     logging = experiment.logging if logging is None else logging
-    if not isinstance(logging, LogSettings):
-        raise ValueError(f"logging: expected an object of class LogSettings, got {type(logging).__name__} {logging!r}")
+    check_instance("logging", logging, LogSettings)
     check_device(device)
     if not (is_count(seed, 0) and seed <= MAX_SEED):
-        raise ValueError(f"seed: expected an integer from 0 to {MAX_SEED}, got {seed!r}")
+        raise ValueError(f"seed: expected an integer from 0 to {MAX_SEED}, got {shown(seed)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     folder = Path(out) if out is not None else None

@@ -47,7 +47,7 @@ import h5py
 from tqdm import tqdm
 
 from agrel_sim.backends import check_device
-from agrel_sim.config import POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, read_toml
+from agrel_sim.config import POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, read_toml, shown
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
 from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, resume_plan, run_config
@@ -304,7 +304,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if executor not in EXECUTORS:
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
     if jobs is not None and not is_count(jobs):
-        raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {jobs!r}")
+        raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {shown(jobs)}")
     check_device(device, here=executor != "slurm")  # the machine that submits to SLURM need not have the cluster's GPUs
     out = Path(out or sweep.out)
     _check_out_folder(out)

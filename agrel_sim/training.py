@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from agrel_sim.augmentation import Augmentation, augment
-from agrel_sim.backends import build
-from agrel_sim.config import is_count, is_number
+from agrel_sim.backends import build, check_device
+from agrel_sim.config import check_instance, is_count, is_number, shown
 from agrel_sim.datasets import Dataset
 from agrel_sim.network import ColumnNetwork
 
@@ -68,7 +68,7 @@ class TrainingSettings:
     def __post_init__(self):
         for key in ("batch_size", "max_epochs", "patience", "validation_size", "eval_batch_size", "lr_decay_patience"):
             if not is_count(getattr(self, key)):
-                raise ValueError(f"{key}: expected an integer >= 1, got {getattr(self, key)!r}")
+                raise ValueError(f"{key}: expected an integer >= 1, got {shown(getattr(self, key))}")
         if not is_number(self.lr_decay_factor, lambda v: 0 < v <= 1):
             raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {self.lr_decay_factor!r}")
         if not (self.augmentation is None or isinstance(self.augmentation, Augmentation)):
@@ -137,6 +137,8 @@ def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSett
 
 def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the training and validation parts, drawn by ``seed`` (``0 < validation_size < n_train``)."""
+    if not (is_count(n_train) and is_count(validation_size) and validation_size < n_train):
+        raise ValueError(f"validation_size: expected 0 < validation_size < n_train = {shown(n_train)}, got {shown(validation_size)}")
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
     return order[validation_size:], order[:validation_size]
 
@@ -268,6 +270,9 @@ def train(
     -----
     Runs under :func:`full_precision_cudnn`.
     """
+    for name, value, kind in (("description", description, ColumnNetwork), ("data", data, Dataset), ("settings", settings, TrainingSettings)):
+        check_instance(name, value, kind)
+    check_device(device)  # before the data move there
     check_fits(description, data, settings)
 
     started = time.perf_counter()

@@ -94,3 +94,20 @@ def test_reward_and_rpe():
     assert r.tolist() == [1.0, -0.5, 1.0]
     q = torch.tensor([[0.3, 0.0, 0.0], [0.0, 0.0, 0.2], [0.0, 0.9, 0.0]], dtype=torch.float64)
     assert torch.allclose(rpe(q, actions, r), torch.tensor([0.7, -0.7, 0.1], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q: select_action(q, 1.5, 1.0), r"epsilon: expected a probability of exploring, in \[0, 1\], got 1\.5"),
+    (lambda q: select_action(q, -0.1, 1.0), r"epsilon: expected a probability of exploring, in \[0, 1\], got -0\.1"),
+    (lambda q: select_action(q, 0.1, -1.0), r"tau: expected a temperature > 0, got -1\.0"),
+    (lambda q: select_action(q, 0.0, 0.0), r"tau: expected a temperature > 0, got 0\.0"),
+    (lambda q: select_action(q[0], 0.1, 1.0), r"q: expected a floating-point tensor of Q-values, shape \(trials, actions\), got a torch\.float32 tensor of shape \(3,\)"),
+    (lambda q: select_action(q.long(), 0.1, 1.0), r"got a torch\.int64 tensor of shape \(2, 3\)"),
+    (lambda q: select_action(q.tolist(), 0.1, 1.0), r"q: expected .*, got list"),
+    (lambda q: rpe(q, torch.tensor([0, 1]), torch.tensor([[1.0], [0.0]])), r"actions, rewards: expected one of each per trial, shape \(2,\) for q of shape \(2, 3\), got \(2,\) and \(2, 1\)"),
+    (lambda q: rpe(q, torch.tensor([0, 1]), torch.tensor([1.0])), r"got \(2,\) and \(1,\)"),
+])
+def test_bad_arguments_are_named(call, message):
+    q = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]])
+    with pytest.raises(ValueError, match=message):
+        call(q)

@@ -303,6 +303,16 @@ def test_augmentation_is_random_per_image_and_keeps_shapes():
     assert (centre_x > 14).any() and (centre_x < 14).any(), "some images are reflected"
 
 
+def test_augment_names_a_wrong_batch_or_settings():
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"settings: expected an object of class Augmentation, got NoneType None"):
+        augment(torch.zeros(2, 1, 8, 8), None, generator)
+    with pytest.raises(ValueError, match=r"images: augment expects a batch of images \(B, C, H, W\), got shape \(2, 8, 8\)"):
+        augment(torch.zeros(2, 8, 8), Augmentation(), generator)
+    with pytest.raises(ValueError, match=r"images: augment expects a batch of images \(B, C, H, W\), got ndarray"):
+        augment(np.zeros((2, 1, 8, 8)), Augmentation(), generator)
+
+
 def test_half_the_images_are_reflected():
     images = torch.zeros(4000, 1, 8, 8)
     images[:, :, :, :3] = 1.0  # a bar at the left edge

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agrel_sim import ColumnNetwork, ConfigError, Conv2d, Dense, LocallyConnected2d, Rule, build, load_model
@@ -190,6 +191,9 @@ def test_bad_descriptions_in_python():
     (lambda: ColumnNetwork((4,), [Dense(3), Dropout(1.0)], 3), r"layers\[1\]\.rate: expected a fraction in \[0, 1\), got 1\.0"),
     (lambda: ColumnNetwork((4,), [Dropout(0.5), Dense(3)], 3), r"layers\[0\]: dropout must follow a column layer, not the input"),
     (lambda: ColumnNetwork((1, 5, 5), [Conv2d(2, 6)], 3), r"layers\[0\]\.kernel_size: kernel 6×6 is larger than its input 5×5 \(padding 0\)"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, name=3), r"name: expected a non-empty string, got 3"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, name=" "), r"name: expected a non-empty string, got ' '"),
+    (lambda: ColumnNetwork((4,), [Dense(np.int64(3))], 3), r"layers\[0\]\.units: expected an integer >= 1, got np\.int64\(3\) \(a NumPy scalar; give a Python number: int\(x\) or float\(x\)\)"),
 ])
 def test_descriptions_built_in_python_are_checked_like_files(make, message):
     with pytest.raises(ConfigError, match=r"<python>: " + message):

@@ -642,11 +642,17 @@ def test_activity_maps_share_one_scale_for_gates_and_centre_feedback_on_zero(fin
 
 
 def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_path):
-    from agrel_sim.analysis import plot_activity_maps
+    from agrel_sim.analysis import plot_activity_maps, reward_curves
 
     run = load_run(finished_runs / "ebp" / "seed0" / "run.h5")
     with pytest.raises(RunFileError, match=r"run\.h5: no layer 'layers\.5' is recorded; the layers are layers\.0, layers\.1, layers\.2, output"):
         run.layer("layers.5")
+    with pytest.raises(RunFileError, match=r"run\.h5: no layer 0 is recorded; the layers are layers\.0, layers\.1"):
+        run.layer(0)
+    with pytest.raises(ValueError, match=r"runs: expected a list of Run objects \(load_runs\(path\) reads a folder of them\), got 'runs/digits'"):
+        reward_curves("runs/digits")
+    with pytest.raises(ValueError, match=r"runs: expected a list of Run objects"):
+        reward_curves([run, str(run.path)])
     with pytest.raises(RunFileError, match=r"run\.h5: no time courses: only the brian2 backend records them, with backend_options\.trace_every > 0"):
         run.timecourse()
     with pytest.raises(ValueError, match=r"trials: expected an integer >= 1, got -3"):

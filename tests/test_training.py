@@ -8,6 +8,7 @@ import signal
 import weakref
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,25 @@ def test_the_validation_split_is_drawn_by_the_seed_and_never_trained_on(tmp_path
         validation[seed] = validation_part
     assert not torch.equal(validation[0], validation[1]), "another seed, another split"
     assert torch.equal(training.split_validation(n_train, size, 0)[1], validation[0]), "the same seed, the same split"
+
+
+def test_wrong_arguments_to_train_and_its_parts_are_named_before_any_work():
+    data, settings = load_dataset("digits"), TrainingSettings(max_epochs=1)
+    for call, message in (
+        (lambda: train(DESCRIPTION.to_dict(), data, settings), r"description: expected an object of class ColumnNetwork, got dict \{"),
+        (lambda: train(DESCRIPTION, "digits", settings), r"data: expected an object of class Dataset, got str 'digits'"),
+        (lambda: train(DESCRIPTION, data, dict(batch_size=50)), r"settings: expected an object of class TrainingSettings, got dict \{'batch_size': 50\}"),
+        (lambda: train(DESCRIPTION, data, settings, device="gpu"), r"device: expected 'cpu', 'cuda' or 'cuda:N'"),
+        (lambda: build(DESCRIPTION.to_dict()), r"network: expected an object of class ColumnNetwork, got dict"),
+        (lambda: build(DESCRIPTION.to_dict(), backend="brian2"), r"network: expected an object of class ColumnNetwork, got dict"),
+        (lambda: run_experiment(DESCRIPTION), r"experiment: expected an object of class Experiment, got ColumnNetwork"),
+        (lambda: build(DESCRIPTION, seed=np.int64(1)), r"seed: expected an integer from 0 to 2\*\*63 - 1, got np\.int64\(1\) \(a NumPy scalar; give a Python number"),
+        (lambda: TrainingSettings(batch_size=np.int64(10)), r"batch_size: expected an integer >= 1, got np\.int64\(10\) \(a NumPy scalar"),
+        (lambda: training.split_validation(10, -2, 0), r"validation_size: expected 0 < validation_size < n_train = 10, got -2"),
+        (lambda: training.split_validation(10, 10, 0), r"validation_size: expected 0 < validation_size < n_train = 10, got 10"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_augmentation_needs_image_input():

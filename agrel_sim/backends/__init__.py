@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from agrel_sim.config import ConfigError, is_count, is_number
+from agrel_sim.config import ConfigError, check_instance, is_count, is_number, shown
 from agrel_sim.network import ColumnNetwork, check_weight_decay
 
 BACKENDS = {"torch": "agrel_sim.backends.torch_backend", "brian2": "agrel_sim.backends.brian2_backend"}
@@ -121,7 +121,7 @@ def check_seed(seed) -> None:
         Naming ``seed`` and the integers it may be.
     """
     if not is_count(seed, 0):
-        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
+        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {shown(seed)}")
 
 
 def check_representable(network: ColumnNetwork, dtype) -> None:
@@ -324,6 +324,7 @@ def build(network: ColumnNetwork, backend: str = "torch", **options):
     **options
         Passed to the backend's builder (for torch: ``device``, ``dtype``, ``seed``).
     """
+    check_instance("network", network, ColumnNetwork)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
     return importlib.import_module(BACKENDS[backend]).build(network, **options)

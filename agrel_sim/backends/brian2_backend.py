@@ -75,7 +75,7 @@ from agrel_sim.backends import (
     LEARNING_RATE, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weight_keys, resolved_options, weights_to_set,
 )
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
-from agrel_sim.config import is_count, is_number
+from agrel_sim.config import is_count, is_number, shown
 from agrel_sim.network import ColumnNetwork, Dense
 
 BACKEND = "brian2"
@@ -957,7 +957,7 @@ def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_
     if codegen_target not in CODEGEN_TARGETS:
         raise ValueError(f"codegen_target: expected one of {CODEGEN_TARGETS} (Brian2 runtime mode), got {codegen_target!r}")
     if not is_count(trace_every, 0):
-        raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {trace_every!r}")
+        raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {shown(trace_every)}")
     if not is_number(gate_threshold, lambda v: v >= 0):
         raise ValueError(f"gate_threshold: expected a finite number >= 0, got {gate_threshold!r}")
     durations = dict(stimulus=t_stimulus, selection=t_selection, feedback=t_feedback, rpe=t_rpe, plasticity=t_plasticity)

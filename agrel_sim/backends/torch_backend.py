@@ -708,7 +708,7 @@ def check_network(network: ColumnNetwork) -> None:
     """The torch backend builds every layer kind and both rules: nothing to refuse."""
 
 
-# The floating-point types the backend computes in, half precision included.
+# The floating-point types the backend computes in.
 DTYPES = (torch.float32, torch.float64)
 
 
