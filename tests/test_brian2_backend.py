@@ -3,6 +3,8 @@
 import itertools
 import math
 import re
+import subprocess
+import sys
 import warnings
 
 import brian2
@@ -283,6 +285,30 @@ def test_a_cuda_device_is_refused_with_the_cpu_named(monkeypatch):
     for device in ("cuda", torch.device("cuda:0")):
         with pytest.raises(ValueError, match=r"^device: the brian2 backend runs on the CPU \(Brian2 runtime mode\), got 'cuda(:0)?'$"):
             build(describe(), backend="brian2", device=device)
+
+
+def test_the_first_build_in_a_process_warns_its_caller():
+    # Importing Brian2 (which the first build does) routes Python warnings into Brian2's log.
+    script = """
+import warnings
+from agrel_sim import ColumnNetwork, Dense, Rule, build
+description = ColumnNetwork((8,), [Dense(6) for _ in range(5)], 4, rule=Rule(init_range=0.5))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    build(description, backend="brian2")
+print(sum("brian2 backend: with 6 levels of columns" in str(w.message) for w in caught))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (0, "2\n"), done.stderr
+
+
+def test_a_brian2_float_type_other_than_float64_is_refused():
+    brian2.prefs.core.default_float_dtype = np.float32
+    try:
+        with pytest.raises(ValueError, match=r"the brian2 backend computes in float64, but brian2\.prefs\.core\.default_float_dtype is <class 'numpy\.float32'>; set it to numpy\.float64"):
+            build(describe(), backend="brian2")
+    finally:
+        brian2.prefs.core.default_float_dtype = np.float64
 
 
 def test_ebp_is_refused_with_a_pointer_to_torch():

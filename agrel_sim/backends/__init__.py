@@ -323,8 +323,19 @@ def build(network: ColumnNetwork, backend: str = "torch", **options):
         A key of :data:`BACKENDS`.
     **options
         Passed to the backend's builder (for torch: ``device``, ``dtype``, ``seed``).
+
+    Raises
+    ------
+    ValueError
+        For a ``network`` that is not a :class:`ColumnNetwork`, an unknown backend or an option
+        the backend does not take (the message lists its options), and from the builder.
     """
     check_instance("network", network, ColumnNetwork)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
-    return importlib.import_module(BACKENDS[backend]).build(network, **options)
+    module = importlib.import_module(BACKENDS[backend])
+    accepted = list(inspect.signature(module.build).parameters)[1:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not an option of the {backend} backend; its options: {', '.join(accepted)}")
+    return module.build(network, **options)

@@ -58,12 +58,15 @@ in a process that has imported torch, so large batches run faster per trial
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+
+_BRIAN2_IMPORTED_BEFORE = "brian2" in sys.modules
 
 import brian2
 import numpy as np
@@ -77,6 +80,13 @@ from agrel_sim.backends import (
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number, shown
 from agrel_sim.network import ColumnNetwork, Dense
+
+if not _BRIAN2_IMPORTED_BEFORE:
+    # Importing Brian2 routes Python warnings into its log (logging.captureWarnings), where the
+    # caller's warnings.catch_warnings and pytest.warns no longer see them: this backend's own
+    # warnings (settling times too short) must reach the caller. A program that imported Brian2
+    # itself keeps Brian2's routing.
+    logging.captureWarnings(False)
 
 BACKEND = "brian2"
 CODEGEN_TARGETS = ("numpy", "cython")
@@ -946,6 +956,8 @@ def build(
         raise ValueError(f"dtype: the {BACKEND} backend returns torch.float32 or torch.float64 tensors, got {dtype}")
     if not isinstance(brian2.get_device(), RuntimeDevice):
         raise ValueError(f"the {BACKEND} backend runs in Brian2's runtime mode, but the active Brian2 device is {brian2.get_device()!r}; call brian2.set_device('runtime')")
+    if brian2.prefs.core.default_float_dtype is not np.float64:  # the state variables' type: float64 gives the torch backend's numbers
+        raise ValueError(f"the {BACKEND} backend computes in float64, but brian2.prefs.core.default_float_dtype is {brian2.prefs.core.default_float_dtype!r}; set it to numpy.float64")
     settings = _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, gate_threshold, codegen_target, trace_every)
     timeline, tau_ff, tau_fb = settings[:3]
     warn_if_unsettled(len(network.layers) + 1, timeline, tau_ff, tau_fb)  # the hidden layers and the output
