@@ -6,6 +6,7 @@ return plain numpy arrays, and the ``plot_*`` functions draw them with matplotli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import os
@@ -25,6 +26,10 @@ from agrel_sim.table import is_diverged, row_key
 
 class RunFileError(ValueError):
     """A path is not a readable run file of a layout this version understands."""
+
+
+class RunChangedError(RunFileError):
+    """A run file replaced since it was loaded (its run still training, or resumed): load it again."""
 
 
 class IncompleteRunWarning(UserWarning):
@@ -74,6 +79,11 @@ class Run:
         What each training session (the start, then every resume) ran on: versions, git
         commit, device, host (:func:`~agrel_sim.recorder.session`); empty for run files of
         agrel-sim 0.2.0 and older.
+    file_version : tuple
+        The identity of the file that was loaded (device, inode, modification time, size). A
+        training run replaces its run file after every epoch, so a method that reads the file
+        later raises :class:`RunChangedError` where it is no longer that file: what one
+        :class:`Run` gives always comes from one version of the run.
     """
 
     path: Path
@@ -85,11 +95,20 @@ class Run:
     epochs: dict[str, np.ndarray]
     result: dict | None
     sessions: list[dict] = field(default_factory=list)
+    file_version: tuple = field(default=(), repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def _open(self):
+        """The run file, open for reading, where it is still the version loaded (:attr:`file_version`)."""
+        with h5py.File(self.path, "r") as handle:
+            if self.file_version and _file_version(handle) != self.file_version:
+                raise RunChangedError(f"{self.path}: the run file was replaced since it was loaded (the run is still training, or was resumed); load it again")
+            yield handle
 
     @property
     def layer_names(self) -> list[str]:
         """The recorded layers, bottom to top."""
-        with h5py.File(self.path, "r") as handle:
+        with self._open() as handle:
             return self._bottom_to_top(handle["layers"])
 
     def _bottom_to_top(self, present) -> list[str]:
@@ -100,12 +119,12 @@ class Run:
 
     def trials(self) -> dict[str, np.ndarray]:
         """The logged trials: epoch, batch, image, label, action, reward, delta, q."""
-        with h5py.File(self.path, "r") as handle:
+        with self._open() as handle:
             return {name: _read(handle["trials"], name) for name in (*TRIAL_FIELDS, "q")}
 
     def layer(self, name: str) -> dict[str, np.ndarray]:
         """Traces of one layer for the logged trials: units, ff, fb, gate; and its ``shape``."""
-        with h5py.File(self.path, "r") as handle:
+        with self._open() as handle:
             if not isinstance(name, str) or name not in handle["layers"]:
                 raise RunFileError(f"{self.path}: no layer {name!r} is recorded; the layers are {', '.join(self.layer_names)}")
             group = handle["layers"][name]
@@ -114,7 +133,7 @@ class Run:
     @property
     def traced_trials(self) -> int:
         """How many trials have a time course (:meth:`timecourse`); 0 in a run without."""
-        with h5py.File(self.path, "r") as handle:
+        with self._open() as handle:
             return len(handle["timecourses"]["trial"]) if "timecourses" in handle else 0
 
     @property
@@ -149,7 +168,7 @@ class Run:
             For a run without time courses.
         """
         _check_trial_index("index", index)
-        with h5py.File(self.path, "r") as handle:
+        with self._open() as handle:
             if "timecourses" not in handle:
                 raise RunFileError(f"{self.path}: no time courses: only the brian2 backend records them, with backend_options.trace_every > 0")
             group = handle["timecourses"]
@@ -166,7 +185,7 @@ class Run:
 
     def gating(self) -> dict[str, dict[str, np.ndarray]]:
         """Per-batch gating summaries: ``{"epoch": ..., "batch": ..., layer: {field: ...}}``."""
-        with h5py.File(self.path, "r") as handle:
+        with self._open() as handle:
             group = handle["gating"]
             out = {"epoch": _read(group, "epoch"), "batch": _read(group, "batch")}
             for name in group:
@@ -234,6 +253,7 @@ def load_run(path: str | Path) -> Run:
                     stacklevel=2,
                 )
             result = dict(handle["result"].attrs) if "result" in handle else None
+            file_version = _file_version(handle)
     except PermissionError:
         raise RunFileError(f"{path}: no permission to read this run file; make it readable, or move it out of the folder to analyse the others") from None
     except OSError as error:
@@ -246,7 +266,13 @@ def load_run(path: str | Path) -> Run:
             IncompleteRunWarning,
             stacklevel=2,
         )
-    return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result, sessions)
+    return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result, sessions, file_version)
+
+
+def _file_version(handle: h5py.File) -> tuple:
+    """The identity of the file open in ``handle`` (not of what its path names now)."""
+    status = os.fstat(handle.id.get_vfd_handle())
+    return status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size
 
 
 def _attribute(path: Path, attrs: dict, name: str, convert):
@@ -779,7 +805,7 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
     _check_trial_index("trial", trial)
     path, out = Path(path), Path(out)
     runs = load_runs(path)
-    traced = {run.path: run.traced_trials for run in runs}
+    traced = {run.path: _consistently(run, lambda run: run.traced_trials) for run in runs}
     if any(traced.values()) and not any(-count <= trial < count for count in traced.values()):  # checked before any figure is written
         raise ValueError(f"trial {trial}: no run here has that traced trial (the traced runs here have {' or '.join(map(str, sorted(set(traced.values()) - {0})))} traced trials); give 0 to n - 1, or -n to -1 from the last")
     root = path if path.is_dir() else path.parent
@@ -788,19 +814,46 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
     texts, no_trial_figure = [], []
     for run in runs:
         folder = out / run.path.parent.relative_to(root)
-        stem = f"{run.config['experiment']}_seed{run.seed}"
-        texts.append(summary(run))
-        texts += outcome_lines(run)
-        figures += [
-            plot_gating(run, folder / f"{stem}_gating.png"),
-            plot_rpe_distribution(run, folder / f"{stem}_rpe.png"),
-            plot_activity_maps(run, folder / f"{stem}_activity.png"),
-        ]
-        if -traced[run.path] <= trial < traced[run.path]:
-            figures.append(plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial))
-        elif traced[run.path]:
-            no_trial_figure.append(f"{run.path}: no trial figure: trial {trial} is out of range for its {traced[run.path]} traced trials")
+        run_texts, run_figures, note = _consistently(run, lambda run: _analyze_run(run, folder, trial))
+        texts += run_texts
+        figures += run_figures
+        no_trial_figure += note
     return "\n".join(texts + notes + no_trial_figure), figures
+
+
+def _analyze_run(run: Run, folder: Path, trial: int) -> tuple[list[str], list[Path], list[str]]:
+    """One run's part of :func:`analyze`: its summary lines, its figures in ``folder``, and a
+    line where it has no traced trial ``trial``."""
+    stem = f"{run.config['experiment']}_seed{run.seed}"
+    texts = [summary(run), *outcome_lines(run)]
+    figures = [
+        plot_gating(run, folder / f"{stem}_gating.png"),
+        plot_rpe_distribution(run, folder / f"{stem}_rpe.png"),
+        plot_activity_maps(run, folder / f"{stem}_activity.png"),
+    ]
+    traced = run.traced_trials
+    if -traced <= trial < traced:
+        return texts, [*figures, plot_trial_timecourse(run, folder / f"{stem}_trial.png", index=trial)], []
+    return texts, figures, [f"{run.path}: no trial figure: trial {trial} is out of range for its {traced} traced trials"] if traced else []
+
+
+READ_ATTEMPTS = 5  # loads of a run whose file is replaced while it is read (its run still training)
+
+
+def _consistently(run: Run, read):
+    """``read(run)``, with ``run`` loaded again where its file was replaced meanwhile (a run
+    still training replaces it after every epoch): what ``read`` gets is of one version."""
+    for _ in range(READ_ATTEMPTS - 1):
+        try:
+            return read(run)
+        except RunChangedError:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IncompleteRunWarning)  # said when it was first loaded
+                run = load_run(run.path)
+    try:
+        return read(run)
+    except RunChangedError:
+        raise RunChangedError(f"{run.path}: the run file was replaced {READ_ATTEMPTS} times while it was read (its epochs take less time than its analysis); analyse it once it has finished") from None
 
 
 def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:

@@ -387,7 +387,19 @@ def _work(function: Callable, task, connection) -> None:
     # that the parent's resource tracker reports as leaked at exit when this process is killed.
     # No other process writes this one's bars, so a thread lock does.
     tqdm.set_lock(threading.RLock())
-    connection.send(_outcome(lambda: function(task)))
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    outcome = _outcome(lambda: function(task))
+    with contextlib.suppress(OSError):  # the parent ended as the run did: nobody to tell
+        connection.send(outcome)
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this process once its parent, the sweep, has ended (killed, say): as the sweep ends its
+    runs when it stops, and so that no run goes on holding its folder's lock against the sweep run
+    again. The run keeps its finished epochs."""
+    while os.getppid() == parent:
+        time.sleep(POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _how_it_ended(exitcode: int) -> str:

@@ -1000,6 +1000,50 @@ def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs
     assert [line[:12] for line in lines[1:-1]] == ["  session 1:"]
 
 
+def replace_file(path):
+    """Replace ``path`` by a copy of itself, as a training run replaces its run file after an epoch."""
+    shutil.copy(path, path.with_name("copy.partial"))
+    os.replace(path.with_name("copy.partial"), path)
+
+
+def test_a_run_reads_only_the_version_of_its_file_it_loaded(finished_runs, tmp_path, monkeypatch, capsys):
+    from agrel_sim import analysis
+    from agrel_sim.analysis import RunChangedError
+
+    shutil.copytree(finished_runs / "ebp" / "seed0", tmp_path / "run")
+    path = tmp_path / "run" / "run.h5"
+    run = load_run(path)
+    run_epochs = run.trials()["epoch"].tolist()
+    replace_file(path)
+    for read in (run.trials, run.gating, lambda: run.layer("layers.0"), lambda: run.layer_names, lambda: run.traced_trials):
+        with pytest.raises(RunChangedError, match=r"run\.h5: the run file was replaced since it was loaded \(the run is still training, or was resumed\); load it again"):
+            read()
+    assert load_run(path).trials()["epoch"].tolist() == run_epochs, "loaded again, it reads"
+
+    # analyze loads a run again whose file is replaced while its figures are drawn, and draws them from one version
+    drawn, plot_gating = [], analysis.plot_gating
+
+    def replaced_while_drawn(run, out):
+        drawn.append(run)
+        if len(drawn) == 1:
+            replace_file(path)
+        return plot_gating(run, out)
+
+    monkeypatch.setattr(analysis, "plot_gating", replaced_while_drawn)
+    assert main(["analyze", str(path), "--out", str(tmp_path / "figures")]) == 0
+    assert len(drawn) == 2 and drawn[0].file_version != drawn[1].file_version
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 1 + 3
+
+    def always_replaced(run, out):
+        replace_file(path)
+        return plot_gating(run, out)
+
+    monkeypatch.setattr(analysis, "plot_gating", always_replaced)
+    capsys.readouterr()
+    assert main(["analyze", str(path), "--out", str(tmp_path / "figures2")]) == 2
+    assert capsys.readouterr().err == f"agrel-sim: error: {path}: the run file was replaced 5 times while it was read (its epochs take less time than its analysis); analyse it once it has finished\n"
+
+
 def test_analyze_draws_no_figure3_when_every_run_is_incomplete(finished_runs, tmp_path, capsys):
     killed_in_its_first_epoch(finished_runs / "ebp" / "seed0" / "run.h5", tmp_path / "runs" / "ebp" / "seed0" / "run.h5", seed=0)
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0

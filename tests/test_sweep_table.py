@@ -220,6 +220,39 @@ def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, 
     assert [task.seed for task in tasks] == [0, 1] and finished == []
 
 
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_sweep_leaves_no_run_training(sweep_file, tmp_path, kill):
+    long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
+    (tmp_path / "tiny_long.toml").write_text(long)
+    sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0]\nout = "runs/tiny"\n')
+    folder = tmp_path / "runs" / "tiny" / "tiny_long" / "seed0"
+    command = [sys.executable, "-m", "agrel_sim.cli", "sweep", str(sweep_file)]
+    sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (folder / "checkpoint.pt").exists():
+            if sweep.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run did not finish an epoch: {sweep.stderr.read()}")
+            time.sleep(0.05)
+        os.kill(sweep.pid, kill)  # the sweep's process alone, as by hand: no handler of its own runs
+        sweep.communicate(timeout=30)
+        deadline = time.monotonic() + 30
+        with open(folder / "run.lock", "w") as lock:
+            while True:  # the run's process sees its parent gone, ends, and the system releases its lock
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the run is still training"
+                    time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)  # the sweep and its run, were they still there
+        sweep.wait()
+    with h5py.File(folder / "run.h5", "r") as run:
+        assert not run.attrs["complete"] and len(run["epochs/epoch"]) >= 1, "its finished epochs are kept"
+
+
 def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path):
     long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
     (tmp_path / "tiny_long.toml").write_text(long)
