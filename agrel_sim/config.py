@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 def is_count(value, minimum: int = 1) -> bool:
     """A Python integer (not a bool) of at least ``minimum`` that fits in 64 bits, as torch needs.
 
-    NumPy integers are refused, as settings are stored as JSON (:func:`shown` says why in messages).
+    NumPy integers are refused, as settings are stored as JSON; :func:`shown` says in messages what to do.
     """
     return isinstance(value, int) and not isinstance(value, bool) and minimum <= value < 2**63
 

@@ -118,8 +118,8 @@ def check_q_values(q) -> None:
     greatest value to ``argmax``, so a row holding one picks it as the greedy action.
     """
     if not (isinstance(q, torch.Tensor) and q.is_floating_point() and q.dim() == 2 and q.shape[1] >= 1):
-        shown = f"a {q.dtype} tensor of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else type(q).__name__
-        raise ValueError(f"q: expected a floating-point tensor of Q-values, shape (trials, actions), got {shown}")
+        given = f"a {q.dtype} tensor of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q: expected a floating-point tensor of Q-values, shape (trials, actions), got {given}")
 
 
 def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, reward_wrong: float, dtype: torch.dtype) -> torch.Tensor:
