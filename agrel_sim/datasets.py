@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import zlib
@@ -150,10 +151,14 @@ def load_mnist5k(data_dir=None) -> Dataset:
 # -- data sets on disk -------------------------------------------------------------------------
 
 def data_roots(data_dir=None) -> list[Path]:
-    """The folders searched for data: ``data_dir``, else ``$AGREL_SIM_DATA``, else ``./data``."""
+    """The folders searched for data: ``data_dir``, else ``$AGREL_SIM_DATA``, else ``./data``.
+
+    A leading ``~`` is the home folder, as a shell would expand it (it does not in
+    ``--data-dir=~/data`` or a quoted variable).
+    """
     if data_dir is not None:
-        return [Path(data_dir)]
-    from_env = [Path(p) for p in os.environ.get(DATA_ENV, "").split(os.pathsep) if p]
+        return [Path(data_dir).expanduser()]
+    from_env = [Path(p).expanduser() for p in os.environ.get(DATA_ENV, "").split(os.pathsep) if p]
     return from_env or [Path("data")]
 
 
@@ -173,7 +178,7 @@ def _find_files(data_dir, candidates: list[str], required: list[list[str]], what
                     try:
                         exists = (folder / name).is_file()
                     except PermissionError:  # Python 3.11's is_file raises for a folder that cannot be searched
-                        raise DatasetError(f"{folder}: no permission to look into this folder; check its permissions") from None
+                        raise DatasetError(f"{_unsearchable(folder / name)}: no permission to look into this folder; check its permissions") from None
                     if exists:
                         found[group[0]] = folder / name
                         break
@@ -186,6 +191,21 @@ def _find_files(data_dir, candidates: list[str], required: list[list[str]], what
     needed = ", ".join(" or ".join(group) for group in required)
     raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{''.join(partial)}{how}")
 
+
+def _unsearchable(path: Path) -> Path:
+    """The folder above ``path`` that cannot be searched: the parent of the first one whose status cannot be read."""
+    chain = [*reversed(path.parents), path]
+    for parent, child in zip(chain, chain[1:]):
+        try:
+            child.stat()
+        except PermissionError:
+            return parent
+        except OSError:  # not there: the folders above it could be searched
+            break
+    return path.parent
+
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 MNIST_HOW = (
     "Put the four MNIST IDX files (gzipped or not) in DATA/MNIST/raw/ and pass --data-dir DATA or "
@@ -202,20 +222,29 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             raw = handle.read()
     except PermissionError:
         raise DatasetError(f"{path}: no permission to read this file; check its permissions") from None
+    except gzip.BadGzipFile as error:
+        with open(path, "rb") as handle:
+            unpacked = int.from_bytes(handle.read(4), "big") == 0x0800 + ndim
+        if unpacked:  # an IDX file unpacked on download that kept its name
+            raise DatasetError(f"{path}: an IDX file that is not gzip-compressed, though its name ends in .gz: remove the .gz from its name. {MNIST_HOW}") from None
+        raise DatasetError(f"{path}: cannot read ({error}); the file is damaged: obtain it again. {MNIST_HOW}") from None
     except (OSError, EOFError, zlib.error) as error:
         raise DatasetError(f"{path}: cannot read ({error}); the file is damaged: obtain it again. {MNIST_HOW}") from None
+    if not raw:
+        raise DatasetError(f"{path}: an empty file: obtain it again. {MNIST_HOW}")
+    if raw[:2] == GZIP_MAGIC:
+        raise DatasetError(f"{path}: gzip-compressed, though its name does not end in .gz: name it {path.name}.gz, or unpack it. {MNIST_HOW}")
     expected_magic = 0x0800 + ndim
-    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
-    if magic != expected_magic:
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != expected_magic:
         raise DatasetError(
-            f"{path}: wrong magic number {magic!r} (expected {expected_magic:#010x}, unsigned bytes in "
+            f"{path}: wrong magic number {raw[:4].hex()} (expected {expected_magic:08x}, unsigned bytes in "
             f"{ndim} dimensions): not an MNIST IDX file of this kind. {MNIST_HOW}"
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DatasetError(f"{path}: truncated header. {MNIST_HOW}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(shape))
+    size = math.prod(shape)  # Python integers: a damaged header's sizes cannot overflow
     if len(raw) - header != size:
         problem = "truncated" if len(raw) - header < size else "longer than its header says"
         raise DatasetError(f"{path}: {problem}: header gives shape {shape} ({size} bytes), the file holds {len(raw) - header}. {MNIST_HOW}")

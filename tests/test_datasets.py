@@ -2,6 +2,7 @@
 
 import gzip
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,10 @@ def test_data_folder_from_environment(tmp_path, monkeypatch):
     "name, damage, message",
     [
         ("train-images-idx3-ubyte", lambda b: b[:1000], r"truncated: header gives shape \(30, 28, 28\)"),
-        ("train-labels-idx1-ubyte", lambda b: (0x0803).to_bytes(4, "big") + b[4:], r"wrong magic number 2051"),
+        ("train-labels-idx1-ubyte", lambda b: (0x0803).to_bytes(4, "big") + b[4:], r"wrong magic number 00000803 \(expected 00000801, unsigned bytes in 1 dimensions\)"),
+        ("train-labels-idx1-ubyte", lambda b: b"", r"an empty file: obtain it again"),
+        ("t10k-images-idx3-ubyte", lambda b: b[:4] + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"),
+         r"truncated: header gives shape \(2147483648, 2147483648, 4\) \(18446744073709551616 bytes\), the file holds 0"),
         ("t10k-images-idx3-ubyte", lambda b: b + b"\0" * 28, r"longer than its header says"),
         ("t10k-labels-idx1-ubyte", lambda b: b[:8] + bytes([12] * 10), r"labels outside 0\.\.9"),
         ("train-labels-idx1-ubyte", lambda b: b[:8] + bytes([10] * 30), r"labels outside 0\.\.9 \(found 10\.\.10\)"),
@@ -90,6 +94,25 @@ def test_corrupt_gzip_is_reported(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_a_file_named_for_the_wrong_compression_is_named_so(tmp_path):
+    raw = write_mnist(tmp_path / "gzipped", gz=True)
+    (raw / "t10k-labels-idx1-ubyte.gz").rename(raw / "t10k-labels-idx1-ubyte")  # compressed, but named as unpacked
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: gzip-compressed, though its name does not end in \.gz: name it t10k-labels-idx1-ubyte\.gz, or unpack it"):
+        load_dataset("mnist", tmp_path / "gzipped")
+    raw = write_mnist(tmp_path / "plain", gz=False)
+    (raw / "train-images-idx3-ubyte").rename(raw / "train-images-idx3-ubyte.gz")  # unpacked on download, its name kept
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: an IDX file that is not gzip-compressed, though its name ends in \.gz: remove the \.gz from its name"):
+        load_dataset("mnist", tmp_path / "plain")
+
+
+def test_a_data_folder_under_the_home_folder_may_be_given_with_a_tilde(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "data")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(load_dataset("mnist", "~/data").train_labels) == 30
+    monkeypatch.setenv("AGREL_SIM_DATA", "~/data")
+    assert len(load_dataset("mnist").train_labels) == 30
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
 def test_a_data_file_without_read_permission_is_not_called_damaged(tmp_path, monkeypatch, dataset):
     if dataset == "mnist":
@@ -117,6 +140,21 @@ def test_a_data_folder_that_cannot_be_searched_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "is_file", no_permission)
     with pytest.raises(DatasetError, match=r"MNIST/raw: no permission to look into this folder; check its permissions$"):
         load_dataset("mnist", tmp_path)
+
+    # A folder above the one searched that cannot be searched is the one named.
+    locked = tmp_path / "locked"
+    write_mnist(locked)
+    stat = Path.stat
+
+    def below_locked(path, *args, **kwargs):  # what a folder of mode 000 makes of the paths below it, except for root
+        if locked in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", below_locked)
+    monkeypatch.setattr(Path, "is_file", lambda path: below_locked(path) and False)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(locked))}: no permission to look into this folder; check its permissions$"):
+        load_dataset("mnist", locked)
 
 
 def tiny_parts(**changes) -> dict:
