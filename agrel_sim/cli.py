@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
             print(
                 f"agrel-sim: error: out of memory ({detail}); check the layer sizes of the model, or lower"
-                " training.batch_size or training.eval_batch_size; every finished epoch is kept",
+                " training.batch_size or training.eval_batch_size in a new run folder (a run goes on only with the settings it began with);"
+                " every finished epoch is kept",
                 file=sys.stderr,
             )
             return 1

@@ -39,15 +39,30 @@ def check_instance(name: str, value, kind: type) -> None:
 
 
 def shown(value) -> str:
-    """``repr(value)`` for an error message, saying what to do where a NumPy scalar was given."""
+    """``repr(value)`` for an error message, saying what to do where a NumPy scalar was given,
+    and where an integer lies beyond 64 bits (the number of its digits, where it is long)."""
     if isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
         return f"{value!r} (a NumPy scalar; give a Python number: int(x) or float(x))"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        size = repr(value) if abs(value) < 10**30 else f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+        return f"{size} (outside the 64-bit integers that torch takes)"
     return repr(value)
+
+
+def is_folder_name(value) -> bool:
+    """A name that can name a folder of its own: not empty, not ``.`` or ``..``, without ``/`` or ``\\``."""
+    return isinstance(value, str) and bool(value.strip()) and value not in (".", "..") and not any(c in value for c in "/\\")
 
 
 def is_number(value, check=lambda v: True) -> bool:
     """A finite real number (not a bool) for which ``check`` holds."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and check(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond the floats
+        return False
+    return finite and check(value)
 
 
 def is_fraction(value) -> bool:
@@ -84,7 +99,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, what: str | None = None) -> Path:
     """Find a ``kind`` file (``"model"``, ``"experiment"``) given as a path or as a name.
 
-    A path ends in ``.toml`` or is an existing file; anything else is a name, looked up as
+    A path ends in ``.toml`` or is an existing file; anything else is a name (without folders), looked up as
     ``NAME.toml`` in the folders of ``$env_var`` (``os.pathsep`` separated), then ``./<kind>s``
     and the repository's ``<kind>s/`` folder (so a run folder named like an experiment does not
     hide it). ``what`` names the file sought in messages (default: ``kind``), where it is one
@@ -103,6 +118,8 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
         if not path.is_file():
             raise ConfigError(f"{path}: {what} file not found")
         return path
+    if len(path.parts) > 1:  # looked up as a name, it would be found below the search folders, not where it points
+        raise ConfigError(f"{path}: a path without .toml, not a name (names have no folders); give the {what} file's path with its .toml suffix, or its name alone")
     folders = [Path(p) for p in os.environ.get(env_var, "").split(os.pathsep) if p]
     for folder in folders:  # a misspelt folder would otherwise let a file of the same name elsewhere be used
         if not folder.is_dir():
@@ -177,7 +194,7 @@ class Fields:
             ok = isinstance(value, kinds)
         if not ok or (check is not None and not check(value)):
             expected = hint or " or ".join(k.__name__ for k in kinds)
-            raise self.error(key, f"expected {expected}, got {value!r}")
+            raise self.error(key, f"expected {expected}, got {shown(value)}")
         return value
 
     def sub(self, key: str, default_empty: bool = True) -> "Fields":

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from agrel_sim.augmentation import Augmentation
 from agrel_sim.backends import BACKENDS, check_backend
-from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, read_toml
+from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, is_folder_name, read_toml
 from agrel_sim.datasets import LOADERS
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
@@ -75,7 +75,7 @@ class Experiment:
     logging: LogSettings = LogSettings()
 
     def __post_init__(self):
-        if not (isinstance(self.name, str) and self.name.strip() and self.name not in (".", "..") and not any(c in self.name for c in "/\\")):
+        if not is_folder_name(self.name):
             raise ConfigError(f"{self.source}: name: expected a non-empty name without '/' (it names the run folder runs/<name>/seed<N>), got {self.name!r}")
         for field, kind in (("model", ColumnNetwork), ("training", TrainingSettings), ("logging", LogSettings), ("backend_options", dict)):
             value = getattr(self, field)

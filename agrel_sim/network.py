@@ -371,7 +371,7 @@ def _validate(network: ColumnNetwork) -> None:
     }
     for key, (value, check, hint) in numbers_and_checks.items():
         if not is_number(value, check):
-            raise ConfigError(f"{source}: {key}: expected {hint}, got {value!r}")
+            raise ConfigError(f"{source}: {key}: expected {hint}, got {shown(value)}")
     check_weight_decay(rule.learning_rate, rule.weight_decay, f"{source}: rule.weight_decay")
     if rule.name not in RULES:
         raise ConfigError(f"{source}: rule.name: expected one of {RULES}, got {rule.name!r}")

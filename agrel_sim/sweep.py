@@ -47,7 +47,7 @@ import h5py
 from tqdm import tqdm
 
 from agrel_sim.backends import check_device
-from agrel_sim.config import POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, read_toml, shown
+from agrel_sim.config import POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, is_folder_name, read_toml, shown
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
 from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, resume_plan, run_config
@@ -82,7 +82,7 @@ class Sweep:
         if "experiments" not in table and "model" in table:
             raise ConfigError(f"{path}: an experiment file (it names a model): run it with `agrel-sim train`, or list it in a sweep file's experiments")
         top = Fields(table, str(path))
-        name = top.get("name", str, default=path.stem)
+        name = top.get("name", str, default=path.stem, check=is_folder_name, hint="a non-empty name without '/' (it names the sweep's folder runs/<name>)")
         entries = top.get("experiments", list, check=lambda v: v and all(isinstance(e, str) for e in v), hint="a non-empty list of experiment names or paths")
         experiments = []
         for index, entry in enumerate(entries):
@@ -435,8 +435,8 @@ def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
     ------
     ConfigError
         Naming ``slurm.<key>`` and the values it takes: a time limit that leaves no time to run
-        before submitit's signal to requeue, cores per run below 1, setup commands that are not
-        a list of strings, no GPUs per job (or fewer than ``cuda:N`` needs) for a CUDA device;
+        before submitit's signal to requeue, cores per run below 1, memory not above 0, GPUs
+        per job below 0, setup commands that are not a list of strings, no GPUs per job (or fewer than ``cuda:N`` needs) for a CUDA device;
         and, for the slurm executor, a table without a time limit, or a signal so early that
         submitit would take a job out of time for a preempted one and requeue it without end.
     """
@@ -454,6 +454,10 @@ def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
     )
     for key in ("cpus_per_task", "slurm_cpus_per_task"):  # each run's threads
         table.get(key, **POSITIVE_INT, default=None)
+    for key in ("mem_gb", "slurm_mem_gb"):
+        table.get(key, float, default=None, check=lambda v: v > 0, hint="a number of GB > 0")
+    for key in ("gpus_per_node", "slurm_gpus_per_node"):
+        table.get(key, int, default=None, check=lambda v: v >= 0, hint="a number of GPUs >= 0")
     for key in ("local_setup", "slurm_setup"):
         table.get(key, list, default=None, check=lambda v: all(isinstance(command, str) for command in v), hint="a list of shell commands (strings) run before each job")
     # Without one, submitit asks SLURM for 5 minutes, and a run would fail after 4 × 5 minutes

@@ -318,6 +318,7 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error):
     assert main(["train"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("agrel-sim: error: out of memory (") and "check the layer sizes of the model, or lower training.batch_size" in err
+    assert "in a new run folder (a run goes on only with the settings it began with)" in err
     with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
         main(["train"])
 

@@ -609,6 +609,9 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
         ("local_setup = 5", r"slurm\.local_setup: expected a list of shell commands \(strings\) run before each job, got 5"),
         ("slurm_setup = [1]", r"slurm\.slurm_setup: expected a list of shell commands \(strings\) run before each job, got \[1\]"),
         ("cpus_per_task = 0", r"slurm\.cpus_per_task: expected an integer >= 1, got 0"),
+        ("mem_gb = -1", r"slurm\.mem_gb: expected a number of GB > 0, got -1\.0"),
+        ("slurm_mem_gb = 0", r"slurm\.slurm_mem_gb: expected a number of GB > 0, got 0\.0"),
+        ("gpus_per_node = -1", r"slurm\.gpus_per_node: expected a number of GPUs >= 0, got -1"),
     ):
         sweep_file.write_text(f"{text}[slurm]\n{table}\n")
         assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
@@ -756,6 +759,15 @@ def test_bad_sweep_file(tmp_path, capsys, monkeypatch):
         path.write_text(f'experiments = ["mnist_conv3_deepagrel"]\nseeds = {seeds}\n')
         assert main(["sweep", str(path)]) == 2
         assert f"sweep.toml: seeds: expected a non-empty list of distinct whole-number seeds from 0 to 4294967295, got {seeds.replace('true', 'True')}" in capsys.readouterr().err
+    for name in ("..", "a/b", "/tmp/elsewhere", " "):  # the default out is runs/<name>
+        path.write_text(f'name = "{name}"\nexperiments = ["mnist_conv3_deepagrel"]\nseeds = [0]\n')
+        assert main(["sweep", str(path)]) == 2
+        assert f"sweep.toml: name: expected a non-empty name without '/' (it names the sweep's folder runs/<name>), got {name!r}" in capsys.readouterr().err
+    # An entry with folders but without .toml is not looked up as a name below the search folders.
+    path.write_text('experiments = ["../experiments/mnist_conv3_deepagrel"]\nseeds = [0]\n')
+    assert main(["sweep", str(path)]) == 2
+    assert ("sweep.toml: experiments[0]: ../experiments/mnist_conv3_deepagrel: a path without .toml, not a name (names have no folders); "
+            "give the experiment file's path with its .toml suffix, or its name alone") in capsys.readouterr().err
 
 
 def test_a_sweep_checks_its_jobs_and_device_before_any_run(tmp_path):

@@ -171,8 +171,8 @@ def _milliseconds(value, name: str) -> float:
         value = float(value / brian2.ms)
     elif not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ValueError(f"{name}: expected a duration (a time quantity or a number of milliseconds), got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a duration > 0, got {value} ms")
+    if not is_number(value, lambda v: v > 0):
+        raise ValueError(f"{name}: expected a duration > 0, got {shown(value)} ms")
     return float(value)
 
 
