@@ -138,6 +138,7 @@ class Run:
 
     @property
     def has_timecourses(self) -> bool:
+        """Whether any trial has a time course (:meth:`timecourse`)."""
         return self.traced_trials > 0
 
     def timecourse(self, index: int = -1) -> dict:
