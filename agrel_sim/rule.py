@@ -38,7 +38,8 @@ def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.d
         raise ValueError(f"epsilon: expected a probability of exploring, in [0, 1], got {epsilon!r}")
     if epsilon == 0:
         return None
-    explore = torch.rand(batch, generator=generator, device=device) < epsilon
+    # float32 named, not torch's default dtype, which a program may change: the same seed, the same draws
+    explore = torch.rand(batch, generator=generator, device=device, dtype=torch.float32) < epsilon
     race = torch.empty((batch, n_actions), dtype=dtype, device=device).exponential_(generator=generator)
     return explore, race
 

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,16 +168,28 @@ def save_checkpoint(path: Path, state: dict) -> None:
 _DAMAGED_CHECKPOINT = "restore it from a copy, or move the run folder away and train the run again (its run file keeps the finished epochs for analysis)"
 
 
+# What every checkpoint holds (:func:`train` writes them).
+CHECKPOINT_KEYS = ("epoch", "weights", "best_weights", "best_accuracy", "best_epoch", "history", "rng", "learning_rate", "last_decay", "trials_run", "seconds")
+
+
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+    """Read a checkpoint written by :func:`save_checkpoint`, checking every entry of its archive
+    against its checksum (torch.load does not, so damaged weights would load unseen)."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several kinds for a damaged file
+    except Exception as error:  # torch and zipfile raise several kinds for a damaged file
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); {_DAMAGED_CHECKPOINT}") from None
+    if damaged is not None:
+        raise ValueError(f"{path}: a damaged checkpoint (its entry {damaged} fails its checksum); {_DAMAGED_CHECKPOINT}")
     if not isinstance(state, dict) or "epoch" not in state:
         raise ValueError(f"{path}: not a checkpoint of agrel-sim; {_DAMAGED_CHECKPOINT}")
     if "learning_rate" not in state or "trials_run" not in state:
         raise ValueError(f"{path}: a checkpoint of an older agrel-sim, which this version cannot resume; start the run again in a new folder")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path}: a checkpoint that lacks {', '.join(missing)}; {_DAMAGED_CHECKPOINT}")
     return state
 
 
@@ -291,12 +304,15 @@ def train(
     best_accuracy, best_epoch, best_weights, history, first_epoch, elapsed = -1.0, 0, None, [], 1, 0.0
     last_decay = 0  # the epoch of the last learning-rate decay
     if resume is not None:
-        history = [EpochMetrics(**m) for m in resume["history"]]
-        if not diverged(history[-1]):  # a diverged run goes no further, and its last weights are not finite
-            net.load_weights(resume["weights"])
-        net.learning_rate, last_decay, net.trials_run = resume["learning_rate"], resume["last_decay"], resume["trials_run"]
-        for name, generator in generators.items():
-            generator.set_state(resume["rng"][name])
+        try:
+            history = [EpochMetrics(**m) for m in resume["history"]]
+            if not diverged(history[-1]):  # a diverged run goes no further, and its last weights are not finite
+                net.load_weights(resume["weights"])
+            net.learning_rate, last_decay, net.trials_run = resume["learning_rate"], resume["last_decay"], resume["trials_run"]
+            for name, generator in generators.items():
+                generator.set_state(resume["rng"][name])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:  # weights of another network, a generator state of another kind, ...
+            raise ValueError(f"{checkpoint or 'the checkpoint'}: does not fit this run ({type(error).__name__}: {error}); {_DAMAGED_CHECKPOINT}") from None
         best_accuracy, best_epoch, best_weights = resume["best_accuracy"], resume["best_epoch"], resume["best_weights"]
         first_epoch, elapsed = resume["epoch"] + 1, resume["seconds"]
     recorder = run_file(net) if run_file is not None else None

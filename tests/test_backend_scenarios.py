@@ -346,13 +346,28 @@ def test_the_learning_rate_must_be_a_finite_number_above_zero(build_net):
     assert decaying.learning_rate == 0.5
 
 
+def test_a_learning_rate_the_network_cannot_hold_is_refused_as_build_refuses_it(build_net):
+    net = build_net(dense_net([3]), dtype=torch.float32)  # the torch backend computes in float32, Brian2 in float64
+    for value, problem in ((1e39, r"overflows torch\.float32, whose largest number is 3\.403e\+38; choose a smaller value or dtype float64"),
+                           (1e-46, r"rounds to 0 in torch\.float32, so no weight would change; choose a larger value or dtype float64")):
+        if net.computes_in == torch.float64:
+            net.learning_rate = value
+            assert net.learning_rate == value
+        else:
+            with pytest.raises(ValueError, match=rf"^learning_rate: {re.escape(repr(value))} {problem}$"):
+                net.learning_rate = value
+            assert net.learning_rate == 0.5
+            with pytest.raises(ValueError, match=rf"rule\.learning_rate: {re.escape(repr(value))} {problem}$"):
+                build_net(dense_net([3]).replace(rule={"learning_rate": value}), dtype=torch.float32)
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("device", "gpu", r"^device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'$"),
     ("seed", None, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got None$"),
     ("seed", 1.5, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got 1\.5$"),
     ("seed", True, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got True$"),
     ("seed", -1, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got -1$"),
-    ("seed", 2**63, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got 9223372036854775808$"),
+    ("seed", 2**63, r"^seed: expected an integer from 0 to 2\*\*63 - 1, got 9223372036854775808 \(outside the 64-bit integers that torch takes\)$"),
 ], ids=["device_gpu", "seed_none", "seed_float", "seed_bool", "seed_negative", "seed_2_63"])
 def test_build_names_a_bad_device_or_seed(build_net, option, value, message):
     with pytest.raises(ValueError, match=message):
@@ -391,6 +406,21 @@ def test_load_weights_names_missing_and_unexpected_keys(build_net):
     with pytest.raises(ValueError, match=r"^weights: keys do not match the network \(missing \['output\.fb'\], unexpected \['output\.gain'\]\)$"):
         net.load_weights(wrong)
     assert_unchanged(net, start)
+
+
+def test_load_weights_checks_every_entry_before_it_sets_any(build_net):
+    net = build_net(dense_net([3]))  # tied: the fb values are not used, but checked
+    start = net.weights()
+    new = {key: value + 1 for key, value in start.items()}
+    for key, value, message in (
+        ("output.ff", torch.zeros(2), r"^output\.ff: expected a tensor of shape \(3, 3\), got \(2,\)$"),  # after layers.0.ff, which is not set
+        ("layers.0.fb", torch.full_like(start["layers.0.fb"], float("nan")), r"^layers\.0\.fb: values must be finite \(got NaN or inf\)$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            net.load_weights({**new, key: value})
+        assert_unchanged(net, start)
+    net.load_weights(new)
+    assert_unchanged(net, new)
 
 
 def test_float32_requests_float32_tensors(build_net):

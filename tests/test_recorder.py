@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -474,6 +475,24 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
     run_experiment(experiment(epochs=1), out=tmp_path, log=None)
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["complete"] = False  # as if killed
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    with zipfile.ZipFile(tmp_path / "checkpoint.pt") as archive:  # the largest stored tensor, where a flipped byte still loads
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra)
+    damaged = bytearray(good)
+    damaged[start + entry.file_size // 2] ^= 0xFF
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(damaged))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True).keys() == state.keys(), "torch reads it without a word"
+    with pytest.raises(ValueError, match=rf"checkpoint\.pt: a damaged checkpoint \(its entry {re.escape(entry.filename)} fails its checksum\); restore it from a copy"):
+        run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+    torch.save({key: value for key, value in state.items() if key not in ("rng", "history")}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: a checkpoint that lacks history, rng; restore it from a copy"):
+        run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+    for changed in ({"weights": {key: value[:1] for key, value in state["weights"].items()}}, {"rng": {**state["rng"], "order": torch.zeros(3, dtype=torch.uint8)}}):
+        torch.save({**state, **changed}, tmp_path / "checkpoint.pt")
+        with pytest.raises(ValueError, match=r"checkpoint\.pt: does not fit this run \((ValueError|RuntimeError): .*\); restore it from a copy"):
+            run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
     (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint \(.*\); restore it from a copy, or move the run folder away and train the run again"):
         run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)

@@ -162,6 +162,27 @@ def test_dropout_silences_its_share_of_columns_and_scales_up_the_rest():
     torch.testing.assert_close(dropped.ff, torch.where(dropped.gate, columns.ff / 0.2, 0.0))
 
 
+def test_the_draws_of_a_seed_do_not_depend_on_torchs_default_dtype():
+    description = ColumnNetwork((8,), [Dense(16), Dropout(0.5), Dense(8)], 4, rule=Rule(learning_rate=0.5, init_range=0.5))
+    images = torch.rand(20, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(4, (20,), generator=torch.Generator().manual_seed(2))
+
+    def one_batch():
+        net = build(description.replace(action_selection={"epsilon": 0.5}), seed=3)
+        trials = net.run_trials(images, labels)
+        return trials.action, net.weights()
+
+    actions, weights = one_batch()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as a program may set it
+    try:
+        other_actions, other_weights = one_batch()
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(actions, other_actions), "the same exploration"
+    assert all(torch.equal(weights[key], other_weights[key]) for key in weights), "the same dropout masks"
+
+
 def test_float64_values_beyond_float32_are_refused_by_a_float32_net():
     net = build(ColumnNetwork((4,), [Dense(3)], 2), dtype=torch.float32)
     start = net.weights()

@@ -139,9 +139,7 @@ def check_representable(network: ColumnNetwork, dtype) -> None:
         Naming the field whose value overflows ``dtype``, or an ``init_range`` or
         ``learning_rate`` that rounds to 0 in it (a network that never learns).
     """
-    import torch
-
-    info, rule = torch.finfo(dtype), network.rule
+    rule = network.rule
     fields = {
         "neuromodulator.reward_correct": network.neuromodulator.reward_correct,
         "neuromodulator.reward_wrong": network.neuromodulator.reward_wrong,
@@ -149,12 +147,24 @@ def check_representable(network: ColumnNetwork, dtype) -> None:
         "rule.init_range": rule.init_range,
         "rule.weight_decay": rule.weight_decay,
     }
+    zero = {"rule.init_range": "every weight would start at 0", "rule.learning_rate": NO_CHANGE}
     for key, value in fields.items():
-        if abs(value) > info.max:
-            raise ValueError(f"{network.source}: {key}: {value!r} overflows {dtype}, whose largest number is {info.max:.4g}; choose a smaller value or dtype float64")
-    for key, value, consequence in (("rule.init_range", rule.init_range, "every weight would start at 0"), ("rule.learning_rate", rule.learning_rate, "no weight would change")):
-        if torch.tensor(value, dtype=dtype) == 0:
-            raise ValueError(f"{network.source}: {key}: {value!r} rounds to 0 in {dtype}, so {consequence}; choose a larger value or dtype float64")
+        check_in_dtype(f"{network.source}: {key}", value, dtype, zero.get(key))
+
+
+NO_CHANGE = "no weight would change"
+
+
+def check_in_dtype(name: str, value: float, dtype, zero: str | None = None) -> None:
+    """Raise ValueError naming ``name`` where ``value`` overflows ``dtype``, or, given ``zero``
+    (what a 0 would mean), where it rounds to 0 in ``dtype``."""
+    import torch
+
+    info = torch.finfo(dtype)
+    if abs(value) > info.max:
+        raise ValueError(f"{name}: {value!r} overflows {dtype}, whose largest number is {info.max:.4g}; choose a smaller value or dtype float64")
+    if zero is not None and torch.tensor(value, dtype=dtype) == 0:
+        raise ValueError(f"{name}: {value!r} rounds to 0 in {dtype}, so {zero}; choose a larger value or dtype float64")
 
 
 def check_batch(network: ColumnNetwork, images, labels=None, actions=None, check_range: bool = True, *, trials: bool = False, dtype):
@@ -247,13 +257,15 @@ def _set_learning_rate(net, value) -> None:
     if not is_number(value, lambda v: v > 0):
         raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
     check_weight_decay(value, net.description.rule.weight_decay, "learning_rate")
+    check_in_dtype("learning_rate", value, net.computes_in, NO_CHANGE)
     net._learning_rate = value
 
 
 # The ``learning_rate`` attribute of every backend's network.
 LEARNING_RATE = property(
     lambda net: net._learning_rate, _set_learning_rate,
-    doc="The step size alpha of the next updates, a finite number > 0 whose product with the rule's weight_decay is below 1; may be changed between batches.",
+    doc="The step size alpha of the next updates, a finite number > 0 whose product with the rule's weight_decay is below 1, "
+        "neither overflowing nor rounding to 0 in the type the network computes in; may be changed between batches.",
 )
 
 
@@ -262,6 +274,15 @@ def check_weight_keys(weights: dict, expected: set[str]) -> None:
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
+
+
+def check_weights_to_load(weights: dict, current: dict, dtype) -> None:
+    """Check every entry of ``weights`` (:func:`weights_to_set`) against the network's weights
+    ``current`` before any is set, so that a bad one leaves the network as it was; the ``fb``
+    entries too where the network ignores them (``tied`` feedback)."""
+    check_weight_keys(weights, set(current))
+    for key, value in current.items():
+        weights_to_set(weights[key], value.shape, key, dtype)
 
 
 def weights_to_set(value, shape, name: str, dtype):

@@ -75,7 +75,7 @@ from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
 from agrel_sim.backends import (
-    LEARNING_RATE, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weight_keys, resolved_options, weights_to_set,
+    LEARNING_RATE, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weights_to_load, resolved_options, weights_to_set,
 )
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number, shown
@@ -496,6 +496,7 @@ class Brian2Network:
     """
 
     backend = BACKEND
+    computes_in = torch.float64  # Brian2's state variables, whatever the dtype of the tensors returned
 
     def __init__(self, description: ColumnNetwork, timeline: Timeline, tau_ff: float, tau_fb: float,
                  gate_threshold: float, codegen_target: str, trace_every: int, dtype: torch.dtype, seed: int):
@@ -599,11 +600,9 @@ class Brian2Network:
 
     def load_weights(self, weights: dict) -> None:
         """Set weights from a dict as returned by :meth:`weights` (every key must be present;
-        in ``tied`` mode the ``fb`` entries are ignored, as in the torch backend)."""
-        expected = {f"{layer.name}.{part}" for layer in self.layers for part in ("ff", "fb")}
-        if self.description.rule.bias:
-            expected |= {f"{layer.name}.bias" for layer in self.layers}
-        check_weight_keys(weights, expected)
+        in ``tied`` mode the ``fb`` entries are checked but not used, as in the torch backend).
+        Every entry is checked before any is set: a bad one leaves the network as it was."""
+        check_weights_to_load(weights, self.weights(), torch.float64)
         for layer in self.layers:
             layer.ff = weights[f"{layer.name}.ff"]
             if not layer.tied:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_representable, check_seed, check_weight_keys, weights_to_set
+from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_representable, check_seed, check_weights_to_load, weights_to_set
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
 
@@ -431,7 +431,7 @@ class DropoutColumns:
         if not learning or self.rate == 0:
             self.saved = None
             return y_prev
-        keep = torch.rand(y_prev.shape, generator=self.generator, device=y_prev.device) >= self.rate
+        keep = torch.rand(y_prev.shape, generator=self.generator, device=y_prev.device, dtype=torch.float32) >= self.rate  # not the default dtype, which a program may change
         self.saved = keep.to(y_prev.dtype) / (1 - self.rate)  # the gate times the survivors' scale
         return y_prev * self.saved
 
@@ -510,11 +510,16 @@ class TorchNetwork:
 
     backend = "torch"
 
+    @property
+    def computes_in(self) -> torch.dtype:
+        """The floating-point type of the weights and the activity: :attr:`dtype`."""
+        return self.dtype
+
     def __init__(self, description: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0):
         self.description = description
-        self.learning_rate = description.rule.learning_rate
         self.device = torch.device(device)
         self.dtype = dtype
+        self.learning_rate = description.rule.learning_rate
         self._init_generator = torch.Generator().manual_seed(seed)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.trials_run = 0
@@ -563,8 +568,10 @@ class TorchNetwork:
         return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Set weights from a dict as returned by :meth:`weights` (every key must be present)."""
-        check_weight_keys(weights, set(self.weights()))
+        """Set weights from a dict as returned by :meth:`weights` (every key must be present;
+        in ``tied`` mode the ``fb`` entries are checked but not used). Every entry is checked
+        before any is set: a bad one leaves the network as it was."""
+        check_weights_to_load(weights, self.weights(), self.dtype)
         for layer in self.layers:
             if layer.has_weights:
                 layer.ff = weights[f"{layer.name}.ff"]
