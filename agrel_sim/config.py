@@ -111,26 +111,30 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
         Listing every path tried, when no file is found.
     """
     what = what or kind
+    a_file = f"{'an' if what[0] in 'aeiou' else 'a'} {what} file"
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.is_file():
         if path.is_dir():
-            raise ConfigError(f"{path}: is a folder; give the path of a {what} file (.toml)")
+            raise ConfigError(f"{path}: is a folder; give the path of {a_file} (.toml)")
         if not path.is_file():
             raise ConfigError(f"{path}: {what} file not found")
         return path
+    a_folder = f"{path}: is a folder; give the path of {a_file} (.toml), or the name of one"
     if len(path.parts) > 1:  # looked up as a name, it would be found below the search folders, not where it points
+        if path.is_dir():
+            raise ConfigError(a_folder)
         raise ConfigError(f"{path}: a path without .toml, not a name (names have no folders); give the {what} file's path with its .toml suffix, or its name alone")
     folders = [Path(p) for p in os.environ.get(env_var, "").split(os.pathsep) if p]
     for folder in folders:  # a misspelt folder would otherwise let a file of the same name elsewhere be used
         if not folder.is_dir():
             raise ConfigError(f"{env_var}: {folder} is not a folder; set {env_var} to folders of {kind} files, separated by {os.pathsep!r}")
     folders += [Path.cwd() / f"{kind}s", Path(__file__).resolve().parent.parent / f"{kind}s"]
-    tried = list(dict.fromkeys(folder / f"{name_or_path}.toml" for folder in folders))  # a path given is one candidate, whatever the folders
+    tried = [folder / f"{name_or_path}.toml" for folder in folders]
     for candidate in tried:
         if candidate.is_file():
             return candidate
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a folder; give the path of a {what} file (.toml), or the name of one")
+    if path.is_dir():  # looked for after the names: a run folder named like an experiment does not hide it
+        raise ConfigError(a_folder)
     listing = "\n  ".join(str(p) for p in tried)
     raise ConfigError(
         f"{what} {str(name_or_path)!r} not found; tried:\n  {listing}\n"

@@ -161,8 +161,8 @@ def test_a_folder_given_as_the_experiment_or_the_sweep_is_named(tmp_path, capsys
     (tmp_path / "settings").mkdir()
     for command in ("train", "sweep"):
         assert main([command, str(tmp_path / "settings")]) == 2
-        what = "experiment" if command == "train" else "sweep"
-        assert capsys.readouterr().err == f"agrel-sim: error: {tmp_path / 'settings'}: is a folder; give the path of a {what} file (.toml), or the name of one\n"
+        what = "an experiment" if command == "train" else "a sweep"
+        assert capsys.readouterr().err == f"agrel-sim: error: {tmp_path / 'settings'}: is a folder; give the path of {what} file (.toml), or the name of one\n"
 
 
 def test_an_experiment_given_as_the_sweep_or_a_missing_sweep_is_named(tmp_path, capsys):
