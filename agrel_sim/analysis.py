@@ -414,7 +414,8 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
         ``two_sigma`` (twice the sample standard deviation, NaN where fewer than 2 runs reached
         the epoch) and ``runs`` (how many runs each epoch averages), arrays of one length.
     """
-    if isinstance(runs, (str, Path)) or not all(isinstance(run, Run) for run in runs):
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)  # a generator is read once
+    if not all(isinstance(run, Run) for run in runs):
         raise ValueError(f"runs: expected a list of Run objects (load_runs(path) reads a folder of them), got {reprlib.repr(runs)}")
     curves = {}
     for row, rules in sorted(table_rows([run for run in runs if in_figure3(run)]).items()):

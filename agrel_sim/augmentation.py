@@ -39,7 +39,7 @@ class Augmentation:
 
     def __post_init__(self):
         if not is_count(self.factor):
-            raise ValueError(f"augmentation.factor: expected an integer >= 1, got {shown(self.factor)}")
+            raise ValueError(f"augmentation.factor: expected an integer >= 1, got {shown(self.factor, count=True)}")
         for key in ("zoom", "shift"):
             if not is_fraction(getattr(self, key)):
                 raise ValueError(f"augmentation.{key}: expected a fraction in [0, 1), got {getattr(self, key)!r}")

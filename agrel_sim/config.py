@@ -7,6 +7,7 @@ entry or a value of the wrong type stops the run before any training with a mess
 
 from __future__ import annotations
 
+import codecs
 import math
 import numbers
 import os
@@ -38,15 +39,16 @@ def check_instance(name: str, value, kind: type) -> None:
         raise ValueError(f"{name}: expected an object of class {kind.__name__}, got {type(value).__name__} {reprlib.repr(value)}")
 
 
-def shown(value) -> str:
-    """``repr(value)`` for an error message, saying what to do where a NumPy scalar was given,
-    and where an integer lies beyond 64 bits (the number of its digits, where it is long)."""
-    if isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
-        return f"{value!r} (a NumPy scalar; give a Python number: int(x) or float(x))"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
-        size = repr(value) if abs(value) < 10**30 else f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
-        return f"{size} (outside the 64-bit integers that torch takes)"
-    return repr(value)
+def shown(value, count: bool = False) -> str:
+    """``repr(value)`` for an error message (the number of its digits for a long integer),
+    saying what to do where a NumPy integer was given, and, for a ``count`` (a setting that
+    takes an integer), where the integer lies beyond 64 bits."""
+    if isinstance(value, numbers.Integral) and type(value).__module__ == "numpy":
+        return f"{value!r} (a NumPy integer; give a Python one: int(x))"
+    if not isinstance(value, int) or isinstance(value, bool):
+        return repr(value)
+    text = repr(value) if abs(value) < 10**30 else f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
+    return f"{text} (outside the 64-bit integers that torch takes)" if count and abs(value) >= 2**63 else text
 
 
 def is_folder_name(value) -> bool:
@@ -86,7 +88,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: is a folder; give the path of a .toml file") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the file ({error.strerror}); check its permissions") from None
-    if b"\0" in raw:  # no text file holds a NUL byte
+    if b"\0" in raw and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # no UTF-8 or 8-bit text holds a NUL byte
         raise ConfigError(f"{path}: not TOML but a binary file (a run file or a checkpoint?); give the path of a .toml file")
     try:
         return tomllib.loads(raw.decode())
@@ -198,7 +200,7 @@ class Fields:
             ok = isinstance(value, kinds)
         if not ok or (check is not None and not check(value)):
             expected = hint or " or ".join(k.__name__ for k in kinds)
-            raise self.error(key, f"expected {expected}, got {shown(value)}")
+            raise self.error(key, f"expected {expected}, got {shown(value, count=int in kinds and float not in kinds)}")
         return value
 
     def sub(self, key: str, default_empty: bool = True) -> "Fields":

@@ -67,7 +67,7 @@ class Dataset:
         if not is_number(self.scale, lambda v: v > 0):
             raise DatasetError(f"{where}: scale: expected a finite number > 0 (it turns pixel values into rates in [0, 1]), got {self.scale!r}")
         if not is_count(self.n_classes, 2):
-            raise DatasetError(f"{where}: n_classes: expected an integer >= 2, got {shown(self.n_classes)}")
+            raise DatasetError(f"{where}: n_classes: expected an integer >= 2, got {shown(self.n_classes, count=True)}")
         for part in ("train", "test"):
             images, labels = getattr(self, f"{part}_images"), getattr(self, f"{part}_labels")
             if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() >= 2):

@@ -341,7 +341,7 @@ def _validate(network: ColumnNetwork) -> None:
     if len(network.input_shape) not in (1, 3) or not all(is_count(n) for n in network.input_shape):
         raise ConfigError(f"{source}: input_shape: expected [C, H, W] or [N] of positive integers, got {list(network.input_shape)}")
     if not is_count(network.n_actions, minimum=2):
-        raise ConfigError(f"{source}: output.actions: expected an integer >= 2, got {shown(network.n_actions)}")
+        raise ConfigError(f"{source}: output.actions: expected an integer >= 2, got {shown(network.n_actions, count=True)}")
     for index, layer in enumerate(network.layers):
         where = f"{source}: layers[{index}]"
         if not isinstance(layer, tuple(LAYER_KINDS.values())):
@@ -355,9 +355,9 @@ def _validate(network: ColumnNetwork) -> None:
         sizes = {"units": layer.units} if isinstance(layer, Dense) else {"channels": layer.channels, "kernel_size": layer.kernel_size, "stride": layer.stride}
         for key, value in sizes.items():
             if not is_count(value):
-                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {shown(value)}")
+                raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {shown(value, count=True)}")
         if not isinstance(layer, Dense) and not is_count(layer.padding, minimum=0):
-            raise ConfigError(f"{where}.padding: expected an integer >= 0, got {shown(layer.padding)}")
+            raise ConfigError(f"{where}.padding: expected an integer >= 0, got {shown(layer.padding, count=True)}")
     network.layer_shapes()  # raises on geometry errors
     selection, modulator, rule = network.action_selection, network.neuromodulator, network.rule
     numbers_and_checks = {

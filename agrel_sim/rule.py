@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from agrel_sim.config import is_number
+from agrel_sim.config import is_number, shown
 
 
 def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.dtype,
@@ -35,7 +35,7 @@ def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.d
         nothing. Row i belongs to trial i.
     """
     if not is_number(epsilon, lambda v: 0 <= v <= 1):
-        raise ValueError(f"epsilon: expected a probability of exploring, in [0, 1], got {epsilon!r}")
+        raise ValueError(f"epsilon: expected a probability of exploring, in [0, 1], got {shown(epsilon)}")
     if epsilon == 0:
         return None
     # float32 named, not torch's default dtype, which a program may change: the same seed, the same draws
@@ -66,7 +66,7 @@ def max_boltzmann(q: torch.Tensor, tau: float, draws: tuple[torch.Tensor, torch.
     """
     check_q_values(q)
     if not is_number(tau, lambda v: v > 0):
-        raise ValueError(f"tau: expected a temperature > 0, got {tau!r}")
+        raise ValueError(f"tau: expected a temperature > 0, got {shown(tau)}")
     greedy = q.argmax(dim=1)
     if draws is None:
         return greedy

@@ -320,7 +320,7 @@ def run_experiment(
     check_instance("logging", logging, LogSettings)
     check_device(device)
     if not (is_count(seed, 0) and seed <= MAX_SEED):
-        raise ValueError(f"seed: expected an integer from 0 to {MAX_SEED}, got {shown(seed)}")
+        raise ValueError(f"seed: expected an integer from 0 to {MAX_SEED}, got {shown(seed, count=True)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     folder = Path(out) if out is not None else None

@@ -304,7 +304,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if executor not in EXECUTORS:
         raise ValueError(f"executor: expected one of {EXECUTORS}, got {executor!r}")
     if jobs is not None and not is_count(jobs):
-        raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {shown(jobs)}")
+        raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {shown(jobs, count=True)}")
     check_device(device, here=executor != "slurm")  # the machine that submits to SLURM need not have the cluster's GPUs
     out = Path(out or sweep.out)
     _check_out_folder(out)
@@ -360,7 +360,7 @@ def _run_processes(function: Callable, tasks: list, jobs: int) -> Iterator[tuple
             while waiting and len(running) < jobs:
                 task = waiting.popleft()
                 receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_work, args=(function, task, sender))
+                process = context.Process(target=_work, args=(function, task, sender, os.getpid()))
                 process.start()
                 running[receiver] = task, process
                 sender.close()  # the process holds the only sending end: its end reads as EOF here
@@ -380,14 +380,14 @@ def _run_processes(function: Callable, tasks: list, jobs: int) -> Iterator[tuple
             process.join()
 
 
-def _work(function: Callable, task, connection) -> None:
-    """The body of a process of :func:`_run_processes`."""
+def _work(function: Callable, task, connection, parent: int) -> None:
+    """The body of a process of :func:`_run_processes`, started by the process ``parent``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
     # tqdm would guard its bars with a multiprocessing lock: in a spawned process, a named semaphore
     # that the parent's resource tracker reports as leaked at exit when this process is killed.
     # No other process writes this one's bars, so a thread lock does.
     tqdm.set_lock(threading.RLock())
-    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_end_with_parent, args=(parent,), daemon=True).start()
     outcome = _outcome(lambda: function(task))
     with contextlib.suppress(OSError):  # the parent ended as the run did: nobody to tell
         connection.send(outcome)

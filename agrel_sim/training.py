@@ -69,7 +69,7 @@ class TrainingSettings:
     def __post_init__(self):
         for key in ("batch_size", "max_epochs", "patience", "validation_size", "eval_batch_size", "lr_decay_patience"):
             if not is_count(getattr(self, key)):
-                raise ValueError(f"{key}: expected an integer >= 1, got {shown(getattr(self, key))}")
+                raise ValueError(f"{key}: expected an integer >= 1, got {shown(getattr(self, key), count=True)}")
         if not is_number(self.lr_decay_factor, lambda v: 0 < v <= 1):
             raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {self.lr_decay_factor!r}")
         if not (self.augmentation is None or isinstance(self.augmentation, Augmentation)):
@@ -139,7 +139,7 @@ def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSett
 def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the training and validation parts, drawn by ``seed`` (``0 < validation_size < n_train``)."""
     if not (is_count(n_train) and is_count(validation_size) and validation_size < n_train):
-        raise ValueError(f"validation_size: expected 0 < validation_size < n_train = {shown(n_train)}, got {shown(validation_size)}")
+        raise ValueError(f"validation_size: expected 0 < validation_size < n_train = {shown(n_train, count=True)}, got {shown(validation_size, count=True)}")
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
     return order[validation_size:], order[:validation_size]
 
@@ -178,7 +178,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if damaged is None:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch and zipfile raise several kinds for a damaged file
         raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); {_DAMAGED_CHECKPOINT}") from None
     if damaged is not None:
@@ -311,8 +312,10 @@ def train(
             net.learning_rate, last_decay, net.trials_run = resume["learning_rate"], resume["last_decay"], resume["trials_run"]
             for name, generator in generators.items():
                 generator.set_state(resume["rng"][name])
+        except torch.cuda.OutOfMemoryError:  # not the checkpoint's fault: the command line says what to do
+            raise
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:  # weights of another network, a generator state of another kind, ...
-            raise ValueError(f"{checkpoint or 'the checkpoint'}: does not fit this run ({type(error).__name__}: {error}); {_DAMAGED_CHECKPOINT}") from None
+            raise ValueError(f"{checkpoint or 'resume'}: the checkpoint does not fit this run ({type(error).__name__}: {error}); {_DAMAGED_CHECKPOINT}") from None
         best_accuracy, best_epoch, best_weights = resume["best_accuracy"], resume["best_epoch"], resume["best_weights"]
         first_epoch, elapsed = resume["epoch"] + 1, resume["seconds"]
     recorder = run_file(net) if run_file is not None else None

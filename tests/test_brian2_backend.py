@@ -266,8 +266,8 @@ def test_other_layer_kinds_name_the_backend_and_the_kind(layers, index):
     (dict(codegen_target="cpp_standalone"), r"codegen_target: expected one of \('numpy', 'cython'\)"),
     (dict(t_feedback=80.5), r"t_feedback: 80.5 ms is not a whole number of time steps dt = 1.0 ms"),
     (dict(tau_fb=-1), r"tau_fb: expected a duration > 0"),
-    (dict(t_stimulus=10**400), r"t_stimulus: expected a duration > 0, got an integer of about 401 digits \(outside the 64-bit integers that torch takes\) ms"),
-    (dict(gate_threshold=10**400), r"gate_threshold: expected a finite number >= 0, got 1000"),
+    (dict(t_stimulus=10**400), r"t_stimulus: expected a duration > 0, got an integer of about 401 digits ms"),
+    (dict(gate_threshold=10**400), r"gate_threshold: expected a finite number >= 0, got an integer of about 401 digits$"),
     (dict(dt=2 * brian2.mV), r"dt: expected a duration"),
     (dict(t_rpe="10 ms"), r"t_rpe: expected a duration"),
     (dict(gate_threshold=-0.1), r"gate_threshold: expected a finite number >= 0"),
@@ -308,6 +308,9 @@ def test_a_brian2_float_type_other_than_float64_is_refused():
     brian2.prefs.core.default_float_dtype = np.float32
     try:
         with pytest.raises(ValueError, match=r"the brian2 backend computes in float64, but brian2\.prefs\.core\.default_float_dtype is <class 'numpy\.float32'>; set it to numpy\.float64"):
+            build(describe(), backend="brian2")
+        brian2.prefs.core.default_float_dtype = np.dtype("float64")  # which Brian2 takes as a setting, and fails on as it runs
+        with pytest.raises(ValueError, match=r"default_float_dtype is dtype\('float64'\); set it to numpy\.float64"):
             build(describe(), backend="brian2")
     finally:
         brian2.prefs.core.default_float_dtype = np.float64

@@ -147,6 +147,9 @@ def test_an_experiment_file_that_is_not_utf8_is_named(tmp_path, capsys):
     (tmp_path / "tiny.toml").write_bytes(EXPERIMENT.replace('name = "tiny_ebp"', 'name = "caf\xe9"').encode("latin-1"))
     assert main(["train", str(tmp_path / "tiny.toml")]) == 2
     assert re.search(r"tiny\.toml: not valid TOML: TOML files are UTF-8 text, and this one is not .*save it as UTF-8", capsys.readouterr().err)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT, encoding="utf-16")  # with its byte-order mark, as editors save "Unicode"
+    assert main(["train", str(tmp_path / "tiny.toml")]) == 2
+    assert re.search(r"tiny\.toml: not valid TOML: TOML files are UTF-8 text, and this one is not .*save it as UTF-8", capsys.readouterr().err)
 
 
 def test_a_run_file_or_a_checkpoint_given_as_the_experiment_is_named(tmp_path, capsys):

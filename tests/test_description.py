@@ -196,7 +196,8 @@ def test_bad_descriptions_in_python():
     (lambda: ColumnNetwork((4,), [Dense(2**70)], 3), r"layers\[0\]\.units: expected an integer >= 1, got 1180591620717411303424 \(outside the 64-bit integers that torch takes\)"),
     (lambda: ColumnNetwork((4,), [Dense(10**400)], 3), r"layers\[0\]\.units: expected an integer >= 1, got an integer of about 401 digits \(outside the 64-bit integers that torch takes\)"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=10**400)), r"rule\.learning_rate: expected a number > 0, got an integer of about 401 digits"),
-    (lambda: ColumnNetwork((4,), [Dense(np.int64(3))], 3), r"layers\[0\]\.units: expected an integer >= 1, got np\.int64\(3\) \(a NumPy scalar; give a Python number: int\(x\) or float\(x\)\)"),
+    (lambda: ColumnNetwork((4,), [Dense(np.int64(3))], 3), r"layers\[0\]\.units: expected an integer >= 1, got np\.int64\(3\) \(a NumPy integer; give a Python one: int\(x\)\)"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=np.float64(-1))), r"rule\.learning_rate: expected a number > 0, got np\.float64\(-1\.0\)$"),
 ])
 def test_descriptions_built_in_python_are_checked_like_files(make, message):
     with pytest.raises(ConfigError, match=r"<python>: " + message):

@@ -471,7 +471,9 @@ def test_resume_never_overwrites_an_hdf5_file_that_is_not_a_run_file(tmp_path):
         assert list(other) == ["x"]
 
 
-def test_a_damaged_checkpoint_is_named(tmp_path):
+def test_a_damaged_checkpoint_is_named(tmp_path, monkeypatch):
+    from agrel_sim.backends.torch_backend import TorchNetwork
+
     run_experiment(experiment(epochs=1), out=tmp_path, log=None)
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["complete"] = False  # as if killed
@@ -491,8 +493,17 @@ def test_a_damaged_checkpoint_is_named(tmp_path):
         run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
     for changed in ({"weights": {key: value[:1] for key, value in state["weights"].items()}}, {"rng": {**state["rng"], "order": torch.zeros(3, dtype=torch.uint8)}}):
         torch.save({**state, **changed}, tmp_path / "checkpoint.pt")
-        with pytest.raises(ValueError, match=r"checkpoint\.pt: does not fit this run \((ValueError|RuntimeError): .*\); restore it from a copy"):
+        with pytest.raises(ValueError, match=r"checkpoint\.pt: the checkpoint does not fit this run \((ValueError|RuntimeError): .*\); restore it from a copy"):
             run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+    torch.save(state, tmp_path / "checkpoint.pt")
+
+    def out_of_memory(self, weights):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(TorchNetwork, "load_weights", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not the checkpoint's fault: the command line says what to do
+        run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+    monkeypatch.undo()
     (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")
     with pytest.raises(ValueError, match=r"checkpoint\.pt: not a readable checkpoint \(.*\); restore it from a copy, or move the run folder away and train the run again"):
         run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
@@ -668,10 +679,12 @@ def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_pat
         run.layer("layers.5")
     with pytest.raises(RunFileError, match=r"run\.h5: no layer 0 is recorded; the layers are layers\.0, layers\.1"):
         run.layer(0)
-    with pytest.raises(ValueError, match=r"runs: expected a list of Run objects \(load_runs\(path\) reads a folder of them\), got 'runs/digits'"):
+    with pytest.raises(ValueError, match=r"runs: expected a list of Run objects \(load_runs\(path\) reads a folder of them\), got \['runs/digits'\]"):
         reward_curves("runs/digits")
     with pytest.raises(ValueError, match=r"runs: expected a list of Run objects"):
         reward_curves([run, str(run.path)])
+    curves = reward_curves(each for each in [run])
+    assert curves and list(curves) == list(reward_curves([run])), "a generator is read once"
     with pytest.raises(RunFileError, match=r"run\.h5: no time courses: only the brian2 backend records them, with backend_options\.trace_every > 0"):
         run.timecourse()
     with pytest.raises(ValueError, match=r"trials: expected an integer >= 1, got -3"):

@@ -169,8 +169,8 @@ def test_wrong_arguments_to_train_and_its_parts_are_named_before_any_work():
         (lambda: build(DESCRIPTION, tau_ff=5.0), r"tau_ff: not an option of the torch backend; its options: device, dtype, seed"),
         (lambda: build(DESCRIPTION, backend="brian2", Tau_ff=5.0), r"Tau_ff: not an option of the brian2 backend; its options: device, dtype, seed, tau_ff, tau_fb, dt, "),
         (lambda: run_experiment(DESCRIPTION), r"experiment: expected an object of class Experiment, got ColumnNetwork"),
-        (lambda: build(DESCRIPTION, seed=np.int64(1)), r"seed: expected an integer from 0 to 2\*\*63 - 1, got np\.int64\(1\) \(a NumPy scalar; give a Python number"),
-        (lambda: TrainingSettings(batch_size=np.int64(10)), r"batch_size: expected an integer >= 1, got np\.int64\(10\) \(a NumPy scalar"),
+        (lambda: build(DESCRIPTION, seed=np.int64(1)), r"seed: expected an integer from 0 to 2\*\*63 - 1, got np\.int64\(1\) \(a NumPy integer; give a Python one: int\(x\)\)$"),
+        (lambda: TrainingSettings(batch_size=np.int64(10)), r"batch_size: expected an integer >= 1, got np\.int64\(10\) \(a NumPy integer"),
         (lambda: training.split_validation(10, -2, 0), r"validation_size: expected 0 < validation_size < n_train = 10, got -2"),
         (lambda: training.split_validation(10, 10, 0), r"validation_size: expected 0 < validation_size < n_train = 10, got 10"),
     ):

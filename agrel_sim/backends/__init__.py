@@ -46,7 +46,7 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     if backend not in BACKENDS:
         raise ConfigError(f"{source}: backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
     module = importlib.import_module(BACKENDS[backend])
-    accepted = list(resolved_options(backend, {}))
+    accepted = [name for name in build_options(backend) if name not in RUN_OPTIONS]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         given_by_run = " (device, dtype and seed come from the run: --device, --dtype, --seed)" if unknown[0] in RUN_OPTIONS else ""
@@ -70,9 +70,15 @@ def resolved_options(backend: str, options: dict) -> dict:
     options : dict
         Keyword arguments of the backend's ``build``, as an experiment's ``[backend_options]``.
     """
-    module = importlib.import_module(BACKENDS[backend])
-    defaults = {name: parameter.default for name, parameter in list(inspect.signature(module.build).parameters.items())[1:] if name not in RUN_OPTIONS}
+    defaults = {name: default for name, default in build_options(backend).items() if name not in RUN_OPTIONS}
     return {**defaults, **options}
+
+
+def build_options(backend: str) -> dict:
+    """The keyword options of ``backend``'s ``build`` (device, dtype, seed and its own), in
+    order, with their defaults."""
+    parameters = inspect.signature(importlib.import_module(BACKENDS[backend]).build).parameters
+    return {name: parameter.default for name, parameter in list(parameters.items())[1:]}
 
 
 def check_device(device, here: bool = True):
@@ -121,7 +127,7 @@ def check_seed(seed) -> None:
         Naming ``seed`` and the integers it may be.
     """
     if not is_count(seed, 0):
-        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {shown(seed)}")
+        raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {shown(seed, count=True)}")
 
 
 def check_representable(network: ColumnNetwork, dtype) -> None:
@@ -354,9 +360,8 @@ def build(network: ColumnNetwork, backend: str = "torch", **options):
     check_instance("network", network, ColumnNetwork)
     if backend not in BACKENDS:
         raise ValueError(f"backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
-    module = importlib.import_module(BACKENDS[backend])
-    accepted = list(inspect.signature(module.build).parameters)[1:]
+    accepted = list(build_options(backend))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{unknown[0]}: not an option of the {backend} backend; its options: {', '.join(accepted)}")
-    return module.build(network, **options)
+    return importlib.import_module(BACKENDS[backend]).build(network, **options)

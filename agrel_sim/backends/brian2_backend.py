@@ -955,7 +955,9 @@ def build(
         raise ValueError(f"dtype: the {BACKEND} backend returns torch.float32 or torch.float64 tensors, got {dtype}")
     if not isinstance(brian2.get_device(), RuntimeDevice):
         raise ValueError(f"the {BACKEND} backend runs in Brian2's runtime mode, but the active Brian2 device is {brian2.get_device()!r}; call brian2.set_device('runtime')")
-    if brian2.prefs.core.default_float_dtype is not np.float64:  # the state variables' type: float64 gives the torch backend's numbers
+    # The state variables' type: float64 gives the torch backend's numbers. The type itself, as
+    # Brian2 calls it (it takes np.dtype("float64") as a setting, then fails as it runs).
+    if brian2.prefs.core.default_float_dtype is not np.float64:
         raise ValueError(f"the {BACKEND} backend computes in float64, but brian2.prefs.core.default_float_dtype is {brian2.prefs.core.default_float_dtype!r}; set it to numpy.float64")
     settings = _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, gate_threshold, codegen_target, trace_every)
     timeline, tau_ff, tau_fb = settings[:3]
@@ -968,9 +970,9 @@ def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_
     if codegen_target not in CODEGEN_TARGETS:
         raise ValueError(f"codegen_target: expected one of {CODEGEN_TARGETS} (Brian2 runtime mode), got {codegen_target!r}")
     if not is_count(trace_every, 0):
-        raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {shown(trace_every)}")
+        raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {shown(trace_every, count=True)}")
     if not is_number(gate_threshold, lambda v: v >= 0):
-        raise ValueError(f"gate_threshold: expected a finite number >= 0, got {gate_threshold!r}")
+        raise ValueError(f"gate_threshold: expected a finite number >= 0, got {shown(gate_threshold)}")
     durations = dict(stimulus=t_stimulus, selection=t_selection, feedback=t_feedback, rpe=t_rpe, plasticity=t_plasticity)
     timeline = Timeline.from_durations(dt, durations)
     return timeline, _milliseconds(tau_ff, "tau_ff"), _milliseconds(tau_fb, "tau_fb"), float(gate_threshold), codegen_target, trace_every
