@@ -845,17 +845,15 @@ READ_ATTEMPTS = 5  # loads of a run whose file is replaced while it is read (its
 def _consistently(run: Run, read):
     """``read(run)``, with ``run`` loaded again where its file was replaced meanwhile (a run
     still training replaces it after every epoch): what ``read`` gets is of one version."""
-    for _ in range(READ_ATTEMPTS - 1):
+    for attempt in range(1, READ_ATTEMPTS + 1):
         try:
             return read(run)
         except RunChangedError:
+            if attempt == READ_ATTEMPTS:
+                raise RunChangedError(f"{run.path}: the run file was replaced {READ_ATTEMPTS} times while it was read (its epochs take less time than its analysis); analyse it once it has finished") from None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", IncompleteRunWarning)  # said when it was first loaded
                 run = load_run(run.path)
-    try:
-        return read(run)
-    except RunChangedError:
-        raise RunChangedError(f"{run.path}: the run file was replaced {READ_ATTEMPTS} times while it was read (its epochs take less time than its analysis); analyse it once it has finished") from None
 
 
 def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:

@@ -130,6 +130,9 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed: expected an integer from 0 to 2**63 - 1, got {shown(seed, count=True)}")
 
 
+NO_CHANGE = "no weight would change"  # what a learning rate of 0 would mean
+
+
 def check_representable(network: ColumnNetwork, dtype) -> None:
     """Raise unless the description's numbers survive the floating-point type a backend computes in.
 
@@ -156,9 +159,6 @@ def check_representable(network: ColumnNetwork, dtype) -> None:
     zero = {"rule.init_range": "every weight would start at 0", "rule.learning_rate": NO_CHANGE}
     for key, value in fields.items():
         check_in_dtype(f"{network.source}: {key}", value, dtype, zero.get(key))
-
-
-NO_CHANGE = "no weight would change"
 
 
 def check_in_dtype(name: str, value: float, dtype, zero: str | None = None) -> None:
