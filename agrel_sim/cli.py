@@ -8,17 +8,16 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, Run, analyze, figure3_runs, load_runs, plot_reward_curves, table1_records
-from agrel_sim.experiment import default_experiment, load_experiment
-from agrel_sim.runs import DTYPES, MAX_SEED, default_run_folder, run_experiment
-from agrel_sim.sweep import EXECUTORS, load_sweep, run_sweep
-from agrel_sim.table import is_capped, is_diverged, markdown, table1, write_csv
+# The commands import agrel_sim's modules (and with them torch, about a second) when they run, inside
+# main's handling of Ctrl-C, so that an interrupt while they load ends as quietly as one later.
 
 
 def _train(args) -> int:
+    from tqdm.auto import tqdm
+
+    from agrel_sim.experiment import default_experiment, load_experiment
+    from agrel_sim.runs import default_run_folder, run_experiment
+
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
     if args.rule:
         try:
@@ -41,6 +40,8 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
+    from agrel_sim.sweep import load_sweep, run_sweep
+
     sweep = load_sweep(args.sweep)
     failures = run_sweep(sweep, args.out, jobs=args.jobs, executor=args.executor, device=args.device, data_dir=args.data_dir)
     if failures:
@@ -49,9 +50,11 @@ def _sweep(args) -> int:
     return 0
 
 
-def _averaged_runs(path: str) -> list[Run]:
-    """The runs under ``path`` for Table 1 or Figure 3, which list incomplete runs as left out
-    and use no gate records: loaded without the warnings about those."""
+def _averaged_runs(path: str) -> list:
+    """The runs (:class:`agrel_sim.analysis.Run`) under ``path`` for Table 1 or Figure 3, which
+    list incomplete runs as left out and use no gate records: loaded without the warnings about those."""
+    from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, load_runs
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IncompleteRunWarning)
         warnings.simplefilter("ignore", OlderRunFileWarning)
@@ -65,6 +68,9 @@ def _beside(runs: str, name: str) -> Path:
 
 
 def _table(args) -> int:
+    from agrel_sim.analysis import table1_records
+    from agrel_sim.table import is_capped, is_diverged, markdown, table1, write_csv
+
     runs = _averaged_runs(args.runs)
     incomplete = [str(run.path) for run in runs if not run.complete]
     left_out = f"{len(incomplete)} incomplete run(s) left out (still running, killed or crashed; --resume or the sweep again finishes them): {', '.join(incomplete)}"
@@ -94,6 +100,8 @@ def _table(args) -> int:
 def _figure3(args) -> int:
     from matplotlib.backend_bases import FigureCanvasBase
 
+    from agrel_sim.analysis import figure3_runs, plot_reward_curves
+
     out = Path(args.out) if args.out else _beside(args.runs, "figure3.png")
     formats = FigureCanvasBase.get_supported_filetypes()  # what savefig writes, by suffix
     if out.is_dir() or out.suffix[1:].lower() not in formats:
@@ -108,6 +116,8 @@ def _figure3(args) -> int:
 
 
 def _analyze(args) -> int:
+    from agrel_sim.analysis import analyze
+
     path = Path(args.path)
     out = Path(args.out) if args.out else _beside(path, "analysis")
     text, figures = analyze(path, out, trial=args.trial)
@@ -139,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
     Each command's arguments carry a ``handler`` that :func:`main` calls with them.
     """
     from agrel_sim import __version__
+    from agrel_sim.runs import DTYPES, MAX_SEED
+    from agrel_sim.sweep import EXECUTORS
 
     root = argparse.ArgumentParser(prog="agrel-sim", description="Simulate deep networks of cortical columns that learn by reinforcement (DeepAGREL).")
     root.add_argument("--version", action="version", version=f"agrel-sim {__version__}")
@@ -204,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     SystemExit
         For arguments that do not parse (status 2, from argparse) and for ``--help``.
     """
-    args = parser().parse_args(argv)
     with warnings.catch_warnings():  # restores Python's own display of warnings on return
         warnings.showwarning = _show_warning
         try:
+            args = parser().parse_args(argv)
             return args.handler(args)
         except ValueError as error:  # bad input: configuration, data, devices, run files
             print(f"agrel-sim: error: {error}", file=sys.stderr)
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             # torch's CPU allocator raises a plain RuntimeError with one of these texts (CUDA's is
             # torch.cuda.OutOfMemoryError); the second, for a tensor of more than 2**63 bytes
             too_big = ("can't allocate memory", "Storage size calculation overflowed")
+            import torch  # loaded already: the error came from it
+
             if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and not any(text in str(error) for text in too_big):
                 raise
             detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]

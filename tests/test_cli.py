@@ -1,6 +1,7 @@
 """The command line, driven end to end through its real entry points."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,6 +35,16 @@ def test_console_script_entry_point():
     assert entry_points(group="console_scripts")["agrel-sim"].load() is main
     done = subprocess.run([sys.executable, "-m", "agrel_sim.cli", "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--seed" in done.stdout
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(tmp_path):
+    stand_in = tmp_path / "stand_in" / "torch"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("raise KeyboardInterrupt  # as Ctrl-C while torch loads\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(stand_in.parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "agrel_sim.cli", "table", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.startswith("agrel-sim: interrupted;") and "Traceback" not in done.stderr
 
 
 def test_version(capsys):
@@ -317,7 +328,7 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error):
     def run_experiment(*args, **kwargs):
         raise raised.pop(0)
 
-    monkeypatch.setattr("agrel_sim.cli.run_experiment", run_experiment)
+    monkeypatch.setattr("agrel_sim.runs.run_experiment", run_experiment)
     assert main(["train"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("agrel-sim: error: out of memory (") and "check the layer sizes of the model, or lower training.batch_size" in err
