@@ -444,11 +444,11 @@ def gating_by_epoch(run: Run) -> dict[str, dict[str, np.ndarray]]:
     out = {}
     for name in run.layer_names:
         out[name] = {"epoch": epochs}
-        for field in GATING_FIELDS:
-            values = gating[name][field]
+        for quantity in GATING_FIELDS:
+            values = gating[name][quantity]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # NaN fields (e.g. no fb in EBP)
-                out[name][field] = np.array([np.nanmean(values[gating["epoch"] == e]) for e in epochs])
+                out[name][quantity] = np.array([np.nanmean(values[gating["epoch"] == e]) for e in epochs])
     return out
 
 
@@ -489,13 +489,13 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
     for name in run.layer_names:
         layer = run.layer(name)
         row = {"epoch": epochs, "trials_rewarded": counts["rewarded"], "trials_unrewarded": counts["unrewarded"]}
-        for field, values in (("open_fraction", layer["gate"]), ("fb_mean_abs", np.abs(layer["fb"]))):
+        for quantity, values in (("open_fraction", layer["gate"]), ("fb_mean_abs", np.abs(layer["fb"]))):
             for outcome, rows_by_epoch in outcomes.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # an epoch without this outcome; EBP's NaN fb
-                    row[f"{field}_{outcome}"] = np.array([np.mean(values[rows]) for rows in rows_by_epoch])
-            differences = (row[f"{field}_rewarded"] - row[f"{field}_unrewarded"])[both]
-            row[f"{field}_difference"] = float(np.average(differences, weights=weights[both])) if both.any() else float("nan")
+                    row[f"{quantity}_{outcome}"] = np.array([np.mean(values[rows]) for rows in rows_by_epoch])
+            differences = (row[f"{quantity}_rewarded"] - row[f"{quantity}_unrewarded"])[both]
+            row[f"{quantity}_difference"] = float(np.average(differences, weights=weights[both])) if both.any() else float("nan")
         out[name] = row
     return out
 
@@ -623,12 +623,12 @@ def plot_gating(run: Run, path: Path) -> Path:
     synaptic = hidden + [name for name in stats if name == "output"]
     panels = (("open_fraction", "fraction of open gates", hidden), ("fb_mean_abs", "mean |feedback|", hidden), ("changed_fraction", "fraction of synapses changed per batch", synaptic))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
-    for ax, (field, title, names) in zip(axes, panels):
+    for ax, (quantity, title, names) in zip(axes, panels):
         for name in names:
-            ax.plot(stats[name]["epoch"], stats[name][field], marker="o", markersize=3, color=f"C{synaptic.index(name)}", label=name)
+            ax.plot(stats[name]["epoch"], stats[name][quantity], marker="o", markersize=3, color=f"C{synaptic.index(name)}", label=name)
         ax.set(xlabel="epoch", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if not any(np.isfinite(stats[name][field]).any() for name in names):
+        if not any(np.isfinite(stats[name][quantity]).any() for name in names):
             ax.text(0.5, 0.5, _empty_gating_panel(run, names), ha="center", transform=ax.transAxes)
             ax.set(xticks=[], yticks=[])
     if axes[2].lines:
@@ -684,21 +684,21 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     fig, axes = plt.subplots(len(names), 3, figsize=(10, 1.3 * len(names) + 1), squeeze=False, layout="constrained")
     for row, name in enumerate(names):
         layer = run.layer(name)
-        for col, field in enumerate(("ff", "fb", "gate")):
-            data = layer[field][-count:] if count else np.zeros((1, len(layer["units"])))
+        for col, quantity in enumerate(("ff", "fb", "gate")):
+            data = layer[quantity][-count:] if count else np.zeros((1, len(layer["units"])))
             reach = (float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0) or 1.0
             scale = {
                 "ff": dict(cmap="viridis"),
                 "fb": dict(cmap="coolwarm", vmin=-reach, vmax=reach),  # white at zero
                 "gate": dict(cmap="gray", vmin=0, vmax=1),  # black closed, white open, in every layer
-            }[field]
+            }[quantity]
             image = axes[row, col].imshow(data, aspect="auto", interpolation="nearest", **scale)
             fig.colorbar(image, ax=axes[row, col], fraction=0.05, pad=0.02)
             axes[row, col].set_yticks(range(len(data)))
             axes[row, col].set_yticklabels([f"a={a} l={l}" for a, l in zip(logged["action"][-count:], logged["label"][-count:])] if count else [""], fontsize=6)
             axes[row, col].set_xticks([])
             if row == 0:
-                axes[row, col].set_title(field)
+                axes[row, col].set_title(quantity)
         axes[row, 0].set_ylabel(name, fontsize=7)
     fig.suptitle("Activity of sampled columns (rows: trials, a = action, l = label; columns: units)")
     return _save(fig, path)
@@ -723,6 +723,11 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
         Which traced trial (:meth:`Run.timecourse`): 0 the first, -1 (default) the last.
     units : int
         How many columns to draw per population, at least 1.
+
+    Returns
+    -------
+    Path
+        The file written.
     """
     if not is_count(units):
         raise ValueError(f"units: expected an integer >= 1, got {units!r}")

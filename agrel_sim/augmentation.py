@@ -51,6 +51,8 @@ def augment(images: torch.Tensor, settings: Augmentation, generator: torch.Gener
     """Transform each image of a float batch ``(B, C, H, W)`` by its own random zoom, shift and reflection.
 
     Pixels that come from outside the image repeat its border (as Keras' ``fill_mode="nearest"``).
+    Raises ValueError for ``images`` that are not a 4-dimensional tensor and TypeError for
+    integer ones.
     """
     check_instance("settings", settings, Augmentation)
     if not (isinstance(images, torch.Tensor) and images.dim() == 4):

@@ -1,4 +1,4 @@
-"""The ``agrel-sim`` command line: train, sweep, table, analyze."""
+"""The ``agrel-sim`` command line: train, sweep, table, figure3, analyze."""
 
 from __future__ import annotations
 

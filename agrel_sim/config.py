@@ -78,7 +78,8 @@ FRACTION = dict(kind=float, check=is_fraction, hint="a fraction in [0, 1)")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file, turning syntax errors into a :class:`ConfigError` naming the file."""
+    """Parse a TOML file; a missing, unreadable, binary, non-UTF-8 or malformed file raises a
+    :class:`ConfigError` naming it."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -110,7 +111,9 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
     Raises
     ------
     ConfigError
-        Listing every path tried, when no file is found.
+        Listing every path tried, when no file is found for a name; naming the path, for a
+        ``.toml`` path that is missing, a folder, a path with folders but without ``.toml``, or
+        an ``$env_var`` entry that is not a folder.
     """
     what = what or kind
     a_file = f"{'an' if what[0] in 'aeiou' else 'a'} {what} file"

@@ -45,7 +45,7 @@ class Dataset:
     Attributes
     ----------
     name : str
-    train_images, test_images : Tensor of uint8, shape (N, C, H, W)
+    train_images, test_images : Tensor of uint8, shape (N, C, H, W) or (N, features)
     train_labels, test_labels : Tensor of an integer dtype, shape (N,)
     scale : float
         Pixel values are multiplied by this to give activity in [0, 1].
@@ -297,6 +297,7 @@ class ArrayUnpickler(pickle.Unpickler):
     } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
+        """The class ``module.name`` when it is in :attr:`ALLOWED`; else raise UnpicklingError."""
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"it calls {module}.{name}, which is not part of a data set (only numpy arrays are)")
         return super().find_class(module, name)

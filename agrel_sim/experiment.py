@@ -63,7 +63,31 @@ DEFAULT_EXPERIMENT = {
 
 @dataclass(frozen=True)
 class Experiment:
-    """A model, a data set and the training settings: everything a run needs but its seed."""
+    """A model, a data set and the training settings: everything a run needs but its seed.
+
+    Parameters
+    ----------
+    name : str
+        Names the run folder ``runs/<name>/seed<N>``: not empty, no ``/``.
+    model : ColumnNetwork
+    dataset : str
+        A key of :data:`agrel_sim.datasets.LOADERS` (``"mnist"``, ``"cifar10"``, ``"digits"``, ...).
+    training : TrainingSettings
+    source : str
+        Where the experiment came from; error messages name it.
+    backend : str, default "torch"
+        A key of :data:`agrel_sim.backends.BACKENDS`.
+    backend_options : dict
+        The backend's own build options, other than ``device``, ``dtype`` and ``seed``.
+    logging : LogSettings
+        What the run file samples.
+
+    Raises
+    ------
+    ConfigError
+        For a field of the wrong kind or value, or a model the backend cannot build (the
+        message names the backend and the layer).
+    """
 
     name: str
     model: ColumnNetwork

@@ -48,18 +48,39 @@ _non_negative_int = dict(kind=int, check=lambda v: v >= 0, hint="an integer >= 0
 
 @dataclass(frozen=True)
 class Dense:
-    """A layer of ``units`` columns, each connected to every column of the layer below."""
+    """A layer of ``units`` columns, each connected to every column of the layer below.
+
+    Parameters
+    ----------
+    units : int
+        Number of columns, at least 1; a sheet below is flattened.
+    """
 
     units: int
     kind: ClassVar[str] = "dense"
 
     def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        """The shape of this layer's columns above a population of ``shape`` (``where`` names
+        the layer in errors)."""
         return (self.units,)
 
 
 @dataclass(frozen=True)
 class _Sheet:
-    """A C×H×W sheet of columns, each seeing a ``kernel_size``² window of the sheet below."""
+    """A C×H×W sheet of columns, each seeing a ``kernel_size``² window of the sheet below, which
+    must be a sheet too (not a dense layer).
+
+    Parameters
+    ----------
+    channels : int
+        Columns at each position, at least 1.
+    kernel_size : int
+        Side of the square window, at least 1 and at most the padded sheet below.
+    stride : int, default 1
+        Step between windows, at least 1.
+    padding : int, default 0
+        Rows and columns of zeros added on every side of the sheet below.
+    """
 
     channels: int
     kernel_size: int
@@ -67,6 +88,8 @@ class _Sheet:
     padding: int = 0
 
     def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        """The C×H×W shape of this sheet above a sheet of ``shape`` (``where`` names the layer in
+        errors); raises :class:`~agrel_sim.config.ConfigError` when it does not fit."""
         if len(shape) != 3:
             raise ConfigError(
                 f"{where}: a {self.kind} layer needs a C×H×W sheet below it, got a vector of "
@@ -106,12 +129,18 @@ class Dropout:
 
     A dropped column's ff activity is 0 and it passes no feedback, like a ReLU below threshold.
     The survivors are scaled by ``1 / (1 - rate)`` so that nothing needs rescaling at test time.
+
+    Parameters
+    ----------
+    rate : float
+        The fraction dropped, in [0, 1). A dropout layer follows a column layer, never the input.
     """
 
     rate: float
     kind: ClassVar[str] = "dropout"
 
     def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+        """``shape``: dropout keeps the columns below."""
         return shape
 
 
@@ -125,6 +154,13 @@ class ActionSelection:
 
     With probability ``1 - epsilon`` the action with the highest Q-value is chosen; otherwise one
     is drawn from ``P(l) = exp(q_l / tau) / sum_k exp(q_k / tau)``.
+
+    Parameters
+    ----------
+    epsilon : float, default 0.02
+        The probability of exploring, in [0, 1].
+    tau : float, default 1.0
+        The temperature of the Boltzmann draw, > 0.
     """
 
     epsilon: float = 0.02
@@ -137,6 +173,13 @@ class Neuromodulator:
 
     ``r`` is ``reward_correct`` when the selected action is the correct class, else
     ``reward_wrong``.
+
+    Parameters
+    ----------
+    reward_correct : float, default 1.0
+        The reward of a correct choice, finite.
+    reward_wrong : float, default 0.0
+        The reward of a wrong choice, finite.
     """
 
     reward_correct: float = 1.0
@@ -161,11 +204,13 @@ class Rule:
     feedback : {"tied", "reciprocal", "independent"}
         ``tied``: one tensor serves as ff and fb weights. ``reciprocal``: separate fb tensors
         that start equal to the ff ones and get the identical update. ``independent``: fb
-        drawn independently, identical updates.
+        drawn independently, identical updates. Not used by ``ebp``, whose fb weights are always
+        its ff weights (as ``tied``).
     weight_decay : float
-        Each update also shrinks ff and fb weights by ``learning_rate * weight_decay`` times
-        themselves (as ``torch.optim.SGD`` does); with ``independent`` feedback this makes fb
-        converge towards ff.
+        Each update also shrinks the ff and fb weights and the biases by ``learning_rate *
+        weight_decay`` times themselves (as ``torch.optim.SGD`` does); with ``independent``
+        feedback this makes fb converge towards ff. ``learning_rate * weight_decay`` must be
+        below 1.
     """
 
     name: str = "deepagrel"
@@ -184,12 +229,13 @@ class ColumnNetwork:
     ----------
     input_shape : tuple of int
         ``(C, H, W)`` for images, ``(N,)`` for vectors.
-    layers : sequence of Dense, Conv2d, LocallyConnected2d, Dropout
+    layers : list or tuple of Dense, Conv2d, LocallyConnected2d, Dropout
         The hidden column layers, bottom to top.
     n_actions : int
-        Number of output Q-units, one per action (class).
-    action_selection, neuromodulator, rule
-        See :class:`ActionSelection`, :class:`Neuromodulator`, :class:`Rule`.
+        Number of output Q-units, one per action (class), at least 2.
+    action_selection : ActionSelection
+    neuromodulator : Neuromodulator
+    rule : Rule
     name : str
         A label for logs and run files.
     source : str
@@ -235,7 +281,18 @@ class ColumnNetwork:
         return shapes + [(self.n_actions,)]
 
     def replace(self, **changes) -> "ColumnNetwork":
-        """A copy with fields replaced; ``rule=dict(...)`` etc. update single parameters."""
+        """A copy with fields replaced, checked as a new description is.
+
+        Parameters
+        ----------
+        **changes
+            Fields to replace; ``action_selection``, ``neuromodulator`` and ``rule`` also take a
+            dict of their fields, which updates just those (``rule=dict(learning_rate=0.1)``).
+
+        Returns
+        -------
+        ColumnNetwork
+        """
         for key in ("action_selection", "neuromodulator", "rule"):
             if isinstance(changes.get(key), dict):
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
@@ -255,7 +312,24 @@ class ColumnNetwork:
 
     @classmethod
     def from_dict(cls, table: dict, source: str = "<dict>") -> "ColumnNetwork":
-        """Build a description from plain data (a parsed TOML file), checking every field."""
+        """Build a description from plain data (a parsed TOML file), checking every field.
+
+        Parameters
+        ----------
+        table : dict
+            The layout of the TOML files (see the module docstring).
+        source : str
+            Where the data came from: error messages name it, and its stem is the default name.
+
+        Returns
+        -------
+        ColumnNetwork
+
+        Raises
+        ------
+        ConfigError
+            For a missing, unknown or invalid field, named with its place in ``table``.
+        """
         top = Fields(table, source)
         name = top.get("name", str, default=Path(source).stem)
         input_shape = top.get(
@@ -298,7 +372,8 @@ class ColumnNetwork:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "ColumnNetwork":
-        """Read a description from a TOML file (see the module docstring for the layout)."""
+        """Read a description from the TOML file ``path`` (a str or os.PathLike; see the module
+        docstring for the layout); raises :class:`~agrel_sim.config.ConfigError` naming the file."""
         path = Path(path)
         return cls.from_dict(read_toml(path), str(path))
 
@@ -385,9 +460,18 @@ def load_model(name_or_path: str | os.PathLike) -> ColumnNetwork:
     """Load a model description from a TOML path, or by name from ``$AGREL_SIM_MODELS``,
     ``./models`` or the repository's ``models/``.
 
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike
+        A model name such as ``"mnist_conv3"``, or the path of a ``.toml`` file.
+
+    Returns
+    -------
+    ColumnNetwork
+
     Raises
     ------
     ConfigError
-        If no file is found (the message lists every path tried) or the file is invalid.
+        If no file is found (for a name, the message lists every path tried) or the file is invalid.
     """
     return ColumnNetwork.from_toml(find_named_file(name_or_path, "model", "AGREL_SIM_MODELS"))

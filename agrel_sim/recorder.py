@@ -103,7 +103,7 @@ DESCRIPTIONS = {
     "gating/batch": ("training batch within its epoch, from 0", "1"),
     "gating/<layer>/open_fraction": ("fraction of the layer's gates open, over the batch's first summary_trials trials", "1"),
     "gating/<layer>/fb_mean_abs": ("mean absolute feedback activity, over the batch's first summary_trials trials", "1"),
-    "gating/<layer>/changed_fraction": ("fraction of the layer's feedforward synapses that the batch changed (NaN for dropout layers)", "1"),
+    "gating/<layer>/changed_fraction": ("fraction of the layer's feedforward synapses that the batch's learning changed, weight decay not counted (NaN for dropout layers)", "1"),
     "timecourses/t": ("time from the trial's start at the end of each time step; the group's attributes hold each phase's start and end, in s", "s"),
     "timecourses/epoch": ("epoch of the traced trial", "1"),
     "timecourses/batch": ("batch of the traced trial within its epoch, from 0", "1"),
@@ -139,12 +139,14 @@ class LogSettings:
     Parameters
     ----------
     every_batches : int
-        Trials and traces are logged from every Nth training batch (gating summaries from all).
+        Trials (``/trials`` and ``/layers``) are logged from every Nth training batch; gating
+        summaries, and the time courses of the trials that the Brian2 backend traces (its option
+        ``trace_every``), from every batch.
     trials_per_batch : int
         How many trials of such a batch are logged.
     max_units : int
-        Layers with more columns are traced on a fixed random subset of this many (drawn by the
-        run's seed).
+        Layers with more columns are recorded in ``/layers`` on a fixed random subset of this
+        many (drawn by the run's seed); Brian2 time courses hold every column.
     summary_trials : int
         The per-batch fractions of open gates and mean |fb| are taken over the first this many
         trials of every batch (all columns); the fraction of changed synapses covers the batch.

@@ -33,6 +33,11 @@ def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.d
         ``explore`` (B,) bool: whether each trial explores; ``race`` (B, L): Exp(1) draws for the
         Boltzmann choice (see :func:`max_boltzmann`). ``None`` for ``epsilon == 0``, which draws
         nothing. Row i belongs to trial i.
+
+    Raises
+    ------
+    ValueError
+        For an ``epsilon`` that is not a number in [0, 1].
     """
     if not is_number(epsilon, lambda v: 0 <= v <= 1):
         raise ValueError(f"epsilon: expected a probability of exploring, in [0, 1], got {shown(epsilon)}")
@@ -133,7 +138,8 @@ def rpe(q: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> torch.
     """The global, dopamine-like reward-prediction error ``delta = r - q_s`` of each trial.
 
     ``q`` (B, L) holds the Q-values, ``actions`` (B,) the selected actions ``s`` and
-    ``rewards`` (B,) the rewards ``r`` of B trials.
+    ``rewards`` (B,) the rewards ``r`` of B trials. Raises ValueError for Q-values that are not a
+    (B, L) floating-point tensor (:func:`check_q_values`) or shapes that do not match.
     """
     check_q_values(q)
     if not (tuple(actions.shape) == tuple(rewards.shape) == (q.shape[0],)):

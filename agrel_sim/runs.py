@@ -307,6 +307,19 @@ def run_experiment(
 
     Parameters
     ----------
+    experiment : Experiment
+        What to run.
+    seed : int
+        The run's seed, 0 to :data:`MAX_SEED`.
+    out : str or os.PathLike or None
+        The run folder; ``None`` (default) writes no run file and no checkpoint.
+    device : str
+        ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
+    dtype : {"float32", "float64"}
+        The floating-point type by name (a key of :data:`DTYPES`), not a ``torch.dtype``.
+    data_dir : str or os.PathLike or None
+        Folder of the data sets; ``None``: ``$AGREL_SIM_DATA``, else ``./data``
+        (see :func:`agrel_sim.datasets.data_roots`).
     resume : bool
         Continue from the folder's checkpoint (see :func:`resume_plan`), with the settings the
         run began with; ``experiment`` may have a higher patience or epoch limit, and a finished
@@ -314,6 +327,23 @@ def run_experiment(
         already holds a run file is an error, so that no finished work is overwritten.
     logging : LogSettings or None
         What the run file samples; ``None``: the experiment's (its ``[logging]`` table).
+    progress : bool or None
+        Show a progress bar; ``None``: only when the output is a terminal.
+    log : callable or None
+        Receives a line on the data, one per epoch, and notes (default ``print``); ``None``: silent.
+
+    Returns
+    -------
+    RunResult
+        The test accuracy of the weights with the best validation accuracy, the epochs and the
+        per-epoch history (see :func:`agrel_sim.training.train`).
+
+    Raises
+    ------
+    ValueError
+        For a bad seed, dtype or device, data that are missing or do not fit the model, a run
+        folder in use by another process, a run file in ``out`` without ``resume``, or a run
+        that cannot go on (see :func:`resume_plan`).
     """
     check_instance("experiment", experiment, Experiment)
     logging = experiment.logging if logging is None else logging

@@ -65,7 +65,13 @@ POLL_S = 1  # seconds between looks at the submitit jobs running (as submitit's 
 
 @dataclass(frozen=True)
 class Sweep:
-    """Experiments (as resolved file paths) × seeds, with an output folder and SLURM parameters."""
+    """Experiments (as resolved file paths) × seeds, with an output folder and SLURM parameters.
+
+    ``name``: the sweep's name; ``experiments``: paths of experiment files; ``seeds``: the seeds
+    each experiment runs with; ``out``: the folder of the runs, ``<out>/<experiment>/seed<N>``;
+    ``slurm``: the parameters of the file's ``[slurm]`` table, for submitit; ``source``: where the
+    sweep came from. Read one with :func:`load_sweep`.
+    """
 
     name: str
     experiments: tuple[str, ...]
@@ -271,6 +277,10 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
 
     Parameters
     ----------
+    sweep : Sweep
+        The experiments and seeds to run (see :func:`load_sweep`).
+    out : str or os.PathLike or None
+        Folder of the runs, each in ``<out>/<experiment>/seed<N>``; ``None``: the sweep file's ``out``.
     jobs : int, optional
         Runs at once (default 1), each with the usable cores ÷ ``jobs`` threads: locally and with
         submitit's local executor, a run starts as soon as another ends. For the slurm executor,
@@ -283,6 +293,13 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
         the table sets a limit). The submitit executors take the parameters of the sweep file's
         ``[slurm]`` table, checked before anything runs (:func:`check_slurm_table`), and requeue
         a job out of time (:class:`SubmititRun`).
+    device : str
+        ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``, for every run; with the slurm executor
+        only its form is checked here, as the cluster's GPUs need not be on this machine.
+    data_dir : str or os.PathLike or None
+        Folder of the data sets, for every run (see :func:`agrel_sim.datasets.data_roots`).
+    log : callable
+        Receives the opening line and one line per run as it ends (default ``print``).
 
     Returns
     -------

@@ -67,7 +67,7 @@ class RuleStats:
 
 
 def row_key(record: dict) -> tuple[str, str, int]:
-    """A Table 1 row: (data set, network, augmentation factor, 0 without augmentation)."""
+    """A Table 1 row: ``(data set, network, augmentation factor)``, the factor 0 without augmentation."""
     augmentation = record["training"].get("augmentation")
     return record["dataset"], record["model"]["name"], augmentation["factor"] if augmentation else 0
 

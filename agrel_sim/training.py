@@ -80,10 +80,12 @@ class TrainingSettings:
 class EpochMetrics:
     """What one epoch measured.
 
-    ``reward_probability``: share of training trials that were rewarded (for EBP: share of
-    correct greedy classifications, i.e. 1 − training error); ``train_loss``: mean
-    cross-entropy (EBP) or mean squared RPE ``δ²/2`` (DeepAGREL); ``learning_rate``: the
-    learning rate of the epoch's updates.
+    ``epoch``: its number, from 1; ``reward_probability``: share of training trials that were
+    rewarded (for EBP: share of correct greedy classifications, i.e. 1 − training error);
+    ``train_loss``: mean cross-entropy (EBP) or mean squared RPE ``δ²/2`` (DeepAGREL);
+    ``validation_accuracy``: greedy accuracy on the validation images after the epoch;
+    ``seconds``: the epoch's wall time; ``learning_rate``: the learning rate of the epoch's
+    updates.
     """
 
     epoch: int
@@ -96,7 +98,14 @@ class EpochMetrics:
 
 @dataclass
 class RunResult:
-    """The outcome of a training run; ``diverged``: it stopped at an epoch whose loss was not finite."""
+    """The outcome of a training run.
+
+    ``test_accuracy``: that of the weights with the best validation accuracy (NaN when the run
+    diverged in its first epoch); ``best_epoch``: the epoch of those weights; ``epochs``: the
+    epochs run; ``converged``: the stopping criterion was met (not ``max_epochs``, no
+    divergence); ``seconds``: the wall time of the training; ``history``: one
+    :class:`EpochMetrics` per epoch; ``diverged``: it stopped at an epoch whose loss was not finite.
+    """
 
     test_accuracy: float
     best_epoch: int
@@ -174,7 +183,10 @@ CHECKPOINT_KEYS = ("epoch", "weights", "best_weights", "best_accuracy", "best_ep
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`, checking every entry of its archive
-    against its checksum (torch.load does not, so damaged weights would load unseen)."""
+    against its checksum (torch.load does not, so damaged weights would load unseen).
+
+    Raises ValueError, naming ``path``, for a file that is not a readable checkpoint, a damaged
+    one, one of an older agrel-sim, or one that lacks an entry."""
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -259,13 +271,16 @@ def train(
     data : Dataset
     settings : TrainingSettings
     seed : int
-        Seeds the validation split, the batch order, the weights, action selection and dropout.
-    device, dtype
-        Where and in what precision to run.
+        Seeds the validation split, the batch order, the augmentation, the weights, action
+        selection and dropout.
+    device : str or torch.device
+        Where to run: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    dtype : torch.dtype
+        The precision, ``torch.float32`` or ``torch.float64``.
     progress : bool or None
         Show a progress bar; ``None``: only when the output is a terminal.
     log : callable or None
-        Receives one line per epoch.
+        Receives one line per epoch (and one more when the run diverges).
     run_file : callable or None
         Called with the built network; returns a :class:`~agrel_sim.recorder.RunFile` that
         records every batch and epoch (or ``None``).
@@ -279,6 +294,13 @@ def train(
         The backend that builds the network (:data:`agrel_sim.backends.BACKENDS`).
     backend_options : dict or None
         The backend's own settings, passed to its builder.
+
+    Returns
+    -------
+    RunResult
+        The test accuracy of the weights with the best validation accuracy (NaN when the run
+        diverged in its first epoch), the best epoch, the epochs run, whether the run converged
+        or diverged, its wall time and the per-epoch history.
 
     Notes
     -----

@@ -69,6 +69,10 @@ def resolved_options(backend: str, options: dict) -> dict:
         A name in :data:`BACKENDS`.
     options : dict
         Keyword arguments of the backend's ``build``, as an experiment's ``[backend_options]``.
+
+    Returns
+    -------
+    dict
     """
     defaults = {name: default for name, default in build_options(backend).items() if name not in RUN_OPTIONS}
     return {**defaults, **options}
@@ -95,6 +99,7 @@ def check_device(device, here: bool = True):
     Returns
     -------
     torch.device
+        The device, parsed.
 
     Raises
     ------
@@ -349,7 +354,14 @@ def build(network: ColumnNetwork, backend: str = "torch", **options):
     backend : str
         A key of :data:`BACKENDS`.
     **options
-        Passed to the backend's builder (for torch: ``device``, ``dtype``, ``seed``).
+        Passed to the backend's builder: for every backend ``device``, ``dtype`` and ``seed``;
+        for ``brian2`` also its timing and recording options (see
+        :func:`agrel_sim.backends.brian2_backend.build`).
+
+    Returns
+    -------
+    TorchNetwork or Brian2Network
+        The network, ready to run trials.
 
     Raises
     ------

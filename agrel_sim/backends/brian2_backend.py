@@ -926,8 +926,13 @@ def build(
         Brian2's runtime code generation target (Cython compiles on first use and caches the
         compiled code in ``~/.cython``).
     trace_every : int
-        Record the time course of every ``trace_every``-th trial (counting all trials this
-        network runs, from 0) into :attr:`Brian2Trials.traces`; 0 (default) records none.
+        Record the time course of every ``trace_every``-th trial (counting the trials of all
+        its ``run_trials`` batches, from 0; ``q_values`` does not count) into
+        :attr:`Brian2Trials.traces`; 0 (default) records none.
+
+    Returns
+    -------
+    Brian2Network
 
     Raises
     ------

@@ -194,8 +194,9 @@ class LayerActivity:
     open (ff neuron active and not dropped by a dropout layer above). A dropout layer's record
     shows the columns below it: its ``ff`` is their activity after dropout (the survivors scaled
     by ``1 / (1 - rate)``), its ``gate`` and ``fb`` are theirs. ``changed``: the fraction of the layer's
-    ff synapses that this batch changed (0-dim tensor; ``None`` without weights or learning;
-    see :func:`changed_fraction`).
+    ff synapses that this batch's four-factor update changed (for EBP: whose gradient is not
+    zero); weight decay, which shrinks every weight, is not counted (0-dim tensor; ``None``
+    without weights or learning; see :func:`changed_fraction`).
     """
 
     name: str
@@ -265,8 +266,8 @@ class _Layer:
 
     @property
     def fb(self) -> ReadOnlyWeights:
-        """Feedback weights, read as :attr:`ff`; in ``tied`` mode the same weights as ``ff``
-        (setting either sets both)."""
+        """Feedback weights, read as :attr:`ff`; in ``tied`` mode, and always for rule ``ebp``,
+        the same weights as ``ff`` (setting either sets both)."""
         return ReadOnlyWeights.of(self._fb, f"{self.name}.fb")
 
     @fb.setter
@@ -285,6 +286,7 @@ class _Layer:
         _copy_into(self._bias, value, f"{self.name}.bias")
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's own weight tensors by kind (``ff``; ``fb`` when not tied; ``bias``), as stored."""
         named = {"ff": self._ff}
         if self._fb is not self._ff:
             named["fb"] = self._fb
@@ -293,9 +295,11 @@ class _Layer:
         return named
 
     def gate(self, y):
+        """Where the columns' gates are open, given their ff activity ``y``: a ReLU column is on."""
         return y > 0
 
     def gate_feedback(self, fb, y):
+        """The feedback ``fb`` arriving at the columns, times their gates."""
         return fb * (y > 0).to(fb.dtype)
 
     def learn(self, y_prev, dgfb, decay):
@@ -341,6 +345,7 @@ class DenseColumns(_Layer):
         return dense_weight_change(y_prev, dgfb)
 
     def bias_change(self, dgfb):
+        """The change of the biases: the gated, RPE-scaled feedback ``dgfb`` summed over trials."""
         return dgfb.sum(0)
 
 
@@ -371,6 +376,7 @@ class ConvColumns(_Layer):
         return conv_weight_change(y_prev, dgfb, self._ff.shape, self.stride, self.padding)
 
     def bias_change(self, dgfb):
+        """The change of the biases, one per channel: ``dgfb`` summed over trials and positions."""
         return dgfb.sum((0, 2, 3))
 
 
@@ -401,6 +407,7 @@ class LocallyConnectedColumns(_Layer):
         return local_weight_change(patches, dgfb.flatten(2))
 
     def bias_change(self, dgfb):
+        """The change of the biases, one per column: ``dgfb`` summed over trials."""
         return dgfb.sum(0)
 
 
@@ -436,9 +443,11 @@ class DropoutColumns:
         return y_prev * self.saved
 
     def gate(self, y):
+        """Where the columns below were kept (all of them outside learning trials)."""
         return self.saved > 0 if self.saved is not None else torch.ones_like(y, dtype=torch.bool)
 
     def gate_feedback(self, fb, y):
+        """The feedback ``fb`` to the columns below, zero where dropped and scaled like their activity."""
         return fb if self.saved is None else fb * self.saved
 
     def feedback(self, gfb):
@@ -446,6 +455,7 @@ class DropoutColumns:
         return gfb
 
     def tensors(self):
+        """No weights: an empty dict."""
         return {}
 
 
@@ -494,15 +504,23 @@ class TorchNetwork:
     ----------
     backend : str
         ``"torch"``, the key of this backend in :data:`agrel_sim.backends.BACKENDS`.
+    description : ColumnNetwork
+        The description the network was built from.
+    device : torch.device
+    dtype : torch.dtype
+        The type of the weights and the activity (also :attr:`computes_in`).
+    generator : torch.Generator
+        On :attr:`device`: the randomness of action selection and dropout.
     layers : list
         The hidden column layers bottom to top, then the output layer; each has ``ff`` and
         ``fb`` weights (dropout layers have none: reading or setting them raises
         ``AttributeError``), read-only tensors (:class:`ReadOnlyWeights`) that are set by
         assignment of finite real numbers.
     learning_rate : float
-        The step size alpha of the next updates, a finite number > 0; starts at
-        ``description.rule.learning_rate`` and may be changed between batches (a learning-rate
-        schedule).
+        The step size alpha of the next updates; starts at ``description.rule.learning_rate``
+        and may be changed between batches (a learning-rate schedule): a finite number > 0
+        whose product with the rule's ``weight_decay`` is below 1, neither overflowing nor
+        rounding to 0 in :attr:`dtype`.
     trials_run : int
         Trials run so far by :meth:`run_trials` (a checkpoint keeps it, as for the Brian2
         backend, whose traces it numbers).
@@ -569,7 +587,7 @@ class TorchNetwork:
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Set weights from a dict as returned by :meth:`weights` (every key must be present;
-        in ``tied`` mode the ``fb`` entries are checked but not used). Every entry is checked
+        in ``tied`` mode and for rule ``ebp`` the ``fb`` entries are checked but not used). Every entry is checked
         before any is set: a bad one leaves the network as it was."""
         check_weights_to_load(weights, self.weights(), self.dtype)
         for layer in self.layers:
@@ -620,6 +638,17 @@ class TorchNetwork:
             Check that images are finite and ``>= 0`` and that labels and actions lie in
             ``[0, n_actions)``. On a GPU this makes the host wait for the device every batch;
             :func:`~agrel_sim.training.train` checks its data set once instead and passes ``False``.
+
+        Returns
+        -------
+        Trials
+            Q-values, actions and rewards; the RPE ``delta`` (DeepAGREL) or the ``loss`` (EBP);
+            the layers' activity with ``record``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a batch that does not fit the network, or ``actions`` with rule ``ebp``.
         """
         x = self._check_batch(images, labels, actions, check_range, trials=True)
         labels = labels.to(self.device, torch.long)
@@ -721,6 +750,10 @@ DTYPES = (torch.float32, torch.float64)
 
 def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> TorchNetwork:
     """Build ``network`` into tensors; see :class:`TorchNetwork`.
+
+    Returns
+    -------
+    TorchNetwork
 
     Raises
     ------
