@@ -418,3 +418,55 @@ def test_the_gate_threshold_silences_feedback_in_the_simulation():
     assert torch.all(layer.fb[below] == 0) and torch.all(~layer.gate[below])
     assert (layer.fb[layer.ff > 0.3] != 0).any()
 
+
+def test_feedback_neurons_integrate_with_tau_fb():
+    # A fast ff neuron (tau_ff = 1 ms, settled after t_stimulus = 20 ms) and a slow fb neuron
+    # (tau_fb = 20 ms) with T = 40 ms = x tau_fb of feedback by the trial's end. The chosen output
+    # unit's fb neuron filters the step z = 1 once: 1 - exp(-x) (exponential Euler is exact for a
+    # constant input). A hidden column's fb neuron is the second filter of a chain, so its fb is
+    # the settled one (the torch backend's) times 1 - exp(-x) (1 + x); dt = 0.1 ms keeps the
+    # discretisation error near 0.1%. With tau_ff in their place, both would be near settled.
+    description = ColumnNetwork((3,), [Dense(4)], 2, rule=Rule(learning_rate=0.5, init_range=0.5), name="tau")
+    reference = build(description, dtype=torch.float64, seed=0)
+    weights = {key: value.abs() for key, value in reference.weights().items()}  # every gate open
+    reference.load_weights(weights)
+    image, label, action = torch.tensor([[0.5, 0.8, 0.3]], dtype=torch.float64), torch.tensor([0]), torch.tensor([1])
+    settled_fb = reference.run_trials(image, label, actions=action, learn=False, record=True).layers[0].fb
+    net = build(description, backend="brian2", dtype=torch.float64, tau_ff=1.0, tau_fb=20.0, dt=0.1,
+                t_stimulus=20.0, t_selection=10.0, t_feedback=20.0, t_rpe=5.0, t_plasticity=5.0, gate_threshold=1e-4)
+    net.load_weights(weights)
+    hidden, output = net.run_trials(image, label, actions=action, learn=False, record=True).layers
+    x = 40.0 / 20.0
+    assert output.fb[0, 0].item() == 0.0 and output.fb[0, 1].item() == pytest.approx(1 - math.exp(-x), rel=1e-6)
+    assert torch.all(settled_fb > 0)
+    torch.testing.assert_close(hidden.fb / settled_fb, torch.full_like(settled_fb, 1 - math.exp(-x) * (1 + x)), rtol=5e-3, atol=0)
+
+
+def test_tied_weights_stay_equal_when_a_gate_closes_while_feedback_is_held():
+    # SPEC.md: W' gets the identical update, and a feedback neuron whose feedforward partner is
+    # silent does not learn. Column 0 of layers.1 has bias +0.5 and weight -1 from a column that
+    # rises towards 1: its ff activity rises, so its gate is open as the feedback arrives, then
+    # decays through the gate threshold 0.05. In the plasticity phase its gate is closed while its
+    # fb neuron still holds activity: neither its ff nor its fb synapses may change.
+    description = ColumnNetwork((1,), [Dense(1), Dense(2)], 2, rule=Rule(learning_rate=0.5, init_range=0.5, bias=True), name="gate")
+    net = build(description, backend="brian2", dtype=torch.float64, tau_ff=10, tau_fb=10, dt=1.0, t_stimulus=10,
+                t_selection=5, t_feedback=10, t_rpe=2, t_plasticity=5, gate_threshold=0.05, trace_every=1)
+    weights = {
+        "layers.0.ff": [[1.0]], "layers.0.bias": [0.0],
+        "layers.1.ff": [[-1.0], [0.3]], "layers.1.bias": [0.5, 0.5],
+        "output.ff": [[0.5, 0.5], [0.25, 0.5]], "output.bias": [0.0, 0.0],
+    }
+    weights = {key: torch.tensor(value, dtype=torch.float64) for key, value in weights.items()}
+    weights.update({key.replace(".ff", ".fb"): value for key, value in weights.items() if key.endswith(".ff")})
+    net.load_weights(weights)
+    trials = net.run_trials(torch.ones(1, 1, dtype=torch.float64), torch.tensor([0]), actions=torch.tensor([0]))
+    trace = trials.traces[0]
+    column = trace.layers[2]  # input, layers.0, layers.1, output
+    plasticity = round(trace.phases["plasticity"][0] * 1000)  # in steps of 1 ms
+    assert column.gate[1:15, 0].all() and column.fb[11:15, 0].min() > 0, "open as the feedback arrives"
+    assert not column.gate[plasticity:, 0].any() and (column.fb[plasticity:, 0] > 0.005).all(), "closed, with fb held, in plasticity"
+    after = net.weights()
+    for layer in net.layers:
+        assert torch.equal(layer.ff, layer.fb), f"{layer.name}: tied ff and fb get the identical update"
+    assert torch.equal(after["layers.1.ff"][0], weights["layers.1.ff"][0]) and after["layers.1.bias"][0].item() == 0.5
+    assert (after["layers.1.ff"][1] != weights["layers.1.ff"][1]).all(), "the open column learns"

@@ -213,3 +213,17 @@ def test_an_unknown_backend_is_named():
     # Batches and weights that do not match the network: tests/test_backend_scenarios.py, for every backend.
     with pytest.raises(ValueError, match=r"backend: unknown backend 'jax'; available: \['brian2', 'torch'\]"):
         build(ColumnNetwork((1, 8, 8), [Dense(5)], 3), backend="jax")
+
+
+def test_the_defaults_are_the_spec_choices_in_python_and_in_toml():
+    # SPEC.md: epsilon = 0.02 and tau = 1, r = 1 for the correct class else 0, no biases, W' tied
+    # to W. A description written in Python and one read from a file that leaves these tables out
+    # must be the same network.
+    python = ColumnNetwork((4,), [Dense(3)], 2)
+    from_file = ColumnNetwork.from_dict({"name": "network", "input_shape": [4], "layers": [{"kind": "dense", "units": 3}], "output": {"actions": 2}})
+    for network in (python, from_file):
+        selection, modulator = network.action_selection, network.neuromodulator
+        assert (selection.epsilon, selection.tau) == (0.02, 1.0)
+        assert (modulator.reward_correct, modulator.reward_wrong) == (1.0, 0.0)
+        assert network.rule.bias is False and network.rule.feedback == "tied"
+    assert python == from_file

@@ -15,7 +15,7 @@ import torch
 from agrel_sim import ColumnNetwork, Dense, Rule, build
 from agrel_sim import training
 from agrel_sim.augmentation import Augmentation
-from agrel_sim.datasets import load_dataset
+from agrel_sim.datasets import Dataset, load_dataset
 from agrel_sim.experiment import default_experiment
 from agrel_sim.recorder import LogSettings
 from agrel_sim.runs import run_experiment
@@ -140,12 +140,12 @@ def logged_images(folder):
         return run["trials"]["image"][:]
 
 
-def test_the_validation_split_is_drawn_by_the_seed_and_never_trained_on(tmp_path):
+def test_the_validation_split_and_the_batch_order_are_drawn_by_the_seed(tmp_path):
     experiment = default_experiment()
     experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, max_epochs=1))
     every_trial = LogSettings(every_batches=1, trials_per_batch=experiment.training.batch_size)
     n_train, size = len(load_dataset("digits").train_labels), experiment.training.validation_size
-    validation = {}
+    validation, order = {}, {}
     for seed in (0, 1):
         run_experiment(experiment, seed, tmp_path / f"seed{seed}", logging=every_trial, progress=False, log=None)
         trained = logged_images(tmp_path / f"seed{seed}")
@@ -153,7 +153,12 @@ def test_the_validation_split_is_drawn_by_the_seed_and_never_trained_on(tmp_path
         assert sorted(trained.tolist()) == sorted(train_part.tolist()), "every training image once per epoch"
         assert not set(trained.tolist()) & set(validation_part.tolist()), "no validation image is trained on"
         validation[seed] = validation_part
+        # The batch order as places in the training part: an order that ignored the seed would
+        # be the same permutation of each seed's part.
+        place = {int(image): index for index, image in enumerate(train_part)}
+        order[seed] = [place[int(image)] for image in trained]
     assert not torch.equal(validation[0], validation[1]), "another seed, another split"
+    assert order[0] != order[1], "another seed, another batch order"
     assert torch.equal(training.split_validation(n_train, size, 0)[1], validation[0]), "the same seed, the same split"
 
 
@@ -206,6 +211,30 @@ def test_augmented_training_transforms_every_batch_and_sees_each_image_factor_ti
     assert len(seen) == -(-2 * n_train // settings.batch_size), "every batch goes through augmentation"
     changed = [not torch.equal(before, after) for before, after in seen]
     assert sum(changed) >= 0.9 * len(seen), "the batches are transformed"
+
+
+def test_the_seed_draws_the_augmentation(monkeypatch):
+    # Every training image alike: what augmentation makes of the first batch then depends on its
+    # random zoom, shift and reflection alone.
+    augmented = []  # per run, its augmented batches
+    real = training.augment
+
+    def augment(images, settings, generator):
+        out = real(images, settings, generator)
+        augmented[-1].append(out.clone())
+        return out
+
+    monkeypatch.setattr(training, "augment", augment)
+    image = torch.randint(0, 256, (1, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = torch.arange(60) % 10
+    data = Dataset("alike", image.expand(60, 1, 8, 8).clone(), labels, image.expand(10, 1, 8, 8).clone(), labels[:10].clone(), 1 / 255, 10)
+    settings = TrainingSettings(batch_size=10, max_epochs=1, validation_size=10, augmentation=Augmentation(factor=1))
+    for seed in (0, 0, 1):
+        augmented.append([])
+        train(DESCRIPTION, data, settings, seed=seed, progress=False, log=None)
+    first, same, other = (batches[0] for batches in augmented)
+    assert torch.equal(first, same), "the same seed, the same transforms"
+    assert all(not torch.allclose(a, b) for a, b in zip(first, other)), "another seed, another transform of every image"
 
 
 def test_a_diverged_run_stops_unconverged_at_the_first_epoch_with_a_non_finite_loss(tmp_path):
