@@ -392,3 +392,19 @@ def test_identity_augmentation_changes_nothing():
     images = torch.rand(5, 3, 32, 32)
     out = augment(images, Augmentation(zoom=0.0, shift=0.0, flip=False), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
+
+
+def test_cifar_keeps_each_image_with_its_label_and_scales_255_to_1(tmp_path):
+    # Each label stays with its image across the five batch files; a pixel of 255 is a rate of 1.
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for number in range(1, 6):  # image j of batch i: every pixel 40 i + j, label 2 (i - 1) + j
+        data = np.stack([np.full(3072, 40 * number + j, np.uint8) for j in (0, 1)])
+        (folder / f"data_batch_{number}").write_bytes(pickle.dumps({b"data": data, b"labels": [2 * (number - 1), 2 * (number - 1) + 1]}))
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.full((2, 3072), 255, np.uint8), b"labels": [0, 1]}))
+    data = load_dataset("cifar10", tmp_path)
+    assert data.train_labels.tolist() == list(range(10))
+    assert data.train_images[:, 0, 0, 0].tolist() == [40 * number + j for number in range(1, 6) for j in (0, 1)]
+    assert data.scale == 1 / 255
+    rates = data.batch(data.test_images, torch.arange(2), torch.float64)
+    assert rates.max().item() == 1.0, "the brightest 8-bit pixel is a rate of 1"

@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import agrel_sim
-from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs, summary
+from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs, outcome_lines, summary
 from agrel_sim.cli import main
 from agrel_sim.datasets import DatasetError
 from agrel_sim.experiment import Experiment
 from agrel_sim.network import Dense
-from agrel_sim.recorder import LAYOUT_VERSION, LogSettings, check_resumable
+from agrel_sim.recorder import LAYOUT_VERSION, LogSettings, RunFile, check_resumable
 from agrel_sim.runs import run_experiment
 from agrel_sim.training import load_checkpoint
 from devices import DEVICES
@@ -1452,3 +1452,57 @@ def test_a_brian2_run_resumes_only_under_the_version_that_began_it(tmp_path):
         check_resumable(tmp_path / "run.h5", {**now, "backend": "brian2", "software_version": "0.1.0"})
     with pytest.raises(ValueError, match=r"run-file layout version 2, but this agrel-sim writes"):
         check_resumable(tmp_path / "run.h5", {**now, "backend": "torch", "layout_version": 2})
+
+
+def test_the_summary_names_the_best_validation_accuracy_and_the_last_reward_probability(tmp_path):
+    # A run whose best epoch is not its last: the summary names the best validation accuracy.
+    run_experiment(experiment(epochs=2), seed=0, out=tmp_path, log=None)
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        run["epochs"]["validation_accuracy"][:] = [0.8125, 0.5]
+        run["epochs"]["reward_probability"][:] = [0.25, 0.75]
+    assert "epochs: 2; last reward probability 0.7500, best validation accuracy 0.8125, learning rate 0.3 to 0.3" in summary(load_run(tmp_path / "run.h5"))
+
+
+def test_the_outcome_lines_count_only_the_epochs_with_both_outcomes(tmp_path):
+    # An epoch of one outcome counts for nothing in the rewarded-minus-unrewarded differences.
+    run_experiment(experiment(epochs=2), seed=0, out=tmp_path, log=None)
+    with h5py.File(tmp_path / "run.h5", "a") as run:  # epoch 1: one trial of each outcome at least; epoch 2: rewarded only
+        epoch, label = run["trials"]["epoch"][:], run["trials"]["label"][:]
+        action = label.copy()
+        action[np.flatnonzero(epoch == 1)[0]] = (label[np.flatnonzero(epoch == 1)[0]] + 1) % 10
+        run["trials"]["action"][:] = action
+    lines = outcome_lines(load_run(tmp_path / "run.h5"))
+    assert lines[0] == "  rewarded minus unrewarded logged trials, within epochs (1 of 2 epochs have both):", lines
+
+
+def test_the_traced_columns_are_those_named_in_units(tmp_path):
+    # /layers/<layer>/{ff, gate} hold the columns named in units (the output's ff is the Q-values).
+    logging = LogSettings(every_batches=5, trials_per_batch=4, max_units=4)
+    run_experiment(experiment(epochs=1), seed=3, out=tmp_path, logging=logging, log=None)
+    run = load_run(tmp_path / "run.h5")
+    q, output = run.trials()["q"], run.layer("output")
+    assert output["units"].tolist() != [0, 1, 2, 3], "a subset other than the first columns"
+    np.testing.assert_allclose(output["ff"], q[:, output["units"]], rtol=1e-6)
+    dense = run.layer("layers.2")  # 32 columns, 4 traced, no dropout layer above it
+    assert dense["units"].tolist() != [0, 1, 2, 3] and dense["gate"].any()
+    np.testing.assert_array_equal(dense["gate"], (dense["ff"] > 0).astype(np.uint8))
+
+
+def test_a_finished_run_continued_holds_no_result_until_it_ends_again(tmp_path, monkeypatch):
+    # /result is absent while a finished run continued with a longer patience goes on.
+    run_experiment(experiment(epochs=1), seed=0, out=tmp_path, log=None)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(RunFile, "record_batch", stop)  # the continuation ends in its first batch
+    with pytest.raises(Stopped):
+        run_experiment(experiment(epochs=2), seed=0, out=tmp_path, resume=True, log=None)
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        assert not run.attrs["complete"] and "result" not in run and run["epochs"]["epoch"][:].tolist() == [1]
+    with pytest.warns(IncompleteRunWarning):
+        run = load_run(tmp_path / "run.h5")
+    assert run.result is None and "\n  result:" not in summary(run)

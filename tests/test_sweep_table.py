@@ -23,7 +23,7 @@ from agrel_sim.cli import main
 from agrel_sim.experiment import load_experiment
 from agrel_sim.recorder import LAYOUT_VERSION
 from agrel_sim.runs import is_complete, run_experiment
-from agrel_sim.sweep import execute, load_sweep, plan, run_sweep
+from agrel_sim.sweep import RunTask, execute, load_sweep, plan, run_sweep
 from agrel_sim.table import markdown, table1, write_csv
 
 MODEL = """
@@ -920,19 +920,34 @@ def test_a_row_never_mixes_runs_on_two_copies_of_the_data(tmp_path, monkeypatch,
     assert re.search(r"seed1/run\.h5 and .*seed2/run\.h5: runs of the Table 1 row mnist, mnist_fc3, no augmentation, ebp made with different settings \(data\.sha256: .*data\.train: 40 and 50\)", err), err
 
 
+# A linear net at a learning rate that makes it diverge in its first epochs.
+HOT = (
+    'name = "hot"\ndataset = "digits"\n[model]\nname = "linear"\ninput_shape = [1, 8, 8]\nlayers = []\noutput = {actions = 10}\n'
+    'rule = {name = "deepagrel", learning_rate = 1000.0, init_range = 0.1}\n'
+    "[training]\nbatch_size = 50\nmax_epochs = 30\npatience = 4\nvalidation_size = 300\n"
+)
+
+
 def test_the_table_lists_diverged_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    linear = 'name = "linear"\ninput_shape = [1, 8, 8]\nlayers = []\noutput = {actions = 10}\n'
-    (tmp_path / "hot.toml").write_text(
-        f'name = "hot"\ndataset = "digits"\n[model]\n{linear}rule = {{name = "deepagrel", learning_rate = 1000.0, init_range = 0.1}}\n'
-        "[training]\nbatch_size = 50\nmax_epochs = 30\npatience = 4\nvalidation_size = 300\n"
-    )
+    (tmp_path / "hot.toml").write_text(HOT)
     assert main(["train", "hot.toml", "--quiet", "--out", "runs/hot"]) == 0
     assert "diverged=True" in capsys.readouterr().out
     assert main(["table", "runs"]) == 0
     out = capsys.readouterr().out
     assert "| digits | linear | none | – | – | – | – | – | 0/1, 0/0 |" in out
     assert "1 diverged run(s), counted as not converged and left out of the accuracies and epochs (a lower learning rate may help): runs/hot/run.h5" in out
+    assert "reached max_epochs" not in out, "a diverged run is not listed as capped"
+
+
+def test_a_sweep_job_that_finds_its_diverged_run_finished_reports_it_diverged(tmp_path, monkeypatch, capsys):
+    # A job requeued as its run ended finds the run complete and reports the line it finished with.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hot.toml").write_text(HOT)
+    assert main(["train", "hot.toml", "--quiet", "--out", "runs/hot"]) == 0
+    assert "converged=False diverged=True" in capsys.readouterr().out
+    line = execute(RunTask(str(tmp_path / "hot.toml"), 0, str(tmp_path / "runs" / "hot"), "cpu", None, 1))
+    assert line.startswith("hot seed=0: test_acc=") and "converged=False diverged=True time=" in line, line
 
 
 def test_local_runs_share_only_the_cores_this_process_may_use(sweep_file, monkeypatch):
@@ -975,3 +990,26 @@ def test_slurm_array_parallelism(sweep_file, monkeypatch, jobs, table, expected)
     assert len(tasks) == 4
     assert list(sweep_module._run_submitit(executor, tasks, jobs, sweep)) == []
     assert executor.parameters.get("slurm_array_parallelism") == expected
+
+
+def test_table1_averages_are_means_with_the_sample_standard_deviation(tmp_path):
+    # Three skewed runs per rule tell a mean from a median (two runs cannot).
+    records = [
+        *(record("mnist", "m", "deepagrel", accuracy, epochs, seed=seed) for seed, (accuracy, epochs) in enumerate([(0.90, 10), (0.91, 20), (0.98, 60)])),
+        *(record("mnist", "m", "ebp", accuracy, epochs, seed=seed) for seed, (accuracy, epochs) in enumerate([(0.95, 10), (0.96, 10), (0.97, 40)])),
+    ]
+    (row,) = table1(records)
+    assert row["deepagrel_acc_mean"] == pytest.approx(93.0) and row["ebp_acc_mean"] == pytest.approx(96.0)
+    assert row["deepagrel_epochs"] == pytest.approx(30.0) and row["ebp_epochs"] == pytest.approx(20.0)
+    assert row["epoch_ratio"] == pytest.approx(1.5), "30 / 20, not the medians' 20 / 10"
+    # Sample std (n - 1): deviations -3, -2, +5 points give sqrt(38 / 2); -1, 0, +1 give 1.
+    assert row["deepagrel_acc_std"] == pytest.approx(19 ** 0.5) and row["ebp_acc_std"] == pytest.approx(1.0)
+    assert "| mnist | m | none | 93.00 ± 4.36 | 96.00 ± 1.00 | 30.0 | 20.0 | 1.50 | 3/3, 3/3 |" in markdown([row])
+    # The Markdown rounds; the CSV keeps the values unrounded.
+    rows = table1([record("mnist", "m", rule, accuracy, 10, seed=seed) for rule in ("deepagrel", "ebp") for seed, accuracy in enumerate((0.987654, 0.987652))])
+    assert "| 98.77 ± 0.00 |" in markdown(rows)
+    write_csv(rows, tmp_path / "table1.csv")
+    with open(tmp_path / "table1.csv", newline="") as handle:
+        (written,) = csv.DictReader(handle)
+    assert float(written["deepagrel_acc_mean"]) == pytest.approx(98.7653, rel=1e-12)
+    assert float(written["deepagrel_acc_std"]) == pytest.approx(100 * 0.000002 / 2 ** 0.5, rel=1e-6)
