@@ -68,19 +68,7 @@ class Dense:
 @dataclass(frozen=True)
 class _Sheet:
     """A C×H×W sheet of columns, each seeing a ``kernel_size``² window of the sheet below, which
-    must be a sheet too (not a dense layer).
-
-    Parameters
-    ----------
-    channels : int
-        Columns at each position, at least 1.
-    kernel_size : int
-        Side of the square window, at least 1 and at most the padded sheet below.
-    stride : int, default 1
-        Step between windows, at least 1.
-    padding : int, default 0
-        Rows and columns of zeros added on every side of the sheet below.
-    """
+    must be a sheet too (not a dense layer); the parameters are those of :class:`Conv2d`."""
 
     channels: int
     kernel_size: int
@@ -111,14 +99,30 @@ class _Sheet:
 
 @dataclass(frozen=True)
 class Conv2d(_Sheet):
-    """A convolutional sheet: one kernel per output channel, shared by all positions."""
+    """A convolutional sheet: one kernel per output channel, shared by all positions, each column
+    seeing a ``kernel_size``² window of the sheet below (a sheet, not a dense layer).
+
+    Parameters
+    ----------
+    channels : int
+        Columns at each position, at least 1.
+    kernel_size : int
+        Side of the square window, at least 1 and at most the padded sheet below.
+    stride : int, default 1
+        Step between windows, at least 1.
+    padding : int, default 0
+        Rows and columns of zeros added on every side of the sheet below.
+    """
 
     kind: ClassVar[str] = "conv"
 
 
 @dataclass(frozen=True)
 class LocallyConnected2d(_Sheet):
-    """The geometry of :class:`Conv2d` with untied weights: one kernel per output position."""
+    """The geometry of :class:`Conv2d` with untied weights: one kernel per output position.
+
+    Parameters are those of :class:`Conv2d`.
+    """
 
     kind: ClassVar[str] = "locally_connected"
 
