@@ -46,7 +46,7 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     if backend not in BACKENDS:
         raise ConfigError(f"{source}: backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
     module = importlib.import_module(BACKENDS[backend])
-    accepted = [name for name in build_options(backend) if name not in RUN_OPTIONS]
+    accepted = list(resolved_options(backend, {}))  # its own options, at their defaults
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         given_by_run = " (device, dtype and seed come from the run: --device, --dtype, --seed)" if unknown[0] in RUN_OPTIONS else ""
