@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
 
 # The commands import agrel_sim's modules (and with them torch, about a second) when they run, inside
 # main's handling of Ctrl-C, so that an interrupt while they load ends as quietly as one later.
+
+KEPT = "every finished epoch is kept: `agrel-sim train ... --resume` (a run) or the same `agrel-sim sweep` command (a sweep) goes on from there"
 
 
 def _train(args) -> int:
@@ -209,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         The exit status: 0 on success, 1 when runs failed or memory ran out, 2 for bad input
-        (the message on stderr names the field), 130 when interrupted by Ctrl-C.
+        (the message on stderr names the field), 130 when interrupted by Ctrl-C, 141 when the
+        reader of its output went away (a closed pipe).
 
     Raises
     ------
@@ -241,8 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         except KeyboardInterrupt:
-            print("agrel-sim: interrupted; every finished epoch is kept: `agrel-sim train ... --resume` (a run) or the same `agrel-sim sweep` command (a sweep) goes on from there", file=sys.stderr)
+            print(f"agrel-sim: interrupted; {KEPT}", file=sys.stderr)
             return 130  # the shell's status for a process ended by Ctrl-C
+        except BrokenPipeError:  # the reader of its output has gone: `agrel-sim table RUNS | head -3`
+            # Python flushes stdout as it exits; into nothing now, rather than into the closed pipe again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            try:
+                print(f"agrel-sim: stopped: its output was closed; {KEPT}", file=sys.stderr, flush=True)
+            except BrokenPipeError:  # stderr went to the same reader (`2>&1 | head`)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            return 141  # the shell's status for a process ended by SIGPIPE, as other commands in a pipe end
 
 
 if __name__ == "__main__":

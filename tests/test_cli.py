@@ -47,6 +47,28 @@ def test_ctrl_c_while_the_commands_load_is_one_line(tmp_path):
     assert done.stderr.startswith("agrel-sim: interrupted;") and "Traceback" not in done.stderr
 
 
+
+@pytest.mark.parametrize("stderr", [subprocess.PIPE, subprocess.STDOUT], ids=["stdout", "stdout-and-stderr"])
+def test_a_closed_output_ends_a_run_in_one_line_and_keeps_its_finished_epochs(tmp_path, stderr):
+    """``agrel-sim train | head -3``: the reader of its output leaves after the first epoch's line."""
+    command = [sys.executable, "-m", "agrel_sim.cli", "train", "--max-epochs", "1000", "--patience", "1000", "--out", "run"]
+    train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        for line in train.stdout:
+            if line.startswith("epoch "):
+                break
+        train.stdout.close()
+        err = train.stderr.read() if train.stderr else ""
+        assert train.wait(timeout=60) == 141, err  # the shell's status for a process ended by SIGPIPE
+    finally:
+        train.kill()
+        train.wait()
+    if train.stderr:
+        assert err.startswith("agrel-sim: stopped: its output was closed;") and err.count("\n") == 1, err
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as run:
+        assert not run.attrs["complete"] and 1 <= len(run["epochs/epoch"]) < 1000
+    assert (tmp_path / "run" / "checkpoint.pt").exists(), "its finished epochs can be continued"
+
 def test_version(capsys):
     from agrel_sim import __version__
 

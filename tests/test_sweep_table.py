@@ -188,7 +188,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, c
     assert len(run_files(tmp_path / "runs")) == 2
 
 
-def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, tmp_path):
+def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, tmp_path, python_sigint):
     long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
     (tmp_path / "tiny_long.toml").write_text(long)
     sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0, 1]\nout = "runs/tiny"\n')
@@ -253,7 +253,7 @@ def test_a_killed_sweep_leaves_no_run_training(sweep_file, tmp_path, kill):
         assert not run.attrs["complete"] and len(run["epochs/epoch"]) >= 1, "its finished epochs are kept"
 
 
-def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path):
+def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path, python_sigint):
     long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
     (tmp_path / "tiny_long.toml").write_text(long)
     sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0, 1]\nout = "runs/tiny"\n')
