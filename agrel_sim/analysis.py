@@ -20,8 +20,8 @@ import numpy as np
 
 from agrel_sim.config import is_count
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions
-from agrel_sim.runs import NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
-from agrel_sim.table import is_diverged, row_key
+from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
+from agrel_sim.table import RULES, is_diverged, row_key
 
 
 class RunFileError(ValueError):
@@ -237,10 +237,7 @@ def load_run(path: str | Path) -> Run:
             if missing:
                 raise RunFileError(f"{path}: a run file that lacks {', '.join(missing)}; {_DAMAGED}")
             config = _attribute(path, attrs, "config", json.loads)
-            parts = {"experiment": str, "dataset": str, "model": dict}  # what every analysis reads
-            if not (isinstance(config, dict) and all(isinstance(config.get(key), kind) for key, kind in parts.items())
-                    and all(key in config["model"] for key in ("name", "layers"))):
-                raise RunFileError(f"{path}: its config attribute lacks the experiment, data set or model; {_DAMAGED}")
+            _check_config(path, config, version)
             seed = _attribute(path, attrs, "seed", int)
             sessions = _attribute(path, attrs, "sessions", parse_sessions) if "sessions" in attrs else []
             epochs = {name: _read(handle["epochs"], name) for name in EPOCH_FIELDS if name in handle["epochs"]}
@@ -254,11 +251,15 @@ def load_run(path: str | Path) -> Run:
                     stacklevel=2,
                 )
             result = dict(handle["result"].attrs) if "result" in handle else None
+            if result is not None:
+                _check_result(path, result)
             file_version = _file_version(handle)
+    except RunFileError:
+        raise
     except PermissionError:
         raise RunFileError(f"{path}: no permission to read this run file; make it readable, or move it out of the folder to analyse the others") from None
-    except OSError as error:
-        raise RunFileError(f"{path}: cannot be read as a run file ({error})") from None
+    except DAMAGED_FILE_ERRORS as error:
+        raise RunFileError(f"{path}: cannot be read as a run file ({type(error).__name__}: {error}); {_DAMAGED}") from None
     complete = bool(attrs.get("complete", False))
     if not complete:
         warnings.warn(
@@ -268,6 +269,43 @@ def load_run(path: str | Path) -> Run:
             stacklevel=2,
         )
     return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result, sessions, file_version)
+
+
+def _check_config(path: Path, config, version: int) -> None:
+    """Raise :class:`RunFileError` unless the run file's ``config`` holds what the analyses read."""
+
+    def field(value, names: str, kind, where: str = "") -> None:
+        for name in names.split("."):
+            value = value.get(name) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            raise RunFileError(f"{path}: its config attribute lacks {where or names} (or holds another kind of value); {_DAMAGED}")
+
+    field({"config": config}, "config", dict, "every setting")
+    for names, kind in (("experiment", str), ("dataset", str), ("model.name", str), ("model.layers", list), ("model.rule", dict)):
+        field(config, names, kind)
+    if "training" in config:  # a run file made in Python (RunFile) need not have one
+        field(config, "training", dict)
+        if config["training"].get("augmentation") is not None:
+            field(config, "training.augmentation.factor", numbers.Integral)
+    for index, layer in enumerate(config["model"]["layers"]):
+        field(layer, "kind", str, f"model.layers[{index}].kind")
+    if config["model"]["rule"].get("name") not in RULES:
+        raise RunFileError(f"{path}: its config attribute names no rule of agrel-sim ({', '.join(RULES)}) in model.rule.name; {_DAMAGED}")
+    if version == 1:  # its learning rates are the rule's
+        field(config, "model.rule.learning_rate", numbers.Real)
+
+
+def _check_result(path: Path, result: dict) -> None:
+    """Raise :class:`RunFileError` unless the run file's ``/result`` holds a possible result."""
+    kinds = {"test_accuracy": numbers.Real, "best_epoch": numbers.Integral, "epochs": numbers.Integral, "converged": (bool, np.bool_)}
+    wrong = [name for name, kind in kinds.items() if not isinstance(result.get(name), kind)]
+    if not wrong and not (0 <= result["test_accuracy"] <= 1 or np.isnan(result["test_accuracy"]) and is_diverged(result)):
+        wrong = ["test_accuracy"]  # NaN only where the run diverged in its first epoch: no weights to test
+    if not wrong and not 0 <= result["best_epoch"] <= result["epochs"]:
+        wrong = ["best_epoch", "epochs"]
+    if wrong:
+        shown = ", ".join(f"{name} = {result.get(name, 'missing')}" for name in wrong)
+        raise RunFileError(f"{path}: /result holds no possible result ({shown}); {_DAMAGED}")
 
 
 def _file_version(handle: h5py.File) -> tuple:
@@ -392,7 +430,7 @@ def table1_records(runs: list[Run]) -> list[dict]:
     The complete runs are grouped and checked by :func:`table_rows`.
     """
     return [
-        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config["training"], "seed": run.seed, "result": run.result, "path": run.path}
+        {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config.get("training", {}), "seed": run.seed, "result": run.result, "path": run.path}
         for rules in table_rows([run for run in runs if averaged(run)]).values() for group in rules.values() for run in group
     ]
 
@@ -791,7 +829,7 @@ def _save(fig, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)  # laid out by the figure's constrained layout
     except OSError as error:
-        raise ValueError(f"{path.parent}: cannot write the figures in this folder ({error.strerror or error}); give a writable folder with --out") from None
+        raise ValueError(f"{path}: cannot write this figure ({error.strerror or error}); check that {path.parent} is, or can be made, a writable folder, or give another --out") from None
     finally:
         plt.close(fig)
     return path

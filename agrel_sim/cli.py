@@ -129,6 +129,13 @@ def _analyze(args) -> int:
     return 0
 
 
+def _given(text: str) -> str:
+    """An argparse type: a name or path that is not empty (an unset shell variable gives one)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a name or a path (is a shell variable unset?)")
+    return text
+
+
 def _integer_from(minimum: int, maximum: int | None = None):
     """An argparse type: an integer of at least ``minimum`` (and at most ``maximum``)."""
 
@@ -160,41 +167,41 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train one run of an experiment", description="Train one run; with no EXPERIMENT, the embedded default (8×8 digits, DeepAGREL).")
-    train.add_argument("experiment", nargs="?", help="experiment name (looked up in $AGREL_SIM_EXPERIMENTS, ./experiments and the checkout's experiments/) or path to a .toml file")
+    train.add_argument("experiment", nargs="?", type=_given, help="experiment name (looked up in $AGREL_SIM_EXPERIMENTS, ./experiments and the checkout's experiments/) or path to a .toml file")
     train.add_argument("--seed", type=_integer_from(0, MAX_SEED), default=0, help=f"seed of the run, 0 to {MAX_SEED} (default 0)")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     train.add_argument("--rule", choices=["deepagrel", "ebp"], help="run the experiment with this rule, at its learning rate; the run is named <experiment>_as_<rule>")
     train.add_argument("--max-epochs", type=_integer_from(1), help="override the experiment's training.max_epochs (a short trial run)")
     train.add_argument("--patience", type=_integer_from(1), help="override the experiment's training.patience (epochs without a better validation accuracy before stopping)")
-    train.add_argument("--out", help="run folder for the result (default runs/<experiment>/seed<N>)")
-    train.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
+    train.add_argument("--out", type=_given, help="run folder for the result (default runs/<experiment>/seed<N>)")
+    train.add_argument("--data-dir", type=_given, help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; a finished run goes on when the patience or epoch limit in force (the experiment's, or --patience / --max-epochs) is higher than the run's")
     train.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")
-    sweep.add_argument("sweep", help="sweep name (looked up as an experiment name is) or path to a .toml file")
+    sweep.add_argument("sweep", type=_given, help="sweep name (looked up as an experiment name is) or path to a .toml file")
     sweep.add_argument("--jobs", type=_integer_from(1), help="runs at once (default 1); with --executor slurm, SLURM jobs at once (default: the [slurm] table's slurm_array_parallelism, else the number of runs)")
     sweep.add_argument("--executor", choices=EXECUTORS, default="local", help="a process per run on this machine (default), slurm via submitit, or submitit-local")
     sweep.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for every run (default cpu)")
-    sweep.add_argument("--out", help="output folder (default: the sweep file's out)")
-    sweep.add_argument("--data-dir", help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
+    sweep.add_argument("--out", type=_given, help="output folder (default: the sweep file's out)")
+    sweep.add_argument("--data-dir", type=_given, help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
     sweep.set_defaults(handler=_sweep)
 
     table = commands.add_parser("table", help="print Table 1 from finished runs", description="Print the paper's Table 1 as Markdown from a folder of runs and write it as CSV.")
-    table.add_argument("runs", help="folder searched recursively for run files (run.h5)")
-    table.add_argument("--csv", help="CSV path (default RUNS/table1.csv)")
+    table.add_argument("runs", type=_given, help="folder searched recursively for run files (run.h5)")
+    table.add_argument("--csv", type=_given, help="CSV path (default RUNS/table1.csv)")
     table.set_defaults(handler=_table)
 
     figure3 = commands.add_parser("figure3", help="draw Figure 3 from finished runs", description="Draw the paper's Figure 3 from a folder of runs: reward probability per epoch, DeepAGREL against EBP, mean ± 2σ over the complete runs, a panel per Table 1 row.")
-    figure3.add_argument("runs", help="folder searched recursively for run files (run.h5)")
-    figure3.add_argument("--out", help="image path (default RUNS/figure3.png; the suffix names the format: .png, .pdf, .svg)")
+    figure3.add_argument("runs", type=_given, help="folder searched recursively for run files (run.h5)")
+    figure3.add_argument("--out", type=_given, help="image path (default RUNS/figure3.png; the suffix names the format: .png, .pdf, .svg)")
     figure3.set_defaults(handler=_figure3)
 
     analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, RPE distribution, activity maps, and one traced trial of Brian2 runs.")
-    analyze_cmd.add_argument("path", metavar="RUN_OR_DIR", help="a run file (run.h5) or a folder of runs")
-    analyze_cmd.add_argument("--out", help="folder for the figures (default RUN_OR_DIR/analysis, or analysis beside a run file)")
+    analyze_cmd.add_argument("path", metavar="RUN_OR_DIR", type=_given, help="a run file (run.h5) or a folder of runs")
+    analyze_cmd.add_argument("--out", type=_given, help="folder for the figures (default RUN_OR_DIR/analysis, or analysis beside a run file)")
     analyze_cmd.add_argument("--trial", type=int, default=-1, metavar="N", help="which traced trial of a Brian2 run to draw, in the order they ran: 0 the first, -1 the last (default)")
     analyze_cmd.set_defaults(handler=_analyze)
     return root

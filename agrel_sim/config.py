@@ -52,8 +52,9 @@ def shown(value, count: bool = False) -> str:
 
 
 def is_folder_name(value) -> bool:
-    """A name that can name a folder of its own: not empty, not ``.`` or ``..``, without ``/`` or ``\\``."""
-    return isinstance(value, str) and bool(value.strip()) and value not in (".", "..") and not any(c in value for c in "/\\")
+    """A name that can name a folder of its own: not empty, not ``.`` or ``..``, without ``/``,
+    ``\\`` or control characters (a NUL, a line break)."""
+    return isinstance(value, str) and bool(value.strip()) and value not in (".", "..") and not any(c in value for c in "/\\") and value.isprintable()
 
 
 def is_number(value, check=lambda v: True) -> bool:
@@ -92,7 +93,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     if b"\0" in raw and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # no UTF-8 or 8-bit text holds a NUL byte
         raise ConfigError(f"{path}: not TOML but a binary file (a run file or a checkpoint?); give the path of a .toml file")
     try:
-        return tomllib.loads(raw.decode())
+        return tomllib.loads(raw.decode("utf-8-sig"))  # a byte-order mark, as some editors write, is no TOML error
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
     except ValueError as error:  # TOMLDecodeError, or an integer of thousands of digits, say
@@ -113,10 +114,12 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
     ConfigError
         Listing every path tried, when no file is found for a name; naming the path, for a
         ``.toml`` path that is missing, a folder, a path with folders but without ``.toml``, or
-        an ``$env_var`` entry that is not a folder.
+        an ``$env_var`` entry that is not a folder; for an empty name.
     """
     what = what or kind
     a_file = f"{'an' if what[0] in 'aeiou' else 'a'} {what} file"
+    if not str(name_or_path).strip():  # Path("") would be the current folder
+        raise ConfigError(f"an empty {what} name; give the name of {a_file} or its path (.toml)")
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.is_file():
         if path.is_dir():

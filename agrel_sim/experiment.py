@@ -45,6 +45,8 @@ from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
 from agrel_sim.training import TrainingSettings
 
+NAME_HINT = "a non-empty name without '/' or control characters (it names the run folder runs/<name>/seed<N>)"
+
 # The main job: `agrel-sim train` with no arguments. A small column network on scikit-learn's
 # 8×8 digits, which needs no download.
 DEFAULT_EXPERIMENT = {
@@ -100,7 +102,7 @@ class Experiment:
 
     def __post_init__(self):
         if not is_folder_name(self.name):
-            raise ConfigError(f"{self.source}: name: expected a non-empty name without '/' (it names the run folder runs/<name>/seed<N>), got {self.name!r}")
+            raise ConfigError(f"{self.source}: name: expected {NAME_HINT}, got {self.name!r}")
         for field, kind in (("model", ColumnNetwork), ("training", TrainingSettings), ("logging", LogSettings), ("backend_options", dict)):
             value = getattr(self, field)
             if not isinstance(value, kind):
@@ -117,7 +119,7 @@ class Experiment:
         if isinstance(table, dict) and "model" not in table and "layers" in table:
             raise ConfigError(f"{source}: a model file (it lists layers): give an experiment, which names its model and data set")
         top = Fields(table, source)
-        name = top.get("name", str, default=Path(source).stem)
+        name = top.get("name", str, default=Path(source).stem, check=is_folder_name, hint=NAME_HINT)  # before the model, which takes it
         model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")
         if isinstance(model_entry, dict):
             model = ColumnNetwork.from_dict({"name": name, **model_entry}, f"{source}: model")

@@ -334,6 +334,9 @@ class ColumnNetwork:
         ConfigError
             For a missing, unknown or invalid field, named with its place in ``table``.
         """
+        if isinstance(table, dict) and "layers" not in table and ("model" in table or "experiments" in table):
+            kind = "an experiment file (it names a model)" if "model" in table else "a sweep file (it lists experiments)"
+            raise ConfigError(f"{source}: {kind}, not a model file, which lists layers; give a model")
         top = Fields(table, source)
         name = top.get("name", str, default=Path(source).stem)
         input_shape = top.get(

@@ -33,6 +33,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOCK_FILE = "run.lock"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MAX_SEED = 2**32 - 1  # the usual 32-bit range; well inside what torch generators take (seed + 2 is used)
+# What h5py raises for a damaged file: OSError, or, for a damaged object in the file, KeyError or
+# RuntimeError ("bad symbol table node signature"), TypeError or ValueError for one of another
+# kind, AttributeError for one it returns as None
+DAMAGED_FILE_ERRORS = (OSError, KeyError, RuntimeError, TypeError, ValueError, AttributeError)
 
 
 def default_run_folder(experiment: Experiment, seed: int, root: str | os.PathLike = "runs") -> Path:
@@ -48,7 +52,7 @@ def is_complete(folder: str | os.PathLike) -> bool:
     try:
         with h5py.File(path, "r") as handle:
             return bool(handle.attrs.get("complete", False))
-    except OSError:
+    except DAMAGED_FILE_ERRORS:
         return False
 
 
@@ -65,12 +69,13 @@ def locked(folder: Path):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             break
-        except FileNotFoundError:  # a parent just removed by another run's failed start (below), in a sweep: make it again
+        except FileNotFoundError as error:  # a parent just removed by another run's failed start (below), in a sweep: make it again
+            missing = error
             continue
         except OSError as error:  # a file in the way, no permission, a read-only disk
             raise ValueError(f"{folder}: cannot make the run folder ({error.strerror}); choose another --out") from None
     else:
-        raise ValueError(f"{folder}: cannot make the run folder (its parent folders keep disappearing); choose another --out")
+        raise ValueError(f"{folder}: cannot make the run folder ({missing.strerror}, five times: its parent folders keep disappearing, or folders cannot be made there); choose another --out")
     try:
         lock = open(folder / LOCK_FILE, "w")
     except OSError as error:
@@ -205,7 +210,7 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
             before = settings_of({"seed": int(attrs["seed"]), **json.loads(attrs["config"])})
-    except (OSError, KeyError, TypeError, ValueError) as error:  # ValueError: a damaged config attribute, not JSON
+    except DAMAGED_FILE_ERRORS as error:  # also a config attribute that is not JSON (ValueError)
         raise ValueError(
             f"{path}: the run file of this checkpoint is missing, unreadable or damaged ({type(error).__name__}: {error});"
             " move the run folder away and train the run again"
@@ -232,7 +237,8 @@ def check_readable(path: Path) -> None:
     try:
         with h5py.File(path, "r") as handle:
             attrs = set(handle.attrs)
-    except OSError as error:
+            handle.visititems(lambda name, item: None)  # opens every group and dataset: damaged groups raise here, before the run writes
+    except DAMAGED_FILE_ERRORS as error:
         raise ValueError(
             f"{path}: cannot read this run file ({error}); check its permissions and that no other program holds it open,"
             " or, if it is damaged, move the run folder away and train again"
@@ -243,8 +249,11 @@ def check_readable(path: Path) -> None:
 
 def recorded_epochs(path: Path) -> int:
     """How many epochs the run file records (0 for an HDF5 file that records none)."""
-    with h5py.File(path, "r") as handle:
-        return int(handle["epochs"]["epoch"].shape[0]) if "epochs/epoch" in handle else 0
+    try:
+        with h5py.File(path, "r") as handle:
+            return int(handle["epochs"]["epoch"].shape[0]) if "epochs/epoch" in handle else 0
+    except DAMAGED_FILE_ERRORS as error:
+        raise ValueError(f"{path}: cannot read the epochs of this run file, it is damaged ({type(error).__name__}: {error}); move the run folder away and train the run again") from None
 
 
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:

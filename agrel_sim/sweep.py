@@ -87,8 +87,10 @@ class Sweep:
         table = read_toml(path)
         if "experiments" not in table and "model" in table:
             raise ConfigError(f"{path}: an experiment file (it names a model): run it with `agrel-sim train`, or list it in a sweep file's experiments")
+        if "experiments" not in table and "layers" in table:
+            raise ConfigError(f"{path}: a model file (it lists layers): name it as the model of an experiment file, and list that in a sweep file's experiments")
         top = Fields(table, str(path))
-        name = top.get("name", str, default=path.stem, check=is_folder_name, hint="a non-empty name without '/' (it names the sweep's folder runs/<name>)")
+        name = top.get("name", str, default=path.stem, check=is_folder_name, hint="a non-empty name without '/' or control characters (it names the sweep's folder runs/<name>)")
         entries = top.get("experiments", list, check=lambda v: v and all(isinstance(e, str) for e in v), hint="a non-empty list of experiment names or paths")
         experiments = []
         for index, entry in enumerate(entries):

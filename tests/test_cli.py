@@ -156,7 +156,12 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (('dataset = "digits"', 'dataset = "digits"\naction_selection = 0.1'), r"tiny\.toml: action_selection: expected a table of fields of the model's \[action_selection\], got 0\.1"),
         (("learning_rate = 0.1", "learning_rate = inf"), r"tiny\.toml: rule\.learning_rate: expected a number > 0, got inf"),
         (("patience = 2", "patience = 2\n[training.augmentaton]\nfactor = 2"), r"tiny\.toml: training\.augmentaton: unknown field; the fields here are: augmentation, "),
-        (('name = "tiny_ebp"', 'name = ""'), r"tiny\.toml: name: expected a non-empty name without '/' \(it names the run folder"),
+        (('name = "tiny_ebp"', 'name = ""'), r"tiny\.toml: name: expected a non-empty name without '/' or control characters \(it names the run folder"),
+        (('name = "tiny_ebp"', r'name = "tiny\nebp"'), r"tiny\.toml: name: expected a non-empty name without '/' or control characters .*got 'tiny\\nebp'"),
+        (('name = "tiny_ebp"', r'name = "tiny\u0000ebp"'), r"tiny\.toml: name: expected a non-empty name without '/' or control characters .*got 'tiny\\x00ebp'"),
+        (('name = "tiny_ebp"\ndataset = "digits"\nmodel = "net.toml"', 'name = ""\ndataset = "digits"\nmodel = {input_shape = [1, 8, 8], layers = [{kind = "dense", units = 16}], output = {actions = 10}}'),
+         r"tiny\.toml: name: expected a non-empty name"),  # the inline model takes the experiment's name: the error is the name's
+        (('model = "net.toml"', 'model = ""'), r"tiny\.toml: model: an empty model name; give the name of a model file or its path \(\.toml\)"),
         (('name = "tiny_ebp"', 'name = "../escaped"'), r"tiny\.toml: name: expected a non-empty name without '/'.*got '\.\./escaped'"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend_options = {foo = 1}'), r"tiny\.toml: backend_options\.foo: not an option of the torch backend; its options: none"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {seed = 1}'), r"backend_options\.seed: not an option of the brian2 backend \(device, dtype and seed come from the run.*its options: tau_ff, "),
@@ -208,10 +213,21 @@ def test_an_experiment_given_as_the_sweep_or_a_missing_sweep_is_named(tmp_path, 
     assert re.match(r"agrel-sim: error: sweep 'table1x' not found; tried:\n.*table1x\.toml", capsys.readouterr().err)
 
 
-def test_a_model_file_given_as_the_experiment_is_named(tmp_path, capsys):
+def test_a_model_file_given_as_the_experiment_or_the_sweep_is_named(tmp_path, capsys):
     (tmp_path / "net.toml").write_text(MODEL)
     assert main(["train", str(tmp_path / "net.toml")]) == 2
     assert "net.toml: a model file (it lists layers): give an experiment, which names its model and data set" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path / "net.toml")]) == 2
+    assert "net.toml: a model file (it lists layers): name it as the model of an experiment file, and list that in a sweep file's experiments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", ["experiment", "sweep"])
+def test_an_experiment_or_a_sweep_given_as_the_model_is_named(tmp_path, capsys, given):
+    (tmp_path / "other.toml").write_text(EXPERIMENT if given == "experiment" else 'experiments = ["tiny.toml"]\nseeds = [0]\n')
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace('model = "net.toml"', 'model = "other.toml"'))
+    assert main(["train", str(tmp_path / "tiny.toml")]) == 2
+    kind = {"experiment": r"an experiment file \(it names a model\)", "sweep": r"a sweep file \(it lists experiments\)"}[given]
+    assert re.search(rf"tiny\.toml: model: \S*other\.toml: {kind}, not a model file, which lists layers; give a model\n", capsys.readouterr().err)
 
 
 def test_unknown_experiment_name_lists_the_paths_tried(capsys):
@@ -232,6 +248,28 @@ def test_bad_counts_on_the_command_line_fail_before_any_run(argv, message, capsy
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", ""], ["train", "--out", ""], ["train", "--data-dir", " "], ["sweep", ""], ["sweep", "table1", "--out", ""],
+    ["sweep", "table1", "--data-dir", ""], ["table", ""], ["table", ".", "--csv", ""], ["figure3", ""], ["figure3", ".", "--out", ""],
+    ["analyze", ""], ["analyze", ".", "--out", ""],
+], ids=" ".join)
+def test_an_empty_name_or_path_is_refused_not_taken_for_the_default(argv, capsys, tmp_path):
+    """As an unset shell variable gives (``--out "$RUNS"``): not the default run folder, the
+    embedded experiment or the current folder."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    flag = next((arg for arg in argv if arg.startswith("--")), None)
+    assert re.search(rf"argument {flag or '.*'}: '\s*' is empty; give a name or a path \(is a shell variable unset\?\)", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_experiment_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT, encoding="utf-8-sig")  # as some editors save UTF-8
+    assert Experiment.from_toml(tmp_path / "tiny.toml").name == "tiny_ebp"
 
 
 def test_max_epochs_and_patience_override_the_experiment(tmp_path, capsys):
@@ -337,6 +375,14 @@ def test_a_run_folder_that_cannot_be_written_is_named(tmp_path, capsys, blocked,
     (tmp_path / "run" / blocked).mkdir(parents=True)  # root may write anywhere; a folder in the way fails for everyone
     assert main(["train", "--max-epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_run_folder_where_no_folder_can_be_made_is_named(tmp_path, capsys):
+    out = "/proc/agrel_sim_run" if os.path.isdir("/proc/self") else None  # Linux: folders cannot be made there, and mkdir says ENOENT
+    if out is None:
+        pytest.skip("needs Linux's /proc")
+    assert main(["train", "--max-epochs", "1", "--out", out, "--quiet"]) == 2
+    assert re.search(r"/proc/agrel_sim_run: cannot make the run folder \(No such file or directory, five times: its parent folders keep disappearing, or folders cannot be made there\); choose another --out", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("error", [

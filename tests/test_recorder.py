@@ -401,6 +401,7 @@ def test_a_failed_start_leaves_no_empty_run_folder(tmp_path):
 @pytest.mark.parametrize("device, cuda_devices, message", [
     ("gpu", 1, r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     ("cuda:x", 1, r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+    ("cpu:5", 1, r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'cpu:5' \(torch has one CPU device, 'cpu'"),
     ("cuda", 0, r"device: 'cuda' requested but CUDA is not available on this machine; use 'cpu'"),
     ("cuda:2", 2, r"device: 'cuda:2' requested but this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"),
 ])
@@ -1084,8 +1085,9 @@ def test_analyze_draws_no_figure3_when_every_run_is_incomplete(finished_runs, tm
     assert not (tmp_path / "figures" / "reward_curves.png").exists()
 
 
+@pytest.mark.parametrize("command", ["analyze", "figure3"])
 @pytest.mark.parametrize("cause", ["a file there", "no permission"])
-def test_a_figure_folder_that_cannot_be_written_is_named(finished_runs, tmp_path, capsys, monkeypatch, cause):
+def test_a_figure_folder_that_cannot_be_written_is_named(finished_runs, tmp_path, capsys, monkeypatch, cause, command):
     out = tmp_path / "figures"
     if cause == "a file there":
         out.write_text("a file where the figures should go")
@@ -1096,8 +1098,10 @@ def test_a_figure_folder_that_cannot_be_written_is_named(finished_runs, tmp_path
 
         monkeypatch.setattr(type(out), "mkdir", refuse)
         reason = "Permission denied"
-    assert main(["analyze", str(finished_runs / "ebp"), "--out", str(out)]) == 2
-    assert re.fullmatch(rf"agrel-sim: error: .*figures: cannot write the figures in this folder \({reason}\); give a writable folder with --out\n", capsys.readouterr().err)
+    written = {"analyze": out, "figure3": out / "figure3.png"}[command]  # a folder for analyze, an image for figure3
+    assert main([command, str(finished_runs), "--out", str(written)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"agrel-sim: error: .*figures/[\w.]+\.png: cannot write this figure \({reason}\); check that .*figures is, or can be made, a writable folder, or give another --out\n", err), err
 
 
 def test_an_unreadable_run_file_is_named(finished_runs, tmp_path, capsys, monkeypatch):
@@ -1152,6 +1156,25 @@ def test_resuming_a_damaged_run_file_says_it_is_damaged(tmp_path, capsys):
     assert re.search(r"run\.h5: the run file is damaged \(.*\); move the run folder away and train the run again", capsys.readouterr().err)
 
 
+
+@pytest.mark.parametrize("signature", [b"SNOD", b"TREE", b"HEAP"], ids=["symbol table nodes", "B-trees", "local heaps"])
+def test_a_run_file_whose_groups_are_damaged_is_named_by_every_command(tmp_path, capsys, signature):
+    """HDF5 finds the groups of a file through these structures; h5py raises RuntimeError or
+    KeyError, not OSError, where one is damaged."""
+    assert main(["train", "--max-epochs", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    path = tmp_path / "run" / "run.h5"
+    damaged = path.read_bytes().replace(signature, bytes(len(signature)))
+    assert damaged != path.read_bytes()
+    path.write_bytes(damaged)
+    for command in (["table", str(tmp_path / "run")], ["analyze", str(path), "--out", str(tmp_path / "figures")]):
+        assert main(command) == 2
+        message = r"agrel-sim: error: .*run\.h5: cannot be read as a run file \(\w+: .*\); the run file is damaged: train the run again in a new folder, or move it out of the folder to analyse the others\n"
+        assert re.fullmatch(message, capsys.readouterr().err)
+    assert main(["train", "--resume", "--max-epochs", "3", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert re.search(r"run\.h5: cannot read this run file \(.*\); check its permissions .* if it is damaged, move the run folder away", capsys.readouterr().err)
+    assert path.read_bytes() == damaged, "left as it was"
+
+
 @pytest.mark.parametrize("dataset", ["trials/delta", "layers/layers.2/fb", "gating/layers.0/open_fraction", "epochs/reward_probability"])
 def test_a_damaged_dataset_is_named(finished_runs, tmp_path, capsys, dataset):
     shutil.copytree(finished_runs / "ebp", tmp_path / "runs")
@@ -1180,6 +1203,28 @@ def setting(name, value):
     return edit
 
 
+def in_config(change):
+    """An edit of a run file that applies ``change`` to its config (a dict)."""
+    def edit(run):
+        config = json.loads(run.attrs["config"])
+        change(config)
+        run.attrs["config"] = json.dumps(config)
+
+    return edit
+
+
+def in_result(**values):
+    """An edit of a run file that sets (``None``: deletes) attributes of its /result."""
+    def edit(run):
+        for name, value in values.items():
+            if value is None:
+                del run["result"].attrs[name]
+            else:
+                run["result"].attrs[name] = value
+
+    return edit
+
+
 @pytest.mark.parametrize("edit, message", [
     pytest.param(without("rule"), r"lacks the attribute rule", id="no rule"),
     pytest.param(without("config"), r"lacks the attribute config", id="no config"),
@@ -1190,8 +1235,19 @@ def setting(name, value):
     pytest.param(setting("config", "{not json"), r"bad config attribute \(Expecting property name enclosed in double quotes", id="config not JSON"),
     pytest.param(setting("layout_version", "three"), r"bad layout_version attribute \(invalid literal for int\(\) with base 10: 'three'\)", id="layout version not a number"),
     pytest.param(setting("seed", "zero"), r"bad seed attribute", id="seed not a number"),
-    pytest.param(setting("config", "{}"), r"its config attribute lacks the experiment, data set or model", id="config empty"),
-    pytest.param(setting("config", "[1, 2]"), r"its config attribute lacks", id="config a list"),
+    pytest.param(setting("config", "{}"), r"its config attribute lacks experiment \(or holds another kind of value\)", id="config empty"),
+    pytest.param(setting("config", "[1, 2]"), r"its config attribute lacks every setting", id="config a list"),
+    pytest.param(in_config(lambda config: config.update(training="x")), r"its config attribute lacks training ", id="training not a table"),
+    pytest.param(in_config(lambda config: config["model"].pop("rule")), r"its config attribute lacks model\.rule ", id="config without rule"),
+    pytest.param(in_config(lambda config: config["model"]["rule"].update(name="hebb")), r"its config attribute names no rule of agrel-sim \(deepagrel, ebp\) in model\.rule\.name", id="unknown rule"),
+    pytest.param(in_config(lambda config: config["model"]["layers"][0].pop("kind")), r"its config attribute lacks model\.layers\[0\]\.kind ", id="layer without kind"),
+    pytest.param(in_config(lambda config: config["training"].update(augmentation={"zoom": 0.1})), r"its config attribute lacks training\.augmentation\.factor ", id="augmentation without factor"),
+    pytest.param(in_result(test_accuracy=None), r"/result holds no possible result \(test_accuracy = missing\)", id="no test accuracy"),
+    pytest.param(in_result(test_accuracy=float("nan")), r"/result holds no possible result \(test_accuracy = nan\)", id="test accuracy NaN"),
+    pytest.param(in_result(test_accuracy=2.0), r"/result holds no possible result \(test_accuracy = 2\.0\)", id="test accuracy above 1"),
+    pytest.param(in_result(best_epoch=9, epochs=1), r"/result holds no possible result \(best_epoch = 9, epochs = 1\)", id="best epoch after the last"),
+    pytest.param(in_result(converged="yes"), r"/result holds no possible result \(converged = yes\)", id="converged not a bool"),
+    pytest.param(lambda run: (run["epochs"].__delitem__("epoch"), run["epochs"].create_group("epoch")), r"cannot be read as a run file \(TypeError: ", id="epochs a group"),
     pytest.param(without("epochs"), r"lacks /epochs/epoch, ", id="no epochs"),
     pytest.param(setting("sessions", "[{"), r"bad sessions attribute \(Expecting property name", id="sessions not JSON"),
     pytest.param(setting("sessions", '{"from_epoch": 0}'), r"bad sessions attribute \(expected a JSON list of objects", id="sessions not a list"),

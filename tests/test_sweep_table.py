@@ -759,10 +759,10 @@ def test_bad_sweep_file(tmp_path, capsys, monkeypatch):
         path.write_text(f'experiments = ["mnist_conv3_deepagrel"]\nseeds = {seeds}\n')
         assert main(["sweep", str(path)]) == 2
         assert f"sweep.toml: seeds: expected a non-empty list of distinct whole-number seeds from 0 to 4294967295, got {seeds.replace('true', 'True')}" in capsys.readouterr().err
-    for name in ("..", "a/b", "/tmp/elsewhere", " "):  # the default out is runs/<name>
+    for name in ("..", "a/b", "/tmp/elsewhere", " ", "a\tb"):  # the default out is runs/<name>
         path.write_text(f'name = "{name}"\nexperiments = ["mnist_conv3_deepagrel"]\nseeds = [0]\n')
         assert main(["sweep", str(path)]) == 2
-        assert f"sweep.toml: name: expected a non-empty name without '/' (it names the sweep's folder runs/<name>), got {name!r}" in capsys.readouterr().err
+        assert f"sweep.toml: name: expected a non-empty name without '/' or control characters (it names the sweep's folder runs/<name>), got {name!r}" in capsys.readouterr().err
     # An entry with folders but without .toml is not looked up as a name below the search folders.
     path.write_text('experiments = ["../experiments/mnist_conv3_deepagrel"]\nseeds = [0]\n')
     assert main(["sweep", str(path)]) == 2

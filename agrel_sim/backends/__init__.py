@@ -114,6 +114,8 @@ def check_device(device, here: bool = True):
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if parsed.type == "cpu" and parsed.index is not None:  # torch takes cpu:N, but there is one CPU device
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r} (torch has one CPU device, 'cpu'; its threads are set by OMP_NUM_THREADS)")
     if parsed.type == "cuda" and here:
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine; use 'cpu'")
