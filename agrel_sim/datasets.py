@@ -351,6 +351,8 @@ def load_cifar100(data_dir=None) -> Dataset:
     return _load_cifar(data_dir, "cifar100", "cifar-100-python", "cifar-100-python.tar.gz", ["train"], "test", "fine_labels", 100)
 
 
+EMBEDDED = ("digits", "mnist5k")  # shipped with a package: read from no data folder
+
 LOADERS = {
     "digits": load_digits,
     "mnist5k": load_mnist5k,

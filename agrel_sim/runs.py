@@ -23,7 +23,7 @@ import torch
 
 from agrel_sim.backends import NOT_MODELLING_OPTIONS, check_device, resolved_options
 from agrel_sim.config import check_instance, is_count, shown
-from agrel_sim.datasets import load_dataset
+from agrel_sim.datasets import EMBEDDED, load_dataset
 from agrel_sim.experiment import Experiment
 from agrel_sim.recorder import LogSettings, RunFile, check_resumable, stored_config
 from agrel_sim.training import RunResult, check_fits, load_checkpoint, train
@@ -378,7 +378,8 @@ def run_experiment(
         except ValueError as error:
             raise ValueError(f"{experiment.source}: {error}") from None
         if log is not None:  # a short or padded copy of a data set shows here
-            log(f"data {data.name}: {len(data.train_labels):,} training images ({experiment.training.validation_size:,} of them for validation), {len(data.test_labels):,} test images")
+            unread = "; an embedded data set, so the data folder given is not read" if data_dir is not None and experiment.dataset in EMBEDDED else ""
+            log(f"data {data.name}: {len(data.train_labels):,} training images ({experiment.training.validation_size:,} of them for validation), {len(data.test_labels):,} test images{unread}")
         if folder is not None:
             config = run_config(experiment, device, dtype, data.fingerprint())
             plan, state = resume_plan(folder, stored_config(config, logging), seed) if resume else ("start", None)

@@ -272,6 +272,13 @@ def test_an_experiment_file_with_a_byte_order_mark_is_read(tmp_path, capsys):
     assert Experiment.from_toml(tmp_path / "tiny.toml").name == "tiny_ebp"
 
 
+def test_a_data_folder_given_for_an_embedded_data_set_is_said_to_be_unread(tmp_path, capsys):
+    assert main(["train", "--max-epochs", "1", "--data-dir", str(tmp_path / "nowhere"), "--out", "given"]) == 0
+    assert "360 test images; an embedded data set, so the data folder given is not read\n" in capsys.readouterr().out
+    assert main(["train", "--max-epochs", "1", "--out", "not_given"]) == 0
+    assert "360 test images\n" in capsys.readouterr().out
+
+
 def test_max_epochs_and_patience_override_the_experiment(tmp_path, capsys):
     (tmp_path / "net.toml").write_text(MODEL)
     (tmp_path / "tiny.toml").write_text(EXPERIMENT)
