@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -692,6 +693,14 @@ def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_pat
         plot_activity_maps(run, tmp_path / "maps.png", trials=-3)
 
 
+def test_a_run_that_diverged_in_its_first_epoch_loads_with_no_test_accuracy(tmp_path):
+    linear = {"name": "linear", "input_shape": [1, 8, 8], "layers": [], "output": {"actions": 10}, "rule": {"learning_rate": 1e30, "init_range": 0.1}}
+    hot = Experiment.from_dict({"name": "hot", "model": linear, "dataset": "digits", "training": {"batch_size": 50, "validation_size": 300}}, "<test>")
+    result = run_experiment(hot, seed=0, out=tmp_path, log=None)
+    assert (result.diverged, result.epochs, result.best_epoch) == (True, 1, 0)
+    assert math.isnan(load_run(tmp_path / "run.h5").result["test_accuracy"]), "no weights to test: a possible result"
+
+
 def test_the_summary_of_a_diverged_run_says_so(tmp_path):
     linear = {"name": "linear", "input_shape": [1, 8, 8], "layers": [], "output": {"actions": 10}, "rule": {"learning_rate": 1000.0, "init_range": 0.1}}
     hot = Experiment.from_dict({"name": "hot", "model": linear, "dataset": "digits", "training": {"batch_size": 50, "validation_size": 300}}, "<test>")
@@ -1257,8 +1266,9 @@ def test_run_files_with_missing_or_bad_records_are_named(finished_runs, tmp_path
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", path)
     with h5py.File(path, "a") as run:
         edit(run)
-    with pytest.raises(RunFileError, match=rf"run\.h5: .*{message}.*; the run file is damaged: train the run again"):
+    with pytest.raises(RunFileError, match=rf"run\.h5: .*{message}.*; the run file is damaged: train the run again") as raised:
         load_run(path)
+    assert str(raised.value).count("the run file is damaged") == 1, "said once, not wrapped in a second message"
 
 
 def test_an_empty_run_like_file_is_named(tmp_path):
