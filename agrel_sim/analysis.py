@@ -204,8 +204,30 @@ def _check_trial_index(name: str, index) -> None:
 def load_run(path: str | Path) -> Run:
     """Open a run file, checking that it is one and that its layout is not newer than this code's.
 
-    An incomplete run is loaded with an :class:`IncompleteRunWarning`. A file that cannot be
-    read, or lacks a record that every run file has, raises :class:`RunFileError` naming it.
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The run file (``run.h5``).
+
+    Returns
+    -------
+    Run
+        Its settings, epochs and result; the other records are read when asked for.
+
+    Raises
+    ------
+    RunFileError
+        Naming the file: a folder, a missing or unreadable file, another kind of file, a newer
+        layout, or a damaged run file (one that HDF5 cannot read, that lacks a record every run
+        file has, whose ``config`` lacks what the analyses read, or whose ``/result`` is no
+        possible result).
+
+    Warns
+    -----
+    IncompleteRunWarning
+        For a run that did not end cleanly (killed, crashed or still training).
+    OlderRunFileWarning
+        For a layout-1 or -2 file of a net with dropout, whose gates below the dropout read open.
     """
     path = Path(path)
     if path.is_dir():

@@ -12,7 +12,8 @@ from pathlib import Path
 # The commands import agrel_sim's modules (and with them torch, about a second) when they run, inside
 # main's handling of Ctrl-C, so that an interrupt while they load ends as quietly as one later.
 
-KEPT = "every finished epoch is kept: `agrel-sim train ... --resume` (a run) or the same `agrel-sim sweep` command (a sweep) goes on from there"
+KEPT = "; every finished epoch is kept: `agrel-sim train ... --resume` (a run) or the same `agrel-sim sweep` command (a sweep) goes on from there"
+TRAINING_COMMANDS = ("train", "sweep")  # those whose stop KEPT is said of
 
 
 def _train(args) -> int:
@@ -227,10 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     SystemExit
         For arguments that do not parse (status 2, from argparse) and for ``--help``.
     """
+    if hasattr(sys.stdout, "reconfigure"):  # a line at a time into a pipe (`| tee log`) too, as on a terminal
+        sys.stdout.reconfigure(line_buffering=True)
+    command = None
     with warnings.catch_warnings():  # restores Python's own display of warnings on return
         warnings.showwarning = _show_warning
         try:
             args = parser().parse_args(argv)
+            command = args.command
             return args.handler(args)
         except ValueError as error:  # bad input: configuration, data, devices, run files
             print(f"agrel-sim: error: {error}", file=sys.stderr)
@@ -252,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         except KeyboardInterrupt:
-            print(f"agrel-sim: interrupted; {KEPT}", file=sys.stderr)
+            print(f"agrel-sim: interrupted{KEPT if command in TRAINING_COMMANDS else ''}", file=sys.stderr)
             return 130  # the shell's status for a process ended by Ctrl-C
         except BrokenPipeError:  # the reader of its output has gone: `agrel-sim table RUNS | head -3`
             # Python flushes stdout as it exits; into nothing now, rather than into the closed pipe again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             try:
-                print(f"agrel-sim: stopped: its output was closed; {KEPT}", file=sys.stderr, flush=True)
+                print(f"agrel-sim: stopped: its output was closed{KEPT if command in TRAINING_COMMANDS else ''}", file=sys.stderr, flush=True)
             except BrokenPipeError:  # stderr went to the same reader (`2>&1 | head`)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
             return 141  # the shell's status for a process ended by SIGPIPE, as other commands in a pipe end

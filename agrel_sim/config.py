@@ -13,6 +13,7 @@ import numbers
 import os
 import reprlib
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ def shown(value, count: bool = False) -> str:
 def is_folder_name(value) -> bool:
     """A name that can name a folder of its own: not empty, not ``.`` or ``..``, without ``/``,
     ``\\`` or control characters (a NUL, a line break)."""
-    return isinstance(value, str) and bool(value.strip()) and value not in (".", "..") and not any(c in value for c in "/\\") and value.isprintable()
+    return (isinstance(value, str) and bool(value.strip()) and value not in (".", "..") and not any(c in value for c in "/\\")
+            and not any(unicodedata.category(c) == "Cc" for c in value))
 
 
 def is_number(value, check=lambda v: True) -> bool:

@@ -249,8 +249,11 @@ def check_readable(path: Path) -> None:
 
 def recorded_epochs(path: Path) -> int:
     """How many epochs the run file records (0 for an HDF5 file that records none)."""
-    with h5py.File(path, "r") as handle:  # one that check_readable has opened whole
-        return int(handle["epochs"]["epoch"].shape[0]) if "epochs/epoch" in handle else 0
+    try:
+        with h5py.File(path, "r") as handle:
+            return int(handle["epochs"]["epoch"].shape[0]) if "epochs/epoch" in handle else 0
+    except DAMAGED_FILE_ERRORS as error:  # AttributeError: a group where the epochs' dataset should be
+        raise ValueError(f"{path}: cannot read the epochs of this run file, it is damaged ({type(error).__name__}: {error}); move the run folder away and train the run again") from None
 
 
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:

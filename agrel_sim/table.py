@@ -68,7 +68,7 @@ class RuleStats:
 
 def row_key(record: dict) -> tuple[str, str, int]:
     """A Table 1 row: ``(data set, network, augmentation factor)``, the factor 0 without augmentation."""
-    augmentation = record["training"].get("augmentation")
+    augmentation = record.get("training", {}).get("augmentation")  # a run file made in Python may have no training
     return record["dataset"], record["model"]["name"], augmentation["factor"] if augmentation else 0
 
 

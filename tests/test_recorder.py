@@ -414,6 +414,11 @@ def test_devices_are_checked_before_the_run_folder_is_made(device, cuda_devices,
     assert not (tmp_path / "run").exists()
 
 
+def test_cpu_0_is_the_cpu_as_torch_names_it(tmp_path):
+    run_experiment(experiment(epochs=1), out=tmp_path / "run", device="cpu:0", log=None)  # runs begun so before cpu:N was refused go on
+    run_experiment(experiment(epochs=2), out=tmp_path / "run", device="cpu:0", resume=True, log=None)
+
+
 def test_a_second_process_cannot_train_in_a_busy_run_folder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)", str(tmp_path / "run.lock")],
@@ -691,6 +696,31 @@ def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_pat
         run.timecourse()
     with pytest.raises(ValueError, match=r"trials: expected an integer >= 1, got -3"):
         plot_activity_maps(run, tmp_path / "maps.png", trials=-3)
+
+
+def test_runs_recorded_in_python_without_training_settings_go_into_the_table(tmp_path, capsys):
+    from agrel_sim.datasets import load_dataset
+    from agrel_sim.experiment import default_experiment
+    from agrel_sim.recorder import RunFile
+    from agrel_sim.training import TrainingSettings, train
+
+    model = default_experiment().model
+    config = {"experiment": "in_python", "model": model.to_dict(), "dataset": "digits"}  # no training settings
+    train(model, load_dataset("digits"), TrainingSettings(max_epochs=1, validation_size=300), seed=0, progress=False, log=None,
+          run_file=lambda net: RunFile(tmp_path / "run.h5", net, config, 0))
+    assert main(["table", str(tmp_path)]) == 0
+    assert "| digits | digits_dense | none |" in capsys.readouterr().out
+
+
+def test_a_run_file_whose_epochs_are_no_dataset_is_named_on_resume(tmp_path, capsys):
+    assert main(["train", "--max-epochs", "2", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    with h5py.File(tmp_path / "run" / "run.h5", "a") as run:  # an interrupted run whose checkpoint is gone: its epochs are counted
+        run.attrs["complete"] = False
+        del run["epochs/epoch"]
+        run["epochs"].create_group("epoch")
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    assert main(["train", "--resume", "--max-epochs", "3", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "run.h5: cannot read the epochs of this run file, it is damaged (AttributeError: " in capsys.readouterr().err
 
 
 def test_a_run_that_diverged_in_its_first_epoch_loads_with_no_test_accuracy(tmp_path):

@@ -114,7 +114,7 @@ def check_device(device, here: bool = True):
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if parsed.type == "cpu" and parsed.index is not None:  # torch takes cpu:N, but there is one CPU device
+    if parsed.type == "cpu" and parsed.index not in (None, 0):  # torch takes cpu:N, but there is one CPU device, cpu or cpu:0
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r} (torch has one CPU device, 'cpu'; its threads are set by OMP_NUM_THREADS)")
     if parsed.type == "cuda" and here:
         if not torch.cuda.is_available():
