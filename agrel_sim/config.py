@@ -59,6 +59,22 @@ def is_folder_name(value) -> bool:
             and not any(unicodedata.category(c) == "Cc" for c in value))
 
 
+# Each kind of agrel-sim file has a key that only it has; a file of another kind given in its place is named by it.
+FILE_KINDS = {
+    "sweep": ("experiments", "a sweep file (it lists experiments)"),
+    "experiment": ("model", "an experiment file (it names a model)"),
+    "model": ("layers", "a model file (it lists layers)"),
+}
+
+
+def file_kind(table) -> str | None:
+    """The kind of file (a key of :data:`FILE_KINDS`) a parsed TOML table is, by the first key
+    of ``experiments``, ``model`` and ``layers`` it has; None for a table with none of them."""
+    if not isinstance(table, dict):
+        return None
+    return next((kind for kind, (key, _) in FILE_KINDS.items() if key in table), None)
+
+
 def is_number(value, check=lambda v: True) -> bool:
     """A finite real number (not a bool) for which ``check`` holds."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):

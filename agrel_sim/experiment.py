@@ -39,7 +39,7 @@ from pathlib import Path
 
 from agrel_sim.augmentation import Augmentation
 from agrel_sim.backends import BACKENDS, check_backend
-from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, is_folder_name, read_toml
+from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_folder_name, read_toml
 from agrel_sim.datasets import LOADERS
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
@@ -114,10 +114,10 @@ class Experiment:
     @classmethod
     def from_dict(cls, table: dict, source: str = "<dict>") -> "Experiment":
         """Build an experiment from plain data (a parsed TOML file), checking every field."""
-        if isinstance(table, dict) and "experiments" in table:
-            raise ConfigError(f"{source}: a sweep file (it lists experiments): run it with `agrel-sim sweep`")
-        if isinstance(table, dict) and "model" not in table and "layers" in table:
-            raise ConfigError(f"{source}: a model file (it lists layers): give an experiment, which names its model and data set")
+        advice = {"sweep": "run it with `agrel-sim sweep`", "model": "give an experiment, which names its model and data set"}
+        kind = file_kind(table)
+        if kind in advice:
+            raise ConfigError(f"{source}: {FILE_KINDS[kind][1]}: {advice[kind]}")
         top = Fields(table, source)
         name = top.get("name", str, default=Path(source).stem, check=is_folder_name, hint=NAME_HINT)  # before the model, which takes it
         model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")

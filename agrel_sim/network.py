@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from agrel_sim.config import FRACTION, POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, is_fraction, is_number, read_toml, shown
+from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_fraction, is_number, read_toml, shown
 
 FEEDBACK_MODES = ("tied", "reciprocal", "independent")
 RULES = ("deepagrel", "ebp")
@@ -334,9 +334,8 @@ class ColumnNetwork:
         ConfigError
             For a missing, unknown or invalid field, named with its place in ``table``.
         """
-        if isinstance(table, dict) and "layers" not in table and ("model" in table or "experiments" in table):
-            kind = "an experiment file (it names a model)" if "model" in table else "a sweep file (it lists experiments)"
-            raise ConfigError(f"{source}: {kind}, not a model file, which lists layers; give a model")
+        if file_kind(table) in ("sweep", "experiment") and "layers" not in table:
+            raise ConfigError(f"{source}: {FILE_KINDS[file_kind(table)][1]}, not a model file, which lists layers; give a model")
         top = Fields(table, source)
         name = top.get("name", str, default=Path(source).stem)
         input_shape = top.get(

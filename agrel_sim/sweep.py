@@ -47,7 +47,7 @@ import h5py
 from tqdm import tqdm
 
 from agrel_sim.backends import check_device
-from agrel_sim.config import POSITIVE_INT, ConfigError, Fields, find_named_file, is_count, is_folder_name, read_toml, shown
+from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_folder_name, read_toml, shown
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
 from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, resume_plan, run_config
@@ -85,10 +85,13 @@ class Sweep:
         """Read a sweep file; a bad entry raises :class:`ConfigError` naming the file and the field."""
         path = Path(path)
         table = read_toml(path)
-        if "experiments" not in table and "model" in table:
-            raise ConfigError(f"{path}: an experiment file (it names a model): run it with `agrel-sim train`, or list it in a sweep file's experiments")
-        if "experiments" not in table and "layers" in table:
-            raise ConfigError(f"{path}: a model file (it lists layers): name it as the model of an experiment file, and list that in a sweep file's experiments")
+        advice = {
+            "experiment": "run it with `agrel-sim train`, or list it in a sweep file's experiments",
+            "model": "name it as the model of an experiment file, and list that in a sweep file's experiments",
+        }
+        kind = file_kind(table)
+        if kind in advice:
+            raise ConfigError(f"{path}: {FILE_KINDS[kind][1]}: {advice[kind]}")
         top = Fields(table, str(path))
         name = top.get("name", str, default=path.stem, check=is_folder_name, hint="a non-empty name without '/' or control characters (it names the sweep's folder runs/<name>)")
         entries = top.get("experiments", list, check=lambda v: v and all(isinstance(e, str) for e in v), hint="a non-empty list of experiment names or paths")
