@@ -857,7 +857,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, list[Path]]:
+def analyze(path: str | Path, out: str | Path, trial: int | None = None) -> tuple[str, list[Path]]:
     """Summaries of every run under ``path`` and its figures in ``out``; returns (text, figure paths).
 
     Each run's figures go into the folder of ``out`` that lies where the run's folder lies
@@ -866,14 +866,22 @@ def analyze(path: str | Path, out: str | Path, trial: int = -1) -> tuple[str, li
     their figures apart. ``reward_curves.png`` (Figure 3, :func:`plot_reward_curves`) averages
     the complete runs, as Table 1 does; a Table 1 row whose runs :func:`table_rows` refuses gets
     no panel, and the text says why. ``trial`` picks the traced trial drawn for Brian2 runs
-    (:meth:`Run.timecourse`): a run with fewer traced trials gets no trial figure, and a line of
-    the text says so; ``ValueError`` where runs are traced but none has that trial.
+    (:meth:`Run.timecourse`; ``None``, the default, the last): a run with fewer traced trials
+    gets no trial figure, and a line of the text says so; ``ValueError`` where none has that
+    trial, or where a trial is given and no run here is traced.
     """
-    _check_trial_index("trial", trial)
+    if trial is not None:
+        _check_trial_index("trial", trial)
     path, out = Path(path), Path(out)
     runs = load_runs(path)
     traced = {run.path: _consistently(run, lambda run: run.traced_trials) for run in runs}
-    if any(traced.values()) and not any(-count <= trial < count for count in traced.values()):  # checked before any figure is written
+    # Both checked before any figure is written.
+    if trial is not None and not any(traced.values()):
+        raise ValueError(
+            f"trial {trial}: no run here has traced trials; only Brian2 runs trained with trace_every > 0 in [backend_options] have them; leave out --trial to analyse these runs"
+        )
+    trial = -1 if trial is None else trial
+    if any(traced.values()) and not any(-count <= trial < count for count in traced.values()):
         raise ValueError(f"trial {trial}: no run here has that traced trial (the traced runs here have {' or '.join(map(str, sorted(set(traced.values()) - {0})))} traced trials); give 0 to n - 1, or -n to -1 from the last")
     root = path if path.is_dir() else path.parent
     drawn, notes = figure3_runs(runs)

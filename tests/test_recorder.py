@@ -662,6 +662,10 @@ def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
     assert f"\n{len(pngs)} figures written to" in out
     for png in (tmp_path / "figures").rglob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # A trial asked of runs without time courses (torch runs) is refused, not ignored.
+    assert main(["analyze", str(finished_runs), "--out", str(tmp_path / "trial"), "--trial", "0"]) == 2
+    assert "agrel-sim: error: trial 0: no run here has traced trials; only Brian2 runs trained with trace_every > 0" in capsys.readouterr().err
+    assert not (tmp_path / "trial").exists()
 
 
 def test_activity_maps_share_one_scale_for_gates_and_centre_feedback_on_zero(finished_runs, tmp_path, monkeypatch):
