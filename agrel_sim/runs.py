@@ -129,7 +129,9 @@ def shown_leaf(leaves: dict, key: str) -> str:
 
 
 # The backend options of agrel-sim 0.3.0 and older where their experiment gave none: the run
-# files of those versions hold only the options given (later ones hold every option).
+# files of those versions hold only the options given; later ones hold every option of their
+# version. Brian2's gate_threshold (its gate open while the activity is above it) was an option
+# until 0.4.0: later versions gate on the drive, above 0, and store no gate_threshold.
 EARLIER_BACKEND_DEFAULTS = {
     "torch": {},
     "brian2": {
@@ -141,10 +143,13 @@ EARLIER_BACKEND_DEFAULTS = {
 
 def settings_of(config: dict) -> dict:
     """A stored run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them
-    and the :data:`EARLIER_BACKEND_DEFAULTS` of the backend options it lacks."""
+    and, where it holds only some backend options (agrel-sim 0.3.0 and older), the
+    :data:`EARLIER_BACKEND_DEFAULTS` of the others."""
     backend = config.get("backend", ADDED_SETTINGS["backend"])
-    if "backend_options" in config:
-        config = {**config, "backend_options": {**EARLIER_BACKEND_DEFAULTS.get(backend, {}), **config["backend_options"]}}
+    options = config.get("backend_options")
+    earlier = EARLIER_BACKEND_DEFAULTS.get(backend, {})
+    if options is not None and not set(earlier) - {"gate_threshold"} <= set(options):
+        config = {**config, "backend_options": {**earlier, **options}}
     return {**ADDED_SETTINGS, **flatten(config)}
 
 

@@ -924,7 +924,7 @@ def test_brian2_runs_that_differ_in_recording_or_code_generation_share_a_table_r
 
     older = settings_of({"backend": "brian2", "backend_options": {"trace_every": 100}})  # as agrel-sim 0.3.0 stored options
     assert older["backend_options.tau_ff"] == 10.0 and older["backend_options.trace_every"] == 100, "the defaults of then"
-    assert set(EARLIER_BACKEND_DEFAULTS["brian2"]) == set(resolved_options("brian2", {})), "a default of then for every option"
+    assert set(EARLIER_BACKEND_DEFAULTS["brian2"]) - {"gate_threshold"} == set(resolved_options("brian2", {})), "a default of then for every option"
     stored = run_config(load_experiment("digits_brian2"))["backend_options"]  # what a run file holds: every option
     assert stored == {**resolved_options("brian2", {}), "codegen_target": "cython", "trace_every": 1000} and stored["t_stimulus"] == 100.0
     options = ({"trace_every": 100}, {"codegen_target": "cython"}, {"tau_ff": 10.0})  # the last as older files: the default, named
@@ -947,6 +947,31 @@ def test_brian2_runs_that_differ_in_recording_or_code_generation_share_a_table_r
         table_rows(load_runs(tmp_path))
     with pytest.raises(ValueError, match=r"backend_options\.tau_ff: 20\.0 in the run, 10\.0 now"):
         resume_plan(tmp_path / "seed2", untraced, 2)
+
+
+def test_brian2_runs_gated_on_their_activity_are_told_from_those_gated_on_their_drive(finished_runs, tmp_path):
+    # agrel-sim 0.4.0 and older opened a Brian2 gate while the activity was above gate_threshold:
+    # their runs may neither continue under the later gate nor share a table row with its runs.
+    from agrel_sim.analysis import table_rows
+    from agrel_sim.experiment import load_experiment
+    from agrel_sim.runs import changed_settings, resume_plan, run_config, settings_of
+
+    now = run_config(load_experiment("digits_brian2"))
+    every_option = {**now, "backend_options": {**now["backend_options"], "gate_threshold": 1e-3}}  # as 0.4.0 stored them
+    given_only = {**now, "backend_options": {"trace_every": 1000, "codegen_target": "cython"}}  # as 0.3.0 did
+    for older in (every_option, given_only):
+        assert changed_settings(settings_of(older), settings_of(now)) == ["backend_options.gate_threshold"]
+    for seed, options in enumerate((now["backend_options"], every_option["backend_options"])):
+        path = tmp_path / f"seed{seed}" / "run.h5"
+        shutil.copytree(finished_runs / "deepagrel" / "seed0", path.parent)
+        with h5py.File(path, "a") as run:
+            run.attrs["seed"] = seed
+        edit_config(path, lambda config: config.update(backend="brian2", backend_options=options))
+    with pytest.raises(RunFileError, match=r"backend_options\.gate_threshold: absent and 0\.001"):
+        table_rows(load_runs(tmp_path))
+    config = json.loads(h5py.File(tmp_path / "seed0" / "run.h5", "r").attrs["config"])
+    with pytest.raises(ValueError, match=r"backend_options\.gate_threshold: 0\.001 in the run, absent now"):
+        resume_plan(tmp_path / "seed1", {**config, "training": {**config["training"], "max_epochs": 3}}, 1)
 
 
 def test_table_and_analyze_agree_about_incomplete_runs(finished_runs, tmp_path, capsys):

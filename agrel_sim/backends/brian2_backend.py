@@ -10,7 +10,11 @@ Rate neurons (``[x]+ = max(0, x)``; the output layer is linear, its gate always 
 
     tau_ff dy/dt  = -y + [I_ff + b]+          I_ff = sum_p W[m, p] y_p            (ff synapses)
     tau_fb dfb/dt = -fb + gate * I_fb         I_fb = sum_q W'[q, m] fb_q          (fb synapses)
-    gate          = y > gate_threshold        (output layer: tau_fb dfb/dt = -fb + z)
+    gate          = I_ff + b > 0              (output layer: tau_fb dfb/dt = -fb + z)
+
+A column's gate is open while its drive is above 0, that is while the rate it settles towards
+is: at the fixed point exactly the rule's gate (``a > 0``), and a column whose drive turns
+negative while the layers settle closes its gate at once, while its activity decays.
 
 One trial is a timeline of five phases, whose durations are options of :func:`build`:
 
@@ -115,11 +119,12 @@ def ff_neuron_model(linear: bool, bias: bool) -> str:
 
     ``fb`` is linked to the column's feedback neuron, so that the column's own synapses can see
     the feedback that reaches it. A bias is a synapse from an always-active unit (``I_bias``).
+    The gate is open while the drive is above 0 (and recorded so: ``Brian2Trials._populations``).
     """
     drive = "I_ff + I_bias" if bias else "I_ff"
     rate = drive if linear else f"clip({drive}, 0, inf)"
     lines = [f"dy/dt = (-y + {rate}) / tau_ff : 1", "I_ff : 1", "fb : 1 (linked)"]
-    lines.append("gate = 1 : 1" if linear else "gate = int(y > gate_threshold) : 1")
+    lines.append("gate = 1 : 1" if linear else f"gate = int({drive} > 0) : 1")
     if bias:
         lines.append("I_bias : 1")
     return "\n".join(lines)
@@ -127,13 +132,16 @@ def ff_neuron_model(linear: bool, bias: bool) -> str:
 
 def fb_neuron_model(top: bool) -> str:
     """The feedback neuron of a column, driven through its gate; at the top by the motor signal
-    ``z`` of the selected action. ``y`` is linked to the column's feedforward neuron."""
+    ``z`` of the selected action. ``y`` and ``gate`` are linked to the column's feedforward neuron."""
     if top:
         return "\n".join(["dfb/dt = (-fb + z) / tau_fb : 1", "z : 1", "y : 1 (linked)", "gate = 1 : 1"])
-    return "\n".join(["dfb/dt = (-fb + gate * I_fb) / tau_fb : 1", "I_fb : 1", "y : 1 (linked)", "gate = int(y > gate_threshold) : 1"])
+    return "\n".join(["dfb/dt = (-fb + gate * I_fb) / tau_fb : 1", "I_fb : 1", "y : 1 (linked)", "gate : 1 (linked)"])
 
 
-STIMULUS_MODEL = "y : 1  # clamped to the image"
+STIMULUS_MODEL = """
+y : 1                 # clamped to the image
+gate = int(y > 0) : 1 # the gate of the input's fb neurons, which drive no learning
+"""
 BIAS_UNIT_MODEL = "y : 1  # always 1: biases are synapses from this unit"
 
 DOPAMINE_MODEL = """
@@ -499,18 +507,17 @@ class Brian2Network:
     computes_in = torch.float64  # Brian2's state variables, whatever the dtype of the tensors returned
 
     def __init__(self, description: ColumnNetwork, timeline: Timeline, tau_ff: float, tau_fb: float,
-                 gate_threshold: float, codegen_target: str, trace_every: int, dtype: torch.dtype, seed: int):
+                 codegen_target: str, trace_every: int, dtype: torch.dtype, seed: int):
         self.description = description
         self.timeline = timeline
         self.codegen_target = codegen_target
-        self.gate_threshold = gate_threshold
         self.trace_every = trace_every
         self.device = torch.device("cpu")
         self.dtype = dtype
         self.generator = torch.Generator().manual_seed(seed)
         self.trials_run = 0
         # decay: set from the learning rate at the start of every batch (_run)
-        self.namespace = {"tau_ff": tau_ff * brian2.ms, "tau_fb": tau_fb * brian2.ms, "gate_threshold": gate_threshold, "decay": 0.0}
+        self.namespace = {"tau_ff": tau_ff * brian2.ms, "tau_fb": tau_fb * brian2.ms, "decay": 0.0}
         self.learning_rate = description.rule.learning_rate
         self.clock = brian2.Clock(dt=timeline.dt * brian2.ms, name="trial_clock")
         self._episode = None
@@ -541,6 +548,7 @@ class Brian2Network:
         self.stimulus = self._neurons(n_input, STIMULUS_MODEL, "input_ff")
         self.input_feedback = self._neurons(n_input, fb_neuron_model(top=False), "input_fb", method="exponential_euler")
         self.input_feedback.y = brian2.linked_var(self.stimulus, "y")
+        self.input_feedback.gate = brian2.linked_var(self.stimulus, "gate")
         objects = [self.dopamine, self.stimulus, self.input_feedback]
         self._plasticity = []  # the plasticity operations, active in learning batches only
         if bias:
@@ -558,6 +566,8 @@ class Brian2Network:
             fb = self._neurons(units, fb_neuron_model(top=top), f"{label}_fb", method="exponential_euler")
             ff.fb = brian2.linked_var(fb, "fb")
             fb.y = brian2.linked_var(ff, "y")
+            if not top:
+                fb.gate = brian2.linked_var(ff, "gate")
             # Synapse k joins lower column k % inputs and upper column k // inputs, so the weight
             # array reshaped to (units, inputs) is the torch layout of both ff and fb.
             upper, lower = np.repeat(np.arange(units), inputs), np.tile(np.arange(inputs), units)
@@ -738,6 +748,7 @@ class _Episode:
         # Views of the state arrays (runtime mode: the arrays the generated code works on).
         self.ff_rates = [_state(layer.ff_neurons, "y") for layer in net.layers]
         self.fb_rates = [_state(net.input_feedback, "fb")] + [_state(layer.fb_neurons, "fb") for layer in net.layers]
+        self.drives = [[_state(layer.ff_neurons, name) for name in ("I_ff", "I_bias") if name in layer.ff_neurons.variables] for layer in net.layers]
         self.stimulus = _state(net.stimulus, "y")
         self.motor = _state(net.layers[-1].fb_neurons, "z")
         self.dopamine = {name: _state(net.dopamine, name) for name in ("delta", "plasticity_rate", "consolidate")}
@@ -814,21 +825,19 @@ class _Episode:
     # -- observation --------------------------------------------------------------------------
 
     def _populations(self):
-        """Name, ff rates, fb rates and whether the gate is always open, input to output."""
+        """Name, ff rates, fb rates and open gates, input to output: the gates as the models have
+        them (:func:`ff_neuron_model`), from the drive the neurons integrated in this time step."""
         net = self.net
-        yield "input", self.stimulus, self.fb_rates[0], False
-        for layer, ff, fb in zip(net.layers, self.ff_rates, self.fb_rates[1:]):
-            yield layer.name, ff, fb, layer is net.layers[-1]
-
-    def _gate(self, ff, linear):
-        return np.ones(ff.shape, dtype=bool) if linear else ff > self.net.gate_threshold
+        yield "input", self.stimulus, self.fb_rates[0], self.stimulus > 0
+        for layer, ff, fb, drive in zip(net.layers, self.ff_rates, self.fb_rates[1:], self.drives):
+            yield layer.name, ff, fb, np.ones(ff.shape, dtype=bool) if layer is net.layers[-1] else sum(drive) > 0
 
     def _sample(self, trace):
         ff, fb, gate = [], [], []
-        for _, ff_rates, fb_rates, linear in self._populations():
+        for _, ff_rates, fb_rates, gates in self._populations():
             ff.append(ff_rates.copy())
             fb.append(fb_rates.copy())
-            gate.append(self._gate(ff_rates, linear))
+            gate.append(gates)
         trace["ff"].append(ff)
         trace["fb"].append(fb)
         trace["gate"].append(gate)
@@ -845,11 +854,11 @@ class _Episode:
         return TrialTrace(trace["trial"], t, timeline.phase_times(), np.array(trace["delta"]), layers)
 
     def _record_end_of_trial(self):
-        for name, ff_rates, fb_rates, linear in list(self._populations())[1:]:
+        for name, ff_rates, fb_rates, gates in list(self._populations())[1:]:
             record = self.records[name]
             record["ff"].append(ff_rates.copy())
             record["fb"].append(fb_rates.copy())
-            record["gate"].append(self._gate(ff_rates, linear))
+            record["gate"].append(gates)
 
 
 def _state(group, name) -> np.ndarray:
@@ -890,7 +899,6 @@ def build(
     t_feedback=80.0,
     t_rpe=10.0,
     t_plasticity=10.0,
-    gate_threshold: float = 1e-3,
     codegen_target: str = "numpy",
     trace_every: int = 0,
 ) -> Brian2Network:
@@ -919,9 +927,6 @@ def build(
         for ``t_stimulus`` before the Q-values are read; the feedback wave settles for
         ``t_selection + t_feedback`` (and keeps integrating through ``t_rpe``) before the
         plasticity phase.
-    gate_threshold : float
-        A column's gate is open while its ff activity exceeds this (default 1e-3): a column
-        whose drive turns negative then decays towards 0 and its gate closes once it is below.
     codegen_target : {"numpy", "cython"}
         Brian2's runtime code generation target (Cython compiles on first use and caches the
         compiled code in ``~/.cython``).
@@ -964,23 +969,21 @@ def build(
     # Brian2 calls it (it takes np.dtype("float64") as a setting, then fails as it runs).
     if brian2.prefs.core.default_float_dtype is not np.float64:
         raise ValueError(f"the {BACKEND} backend computes in float64, but brian2.prefs.core.default_float_dtype is {brian2.prefs.core.default_float_dtype!r}; set it to numpy.float64")
-    settings = _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, gate_threshold, codegen_target, trace_every)
+    settings = _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, codegen_target, trace_every)
     timeline, tau_ff, tau_fb = settings[:3]
     warn_if_unsettled(len(network.layers) + 1, timeline, tau_ff, tau_fb)  # the hidden layers and the output
     return Brian2Network(network, *settings, dtype, seed)
 
 
-def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, gate_threshold, codegen_target, trace_every):
-    """:func:`build`'s settings, checked: ``(timeline, tau_ff, tau_fb, gate_threshold, codegen_target, trace_every)``."""
+def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, codegen_target, trace_every):
+    """:func:`build`'s settings, checked: ``(timeline, tau_ff, tau_fb, codegen_target, trace_every)``."""
     if codegen_target not in CODEGEN_TARGETS:
         raise ValueError(f"codegen_target: expected one of {CODEGEN_TARGETS} (Brian2 runtime mode), got {codegen_target!r}")
     if not is_count(trace_every, 0):
         raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {shown(trace_every, count=True)}")
-    if not is_number(gate_threshold, lambda v: v >= 0):
-        raise ValueError(f"gate_threshold: expected a finite number >= 0, got {shown(gate_threshold)}")
     durations = dict(stimulus=t_stimulus, selection=t_selection, feedback=t_feedback, rpe=t_rpe, plasticity=t_plasticity)
     timeline = Timeline.from_durations(dt, durations)
-    return timeline, _milliseconds(tau_ff, "tau_ff"), _milliseconds(tau_fb, "tau_fb"), float(gate_threshold), codegen_target, trace_every
+    return timeline, _milliseconds(tau_ff, "tau_ff"), _milliseconds(tau_fb, "tau_fb"), codegen_target, trace_every
 
 
 def check_options(options: dict) -> None:
