@@ -231,7 +231,8 @@ def load_run(path: str | Path) -> Run:
     """
     path = Path(path)
     if path.is_dir():
-        raise RunFileError(f"{path}: a folder, not a run file: give its run file {path / RUN_FILE}, or load every run below it with load_runs")
+        inside = f"give its run file {path / RUN_FILE}, or " if (path / RUN_FILE).is_file() else ""
+        raise RunFileError(f"{path}: a folder, not a run file: {inside}load every run below it with load_runs")
     if not path.is_file():
         raise RunFileError(f"{path}: no such run file")
     try:
@@ -644,8 +645,6 @@ def plot_reward_curves(runs: list[Run], path: Path) -> Path:
     rule; a panel per Table 1 row. The legend says how many runs the first and the last epoch
     average; no band is drawn where fewer than 2 runs remain."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     curves = reward_curves(runs)
     panels = max(1, len(curves))
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False, layout="constrained")
@@ -656,9 +655,16 @@ def plot_reward_curves(runs: list[Run], path: Path) -> Path:
             ax.plot(curve["epoch"], curve["mean"], marker="o", markersize=3, label=f"{LABELS.get(rule, rule)} ({_run_counts(curve['runs'])})")
             ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)  # NaN 2σ: a gap
         ax.set(xlabel="epoch", ylabel="reward probability (mean ± 2σ of 2 or more runs)", title=row_label(row), ylim=(0, 1.01))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_axis(ax)
         ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
+
+
+def _epoch_axis(ax) -> None:
+    """Whole epochs on the x axis, also where it spans less than one (a run of one epoch)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _run_counts(runs: np.ndarray) -> str:
@@ -676,8 +682,6 @@ def plot_gating(run: Run, path: Path) -> Path:
     action's one-hot signal, constants that would flatten the hidden layers' scale.
     """
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     stats = gating_by_epoch(run)
     hidden = hidden_layers(run)
     synaptic = hidden + [name for name in stats if name == "output"]
@@ -687,7 +691,7 @@ def plot_gating(run: Run, path: Path) -> Path:
         for name in names:
             ax.plot(stats[name]["epoch"], stats[name][quantity], marker="o", markersize=3, color=f"C{synaptic.index(name)}", label=name)
         ax.set(xlabel="epoch", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_axis(ax)
         if not any(np.isfinite(stats[name][quantity]).any() for name in names):
             ax.text(0.5, 0.5, _empty_gating_panel(run, names), ha="center", transform=ax.transAxes)
             ax.set(xticks=[], yticks=[])
@@ -851,7 +855,9 @@ def _save(fig, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)  # laid out by the figure's constrained layout
     except OSError as error:
-        raise ValueError(f"{path}: cannot write this figure ({error.strerror or error}); check that {path.parent} is, or can be made, a writable folder, or give another --out") from None
+        blocking = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists() and not folder.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else error.strerror or error
+        raise ValueError(f"{path}: cannot write this figure ({why}); check that {path.parent} is, or can be made, a writable folder, or give another --out") from None
     finally:
         plt.close(fig)
     return path

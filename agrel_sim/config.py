@@ -143,7 +143,8 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
         if path.is_dir():
             raise ConfigError(f"{path}: is a folder; give the path of {a_file} (.toml)")
         if not path.is_file():
-            raise ConfigError(f"{path}: {what} file not found")
+            named = len(path.parts) == 1 and path.suffix == ".toml"
+            raise ConfigError(f"{path}: {what} file not found" + (f"; to look it up by name, give {path.stem!r} without .toml" if named else ""))
         return path
     a_folder = f"{path}: is a folder; give the path of {a_file} (.toml), or the name of one"
     if len(path.parts) > 1:  # looked up as a name, it would be found below the search folders, not where it points
@@ -179,14 +180,18 @@ class Fields:
         The file the table was read from (for messages).
     where : str
         The dotted path of the table inside the file, empty for the top level.
+    top_level : tuple of str
+        The keys of the file's top level, named as such where one turns up in a table below it
+        (placed after a table's header, which TOML reads as a key of that table).
     """
 
-    def __init__(self, table: Any, source: str, where: str = ""):
+    def __init__(self, table: Any, source: str, where: str = "", top_level: tuple[str, ...] = ()):
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {where or 'top level'}: expected a table, got {table!r}")
         self.table = table
         self.source = source
         self.where = where
+        self.top_level = top_level
         self._used: set[str] = set()
 
     def name(self, key: str) -> str:
@@ -231,14 +236,17 @@ class Fields:
         """Return the sub-table ``key`` as :class:`Fields` (empty if absent and allowed)."""
         self._used.add(key)
         if key not in self.table and default_empty:
-            return Fields({}, self.source, self.name(key))
+            return Fields({}, self.source, self.name(key), self.top_level)
         if key not in self.table:
             raise self.error(key, "missing table")
-        return Fields(self.table[key], self.source, self.name(key))
+        return Fields(self.table[key], self.source, self.name(key), self.top_level)
 
     def finish(self) -> None:
         """Raise if the table holds keys that were never read (typos, unsupported settings)."""
         unknown = sorted(set(self.table) - self._used)
         if unknown:
             known = ", ".join(sorted(self._used)) or "none"
-            raise self.error(unknown[0], f"unknown field; the fields here are: {known}")
+            problem = f"unknown field; the fields here are: {known}"
+            if self.where and unknown[0] in self.top_level:
+                problem += f"; {unknown[0]} is a key of the top level: move it above the file's first table, as TOML reads a key after a table's header as one of that table"
+            raise self.error(unknown[0], problem)

@@ -118,7 +118,7 @@ class Experiment:
         kind = file_kind(table)
         if kind in advice:
             raise ConfigError(f"{source}: {FILE_KINDS[kind][1]}: {advice[kind]}")
-        top = Fields(table, source)
+        top = Fields(table, source, top_level=EXPERIMENT_KEYS)
         name = top.get("name", str, default=Path(source).stem, check=is_folder_name, hint=NAME_HINT)  # before the model, which takes it
         model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")
         if isinstance(model_entry, dict):
@@ -165,6 +165,8 @@ class Experiment:
 
 # The model's tables that an experiment file may override field by field.
 MODEL_OVERRIDES = ("rule", "action_selection", "neuromodulator")
+# The keys of an experiment file's top level (Experiment.from_dict reads them all).
+EXPERIMENT_KEYS = ("name", "model", "dataset", "backend", "backend_options", "training", "logging", *MODEL_OVERRIDES)
 
 
 def _training_settings(fields: Fields) -> TrainingSettings:

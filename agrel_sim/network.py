@@ -42,6 +42,8 @@ from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fi
 
 FEEDBACK_MODES = ("tied", "reciprocal", "independent")
 RULES = ("deepagrel", "ebp")
+# The keys of a model file's top level (ColumnNetwork.from_dict reads them all).
+MODEL_KEYS = ("name", "input_shape", "layers", "output", "action_selection", "neuromodulator", "rule")
 
 _non_negative_int = dict(kind=int, check=lambda v: v >= 0, hint="an integer >= 0")
 
@@ -336,14 +338,14 @@ class ColumnNetwork:
         """
         if file_kind(table) in ("sweep", "experiment") and "layers" not in table:
             raise ConfigError(f"{source}: {FILE_KINDS[file_kind(table)][1]}, not a model file, which lists layers; give a model")
-        top = Fields(table, source)
+        top = Fields(table, source, top_level=MODEL_KEYS)
         name = top.get("name", str, default=Path(source).stem)
         input_shape = top.get(
             "input_shape", list, check=lambda v: len(v) in (1, 3) and all(is_count(n) for n in v),
             hint="a list of positive integers [C, H, W] or [N]",
         )
         layer_tables = top.get("layers", list, hint="a list of [[layers]] tables, bottom to top")
-        layers = tuple(_layer_from_table(Fields(t, source, f"layers[{i}]")) for i, t in enumerate(layer_tables))
+        layers = tuple(_layer_from_table(Fields(t, source, f"layers[{i}]", MODEL_KEYS)) for i, t in enumerate(layer_tables))
 
         output = top.sub("output", default_empty=False)
         n_actions = output.get("actions", int, check=lambda v: v >= 2, hint="an integer >= 2")

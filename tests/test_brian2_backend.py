@@ -1,5 +1,6 @@
 """The Brian2 backend: parity with the torch backend, its time course, its settings and errors."""
 
+import gc
 import itertools
 import math
 import re
@@ -323,13 +324,17 @@ def test_standalone_mode_is_refused():
     assert build(describe(), backend="brian2").q_values(torch.rand(1, 8)).shape == (1, 4)
 
 
-def test_cython_code_that_cannot_be_built_names_the_setting(monkeypatch):
+@pytest.mark.parametrize("failing", [(brian2.Network, "run"), (brian2.Synapses, "connect")])
+def test_cython_code_that_cannot_be_built_names_the_setting(monkeypatch, failing):
     def no_compiler(self, *args, **kwargs):
         raise RuntimeError("command 'c++' failed: No such file or directory")
 
-    monkeypatch.setattr(brian2.Network, "run", no_compiler)
-    with pytest.raises(ValueError, match=r"codegen_target: Brian2 could not build its Cython code \(RuntimeError: command 'c\+\+' failed.*set codegen_target = 'numpy'"):
-        build(describe(), backend="brian2", codegen_target="cython")
+    monkeypatch.setattr(*failing, no_compiler)
+    with brian2.utils.logger.catch_logs() as logs:
+        with pytest.raises(ValueError, match=r"codegen_target: Brian2 could not build its Cython code \(RuntimeError: command 'c\+\+' failed.*set codegen_target = 'numpy'"):
+            build(describe(), backend="brian2", codegen_target="cython")
+        gc.collect()  # the objects made go: the error is the last thing said, not Brian2's warnings about them
+    assert not [log for log in logs if "never included in a network" in log[2]]
     assert brian2.prefs.codegen.target == "auto"
 
 

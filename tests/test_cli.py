@@ -155,6 +155,7 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
     [
         (('dataset = "digits"', 'dataset = "svhn"'), r"tiny\.toml: dataset: expected one of"),
         (("patience = 2", "patiense = 2"), r"tiny\.toml: training\.patiense: unknown field"),
+        (("patience = 2", 'patience = 2\nbackend = "brian2"'), r"tiny\.toml: training\.backend: unknown field; the fields here are: .*; backend is a key of the top level: move it above the file's first table"),
         (("learning_rate = 0.1", "learning_rate = -1.0"), r"tiny\.toml: rule\.learning_rate: expected a number > 0"),
         (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
         (("patience = 2", "patience = 2\nlr_decay_patience = 0"), r"tiny\.toml: training\.lr_decay_patience: expected an integer >= 1"),
@@ -476,3 +477,9 @@ def test_the_experiment_file_sets_what_the_run_file_samples(tmp_path):
     assert (logging["every_batches"], logging["trials_per_batch"]) == (2, 3)
     n_batches = -(-(1437 - 100) // 20)  # digits' training images less the validation split, in batches of 20
     assert batches == [b for b in range(0, n_batches, 2) for _ in range(3)]
+
+
+def test_a_file_name_not_found_here_suggests_the_name_it_has_among_the_experiments(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "digits_brian2.toml"]) == 2
+    assert capsys.readouterr().err == "agrel-sim: error: digits_brian2.toml: experiment file not found; to look it up by name, give 'digits_brian2' without .toml\n"

@@ -148,6 +148,8 @@ def test_every_repository_model_loads_by_name():
         (("units = 16\n", ""), r"net\.toml: layers\[2\]\.units: missing"),
         (("kernel_size = 3", "kernel_size = 11"), r"net\.toml: layers\[0\]\.kernel_size: kernel 11×11 is larger than its input 8×8"),
         (("channels = 4", "chanels = 4"), r"net\.toml: layers\[0\]\.chan+els: unknown field|layers\[0\]\.channels: missing"),
+        (("units = 16\n", "units = 16\nname = 'tiny'\n"), r"net\.toml: layers\[2\]\.name: unknown field; the fields here are: kind, units; name is a key of the top level: move it above the file's first table"),
+        (("channels = 4", "channels = 4\nchanels = 4"), r"net\.toml: layers\[0\]\.chanels: unknown field; the fields here are: channels, kernel_size, kind, padding, stride$"),
         (("rate = 0.5", "rate = 1.5"), r"net\.toml: layers\[1\]\.rate: expected a fraction in \[0, 1\), got 1\.5"),
         (('feedback = "reciprocal"', 'feedback = "mirror"'), r"net\.toml: rule\.feedback: expected one of"),
         (("[output]\nactions = 10", ""), r"net\.toml: output: missing table"),

@@ -1015,6 +1015,8 @@ def test_the_gating_figure_leaves_out_dropout_layers_and_says_why_a_panel_is_emp
 def test_a_folder_given_as_a_run_file_is_named(finished_runs):
     with pytest.raises(RunFileError, match=r"ebp/seed0: a folder, not a run file: give its run file .*ebp/seed0/run\.h5, or load every run below it with load_runs"):
         load_run(finished_runs / "ebp" / "seed0")
+    with pytest.raises(RunFileError, match=r"ebp: a folder, not a run file: load every run below it with load_runs$"):
+        load_run(finished_runs / "ebp")
 
 
 def test_layers_are_listed_bottom_to_top(tmp_path):
@@ -1159,7 +1161,7 @@ def test_a_figure_folder_that_cannot_be_written_is_named(finished_runs, tmp_path
     out = tmp_path / "figures"
     if cause == "a file there":
         out.write_text("a file where the figures should go")
-        reason = "File exists"
+        reason = ".*figures is a file, not a folder"
     else:
         def refuse(self, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(self))
@@ -1631,3 +1633,14 @@ def test_a_finished_run_continued_holds_no_result_until_it_ends_again(tmp_path, 
     with pytest.warns(IncompleteRunWarning):
         run = load_run(tmp_path / "run.h5")
     assert run.result is None and "\n  result:" not in summary(run)
+
+
+def test_epoch_axes_count_whole_epochs_also_for_a_run_of_one_epoch(tmp_path, monkeypatch):
+    figures = drawn_figures(monkeypatch)
+    run_experiment(experiment(epochs=1), seed=0, out=tmp_path / "run", log=None)
+    assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "figures")]) == 0
+    axes = [ax for fig in figures for ax in fig.axes if ax.get_xlabel() == "epoch" and ax.lines]
+    assert len(axes) == 1 + 3, "Figure 3's panel and the gating figure's"
+    for ax in axes:
+        low, high = ax.get_xlim()
+        assert [tick for tick in ax.get_xticks() if low <= tick <= high] == [1.0]

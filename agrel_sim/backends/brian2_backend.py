@@ -521,19 +521,37 @@ class Brian2Network:
         self.learning_rate = description.rule.learning_rate
         self.clock = brian2.Clock(dt=timeline.dt * brian2.ms, name="trial_clock")
         self._episode = None
-        with _generated_code(codegen_target):  # connect() runs generated code too
-            objects = self._build_populations()
-        self._events = brian2.NetworkOperation(lambda: self._episode.start_of_step(), clock=self.clock, when="start", name="trial_events")
-        self._observer = brian2.NetworkOperation(lambda: self._episode.end_of_step(), clock=self.clock, when="end", order=10, name="trial_observer")
-        self.network = brian2.Network(*objects, self._events, self._observer)
-        with _generated_code(codegen_target):  # generate (for Cython: compile) the code now
-            self.network.run(0 * brian2.ms, namespace={})
+        self._made = []  # every group, synapses and operation, as it is made
+        try:
+            with _generated_code(codegen_target):  # connect() runs generated code too
+                objects = self._build_populations()
+            self._events = brian2.NetworkOperation(lambda: self._episode.start_of_step(), clock=self.clock, when="start", name="trial_events")
+            self._observer = brian2.NetworkOperation(lambda: self._episode.end_of_step(), clock=self.clock, when="end", order=10, name="trial_observer")
+            self._made += [self._events, self._observer]
+            self.network = brian2.Network(*objects, self._events, self._observer)
+            with _generated_code(codegen_target):  # generate (for Cython: compile) the code now
+                self.network.run(0 * brian2.ms, namespace={})
+        except Exception:
+            self._discard()
+            raise
         self.load_weights(TorchNetwork(description, dtype=torch.float64, seed=seed).weights())
 
     learning_rate = LEARNING_RATE
 
+    def _discard(self):
+        """Let the objects of a build that failed go quietly: Brian2 warns, as it deletes each
+        object that never ran in a network, that it was probably lost by mistake, and a screen of
+        those warnings would bury the build's own error."""
+        for made in self._made:
+            made._network = "discarded"  # what Brian2 checks: None in an object that never ran
+
     def _neurons(self, size, model, name, **options):
-        return brian2.NeuronGroup(size, model, clock=self.clock, name=name, namespace=self.namespace, **options)
+        self._made.append(brian2.NeuronGroup(size, model, clock=self.clock, name=name, namespace=self.namespace, **options))
+        return self._made[-1]
+
+    def _synapses(self, source, target, model, name):
+        self._made.append(brian2.Synapses(source, target, model, clock=self.clock, name=name, namespace=self.namespace))
+        return self._made[-1]
 
     def _link_dopamine(self, target):
         for name in ("delta", "plasticity_rate", "consolidate"):
@@ -571,14 +589,14 @@ class Brian2Network:
             # Synapse k joins lower column k % inputs and upper column k // inputs, so the weight
             # array reshaped to (units, inputs) is the torch layout of both ff and fb.
             upper, lower = np.repeat(np.arange(units), inputs), np.tile(np.arange(inputs), units)
-            ff_syn = brian2.Synapses(below_ff, ff, FF_SYNAPSE_MODEL, clock=self.clock, name=f"{label}_ff_synapses", namespace=self.namespace)
+            ff_syn = self._synapses(below_ff, ff, FF_SYNAPSE_MODEL, f"{label}_ff_synapses")
             ff_syn.connect(i=lower, j=upper)
-            fb_syn = brian2.Synapses(fb, below_fb, FB_SYNAPSE_MODEL, clock=self.clock, name=f"{label}_fb_synapses", namespace=self.namespace)
+            fb_syn = self._synapses(fb, below_fb, FB_SYNAPSE_MODEL, f"{label}_fb_synapses")
             fb_syn.connect(i=upper, j=lower)
             plastic = [(ff_syn, FF_PLASTICITY), (fb_syn, FB_PLASTICITY)]
             bias_syn = None
             if bias:  # a synapse whose presynaptic activity is 1, learnt like the others
-                bias_syn = brian2.Synapses(bias_unit, ff, BIAS_SYNAPSE_MODEL, clock=self.clock, name=f"{label}_bias_synapses", namespace=self.namespace)
+                bias_syn = self._synapses(bias_unit, ff, BIAS_SYNAPSE_MODEL, f"{label}_bias_synapses")
                 bias_syn.connect(i=np.zeros(units, dtype=int), j=np.arange(units))
                 plastic.append((bias_syn, FF_PLASTICITY))
             for synapses, code in plastic:
