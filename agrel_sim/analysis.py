@@ -79,6 +79,8 @@ class Run:
         What each training session (the start, then every resume) ran on: versions, git
         commit, device, host (:func:`~agrel_sim.recorder.session`); empty for run files of
         agrel-sim 0.2.0 and older.
+    software_version : str
+        The agrel-sim that began the run (``"unknown"`` where the file does not say).
     file_version : tuple
         The identity of the file that was loaded (device, inode, modification time, size). A
         training run replaces its run file after every epoch, so a method that reads the file
@@ -95,6 +97,7 @@ class Run:
     epochs: dict[str, np.ndarray]
     result: dict | None
     sessions: list[dict] = field(default_factory=list)
+    software_version: str = "unknown"
     file_version: tuple = field(default=(), repr=False, compare=False)
 
     @contextlib.contextmanager
@@ -291,7 +294,8 @@ def load_run(path: str | Path) -> Run:
             IncompleteRunWarning,
             stacklevel=2,
         )
-    return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result, sessions, file_version)
+    software_version = str(attrs.get("software_version", "unknown"))
+    return Run(path, config, seed, str(attrs["rule"]), str(attrs["backend"]), complete, epochs, result, sessions, software_version, file_version)
 
 
 def _check_config(path: Path, config, version: int) -> None:
@@ -404,7 +408,7 @@ def table_rows(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, list[Run
     seen: dict[tuple, list[tuple[Run, dict]]] = {}
     for run in runs:
         row = row_key(run.config)
-        settings = {key: value for key, value in settings_of(run.config).items() if top_setting(key) in ROW_SETTINGS and key not in NOT_MODELLING}
+        settings = {key: value for key, value in settings_of(run.config, run.software_version).items() if top_setting(key) in ROW_SETTINGS and key not in NOT_MODELLING}
         where = f"Table 1 row {row_label(row)}"
         # Against every run before it, not the first alone: one that lacks a record (an older
         # run file's data) must not let two that have it differ.

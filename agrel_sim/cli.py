@@ -37,6 +37,7 @@ def _train(args) -> int:
     result = run_experiment(
         experiment, args.seed, out, device=args.device, dtype=args.dtype, data_dir=args.data_dir, resume=args.resume,
         log=None if args.quiet else tqdm.write,  # lines that leave the progress bar intact
+        progress=False if args.quiet else None,
     )
     print(f"run file: {out / 'run.h5'}", flush=True)
     print(f"summary: experiment={experiment.name} rule={model.rule.name} seed={args.seed} {result.summary()}", flush=True)
@@ -178,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=_given, help="run folder for the result (default runs/<experiment>/seed<N>)")
     train.add_argument("--data-dir", type=_given, help="folder holding the data sets (default $AGREL_SIM_DATA or ./data)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; a finished run goes on when the patience or epoch limit in force (the experiment's, or --patience / --max-epochs) is higher than the run's")
-    train.add_argument("--quiet", action="store_true", help="print only the experiment, run-file and summary lines (no data, per-epoch or resume lines)")
+    train.add_argument("--quiet", action="store_true", help="print only the experiment, run-file and summary lines: no progress bar, no data, per-epoch, resume or divergence lines")
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser("sweep", help="run every experiment × seed of a sweep file", description="Run a sweep; finished runs are skipped, so re-running retries only the missing ones.")

@@ -118,6 +118,18 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
 
+def _named_instead(path: Path, kind: str, env_var: str, what: str) -> str:
+    """Where a ``.toml`` file name alone is not found here but the name is among the ``kind``
+    files, a hint to give the name; else nothing."""
+    if len(path.parts) > 1 or not path.stem.strip():
+        return ""
+    try:
+        found = find_named_file(path.stem, kind, env_var, what)
+    except ConfigError:
+        return ""
+    return f"; the {what} named {path.stem!r} is {found}: give its name without .toml"
+
+
 def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, what: str | None = None) -> Path:
     """Find a ``kind`` file (``"model"``, ``"experiment"``) given as a path or as a name.
 
@@ -143,8 +155,7 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
         if path.is_dir():
             raise ConfigError(f"{path}: is a folder; give the path of {a_file} (.toml)")
         if not path.is_file():
-            named = len(path.parts) == 1 and path.suffix == ".toml"
-            raise ConfigError(f"{path}: {what} file not found" + (f"; to look it up by name, give {path.stem!r} without .toml" if named else ""))
+            raise ConfigError(f"{path}: {what} file not found" + _named_instead(path, kind, env_var, what))
         return path
     a_folder = f"{path}: is a folder; give the path of {a_file} (.toml), or the name of one"
     if len(path.parts) > 1:  # looked up as a name, it would be found below the search folders, not where it points
@@ -183,15 +194,19 @@ class Fields:
     top_level : tuple of str
         The keys of the file's top level, named as such where one turns up in a table below it
         (placed after a table's header, which TOML reads as a key of that table).
+    inside : bool
+        Whether ``table`` lies below the file's top level even where ``where`` is empty (a
+        table read on its own, such as an experiment's ``[model]``).
     """
 
-    def __init__(self, table: Any, source: str, where: str = "", top_level: tuple[str, ...] = ()):
+    def __init__(self, table: Any, source: str, where: str = "", top_level: tuple[str, ...] = (), inside: bool = False):
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {where or 'top level'}: expected a table, got {table!r}")
         self.table = table
         self.source = source
         self.where = where
         self.top_level = top_level
+        self.inside = inside or bool(where)
         self._used: set[str] = set()
 
     def name(self, key: str) -> str:
@@ -247,6 +262,6 @@ class Fields:
         if unknown:
             known = ", ".join(sorted(self._used)) or "none"
             problem = f"unknown field; the fields here are: {known}"
-            if self.where and unknown[0] in self.top_level:
+            if self.inside and unknown[0] in self.top_level:
                 problem += f"; {unknown[0]} is a key of the top level: move it above the file's first table, as TOML reads a key after a table's header as one of that table"
             raise self.error(unknown[0], problem)

@@ -122,7 +122,7 @@ class Experiment:
         name = top.get("name", str, default=Path(source).stem, check=is_folder_name, hint=NAME_HINT)  # before the model, which takes it
         model_entry = top.get("model", (str, dict), hint="a model name, a path to a .toml file, or a [model] table")
         if isinstance(model_entry, dict):
-            model = ColumnNetwork.from_dict({"name": name, **model_entry}, f"{source}: model")
+            model = ColumnNetwork.from_dict({"name": name, **model_entry}, f"{source}: model", top_level=EXPERIMENT_KEYS)
         else:
             try:
                 model = load_model(_relative_to(model_entry, source))

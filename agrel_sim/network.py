@@ -317,7 +317,7 @@ class ColumnNetwork:
         }
 
     @classmethod
-    def from_dict(cls, table: dict, source: str = "<dict>") -> "ColumnNetwork":
+    def from_dict(cls, table: dict, source: str = "<dict>", top_level: tuple[str, ...] | None = None) -> "ColumnNetwork":
         """Build a description from plain data (a parsed TOML file), checking every field.
 
         Parameters
@@ -326,6 +326,10 @@ class ColumnNetwork:
             The layout of the TOML files (see the module docstring).
         source : str
             Where the data came from: error messages name it, and its stem is the default name.
+        top_level : tuple of str or None
+            For a table inside another file (an experiment's ``[model]``), the keys of that
+            file's top level, which messages name as such where one turns up in this table;
+            None (default): ``table`` is a model file's top level.
 
         Returns
         -------
@@ -338,14 +342,14 @@ class ColumnNetwork:
         """
         if file_kind(table) in ("sweep", "experiment") and "layers" not in table:
             raise ConfigError(f"{source}: {FILE_KINDS[file_kind(table)][1]}, not a model file, which lists layers; give a model")
-        top = Fields(table, source, top_level=MODEL_KEYS)
+        top = Fields(table, source, top_level=MODEL_KEYS) if top_level is None else Fields(table, source, top_level=top_level, inside=True)
         name = top.get("name", str, default=Path(source).stem)
         input_shape = top.get(
             "input_shape", list, check=lambda v: len(v) in (1, 3) and all(is_count(n) for n in v),
             hint="a list of positive integers [C, H, W] or [N]",
         )
         layer_tables = top.get("layers", list, hint="a list of [[layers]] tables, bottom to top")
-        layers = tuple(_layer_from_table(Fields(t, source, f"layers[{i}]", MODEL_KEYS)) for i, t in enumerate(layer_tables))
+        layers = tuple(_layer_from_table(Fields(t, source, f"layers[{i}]", top.top_level)) for i, t in enumerate(layer_tables))
 
         output = top.sub("output", default_empty=False)
         n_actions = output.get("actions", int, check=lambda v: v >= 2, hint="an integer >= 2")

@@ -98,7 +98,7 @@ DESCRIPTIONS = {
     "layers/<layer>/units": ("flat indices of the traced columns in the layer's sheet (attribute shape of the group)", "1"),
     "layers/<layer>/ff": ("activity of the feedforward neurons of the traced columns, row for row with /trials", "1"),
     "layers/<layer>/fb": ("activity of the feedback neurons of the traced columns, row for row with /trials (NaN for EBP)", "1"),
-    "layers/<layer>/gate": ("1 where the column's gate was open as learning used it (feedforward activity above threshold, and not dropped by a dropout layer above), row for row with /trials", "1"),
+    "layers/<layer>/gate": ("1 where the column's gate was open as learning used it (its drive, and so its settled feedforward activity, above 0, and not dropped by a dropout layer above), row for row with /trials", "1"),
     "gating/epoch": ("epoch of the training batch", "1"),
     "gating/batch": ("training batch within its epoch, from 0", "1"),
     "gating/<layer>/open_fraction": ("fraction of the layer's gates open, over the batch's first summary_trials trials", "1"),

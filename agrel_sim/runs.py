@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from agrel_sim.backends import NOT_MODELLING_OPTIONS, check_device, resolved_options
+from agrel_sim.backends import NOT_MODELLING_OPTIONS, REMOVED_OPTIONS, check_device, resolved_options
 from agrel_sim.config import check_instance, is_count, shown
 from agrel_sim.datasets import EMBEDDED, load_dataset
 from agrel_sim.experiment import Experiment
@@ -130,8 +130,7 @@ def shown_leaf(leaves: dict, key: str) -> str:
 
 # The backend options of agrel-sim 0.3.0 and older where their experiment gave none: the run
 # files of those versions hold only the options given; later ones hold every option of their
-# version. Brian2's gate_threshold (its gate open while the activity is above it) was an option
-# until 0.4.0: later versions gate on the drive, above 0, and store no gate_threshold.
+# version (gate_threshold up to 0.4.0: see agrel_sim.backends.REMOVED_OPTIONS).
 EARLIER_BACKEND_DEFAULTS = {
     "torch": {},
     "brian2": {
@@ -141,16 +140,26 @@ EARLIER_BACKEND_DEFAULTS = {
 }
 
 
-def settings_of(config: dict) -> dict:
-    """A stored run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them
-    and, where it holds only some backend options (agrel-sim 0.3.0 and older), the
-    :data:`EARLIER_BACKEND_DEFAULTS` of the others."""
+def settings_of(config: dict, software_version: str | None = None) -> dict:
+    """A run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them.
+
+    ``software_version`` is the agrel-sim that wrote it (a run file's ``software_version``;
+    None: this one). Where that is 0.3.0 or older, or unknown, whose run files hold only the
+    backend options given, the other options get their :data:`EARLIER_BACKEND_DEFAULTS`.
+    """
     backend = config.get("backend", ADDED_SETTINGS["backend"])
-    options = config.get("backend_options")
-    earlier = EARLIER_BACKEND_DEFAULTS.get(backend, {})
-    if options is not None and not set(earlier) - {"gate_threshold"} <= set(options):
-        config = {**config, "backend_options": {**earlier, **options}}
+    if "backend_options" in config and software_version is not None and _before_every_option(software_version):
+        config = {**config, "backend_options": {**EARLIER_BACKEND_DEFAULTS.get(backend, {}), **config["backend_options"]}}
     return {**ADDED_SETTINGS, **flatten(config)}
+
+
+def _before_every_option(software_version: str) -> bool:
+    """Whether run files of agrel-sim ``software_version`` hold only the backend options given:
+    0.3.0 and older, or a version they do not name."""
+    try:
+        return tuple(int(part) for part in software_version.split(".")) <= (0, 3, 0)
+    except ValueError:
+        return True
 
 
 # Settings in which finished runs may differ and still count as the same run: where the
@@ -214,7 +223,7 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     try:
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
-            before = settings_of({"seed": int(attrs["seed"]), **json.loads(attrs["config"])})
+            before = settings_of({"seed": int(attrs["seed"]), **json.loads(attrs["config"])}, str(attrs.get("software_version", "unknown")))
     except DAMAGED_FILE_ERRORS as error:  # also a config attribute that is not JSON (ValueError)
         raise ValueError(
             f"{path}: the run file of this checkpoint is missing, unreadable or damaged ({type(error).__name__}: {error});"
@@ -226,6 +235,12 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     changed = [key for key in changed_settings(before, now) if top_setting(key) not in ignore and key not in ignore]
     raised = [key for key in changed if key in STOPPING and key in before and key in now and now[key] > before[key]]
     differences = [f"{key}: {shown_leaf(before, key)} in the run, {shown_leaf(now, key)} now" for key in changed if key not in raised]
+    removed = [f"{key}, {REMOVED_OPTIONS[option]}" for key in changed if (option := key.removeprefix("backend_options.")) in REMOVED_OPTIONS]
+    if removed:
+        raise ValueError(
+            f"{path}: made with an option that this agrel-sim no longer has: {'; '.join(removed)}. This agrel-sim can neither continue"
+            " the run nor count it as a run of the experiment now: train it again in another --out"
+        )
     if differences:
         raise ValueError(
             f"{path}: cannot continue this run with other settings than it began with ("

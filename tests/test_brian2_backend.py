@@ -96,6 +96,9 @@ def test_a_column_whose_drive_turns_negative_closes_its_gate_while_its_activity_
     decaying = sum(int(((record.ff > 0) & ~record.gate).sum()) for record in records)
     assert decaying > 0, "the scenario has columns that are decaying at the trial's end"
     assert all(torch.equal(record.gate, reference.gate) for record, reference in zip(records, expected))
+    # The gates recorded are those the simulation used: its own, read after the last trial.
+    for record, layer in zip(records[:-1], net.layers[:-1]):
+        assert np.array_equal(record.gate[-1].numpy(), layer.ff_neurons.gate[:] == 1) and np.array_equal(layer.fb_neurons.gate[:], layer.ff_neurons.gate[:])
 
 
 def test_the_settling_time_named_is_the_shortest_for_any_time_constant():

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -155,6 +156,10 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
     [
         (('dataset = "digits"', 'dataset = "svhn"'), r"tiny\.toml: dataset: expected one of"),
         (("patience = 2", "patiense = 2"), r"tiny\.toml: training\.patiense: unknown field"),
+        (('dataset = "digits"\nmodel = "net.toml"', '[model]\ninput_shape = [1, 8, 8]\nlayers = [{kind = "dense", units = 16}]\noutput = {actions = 10}\ndataset = "digits"'),
+         r"tiny\.toml: model: dataset: unknown field; .*; dataset is a key of the top level: move it above the file's first table"),
+        (('dataset = "digits"\nmodel = "net.toml"', 'dataset = "digits"\n[model]\ninput_shape = [1, 8, 8]\n[[model.layers]]\nkind = "dense"\nunits = 16\noutput = {actions = 10}'),
+         r"tiny\.toml: model: layers\[0\]\.output: unknown field; the fields here are: kind, units$"),  # a key of [model], not of the file's top level
         (("patience = 2", 'patience = 2\nbackend = "brian2"'), r"tiny\.toml: training\.backend: unknown field; the fields here are: .*; backend is a key of the top level: move it above the file's first table"),
         (("learning_rate = 0.1", "learning_rate = -1.0"), r"tiny\.toml: rule\.learning_rate: expected a number > 0"),
         (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
@@ -479,7 +484,19 @@ def test_the_experiment_file_sets_what_the_run_file_samples(tmp_path):
     assert batches == [b for b in range(0, n_batches, 2) for _ in range(3)]
 
 
-def test_a_file_name_not_found_here_suggests_the_name_it_has_among_the_experiments(tmp_path, monkeypatch, capsys):
+def test_a_toml_name_not_found_here_points_to_the_experiment_of_that_name_if_there_is_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "digits_brian2.toml"]) == 2
-    assert capsys.readouterr().err == "agrel-sim: error: digits_brian2.toml: experiment file not found; to look it up by name, give 'digits_brian2' without .toml\n"
+    found = Path(__file__).resolve().parent.parent / "experiments" / "digits_brian2.toml"
+    assert capsys.readouterr().err == f"agrel-sim: error: digits_brian2.toml: experiment file not found; the experiment named 'digits_brian2' is {found}: give its name without .toml\n"
+    assert main(["train", "no_such_experiment.toml"]) == 2
+    assert capsys.readouterr().err == "agrel-sim: error: no_such_experiment.toml: experiment file not found\n"
+
+
+def test_quiet_leaves_out_the_progress_bar_that_a_terminal_shows(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    for quiet in ([], ["--quiet"]):
+        assert main(["train", "--max-epochs", "1", "--out", f"run{len(quiet)}", *quiet]) == 0
+        out, err = capsys.readouterr()
+        assert ("1/1 [" in err) == (not quiet) and ("data digits:" in out) == (not quiet), (quiet, err)

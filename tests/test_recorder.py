@@ -920,58 +920,69 @@ def test_brian2_runs_that_differ_in_recording_or_code_generation_share_a_table_r
     from agrel_sim.analysis import table_rows
     from agrel_sim.experiment import load_experiment
     from agrel_sim.backends import resolved_options
-    from agrel_sim.runs import EARLIER_BACKEND_DEFAULTS, resume_plan, run_config, settings_of
+    from agrel_sim.runs import ADDED_SETTINGS, EARLIER_BACKEND_DEFAULTS, resume_plan, run_config, settings_of
 
-    older = settings_of({"backend": "brian2", "backend_options": {"trace_every": 100}})  # as agrel-sim 0.3.0 stored options
+    older = settings_of({"backend": "brian2", "backend_options": {"trace_every": 100}}, "0.3.0")  # as agrel-sim 0.3.0 stored options
     assert older["backend_options.tau_ff"] == 10.0 and older["backend_options.trace_every"] == 100, "the defaults of then"
     assert set(EARLIER_BACKEND_DEFAULTS["brian2"]) - {"gate_threshold"} == set(resolved_options("brian2", {})), "a default of then for every option"
     stored = run_config(load_experiment("digits_brian2"))["backend_options"]  # what a run file holds: every option
     assert stored == {**resolved_options("brian2", {}), "codegen_target": "cython", "trace_every": 1000} and stored["t_stimulus"] == 100.0
+    assert settings_of({"backend": "brian2", "backend_options": {"trace_every": 100}}) == {**ADDED_SETTINGS, "backend": "brian2", "backend_options.trace_every": 100}, "this version's: as they are"
     options = ({"trace_every": 100}, {"codegen_target": "cython"}, {"tau_ff": 10.0})  # the last as older files: the default, named
     for seed, given in enumerate(options):
         path = tmp_path / f"seed{seed}" / "run.h5"
         shutil.copytree(finished_runs / "deepagrel" / "seed0", path.parent)
         with h5py.File(path, "a") as run:
-            run.attrs["seed"] = seed
+            run.attrs["seed"], run.attrs["software_version"] = seed, "0.3.0"
         edit_config(path, lambda config: config.update(backend="brian2", backend_options=given))
     rows = table_rows(load_runs(tmp_path))
     assert [run.seed for run in rows["digits", "small", 0]["deepagrel"]] == [0, 1, 2]
-    # A sweep counts a finished run as finished whatever it recorded; a run that goes on must record as it began.
-    config = json.loads(h5py.File(tmp_path / "seed0" / "run.h5", "r").attrs["config"])
-    untraced = {**config, "backend_options": {"trace_every": 0}}
-    assert resume_plan(tmp_path / "seed0", untraced, 0) == ("finished", None)
-    with pytest.raises(ValueError, match=r"backend_options\.trace_every: 100 in the run, 0 now"):
-        resume_plan(tmp_path / "seed0", {**untraced, "training": {**config["training"], "max_epochs": 3}}, 0)
     edit_config(tmp_path / "seed2" / "run.h5", lambda config: config.update(backend_options={"tau_ff": 20.0}))
-    with pytest.raises(RunFileError, match=r"backend_options\.tau_ff: 10\.0 and 20\.0"):
+    with pytest.raises(RunFileError, match=r"backend_options\.tau_ff: 10\.0 and 20\.0\)"):
         table_rows(load_runs(tmp_path))
+    # A sweep counts a finished run as finished whatever it recorded; a run that goes on must record as it began.
+    path = tmp_path / "seed0" / "run.h5"
+    with h5py.File(path, "a") as run:
+        run.attrs["software_version"] = agrel_sim.__version__
+        config = json.loads(run.attrs["config"])
+    edit_config(path, lambda config: config.update(backend_options={**resolved_options("brian2", {}), "trace_every": 100}))
+    untraced = {**config, "backend_options": {**resolved_options("brian2", {}), "trace_every": 0}}
+    assert resume_plan(path.parent, untraced, 0) == ("finished", None)
+    with pytest.raises(ValueError, match=r"backend_options\.trace_every: 100 in the run, 0 now"):
+        resume_plan(path.parent, {**untraced, "training": {**config["training"], "max_epochs": 3}}, 0)
+    edit_config(path, lambda config: config["backend_options"].update(tau_ff=20.0))
     with pytest.raises(ValueError, match=r"backend_options\.tau_ff: 20\.0 in the run, 10\.0 now"):
-        resume_plan(tmp_path / "seed2", untraced, 2)
+        resume_plan(path.parent, untraced, 0)
 
 
 def test_brian2_runs_gated_on_their_activity_are_told_from_those_gated_on_their_drive(finished_runs, tmp_path):
     # agrel-sim 0.4.0 and older opened a Brian2 gate while the activity was above gate_threshold:
-    # their runs may neither continue under the later gate nor share a table row with its runs.
+    # their runs may neither count as finished runs of an experiment now nor share a table row with its runs.
     from agrel_sim.analysis import table_rows
     from agrel_sim.experiment import load_experiment
     from agrel_sim.runs import changed_settings, resume_plan, run_config, settings_of
 
     now = run_config(load_experiment("digits_brian2"))
-    every_option = {**now, "backend_options": {**now["backend_options"], "gate_threshold": 1e-3}}  # as 0.4.0 stored them
-    given_only = {**now, "backend_options": {"trace_every": 1000, "codegen_target": "cython"}}  # as 0.3.0 did
-    for older in (every_option, given_only):
-        assert changed_settings(settings_of(older), settings_of(now)) == ["backend_options.gate_threshold"]
-    for seed, options in enumerate((now["backend_options"], every_option["backend_options"])):
+    older = {
+        "0.4.0": {**now, "backend_options": {**now["backend_options"], "gate_threshold": 1e-3}},  # every option
+        "0.3.0": {**now, "backend_options": {"trace_every": 1000, "codegen_target": "cython"}},  # those given
+    }
+    for version, config in older.items():
+        assert changed_settings(settings_of(config, version), settings_of(now)) == ["backend_options.gate_threshold"], version
+    for seed, (version, config) in enumerate([(agrel_sim.__version__, now), *older.items()]):
         path = tmp_path / f"seed{seed}" / "run.h5"
         shutil.copytree(finished_runs / "deepagrel" / "seed0", path.parent)
         with h5py.File(path, "a") as run:
-            run.attrs["seed"] = seed
-        edit_config(path, lambda config: config.update(backend="brian2", backend_options=options))
-    with pytest.raises(RunFileError, match=r"backend_options\.gate_threshold: absent and 0\.001"):
-        table_rows(load_runs(tmp_path))
-    config = json.loads(h5py.File(tmp_path / "seed0" / "run.h5", "r").attrs["config"])
-    with pytest.raises(ValueError, match=r"backend_options\.gate_threshold: 0\.001 in the run, absent now"):
-        resume_plan(tmp_path / "seed1", {**config, "training": {**config["training"], "max_epochs": 3}}, 1)
+            run.attrs["seed"], run.attrs["software_version"] = seed, version
+        edit_config(path, lambda stored: stored.update(backend="brian2", backend_options=config["backend_options"]))
+        if seed:
+            with pytest.raises(RunFileError, match=r"backend_options\.gate_threshold: absent and 0\.001"):
+                table_rows(load_runs(tmp_path))
+            with h5py.File(path, "r") as run:
+                stored = json.loads(run.attrs["config"])
+            with pytest.raises(ValueError, match=r"run\.h5: made with an option that this agrel-sim no longer has: backend_options\.gate_threshold, a Brian2 option until agrel-sim 0\.4\.0, .*\. This agrel-sim can neither continue the run nor count it as a run of the experiment now: train it again in another --out$"):
+                resume_plan(path.parent, {key: value for key, value in stored.items() if key != "seed"} | {"backend_options": now["backend_options"]}, seed)
+            shutil.rmtree(path.parent)
 
 
 def test_table_and_analyze_agree_about_incomplete_runs(finished_runs, tmp_path, capsys):

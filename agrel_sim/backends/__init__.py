@@ -23,6 +23,11 @@ RUN_OPTIONS = ("device", "dtype", "seed")
 # Backend options (the Brian2 backend's) that choose how a run is computed or what it records,
 # not what it models: like the device and the logging, finished runs may differ in them.
 NOT_MODELLING_OPTIONS = ("codegen_target", "trace_every")
+# Options of earlier versions, and why they went: said where an experiment or a run file gives one.
+REMOVED_OPTIONS = {
+    "gate_threshold": "a Brian2 option until agrel-sim 0.4.0, whose gate was open while a column's activity was above it;"
+    " since 0.5.0 the gate is open while the column's drive is above 0, the rule's gate once the layers settle",
+}
 
 
 class UnsupportedLayerError(NotImplementedError, ValueError):
@@ -50,7 +55,8 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         given_by_run = " (device, dtype and seed come from the run: --device, --dtype, --seed)" if unknown[0] in RUN_OPTIONS else ""
-        raise ConfigError(f"{source}: backend_options.{unknown[0]}: not an option of the {backend} backend{given_by_run}; its options: {', '.join(accepted) or 'none'}")
+        removed = f" ({REMOVED_OPTIONS[unknown[0]]})" if unknown[0] in REMOVED_OPTIONS else ""
+        raise ConfigError(f"{source}: backend_options.{unknown[0]}: not an option of the {backend} backend{given_by_run}{removed}; its options: {', '.join(accepted) or 'none'}")
     if options:
         try:
             module.check_options(options)
@@ -377,5 +383,6 @@ def build(network: ColumnNetwork, backend: str = "torch", **options):
     accepted = list(build_options(backend))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"{unknown[0]}: not an option of the {backend} backend; its options: {', '.join(accepted)}")
+        removed = f" ({REMOVED_OPTIONS[unknown[0]]})" if unknown[0] in REMOVED_OPTIONS else ""
+        raise ValueError(f"{unknown[0]}: not an option of the {backend} backend{removed}; its options: {', '.join(accepted)}")
     return importlib.import_module(BACKENDS[backend]).build(network, **options)

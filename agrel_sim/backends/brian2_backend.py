@@ -119,7 +119,7 @@ def ff_neuron_model(linear: bool, bias: bool) -> str:
 
     ``fb`` is linked to the column's feedback neuron, so that the column's own synapses can see
     the feedback that reaches it. A bias is a synapse from an always-active unit (``I_bias``).
-    The gate is open while the drive is above 0 (and recorded so: ``Brian2Trials._populations``).
+    The gate is open while the drive is above 0 (and recorded so: ``_Episode._populations``).
     """
     drive = "I_ff + I_bias" if bias else "I_ff"
     rate = drive if linear else f"clip({drive}, 0, inf)"
