@@ -193,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
 
     table = commands.add_parser("table", help="print Table 1 from finished runs", description="Print the paper's Table 1 as Markdown from a folder of runs and write it as CSV.")
     table.add_argument("runs", type=_given, help="folder searched recursively for run files (run.h5)")
-    table.add_argument("--csv", type=_given, help="CSV path (default RUNS/table1.csv)")
+    table.add_argument("--csv", type=_given, help="CSV path, ending in .csv (default RUNS/table1.csv)")
     table.set_defaults(handler=_table)
 
     figure3 = commands.add_parser("figure3", help="draw Figure 3 from finished runs", description="Draw the paper's Figure 3 from a folder of runs: reward probability per epoch, DeepAGREL against EBP, mean ± 2σ over the complete runs, a panel per Table 1 row.")

@@ -8,6 +8,7 @@ entry or a value of the wrong type stops the run before any training with a mess
 from __future__ import annotations
 
 import codecs
+import difflib
 import math
 import numbers
 import os
@@ -213,6 +214,11 @@ class Fields:
         """The dotted name of ``key`` in the file, as messages give it (``layers[2].kernel_size``)."""
         return f"{self.where}.{key}" if self.where else key
 
+    def _misspelt(self, key: str) -> str:
+        """For a missing ``key``: a clause naming a key of the table spelt much like it, or nothing."""
+        close = difflib.get_close_matches(key, [name for name in self.table if isinstance(name, str)], n=1, cutoff=0.75)
+        return f" (the {'table' if self.inside else 'file'} has {close[0]!r}: a misspelling of {key!r}?)" if close else ""
+
     def error(self, key: str, problem: str) -> ConfigError:
         """A :class:`ConfigError` naming the file and the field ``key``, saying ``problem``; the caller raises it."""
         return ConfigError(f"{self.source}: {self.name(key)}: {problem}")
@@ -226,7 +232,7 @@ class Fields:
         self._used.add(key)
         if key not in self.table:
             if default is ...:
-                raise self.error(key, f"missing; {hint or 'this field is required'}")
+                raise self.error(key, f"missing; {hint or 'this field is required'}{self._misspelt(key)}")
             return default
         value = self.table[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -253,7 +259,7 @@ class Fields:
         if key not in self.table and default_empty:
             return Fields({}, self.source, self.name(key), self.top_level)
         if key not in self.table:
-            raise self.error(key, "missing table")
+            raise self.error(key, f"missing table{self._misspelt(key)}")
         return Fields(self.table[key], self.source, self.name(key), self.top_level)
 
     def finish(self) -> None:

@@ -36,6 +36,7 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -241,7 +242,8 @@ def _out_of_time(log) -> str:
     """The line of a job that ran out of time once more than it may be requeued."""
     return (
         f"out of time {MAX_TIMEOUTS + 1} times, and submitit requeues a job {MAX_TIMEOUTS} times at most; the run keeps "
-        f"its finished epochs: raise timeout_min in the [slurm] table, or run the sweep again to continue it; its log: {log}"
+        f"its finished epochs: raise the time limit in the [slurm] table (timeout_min, or the local_timeout_min, slurm_timeout_min or slurm_time"
+        f" that stands in for it with this executor), or run the sweep again to continue it; its log: {log}"
     )
 
 
@@ -341,7 +343,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if not tasks:
         return []
     failures = []
-    outcomes = _run_processes(execute, tasks, jobs) if runner is None else _run_submitit(runner, tasks, jobs, sweep)
+    outcomes = _run_processes(execute, tasks, jobs) if runner is None else _run_submitit(runner, tasks, jobs, sweep, out / "submitit" / CONTROLLER_LOG)
     with contextlib.closing(outcomes):  # on Ctrl-C too: ends the processes still running
         for task, ok, line in outcomes:
             log(line if ok else f"FAILED {task.experiment_path} seed={task.seed}: {line}")
@@ -351,13 +353,23 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
 
 
 def _check_out_folder(out: Path) -> None:
-    """Raise :class:`ValueError` unless ``out`` is a folder or can be made one: no file may stand
-    where it, or a folder above it, would be."""
+    """Raise :class:`ValueError` unless ``out`` is a folder or can be made one (no file where it,
+    or a folder above it, would be; a place where folders can be made). The folders made to
+    find out are removed again, so that a sweep stopped before its runs leaves none."""
     for path in (out, *out.parents):
         if path.exists():
             if not path.is_dir():
                 raise ValueError(f"{out}: cannot hold the sweep's runs, as {path} is not a folder; choose another --out (or out in the sweep file)")
-            return
+            break
+    made = [path for path in (*reversed(out.parents), out) if not path.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{out}: cannot make the folder of the sweep's runs ({error.strerror or error}); choose another --out (or out in the sweep file)") from None
+    finally:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):  # one that is not empty is not removed
+                path.rmdir()
 
 
 def _usable_cores() -> int:
@@ -457,7 +469,7 @@ def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
     ------
     ConfigError
         Naming ``slurm.<key>`` and the values it takes: a time limit that leaves no time to run
-        before submitit's signal to requeue, cores per run below 1, memory not above 0, GPUs
+        before submitit's signal to requeue, cores per run or jobs at once below 1, memory not above 0, GPUs
         per job below 0, setup commands that are not a list of strings, no GPUs per job (or fewer than ``cuda:N`` needs) for a CUDA device;
         and, for the slurm executor, a table without a time limit, or a signal so early that
         submitit would take a job out of time for a preempted one and requeue it without end.
@@ -474,7 +486,7 @@ def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
         "local_timeout_min", float, default=None, check=lambda v: int(60 * v) > LOCAL_SIGNAL_DELAY_S,  # submitit-local's whole seconds
         hint=f"a number of minutes of at least {LOCAL_SIGNAL_DELAY_S + 1} s (submitit-local signals a job {LOCAL_SIGNAL_DELAY_S} s before its time limit, to requeue it)",
     )
-    for key in ("cpus_per_task", "slurm_cpus_per_task"):  # each run's threads
+    for key in ("cpus_per_task", "slurm_cpus_per_task", "array_parallelism", "slurm_array_parallelism"):  # each run's threads; jobs at once
         table.get(key, **POSITIVE_INT, default=None)
     for key in ("mem_gb", "slurm_mem_gb"):
         table.get(key, float, default=None, check=lambda v: v > 0, hint="a number of GB > 0")
@@ -565,7 +577,28 @@ def _set_parameters(runner, parameters: dict, where: str) -> None:
         ) from None
 
 
-def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) -> Iterator[tuple[RunTask, bool, str]]:
+# Where the processes of submitit's local executor that watch its jobs write: a cancelled one
+# (Ctrl-C) ends in a traceback of its KeyboardInterrupt, which is no news on the terminal.
+CONTROLLER_LOG = "local_controllers.log"
+
+
+@contextlib.contextmanager
+def _inherited_stderr(path: Path):
+    """Processes started within the block write their standard error to ``path`` (appended);
+    this process's own is back as it was when the block ends."""
+    sys.stderr.flush()
+    kept = os.dup(2)
+    try:
+        with open(path, "a") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(kept, 2)
+        os.close(kept)
+
+
+def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep, controller_log: Path) -> Iterator[tuple[RunTask, bool, str]]:
     """Yield ``(task, ok, line)`` for each task as its submitit job ends.
 
     On SLURM, every task is submitted at once, as one job array, and SLURM starts ``jobs`` of
@@ -575,7 +608,8 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
 
     When the generator is closed (or Ctrl-C reaches it), the jobs of submitit's local executor
     that are still running are cancelled and no other is started; SLURM jobs go on on the
-    cluster (``scancel`` ends them).
+    cluster (``scancel`` ends them). The processes of the local executor that watch its jobs
+    write their standard error to ``controller_log``.
     """
     from submitit.core.utils import FailedJobError
 
@@ -593,7 +627,9 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep) 
             if waiting and len(running) < at_once:
                 batch = [waiting.popleft() for _ in range(min(at_once - len(running), len(waiting)))]
                 try:
-                    running.update(zip(runner.map_array(SubmititRun(), batch), batch))
+                    with contextlib.nullcontext() if runner.cluster == "slurm" else _inherited_stderr(controller_log):
+                        submitted = runner.map_array(SubmititRun(), batch)
+                    running.update(zip(submitted, batch))
                 # sbatch refused the jobs or could not be run, or a [slurm] value that submitit
                 # takes unchecked failed as the local executor started a job (local_gpus_per_node = "x")
                 except (FailedJobError, OSError, TypeError, ValueError) as error:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import h5py
 
-from agrel_sim.runs import CHECKPOINT_FILE, RUN_FILE
-
 RULES = ("deepagrel", "ebp")
 
 
@@ -168,12 +166,14 @@ def write_csv(table: list[dict], path) -> None:
     Raises
     ------
     ValueError
-        For a path that would overwrite finished work: a run file (``run.h5``, or any HDF5
-        file) or a checkpoint (``checkpoint.pt``).
+        For a path that could overwrite other work: one whose name does not end in ``.csv`` (a
+        run file, a checkpoint, an experiment or a sweep file), or an HDF5 file.
     """
     path = Path(path)
-    if path.name in (RUN_FILE, CHECKPOINT_FILE) or h5py.is_hdf5(path):
-        raise ValueError(f"{path}: not a path for the CSV: {RUN_FILE}, {CHECKPOINT_FILE} and HDF5 files hold runs, which the CSV would overwrite; give another path with --csv")
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"{path}: not a path for the CSV: its name does not end in .csv, and the CSV would overwrite whatever is there (a run's files, an experiment); give a path ending in .csv with --csv")
+    if h5py.is_hdf5(path):
+        raise ValueError(f"{path}: not a path for the CSV: an HDF5 file (a run file?), which the CSV would overwrite; give another path with --csv")
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["dataset"])
         writer.writeheader()

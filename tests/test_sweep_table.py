@@ -153,7 +153,7 @@ def test_submitit_local_keeps_jobs_running_and_starts_one_as_another_ends(sweep_
     tasks, _ = plan(sweep, "runs")
     jobs = [FakeJob(str(index), (True, f"run {index}"), polls=5 if index == 0 else 1) for index in range(len(tasks))]
     executor = FakeLocalExecutor(jobs)
-    lines = [line for _, _, line in sweep_module._run_submitit(executor, tasks, 2, sweep)]
+    lines = [line for _, _, line in sweep_module._run_submitit(executor, tasks, 2, sweep, sweep_file.parent / "controllers.log")]
     assert executor.given == [2, 1, 1] and lines == ["run 1", "run 2", "run 3", "run 0"]
 
 
@@ -253,7 +253,8 @@ def test_a_killed_sweep_leaves_no_run_training(sweep_file, tmp_path, kill):
         assert not run.attrs["complete"] and len(run["epochs/epoch"]) >= 1, "its finished epochs are kept"
 
 
-def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path, python_sigint):
+@pytest.mark.parametrize("to_group", [False, True], ids=["the sweep alone", "a terminal's Ctrl-C"])
+def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path, python_sigint, to_group):
     long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
     (tmp_path / "tiny_long.toml").write_text(long)
     sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0, 1]\nout = "runs/tiny"\n')
@@ -266,13 +267,16 @@ def test_ctrl_c_on_a_submitit_local_sweep_cancels_its_jobs(sweep_file, tmp_path,
             if sweep.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the runs did not finish an epoch: {sweep.stderr.read()}")
             time.sleep(0.05)
-        os.kill(sweep.pid, signal.SIGINT)  # the sweep's process alone: its jobs are its to end
-        sweep.communicate(timeout=30)
+        # The sweep's process alone (its jobs are its to end), or the whole process group.
+        (os.killpg if to_group else os.kill)(sweep.pid, signal.SIGINT)
+        out, err = sweep.communicate(timeout=30)
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait()
     assert sweep.returncode == 130
+    assert err.startswith("agrel-sim: interrupted; every finished epoch is kept") and "Traceback" not in err, err
+    assert "KeyboardInterrupt" in (tmp_path / "runs" / "tiny" / "submitit" / "local_controllers.log").read_text(), "where the cancelled controllers said so"
     deadline = time.monotonic() + 30
     for seed in (0, 1):
         with open(folder / f"seed{seed}" / "run.lock", "w") as lock:
@@ -440,7 +444,7 @@ def test_a_job_that_cannot_be_started_once_others_run_fails_alone(sweep_file, mo
         return hand_out(function, batch)
 
     executor.map_array = map_array
-    outcomes = [(task.seed, ok, line) for task, ok, line in sweep_module._run_submitit(executor, tasks, 2, sweep)]
+    outcomes = [(task.seed, ok, line) for task, ok, line in sweep_module._run_submitit(executor, tasks, 2, sweep, sweep_file.parent / "controllers.log")]
     assert outcomes[:2] == [(tasks[1].seed, True, "run 1"), (tasks[2].seed, False, "its job could not be started (OSError: [Errno 28] No space left on device); running the sweep again starts it")]
     assert [line for _, _, line in outcomes[2:]] == ["run 3", "run 0"], "the running job goes on, and the next one starts"
 
@@ -456,13 +460,13 @@ def test_a_submitit_job_whose_outcome_cannot_be_read_fails_alone_in_one_line(swe
     ]
     sweep = load_sweep(sweep_file)
     tasks, _ = plan(sweep, "runs")
-    outcomes = [(ok, line) for _, ok, line in sweep_module._run_submitit(FakeLocalExecutor(jobs), tasks, 4, sweep)]
+    outcomes = [(ok, line) for _, ok, line in sweep_module._run_submitit(FakeLocalExecutor(jobs), tasks, 4, sweep, sweep_file.parent / "controllers.log")]
     assert outcomes == [
         (False, "its result could not be read (AssertionError: You should use `results()` if your job has subtasks.); its log: /logs/1_0_log.err"),
         (False, "its result could not be read (OSError: [Errno 5] Input/output error); its log: /logs/2_0_log.err"),
         (False, (
-            "out of time 4 times, and submitit requeues a job 3 times at most; the run keeps its finished epochs: raise "
-            "timeout_min in the [slurm] table, or run the sweep again to continue it; its log: /logs/3_0_log.err"
+            "out of time 4 times, and submitit requeues a job 3 times at most; the run keeps its finished epochs: raise the time limit "
+            "in the [slurm] table (timeout_min, or the local_timeout_min, slurm_timeout_min or slurm_time that stands in for it with this executor), or run the sweep again to continue it; its log: /logs/3_0_log.err"
         )),
         (True, "tiny_ebp seed=1: test_acc=0.5"),
     ]
@@ -539,8 +543,9 @@ def test_a_submitit_job_out_of_time_too_often_fails_in_one_line(in_a_job, tmp_pa
 
     monkeypatch.setattr(sweep_module, "execute", signalled)
     assert sweep_module.SubmititRun()(in_a_job) == (False, (
-        "out of time 4 times, and submitit requeues a job 3 times at most; the run keeps its finished epochs: raise "
-        f"timeout_min in the [slurm] table, or run the sweep again to continue it; its log: {tmp_path / 'job' / '7_0_log.err'}"
+        "out of time 4 times, and submitit requeues a job 3 times at most; the run keeps its finished epochs: raise the time limit "
+        "in the [slurm] table (timeout_min, or the local_timeout_min, slurm_timeout_min or slurm_time that stands in for it with this executor), "
+        f"or run the sweep again to continue it; its log: {tmp_path / 'job' / '7_0_log.err'}"
     ))
 
 
@@ -609,6 +614,8 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
         ("local_setup = 5", r"slurm\.local_setup: expected a list of shell commands \(strings\) run before each job, got 5"),
         ("slurm_setup = [1]", r"slurm\.slurm_setup: expected a list of shell commands \(strings\) run before each job, got \[1\]"),
         ("cpus_per_task = 0", r"slurm\.cpus_per_task: expected an integer >= 1, got 0"),
+        ("slurm_array_parallelism = 0", r"slurm\.slurm_array_parallelism: expected an integer >= 1, got 0"),
+        ("array_parallelism = -3", r"slurm\.array_parallelism: expected an integer >= 1, got -3"),
         ("mem_gb = -1", r"slurm\.mem_gb: expected a number of GB > 0, got -1\.0"),
         ("slurm_mem_gb = 0", r"slurm\.slurm_mem_gb: expected a number of GB > 0, got 0\.0"),
         ("gpus_per_node = -1", r"slurm\.gpus_per_node: expected a number of GPUs >= 0, got -1"),
@@ -710,6 +717,20 @@ def test_a_sweep_into_a_file_stops_before_any_run(sweep_file, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert err == f"agrel-sim: error: {out}: cannot hold the sweep's runs, as afile is not a folder; choose another --out (or out in the sweep file)\n", err
     assert (tmp_path / "afile").read_text() == "kept" and run_files(tmp_path) == []
+
+
+def test_a_sweep_into_a_folder_that_cannot_be_made_stops_before_any_run(sweep_file, tmp_path, capsys, monkeypatch):
+    made = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        made(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main(["sweep", str(sweep_file), "--out", "new/locked/runs"]) == 2
+    assert capsys.readouterr().err == "agrel-sim: error: new/locked/runs: cannot make the folder of the sweep's runs (Permission denied); choose another --out (or out in the sweep file)\n"
+    assert not (tmp_path / "new").exists(), "the folders made to find out are gone"
 
 
 def test_every_repository_experiment_and_the_table1_sweep_load():
@@ -840,14 +861,15 @@ def test_the_table_names_the_seeds_of_each_rule_and_notes_a_row_whose_rules_ran_
 def test_table_never_writes_its_csv_over_a_runs_files(sweep_file, tmp_path, capsys):
     assert main(["train", "tiny_ebp.toml", "--quiet", "--out", "runs/ebp"]) == 0
     folder = tmp_path / "runs" / "ebp"
-    shutil.copy(folder / "run.h5", tmp_path / "copy.h5")
-    kept = {path: path.read_bytes() for path in (folder / "run.h5", folder / "checkpoint.pt", tmp_path / "copy.h5")}
+    shutil.copy(folder / "run.h5", tmp_path / "copy.csv")
+    kept = {path: path.read_bytes() for path in (folder / "run.h5", folder / "checkpoint.pt", tmp_path / "copy.csv", sweep_file)}
     for path in (*kept, tmp_path / "elsewhere" / "run.h5"):
         capsys.readouterr()
         assert main(["table", "runs", "--csv", str(path)]) == 2
-        assert capsys.readouterr() == ("", (
-            f"agrel-sim: error: {path}: not a path for the CSV: run.h5, checkpoint.pt and HDF5 files hold runs, which the CSV would overwrite; give another path with --csv\n"
-        )), "the error is the only output"
+        why = "an HDF5 file (a run file?), which the CSV would overwrite; give another path" if path.suffix == ".csv" else (
+            "its name does not end in .csv, and the CSV would overwrite whatever is there (a run's files, an experiment); give a path ending in .csv"
+        )
+        assert capsys.readouterr() == ("", f"agrel-sim: error: {path}: not a path for the CSV: {why} with --csv\n"), "the error is the only output"
     assert {path: path.read_bytes() for path in kept} == kept
 
 
@@ -988,7 +1010,7 @@ def test_slurm_array_parallelism(sweep_file, monkeypatch, jobs, table, expected)
     sweep = sweep_module.Sweep(sweep.name, sweep.experiments, sweep.seeds, sweep.out, table, sweep.source)
     tasks, _ = plan(sweep, "runs")
     assert len(tasks) == 4
-    assert list(sweep_module._run_submitit(executor, tasks, jobs, sweep)) == []
+    assert list(sweep_module._run_submitit(executor, tasks, jobs, sweep, sweep_file.parent / "controllers.log")) == []
     assert executor.parameters.get("slurm_array_parallelism") == expected
 
 
