@@ -372,6 +372,8 @@ def load_runs(path: str | Path) -> list[Run]:
         if not files:
             raise RunFileError(f"{path}: no run files ({RUN_FILE}) in this folder or below it")
         return [load_run(f) for f in files]
+    if not path.exists():
+        raise RunFileError(f"{path}: no such folder of runs or run file")
     return [load_run(path)]
 
 

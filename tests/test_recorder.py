@@ -1030,6 +1030,14 @@ def test_a_folder_given_as_a_run_file_is_named(finished_runs):
         load_run(finished_runs / "ebp")
 
 
+def test_a_path_that_is_not_there_is_named_as_a_run_file_or_a_folder_of_runs(tmp_path, capsys):
+    with pytest.raises(RunFileError, match=r"nowhere/run\.h5: no such run file$"):
+        load_run(tmp_path / "nowhere" / "run.h5")
+    for command in ("table", "figure3", "analyze"):
+        assert main([command, str(tmp_path / "nowhere")]) == 2
+        assert capsys.readouterr().err == f"agrel-sim: error: {tmp_path / 'nowhere'}: no such folder of runs or run file\n", command
+
+
 def test_layers_are_listed_bottom_to_top(tmp_path):
     deep = {**MODEL, "layers": [{"kind": "dense", "units": 6}] * 11}
     run = Experiment.from_dict({"name": "deep", "model": deep, "dataset": "digits", "training": {"max_epochs": 1, "validation_size": 200}}, "<test>")
