@@ -270,6 +270,7 @@ def test_other_layer_kinds_name_the_backend_and_the_kind(layers, index):
     (dict(tau_ff=True), r"tau_ff: expected a duration \(a time quantity or a number of milliseconds\), got True"),
     (dict(tau_ff=float("inf")), r"tau_ff: expected a duration > 0, got inf ms"),
     (dict(trace_every=-1), r"trace_every: expected an integer >= 0"),
+    (dict(gate_threshold=1e-3), r"^gate_threshold: not an option of the brian2 backend \(a Brian2 option until agrel-sim 0\.4\.0, .*\); its options: "),
 ])
 def test_bad_settings_name_the_setting(options, message):
     with pytest.raises(ValueError, match=message):

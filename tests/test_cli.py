@@ -183,6 +183,8 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (('dataset = "digits"', 'dataset = "digits"\nbackend_options = {foo = 1}'), r"tiny\.toml: backend_options\.foo: not an option of the torch backend; its options: none"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {seed = 1}'), r"backend_options\.seed: not an option of the brian2 backend \(device, dtype and seed come from the run.*its options: tau_ff, "),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"'), r"tiny\.toml: layers\[0\]: the brian2 backend builds dense column layers only, not layer kind 'conv'"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {gate_threshold = 0.001}'),
+         r"tiny\.toml: backend_options\.gate_threshold: not an option of the brian2 backend \(a Brian2 option until agrel-sim 0\.4\.0, .* since 0\.5\.0 the gate is open while the column's drive is above 0, .*\); its options: tau_ff, "),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {tau_ff = true}'), r"tiny\.toml: backend_options\.tau_ff: expected a duration \(a time quantity or a number of milliseconds\), got True"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {tau_ff = inf}'), r"tiny\.toml: backend_options\.tau_ff: expected a duration > 0, got inf ms"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {t_rpe = 0.3}'), r"tiny\.toml: backend_options\.t_rpe: 0\.3 ms is not a whole number of time steps"),
