@@ -131,6 +131,11 @@ def _analyze(args) -> int:
     return 0
 
 
+def _to_nothing(stream) -> None:
+    """Send what is still written to ``stream`` (its file descriptor) to the null device."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
 def _given(text: str) -> str:
     """An argparse type: a name or path that is not empty (an unset shell variable gives one)."""
     if not text.strip():
@@ -261,12 +266,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"agrel-sim: interrupted{KEPT if command in TRAINING_COMMANDS else ''}", file=sys.stderr)
             return 130  # the shell's status for a process ended by Ctrl-C
         except BrokenPipeError:  # the reader of its output has gone: `agrel-sim table RUNS | head -3`
-            # Python flushes stdout as it exits; into nothing now, rather than into the closed pipe again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _to_nothing(sys.stdout)  # Python flushes stdout as it exits: into nothing, not the closed pipe again
             try:
                 print(f"agrel-sim: stopped: its output was closed{KEPT if command in TRAINING_COMMANDS else ''}", file=sys.stderr, flush=True)
             except BrokenPipeError:  # stderr went to the same reader (`2>&1 | head`)
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+                _to_nothing(sys.stderr)
             return 141  # the shell's status for a process ended by SIGPIPE, as other commands in a pipe end
 
 

@@ -342,7 +342,7 @@ class ColumnNetwork:
         """
         if file_kind(table) in ("sweep", "experiment") and "layers" not in table:
             raise ConfigError(f"{source}: {FILE_KINDS[file_kind(table)][1]}, not a model file, which lists layers; give a model")
-        top = Fields(table, source, top_level=MODEL_KEYS) if top_level is None else Fields(table, source, top_level=top_level, inside=True)
+        top = Fields(table, source, top_level=MODEL_KEYS if top_level is None else top_level, inside=top_level is not None)
         name = top.get("name", str, default=Path(source).stem)
         input_shape = top.get(
             "input_shape", list, check=lambda v: len(v) in (1, 3) and all(is_count(n) for n in v),

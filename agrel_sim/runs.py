@@ -56,6 +56,20 @@ def is_complete(folder: str | os.PathLike) -> bool:
         return False
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders on the way to ``folder``, itself included, that do not exist yet: innermost first."""
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders``, innermost first, as far as they are empty: best effort, as other
+    processes (runs of a sweep) may be making or removing the same folders. rmdir raises once a
+    folder is not empty, or already gone."""
+    with contextlib.suppress(OSError):
+        for path in folders:
+            path.rmdir()
+
+
 @contextlib.contextmanager
 def locked(folder: Path):
     """Hold the run folder's lock, or raise if another process holds it.
@@ -64,7 +78,7 @@ def locked(folder: Path):
     (missing data files, say), so a failed start leaves no empty run folder behind (a parent
     folder that runs starting at the same moment share may stay, empty).
     """
-    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    made = missing_folders(folder)
     for _ in range(5):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -89,13 +103,10 @@ def locked(folder: Path):
             yield
         except BaseException:
             if made and [entry.name for entry in folder.iterdir()] == [LOCK_FILE]:
-                # Best effort, the run folder first, then the parents made for it: other runs of a
-                # sweep may be making or removing the same parents, and this run's own error must
-                # be the one raised. rmdir raises once a folder is not empty, or already gone.
+                # Best effort: this run's own error must be the one raised.
                 with contextlib.suppress(OSError):
                     (folder / LOCK_FILE).unlink()
-                    for path in made:
-                        path.rmdir()
+                remove_empty_folders(made)
             raise
 
 

@@ -51,7 +51,7 @@ from agrel_sim.backends import check_device
 from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_folder_name, read_toml, shown
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, resume_plan, run_config
+from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config
 from agrel_sim.training import RunResult
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -361,15 +361,13 @@ def _check_out_folder(out: Path) -> None:
             if not path.is_dir():
                 raise ValueError(f"{out}: cannot hold the sweep's runs, as {path} is not a folder; choose another --out (or out in the sweep file)")
             break
-    made = [path for path in (*reversed(out.parents), out) if not path.exists()]
+    made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"{out}: cannot make the folder of the sweep's runs ({error.strerror or error}); choose another --out (or out in the sweep file)") from None
     finally:
-        for path in reversed(made):
-            with contextlib.suppress(OSError):  # one that is not empty is not removed
-                path.rmdir()
+        remove_empty_folders(made)
 
 
 def _usable_cores() -> int:
@@ -531,13 +529,11 @@ def _submitit_executor(executor: str, out: Path, sweep: Sweep, device: str = "cp
         raise ValueError("executor: submitit is not installed; pip install 'agrel-sim[slurm]'") from None
     check_slurm_table(sweep, executor, device)
     folder = out / "submitit"
-    made = [path for path in (*reversed(folder.parents), folder) if not path.exists()]  # the local executor makes its folder at once
+    made = missing_folders(folder)  # the local executor makes its folder at once
     try:
         return _configured_executor(submitit, executor, folder, sweep)
     except ValueError:  # a refused parameter: the sweep stops with nothing run, and leaves no empty folder
-        for path in reversed(made):
-            with contextlib.suppress(OSError):  # one that is not empty is not removed
-                path.rmdir()
+        remove_empty_folders(made)
         raise
 
 

@@ -981,7 +981,7 @@ def test_brian2_runs_gated_on_their_activity_are_told_from_those_gated_on_their_
             with h5py.File(path, "r") as run:
                 stored = json.loads(run.attrs["config"])
             with pytest.raises(ValueError, match=r"run\.h5: made with an option that this agrel-sim no longer has: backend_options\.gate_threshold, a Brian2 option until agrel-sim 0\.4\.0, .*\. This agrel-sim can neither continue the run nor count it as a run of the experiment now: train it again in another --out$"):
-                resume_plan(path.parent, {key: value for key, value in stored.items() if key != "seed"} | {"backend_options": now["backend_options"]}, seed)
+                resume_plan(path.parent, {**stored, "backend_options": now["backend_options"]}, seed)
             shutil.rmtree(path.parent)
 
 

@@ -30,6 +30,11 @@ REMOVED_OPTIONS = {
 }
 
 
+def _removed(option: str) -> str:
+    """For an option of :data:`REMOVED_OPTIONS`, a clause of its message saying why it went; else nothing."""
+    return f" ({REMOVED_OPTIONS[option]})" if option in REMOVED_OPTIONS else ""
+
+
 class UnsupportedLayerError(NotImplementedError, ValueError):
     """A backend cannot build a layer kind; the message names the backend and the kind.
 
@@ -55,8 +60,7 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         given_by_run = " (device, dtype and seed come from the run: --device, --dtype, --seed)" if unknown[0] in RUN_OPTIONS else ""
-        removed = f" ({REMOVED_OPTIONS[unknown[0]]})" if unknown[0] in REMOVED_OPTIONS else ""
-        raise ConfigError(f"{source}: backend_options.{unknown[0]}: not an option of the {backend} backend{given_by_run}{removed}; its options: {', '.join(accepted) or 'none'}")
+        raise ConfigError(f"{source}: backend_options.{unknown[0]}: not an option of the {backend} backend{given_by_run}{_removed(unknown[0])}; its options: {', '.join(accepted) or 'none'}")
     if options:
         try:
             module.check_options(options)
@@ -383,6 +387,5 @@ def build(network: ColumnNetwork, backend: str = "torch", **options):
     accepted = list(build_options(backend))
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        removed = f" ({REMOVED_OPTIONS[unknown[0]]})" if unknown[0] in REMOVED_OPTIONS else ""
-        raise ValueError(f"{unknown[0]}: not an option of the {backend} backend{removed}; its options: {', '.join(accepted)}")
+        raise ValueError(f"{unknown[0]}: not an option of the {backend} backend{_removed(unknown[0])}; its options: {', '.join(accepted)}")
     return importlib.import_module(BACKENDS[backend]).build(network, **options)
