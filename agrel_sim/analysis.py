@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from agrel_sim.config import is_count
+from agrel_sim.config import is_count, shown
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions
 from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
 from agrel_sim.table import RULES, is_diverged, row_key
@@ -746,7 +746,7 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
 def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     """ff activity, fb activity and gate of the sampled units of each layer, for the last logged trials."""
     if not is_count(trials):
-        raise ValueError(f"trials: expected an integer >= 1, got {trials!r}")
+        raise ValueError(f"trials: expected an integer >= 1, got {shown(trials, count=True)}")
     plt = _pyplot()
     names = run.layer_names
     logged = run.trials()
@@ -800,7 +800,7 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
         The file written.
     """
     if not is_count(units):
-        raise ValueError(f"units: expected an integer >= 1, got {units!r}")
+        raise ValueError(f"units: expected an integer >= 1, got {shown(units, count=True)}")
     plt = _pyplot()
     from matplotlib.patches import Patch
 
@@ -811,14 +811,14 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
     for row, name in enumerate(names):
         population = course["populations"][name]
         chosen = course["action"] if name == "output" else None
-        shown = _most_varying_columns(population["ff"], units, keep=chosen)
-        for unit in shown:
+        columns = _most_varying_columns(population["ff"], units, keep=chosen)
+        for unit in columns:
             style = dict(color="k", lw=2) if unit == chosen else dict(lw=1)
             label = f"column {unit}" if name != "output" else f"action {unit}" + (" (chosen)" if unit == chosen else "")
             axes[row, 0].plot(t_ms, population["ff"][:, unit], label=label, **style)
             axes[row, 1].plot(t_ms, population["fb"][:, unit], **style)
         if name == "output" and course["q"] is not None:  # read at the end of the stimulus phase
-            axes[row, 0].plot(np.full(len(shown), course["phases"]["stimulus"][1] * 1000), course["q"][shown], "x", color="k", label="Q-values read")
+            axes[row, 0].plot(np.full(len(columns), course["phases"]["stimulus"][1] * 1000), course["q"][columns], "x", color="k", label="Q-values read")
         axes[row, 0].set_ylabel(name)
         axes[row, 1].legend(*axes[row, 0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     axes[0, 0].set_title("feedforward activity y")

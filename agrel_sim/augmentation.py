@@ -42,7 +42,7 @@ class Augmentation:
             raise ValueError(f"augmentation.factor: expected an integer >= 1, got {shown(self.factor, count=True)}")
         for key in ("zoom", "shift"):
             if not is_fraction(getattr(self, key)):
-                raise ValueError(f"augmentation.{key}: expected a fraction in [0, 1), got {getattr(self, key)!r}")
+                raise ValueError(f"augmentation.{key}: expected a fraction in [0, 1), got {shown(getattr(self, key))}")
         if not isinstance(self.flip, bool):
             raise ValueError(f"augmentation.flip: expected true or false, got {self.flip!r}")
 

@@ -47,6 +47,9 @@ def shown(value, count: bool = False) -> str:
     takes an integer), where the integer lies beyond 64 bits."""
     if isinstance(value, numbers.Integral) and type(value).__module__ == "numpy":
         return f"{value!r} (a NumPy integer; give a Python one: int(x))"
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        kind = "a NumPy float" if type(value).__module__ == "numpy" else f"a {type(value).__name__}"
+        return f"{value!r} ({kind}; give a Python float: float(x))"
     if not isinstance(value, int) or isinstance(value, bool):
         return repr(value)
     text = repr(value) if abs(value) < 10**30 else f"an integer of about {int(abs(value).bit_length() * math.log10(2)) + 1} digits"
@@ -77,8 +80,12 @@ def file_kind(table) -> str | None:
 
 
 def is_number(value, check=lambda v: True) -> bool:
-    """A finite real number (not a bool) for which ``check`` holds."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    """A finite Python int or float (not a bool) for which ``check`` holds.
+
+    Other numbers (NumPy's float32, fractions) are refused, as settings are stored as JSON and
+    computed with as Python floats; :func:`shown` says in messages what to do.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
     try:
         finite = math.isfinite(value)

@@ -69,7 +69,7 @@ class Dataset:
         # it, and so that no batch has to wait for a GPU to check its labels.
         where = f"data set {self.name!r}"
         if not is_number(self.scale, lambda v: v > 0):
-            raise DatasetError(f"{where}: scale: expected a finite number > 0 (it turns pixel values into rates in [0, 1]), got {self.scale!r}")
+            raise DatasetError(f"{where}: scale: expected a finite number > 0 (it turns pixel values into rates in [0, 1]), got {shown(self.scale)}")
         if not is_count(self.n_classes, 2):
             raise DatasetError(f"{where}: n_classes: expected an integer >= 2, got {shown(self.n_classes, count=True)}")
         for part in ("train", "test"):

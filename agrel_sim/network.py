@@ -42,6 +42,7 @@ from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fi
 
 FEEDBACK_MODES = ("tied", "reciprocal", "independent")
 RULES = ("deepagrel", "ebp")
+PYTHON = "<python>"  # the source of a description built in Python
 # The keys of a model file's top level (ColumnNetwork.from_dict reads them all).
 MODEL_KEYS = ("name", "input_shape", "layers", "output", "action_selection", "neuromodulator", "rule")
 
@@ -139,7 +140,8 @@ class Dropout:
     Parameters
     ----------
     rate : float
-        The fraction dropped, in [0, 1). A dropout layer follows a column layer, never the input.
+        The fraction dropped, in [0, 1). A dropout layer follows a column layer (or another dropout
+        layer), never the input.
     """
 
     rate: float
@@ -261,7 +263,7 @@ class ColumnNetwork:
     neuromodulator: Neuromodulator = Neuromodulator()
     rule: Rule = Rule()
     name: str = "network"
-    source: str = field(default="<python>", compare=False)
+    source: str = field(default=PYTHON, compare=False)
 
     def __post_init__(self):
         for key in ("input_shape", "layers"):  # any sequence is taken, never a string or a single layer
@@ -289,6 +291,9 @@ class ColumnNetwork:
     def replace(self, **changes) -> "ColumnNetwork":
         """A copy with fields replaced, checked as a new description is.
 
+        Its messages name where it came from as ``"<source> changed by replace(rule)"`` (as
+        ``<python>`` where the description was built in Python).
+
         Parameters
         ----------
         **changes
@@ -299,6 +304,8 @@ class ColumnNetwork:
         -------
         ColumnNetwork
         """
+        if self.source != PYTHON:  # messages name where a value came from: not the file alone, when it is one of these
+            changes.setdefault("source", f"{self.source} changed by replace({', '.join(changes)})")
         for key in ("action_selection", "neuromodulator", "rule"):
             if isinstance(changes.get(key), dict):
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
@@ -356,27 +363,24 @@ class ColumnNetwork:
         output.finish()
 
         selection = top.sub("action_selection")
-        action_selection = ActionSelection(
-            epsilon=selection.get("epsilon", float, 0.02, lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-            tau=selection.get("tau", float, 1.0, lambda v: v > 0, "a temperature > 0"),
-        )
+        action_selection = ActionSelection(epsilon=_number(selection, "epsilon", ActionSelection.epsilon), tau=_number(selection, "tau", ActionSelection.tau))
         selection.finish()
 
         modulator = top.sub("neuromodulator")
         neuromodulator = Neuromodulator(
-            reward_correct=modulator.get("reward_correct", float, 1.0, hint="a finite number"),
-            reward_wrong=modulator.get("reward_wrong", float, 0.0, hint="a finite number"),
+            reward_correct=_number(modulator, "reward_correct", Neuromodulator.reward_correct),
+            reward_wrong=_number(modulator, "reward_wrong", Neuromodulator.reward_wrong),
         )
         modulator.finish()
 
         rule_table = top.sub("rule")
         rule = Rule(
-            name=rule_table.get("name", str, "deepagrel", lambda v: v in RULES, f"one of {RULES}"),
-            learning_rate=rule_table.get("learning_rate", float, 0.01, lambda v: v > 0, "a number > 0"),
-            bias=rule_table.get("bias", bool, False),
-            init_range=rule_table.get("init_range", float, 0.05, lambda v: v > 0, "a number > 0"),
-            feedback=rule_table.get("feedback", str, "tied", lambda v: v in FEEDBACK_MODES, f"one of {FEEDBACK_MODES}"),
-            weight_decay=rule_table.get("weight_decay", float, 0.0, lambda v: v >= 0, "a number >= 0"),
+            name=rule_table.get("name", str, Rule.name, lambda v: v in RULES, f"one of {RULES}"),
+            learning_rate=_number(rule_table, "learning_rate", Rule.learning_rate),
+            bias=rule_table.get("bias", bool, Rule.bias, hint="true or false"),
+            init_range=_number(rule_table, "init_range", Rule.init_range),
+            feedback=rule_table.get("feedback", str, Rule.feedback, lambda v: v in FEEDBACK_MODES, f"one of {FEEDBACK_MODES}"),
+            weight_decay=_number(rule_table, "weight_decay", Rule.weight_decay),
         )
         rule_table.finish()
         top.finish()
@@ -409,6 +413,25 @@ def _layer_from_table(fields: Fields) -> Layer:
     return layer
 
 
+# The numbers of a description and what each must be, in files (ColumnNetwork.from_dict) and in
+# descriptions built in Python (_validate) alike.
+NUMBER_RULES = {
+    "action_selection.epsilon": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "action_selection.tau": (lambda v: v > 0, "a temperature > 0"),
+    "neuromodulator.reward_correct": (lambda v: True, "a finite number"),
+    "neuromodulator.reward_wrong": (lambda v: True, "a finite number"),
+    "rule.learning_rate": (lambda v: v > 0, "a number > 0"),
+    "rule.init_range": (lambda v: v > 0, "a number > 0"),
+    "rule.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+}
+
+
+def _number(fields: Fields, key: str, default: float) -> float:
+    """The number ``key`` of a description's table in a file, checked as :data:`NUMBER_RULES` says."""
+    check, hint = NUMBER_RULES[fields.name(key)]
+    return fields.get(key, float, default, check, hint)
+
+
 def check_weight_decay(learning_rate: float, weight_decay: float, where: str) -> None:
     """Raise :class:`ConfigError`, its message beginning with ``where``, unless
     ``learning_rate × weight_decay`` is below 1: each update scales the weights by one minus it,
@@ -435,7 +458,7 @@ def _validate(network: ColumnNetwork) -> None:
             raise ConfigError(f"{where}: unknown layer {layer!r}; known kinds: {sorted(LAYER_KINDS)}")
         if isinstance(layer, Dropout):
             if not is_fraction(layer.rate):
-                raise ConfigError(f"{where}.rate: expected a fraction in [0, 1), got {layer.rate!r}")
+                raise ConfigError(f"{where}.rate: expected a fraction in [0, 1), got {shown(layer.rate)}")
             if index == 0:
                 raise ConfigError(f"{where}: dropout must follow a column layer, not the input")
             continue
@@ -446,19 +469,12 @@ def _validate(network: ColumnNetwork) -> None:
         if not isinstance(layer, Dense) and not is_count(layer.padding, minimum=0):
             raise ConfigError(f"{where}.padding: expected an integer >= 0, got {shown(layer.padding, count=True)}")
     network.layer_shapes()  # raises on geometry errors
-    selection, modulator, rule = network.action_selection, network.neuromodulator, network.rule
-    numbers_and_checks = {
-        "action_selection.epsilon": (selection.epsilon, lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-        "action_selection.tau": (selection.tau, lambda v: v > 0, "a temperature > 0"),
-        "neuromodulator.reward_correct": (modulator.reward_correct, lambda v: True, "a finite number"),
-        "neuromodulator.reward_wrong": (modulator.reward_wrong, lambda v: True, "a finite number"),
-        "rule.learning_rate": (rule.learning_rate, lambda v: v > 0, "a number > 0"),
-        "rule.init_range": (rule.init_range, lambda v: v > 0, "a number > 0"),
-        "rule.weight_decay": (rule.weight_decay, lambda v: v >= 0, "a number >= 0"),
-    }
-    for key, (value, check, hint) in numbers_and_checks.items():
+    for key, (check, hint) in NUMBER_RULES.items():
+        table, name = key.split(".")
+        value = getattr(getattr(network, table), name)
         if not is_number(value, check):
             raise ConfigError(f"{source}: {key}: expected {hint}, got {shown(value)}")
+    rule = network.rule
     check_weight_decay(rule.learning_rate, rule.weight_decay, f"{source}: rule.weight_decay")
     if rule.name not in RULES:
         raise ConfigError(f"{source}: rule.name: expected one of {RULES}, got {rule.name!r}")

@@ -61,7 +61,7 @@ import h5py
 import numpy as np
 import torch
 
-from agrel_sim.config import is_count
+from agrel_sim.config import is_count, shown
 from agrel_sim.network import Dropout
 
 # 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
@@ -103,7 +103,7 @@ DESCRIPTIONS = {
     "gating/batch": ("training batch within its epoch, from 0", "1"),
     "gating/<layer>/open_fraction": ("fraction of the layer's gates open, over the batch's first summary_trials trials", "1"),
     "gating/<layer>/fb_mean_abs": ("mean absolute feedback activity, over the batch's first summary_trials trials", "1"),
-    "gating/<layer>/changed_fraction": ("fraction of the layer's feedforward synapses that the batch's learning changed, weight decay not counted (NaN for dropout layers)", "1"),
+    "gating/<layer>/changed_fraction": ("fraction of the layer's feedforward synapses whose update by the batch's learning is not zero, weight decay not counted (NaN for dropout layers)", "1"),
     "timecourses/t": ("time from the trial's start at the end of each time step; the group's attributes hold each phase's start and end, in s", "s"),
     "timecourses/epoch": ("epoch of the traced trial", "1"),
     "timecourses/batch": ("batch of the traced trial within its epoch, from 0", "1"),
@@ -160,7 +160,7 @@ class LogSettings:
     def __post_init__(self):
         for name, value in asdict(self).items():
             if not is_count(value):
-                raise ValueError(f"logging.{name}: expected an integer >= 1, got {value!r}")
+                raise ValueError(f"logging.{name}: expected an integer >= 1, got {shown(value, count=True)}")
 
 
 def stored_config(config: dict, settings: LogSettings) -> dict:

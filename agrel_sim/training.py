@@ -71,7 +71,7 @@ class TrainingSettings:
             if not is_count(getattr(self, key)):
                 raise ValueError(f"{key}: expected an integer >= 1, got {shown(getattr(self, key), count=True)}")
         if not is_number(self.lr_decay_factor, lambda v: 0 < v <= 1):
-            raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {self.lr_decay_factor!r}")
+            raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {shown(self.lr_decay_factor)}")
         if not (self.augmentation is None or isinstance(self.augmentation, Augmentation)):
             raise ValueError(f"augmentation: expected an Augmentation or None, got {self.augmentation!r}")
 

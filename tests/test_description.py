@@ -1,5 +1,6 @@
 """Model descriptions: TOML round trip and clear errors for bad input, before any training."""
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,10 @@ def test_every_repository_model_loads_by_name():
         (("[output]", "[outptu]"), r"net\.toml: output: missing table \(the file has 'outptu': a misspelling of 'output'\?\)$"),
         (("kind = \"dense\"", "knd = \"dense\""), r"net\.toml: layers\[2\]\.kind: missing; .* \(the table has 'knd': a misspelling of 'kind'\?\)$"),
         (("input_shape = [1, 8, 8]", "input_shape = [8, 8]"), r"net\.toml: input_shape: expected a list"),
-        (("learning_rate = 0.1", "learning_rate = true"), r"net\.toml: rule\.learning_rate: expected"),
+        (("learning_rate = 0.1", "learning_rate = true"), r"net\.toml: rule\.learning_rate: expected a number > 0, got True"),
+        (("learning_rate = 0.1", "learning_rate = 0.1\nbias = 1"), r"net\.toml: rule\.bias: expected true or false, got 1"),
+        (("learning_rate = 0.1", "learning_rate = 0.1\ninit_range = 0"), r"net\.toml: rule\.init_range: expected a number > 0, got 0\.0"),
+        (("[output]", "[action_selection]\ntau = -1\n[output]"), r"net\.toml: action_selection\.tau: expected a temperature > 0, got -1\.0"),
         (("stride = 2", "stride = 2 +"), r"net\.toml: not valid TOML"),
         (("learning_rate = 0.1", "learning_rate = inf"), r"net\.toml: rule\.learning_rate: expected a number > 0, got inf"),
         (("[output]", "[neuromodulator]\nreward_correct = nan\n[output]"), r"net\.toml: neuromodulator\.reward_correct: expected a finite number, got nan"),
@@ -202,10 +206,20 @@ def test_bad_descriptions_in_python():
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=10**400)), r"rule\.learning_rate: expected a number > 0, got an integer of about 401 digits"),
     (lambda: ColumnNetwork((4,), [Dense(np.int64(3))], 3), r"layers\[0\]\.units: expected an integer >= 1, got np\.int64\(3\) \(a NumPy integer; give a Python one: int\(x\)\)"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=np.float64(-1))), r"rule\.learning_rate: expected a number > 0, got np\.float64\(-1\.0\)$"),
+    # Settings are stored as JSON: other kinds of number would pass here and fail as the run file is written.
+    (lambda: ColumnNetwork((4,), [Dense(3), Dropout(np.float32(0.5))], 3), r"layers\[1\]\.rate: expected a fraction in \[0, 1\), got np\.float32\(0\.5\) \(a NumPy float; give a Python float: float\(x\)\)"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=Fraction(1, 2))), r"rule\.learning_rate: expected a number > 0, got Fraction\(1, 2\) \(a Fraction; give a Python float: float\(x\)\)"),
+    (lambda: ColumnNetwork((4,), [Dense(3)], 3, neuromodulator=Neuromodulator(np.int64(1))), r"neuromodulator\.reward_correct: expected a finite number, got np\.int64\(1\) \(a NumPy integer; give a Python one: int\(x\)\)"),
 ])
 def test_descriptions_built_in_python_are_checked_like_files(make, message):
     with pytest.raises(ConfigError, match=r"<python>: " + message):
         make()
+
+
+def test_a_value_set_by_replace_is_not_blamed_on_the_file():
+    with pytest.raises(ConfigError, match=r"models/mnist_fc3\.toml changed by replace\(rule\): rule\.learning_rate: expected a number > 0, got -1"):
+        load_model("mnist_fc3").replace(rule=dict(learning_rate=-1))
+    assert load_model("mnist_fc3").replace(name="other") == load_model("mnist_fc3").replace(name="other", source="elsewhere")
 
 
 def test_a_kernel_may_cover_its_whole_padded_input():

@@ -278,7 +278,7 @@ def _count_and_first(where) -> str:
 
 def _set_learning_rate(net, value) -> None:
     if not is_number(value, lambda v: v > 0):
-        raise ValueError(f"learning_rate: expected a finite number > 0, got {value!r}")
+        raise ValueError(f"learning_rate: expected a finite number > 0, got {shown(value)}")
     check_weight_decay(value, net.description.rule.weight_decay, "learning_rate")
     check_in_dtype("learning_rate", value, net.computes_in, NO_CHANGE)
     net._learning_rate = value

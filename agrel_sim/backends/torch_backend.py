@@ -106,7 +106,9 @@ class ReadOnlyWeights(torch.Tensor):
     weights are set by assigning a whole tensor: ``layer.ff = new``. What shares their memory (a
     view such as ``w[1]`` or ``w.T``, ``w.numpy()``) is read-only too; new tensors
     (``w.clone()``, ``w * 2``, a copy or deep copy, what ``torch.save`` stores, what DLPack
-    exports) are plain.
+    exports) are plain. This guards against mistakes, not intent: a plain tensor made on the same
+    memory (``w.as_subclass(torch.Tensor)``, ``torch.from_numpy(w.numpy())``, ``w.untyped_storage()``)
+    writes into the live weights of the torch backend.
 
     Attributes
     ----------
@@ -194,8 +196,9 @@ class LayerActivity:
     open (ff neuron active and not dropped by a dropout layer above). A dropout layer's record
     shows the columns below it: its ``ff`` is their activity after dropout (the survivors scaled
     by ``1 / (1 - rate)``), its ``gate`` and ``fb`` are theirs. ``changed``: the fraction of the layer's
-    ff synapses that this batch's four-factor update changed (for EBP: whose gradient is not
-    zero); weight decay, which shrinks every weight, is not counted (0-dim tensor; ``None``
+    ff synapses whose four-factor update in this batch is not zero (for EBP: whose gradient is
+    not zero; an update smaller than a float32 weight's rounding step is counted, though it
+    leaves the weight as it was); weight decay, which shrinks every weight, is not counted (0-dim tensor; ``None``
     without weights or learning; see :func:`changed_fraction`).
     """
 
@@ -469,7 +472,7 @@ def _synapse_sample(size: int, device: torch.device) -> torch.Tensor:
 
 
 def changed_fraction(change: torch.Tensor) -> torch.Tensor:
-    """Fraction of synapses whose weight changed: exact up to :data:`CHANGED_SAMPLE` synapses,
+    """Fraction of synapses whose ``change`` is not zero: exact up to :data:`CHANGED_SAMPLE` synapses,
     beyond that measured on a fixed random sample of that many (standard error below 0.002)."""
     flat = change.flatten()
     if flat.numel() > CHANGED_SAMPLE:
