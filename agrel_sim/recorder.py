@@ -47,11 +47,14 @@ open for writing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -307,6 +310,29 @@ def _growing(group: h5py.Group, name: str, dtype, width: int | None = None, chun
     group.create_dataset(name, shape=shape, maxshape=maxshape, chunks=chunks, dtype=dtype, **_COMPRESSION)
 
 
+# The free space that an edit of the run file asks for, beyond a copy of the file: more than any epoch adds.
+SPARE_SPACE = 64 * 2**20
+
+
+@contextlib.contextmanager
+def _unraisable_errors_about(path: Path, caught: list):
+    """Collect in ``caught``, not print, the errors about ``path`` that Python cannot raise: h5py
+    meets a failed write (a full disk) as it frees a dataset, where it cannot raise."""
+    previous = sys.unraisablehook
+
+    def hook(report):
+        if str(path) in str(report.exc_value):
+            caught.append(report.exc_value)
+        else:
+            previous(report)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
 class RunFile:
     """Writes one run's records into an HDF5 file.
 
@@ -357,16 +383,28 @@ class RunFile:
         """Edit a copy of the run file and replace the file with it: at no moment is the run
         file itself half written, wherever the process is killed."""
         partial = self.path.with_name(self.path.name + ".partial")
+        failed_writes = []
         try:
+            # HDF5 can fail to write without an error and then crash as it closes the file: a
+            # full disk is better found before.
+            needed = (0 if create else self.path.stat().st_size) + SPARE_SPACE
+            free = shutil.disk_usage(self.path.parent).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free on its disk, below the {needed / 2**20:.0f} MiB that writing it asks for: a copy of the file and {SPARE_SPACE // 2**20} MiB to spare")
             if not create:
                 shutil.copyfile(self.path, partial)
-            with h5py.File(partial, "w" if create else "a") as self.file:
+            with _unraisable_errors_about(partial, failed_writes), h5py.File(partial, "w" if create else "a") as self.file:
                 yield
             self.file = None
+            if failed_writes:  # HDF5's message names the system's error, its errno, and much else
+                reason = re.search(r"error message = '([^']*)'", str(failed_writes[0]))
+                raise OSError(errno.EIO, f"writing its new copy failed: {reason[1] if reason else failed_writes[0]}")
             with open(partial, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(partial, self.path)
         except OSError as error:
+            with contextlib.suppress(OSError):
+                partial.unlink()  # half a copy: the space it takes may be what is missing
             if error.errno is None:  # HDF5's own failures, such as a chunk that fails its checksum
                 raise ValueError(f"{self.path}: the run file is damaged ({error}); move the run folder away and train the run again") from None
             raise ValueError(  # no permission, a full or read-only disk

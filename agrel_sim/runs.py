@@ -1,8 +1,8 @@
 """One run of an experiment with one seed, in a run folder.
 
-A run folder holds the run file ``run.h5`` (see :mod:`agrel_sim.recorder`), flushed after every
-epoch and marked complete when the run has ended cleanly, and ``checkpoint.pt``, written
-atomically after every epoch; ``resume=True`` continues a run from it. ``run.lock`` is locked
+A run folder holds the run file ``run.h5`` (see :mod:`agrel_sim.recorder`), replaced by an
+edited copy after every epoch and marked complete when the run has ended cleanly, and
+``checkpoint.pt``, written atomically after every epoch, just after the run file; ``resume=True`` continues a run from it. ``run.lock`` is locked
 while a process trains in the folder, so that a second process (a sweep submitted twice, say)
 cannot write to the same run; the operating system releases the lock when the process ends,
 however it ends.
@@ -19,13 +19,14 @@ import re
 from pathlib import Path
 
 import h5py
+import numpy as np
 import torch
 
 from agrel_sim.backends import NOT_MODELLING_OPTIONS, REMOVED_OPTIONS, check_device, resolved_options
 from agrel_sim.config import check_instance, is_count, shown
 from agrel_sim.datasets import EMBEDDED, load_dataset
 from agrel_sim.experiment import Experiment
-from agrel_sim.recorder import LogSettings, RunFile, check_resumable, stored_config
+from agrel_sim.recorder import LogSettings, RunFile, check_resumable, parse_sessions, stored_config
 from agrel_sim.training import RunResult, check_fits, load_checkpoint, train
 
 RUN_FILE = "run.h5"
@@ -287,6 +288,16 @@ def recorded_epochs(path: Path) -> int:
         raise ValueError(f"{path}: cannot read the epochs of this run file, it is damaged ({type(error).__name__}: {error}); move the run folder away and train the run again") from None
 
 
+def stored_result(folder: Path) -> RunResult:
+    """The result that a complete run stored in its run file (without its epochs' history)."""
+    with h5py.File(folder / RUN_FILE, "r") as handle:
+        stored = dict(handle["result"].attrs)
+    return RunResult(
+        float(stored["test_accuracy"]), int(stored["best_epoch"]), int(stored["epochs"]), bool(stored["converged"]),
+        float(stored["seconds"]), diverged=bool(stored.get("diverged", False)),
+    )
+
+
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:
     """What resuming the run folder does, for a run with ``config`` (as stored) and ``seed``.
 
@@ -328,7 +339,35 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
             raise ValueError(f"{path}: {epochs} finished epochs but no {checkpoint.name}, so the run cannot go on; restore the checkpoint, or move the folder away and train again")
         return "start", None
     check_same_run(path, config, seed)
-    return "continue", load_checkpoint(checkpoint)  # raises for a damaged or an older checkpoint
+    state = load_checkpoint(checkpoint)  # raises for a damaged or an older checkpoint
+    check_checkpoint_of_run(path, state)
+    return "continue", state
+
+
+def _last_session(path: Path) -> dict:
+    """What the last training session of the run file ``path`` ran on (:func:`~agrel_sim.recorder.session`)."""
+    with h5py.File(path, "r") as handle:
+        sessions = parse_sessions(handle.attrs.get("sessions", "[]"))
+    return sessions[-1] if sessions else {}
+
+
+def check_checkpoint_of_run(path: Path, state: dict) -> None:
+    """Raise ValueError unless the run file ``path`` records every epoch of the checkpoint
+    ``state``, with the same validation accuracies and training losses: a run file restored from
+    an older copy, or another run's checkpoint, would go on into a run that no training made."""
+    with h5py.File(path, "r") as handle:
+        recorded = {name: handle["epochs"][name][:] for name in ("epoch", "validation_accuracy", "train_loss")}
+    history = state["history"]
+    fix = "restore the run file and the checkpoint of one moment, or move the run folder away and train the run again"
+    if len(recorded["epoch"]) < len(history):
+        raise ValueError(f"{path}: records {len(recorded['epoch'])} epochs, but its checkpoint {CHECKPOINT_FILE} has finished {len(history)}; {fix}")
+    for row, metrics in enumerate(history):
+        stored = (recorded["epoch"][row], recorded["validation_accuracy"][row], recorded["train_loss"][row])
+        if not np.array_equal(stored, (metrics["epoch"], metrics["validation_accuracy"], metrics["train_loss"]), equal_nan=True):
+            raise ValueError(
+                f"{path}: epoch {metrics['epoch']} of its checkpoint {CHECKPOINT_FILE} (validation accuracy {metrics['validation_accuracy']:.4f})"
+                f" is not the one it records (validation accuracy {stored[1]:.4f}): the two are of different runs; {fix}"
+            )
 
 
 def run_experiment(
@@ -414,10 +453,19 @@ def run_experiment(
         if folder is not None:
             config = run_config(experiment, device, dtype, data.fingerprint())
             plan, state = resume_plan(folder, stored_config(config, logging), seed) if resume else ("start", None)
+            if plan == "finished" and stored_result(folder).diverged:
+                raise ValueError(f"{path}: this run is complete: it diverged (its training loss is not finite), so it cannot go on; train it again in a new folder, with a lower learning rate")
             if plan == "finished":
                 raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
             if resume and plan == "start" and log is not None:
                 log(f"{folder}: no checkpoint to resume from; starting the run afresh")
+            if plan == "continue" and experiment.backend == "torch" and torch.device(device).type == "cpu" and log is not None:
+                threads = _last_session(path).get("torch_threads", torch.get_num_threads())
+                if threads != torch.get_num_threads():
+                    log(
+                        f"{folder}: note: {torch.get_num_threads()} torch threads, where the run's last session had {threads}; the thread count"
+                        f" orders torch's sums, so the run goes on, but not bit for bit as it would have (OMP_NUM_THREADS={threads} keeps it so)"
+                    )
             resume_after = state["epoch"] if state is not None else None
             run_file = lambda net: RunFile(path, net, config, seed, logging, resume_after)  # noqa: E731
         return train(

@@ -44,15 +44,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 from tqdm import tqdm
 
 from agrel_sim.backends import check_device
 from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_folder_name, read_toml, shown
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import MAX_SEED, RUN_FILE, default_run_folder, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config
-from agrel_sim.training import RunResult
+from agrel_sim.runs import MAX_SEED, default_run_folder, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit-local's time limit per job (submitit's own default is 2 minutes)
@@ -61,6 +59,7 @@ MAX_TIMEOUTS = 3  # the times a job out of time is requeued, at most (submitit's
 # (its signal_delay_s): on SLURM by default, and always on its local executor.
 SLURM_SIGNAL_DELAY_S = 90
 LOCAL_SIGNAL_DELAY_S = 30
+JOB_FOLDER = "%j"  # the folder of each job's files under OUT/submitit, named by its job ID (submitit's pattern)
 POLL_S = 1  # seconds between looks at the submitit jobs running (as submitit's as_completed waits)
 
 
@@ -145,16 +144,6 @@ def execute(task: RunTask) -> str:
     else:
         result = run_experiment(experiment, task.seed, folder, device=task.device, data_dir=task.data_dir, resume=True, progress=False, log=None)
     return f"{experiment.name} seed={task.seed}: {result.summary()}"
-
-
-def stored_result(folder: Path) -> RunResult:
-    """The result that a complete run stored in its run file (without its epochs' history)."""
-    with h5py.File(folder / RUN_FILE, "r") as handle:
-        stored = dict(handle["result"].attrs)
-    return RunResult(
-        float(stored["test_accuracy"]), int(stored["best_epoch"]), int(stored["epochs"]), bool(stored["converged"]),
-        float(stored["seconds"]), diverged=bool(stored.get("diverged", False)),
-    )
 
 
 class SubmititRun:
@@ -541,7 +530,7 @@ def _configured_executor(submitit, executor: str, folder: Path, sweep: Sweep):
     """The submitit executor of :func:`_submitit_executor`, its jobs' files in ``folder``."""
     try:
         runner = submitit.AutoExecutor(
-            folder=folder / "%j", cluster="slurm" if executor == "slurm" else "local",
+            folder=folder / JOB_FOLDER, cluster="slurm" if executor == "slurm" else "local",
             slurm_max_num_timeout=MAX_TIMEOUTS, local_max_num_timeout=MAX_TIMEOUTS,
         )
     except RuntimeError as error:  # no SLURM on this machine
@@ -648,6 +637,8 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep, 
             for job in running:
                 if not job.done():
                     job.cancel(check=False)
+            # The process that watches each local job makes a folder named JOB_FOLDER as it is, and leaves it empty.
+            remove_empty_folders([controller_log.parent / JOB_FOLDER])
 
 
 def _job_outcome(job) -> tuple[bool, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import h5py
 
-RULES = ("deepagrel", "ebp")
+from agrel_sim.network import RULES
 
 
 def is_diverged(result: dict) -> bool:

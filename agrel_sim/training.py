@@ -45,7 +45,8 @@ class TrainingSettings:
     validation_size : int
         Training images set aside, by the run's seed, for validation (the paper: 1,000).
     eval_batch_size : int
-        Images per forward pass when measuring accuracy (memory only, no effect on results).
+        Images per forward pass when measuring accuracy: a matter of memory, though the sums of
+        a forward pass may round in another order (a run goes on only with the one it began with).
     augmentation : Augmentation or None
         Random zoom, shift and reflection of training images; ``None`` for none.
     lr_decay_factor : float
@@ -165,13 +166,23 @@ def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, bat
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a checkpoint atomically: a crash mid-write never leaves a half file as the latest."""
+    """Write a checkpoint atomically: a crash mid-write never leaves a half file as the latest.
+
+    Raises ValueError, naming ``path``, where it cannot be written (a full disk)."""
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise ValueError(
+            f"{path}: cannot write the checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}); free space or make the"
+            " run folder writable, then train again with --resume, which goes on from the last checkpoint written"
+        ) from None
 
 
 _DAMAGED_CHECKPOINT = "restore it from a copy, or move the run folder away and train the run again (its run file keeps the finished epochs for analysis)"
@@ -344,7 +355,7 @@ def train(
     bar = tqdm(total=settings.max_epochs, initial=first_epoch - 1, desc=f"{description.name} {description.rule.name}", unit="epoch", disable=None if progress is None else not progress, leave=False)
     stopped = first_epoch > 1 and (history[-1].epoch - best_epoch >= settings.patience or diverged(history[-1]))
     epoch = first_epoch - 1
-    with ctrl_c_between_batches() as interrupted:
+    with ctrl_c_between_batches() as interrupted, contextlib.closing(bar):  # the bar is cleared on an error too
         while not stopped and epoch < settings.max_epochs:
             epoch += 1
             epoch_started = time.perf_counter()
@@ -396,7 +407,6 @@ def train(
                     log(f"epoch {epoch}: the training loss is not finite: the network has diverged, so the run stops here (a lower learning rate may help)")
             if interrupted:  # arrived while the epoch was validated and saved
                 raise KeyboardInterrupt
-    bar.close()
     if best_weights is None:  # diverged in its first epoch: no weights to test
         test = math.nan
     else:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import agrel_sim
+from agrel_sim import recorder
 from agrel_sim.cli import main
 from agrel_sim.experiment import Experiment
 
@@ -411,6 +413,62 @@ def test_a_run_folder_that_cannot_be_written_is_named(tmp_path, capsys, blocked,
     (tmp_path / "run" / blocked).mkdir(parents=True)  # root may write anywhere; a folder in the way fails for everyone
     assert main(["train", "--max-epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_checkpoint_goes_on_only_with_the_run_file_of_its_run(tmp_path, capsys):
+    older, run, other = tmp_path / "older", tmp_path / "run", tmp_path / "other"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+    shutil.copytree(run, older)
+    assert main(["train", "--max-epochs", "4", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert main(["train", "--max-epochs", "2", "--seed", "1", "--out", str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    fix = "restore the run file and the checkpoint of one moment, or move the run folder away and train the run again"
+
+    shutil.copy(older / "run.h5", run / "run.h5")  # a run file restored from an older copy
+    assert main(["train", "--max-epochs", "6", "--out", str(run), "--resume", "--quiet"]) == 2
+    assert f"run.h5: records 2 epochs, but its checkpoint checkpoint.pt has finished 4; {fix}" in capsys.readouterr().err
+
+    shutil.copy(other / "checkpoint.pt", older / "checkpoint.pt")  # seed 1's, beside seed 0's run file
+    assert main(["train", "--max-epochs", "6", "--out", str(older), "--resume", "--quiet"]) == 2
+    assert re.search(rf"run\.h5: epoch 1 of its checkpoint checkpoint\.pt \(validation accuracy 0\.\d+\) is not the one it records \(validation accuracy 0\.\d+\): the two are of different runs; {fix}", capsys.readouterr().err)
+
+
+def test_a_full_disk_stops_a_run_between_epochs_and_keeps_the_epochs_written(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+    usage = shutil.disk_usage(run)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage._replace(free=recorder.SPARE_SPACE))
+    assert main(["train", "--max-epochs", "3", "--out", str(run), "--resume", "--quiet"]) == 2
+    assert re.search(r"run\.h5: cannot write the run file \(\[Errno 28\] 64\.0 MiB free on its disk, below the \d+ MiB that writing it asks for: a copy of the file and 64 MiB to spare\); make the run folder writable or free space, then train again with --resume", capsys.readouterr().err)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "run.h5", "run.lock"]
+    monkeypatch.undo()
+    assert main(["train", "--max-epochs", "3", "--out", str(run), "--resume", "--quiet"]) == 0
+    with h5py.File(run / "run.h5", "r") as handle:
+        assert handle["epochs"]["epoch"][:].tolist() == [1, 2, 3] and handle.attrs["complete"]
+
+
+def test_a_write_that_hdf5_fails_without_raising_is_not_kept(tmp_path, capsys, monkeypatch):
+    # h5py meets a failed write (a full disk) as it frees a dataset, where it cannot raise: Python
+    # hands the error to sys.unraisablehook, as it does this one.
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+
+    class FreedDataset:
+        def __del__(self):
+            raise RuntimeError(f"Can't decrement id ref count (file write failed: filename = '{run / 'run.h5.partial'}', errno = 28, error message = 'No space left on device')")
+
+    write_epoch = recorder.RunFile._write_epoch
+
+    def write_epoch_and_fail(self, *args):
+        write_epoch(self, *args)
+        FreedDataset()  # freed at once
+
+    monkeypatch.setattr(recorder.RunFile, "_write_epoch", write_epoch_and_fail)
+    assert main(["train", "--max-epochs", "3", "--out", str(run), "--resume", "--quiet"]) == 2
+    assert "run.h5: cannot write the run file ([Errno 5] writing its new copy failed: No space left on device); make the run folder writable or free space" in capsys.readouterr().err
+    assert not (run / "run.h5.partial").exists()
+    with h5py.File(run / "run.h5", "r") as handle:  # as the resumed session began it: epoch 3 is not in it
+        assert handle["epochs"]["epoch"][:].tolist() == [1, 2] and not handle.attrs["complete"]
 
 
 def test_a_run_folder_where_no_folder_can_be_made_is_named(tmp_path, capsys):

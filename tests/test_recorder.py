@@ -419,6 +419,21 @@ def test_cpu_0_is_the_cpu_as_torch_names_it(tmp_path):
     run_experiment(experiment(epochs=2), out=tmp_path / "run", device="cpu:0", resume=True, log=None)
 
 
+def test_a_run_resumed_with_another_thread_count_says_so(tmp_path):
+    threads = torch.get_num_threads()
+    lines = []
+    try:
+        torch.set_num_threads(1)
+        run_experiment(experiment(epochs=1), out=tmp_path / "run", log=None)
+        run_experiment(experiment(epochs=2), out=tmp_path / "run", resume=True, log=lines.append)
+        assert not any("note:" in line for line in lines), "the same thread count"
+        torch.set_num_threads(2)
+        run_experiment(experiment(epochs=3), out=tmp_path / "run", resume=True, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert f"{tmp_path / 'run'}: note: 2 torch threads, where the run's last session had 1; the thread count orders torch's sums, so the run goes on, but not bit for bit as it would have (OMP_NUM_THREADS=1 keeps it so)" in lines
+
+
 def test_a_second_process_cannot_train_in_a_busy_run_folder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)", str(tmp_path / "run.lock")],
@@ -733,6 +748,8 @@ def test_a_run_that_diverged_in_its_first_epoch_loads_with_no_test_accuracy(tmp_
     result = run_experiment(hot, seed=0, out=tmp_path, log=None)
     assert (result.diverged, result.epochs, result.best_epoch) == (True, 1, 0)
     assert math.isnan(load_run(tmp_path / "run.h5").result["test_accuracy"]), "no weights to test: a possible result"
+    with pytest.raises(ValueError, match=r"run\.h5: this run is complete: it diverged \(its training loss is not finite\), so it cannot go on; train it again in a new folder, with a lower learning rate"):
+        run_experiment(hot, seed=0, out=tmp_path, resume=True, log=None)
 
 
 def test_the_summary_of_a_diverged_run_says_so(tmp_path):

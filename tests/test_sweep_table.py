@@ -74,6 +74,9 @@ def test_sweep_runs_missing_runs_only(sweep_file, tmp_path, capsys, executor):
     expected = [f"tiny_{rule}/seed{seed}/run.h5" for rule in ("deepagrel", "ebp") for seed in (0, 1)]
     assert run_files(runs) == expected
     assert "0 runs already finished, 4 to run" in capsys.readouterr().out
+    if executor == "submitit-local":  # a folder per job, named by its ID, and no other
+        folders = [p.name for p in (runs / "submitit").iterdir() if p.is_dir()]
+        assert len(folders) == 4 and all(name.isdigit() for name in folders), folders
 
     # Re-running skips finished runs; a missing run is run again, alone.
     for leftover in (runs / "tiny_ebp" / "seed1").iterdir():

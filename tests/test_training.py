@@ -295,3 +295,17 @@ def test_ctrl_c_during_training_is_taken_between_batches_even_inside_a_collector
 
 class Marker:
     """An object that dies as soon as it is made (nothing refers to it)."""
+
+
+def test_the_progress_bar_is_cleared_when_a_run_stops_on_an_error(tmp_path, monkeypatch):
+    from tqdm import tqdm
+
+    def full_disk(path, state):
+        raise ValueError(f"{path}: cannot write the checkpoint")
+
+    monkeypatch.setattr(training, "save_checkpoint", full_disk)
+    experiment = default_experiment()
+    with pytest.raises(ValueError, match="cannot write the checkpoint") as raised:  # keeps the frames, and with them the bar
+        train(experiment.model, load_dataset(experiment.dataset), dataclasses.replace(experiment.training, max_epochs=2),
+              progress=True, log=None, checkpoint=tmp_path / "checkpoint.pt")
+    assert raised.traceback and not tqdm._instances, "a bar left open is drawn over by the error message"
