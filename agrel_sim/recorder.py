@@ -310,6 +310,11 @@ def _growing(group: h5py.Group, name: str, dtype, width: int | None = None, chun
     group.create_dataset(name, shape=shape, maxshape=maxshape, chunks=chunks, dtype=dtype, **_COMPRESSION)
 
 
+def damaged_run_file(path: Path, error: Exception) -> ValueError:
+    """The error for a run file ``path`` that HDF5 finds damaged (``error``) as a run goes on; the caller raises it."""
+    return ValueError(f"{path}: the run file is damaged ({error}); move the run folder away and train the run again")
+
+
 # The free space that an edit of the run file asks for, beyond a copy of the file: more than any epoch adds.
 SPARE_SPACE = 64 * 2**20
 
@@ -406,7 +411,7 @@ class RunFile:
             with contextlib.suppress(OSError):
                 partial.unlink()  # half a copy: the space it takes may be what is missing
             if error.errno is None:  # HDF5's own failures, such as a chunk that fails its checksum
-                raise ValueError(f"{self.path}: the run file is damaged ({error}); move the run folder away and train the run again") from None
+                raise damaged_run_file(self.path, error) from None
             raise ValueError(  # no permission, a full or read-only disk
                 f"{self.path}: cannot write the run file ({error}); make the run folder writable or free space,"
                 " then train again with --resume, which keeps the epochs already written"

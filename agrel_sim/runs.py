@@ -2,10 +2,10 @@
 
 A run folder holds the run file ``run.h5`` (see :mod:`agrel_sim.recorder`), replaced by an
 edited copy after every epoch and marked complete when the run has ended cleanly, and
-``checkpoint.pt``, written atomically after every epoch, just after the run file; ``resume=True`` continues a run from it. ``run.lock`` is locked
-while a process trains in the folder, so that a second process (a sweep submitted twice, say)
-cannot write to the same run; the operating system releases the lock when the process ends,
-however it ends.
+``checkpoint.pt``, written atomically after every epoch, just after the run file;
+``resume=True`` continues a run from it. ``run.lock`` is locked while a process trains in the
+folder, so that a second process (a sweep submitted twice, say) cannot write to the same run;
+the operating system releases the lock when the process ends, however it ends.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from agrel_sim.backends import NOT_MODELLING_OPTIONS, REMOVED_OPTIONS, check_dev
 from agrel_sim.config import check_instance, is_count, shown
 from agrel_sim.datasets import EMBEDDED, load_dataset
 from agrel_sim.experiment import Experiment
-from agrel_sim.recorder import LogSettings, RunFile, check_resumable, parse_sessions, stored_config
+from agrel_sim.recorder import LogSettings, RunFile, check_resumable, damaged_run_file, parse_sessions, stored_config
 from agrel_sim.training import RunResult, check_fits, load_checkpoint, train
 
 RUN_FILE = "run.h5"
@@ -355,8 +355,11 @@ def check_checkpoint_of_run(path: Path, state: dict) -> None:
     """Raise ValueError unless the run file ``path`` records every epoch of the checkpoint
     ``state``, with the same validation accuracies and training losses: a run file restored from
     an older copy, or another run's checkpoint, would go on into a run that no training made."""
-    with h5py.File(path, "r") as handle:
-        recorded = {name: handle["epochs"][name][:] for name in ("epoch", "validation_accuracy", "train_loss")}
+    try:
+        with h5py.File(path, "r") as handle:
+            recorded = {name: handle["epochs"][name][:] for name in ("epoch", "validation_accuracy", "train_loss")}
+    except DAMAGED_FILE_ERRORS as error:
+        raise damaged_run_file(path, error) from None
     history = state["history"]
     fix = "restore the run file and the checkpoint of one moment, or move the run folder away and train the run again"
     if len(recorded["epoch"]) < len(history):
