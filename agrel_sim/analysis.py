@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from agrel_sim.config import is_count, shown
-from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions
+from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions, records_that_disagree
 from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
 from agrel_sim.table import RULES, is_diverged, row_key
 
@@ -120,18 +120,20 @@ class Run:
         order = ["input", *(f"layers.{index}" for index in range(len(self.config["model"]["layers"]))), "output"]
         return [name for name in order if name in present]
 
-    def trials(self) -> dict[str, np.ndarray]:
-        """The logged trials: epoch, batch, image, label, action, reward, delta, q."""
+    def trials(self, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """The logged trials: epoch, batch, image, label, action, reward, delta, q; ``rows``
+        (default all) picks some, such as ``slice(-4, None)`` for the last four."""
         with self._open() as handle:
-            return {name: _read(handle["trials"], name) for name in (*TRIAL_FIELDS, "q")}
+            return {name: _read(handle["trials"], name, rows) for name in (*TRIAL_FIELDS, "q")}
 
-    def layer(self, name: str) -> dict[str, np.ndarray]:
-        """Traces of one layer for the logged trials: units, ff, fb, gate; and its ``shape``."""
+    def layer(self, name: str, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """Traces of one layer for the logged trials (``rows`` of them, as in :meth:`trials`):
+        units, ff, fb, gate; and its ``shape``."""
         with self._open() as handle:
             if not isinstance(name, str) or name not in handle["layers"]:
                 raise RunFileError(f"{self.path}: no layer {name!r} is recorded; the layers are {', '.join(self.layer_names)}")
             group = handle["layers"][name]
-            return {**{key: _read(group, key) for key in ("units", "ff", "fb", "gate")}, "shape": tuple(group.attrs["shape"])}
+            return {"units": _read(group, "units"), **{key: _read(group, key, rows) for key in ("ff", "fb", "gate")}, "shape": tuple(group.attrs["shape"])}
 
     @property
     def traced_trials(self) -> int:
@@ -262,6 +264,9 @@ def load_run(path: str | Path) -> Run:
                         missing.append(f"the attribute shape of /layers/{name}")
             if missing:
                 raise RunFileError(f"{path}: a run file that lacks {', '.join(missing)}; {_DAMAGED}")
+            disagree = records_that_disagree(handle)
+            if disagree:
+                raise RunFileError(f"{path}: a run file whose records disagree ({'; '.join(disagree)}); {_DAMAGED}")
             config = _attribute(path, attrs, "config", json.loads)
             _check_config(path, config, version)
             seed = _attribute(path, attrs, "seed", int)
@@ -324,7 +329,7 @@ def _check_config(path: Path, config, version: int) -> None:
 
 def _check_result(path: Path, result: dict) -> None:
     """Raise :class:`RunFileError` unless the run file's ``/result`` holds a possible result."""
-    kinds = {"test_accuracy": numbers.Real, "best_epoch": numbers.Integral, "epochs": numbers.Integral, "converged": (bool, np.bool_)}
+    kinds = {"test_accuracy": numbers.Real, "best_epoch": numbers.Integral, "epochs": numbers.Integral, "converged": (bool, np.bool_), "seconds": numbers.Real}
     wrong = [name for name, kind in kinds.items() if not isinstance(result.get(name), kind)]
     if not wrong and not (0 <= result["test_accuracy"] <= 1 or np.isnan(result["test_accuracy"]) and is_diverged(result)):
         wrong = ["test_accuracy"]  # NaN only where the run diverged in its first epoch: no weights to test
@@ -744,18 +749,22 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
 
 
 def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
-    """ff activity, fb activity and gate of the sampled units of each layer, for the last logged trials."""
+    """ff activity, fb activity and gate of the sampled units of each layer, for the last logged
+    trials; a dropout layer's row (named so) shows the columns of the layer below it as learning
+    saw them, the dropped ones silent."""
     if not is_count(trials):
         raise ValueError(f"trials: expected an integer >= 1, got {shown(trials, count=True)}")
     plt = _pyplot()
     names = run.layer_names
-    logged = run.trials()
-    count = min(trials, len(logged["label"]))
+    dropout = {name for name in names if name.startswith("layers.")} - set(hidden_layers(run))
+    last = slice(-trials, None)  # read no more than is drawn
+    logged = run.trials(last)
+    count = len(logged["label"])
     fig, axes = plt.subplots(len(names), 3, figsize=(10, 1.3 * len(names) + 1), squeeze=False, layout="constrained")
     for row, name in enumerate(names):
-        layer = run.layer(name)
+        layer = run.layer(name, last)
         for col, quantity in enumerate(("ff", "fb", "gate")):
-            data = layer[quantity][-count:] if count else np.zeros((1, len(layer["units"])))
+            data = layer[quantity] if count else np.zeros((1, len(layer["units"])))
             reach = (float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0) or 1.0
             scale = {
                 "ff": dict(cmap="viridis"),
@@ -765,11 +774,11 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
             image = axes[row, col].imshow(data, aspect="auto", interpolation="nearest", **scale)
             fig.colorbar(image, ax=axes[row, col], fraction=0.05, pad=0.02)
             axes[row, col].set_yticks(range(len(data)))
-            axes[row, col].set_yticklabels([f"a={a} l={l}" for a, l in zip(logged["action"][-count:], logged["label"][-count:])] if count else [""], fontsize=6)
+            axes[row, col].set_yticklabels([f"a={a} l={l}" for a, l in zip(logged["action"], logged["label"])] if count else [""], fontsize=6)
             axes[row, col].set_xticks([])
             if row == 0:
                 axes[row, col].set_title(quantity)
-        axes[row, 0].set_ylabel(name, fontsize=7)
+        axes[row, 0].set_ylabel(f"{name}\n(dropout)" if name in dropout else name, fontsize=7)
     fig.suptitle("Activity of sampled columns (rows: trials, a = action, l = label; columns: units)")
     return _save(fig, path)
 

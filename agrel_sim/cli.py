@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -111,6 +112,7 @@ def _figure3(args) -> int:
     formats = FigureCanvasBase.get_supported_filetypes()  # what savefig writes, by suffix
     if out.is_dir() or out.suffix[1:].lower() not in formats:
         raise ValueError(f"--out {out}: {'a folder' if out.is_dir() else 'not a name of an image file'}; give a file name whose suffix names its format: {', '.join(f'.{suffix}' for suffix in sorted(formats))}")
+    _check_image_format(out)
     drawn, notes = figure3_runs(_averaged_runs(args.runs))
     for note in notes:
         print(note)
@@ -118,6 +120,25 @@ def _figure3(args) -> int:
         raise ValueError(f"{args.runs}: no complete runs of a Table 1 row to draw" + ("; see the lines above" if notes else ""))
     print(f"Figure 3 ({len(drawn)} runs) written to {plot_reward_curves(drawn, out)}")
     return 0
+
+
+def _check_image_format(out: Path) -> None:
+    """Raise ValueError naming ``--out`` where matplotlib cannot write its format on this machine
+    (``.pgf`` with text needs a TeX installation): found on a small figure, before any drawing."""
+    import io
+
+    from agrel_sim.analysis import _pyplot
+
+    plt = _pyplot()
+    fig = plt.figure(figsize=(1, 1))
+    fig.text(0.5, 0.5, "x")
+    try:
+        fig.savefig(io.BytesIO(), format=out.suffix[1:].lower())
+    except Exception as error:  # each format's writer fails in its own way
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"--out {out}: matplotlib cannot write {out.suffix} files on this machine ({detail}); give a file name ending in .png, .pdf or .svg") from None
+    finally:
+        plt.close(fig)
 
 
 def _analyze(args) -> int:
@@ -129,6 +150,36 @@ def _analyze(args) -> int:
     print(text)
     print(f"\n{len(figures)} figures written to {out}")
     return 0
+
+
+class OutputError(OSError):
+    """Writing the command's output (standard output) failed."""
+
+
+class _CheckedOutput:
+    """Standard output whose failed writes raise :class:`OutputError`, told apart from failures
+    elsewhere; a closed pipe stays a ``BrokenPipeError``."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> int:
+        return self._checked(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._checked(self.stream.flush)
+
+    @staticmethod
+    def _checked(call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputError(error.errno, error.strerror) from error
 
 
 def _to_nothing(stream) -> None:
@@ -225,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        The exit status: 0 on success, 1 when runs failed or memory ran out, 2 for bad input
+        The exit status: 0 on success, 1 when runs failed, memory ran out or the output could not
+        be written (a full disk), 2 for bad input
         (the message on stderr names the field), 130 when interrupted by Ctrl-C, 141 when the
         reader of its output went away (a closed pipe).
 
@@ -237,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # a line at a time into a pipe (`| tee log`) too, as on a terminal
         sys.stdout.reconfigure(line_buffering=True)
     command = None
-    with warnings.catch_warnings():  # restores Python's own display of warnings on return
+    with warnings.catch_warnings(), contextlib.ExitStack() as restore:  # Python's own display of warnings and stdout, on return
         warnings.showwarning = _show_warning
+        restore.callback(setattr, sys, "stdout", sys.stdout)
+        sys.stdout = _CheckedOutput(sys.stdout)
         try:
             args = parser().parse_args(argv)
             command = args.command
@@ -272,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             except BrokenPipeError:  # stderr went to the same reader (`2>&1 | head`)
                 _to_nothing(sys.stderr)
             return 141  # the shell's status for a process ended by SIGPIPE, as other commands in a pipe end
+        except OutputError as error:  # `> log` on a full disk or over quota
+            _to_nothing(sys.stdout)
+            print(f"agrel-sim: error: cannot write its output ({error.strerror or error}){KEPT if command in TRAINING_COMMANDS else ''}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -279,13 +279,17 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_mnist(data_dir=None) -> Dataset:
-    """MNIST from the standard ``MNIST/raw`` layout (training set and the ``t10k`` held-out set)."""
+def _mnist_files(data_dir) -> dict[str, Path]:
     names = [
         [f"{part}-{kind}-ubyte", f"{part}-{kind}-ubyte.gz"]
         for part in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
     ]
-    files = _find_files(data_dir, ["MNIST/raw", "raw", "."], names, "MNIST", MNIST_HOW)
+    return _find_files(data_dir, ["MNIST/raw", "raw", "."], names, "MNIST", MNIST_HOW)
+
+
+def load_mnist(data_dir=None) -> Dataset:
+    """MNIST from the standard ``MNIST/raw`` layout (training set and the ``t10k`` held-out set)."""
+    files = _mnist_files(data_dir)
     arrays = {}
     for part in ("train", "t10k"):
         images = read_idx(files[f"{part}-images-idx3-ubyte"], 3)
@@ -360,32 +364,64 @@ def _read_cifar_pickle(path: Path, label_key: str, n_classes: int, how: str) -> 
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _load_cifar(data_dir, name, folder, archive, train_files, test_file, label_key, n_classes) -> Dataset:
+@dataclass(frozen=True)
+class _CifarRelease:
+    folder: str
+    archive: str
+    train_files: tuple[str, ...]
+    test_file: str
+    label_key: str
+    n_classes: int
+
+
+# The CIFAR python releases: their folder, archive, files and the key of the labels read.
+CIFAR = {
+    "cifar10": _CifarRelease("cifar-10-batches-py", "cifar-10-python.tar.gz", tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "labels", 10),
+    "cifar100": _CifarRelease("cifar-100-python", "cifar-100-python.tar.gz", ("train",), "test", "fine_labels", 100),
+}
+
+
+def _cifar_files(data_dir, name: str) -> tuple[dict[str, Path], str]:
+    """The files of CIFAR release ``name`` (a key of :data:`CIFAR`), and how to obtain them."""
+    release = CIFAR[name]
     how = (
-        f"Unpack the CIFAR python release ({archive}) so that DATA/{folder}/ holds "
-        f"{', '.join(train_files)} and {test_file}, then pass --data-dir DATA or set {DATA_ENV}=DATA; "
+        f"Unpack the CIFAR python release ({release.archive}) so that DATA/{release.folder}/ holds "
+        f"{', '.join(release.train_files)} and {release.test_file}, then pass --data-dir DATA or set {DATA_ENV}=DATA; "
         f"torchvision.datasets.{name.upper()}(DATA, download=True) writes this layout."
     )
-    files = _find_files(data_dir, [folder, "."], [[f] for f in (*train_files, test_file)], name.upper(), how)
-    parts = [_read_cifar_pickle(files[f], label_key, n_classes, how) for f in train_files]
-    test_x, test_y = _read_cifar_pickle(files[test_file], label_key, n_classes, how)
+    return _find_files(data_dir, [release.folder, "."], [[f] for f in (*release.train_files, release.test_file)], name.upper(), how), how
+
+
+def _load_cifar(data_dir, name: str) -> Dataset:
+    release = CIFAR[name]
+    files, how = _cifar_files(data_dir, name)
+    parts = [_read_cifar_pickle(files[f], release.label_key, release.n_classes, how) for f in release.train_files]
+    test_x, test_y = _read_cifar_pickle(files[release.test_file], release.label_key, release.n_classes, how)
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
-    return _from_numpy(name, train_x, train_y, test_x, test_y, 1 / 255, n_classes)
+    return _from_numpy(name, train_x, train_y, test_x, test_y, 1 / 255, release.n_classes)
 
 
 def load_cifar10(data_dir=None) -> Dataset:
     """CIFAR-10 from ``cifar-10-batches-py`` (five training batches and ``test_batch``)."""
-    batches = [f"data_batch_{i}" for i in range(1, 6)]
-    return _load_cifar(data_dir, "cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz", batches, "test_batch", "labels", 10)
+    return _load_cifar(data_dir, "cifar10")
 
 
 def load_cifar100(data_dir=None) -> Dataset:
     """CIFAR-100 from ``cifar-100-python`` (``train`` and ``test``, the 100 fine labels)."""
-    return _load_cifar(data_dir, "cifar100", "cifar-100-python", "cifar-100-python.tar.gz", ["train"], "test", "fine_labels", 100)
+    return _load_cifar(data_dir, "cifar100")
 
 
 EMBEDDED = ("digits", "mnist5k")  # shipped with a package: read from no data folder
+
+# The images and classes of each data set, whatever files it is read from (its reader refuses
+# others): experiments are checked against them before any data loads.
+SHAPES = {
+    "digits": ((1, 8, 8), 10),
+    "mnist5k": ((1, 28, 28), 10),
+    "mnist": ((1, 28, 28), 10),
+    **{name: ((3, 32, 32), release.n_classes) for name, release in CIFAR.items()},
+}
 
 LOADERS = {
     "digits": load_digits,
@@ -394,6 +430,15 @@ LOADERS = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
 }
+
+
+def find_data(name: str, data_dir=None) -> None:
+    """Raise the :class:`DatasetError` that loading data set ``name`` would where its files are
+    not found (the paths searched, how to obtain them); read nothing."""
+    if name == "mnist":
+        _mnist_files(data_dir)
+    elif name in CIFAR:
+        _cifar_files(data_dir, name)
 
 
 def load_dataset(name: str, data_dir=None) -> Dataset:

@@ -40,10 +40,10 @@ from pathlib import Path
 from agrel_sim.augmentation import Augmentation
 from agrel_sim.backends import BACKENDS, check_backend
 from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_folder_name, read_toml
-from agrel_sim.datasets import LOADERS
+from agrel_sim.datasets import LOADERS, SHAPES
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
-from agrel_sim.training import TrainingSettings
+from agrel_sim.training import TrainingSettings, check_model_fits
 
 NAME_HINT = "a non-empty name without '/' or control characters (it names the run folder runs/<name>/seed<N>)"
 
@@ -87,8 +87,9 @@ class Experiment:
     Raises
     ------
     ConfigError
-        For a field of the wrong kind or value, or a model the backend cannot build (the
-        message names the backend and the layer).
+        For a field of the wrong kind or value, a model that does not take the data set's images
+        or has not one action per class, or a model the backend cannot build (the message names
+        the backend and the layer).
     """
 
     name: str
@@ -109,6 +110,10 @@ class Experiment:
                 raise ConfigError(f"{self.source}: {field}: expected an object of class {kind.__name__}, got {type(value).__name__} {value!r}")
         if not (isinstance(self.dataset, str) and self.dataset in LOADERS):
             raise ConfigError(f"{self.source}: dataset: expected one of {sorted(LOADERS)}, got {self.dataset!r}")
+        try:
+            check_model_fits(self.model, self.dataset, *SHAPES[self.dataset])
+        except ValueError as error:  # its message names the field
+            raise ConfigError(f"{self.source}: {error}") from None
         check_backend(self.model, self.backend, self.backend_options, self.source)
 
     @classmethod
@@ -131,7 +136,7 @@ class Experiment:
         overrides = {key: top.get(key, dict, default={}, hint=f"a table of fields of the model's [{key}]") for key in MODEL_OVERRIDES}
         if any(overrides.values()):  # checked field by field as part of the model, named as in this file
             described = model.to_dict()
-            model = ColumnNetwork.from_dict({**described, **{key: {**described[key], **table} for key, table in overrides.items()}}, source)
+            model = ColumnNetwork.from_dict({**described, **{key: {**described[key], **table} for key, table in overrides.items()}}, source, top_level=EXPERIMENT_KEYS)
         dataset = top.get("dataset", str, check=lambda v: v in LOADERS, hint=f"one of {sorted(LOADERS)}")
         training = _training_settings(top.sub("training"))
         backend = top.get("backend", str, "torch", lambda v: v in BACKENDS, f"one of {sorted(BACKENDS)}")

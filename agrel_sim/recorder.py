@@ -12,8 +12,10 @@ chunked and compressed with gzip and shuffle)::
                                      resume, see session)
     /epochs/<metric>          (epochs,)   epoch, reward_probability, train_loss,
                                           validation_accuracy, seconds, learning_rate
-    /trials/<field>           (trials,)   epoch, batch, image (index into the training set),
-                                          label, action, reward, delta; q: (trials, actions)
+    /trials/<field>           (trials,)   epoch, batch, image (index into the training set; with
+                                          augmentation, of the image the trial saw a random
+                                          transform of), label, action, reward, delta;
+                                          q: (trials, actions)
     /layers/<layer>/          attrs: shape (the layer's column sheet)
         units                 (units,)    flat indices of the sampled columns (a dropout
                                           layer: those of the layer below it)
@@ -92,7 +94,7 @@ DESCRIPTIONS = {
     "epochs/learning_rate": ("learning rate of the epoch's updates", "1"),
     "trials/epoch": ("epoch of the logged trial", "1"),
     "trials/batch": ("batch of the logged trial within its epoch, from 0", "1"),
-    "trials/image": ("index of the trial's image in the training set", "1"),
+    "trials/image": ("index of the trial's image in the training set (with augmentation, the image that the trial saw a random transform of)", "1"),
     "trials/label": ("the image's class", "1"),
     "trials/action": ("the action chosen", "1"),
     "trials/reward": ("the reward given for the action", "1"),
@@ -111,7 +113,7 @@ DESCRIPTIONS = {
     "timecourses/epoch": ("epoch of the traced trial", "1"),
     "timecourses/batch": ("batch of the traced trial within its epoch, from 0", "1"),
     "timecourses/trial": ("the traced trial's number among all the run's trials, from 0", "1"),
-    "timecourses/image": ("index of the traced trial's image in the training set", "1"),
+    "timecourses/image": ("index of the traced trial's image in the training set (with augmentation, the image that the trial saw a random transform of)", "1"),
     "timecourses/label": ("the image's class", "1"),
     "timecourses/action": ("the action chosen", "1"),
     "timecourses/reward": ("the reward given for the action", "1"),
@@ -310,6 +312,36 @@ def _growing(group: h5py.Group, name: str, dtype, width: int | None = None, chun
     group.create_dataset(name, shape=shape, maxshape=maxshape, chunks=chunks, dtype=dtype, **_COMPRESSION)
 
 
+def records_that_disagree(file: h5py.File) -> list[str]:
+    """What in a run file (damaged, or edited by hand) breaks its layout's rules on rows: a
+    group that is not one, and records whose rows do not match those they go with (those of
+    ``/epochs``; of ``/trials`` and each layer's ff, fb and gate; of ``/gating`` and each
+    layer's summaries). Empty for a sound file; ``/timecourses`` is not checked."""
+    problems = []
+
+    def groups(*paths: str) -> list[h5py.Group]:
+        found = [file.get(path) for path in paths]
+        problems.extend(f"/{path} is not a group" for path, item in zip(paths, found) if not isinstance(item, h5py.Group))
+        return [item for item in found if isinstance(item, h5py.Group)]
+
+    def datasets(parents: list[h5py.Group], names=None) -> list[h5py.Dataset]:
+        return [parent[name] for parent in parents for name in (names or parent) if isinstance(parent.get(name), h5py.Dataset)]
+
+    layers = [name for parent in groups("layers") for name in parent]
+    families = [
+        datasets(groups("epochs")),
+        datasets(groups("trials")) + datasets(groups(*(f"layers/{name}" for name in layers)), ("ff", "fb", "gate")),
+        datasets(groups("gating"), ("epoch", "batch")) + datasets(groups(*(f"gating/{name}" for name in layers))),
+    ]
+    for family in families:
+        rows = {dataset.name: dataset.shape[0] if dataset.ndim else None for dataset in family}
+        counts = list(rows.values())
+        usual = max(counts, key=counts.count, default=None)
+        like = next((name for name, count in rows.items() if count == usual), None)
+        problems += [f"{name} has {count} rows where {like} has {usual}" for name, count in rows.items() if count != usual]
+    return problems
+
+
 def damaged_run_file(path: Path, error: Exception) -> ValueError:
     """The error for a run file ``path`` that HDF5 finds damaged (``error``) as a run goes on; the caller raises it."""
     return ValueError(f"{path}: the run file is damaged ({error}); move the run folder away and train the run again")
@@ -357,6 +389,13 @@ class RunFile:
         epoch that the checkpoint does not cover), instead of creating a new file. The file
         then stores ``config`` (a run continued with a longer patience, say) and no result until
         the run ends again.
+
+    Raises
+    ------
+    ValueError
+        Naming the file: for a folder or a missing folder at ``path``, a file there already
+        (without ``resume_after``), a file that cannot be written, or, with ``resume_after``, a
+        file that cannot be continued (another layout, records missing or disagreeing).
     """
 
     def __init__(self, path: Path, net, config: dict, seed: int, settings: LogSettings = LogSettings(), resume_after: int | None = None):
@@ -367,11 +406,18 @@ class RunFile:
         self.file = None  # the partial copy, while an edit is open
         if config.get("backend", net.backend) != net.backend:
             raise ValueError(f"config: backend {config['backend']!r}, but the network was built by the {net.backend!r} backend")
+        if self.path.is_dir():
+            raise ValueError(f"{self.path}: a folder; give the path of the run file to write, such as {self.path / 'run.h5'}")
+        if not self.path.parent.is_dir():
+            raise ValueError(f"{self.path}: there is no folder {self.path.parent} to write the run file in; make it first")
+        if resume_after is None and self.path.exists():
+            raise ValueError(f"{self.path}: a run file is there already; give resume_after to continue its run, or remove it (or write to another path) to start one")
         with self._editing(create=resume_after is None):
             if resume_after is None:
                 self._create(net, config, seed)
             else:
                 check_resumable(self.path, self.file.attrs)
+                self._check_records()
                 self._truncate_after(resume_after)
                 self.file.attrs["config"] = json.dumps(stored_config(config, settings))
                 self.file.attrs["complete"] = False
@@ -408,14 +454,15 @@ class RunFile:
                 os.fsync(handle.fileno())
             os.replace(partial, self.path)
         except OSError as error:
-            with contextlib.suppress(OSError):
-                partial.unlink()  # half a copy: the space it takes may be what is missing
             if error.errno is None:  # HDF5's own failures, such as a chunk that fails its checksum
                 raise damaged_run_file(self.path, error) from None
             raise ValueError(  # no permission, a full or read-only disk
                 f"{self.path}: cannot write the run file ({error}); make the run folder writable or free space,"
                 " then train again with --resume, which keeps the epochs already written"
             ) from None
+        finally:  # after a failure, a copy or half a copy (the space it takes may be what is missing)
+            with contextlib.suppress(OSError):
+                partial.unlink()
 
     def _create(self, net, config: dict, seed: int) -> None:
         from agrel_sim import __version__
@@ -455,6 +502,17 @@ class RunFile:
             for name in GATING_FIELDS:
                 _growing(summary, name, "f4")
         _describe(self.file)
+
+    def _check_records(self) -> None:
+        """Raise the damaged file's error unless the file holds every record that a run of this
+        network writes, their rows agreeing."""
+        paths = [f"epochs/{name}" for name in EPOCH_FIELDS] + [f"trials/{name}" for name in (*TRIAL_FIELDS, "q")] + ["gating/epoch", "gating/batch"]
+        for name in self.layer_names:
+            paths += [f"layers/{name}/{field}" for field in ("units", "ff", "fb", "gate")] + [f"gating/{name}/{field}" for field in GATING_FIELDS]
+        missing = [f"/{path}" for path in paths if not isinstance(self.file.get(path), h5py.Dataset)]
+        problems = [f"it lacks {', '.join(missing)}"] if missing else records_that_disagree(self.file)
+        if problems:
+            raise damaged_run_file(self.path, "; ".join(problems))
 
     def _truncate_after(self, epoch: int) -> None:
         """Drop rows that belong to epochs after ``epoch``."""

@@ -153,7 +153,8 @@ EARLIER_BACKEND_DEFAULTS = {
 
 
 def settings_of(config: dict, software_version: str | None = None) -> dict:
-    """A run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them.
+    """A run configuration, flattened, with :data:`ADDED_SETTINGS` where it lacks them, and the
+    device ``cpu:0`` named ``cpu``.
 
     ``software_version`` is the agrel-sim that wrote it (a run file's ``software_version``;
     None: this one). Where that is 0.3.0 or older, or unknown, whose run files hold only the
@@ -162,7 +163,10 @@ def settings_of(config: dict, software_version: str | None = None) -> dict:
     backend = config.get("backend", ADDED_SETTINGS["backend"])
     if "backend_options" in config and software_version is not None and _before_every_option(software_version):
         config = {**config, "backend_options": {**EARLIER_BACKEND_DEFAULTS.get(backend, {}), **config["backend_options"]}}
-    return {**ADDED_SETTINGS, **flatten(config)}
+    settings = {**ADDED_SETTINGS, **flatten(config)}
+    if settings.get("device") == "cpu:0":  # torch's other name for the CPU, which check_device accepts
+        settings["device"] = "cpu"
+    return settings
 
 
 def _before_every_option(software_version: str) -> bool:
@@ -440,6 +444,9 @@ def run_experiment(
         run_file, checkpoint, state = None, None, None
         if folder is not None:
             path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
+            for item in (path, checkpoint):
+                if item.is_dir():
+                    raise ValueError(f"{item}: a folder, where the run's {item.name} belongs; move it away, or choose another --out")
             if not resume:
                 if path.exists():
                     raise ValueError(f"{path}: a run file exists already; pass --resume to continue the run, or choose another --out")
@@ -460,8 +467,10 @@ def run_experiment(
                 raise ValueError(f"{path}: this run is complete: it diverged (its training loss is not finite), so it cannot go on; train it again in a new folder, with a lower learning rate")
             if plan == "finished":
                 raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
-            if resume and plan == "start" and log is not None:
-                log(f"{folder}: no checkpoint to resume from; starting the run afresh")
+            if resume and plan == "start":
+                path.unlink(missing_ok=True)  # a run killed before its first checkpoint: nothing to continue (resume_plan)
+                if log is not None:
+                    log(f"{folder}: no checkpoint to resume from; starting the run afresh")
             if plan == "continue" and experiment.backend == "torch" and torch.device(device).type == "cpu" and log is not None:
                 threads = _last_session(path).get("torch_threads", torch.get_num_threads())
                 if threads != torch.get_num_threads():

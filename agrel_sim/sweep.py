@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from agrel_sim.backends import check_device
 from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_folder_name, read_toml, shown
+from agrel_sim.datasets import find_data
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
 from agrel_sim.runs import MAX_SEED, default_run_folder, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result
@@ -308,8 +309,9 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     ------
     ValueError
         Before any run, for bad arguments, an output folder that is not one, a bad ``[slurm]``
-        table or a sweep that cannot go on (see :func:`plan`); while submitting, when SLURM
-        refuses the jobs.
+        table, a sweep that cannot go on (see :func:`plan`) or, but with the slurm executor, the
+        files of a data set that a run to do needs not found (a :class:`~agrel_sim.datasets.DatasetError`
+        listing the paths searched); while submitting, when SLURM refuses the jobs.
     KeyboardInterrupt
         On Ctrl-C, once the local runs in progress have been ended (their finished epochs are
         kept) and none other started.
@@ -321,13 +323,16 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     check_device(device, here=executor != "slurm")  # the machine that submits to SLURM need not have the cluster's GPUs
     out = Path(out or sweep.out)
     _check_out_folder(out)
-    runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)
     if executor == "slurm":
         threads = int(sweep.slurm.get("slurm_cpus_per_task", sweep.slurm.get("cpus_per_task", 1)))
     else:
         jobs = 1 if jobs is None else jobs
         threads = max(1, _usable_cores() // jobs)
     tasks, finished = plan(sweep, out, device, data_dir, threads)
+    if executor != "slurm":  # found here once, not by every run; a cluster's data folder need not be on this machine
+        for dataset in sorted({load_experiment(task.experiment_path).dataset for task in tasks}):
+            find_data(dataset, data_dir)
+    runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)
     log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run, executor {executor}, out {out}")
     if not tasks:
         return []
@@ -676,5 +681,5 @@ def _error_line(error: Exception) -> str:
 def _outcome(result) -> tuple[bool, str]:
     try:
         return True, result()
-    except Exception as error:  # one failed run must not stop the others; it is reported
-        return False, f"{type(error).__name__}: {error}"
+    except Exception as error:  # one failed run must not stop the others; it is reported, in one line
+        return False, f"{type(error).__name__}: {' '.join(line.strip() for line in str(error).splitlines())}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,13 +170,23 @@ def write_csv(table: list[dict], path) -> None:
     ValueError
         For a path that could overwrite other work: one whose name does not end in ``.csv`` (a
         run file, a checkpoint, an experiment or a sweep file), or an HDF5 file.
+    OSError
+        Where the file cannot be written.
     """
     path = Path(path)
     if path.suffix.lower() != ".csv":
         raise ValueError(f"{path}: not a path for the CSV: its name does not end in .csv, and the CSV would overwrite whatever is there (a run's files, an experiment); give a path ending in .csv with --csv")
     if h5py.is_hdf5(path):
         raise ValueError(f"{path}: not a path for the CSV: an HDF5 file (a run file?), which the CSV would overwrite; give another path with --csv")
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["dataset"])
-        writer.writeheader()
-        writer.writerows(table)
+    # Written beside it and renamed over it: a link at ``path`` is replaced, never written through
+    # (into a run's checkpoint, say), and a failed write leaves whatever was there.
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["dataset"])
+            writer.writeheader()
+            writer.writerows(table)
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink()

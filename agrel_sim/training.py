@@ -130,15 +130,21 @@ def diverged(metrics: EpochMetrics) -> bool:
     return not math.isfinite(metrics.train_loss)
 
 
-def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSettings) -> None:
-    """Raise ValueError, naming the setting, when ``data`` does not fit the network or the settings."""
-    if tuple(data.image_shape) != description.input_shape:
+def check_model_fits(description: ColumnNetwork, dataset: str, image_shape: tuple[int, ...], n_classes: int) -> None:
+    """Raise ValueError, naming the field ``model``, unless the network takes the images of the
+    data set named ``dataset`` and has an action for each of its classes."""
+    if tuple(image_shape) != description.input_shape:
         raise ValueError(
             f"model: {description.name!r} expects input of shape {list(description.input_shape)}, "
-            f"but data set {data.name!r} has images of shape {list(data.image_shape)}; choose a model made for this data set"
+            f"but data set {dataset!r} has images of shape {list(image_shape)}; choose a model made for this data set"
         )
-    if data.n_classes != description.n_actions:
-        raise ValueError(f"model: {description.name!r} has {description.n_actions} actions, data set {data.name!r} has {data.n_classes} classes; choose a model made for this data set")
+    if n_classes != description.n_actions:
+        raise ValueError(f"model: {description.name!r} has {description.n_actions} actions, data set {dataset!r} has {n_classes} classes; choose a model made for this data set")
+
+
+def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSettings) -> None:
+    """Raise ValueError, naming the setting, when ``data`` does not fit the network or the settings."""
+    check_model_fits(description, data.name, data.image_shape, data.n_classes)
     if settings.augmentation is not None and len(description.input_shape) != 3:
         raise ValueError(f"training.augmentation: zoom, shift and reflection need images [channels, height, width], but model {description.name!r} takes input of shape {list(description.input_shape)}; remove the augmentation")
     n_train = len(data.train_labels)

@@ -90,6 +90,18 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out == f"agrel-sim {__version__}\n"
+    done = subprocess.run([sys.executable, "-m", "agrel_sim", "--version"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, f"agrel-sim {__version__}\n"), "python -m agrel_sim is the command line too"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full, whose writes fail as on a full disk")
+def test_output_that_cannot_be_written_ends_a_command_in_one_line(tmp_path):
+    assert main(["train", "--max-epochs", "1", "--out", str(tmp_path / "runs" / "run"), "--quiet"]) == 0
+    for command, kept in ((["table", str(tmp_path / "runs")], ""), (["train", "--max-epochs", "1", "--out", str(tmp_path / "other")], "; every finished epoch is kept")):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "agrel_sim", *command], stdout=full, stderr=subprocess.PIPE, text=True)
+        assert done.returncode == 1 and done.stderr.startswith(f"agrel-sim: error: cannot write its output (No space left on device){kept}"), done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
 
 
 EXPERIMENT = """
@@ -185,7 +197,11 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (('name = "tiny_ebp"', 'name = "../escaped"'), r"tiny\.toml: name: expected a non-empty name without '/'.*got '\.\./escaped'"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend_options = {foo = 1}'), r"tiny\.toml: backend_options\.foo: not an option of the torch backend; its options: none"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {seed = 1}'), r"backend_options\.seed: not an option of the brian2 backend \(device, dtype and seed come from the run.*its options: tau_ff, "),
-        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"'), r"tiny\.toml: layers\[0\]: the brian2 backend builds dense column layers only, not layer kind 'conv'"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"'), r"tiny\.toml: backend: the brian2 backend cannot build model 'net' \(.*tiny\.toml: layers\[0\]: the brian2 backend builds dense column layers only, not layer kind 'conv'; use backend='torch'"),
+        (('dataset = "digits"', 'dataset = "mnist"'), r"tiny\.toml: model: 'net' expects input of shape \[1, 8, 8\], but data set 'mnist' has images of shape \[1, 28, 28\]; choose a model"),
+        (('dataset = "digits"\nmodel = "net.toml"', 'dataset = "digits"\nmodel = {input_shape = [1, 8, 8], layers = [{kind = "dense", units = 16}], output = {actions = 3}}'),
+         r"tiny\.toml: model: 'tiny_ebp' has 3 actions, data set 'digits' has 10 classes; choose a model"),
+        (("learning_rate = 0.1", "learning_rate = 0.1\nbackend = 'brian2'"), r"tiny\.toml: rule\.backend: unknown field; .*; backend is a key of the top level: move it above the file's first table"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {gate_threshold = 0.001}'),
          r"tiny\.toml: backend_options\.gate_threshold: not an option of the brian2 backend \(a Brian2 option until agrel-sim 0\.4\.0, .* since 0\.5\.0 the gate is open while the column's drive is above 0, .*\); its options: tau_ff, "),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {tau_ff = true}'), r"tiny\.toml: backend_options\.tau_ff: expected a duration \(a time quantity or a number of milliseconds\), got True"),

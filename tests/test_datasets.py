@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agrel_sim.augmentation import Augmentation, augment
-from agrel_sim.datasets import Dataset, DatasetError, load_dataset
+from agrel_sim.datasets import LOADERS, SHAPES, Dataset, DatasetError, load_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -358,6 +358,16 @@ def test_the_fingerprint_tells_copies_of_a_data_set_apart(tmp_path):
         changed = load_dataset("mnist", tmp_path / "a")
         getattr(changed, part).view(-1)[0] += 1
         assert changed.fingerprint()["sha256"] != a["sha256"], f"one value of {part} changed"
+
+
+def test_every_data_set_has_the_images_and_classes_that_experiments_are_checked_against(tmp_path):
+    write_mnist(tmp_path)
+    write_cifar(tmp_path, "cifar-10-batches-py", {**{f"data_batch_{i}": 2 for i in range(1, 6)}, "test_batch": 2}, b"labels", 10)
+    write_cifar(tmp_path, "cifar-100-python", {"train": 2, "test": 2}, b"fine_labels", 100)
+    assert set(SHAPES) == set(LOADERS)
+    for name, (image_shape, n_classes) in SHAPES.items():
+        data = load_dataset(name, tmp_path)
+        assert (data.image_shape, data.n_classes) == (image_shape, n_classes), name
 
 
 def test_embedded_data_sets():

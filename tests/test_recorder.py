@@ -26,7 +26,7 @@ import agrel_sim
 from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs, outcome_lines, summary
 from agrel_sim.cli import main
 from agrel_sim.datasets import DatasetError
-from agrel_sim.experiment import Experiment
+from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.network import Dense
 from agrel_sim.recorder import LAYOUT_VERSION, LogSettings, RunFile, check_resumable
 from agrel_sim.runs import run_experiment
@@ -376,9 +376,13 @@ def test_a_failed_start_beside_other_runs_keeps_its_own_error_and_their_folders(
 
     monkeypatch.setattr(Path, "mkdir", mkdir_once_too_late)
     monkeypatch.setattr(Path, "rmdir", rmdir_already_gone)
-    failing = dataclasses.replace(experiment(epochs=1), dataset="mnist")
-    with pytest.raises(DatasetError, match="MNIST not found"):
-        run_experiment(failing, out=tmp_path / "shared" / "seed0", data_dir=tmp_path / "nodata", log=None)
+
+    def data_not_found(name, data_dir):
+        raise DatasetError(f"{name}: not found")
+
+    monkeypatch.setattr("agrel_sim.runs.load_dataset", data_not_found)
+    with pytest.raises(DatasetError, match="digits: not found"):
+        run_experiment(experiment(epochs=1), out=tmp_path / "shared" / "seed0", log=None)
     assert made and removed and not (tmp_path / "shared").exists()
 
 
@@ -388,8 +392,16 @@ def test_a_run_folder_that_cannot_be_made_is_named(tmp_path):
         run_experiment(experiment(epochs=1), out=tmp_path / "taken", log=None)
 
 
+@pytest.mark.parametrize("name", ["run.h5", "checkpoint.pt"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_in_place_of_a_runs_file_is_named(tmp_path, name, resume):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"run/{re.escape(name)}: a folder, where the run's {re.escape(name)} belongs; move it away, or choose another --out"):
+        run_experiment(experiment(epochs=1), out=tmp_path / "run", resume=resume, log=None)
+
+
 def test_a_failed_start_leaves_no_empty_run_folder(tmp_path):
-    on_mnist = dataclasses.replace(experiment(epochs=1), dataset="mnist")
+    on_mnist = load_experiment("mnist_fc3_deepagrel")
     with pytest.raises(ValueError, match="MNIST"):
         run_experiment(on_mnist, out=tmp_path / "runs" / "small" / "seed0", data_dir=tmp_path / "no_data", log=None)
     assert not (tmp_path / "runs").exists()
@@ -417,6 +429,7 @@ def test_devices_are_checked_before_the_run_folder_is_made(device, cuda_devices,
 def test_cpu_0_is_the_cpu_as_torch_names_it(tmp_path):
     run_experiment(experiment(epochs=1), out=tmp_path / "run", device="cpu:0", log=None)  # runs begun so before cpu:N was refused go on
     run_experiment(experiment(epochs=2), out=tmp_path / "run", device="cpu:0", resume=True, log=None)
+    assert run_experiment(experiment(epochs=3), out=tmp_path / "run", device="cpu", resume=True, log=None).epochs == 3  # one device
 
 
 def test_a_run_resumed_with_another_thread_count_says_so(tmp_path):
@@ -695,6 +708,8 @@ def test_activity_maps_share_one_scale_for_gates_and_centre_feedback_on_zero(fin
         low, high = ax.images[0].get_clim()
         assert low == -high and high > 0
     assert all(ax.images[0].get_clim() == (0, 1) for ax in axes[2::3]), "a gate reads the same in every layer, the output's (always open) too"
+    assert [ax.get_ylabel() for ax in axes[::3]] == ["layers.0", "layers.1\n(dropout)", "layers.2", "output"]
+    assert len(axes[0].get_yticklabels()) == 4, "the last four logged trials"
 
 
 def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_path):
@@ -931,6 +946,9 @@ def test_figure3_draws_the_rows_it_can_and_says_why_not_the_others(finished_runs
         assert main(["figure3", str(tmp_path / "runs" / "deepagrel"), "--out", str(out)]) == 2
         assert capsys.readouterr().err.startswith(f"agrel-sim: error: --out {out}: {why}; give a file name whose suffix names its format: ")
     assert run_file.read_bytes() == before
+    if shutil.which("xelatex") is None:  # matplotlib writes .pgf with text through TeX
+        assert main(["figure3", str(tmp_path / "runs" / "deepagrel"), "--out", str(tmp_path / "f.pgf")]) == 2
+        assert re.search(r"--out .*f\.pgf: matplotlib cannot write \.pgf files on this machine \('xelatex' not found.*\); give a file name ending in \.png, \.pdf or \.svg\n$", capsys.readouterr().err)
 
 
 def test_brian2_runs_that_differ_in_recording_or_code_generation_share_a_table_row(finished_runs, tmp_path):
@@ -1262,6 +1280,23 @@ def test_resuming_a_damaged_run_file_says_it_is_damaged(tmp_path, capsys):
     assert re.search(r"run\.h5: the run file is damaged \(.*\); move the run folder away and train the run again", capsys.readouterr().err)
 
 
+def test_a_run_file_is_written_only_where_the_path_names_a_new_file_in_a_folder(tmp_path):
+    from agrel_sim import ColumnNetwork, build
+
+    description = ColumnNetwork((6,), [Dense(5)], 3)
+    net = build(description)
+    config = {"experiment": "tiny", "model": description.to_dict(), "dataset": "none"}
+    RunFile(tmp_path / "run.h5", net, config, 0)
+    kept = (tmp_path / "run.h5").read_bytes()
+    with pytest.raises(ValueError, match=r"run\.h5: a run file is there already; give resume_after to continue its run, or remove it"):
+        RunFile(tmp_path / "run.h5", net, config, 0)
+    assert (tmp_path / "run.h5").read_bytes() == kept
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}: a folder; give the path of the run file to write, such as .*run\.h5"):
+        RunFile(tmp_path, net, config, 0)
+    with pytest.raises(ValueError, match=r"there is no folder .*nowhere to write the run file in; make it first"):
+        RunFile(tmp_path / "nowhere" / "run.h5", net, config, 0)
+
+
 
 @pytest.mark.parametrize("signature", [b"SNOD", b"TREE", b"HEAP"], ids=["symbol table nodes", "B-trees", "local heaps"])
 def test_a_run_file_whose_groups_are_damaged_is_named_by_every_command(tmp_path, capsys, signature):
@@ -1319,6 +1354,23 @@ def in_config(change):
     return edit
 
 
+def cut(name, rows=3):
+    """An edit of a run file that keeps the first ``rows`` rows of its dataset ``name``."""
+    def edit(run):
+        run[name].resize(rows, axis=0)
+
+    return edit
+
+
+def a_dataset_in_place_of(name):
+    """An edit of a run file that puts a dataset in place of its group ``name``."""
+    def edit(run):
+        del run[name]
+        run[name] = np.zeros(3)
+
+    return edit
+
+
 def in_result(**values):
     """An edit of a run file that sets (``None``: deletes) attributes of its /result."""
     def edit(run):
@@ -1353,6 +1405,13 @@ def in_result(**values):
     pytest.param(in_result(test_accuracy=2.0), r"/result holds no possible result \(test_accuracy = 2\.0\)", id="test accuracy above 1"),
     pytest.param(in_result(best_epoch=9, epochs=1), r"/result holds no possible result \(best_epoch = 9, epochs = 1\)", id="best epoch after the last"),
     pytest.param(in_result(converged="yes"), r"/result holds no possible result \(converged = yes\)", id="converged not a bool"),
+    pytest.param(in_result(seconds=None), r"/result holds no possible result \(seconds = missing\)", id="no seconds"),
+    pytest.param(cut("trials/label"), r"records disagree \(/trials/label has 3 rows where /trials/action has \d+\)", id="labels cut short"),
+    pytest.param(cut("layers/layers.0/gate"), r"records disagree \(/layers/layers\.0/gate has 3 rows where /trials/action has \d+\)", id="gates cut short"),
+    pytest.param(cut("gating/layers.0/open_fraction"), r"records disagree \(/gating/layers\.0/open_fraction has 3 rows where /gating/epoch has \d+\)", id="gating cut short"),
+    pytest.param(cut("epochs/seconds", 1), r"records disagree \(/epochs/seconds has 1 rows where /epochs/epoch has 2\)", id="epochs cut short"),
+    pytest.param(a_dataset_in_place_of("gating/layers.1"), r"records disagree \(/gating/layers\.1 is not a group\)", id="gating of a layer a dataset"),
+    pytest.param(a_dataset_in_place_of("trials"), r"records disagree \(/trials is not a group\)", id="trials a dataset"),
     pytest.param(lambda run: (run["epochs"].__delitem__("epoch"), run["epochs"].create_group("epoch")), r"cannot be read as a run file \(TypeError: ", id="epochs a group"),
     pytest.param(without("epochs"), r"lacks /epochs/epoch, ", id="no epochs"),
     pytest.param(setting("sessions", "[{"), r"bad sessions attribute \(Expecting property name", id="sessions not JSON"),
@@ -1366,6 +1425,25 @@ def test_run_files_with_missing_or_bad_records_are_named(finished_runs, tmp_path
     with pytest.raises(RunFileError, match=rf"run\.h5: .*{message}.*; the run file is damaged: train the run again") as raised:
         load_run(path)
     assert str(raised.value).count("the run file is damaged") == 1, "said once, not wrapped in a second message"
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (without("trials/q"), r"it lacks /trials/q"),
+    (without("layers/layers.0"), r"it lacks /layers/layers\.0/units, /layers/layers\.0/ff, /layers/layers\.0/fb, /layers/layers\.0/gate"),
+    (cut("layers/layers.1/fb"), r"/layers/layers\.1/fb has 3 rows where /trials/action has \d+"),
+    (a_dataset_in_place_of("gating/output"), r"it lacks /gating/output/open_fraction, "),
+])
+def test_resuming_a_run_file_that_lacks_records_or_whose_records_disagree_names_them(tmp_path, capsys, edit, problem):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+    with h5py.File(run / "run.h5", "a") as handle:
+        handle.attrs["complete"] = False  # as if killed
+        edit(handle)
+    kept = (run / "run.h5").read_bytes()
+    assert main(["train", "--resume", "--max-epochs", "3", "--out", str(run), "--quiet"]) == 2
+    assert re.search(rf"run\.h5: the run file is damaged \({problem}.*\); move the run folder away and train the run again", capsys.readouterr().err)
+    assert not list(run.glob("*.partial")), "no partial copy left"
+    assert (run / "run.h5").read_bytes() == kept
 
 
 def test_an_empty_run_like_file_is_named(tmp_path):

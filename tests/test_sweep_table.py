@@ -182,13 +182,21 @@ def test_a_sweep_on_another_device_counts_finished_runs_but_cannot_continue_them
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, capsys):
-    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace('dataset = "digits"', 'dataset = "mnist"'))
-    assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data")]) == 1
+    # More validation images than the digits have training images: found as the run loads them.
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("validation_size = 100", "validation_size = 5000"))
+    assert main(["sweep", str(sweep_file)]) == 1
     captured = capsys.readouterr()
-    assert captured.out.count("FAILED") == 2 and "MNIST not found" in captured.out
-    assert f"{tmp_path / 'no-data'}/MNIST/raw" in captured.out, "the runs searched the sweep's --data-dir"
+    assert captured.out.count("FAILED") == 2 and "training.validation_size: expected 0 < validation_size < 1437" in captured.out
     assert "run the same command again" in captured.err
     assert len(run_files(tmp_path / "runs")) == 2
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_a_sweep_whose_data_are_not_found_stops_before_any_run(sweep_file, tmp_path, capsys, executor):
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace('dataset = "digits"', 'dataset = "mnist"').replace('"tiny.toml"', '"mnist_fc3"'))
+    assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data"), "--executor", executor]) == 2
+    assert re.search(rf"MNIST not found\. Searched:\n  {re.escape(str(tmp_path / 'no-data'))}/MNIST/raw\n", capsys.readouterr().err), "the sweep's --data-dir"
+    assert not (tmp_path / "runs").exists(), "not even the runs that need no files"
 
 
 def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, tmp_path, python_sigint):
@@ -787,6 +795,12 @@ def test_bad_sweep_file(tmp_path, capsys, monkeypatch):
         path.write_text(f'name = "{name}"\nexperiments = ["mnist_conv3_deepagrel"]\nseeds = [0]\n')
         assert main(["sweep", str(path)]) == 2
         assert f"sweep.toml: name: expected a non-empty name without '/' or control characters (it names the sweep's folder runs/<name>), got {name!r}" in capsys.readouterr().err
+    # A model that does not fit its data set stops the sweep before any data is read.
+    (tmp_path / "elsewhere" / "e1.toml").write_text('model = "cifar10_conv3"\ndataset = "cifar100"\n')
+    path.write_text('experiments = ["elsewhere/e1.toml"]\nseeds = [0]\n')
+    assert main(["sweep", str(path), "--out", str(tmp_path / "runs")]) == 2
+    assert re.search(r"elsewhere/e1\.toml: model: 'cifar10_conv3' has 10 actions, data set 'cifar100' has 100 classes", capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
     # An entry with folders but without .toml is not looked up as a name below the search folders.
     path.write_text('experiments = ["../experiments/mnist_conv3_deepagrel"]\nseeds = [0]\n')
     assert main(["sweep", str(path)]) == 2
@@ -874,6 +888,10 @@ def test_table_never_writes_its_csv_over_a_runs_files(sweep_file, tmp_path, caps
         )
         assert capsys.readouterr() == ("", f"agrel-sim: error: {path}: not a path for the CSV: {why} with --csv\n"), "the error is the only output"
     assert {path: path.read_bytes() for path in kept} == kept
+    (tmp_path / "link.csv").symlink_to(folder / "checkpoint.pt")  # a link is replaced by the CSV, never written through
+    assert main(["table", "runs", "--csv", "link.csv"]) == 0
+    assert not (tmp_path / "link.csv").is_symlink() and (tmp_path / "link.csv").read_text().startswith("dataset,")
+    assert {path: path.read_bytes() for path in kept} == kept and not list(tmp_path.glob("*.partial"))
 
 
 EBP_EXPERIMENT = """

@@ -48,10 +48,9 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
     Raises
     ------
     ConfigError
-        For an unknown backend or option (naming ``source`` and the options there are), or a bad
-        option value.
-    UnsupportedLayerError, ValueError
-        From the backend's ``check_network``.
+        For an unknown backend or option (naming ``source`` and the options there are), a bad
+        option value, or a network the backend does not build (a layer kind or a rule; the
+        backend's ``check_network`` says which).
     """
     if backend not in BACKENDS:
         raise ConfigError(f"{source}: backend: unknown backend {backend!r}; available: {sorted(BACKENDS)}")
@@ -66,7 +65,10 @@ def check_backend(network: ColumnNetwork, backend: str, options: dict, source: s
             module.check_options(options)
         except ValueError as error:  # its messages begin with the option's name
             raise ConfigError(f"{source}: backend_options.{error}") from None
-    module.check_network(network)
+    try:
+        module.check_network(network)
+    except ValueError as error:  # UnsupportedLayerError included; its message names the model's field
+        raise ConfigError(f"{source}: backend: the {backend} backend cannot build model {network.name!r} ({error})") from None
 
 
 def resolved_options(backend: str, options: dict) -> dict:
