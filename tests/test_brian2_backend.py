@@ -101,26 +101,64 @@ def test_a_column_whose_drive_turns_negative_closes_its_gate_while_its_activity_
         assert np.array_equal(record.gate[-1].numpy(), layer.ff_neurons.gate[:] == 1) and np.array_equal(layer.fb_neurons.gate[:], layer.ff_neurons.gate[:])
 
 
+def simulated_chain(steps, dt, tau, stages):
+    """What the last of ``stages`` low-pass stages, integrated as the backend does (exponential
+    Euler, each stage driven by the one below as it was at the step's start), has still to go
+    after ``steps`` steps of a unit step."""
+    decay = math.exp(-dt / tau)
+    chain = np.zeros(stages)
+    for _ in range(steps):
+        chain = decay * chain + (1 - decay) * np.concatenate([[1.0], chain[:-1]])
+    return 1 - chain[-1]
+
+
+def test_the_unsettled_fraction_is_that_of_the_simulated_chain():
+    for steps, dt, tau, stages in [(100, 1.0, 10.0, 3), (5, 20.0, 10.0, 3), (40, 0.5, 3.0, 6), (2, 1.0, 0.5, 4), (7, 1.0, 1e-3, 3)]:
+        assert brian2_backend.unsettled_fraction(steps, dt, tau, stages) == pytest.approx(simulated_chain(steps, dt, tau, stages), rel=1e-9, abs=1e-300)
+    assert brian2_backend.unsettled_fraction(100, 1.0, 1e-200, 3) == 0.0, "a tiny tau: settled at once, no overflow"
+    assert brian2_backend.unsettled_fraction(2, 1.0, 1e-320, 3) == 1.0, "each stage takes a step, however short its tau"
+    assert brian2_backend.unsettled_fraction(0, 1.0, 10.0, 3) == 1.0
+    fine = brian2_backend.unsettled_fraction(30_000, 1e-3, 10.0, 2)  # a fine dt: the continuous chain, exp(-x)(1 + x)
+    assert fine == pytest.approx(4 * math.exp(-3), rel=1e-3)
+
+
 def test_the_settling_time_named_is_the_shortest_for_any_time_constant():
-    for dt, tau, stages in [(1.0, 10.0, 3), (1.0, 10.0, 6), (0.1, 3.0, 2), (1.0, 0.5, 4)]:
-        brute = next(n for n in itertools.count(1) if brian2_backend.unsettled_fraction(n * dt, tau, stages) <= brian2_backend.SETTLING_TOLERANCE)
+    for dt, tau, stages in [(1.0, 10.0, 3), (1.0, 10.0, 6), (0.1, 3.0, 2), (1.0, 0.5, 4), (20.0, 10.0, 3)]:
+        brute = next(n for n in itertools.count(1) if brian2_backend.unsettled_fraction(n, dt, tau, stages) <= brian2_backend.SETTLING_TOLERANCE)
         for too_few in {0, 1, brute // 3, brute - 1}:  # any number of steps that does not settle
-            assert brian2_backend._steps_to_settle(too_few, dt, tau, stages) == brute, (dt, tau, stages, too_few)
-    assert brian2_backend.unsettled_fraction(100.0, 1e-200, 3) == 0.0, "a tiny tau: settled at once, no overflow"
-    assert brian2_backend.unsettled_fraction(0.0, 10.0, 3) == 1.0
-    assert brian2_backend.unsettled_fraction(30.0, 10.0, 2) == pytest.approx(4 * math.exp(-3), rel=1e-12)
-    steps = brian2_backend._steps_to_settle(100, 1.0, 1e9, 3)  # a tau of 10**9 steps, found at once
-    assert brian2_backend.unsettled_fraction(steps, 1e9, 3) <= 0.01 < brian2_backend.unsettled_fraction(steps - 1, 1e9, 3)
+            assert brian2_backend._steps_to_settle(too_few, dt, tau, stages, 10**7) == brute, (dt, tau, stages, too_few)
+        assert brian2_backend._steps_to_settle(0, dt, tau, stages, brute - 1) is None
+    steps = brian2_backend._steps_to_settle(100, 1.0, 1e6, 3, 10**9)  # a tau of 10**6 steps, found at once
+    assert brian2_backend.unsettled_fraction(steps, 1.0, 1e6, 3) <= 0.01 < brian2_backend.unsettled_fraction(steps - 1, 1.0, 1e6, 3)
+
+
+def test_q_values_read_early_are_short_by_the_unsettled_fraction_and_a_warning_says_so():
+    # Positive weights and inputs keep every column active: the net is linear, each path from
+    # the input to the output crosses the same number of stages, so the Q-values read after a
+    # coarse t_stimulus are short of the torch backend's by exactly the unsettled fraction.
+    description = describe(layers=(Dense(6), Dense(5)), n_inputs=8)
+    reference = build(description, dtype=torch.float64, seed=1)
+    positive = {name: weights.abs() for name, weights in reference.weights().items()}
+    reference.load_weights(positive)
+    images = torch.rand(5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"with 3 levels of columns the ff activity is still 2\.00% short of its fixed point when the Q-values are read .* t_stimulus = 120 ms brings that to 1%"):
+        net = build(description, backend="brian2", dtype=torch.float64, seed=1, dt=20.0, t_rpe=20.0, t_plasticity=20.0)
+    net.load_weights(positive)
+    shortfall = 1 - net.q_values(images) / reference.q_values(images)
+    assert torch.allclose(shortfall, torch.full_like(shortfall, brian2_backend.unsettled_fraction(5, 20.0, 10.0, 3)), rtol=1e-6)
 
 
 def test_a_time_constant_too_long_to_settle_within_a_trial_is_named():
-    with pytest.warns(UserWarning, match=r"t_stimulus = [\d.e+]+ ms would bring that to 1%, but makes a trial longer than the 10,000,000 time steps simulated: choose a shorter tau_ff"):
+    with pytest.warns(UserWarning, match=r"no t_stimulus brings that to 1% within the 10,000,000 time steps of a trial simulated: choose a shorter tau_ff"):
         build(describe(), backend="brian2", tau_ff=1e7)
+    build(describe(), backend="brian2", tau_ff=1e-320)  # settled within a step a level: no warning, no overflow
 
 
 def test_a_time_step_too_small_for_the_phases_is_named():
-    with pytest.raises(ValueError, match=r"^dt: 1e-05 ms makes a trial 22,000,000 time steps long; at most 10,000,000 are simulated: choose a larger dt$"):
+    with pytest.raises(ValueError, match=r"^dt: 1e-05 ms makes a trial 22,000,000 time steps long \(t_stimulus: 10,000,000\); at most 10,000,000 are simulated: choose a larger dt, or a shorter t_stimulus$"):
         build(describe(), backend="brian2", dt=1e-5)
+    with pytest.raises(ValueError, match=r"^dt: 1 ms makes a trial 1e\+300 time steps long \(t_stimulus: 1e\+300\); .* or a shorter t_stimulus$"):
+        build(describe(), backend="brian2", t_stimulus=1e300)
 
 
 def test_initial_weights_are_the_torch_backends_for_the_same_seed():
@@ -144,9 +182,9 @@ def test_phases_too_short_for_a_deep_network_warn_and_the_durations_named_settle
     with pytest.warns(UserWarning, match="brian2 backend") as direct:
         brian2_backend.build(description, dtype=torch.float64)
     assert {w.filename for w in direct if "brian2 backend" in str(w.message)} == {__file__}
-    assert len(messages) == 2 and "ff activity is still 6.71%" in messages[0] and "fb activity" in messages[1]
+    assert len(messages) == 2 and "ff activity is still 7.73%" in messages[0] and "fb activity" in messages[1]
     named = dict(re.search(r"(t_\w+) = (\d+) ms", message).groups() for message in messages)
-    assert named == {"t_stimulus": "132", "t_feedback": "102"}
+    assert named == {"t_stimulus": "134", "t_feedback": "104"}
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="brian2 backend")
         settled_net = build(description, backend="brian2", dtype=torch.float64, **{k: float(v) for k, v in named.items()})
@@ -155,7 +193,8 @@ def test_phases_too_short_for_a_deep_network_warn_and_the_durations_named_settle
     def error(net):
         return ((net.q_values(images) - exact).abs().max() / exact.abs().max()).item()
 
-    assert error(defaults) > 0.05 and error(settled_net) < 0.015
+    print(f"Q-values off by {error(defaults):.4f} under the default phases, {error(settled_net):.4f} under those named")
+    assert error(defaults) > 0.05 and error(settled_net) <= 0.01
 
 
 def test_settled_activity_and_q_values_match_torch():

@@ -226,7 +226,11 @@ class Timeline:
                 raise ValueError(f"{name}: {duration} ms is not a whole number of time steps dt = {dt} ms")
             steps[phase] = count
         if sum(steps.values()) > MAX_TRIAL_STEPS:
-            raise ValueError(f"dt: {dt:g} ms makes a trial {sum(steps.values()):,} time steps long; at most {MAX_TRIAL_STEPS:,} are simulated: choose a larger dt")
+            longest = max(steps, key=steps.get)
+            raise ValueError(
+                f"dt: {dt:g} ms makes a trial {_step_count(sum(steps.values()))} time steps long (t_{longest}: {_step_count(steps[longest])}); at most "
+                f"{MAX_TRIAL_STEPS:,} are simulated: choose a larger dt, or a shorter t_{longest}"
+            )
         return cls(dt, steps)
 
     @property
@@ -243,19 +247,35 @@ class Timeline:
         return {p: (self.start(p) * self.dt / 1000, (self.start(p) + self.steps[p]) * self.dt / 1000) for p in PHASES}
 
 
-def unsettled_fraction(duration: float, tau: float, stages: int) -> float:
-    """The fraction of a step that a chain of low-pass stages has still to go after ``duration``.
+def _step_count(count: int) -> str:
+    """A number of time steps as a message shows it: digits grouped, or in powers of ten when long."""
+    return f"{count:,}" if count < 10**15 else f"{float(count):.3g}"
+
+
+def unsettled_fraction(steps: int, dt: float, tau: float, stages: int) -> float:
+    """The fraction of a step that a chain of low-pass stages has still to go after ``steps``
+    time steps of ``dt``.
 
     Every layer of rate neurons is a first-order low-pass filter of the layer before it, so a
-    network settles level by level: after a step at time 0, the last of ``stages`` filters with
-    time constant ``tau`` is ``exp(-x) * sum_{k < stages} x**k / k!`` (``x = duration / tau``)
-    short of its new value.
+    network settles level by level. As simulated, by exponential Euler, a stage moves in a time
+    step from ``y`` to ``a*y + (1 - a)*u`` (``a = exp(-dt/tau)``), ``u`` the activity of the stage
+    below at the step's start, so each stage adds a step's delay. A stage passes on a step at
+    time 0 as the chance that a geometric number of steps (success chance ``p = 1 - a`` per
+    step) is over, and a chain of ``stages`` as the chance that as many successes have come:
+    the last stage is ``sum_{k < stages} C(steps, k) p**k a**(steps - k)`` short of its new
+    value. As ``dt`` goes to 0 at a fixed ``steps*dt``, this is the continuous chain's
+    ``exp(-x) * sum_{k < stages} x**k / k!``, ``x = steps*dt/tau``.
     """
-    x = duration / tau
-    if x == 0:
+    rate = dt / tau
+    if steps == 0 or rate == 0:
         return 1.0
-    # Each term exp(-x) x**k / k! in logarithms: x**k alone overflows for a tau tiny against the phase.
-    return sum(math.exp(k * math.log(x) - x - math.lgamma(k + 1)) for k in range(stages))
+    log_p = math.log(-math.expm1(-rate))
+    # Each term in logarithms: the binomial coefficient and the powers alone overflow.
+    terms = (
+        math.lgamma(steps + 1) - math.lgamma(k + 1) - math.lgamma(steps - k + 1) + k * log_p - ((steps - k) * rate if steps > k else 0.0)
+        for k in range(min(stages, steps + 1))
+    )
+    return sum(math.exp(term) for term in terms)
 
 
 def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: float) -> None:
@@ -273,15 +293,15 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
         ("fb", "when plasticity begins", "t_feedback", tau_fb, steps["feedback"] + other_fb_steps, other_fb_steps),
     )
     for neurons, moment, option, tau, settling, others in checks:
-        remainder = unsettled_fraction(settling * timeline.dt, tau, stages)
+        remainder = unsettled_fraction(settling, timeline.dt, tau, stages)
         if remainder <= SETTLING_TOLERANCE:
             continue
-        enough = _steps_to_settle(settling, timeline.dt, tau, stages)
-        duration = f"{option} = {(enough - others) * timeline.dt:g} ms"
-        if timeline.trial_steps - settling + enough > MAX_TRIAL_STEPS:
-            remedy = f"{duration} would bring that to {SETTLING_TOLERANCE:.0%}, but makes a trial longer than the {MAX_TRIAL_STEPS:,} time steps simulated: choose a shorter tau_{neurons}"
+        room = MAX_TRIAL_STEPS - (timeline.trial_steps - settling)  # the most steps these phases may take
+        enough = _steps_to_settle(settling, timeline.dt, tau, stages, room)
+        if enough is None:
+            remedy = f"no {option} brings that to {SETTLING_TOLERANCE:.0%} within the {MAX_TRIAL_STEPS:,} time steps of a trial simulated: choose a shorter tau_{neurons}"
         else:
-            remedy = f"{duration} brings that to {SETTLING_TOLERANCE:.0%}, near the torch backend's values"
+            remedy = f"{option} = {(enough - others) * timeline.dt:g} ms brings that to {SETTLING_TOLERANCE:.0%}, near the torch backend's values"
         warnings.warn(
             f"{BACKEND} backend: with {stages} levels of columns the {neurons} activity is still {remainder:.2%} "
             f"short of its fixed point {moment} ({tau:g} ms time constants); {remedy} (shorter phases simulate a "
@@ -290,16 +310,19 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
         )
 
 
-def _steps_to_settle(too_few: int, dt: float, tau: float, stages: int) -> int:
+def _steps_to_settle(too_few: int, dt: float, tau: float, stages: int, most: int) -> int | None:
     """The fewest time steps after which :func:`unsettled_fraction` is within
     :data:`SETTLING_TOLERANCE`, given that ``too_few`` are not enough (the remainder falls with
-    time): doubling, then bisection, so that a tau of many steps is found in a few dozen tries."""
+    time), or None where more than ``most`` would be needed: doubling, then bisection, so that a
+    tau of many steps is found in a few dozen tries."""
     def settles(steps: int) -> bool:
-        return unsettled_fraction(steps * dt, tau, stages) <= SETTLING_TOLERANCE
+        return unsettled_fraction(steps, dt, tau, stages) <= SETTLING_TOLERANCE
 
-    low, high = too_few, max(2 * too_few, 1)
+    if not settles(most):
+        return None
+    low, high = too_few, min(max(2 * too_few, 1), most)
     while not settles(high):
-        low, high = high, 2 * high
+        low, high = high, min(2 * high, most)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if settles(middle) else (middle, high)
