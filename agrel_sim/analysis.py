@@ -651,17 +651,25 @@ def _pyplot():
 LABELS = {"deepagrel": "DeepAGREL: reward probability", "ebp": "EBP: 1 − training error"}
 
 
+FIGURE3_COLUMNS = 4  # panels in a line of Figure 3: the whole Table 1 (22 rows) in 6 lines
+
+
 def plot_reward_curves(runs: list[Run], path: Path) -> Path:
     """Figure 3 (:func:`reward_curves`): reward probability per epoch, mean ± 2σ over runs, per
-    rule; a panel per Table 1 row. The legend says how many runs the first and the last epoch
-    average; no band is drawn where fewer than 2 runs remain."""
+    rule; a panel per Table 1 row, :data:`FIGURE3_COLUMNS` panels a line. The legend says how
+    many runs the first and the last epoch average; no band is drawn where fewer than 2 runs
+    remain."""
     plt = _pyplot()
     curves = reward_curves(runs)
     panels = max(1, len(curves))
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False, layout="constrained")
+    columns = min(panels, FIGURE3_COLUMNS)
+    lines = -(-panels // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4 * lines), squeeze=False, layout="constrained")
+    for ax in axes.flat[panels:]:  # the last line's empty places
+        ax.set_axis_off()
     if not curves:
         axes[0, 0].text(0.5, 0.5, "no complete run", ha="center", transform=axes[0, 0].transAxes)
-    for ax, (row, rules) in zip(axes[0], curves.items()):
+    for ax, (row, rules) in zip(axes.flat, curves.items()):
         for rule, curve in rules.items():
             ax.plot(curve["epoch"], curve["mean"], marker="o", markersize=3, label=f"{LABELS.get(rule, rule)} ({_run_counts(curve['runs'])})")
             ax.fill_between(curve["epoch"], curve["mean"] - curve["two_sigma"], curve["mean"] + curve["two_sigma"], alpha=0.25)  # NaN 2σ: a gap
@@ -723,7 +731,8 @@ def _empty_gating_panel(run: Run, names: list[str]) -> str:
 
 
 def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
-    """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training,
+    """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training
+    (its epochs split as evenly as they go; a run of 1 or 2 epochs has 1 or 2 parts),
     over the range of every finite δ logged."""
     plt = _pyplot()
     trials = run.trials()
@@ -737,12 +746,14 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
     elif not finite.any():
         ax.text(0.5, 0.5, "no finite RPE (the run diverged)", ha="center", transform=ax.transAxes)
     else:
-        last = epoch.max()
-        span = (delta[finite].min(), delta[finite].max())  # every δ drawn, on bins that the three parts share
-        for part, (low, high) in zip(("early", "middle", "late"), ((0, last / 3), (last / 3, 2 * last / 3), (2 * last / 3, last))):
-            mask = (epoch > low) & (epoch <= high) & finite
+        span = (delta[finite].min(), delta[finite].max())  # every δ drawn, on bins that the parts share
+        parts = [epochs for epochs in np.array_split(np.arange(1, int(epoch.max()) + 1), 3) if len(epochs)]  # fewer than 3 in a short run
+        names = {1: ("all",), 2: ("early", "late"), 3: ("early", "middle", "late")}[len(parts)]
+        for name, epochs in zip(names, parts):
+            mask = np.isin(epoch, epochs) & finite
             if mask.any():
-                ax.hist(delta[mask], bins=bins, range=span, histtype="step", density=True, label=f"{part} (epochs {int(low) + 1}–{int(high)})")
+                which = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}–{epochs[-1]}"
+                ax.hist(delta[mask], bins=bins, range=span, histtype="step", density=True, label=f"{name} ({which})")
         ax.legend()
     ax.set(xlabel="RPE δ = r − q_s", ylabel="density", title="Distribution of the dopamine-like RPE")
     return _save(fig, path)

@@ -26,6 +26,7 @@ import time
 import torch
 
 from agrel_sim import ColumnNetwork, Dense, Rule, build
+from rule_vs_ebp import positive_int  # the script beside this one (its folder is on the path)
 
 SHAPE = (64, 32, 10)
 
@@ -55,8 +56,8 @@ def batch_seconds(target: str, batch: int, repeats: int, freeze_gc: bool) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100], help="trials per batch (per Brian2 run)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed batches per measurement")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 10, 100], help="trials per batch (per Brian2 run)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed batches per measurement")
     parser.add_argument("--targets", nargs="+", choices=["numpy", "cython"], default=["numpy", "cython"])
     parser.add_argument("--freeze-gc", action="store_true", help="gc.freeze() after set-up (see above)")
     args = parser.parse_args()

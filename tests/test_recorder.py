@@ -879,11 +879,27 @@ def test_the_rpe_histogram_shows_every_delta(finished_runs, tmp_path, monkeypatc
     for patch in figures[-1].axes[0].patches:
         xs = patch.get_path().vertices[:, 0]
         assert xs.min() == pytest.approx(-6.7) and xs.max() == pytest.approx(4.8)
+    assert [text.get_text() for text in figures[-1].axes[0].get_legend().get_texts()] == ["early (epoch 1)", "late (epoch 2)"], "two epochs: two parts"
     with h5py.File(path, "a") as run:  # a network that diverged before any logged trial
         run["trials"]["delta"][:] = np.nan
     plot_rpe_distribution(load_run(path), tmp_path / "rpe.png")
     assert [text.get_text() for text in figures[-1].axes[0].texts] == ["no finite RPE (the run diverged)"]
     assert re.search(r"logged trials: \d+; no finite RPE \(the run diverged\), rewarded", summary(load_run(path)))
+
+
+def test_figure3_puts_four_panels_in_a_line(finished_runs, tmp_path, monkeypatch):
+    from agrel_sim import analysis
+
+    curves = analysis.reward_curves(load_runs(finished_runs))
+    (row, rules), = curves.items()
+    many = {("digits", f"net{index}", None): rules for index in range(6)}  # six Table 1 rows
+    monkeypatch.setattr(analysis, "reward_curves", lambda runs: many)
+    figures = drawn_figures(monkeypatch)
+    analysis.plot_reward_curves([], tmp_path / "figure3.png")
+    grid = figures[-1].axes[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols) == (2, 4)
+    drawn = [ax for ax in figures[-1].axes if ax.axison]
+    assert [ax.get_title() for ax in drawn] == [f"digits, net{index}, no augmentation" for index in range(6)]
 
 
 def edit_config(path, edit):
