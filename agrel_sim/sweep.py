@@ -41,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -124,6 +124,30 @@ class RunTask:
     device: str
     data_dir: str | None
     threads: int
+    sweep_process: tuple[int, str] | None = None  # for jobs that outlive the sweep: (pid, start time) of its process, whose end ends the run
+
+
+def process_identity(pid: int) -> tuple[int, str]:
+    """A process as :attr:`RunTask.sweep_process` names it: its pid and start time (a pid is used
+    again once its process has ended; the pair is not)."""
+    with open(f"/proc/{pid}/stat") as stat:  # the name in parentheses may hold spaces: the fields after it
+        return pid, stat.read().rsplit(")", 1)[1].split()[19]
+
+
+def _alive(process: tuple[int, str]) -> bool:
+    try:
+        return process_identity(process[0]) == process
+    except OSError:  # no such process
+        return False
+
+
+def _end_with_sweep(process: tuple[int, str]) -> None:
+    """Stop this job's run (as Ctrl-C does: after the batch at hand, its finished epochs kept)
+    once the sweep's process has ended: a job of submitit's local executor outlives a sweep
+    killed without a chance to cancel it, and would go on holding its run folder's lock."""
+    while _alive(process):
+        time.sleep(POLL_S)
+    signal.raise_signal(signal.SIGINT)
 
 
 def execute(task: RunTask) -> str:
@@ -201,6 +225,8 @@ class SubmititRun:
 
         interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)  # even where the job's parent ignored it
         requeue = signal.signal(timeout_signal, stop)
+        if task.sweep_process is not None:
+            threading.Thread(target=_end_with_sweep, args=(task.sweep_process,), daemon=True).start()
         outcome = None
         try:
             outcome = _outcome(lambda: execute(task))
@@ -332,10 +358,14 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if executor != "slurm":  # found here once, not by every run; a cluster's data folder need not be on this machine
         for dataset in sorted({load_experiment(task.experiment_path).dataset for task in tasks}):
             find_data(dataset, data_dir)
-    runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)
-    log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run, executor {executor}, out {out}")
+    going_on = sum(is_complete(Path(task.folder)) for task in tasks)  # their patience or max_epochs raised since
+    again = f" ({going_on} of them finished runs that go on: until they end again, table lists them as incomplete)" if going_on else ""
+    log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run{again}, executor {executor}, out {out}")
     if not tasks:
         return []
+    runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)  # its folder only where jobs will run
+    if executor == "submitit-local":
+        tasks = [replace(task, sweep_process=process_identity(os.getpid())) for task in tasks]
     failures = []
     outcomes = _run_processes(execute, tasks, jobs) if runner is None else _run_submitit(runner, tasks, jobs, sweep, out / "submitit" / CONTROLLER_LOG)
     with contextlib.closing(outcomes):  # on Ctrl-C too: ends the processes still running
@@ -623,6 +653,11 @@ def _run_submitit(runner, tasks: list[RunTask], jobs: int | None, sweep: Sweep, 
                 # sbatch refused the jobs or could not be run, or a [slurm] value that submitit
                 # takes unchecked failed as the local executor started a job (local_gpus_per_node = "x")
                 except (FailedJobError, OSError, TypeError, ValueError) as error:
+                    if not started and runner.cluster != "slurm" and isinstance(error, OSError):  # its files could not be written
+                        raise ValueError(
+                            f"{controller_log.parent}: submitting {len(batch)} run(s) failed: {error.strerror or error}; "
+                            "free space there, or choose another --out (or out in the sweep file)"
+                        ) from None
                     if not started:  # nothing runs yet: the settings are at fault, and the sweep stops
                         raise ValueError(
                             f"{sweep.source}: submitting {len(batch)} run(s) failed: {error}; "

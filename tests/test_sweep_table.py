@@ -105,7 +105,7 @@ def test_a_sweep_continues_runs_given_more_epochs_and_refuses_runs_made_otherwis
     runs = tmp_path / "runs" / "tiny"
     (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 3"))
     assert main(["sweep", str(sweep_file)]) == 0
-    assert "2 runs already finished, 2 to run" in capsys.readouterr().out
+    assert "2 runs already finished, 2 to run (2 of them finished runs that go on: until they end again, table lists them as incomplete)" in capsys.readouterr().out
     for seed in (0, 1):
         with h5py.File(runs / "tiny_ebp" / f"seed{seed}" / "run.h5", "r") as run:
             assert run.attrs["complete"] and run["epochs"]["epoch"][:].tolist() == [1, 2, 3]
@@ -231,13 +231,14 @@ def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, 
     assert [task.seed for task in tasks] == [0, 1] and finished == []
 
 
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_sweep_leaves_no_run_training(sweep_file, tmp_path, kill):
+def test_a_killed_sweep_leaves_no_run_training(sweep_file, tmp_path, kill, executor):
     long = experiment("deepagrel").replace("tiny_deepagrel", "tiny_long").replace("max_epochs = 2", "max_epochs = 100000\npatience = 100000")
     (tmp_path / "tiny_long.toml").write_text(long)
     sweep_file.write_text('name = "tiny"\nexperiments = ["tiny_long.toml"]\nseeds = [0]\nout = "runs/tiny"\n')
     folder = tmp_path / "runs" / "tiny" / "tiny_long" / "seed0"
-    command = [sys.executable, "-m", "agrel_sim.cli", "sweep", str(sweep_file)]
+    command = [sys.executable, "-m", "agrel_sim.cli", "sweep", str(sweep_file), "--executor", executor]
     sweep = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -245,8 +246,8 @@ def test_a_killed_sweep_leaves_no_run_training(sweep_file, tmp_path, kill):
             if sweep.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the run did not finish an epoch: {sweep.stderr.read()}")
             time.sleep(0.05)
-        os.kill(sweep.pid, kill)  # the sweep's process alone, as by hand: no handler of its own runs
-        sweep.communicate(timeout=30)
+        os.kill(sweep.pid, kill)  # the sweep's process alone, as by hand: no handler of its own runs (submitit's jobs are not its children)
+        sweep.wait(timeout=30)  # not its output, which its runs' processes hold open as long as they live
         deadline = time.monotonic() + 30
         with open(folder / "run.lock", "w") as lock:
             while True:  # the run's process sees its parent gone, ends, and the system releases its lock
