@@ -31,6 +31,7 @@ checkpoint, and so is a preempted one where the cluster signals preemptions (see
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -363,17 +364,42 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run{again}, executor {executor}, out {out}")
     if not tasks:
         return []
-    runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)  # its folder only where jobs will run
-    if executor == "submitit-local":
-        tasks = [replace(task, sweep_process=process_identity(os.getpid())) for task in tasks]
     failures = []
-    outcomes = _run_processes(execute, tasks, jobs) if runner is None else _run_submitit(runner, tasks, jobs, sweep, out / "submitit" / CONTROLLER_LOG)
-    with contextlib.closing(outcomes):  # on Ctrl-C too: ends the processes still running
-        for task, ok, line in outcomes:
-            log(line if ok else f"FAILED {task.experiment_path} seed={task.seed}: {line}")
-            if not ok:
-                failures.append(line)
+    with _sweep_lock(out):
+        runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)  # its folder only where jobs will run
+        if executor == "submitit-local":
+            tasks = [replace(task, sweep_process=process_identity(os.getpid())) for task in tasks]
+        outcomes = _run_processes(execute, tasks, jobs) if runner is None else _run_submitit(runner, tasks, jobs, sweep, out / "submitit" / CONTROLLER_LOG)
+        with contextlib.closing(outcomes):  # on Ctrl-C too: ends the processes still running
+            for task, ok, line in outcomes:
+                log(line if ok else f"FAILED {task.experiment_path} seed={task.seed}: {line}")
+                if not ok:
+                    failures.append(line)
     return failures
+
+
+SWEEP_LOCK = "sweep.lock"
+
+
+@contextlib.contextmanager
+def _sweep_lock(out: Path):
+    """Hold ``out``'s :data:`SWEEP_LOCK` while the sweep's runs go on, or raise where another
+    sweep holds it: two sweeps into one folder would each find runs locked by the other, and
+    report them as failed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / SWEEP_LOCK, "w")
+    except OSError as error:
+        raise ValueError(f"{out}: cannot write the sweep's lock there ({error.strerror}); make the folder writable, or choose another --out (or out in the sweep file)") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{out}: another sweep is running its runs in this folder; run this one once it has ended (it runs what is still"
+                " missing then), or choose another --out (or out in the sweep file)"
+            ) from None
+        yield
 
 
 def _check_out_folder(out: Path) -> None:

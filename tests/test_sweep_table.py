@@ -100,6 +100,19 @@ def test_sweep_runs_missing_runs_only(sweep_file, tmp_path, capsys, executor):
     assert (rows[0]["deepagrel_seeds"], rows[0]["ebp_seeds"]) == ("0 1", "0 1")
 
 
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_a_second_sweep_into_the_same_folder_stops_before_any_run(sweep_file, tmp_path, capsys, executor):
+    out = tmp_path / "runs" / "tiny"
+    out.mkdir(parents=True)
+    with open(out / "sweep.lock", "w") as lock:  # as a sweep running there holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["sweep", str(sweep_file), "--executor", executor]) == 2
+    assert "runs/tiny: another sweep is running its runs in this folder; run this one once it has ended" in capsys.readouterr().err
+    assert [path.name for path in out.iterdir()] == ["sweep.lock"], "no run started, no job folder made"
+    assert main(["sweep", str(sweep_file), "--executor", executor]) == 0, "once it has ended"
+    assert len(run_files(out)) == 4
+
+
 def test_a_sweep_continues_runs_given_more_epochs_and_refuses_runs_made_otherwise(sweep_file, tmp_path, capsys):
     assert main(["sweep", str(sweep_file)]) == 0
     runs = tmp_path / "runs" / "tiny"
