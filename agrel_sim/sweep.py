@@ -385,7 +385,9 @@ SWEEP_LOCK = "sweep.lock"
 def _sweep_lock(out: Path):
     """Hold ``out``'s :data:`SWEEP_LOCK` while the sweep's runs go on, or raise where another
     sweep holds it: two sweeps into one folder would each find runs locked by the other, and
-    report them as failed."""
+    report them as failed. Folders made here are removed again where the sweep fails before
+    anything else is in them (a refused ``[slurm]`` table, say)."""
+    made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / SWEEP_LOCK, "w")
@@ -399,7 +401,14 @@ def _sweep_lock(out: Path):
                 f"{out}: another sweep is running its runs in this folder; run this one once it has ended (it runs what is still"
                 " missing then), or choose another --out (or out in the sweep file)"
             ) from None
-        yield
+        try:
+            yield
+        except BaseException:
+            if made and [entry.name for entry in out.iterdir()] == [SWEEP_LOCK]:
+                with contextlib.suppress(OSError):  # best effort: the sweep's own error is the one raised
+                    (out / SWEEP_LOCK).unlink()
+                remove_empty_folders(made)
+            raise
 
 
 def _check_out_folder(out: Path) -> None:
