@@ -91,22 +91,39 @@ def locked(folder: Path):
             raise ValueError(f"{folder}: cannot make the run folder ({error.strerror}); choose another --out") from None
     else:
         raise ValueError(f"{folder}: cannot make the run folder ({missing.strerror}, five times: its parent folders keep disappearing, or folders cannot be made there); choose another --out")
+    with holding_lock(
+        folder / LOCK_FILE, made,
+        busy=f"{folder}: another process is training in this run folder; wait for it to end or choose another --out",
+        unwritable=(f"{folder}: cannot write in the run folder", "make it writable or choose another --out"),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def holding_lock(lock_file: Path, made: list[Path], busy: str, unwritable: tuple[str, str]):
+    """Hold ``lock_file`` locked (the system releases it when the process ends, however it ends).
+
+    Raises ``ValueError``: ``busy`` where another process holds it, and ``"{unwritable[0]}
+    (reason); {unwritable[1]}"`` where it cannot be opened. Where the block raises and the lock
+    file's folder holds nothing else, the lock file and the folders ``made`` (innermost first,
+    as :func:`missing_folders` lists them) are removed again.
+    """
     try:
-        lock = open(folder / LOCK_FILE, "w")
+        lock = open(lock_file, "w")
     except OSError as error:
-        raise ValueError(f"{folder}: cannot write in the run folder ({error.strerror}); make it writable or choose another --out") from None
+        raise ValueError(f"{unwritable[0]} ({error.strerror}); {unwritable[1]}") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"{folder}: another process is training in this run folder; wait for it to end or choose another --out") from None
+            raise ValueError(busy) from None
         try:
             yield
         except BaseException:
-            if made and [entry.name for entry in folder.iterdir()] == [LOCK_FILE]:
-                # Best effort: this run's own error must be the one raised.
+            if made and [entry.name for entry in lock_file.parent.iterdir()] == [lock_file.name]:
+                # Best effort: the block's own error must be the one raised.
                 with contextlib.suppress(OSError):
-                    (folder / LOCK_FILE).unlink()
+                    lock_file.unlink()
                 remove_empty_folders(made)
             raise
 

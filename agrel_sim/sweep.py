@@ -31,7 +31,6 @@ checkpoint, and so is a preempted one where the cluster signals preemptions (see
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -52,7 +51,7 @@ from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file
 from agrel_sim.datasets import find_data
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import MAX_SEED, default_run_folder, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result
+from agrel_sim.runs import MAX_SEED, default_run_folder, holding_lock, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit-local's time limit per job (submitit's own default is 2 minutes)
@@ -388,27 +387,17 @@ def _sweep_lock(out: Path):
     report them as failed. Folders made here are removed again where the sweep fails before
     anything else is in them (a refused ``[slurm]`` table, say)."""
     made = missing_folders(out)
+    unwritable = (f"{out}: cannot write the sweep's lock there", "make the folder writable, or choose another --out (or out in the sweep file)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / SWEEP_LOCK, "w")
     except OSError as error:
-        raise ValueError(f"{out}: cannot write the sweep's lock there ({error.strerror}); make the folder writable, or choose another --out (or out in the sweep file)") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"{out}: another sweep is running its runs in this folder; run this one once it has ended (it runs what is still"
-                " missing then), or choose another --out (or out in the sweep file)"
-            ) from None
-        try:
-            yield
-        except BaseException:
-            if made and [entry.name for entry in out.iterdir()] == [SWEEP_LOCK]:
-                with contextlib.suppress(OSError):  # best effort: the sweep's own error is the one raised
-                    (out / SWEEP_LOCK).unlink()
-                remove_empty_folders(made)
-            raise
+        raise ValueError(f"{unwritable[0]} ({error.strerror}); {unwritable[1]}") from None
+    busy = (
+        f"{out}: another sweep is running its runs in this folder; run this one once it has ended (it runs what is still"
+        " missing then), or choose another --out (or out in the sweep file)"
+    )
+    with holding_lock(out / SWEEP_LOCK, made, busy, unwritable):
+        yield
 
 
 def _check_out_folder(out: Path) -> None:

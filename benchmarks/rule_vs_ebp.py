@@ -49,22 +49,21 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def device_here(text: str) -> str:
-    """An argparse type: a device this machine has (cpu, cuda, cuda:N)."""
-    try:
-        check_device(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+def checked_by(check):
+    """An argparse type: the text as given, where ``check(text)`` raises no ValueError (whose
+    message argparse then shows)."""
+    def argument(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return argument
 
 
-def model_name(text: str) -> str:
-    """An argparse type: the name or path of a model file."""
-    try:
-        load_model(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+device_here = checked_by(check_device)  # a device this machine has (cpu, cuda, cuda:N)
+model_name = checked_by(load_model)  # the name or path of a model file
 
 
 def sync(device):
