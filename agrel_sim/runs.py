@@ -426,8 +426,10 @@ def run_experiment(
     resume : bool
         Continue from the folder's checkpoint (see :func:`resume_plan`), with the settings the
         run began with; ``experiment`` may have a higher patience or epoch limit, and a finished
-        run then goes on (its run file takes the new settings). Without it, a folder that
-        already holds a run file is an error, so that no finished work is overwritten.
+        run then goes on (its run file takes the new settings); a finished run given its own
+        settings is not trained again, and its stored result (without the epochs' history) is
+        returned. Without it, a folder that already holds a run file is an error, so that no
+        finished work is overwritten.
     logging : LogSettings or None
         What the run file samples; ``None``: the experiment's (its ``[logging]`` table).
     progress : bool or None
@@ -480,10 +482,15 @@ def run_experiment(
         if folder is not None:
             config = run_config(experiment, device, dtype, data.fingerprint())
             plan, state = resume_plan(folder, stored_config(config, logging), seed) if resume else ("start", None)
-            if plan == "finished" and stored_result(folder).diverged:
-                raise ValueError(f"{path}: this run is complete: it diverged (its training loss is not finite), so it cannot go on; train it again in a new folder, with a lower learning rate")
-            if plan == "finished":
-                raise ValueError(f"{path}: this run is already complete; nothing to resume (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
+            if plan == "finished":  # nothing to train: its result, as a sweep reports a finished run
+                result = stored_result(folder)
+                if log is not None:
+                    log(
+                        f"{path}: this run is already complete; its result follows"
+                        + (" (it diverged: its training loss is not finite, so it cannot go on; train it again in a new folder, with a lower learning rate)" if result.diverged
+                           else " (to go on, raise training.patience or training.max_epochs, e.g. with --patience)")
+                    )
+                return result
             if resume and plan == "start":
                 path.unlink(missing_ok=True)  # a run killed before its first checkpoint: nothing to continue (resume_plan)
                 if log is not None:

@@ -378,6 +378,18 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     assert f"{tmp_path / 'typo'}: no checkpoint to resume from; starting the run afresh" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_reports_its_result_without_training(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    written = (run / "run.h5").stat().st_mtime_ns, (run / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["train", "--resume", "--max-epochs", "2", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run / 'run.h5'}: this run is already complete; its result follows (to go on, raise training.patience" in out
+    assert out.strip().splitlines()[-1] == first, "the summary line it finished with"
+    assert ((run / "run.h5").stat().st_mtime_ns, (run / "checkpoint.pt").stat().st_mtime_ns) == written, "nothing written"
+
+
 def test_finished_epochs_without_their_checkpoint_are_never_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--max-epochs", "3", "--out", str(run), "--quiet"]) == 0

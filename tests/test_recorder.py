@@ -29,7 +29,7 @@ from agrel_sim.datasets import DatasetError
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.network import Dense
 from agrel_sim.recorder import LAYOUT_VERSION, LogSettings, RunFile, check_resumable
-from agrel_sim.runs import run_experiment
+from agrel_sim.runs import run_experiment, stored_result
 from agrel_sim.training import load_checkpoint
 from devices import DEVICES
 
@@ -174,8 +174,10 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
     run_experiment(experiment(epochs=1), out=tmp_path, log=None)
     with pytest.raises(ValueError, match="a run file exists already; pass --resume"):
         run_experiment(experiment(epochs=1), out=tmp_path, log=None)
-    with pytest.raises(ValueError, match="this run is already complete; nothing to resume"):
-        run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=None)
+    first = stored_result(tmp_path)
+    lines = []
+    again = run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=lines.append)
+    assert again == first and lines[-1:] == [f"{tmp_path / 'run.h5'}: this run is already complete; its result follows (to go on, raise training.patience or training.max_epochs, e.g. with --patience)"]
 
 
 def datasets(path):
@@ -192,8 +194,8 @@ def datasets(path):
 def test_a_finished_run_goes_on_with_more_epochs_as_if_it_had_had_them(tmp_path, device):
     whole = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "whole", device=device, log=None)
     run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", device=device, log=None)
-    with pytest.raises(ValueError, match=r"already complete; nothing to resume \(to go on, raise training\.patience or training\.max_epochs"):
-        run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
+    finished = run_experiment(experiment(epochs=2), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
+    assert finished == stored_result(tmp_path / "part") and finished.epochs == 2, "a finished run given its settings is not trained again"
     with pytest.raises(ValueError, match=r"cannot continue this run with other settings.*training\.max_epochs: 2 in the run, 1 now"):
         run_experiment(experiment(epochs=1), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
     resumed = run_experiment(experiment(epochs=3), seed=2, out=tmp_path / "part", resume=True, device=device, log=None)
@@ -763,8 +765,10 @@ def test_a_run_that_diverged_in_its_first_epoch_loads_with_no_test_accuracy(tmp_
     result = run_experiment(hot, seed=0, out=tmp_path, log=None)
     assert (result.diverged, result.epochs, result.best_epoch) == (True, 1, 0)
     assert math.isnan(load_run(tmp_path / "run.h5").result["test_accuracy"]), "no weights to test: a possible result"
-    with pytest.raises(ValueError, match=r"run\.h5: this run is complete: it diverged \(its training loss is not finite\), so it cannot go on; train it again in a new folder, with a lower learning rate"):
-        run_experiment(hot, seed=0, out=tmp_path, resume=True, log=None)
+    lines = []
+    again = run_experiment(hot, seed=0, out=tmp_path, resume=True, log=lines.append)
+    assert again.diverged and (again.epochs, again.best_epoch) == (1, 0)
+    assert lines[-1:] == [f"{tmp_path / 'run.h5'}: this run is already complete; its result follows (it diverged: its training loss is not finite, so it cannot go on; train it again in a new folder, with a lower learning rate)"]
 
 
 def test_the_summary_of_a_diverged_run_says_so(tmp_path):
