@@ -365,11 +365,13 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     return "continue", state
 
 
-def _last_session(path: Path) -> dict:
-    """What the last training session of the run file ``path`` ran on (:func:`~agrel_sim.recorder.session`)."""
+def last_session_threads(path: Path) -> int | None:
+    """The torch threads of the last training session of the run file ``path``
+    (:func:`~agrel_sim.recorder.session`); None where it does not say (agrel-sim 0.2.0 and older).
+    The thread count orders torch's sums on the CPU: a run goes on bit for bit only with it."""
     with h5py.File(path, "r") as handle:
         sessions = parse_sessions(handle.attrs.get("sessions", "[]"))
-    return sessions[-1] if sessions else {}
+    return sessions[-1].get("torch_threads") if sessions else None
 
 
 def check_checkpoint_of_run(path: Path, state: dict) -> None:
@@ -496,8 +498,8 @@ def run_experiment(
                 if log is not None:
                     log(f"{folder}: no checkpoint to resume from; starting the run afresh")
             if plan == "continue" and experiment.backend == "torch" and torch.device(device).type == "cpu" and log is not None:
-                threads = _last_session(path).get("torch_threads", torch.get_num_threads())
-                if threads != torch.get_num_threads():
+                threads = last_session_threads(path)
+                if threads not in (None, torch.get_num_threads()):
                     log(
                         f"{folder}: note: {torch.get_num_threads()} torch threads, where the run's last session had {threads}; the thread count"
                         f" orders torch's sums, so the run goes on, but not bit for bit as it would have (OMP_NUM_THREADS={threads} keeps it so)"

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from agrel_sim.backends import check_device
@@ -51,7 +52,7 @@ from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file
 from agrel_sim.datasets import find_data
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import MAX_SEED, default_run_folder, holding_lock, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result
+from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, is_complete, last_session_threads, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit-local's time limit per job (submitit's own default is 2 minutes)
@@ -157,8 +158,6 @@ def execute(task: RunTask) -> str:
     is the one it finished with. So a job requeued after its run had finished (its signal came
     as the run ended, see :class:`SubmititRun`) reports the run.
     """
-    import torch
-
     from agrel_sim.runs import run_experiment
 
     torch.set_num_threads(task.threads)
@@ -361,6 +360,14 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     going_on = sum(is_complete(Path(task.folder)) for task in tasks)  # their patience or max_epochs raised since
     again = f" ({going_on} of them finished runs that go on: until they end again, table lists them as incomplete)" if going_on else ""
     log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run{again}, executor {executor}, out {out}")
+    other_threads = _other_thread_counts(tasks)
+    if other_threads:
+        counts = ", ".join(str(count) for count in sorted(set(other_threads.values())))
+        log(
+            f"note: {len(other_threads)} of them go on with {threads} torch threads each, where their last session had {counts};"
+            " the thread count orders torch's sums, so they go on, but not bit for bit as they would have"
+            f" (the --jobs and cores of their last sweep{', or [slurm] cpus_per_task,' if executor != 'local' else ''} keep it so)"
+        )
     if not tasks:
         return []
     failures = []
@@ -375,6 +382,21 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
                 if not ok:
                     failures.append(line)
     return failures
+
+
+def _other_thread_counts(tasks: list[RunTask]) -> dict[str, int]:
+    """The torch threads of the last session of each task's run that goes on from a checkpoint on
+    the CPU with another count than the task's: ``{folder: threads}``."""
+    other = {}
+    for task in tasks:
+        folder = Path(task.folder)
+        if torch.device(task.device).type != "cpu" or not (folder / CHECKPOINT_FILE).is_file():
+            continue  # the GPU's sums are not ordered by the CPU's threads; a run without a checkpoint starts afresh
+        if load_experiment(task.experiment_path).backend == "torch" and (folder / RUN_FILE).is_file():
+            threads = last_session_threads(folder / RUN_FILE)
+            if threads not in (None, task.threads):
+                other[task.folder] = threads
+    return other
 
 
 SWEEP_LOCK = "sweep.lock"

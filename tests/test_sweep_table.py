@@ -133,6 +133,21 @@ def test_a_sweep_continues_runs_given_more_epochs_and_refuses_runs_made_otherwis
     assert {path: path.stat().st_mtime_ns for path in runs.rglob("run.h5")} == before, "no run was touched"
 
 
+def test_a_sweep_notes_runs_that_go_on_with_another_thread_count(sweep_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep_module, "_usable_cores", lambda: 2)
+    assert main(["sweep", str(sweep_file), "--jobs", "1"]) == 0  # 2 threads each
+    assert "note:" not in capsys.readouterr().out
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 3"))
+    assert main(["sweep", str(sweep_file), "--jobs", "2"]) == 0  # 1 thread each
+    assert (
+        "note: 2 of them go on with 1 torch threads each, where their last session had 2; the thread count orders torch's sums,"
+        " so they go on, but not bit for bit as they would have (the --jobs and cores of their last sweep keep it so)\n"
+    ) in capsys.readouterr().out
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 4"))
+    assert main(["sweep", str(sweep_file), "--jobs", "2"]) == 0
+    assert "note:" not in capsys.readouterr().out, "the count of their last session"
+
+
 def test_a_sweep_counts_finished_runs_of_older_layouts_but_continues_none_of_them(sweep_file, tmp_path, capsys):
     assert main(["sweep", str(sweep_file)]) == 0
     runs = tmp_path / "runs" / "tiny"
