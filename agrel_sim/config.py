@@ -143,9 +143,10 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
 
     A path ends in ``.toml`` or is an existing file; anything else is a name (without folders), looked up as
     ``NAME.toml`` in the folders of ``$env_var`` (``os.pathsep`` separated), then ``./<kind>s``
-    and the repository's ``<kind>s/`` folder (so a run folder named like an experiment does not
-    hide it). ``what`` names the file sought in messages (default: ``kind``), where it is one
-    that lives among the ``kind`` files (a sweep among the experiments).
+    and, where agrel-sim runs from its checkout (an editable install), the checkout's ``<kind>s/``
+    folder (so a run folder named like an experiment does not hide it). ``what`` names the file
+    sought in messages (default: ``kind``), where it is one that lives among the ``kind`` files
+    (a sweep among the experiments).
 
     Raises
     ------
@@ -174,7 +175,10 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
     for folder in folders:  # a misspelt folder would otherwise let a file of the same name elsewhere be used
         if not folder.is_dir():
             raise ConfigError(f"{env_var}: {folder} is not a folder; set {env_var} to folders of {kind} files, separated by {os.pathsep!r}")
-    folders += [Path.cwd() / f"{kind}s", Path(__file__).resolve().parent.parent / f"{kind}s"]
+    folders.append(Path.cwd() / f"{kind}s")
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():  # agrel-sim runs from its checkout, not from an installed copy in site-packages
+        folders.append(checkout / f"{kind}s")
     tried = list(dict.fromkeys(folder / f"{name_or_path}.toml" for folder in folders))  # run in the checkout, two are one
     for candidate in tried:
         if candidate.is_file():

@@ -172,14 +172,17 @@ def _find_files(data_dir, candidates: list[str], required: list[list[str]], what
     """Find one file of each group in ``required`` in the first folder ``root/candidate`` that holds any.
 
     Returns the path of the file found for each group, keyed by the group's first name. A folder
-    that holds some of the files but not all is an error: the files of a later folder are not
-    read in their place.
+    of the data set's own (a candidate other than ``"."``) that holds some of the files but not
+    all is an error: the files of a later folder are not read in their place. The data folder
+    itself (``"."``) holds other things too, such as a file named ``test``, so there a partial set
+    does not stop the search, nor does something else under a file's name (a folder, a broken
+    link) anywhere; both are named where nothing is found.
     """
-    searched = []
+    searched, strays = [], []
     for root in data_roots(data_dir):
         for candidate in candidates:
             folder = root / candidate
-            searched.append(folder)
+            searched.append(f"{folder}{_in_the_way(root, folder)}")
             found, problems = {}, []
             for group in required:
                 for name in group:
@@ -191,12 +194,28 @@ def _find_files(data_dir, candidates: list[str], required: list[list[str]], what
                         problems.append(f"{folder / name}: {what_is_there}, not a file\n")
             if len(found) == len(required):
                 return found
-            if found or problems:
+            if found:
                 missing = ", ".join(" or ".join(group) for group in required if group[0] not in found)
-                raise DatasetError(f"{what}: {folder} holds {len(found)} of the {len(required)} files; missing there: {missing}\n{''.join(problems)}{how}")
-    listing = "\n  ".join(str(p) for p in searched)
+                partial = f"{folder} holds {len(found)} of the {len(required)} files; missing there: {missing}\n"
+                if candidate != ".":
+                    raise DatasetError(f"{what}: {partial}{''.join(problems)}{how}")
+                strays.append(partial)
+            strays += problems
+    listing = "\n  ".join(searched)
     needed = ", ".join(" or ".join(group) for group in required)
-    raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{how}")
+    raise DatasetError(f"{what} not found. Searched:\n  {listing}\nfor: {needed}\n{''.join(strays)}{how}")
+
+
+def _in_the_way(root: Path, folder: Path) -> str:
+    """A note on what stands where ``folder`` (``root`` or below it) or a folder on the way to it
+    should be, such as a file or a broken link; empty where nothing does."""
+    for path in (*reversed(folder.relative_to(root).parents), folder.relative_to(root)):
+        what_is_there = _what_is_at(root / path)
+        if what_is_there is None:
+            return ""
+        if what_is_there != "a folder":
+            return f" ({root / path}: {what_is_there}, not a folder)"
+    return ""
 
 
 def _what_is_at(path: Path) -> str | None:
@@ -212,7 +231,7 @@ def _what_is_at(path: Path) -> str | None:
     except PermissionError:  # Python 3.11's is_file raises for a folder that cannot be searched
         raise DatasetError(f"{_unsearchable(path)}: no permission to look into this folder; check its permissions") from None
     except OSError as error:  # a name too long, say
-        raise DatasetError(f"{path}: cannot look for this file ({error.strerror}); check the data folder's path") from None
+        raise DatasetError(f"{path}: cannot look for this path ({error.strerror}); check the data folder's path") from None
 
 
 def _unsearchable(path: Path) -> Path:

@@ -214,5 +214,5 @@ def default_experiment() -> Experiment:
 
 def load_experiment(name_or_path: str | os.PathLike) -> Experiment:
     """Load an experiment from a TOML path, or by name from ``$AGREL_SIM_EXPERIMENTS``,
-    ``./experiments`` or the repository's ``experiments/``."""
+    ``./experiments`` or the checkout's ``experiments/`` (see :func:`~agrel_sim.config.find_named_file`)."""
     return Experiment.from_toml(find_named_file(name_or_path, "experiment", "AGREL_SIM_EXPERIMENTS"))

@@ -486,7 +486,7 @@ def _validate(network: ColumnNetwork) -> None:
 
 def load_model(name_or_path: str | os.PathLike) -> ColumnNetwork:
     """Load a model description from a TOML path, or by name from ``$AGREL_SIM_MODELS``,
-    ``./models`` or the repository's ``models/``.
+    ``./models`` or the checkout's ``models/`` (see :func:`~agrel_sim.config.find_named_file`).
 
     Parameters
     ----------

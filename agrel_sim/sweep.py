@@ -596,7 +596,7 @@ def _submitit_executor(executor: str, out: Path, sweep: Sweep, device: str = "cp
     try:
         import submitit
     except ImportError:
-        raise ValueError("executor: submitit is not installed; pip install 'agrel-sim[slurm]'") from None
+        raise ValueError("executor: submitit is not installed; install it with `pip install -e \".[slurm]\"` in the agrel-sim checkout, or `pip install submitit`") from None
     check_slurm_table(sweep, executor, device)
     folder = out / "submitit"
     made = missing_folders(folder)  # the local executor makes its folder at once

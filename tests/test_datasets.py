@@ -340,9 +340,32 @@ def test_what_is_in_place_of_a_data_file_is_named(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_a_stray_file_or_folder_named_like_a_data_file_does_not_stop_the_search(tmp_path, monkeypatch):
+    (tmp_path / "first" / "train").mkdir(parents=True)  # CIFAR-100's names, looked for in the data folder itself too
+    (tmp_path / "first" / "test").write_text("notes")
+    write_cifar(tmp_path / "second", "cifar-100-python", {"train": 7, "test": 5}, b"fine_labels", 100)
+    monkeypatch.setenv("AGREL_SIM_DATA", f"{tmp_path / 'first'}:{tmp_path / 'second'}")
+    assert len(load_dataset("cifar100").train_labels) == 7
+    monkeypatch.setenv("AGREL_SIM_DATA", str(tmp_path / "first"))
+    with pytest.raises(DatasetError, match=(
+        r"(?s)CIFAR100 not found\. Searched:\n  .*first/cifar-100-python\n  .*first\nfor: train, test\n"
+        r".*first holds 1 of the 2 files; missing there: train\n.*first/train: a folder, not a file\nUnpack"
+    )):
+        load_dataset("cifar100")
+
+
+def test_what_stands_where_a_data_folder_should_be_is_named(tmp_path):
+    (tmp_path / "cifar-10-batches-py").symlink_to(tmp_path / "nothing")
+    with pytest.raises(DatasetError, match=r"CIFAR10 not found\. Searched:\n  (\S+)/cifar-10-batches-py \(\1/cifar-10-batches-py: a link to nothing, not a folder\)\n"):
+        load_dataset("cifar10", tmp_path)
+    (tmp_path / "notes").write_text("not a data folder")
+    with pytest.raises(DatasetError, match=r"MNIST not found\. Searched:\n  (\S+)/MNIST/raw \(\1: a file, not a folder\)\n"):
+        load_dataset("mnist", tmp_path / "notes")
+
+
 def test_a_data_folder_that_cannot_be_looked_into_is_named(tmp_path):
     too_long = tmp_path / ("x" * 300)
-    with pytest.raises(DatasetError, match=r"x/MNIST/raw/train-images-idx3-ubyte: cannot look for this file \(File name too long\); check the data folder's path"):
+    with pytest.raises(DatasetError, match=r"x: cannot look for this path \(File name too long\); check the data folder's path"):
         load_dataset("mnist", too_long)
 
 

@@ -58,6 +58,22 @@ def test_load_by_name_and_by_path(tmp_path, monkeypatch):
         load_model("nope")
 
 
+def test_names_are_looked_up_beside_the_package_only_in_its_checkout(tmp_path, monkeypatch):
+    from agrel_sim import config
+
+    site = tmp_path / "site-packages"  # an installed copy: another distribution's models/ may lie beside it
+    for folder in ("agrel_sim", "models"):
+        (site / folder).mkdir(parents=True)
+    write(site / "models", GOOD, "tiny.toml")
+    monkeypatch.setattr(config, "__file__", str(site / "agrel_sim" / "config.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        load_model("tiny")
+    assert f"tried:\n  {tmp_path / 'models' / 'tiny.toml'}\ngive a path" in str(error.value)
+    (site / "pyproject.toml").write_text("")  # a checkout (an editable install runs from it)
+    assert load_model("tiny").name == "tiny"
+
+
 def test_a_search_folder_that_does_not_exist_is_named(tmp_path, monkeypatch):
     # A misspelt folder must not let the repository's model of the same name be used instead.
     monkeypatch.setenv("AGREL_SIM_MODELS", str(tmp_path / "mymodel"))

@@ -749,6 +749,13 @@ def test_the_slurm_executor_off_a_cluster(sweep_file, tmp_path):
     assert run_files(tmp_path) == []
 
 
+def test_a_submitit_sweep_without_submitit_says_how_to_install_it(sweep_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed: importing it raises ImportError
+    assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
+    assert "executor: submitit is not installed; install it with `pip install -e \".[slurm]\"` in the agrel-sim checkout, or `pip install submitit`" in capsys.readouterr().err
+    assert run_files(tmp_path) == []
+
+
 @pytest.mark.parametrize("executor", ["local", "submitit-local"])
 def test_a_sweep_into_a_file_stops_before_any_run(sweep_file, tmp_path, capsys, executor):
     (tmp_path / "afile").write_text("kept")
