@@ -286,7 +286,9 @@ def check_resumable(path: Path, attrs) -> None:
     """
     from agrel_sim import __version__
 
-    version = int(attrs["layout_version"])
+    version = attrs["layout_version"]  # HDF5 gives a NumPy integer
+    if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
+        raise ValueError(f"{path}: bad layout_version attribute ({version!r}, where a whole number belongs); the run file is damaged: move the run folder away and train the run again")
     if version != LAYOUT_VERSION:
         raise ValueError(f"{path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
     began = str(attrs.get("software_version", "unknown"))

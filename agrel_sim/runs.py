@@ -310,13 +310,19 @@ def recorded_epochs(path: Path) -> int:
 
 
 def stored_result(folder: Path) -> RunResult:
-    """The result that a complete run stored in its run file (without its epochs' history)."""
-    with h5py.File(folder / RUN_FILE, "r") as handle:
-        stored = dict(handle["result"].attrs)
-    return RunResult(
-        float(stored["test_accuracy"]), int(stored["best_epoch"]), int(stored["epochs"]), bool(stored["converged"]),
-        float(stored["seconds"]), diverged=bool(stored.get("diverged", False)),
-    )
+    """The result that a complete run stored in its run file (without its epochs' history).
+
+    Raises ValueError, naming the run file, where its ``/result`` is missing or lacks a value."""
+    path = folder / RUN_FILE
+    try:
+        with h5py.File(path, "r") as handle:
+            stored = dict(handle["result"].attrs)
+        return RunResult(
+            float(stored["test_accuracy"]), int(stored["best_epoch"]), int(stored["epochs"]), bool(stored["converged"]),
+            float(stored["seconds"]), diverged=bool(stored.get("diverged", False)),
+        )
+    except DAMAGED_FILE_ERRORS as error:
+        raise damaged_run_file(path, error) from None
 
 
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:
@@ -365,13 +371,16 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     return "continue", state
 
 
-def last_session_threads(path: Path) -> int | None:
-    """The torch threads of the last training session of the run file ``path``
-    (:func:`~agrel_sim.recorder.session`); None where it does not say (agrel-sim 0.2.0 and older).
-    The thread count orders torch's sums on the CPU: a run goes on bit for bit only with it."""
+def threads_of_epoch(path: Path, epoch: int) -> int | None:
+    """The torch threads of the training session of the run file ``path`` that trained epoch
+    ``epoch`` (the last one that began before it, :func:`~agrel_sim.recorder.session`), not of a
+    later session that kept nothing; None where the file does not say (agrel-sim 0.2.0 and
+    older). The thread count orders torch's sums on the CPU: a run goes on from its checkpoint
+    bit for bit only with the count that trained the checkpoint's epoch."""
     with h5py.File(path, "r") as handle:
         sessions = parse_sessions(handle.attrs.get("sessions", "[]"))
-    return sessions[-1].get("torch_threads") if sessions else None
+    trained = [entry for entry in sessions if entry.get("from_epoch", 0) < epoch]
+    return trained[-1].get("torch_threads") if trained else None
 
 
 def check_checkpoint_of_run(path: Path, state: dict) -> None:
@@ -498,10 +507,10 @@ def run_experiment(
                 if log is not None:
                     log(f"{folder}: no checkpoint to resume from; starting the run afresh")
             if plan == "continue" and experiment.backend == "torch" and torch.device(device).type == "cpu" and log is not None:
-                threads = last_session_threads(path)
+                threads = threads_of_epoch(path, state["epoch"])
                 if threads not in (None, torch.get_num_threads()):
                     log(
-                        f"{folder}: note: {torch.get_num_threads()} torch threads, where the run's last session had {threads}; the thread count"
+                        f"{folder}: note: {torch.get_num_threads()} torch threads, where the session that trained its epoch {state['epoch']} had {threads}; the thread count"
                         f" orders torch's sums, so the run goes on, but not bit for bit as it would have (OMP_NUM_THREADS={threads} keeps it so)"
                     )
             resume_after = state["epoch"] if state is not None else None

@@ -52,7 +52,8 @@ from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file
 from agrel_sim.datasets import find_data
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, is_complete, last_session_threads, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result
+from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result, threads_of_epoch
+from agrel_sim.training import load_checkpoint
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit-local's time limit per job (submitit's own default is 2 minutes)
@@ -364,9 +365,9 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if other_threads:
         counts = ", ".join(str(count) for count in sorted(set(other_threads.values())))
         log(
-            f"note: {len(other_threads)} of them go on with {threads} torch threads each, where their last session had {counts};"
+            f"note: {len(other_threads)} of them go on with {threads} torch threads each, where the sessions that trained their checkpoints had {counts};"
             " the thread count orders torch's sums, so they go on, but not bit for bit as they would have"
-            f" (the --jobs and cores of their last sweep{', or [slurm] cpus_per_task,' if executor != 'local' else ''} keep it so)"
+            f" (the --jobs and cores of the sweep that trained them{', or [slurm] cpus_per_task,' if executor != 'local' else ''} keep it so)"
         )
     if not tasks:
         return []
@@ -385,15 +386,15 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
 
 
 def _other_thread_counts(tasks: list[RunTask]) -> dict[str, int]:
-    """The torch threads of the last session of each task's run that goes on from a checkpoint on
-    the CPU with another count than the task's: ``{folder: threads}``."""
+    """The torch threads of the session that trained the checkpoint's epoch, for each task's run
+    that goes on from a checkpoint on the CPU with another count than the task's: ``{folder: threads}``."""
     other = {}
     for task in tasks:
         folder = Path(task.folder)
         if torch.device(task.device).type != "cpu" or not (folder / CHECKPOINT_FILE).is_file():
             continue  # the GPU's sums are not ordered by the CPU's threads; a run without a checkpoint starts afresh
         if load_experiment(task.experiment_path).backend == "torch" and (folder / RUN_FILE).is_file():
-            threads = last_session_threads(folder / RUN_FILE)
+            threads = threads_of_epoch(folder / RUN_FILE, load_checkpoint(folder / CHECKPOINT_FILE)["epoch"])
             if threads not in (None, task.threads):
                 other[task.folder] = threads
     return other

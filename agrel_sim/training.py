@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -185,8 +186,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
         with contextlib.suppress(OSError):
             partial.unlink()
+        try:  # torch words a full disk as "unexpected pos ..."
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free on its disk"
+        except OSError:
+            free = ""
         raise ValueError(
-            f"{path}: cannot write the checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}); free space or make the"
+            f"{path}: cannot write the checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}{free}); free space or make the"
             " run folder writable, then train again with --resume, which goes on from the last checkpoint written"
         ) from None
 
@@ -274,7 +279,7 @@ def train(
     progress: bool | None = None,
     log=print,
     run_file=None,
-    checkpoint: Path | None = None,
+    checkpoint: str | os.PathLike | None = None,
     resume: dict | None = None,
     backend: str = "torch",
     backend_options: dict | None = None,
@@ -301,7 +306,7 @@ def train(
     run_file : callable or None
         Called with the built network; returns a :class:`~agrel_sim.recorder.RunFile` that
         records every batch and epoch (or ``None``).
-    checkpoint : Path or None
+    checkpoint : str or os.PathLike or None
         Where to write a checkpoint at the end of every epoch.
     resume : dict or None
         A checkpoint (:func:`load_checkpoint`) to continue from; the result is identical to an
@@ -327,6 +332,7 @@ def train(
         check_instance(name, value, kind)
     check_device(device)  # before the data move there
     check_fits(description, data, settings)
+    checkpoint = None if checkpoint is None else Path(checkpoint)
 
     started = time.perf_counter()
     data = data.to(device)

@@ -441,12 +441,16 @@ def test_a_run_resumed_with_another_thread_count_says_so(tmp_path):
         torch.set_num_threads(1)
         run_experiment(experiment(epochs=1), out=tmp_path / "run", log=None)
         run_experiment(experiment(epochs=2), out=tmp_path / "run", resume=True, log=lines.append)
-        assert not any("note:" in line for line in lines), "the same thread count"
-        torch.set_num_threads(2)
+        with h5py.File(tmp_path / "run" / "run.h5", "a") as run:  # a session with 2 threads, killed before it finished epoch 3
+            sessions = json.loads(run.attrs["sessions"])
+            run.attrs["sessions"] = json.dumps([*sessions, {**sessions[-1], "from_epoch": 2, "torch_threads": 2}])
         run_experiment(experiment(epochs=3), out=tmp_path / "run", resume=True, log=lines.append)
+        assert not any("note:" in line for line in lines), "the thread count that trained the checkpoint's epoch"
+        torch.set_num_threads(2)
+        run_experiment(experiment(epochs=4), out=tmp_path / "run", resume=True, log=lines.append)
     finally:
         torch.set_num_threads(threads)
-    assert f"{tmp_path / 'run'}: note: 2 torch threads, where the run's last session had 1; the thread count orders torch's sums, so the run goes on, but not bit for bit as it would have (OMP_NUM_THREADS=1 keeps it so)" in lines
+    assert f"{tmp_path / 'run'}: note: 2 torch threads, where the session that trained its epoch 3 had 1; the thread count orders torch's sums, so the run goes on, but not bit for bit as it would have (OMP_NUM_THREADS=1 keeps it so)" in lines
 
 
 def test_a_second_process_cannot_train_in_a_busy_run_folder(tmp_path):
@@ -1464,6 +1468,22 @@ def test_resuming_a_run_file_that_lacks_records_or_whose_records_disagree_names_
     assert re.search(rf"run\.h5: the run file is damaged \({problem}.*\); move the run folder away and train the run again", capsys.readouterr().err)
     assert not list(run.glob("*.partial")), "no partial copy left"
     assert (run / "run.h5").read_bytes() == kept
+
+
+@pytest.mark.parametrize("edit, complete, problem", [
+    (lambda run: run.__delitem__("result"), True, r"the run file is damaged \(.*'result' doesn't exist.*\); move the run folder away"),
+    (lambda run: run["result"].attrs.__delitem__("test_accuracy"), True, r"the run file is damaged \('test_accuracy'\); move the run folder away"),
+    (lambda run: run.attrs.__setitem__("layout_version", "x"), False, r"bad layout_version attribute \('x', where a whole number belongs\); the run file is damaged: move the run folder away"),
+], ids=["complete without /result", "result without test_accuracy", "layout_version not a number"])
+def test_resuming_a_run_file_with_a_bad_result_or_layout_version_names_it(tmp_path, capsys, edit, complete, problem):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+    with h5py.File(run / "run.h5", "a") as handle:
+        handle.attrs["complete"] = complete
+        edit(handle)
+    assert main(["train", "--resume", "--max-epochs", "2" if complete else "3", "--out", str(run), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert re.fullmatch(rf"agrel-sim: error: \S+run\.h5: {problem}.*\n", error), error
 
 
 def test_an_empty_run_like_file_is_named(tmp_path):

@@ -140,8 +140,8 @@ def test_a_sweep_notes_runs_that_go_on_with_another_thread_count(sweep_file, tmp
     (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 3"))
     assert main(["sweep", str(sweep_file), "--jobs", "2"]) == 0  # 1 thread each
     assert (
-        "note: 2 of them go on with 1 torch threads each, where their last session had 2; the thread count orders torch's sums,"
-        " so they go on, but not bit for bit as they would have (the --jobs and cores of their last sweep keep it so)\n"
+        "note: 2 of them go on with 1 torch threads each, where the sessions that trained their checkpoints had 2; the thread count orders torch's sums,"
+        " so they go on, but not bit for bit as they would have (the --jobs and cores of the sweep that trained them keep it so)\n"
     ) in capsys.readouterr().out
     (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 4"))
     assert main(["sweep", str(sweep_file), "--jobs", "2"]) == 0

@@ -297,6 +297,25 @@ class Marker:
     """An object that dies as soon as it is made (nothing refers to it)."""
 
 
+def test_a_checkpoint_that_cannot_be_written_says_how_much_space_is_free_and_leaves_nothing(tmp_path, monkeypatch):
+    def fails_as_on_a_full_disk(state, handle):
+        handle.write(b"PK\x03\x04 part of it")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 60511488 vs 60511440")
+
+    monkeypatch.setattr(torch, "save", fails_as_on_a_full_disk)
+    with pytest.raises(ValueError, match=(
+        r"checkpoint\.pt: cannot write the checkpoint \(RuntimeError: \[enforce fail at inline_container\.cc:672\] \. unexpected pos 60511488 vs 60511440;"
+        r" [\d,]+\.\d MiB free on its disk\); free space or make the run folder writable, then train again with --resume"
+    )):
+        training.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    assert list(tmp_path.iterdir()) == [], "neither the checkpoint nor its partial copy"
+
+
+def test_the_checkpoint_may_be_given_as_a_string(tmp_path):
+    train(ColumnNetwork((1, 8, 8), [], 10), load_dataset("digits"), dataclasses.replace(SETTINGS, max_epochs=1), progress=False, log=None, checkpoint=str(tmp_path / "checkpoint.pt"))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+
+
 def test_the_progress_bar_is_cleared_when_a_run_stops_on_an_error(tmp_path, monkeypatch):
     from tqdm import tqdm
 
