@@ -25,7 +25,7 @@ import torch
 import agrel_sim
 from agrel_sim.analysis import IncompleteRunWarning, OlderRunFileWarning, RunFileError, load_run, load_runs, outcome_lines, summary
 from agrel_sim.cli import main
-from agrel_sim.datasets import DatasetError
+from agrel_sim.datasets import DatasetError, load_dataset
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.network import Dense
 from agrel_sim.recorder import LAYOUT_VERSION, LogSettings, RunFile, check_resumable
@@ -64,6 +64,8 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
         np.testing.assert_array_equal(run["epochs"]["learning_rate"][:], [0.3] * 3)
         assert run["result"].attrs["test_accuracy"] == result.test_accuracy
         assert run["trials"]["label"].shape == (3 * sampled,) and run["trials"]["q"].shape == (3 * sampled, 10)
+        labels = load_dataset("digits").train_labels.numpy()
+        assert np.array_equal(labels[run["trials"]["image"][:]], run["trials"]["label"][:]), "each logged trial names its own training image"
         assert run["gating"]["batch"].shape == (3 * batches,)
         for name, size in (("layers.0", 144), ("layers.1", 144), ("layers.2", 32), ("output", 10)):
             layer = run["layers"][name]
@@ -107,7 +109,6 @@ def undescribed(run: h5py.File) -> list[str]:
 def test_run_file_records_agree_with_their_definitions(tmp_path, device, rule, monkeypatch):
     from agrel_sim.analysis import gating_by_epoch, gating_by_outcome
     from agrel_sim.backends.torch_backend import TorchNetwork
-    from agrel_sim.datasets import load_dataset
 
     # Per learning batch, the share of each layer's ff weights that the batch changed, from
     # snapshots of the weights around it.
@@ -739,7 +740,6 @@ def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_pat
 
 
 def test_runs_recorded_in_python_without_training_settings_go_into_the_table(tmp_path, capsys):
-    from agrel_sim.datasets import load_dataset
     from agrel_sim.experiment import default_experiment
     from agrel_sim.recorder import RunFile
     from agrel_sim.training import TrainingSettings, train

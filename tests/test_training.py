@@ -140,18 +140,24 @@ def logged_images(folder):
         return run["trials"]["image"][:]
 
 
-def test_the_validation_split_and_the_batch_order_are_drawn_by_the_seed(tmp_path):
+def test_the_validation_split_and_the_batch_order_are_drawn_by_the_seed(tmp_path, monkeypatch):
     experiment = default_experiment()
     experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, max_epochs=1))
     every_trial = LogSettings(every_batches=1, trials_per_batch=experiment.training.batch_size)
-    n_train, size = len(load_dataset("digits").train_labels), experiment.training.validation_size
+    data = load_dataset("digits")
+    n_train, size = len(data.train_labels), experiment.training.validation_size
+    tested = []  # the images of each accuracy measured: validation after the epoch, then the test
+    real = training.accuracy
+    monkeypatch.setattr(training, "accuracy", lambda net, data, images, labels, batch_size: tested.append(images.clone()) or real(net, data, images, labels, batch_size))
     validation, order = {}, {}
     for seed in (0, 1):
+        tested.clear()
         run_experiment(experiment, seed, tmp_path / f"seed{seed}", logging=every_trial, progress=False, log=None)
         trained = logged_images(tmp_path / f"seed{seed}")
         train_part, validation_part = training.split_validation(n_train, size, seed)
         assert sorted(trained.tolist()) == sorted(train_part.tolist()), "every training image once per epoch"
         assert not set(trained.tolist()) & set(validation_part.tolist()), "no validation image is trained on"
+        assert torch.equal(tested[0], data.train_images[validation_part]) and torch.equal(tested[-1], data.test_images), "validated on the images set aside"
         validation[seed] = validation_part
         # The batch order as places in the training part: an order that ignored the seed would
         # be the same permutation of each seed's part.
@@ -208,6 +214,10 @@ def test_augmented_training_transforms_every_batch_and_sees_each_image_factor_ti
     trained = logged_images(tmp_path / "run")
     n_train = len(load_dataset("digits").train_labels) - settings.validation_size
     assert len(trained) == 2 * n_train and len(set(trained.tolist())) == n_train, "each training image twice per epoch"
+    first, second = trained[:n_train].tolist(), trained[n_train:].tolist()
+    assert sorted(first) == sorted(second) and first != second, "each pass over the images in an order of its own"
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as run:
+        assert run["epochs"]["reward_probability"][0] == pytest.approx(np.mean(run["trials"]["reward"][:])), "the share of all the epoch's trials"
     assert len(seen) == -(-2 * n_train // settings.batch_size), "every batch goes through augmentation"
     changed = [not torch.equal(before, after) for before, after in seen]
     assert sum(changed) >= 0.9 * len(seen), "the batches are transformed"
