@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,6 +163,22 @@ def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[tor
 
 
 @torch.no_grad()
+def epoch_batches(train_index: torch.Tensor, copies: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The batches of one epoch: ``copies`` passes over the images ``train_index``, each in a
+    random order of its own (drawn by ``generator``, on the CPU), cut into batches of
+    ``batch_size`` in turn, so that a batch may span the end of one pass and the start of the
+    next; the last batch may be smaller. Each pass is drawn as the batches reach it, so that an
+    epoch of many passes holds no more than one in memory."""
+    pending = train_index[:0]
+    for _ in range(copies):
+        pending = torch.cat([pending, train_index[torch.randperm(len(train_index), generator=generator).to(train_index.device)]])
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+    if len(pending):
+        yield pending
+
+
 def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     """Share of ``images`` whose greedy action (highest Q-value) is the label."""
     correct = torch.zeros((), dtype=torch.long, device=images.device)
@@ -371,11 +388,9 @@ def train(
         while not stopped and epoch < settings.max_epochs:
             epoch += 1
             epoch_started = time.perf_counter()
-            order = torch.cat([train_index[torch.randperm(len(train_index), generator=generators["order"]).to(device)] for _ in range(copies)])
             rewarded = torch.zeros((), dtype=torch.float64, device=device)
             loss = torch.zeros((), dtype=torch.float64, device=device)
-            for batch, start in enumerate(range(0, len(order), settings.batch_size)):
-                index = order[start:start + settings.batch_size]
+            for batch, index in enumerate(epoch_batches(train_index, copies, settings.batch_size, generators["order"])):
                 labels = data.train_labels[index]
                 images = data.batch(data.train_images, index, dtype)
                 if augmentation:
@@ -388,7 +403,8 @@ def train(
                 if interrupted:
                     raise KeyboardInterrupt
             validation = accuracy(net, data, validation_images, validation_labels, settings.eval_batch_size)
-            metrics = EpochMetrics(epoch, rewarded.item() / len(order), loss.item() / len(order), validation, time.perf_counter() - epoch_started, net.learning_rate)
+            trials_per_epoch = len(train_index) * copies
+            metrics = EpochMetrics(epoch, rewarded.item() / trials_per_epoch, loss.item() / trials_per_epoch, validation, time.perf_counter() - epoch_started, net.learning_rate)
             history.append(metrics)
             if validation > best_accuracy and not diverged(metrics):
                 best_accuracy, best_epoch, best_weights = validation, epoch, net.weights()

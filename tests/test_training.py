@@ -223,6 +223,17 @@ def test_augmented_training_transforms_every_batch_and_sees_each_image_factor_ti
     assert sum(changed) >= 0.9 * len(seen), "the batches are transformed"
 
 
+@pytest.mark.parametrize("n, copies, batch_size", [(10, 1, 3), (10, 3, 4), (12, 2, 4), (5, 4, 7), (7, 2, 100)])
+def test_an_epochs_batches_cut_its_passes_in_turn_and_draw_each_pass_as_it_is_reached(n, copies, batch_size):
+    train_index = torch.arange(100, 100 + n)
+    batches = list(training.epoch_batches(train_index, copies, batch_size, torch.Generator().manual_seed(5)))
+    generator = torch.Generator().manual_seed(5)
+    passes = torch.cat([train_index[torch.randperm(n, generator=generator)] for _ in range(copies)])
+    assert [b.tolist() for b in batches] == [passes[start:start + batch_size].tolist() for start in range(0, n * copies, batch_size)]
+    drawn = training.epoch_batches(torch.arange(10**6), 10**9, 100, torch.Generator().manual_seed(0))
+    assert len(next(drawn)) == 100, "a billion passes cost one pass of memory"
+
+
 def test_the_seed_draws_the_augmentation(monkeypatch):
     # Every training image alike: what augmentation makes of the first batch then depends on its
     # random zoom, shift and reflection alone.
