@@ -72,11 +72,13 @@ FILE_KINDS = {
 
 
 def file_kind(table) -> str | None:
-    """The kind of file (a key of :data:`FILE_KINDS`) a parsed TOML table is, by the first key
-    of ``experiments``, ``model`` and ``layers`` it has; None for a table with none of them."""
+    """The kind of file (a key of :data:`FILE_KINDS`) a parsed TOML table is, by the one key of
+    ``experiments``, ``model`` and ``layers`` it has; None for a table with none of them, or
+    with more than one (a file of one kind with a stray key, which its reader names)."""
     if not isinstance(table, dict):
         return None
-    return next((kind for kind, (key, _) in FILE_KINDS.items() if key in table), None)
+    kinds = [kind for kind, (key, _) in FILE_KINDS.items() if key in table]
+    return kinds[0] if len(kinds) == 1 else None
 
 
 def is_number(value, check=lambda v: True) -> bool:
@@ -124,6 +126,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: TOML files are UTF-8 text, and this one is not ({error}); save it as UTF-8") from None
     except ValueError as error:  # TOMLDecodeError, or an integer of thousands of digits, say
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except RecursionError:  # tomllib reads nested arrays and tables recursively
+        raise ConfigError(f"{path}: cannot be read: its arrays or tables are nested too deeply (hundreds of levels); agrel-sim's files need a few") from None
 
 
 def _named_instead(path: Path, kind: str, env_var: str, what: str) -> str:
@@ -163,6 +167,8 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
     if path.suffix == ".toml" or path.is_file():
         if path.is_dir():
             raise ConfigError(f"{path}: is a folder; give the path of {a_file} (.toml)")
+        if path.is_symlink() and not path.is_file():
+            raise ConfigError(f"{path}: a link that leads to no file (its target is missing, or links loop); point it at {a_file}, or give that file's path")
         if not path.is_file():
             raise ConfigError(f"{path}: {what} file not found" + _named_instead(path, kind, env_var, what))
         return path

@@ -40,10 +40,10 @@ from pathlib import Path
 from agrel_sim.augmentation import Augmentation
 from agrel_sim.backends import BACKENDS, check_backend
 from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_folder_name, read_toml
-from agrel_sim.datasets import LOADERS, SHAPES
+from agrel_sim.datasets import EMBEDDED_TRAIN_SIZES, LOADERS, SHAPES
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
-from agrel_sim.training import TrainingSettings, check_model_fits
+from agrel_sim.training import TrainingSettings, check_model_fits, check_validation_size
 
 NAME_HINT = "a non-empty name without '/' or control characters (it names the run folder runs/<name>/seed<N>)"
 
@@ -112,6 +112,8 @@ class Experiment:
             raise ConfigError(f"{self.source}: dataset: expected one of {sorted(LOADERS)}, got {self.dataset!r}")
         try:
             check_model_fits(self.model, self.dataset, *SHAPES[self.dataset])
+            if self.dataset in EMBEDDED_TRAIN_SIZES:
+                check_validation_size(self.training, EMBEDDED_TRAIN_SIZES[self.dataset], self.dataset)
         except ValueError as error:  # its message names the field
             raise ConfigError(f"{self.source}: {error}") from None
         check_backend(self.model, self.backend, self.backend_options, self.source)
@@ -201,9 +203,11 @@ def _log_settings(fields: Fields) -> LogSettings:
 
 
 def _relative_to(model: str, source: str) -> str:
-    """A model path in an experiment file is relative to that file's folder."""
-    if model.endswith(".toml") and not Path(model).is_absolute() and Path(source).exists():
-        return str(Path(source).parent / model)
+    """A model path in an experiment file is relative to that file's folder; a leading ``~`` is
+    the home folder, as in a shell."""
+    if model.endswith(".toml"):
+        path = Path(model).expanduser()
+        return str(Path(source).parent / path if not path.is_absolute() and Path(source).exists() else path)
     return model
 
 

@@ -101,9 +101,13 @@ class Sweep:
         experiments = []
         for index, entry in enumerate(entries):
             try:  # a path is relative to the sweep file's folder
-                experiments.append(str(find_named_file(path.parent / entry if entry.endswith(".toml") else entry, "experiment", "AGREL_SIM_EXPERIMENTS")))
+                found = find_named_file(path.parent / Path(entry).expanduser() if entry.endswith(".toml") else entry, "experiment", "AGREL_SIM_EXPERIMENTS")
+                kind = file_kind(read_toml(found))
             except ConfigError as error:
                 raise ConfigError(f"{path}: experiments[{index}]: {error}") from None
+            if kind in ("sweep", "model"):
+                raise ConfigError(f"{path}: experiments[{index}]: {found} is {FILE_KINDS[kind][1]}, not an experiment file; list experiment files, each naming a model and a data set")
+            experiments.append(str(found))
         seeds = top.get("seeds", list, check=lambda v: v and all(is_count(s, 0) and s <= MAX_SEED for s in v) and len(set(v)) == len(v), hint=f"a non-empty list of distinct whole-number seeds from 0 to {MAX_SEED}")
         out = top.get("out", str, default=str(Path("runs") / name), check=lambda v: v.strip() != "", hint="a folder for the runs")
         slurm = top.get("slurm", dict, default={})
@@ -347,7 +351,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if jobs is not None and not is_count(jobs):
         raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {shown(jobs, count=True)}")
     check_device(device, here=executor != "slurm")  # the machine that submits to SLURM need not have the cluster's GPUs
-    out = Path(out or sweep.out)
+    out = Path(out or sweep.out).expanduser()  # the sweep file's out is read by no shell
     _check_out_folder(out)
     if executor == "slurm":
         threads = int(sweep.slurm.get("slurm_cpus_per_task", sweep.slurm.get("cpus_per_task", 1)))

@@ -149,9 +149,14 @@ def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSett
     check_model_fits(description, data.name, data.image_shape, data.n_classes)
     if settings.augmentation is not None and len(description.input_shape) != 3:
         raise ValueError(f"training.augmentation: zoom, shift and reflection need images [channels, height, width], but model {description.name!r} takes input of shape {list(description.input_shape)}; remove the augmentation")
-    n_train = len(data.train_labels)
+    check_validation_size(settings, len(data.train_labels), data.name)
+
+
+def check_validation_size(settings: TrainingSettings, n_train: int, dataset: str) -> None:
+    """Raise ValueError, naming the setting, unless ``settings.validation_size`` leaves some of
+    the ``n_train`` training images of data set ``dataset`` to train on."""
     if not 0 < settings.validation_size < n_train:
-        raise ValueError(f"training.validation_size: expected 0 < validation_size < {n_train} (the training images of {data.name!r}), got {settings.validation_size}")
+        raise ValueError(f"training.validation_size: expected 0 < validation_size < {n_train} (the training images of {dataset!r}), got {settings.validation_size}")
 
 
 def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +167,6 @@ def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[tor
     return order[validation_size:], order[:validation_size]
 
 
-@torch.no_grad()
 def epoch_batches(train_index: torch.Tensor, copies: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """The batches of one epoch: ``copies`` passes over the images ``train_index``, each in a
     random order of its own (drawn by ``generator``, on the CPU), cut into batches of
@@ -179,6 +183,7 @@ def epoch_batches(train_index: torch.Tensor, copies: int, batch_size: int, gener
         yield pending
 
 
+@torch.no_grad()
 def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     """Share of ``images`` whose greedy action (highest Q-value) is the label."""
     correct = torch.zeros((), dtype=torch.long, device=images.device)

@@ -151,7 +151,9 @@ def test_q_values_read_early_are_short_by_the_unsettled_fraction_and_a_warning_s
 def test_a_time_constant_too_long_to_settle_within_a_trial_is_named():
     with pytest.warns(UserWarning, match=r"no t_stimulus brings that to 1% within the 10,000,000 time steps of a trial simulated: choose a shorter tau_ff"):
         build(describe(), backend="brian2", tau_ff=1e7)
-    build(describe(), backend="brian2", tau_ff=1e-320)  # settled within a step a level: no warning, no overflow
+    build(describe(), backend="brian2", tau_ff=1e-300)  # settled within a step a level: no warning, no overflow
+    with pytest.raises(ValueError, match=r"^tau_fb: 1e-320 ms is so far below dt = 1 ms that dt / tau_fb overflows; any tau_fb below dt / 1000 settles within a time step: give one of those$"):
+        build(describe(), backend="brian2", tau_fb=1e-320)
 
 
 def test_a_time_step_too_small_for_the_phases_is_named():
@@ -159,6 +161,8 @@ def test_a_time_step_too_small_for_the_phases_is_named():
         build(describe(), backend="brian2", dt=1e-5)
     with pytest.raises(ValueError, match=r"^dt: 1 ms makes a trial 1e\+300 time steps long \(t_stimulus: 1e\+300\); .* or a shorter t_stimulus$"):
         build(describe(), backend="brian2", t_stimulus=1e300)
+    with pytest.raises(ValueError, match=r"^dt: 1e-310 ms makes t_stimulus \(100 ms\) too many time steps long to count; at most 10,000,000 are simulated in a trial: choose a larger dt$"):
+        build(describe(), backend="brian2", dt=1e-310)
 
 
 def test_initial_weights_are_the_torch_backends_for_the_same_seed():

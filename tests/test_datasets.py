@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agrel_sim.augmentation import Augmentation, augment
-from agrel_sim.datasets import LOADERS, SHAPES, Dataset, DatasetError, load_dataset
+from agrel_sim.datasets import EMBEDDED_TRAIN_SIZES, LOADERS, SHAPES, Dataset, DatasetError, load_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -394,6 +394,7 @@ def test_every_data_set_has_the_images_and_classes_that_experiments_are_checked_
 
 
 def test_embedded_data_sets():
+    assert {name: len(load_dataset(name).train_labels) for name in EMBEDDED_TRAIN_SIZES} == EMBEDDED_TRAIN_SIZES, "as experiments are checked against"
     digits = load_dataset("digits")
     assert digits.train_images.shape == (1437, 1, 8, 8) and int(digits.train_images.max()) == 16
     mnist5k = load_dataset("mnist5k")

@@ -74,6 +74,14 @@ def test_names_are_looked_up_beside_the_package_only_in_its_checkout(tmp_path, m
     assert load_model("tiny").name == "tiny"
 
 
+def test_a_link_that_leads_to_no_model_file_is_named(tmp_path):
+    (tmp_path / "loop.toml").symlink_to(tmp_path / "loop.toml")
+    (tmp_path / "gone.toml").symlink_to(tmp_path / "moved.toml")
+    for name in ("loop.toml", "gone.toml"):
+        with pytest.raises(ConfigError, match=rf"{name}: a link that leads to no file \(its target is missing, or links loop\); point it at a model file, or give that file's path"):
+            load_model(tmp_path / name)
+
+
 def test_a_search_folder_that_does_not_exist_is_named(tmp_path, monkeypatch):
     # A misspelt folder must not let the repository's model of the same name be used instead.
     monkeypatch.setenv("AGREL_SIM_MODELS", str(tmp_path / "mymodel"))
@@ -142,6 +150,12 @@ def test_integers_beyond_64_bits_are_named(tmp_path):
         ColumnNetwork.from_toml(write(tmp_path, GOOD.replace("units = 16", "units = 1" + "0" * 30)))
     with pytest.raises(ConfigError, match=r"net\.toml: not valid TOML: Exceeds the limit \(4300 digits\)"):
         ColumnNetwork.from_toml(write(tmp_path, GOOD + "x = " + "1" * 5000 + "\n"))
+
+
+@pytest.mark.parametrize("value", ["[" * 2000 + "]" * 2000, "{a = " * 2000 + "1" + "}" * 2000], ids=["arrays", "inline tables"])
+def test_values_nested_too_deeply_to_read_are_named(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"net\.toml: cannot be read: its arrays or tables are nested too deeply \(hundreds of levels\)"):
+        ColumnNetwork.from_toml(write(tmp_path, "x = " + value + "\n" + GOOD))
 
 
 def test_an_integer_too_large_for_a_float_is_named(tmp_path):

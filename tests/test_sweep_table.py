@@ -210,11 +210,16 @@ def test_a_sweep_on_another_device_counts_finished_runs_but_cannot_continue_them
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(sweep_file, tmp_path, capsys):
-    # More validation images than the digits have training images: found as the run loads them.
+    # More validation images than the embedded digits have training images: found as the file is read.
     (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("validation_size = 100", "validation_size = 5000"))
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert "tiny_ebp.toml: training.validation_size: expected 0 < validation_size < 1437 (the training images of 'digits'), got 5000" in capsys.readouterr().err
+    assert run_files(tmp_path / "runs") == []
+    # A learning rate beyond float32, the runs' dtype: found as each run builds its network.
+    (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace('name = "ebp"', 'name = "ebp"\nlearning_rate = 1e39'))
     assert main(["sweep", str(sweep_file)]) == 1
     captured = capsys.readouterr()
-    assert captured.out.count("FAILED") == 2 and "training.validation_size: expected 0 < validation_size < 1437" in captured.out
+    assert captured.out.count("FAILED") == 2 and "rule.learning_rate: 1e+39 overflows torch.float32" in captured.out
     assert "run the same command again" in captured.err
     assert len(run_files(tmp_path / "runs")) == 2
 
@@ -808,6 +813,22 @@ def test_train_refuses_a_sweep_file(capsys):
     assert "a sweep file (it lists experiments): run it with `agrel-sim sweep`" in capsys.readouterr().err
 
 
+def test_paths_in_sweep_and_experiment_files_may_begin_with_the_home_folder(sweep_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    (tmp_path / "home" / "models" / "tiny.toml").write_text(MODEL)
+    (tmp_path / "home" / "e.toml").write_text(experiment("ebp").replace('"tiny.toml"', '"~/models/tiny.toml"').replace("max_epochs = 2", "max_epochs = 1"))
+    sweep_file.write_text('name = "tiny"\nexperiments = ["~/e.toml"]\nseeds = [0]\nout = "~/runs"\n')
+    assert main(["sweep", str(sweep_file)]) == 0
+    assert run_files(tmp_path / "home" / "runs") == ["tiny_ebp/seed0/run.h5"] and not (tmp_path / "~").exists()
+
+
+def test_a_file_of_one_kind_with_a_stray_key_of_another_is_told_of_the_key(tmp_path, capsys):
+    (tmp_path / "e.toml").write_text('model = "mnist_fc3"\ndataset = "mnist"\nexperiments = ["x"]\n')
+    assert main(["train", str(tmp_path / "e.toml")]) == 2
+    assert re.search(r"e\.toml: experiments: unknown field; the fields here are: ", capsys.readouterr().err)
+
+
 def test_bad_sweep_file(tmp_path, capsys, monkeypatch):
     path = tmp_path / "sweep.toml"
     path.write_text('experiments = ["no_such_experiment"]\nseeds = [0]\n')
@@ -842,6 +863,12 @@ def test_bad_sweep_file(tmp_path, capsys, monkeypatch):
     assert main(["sweep", str(path)]) == 2
     assert ("sweep.toml: experiments[0]: ../experiments/mnist_conv3_deepagrel: a path without .toml, not a name (names have no folders); "
             "give the experiment file's path with its .toml suffix, or its name alone") in capsys.readouterr().err
+    # A sweep (this one, say) or a model listed as an experiment.
+    for entry, kind in (("sweep.toml", "a sweep file (it lists experiments)"), ("elsewhere/net.toml", "a model file (it lists layers)")):
+        (tmp_path / "elsewhere" / "net.toml").write_text(MODEL)
+        path.write_text(f'experiments = ["{entry}"]\nseeds = [0]\n')
+        assert main(["sweep", str(path)]) == 2
+        assert re.search(rf"sweep\.toml: experiments\[0\]: \S*{entry} is {re.escape(kind)}, not an experiment file; list experiment files, each naming a model and a data set", capsys.readouterr().err)
 
 
 def test_a_sweep_checks_its_jobs_and_device_before_any_run(tmp_path):

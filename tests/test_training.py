@@ -234,6 +234,16 @@ def test_an_epochs_batches_cut_its_passes_in_turn_and_draw_each_pass_as_it_is_re
     assert len(next(drawn)) == 100, "a billion passes cost one pass of memory"
 
 
+def test_accuracy_is_measured_without_autograd():
+    net = build(ColumnNetwork((1, 8, 8), [Dense(8)], 10, rule=Rule(name="ebp")))  # EBP's weights require gradients
+    data = load_dataset("digits")
+    grad_enabled = []
+    q_values = net.q_values
+    net.q_values = lambda *args, **kwargs: grad_enabled.append(torch.is_grad_enabled()) or q_values(*args, **kwargs)
+    training.accuracy(net, data, data.test_images, data.test_labels, 100)
+    assert grad_enabled and not any(grad_enabled), "no graph is built for a measurement"
+
+
 def test_the_seed_draws_the_augmentation(monkeypatch):
     # Every training image alike: what augmentation makes of the first batch then depends on its
     # random zoom, shift and reflection alone.

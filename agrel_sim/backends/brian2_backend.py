@@ -221,6 +221,8 @@ class Timeline:
         for phase in PHASES:
             name = f"t_{phase}"
             duration = _milliseconds(durations[phase], name)
+            if not math.isfinite(duration / dt):  # a dt of a few 1e-310 ms: too many steps to count
+                raise ValueError(f"dt: {dt!r} ms makes {name} ({duration:g} ms) too many time steps long to count; at most {MAX_TRIAL_STEPS:,} are simulated in a trial: choose a larger dt")
             count = round(duration / dt)
             if count < 1 or abs(count * dt - duration) > 1e-9 * duration:
                 raise ValueError(f"{name}: {duration} ms is not a whole number of time steps dt = {dt} ms")
@@ -1024,7 +1026,11 @@ def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_
         raise ValueError(f"trace_every: expected an integer >= 0 (0: trace no trial), got {shown(trace_every, count=True)}")
     durations = dict(stimulus=t_stimulus, selection=t_selection, feedback=t_feedback, rpe=t_rpe, plasticity=t_plasticity)
     timeline = Timeline.from_durations(dt, durations)
-    return timeline, _milliseconds(tau_ff, "tau_ff"), _milliseconds(tau_fb, "tau_fb"), codegen_target, trace_every
+    taus = {name: _milliseconds(tau, name) for name, tau in (("tau_ff", tau_ff), ("tau_fb", tau_fb))}
+    for name, tau in taus.items():
+        if not math.isfinite(timeline.dt / tau):  # the integration divides by it
+            raise ValueError(f"{name}: {tau!r} ms is so far below dt = {timeline.dt:g} ms that dt / {name} overflows; any {name} below dt / 1000 settles within a time step: give one of those")
+    return timeline, taus["tau_ff"], taus["tau_fb"], codegen_target, trace_every
 
 
 def check_options(options: dict) -> None:
