@@ -358,25 +358,25 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     else:
         jobs = 1 if jobs is None else jobs
         threads = max(1, _usable_cores() // jobs)
-    tasks, finished = plan(sweep, out, device, data_dir, threads)
-    if executor != "slurm":  # found here once, not by every run; a cluster's data folder need not be on this machine
-        for dataset in sorted({load_experiment(task.experiment_path).dataset for task in tasks}):
-            find_data(dataset, data_dir)
-    going_on = sum(is_complete(Path(task.folder)) for task in tasks)  # their patience or max_epochs raised since
-    again = f" ({going_on} of them finished runs that go on: until they end again, table lists them as incomplete)" if going_on else ""
-    log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run{again}, executor {executor}, out {out}")
-    other_threads = _other_thread_counts(tasks)
-    if other_threads:
-        counts = ", ".join(str(count) for count in sorted(set(other_threads.values())))
-        log(
-            f"note: {len(other_threads)} of them go on with {threads} torch threads each, where the sessions that trained their checkpoints had {counts};"
-            " the thread count orders torch's sums, so they go on, but not bit for bit as they would have"
-            f" (the --jobs and cores of the sweep that trained them{', or [slurm] cpus_per_task,' if executor != 'local' else ''} keep it so)"
-        )
-    if not tasks:
-        return []
     failures = []
-    with _sweep_lock(out):
+    with _sweep_lock(out):  # before the runs are looked at: another sweep's may be going on
+        tasks, finished = plan(sweep, out, device, data_dir, threads)
+        if executor != "slurm":  # found here once, not by every run; a cluster's data folder need not be on this machine
+            for dataset in sorted({load_experiment(task.experiment_path).dataset for task in tasks}):
+                find_data(dataset, data_dir)
+        going_on = sum(is_complete(Path(task.folder)) for task in tasks)  # their patience or max_epochs raised since
+        again = f" ({going_on} of them finished runs that go on: until they end again, table lists them as incomplete)" if going_on else ""
+        log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run{again}, executor {executor}, out {out}")
+        other_threads = _other_thread_counts(tasks)
+        if other_threads:
+            counts = ", ".join(str(count) for count in sorted(set(other_threads.values())))
+            log(
+                f"note: {len(other_threads)} of them go on with {threads} torch threads each, where the sessions that trained their checkpoints had {counts};"
+                " the thread count orders torch's sums, so they go on, but not bit for bit as they would have"
+                f" (the --jobs and cores of the sweep that trained them{', or [slurm] cpus_per_task,' if executor != 'local' else ''} keep it so)"
+            )
+        if not tasks:
+            return []
         runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)  # its folder only where jobs will run
         if executor == "submitit-local":
             tasks = [replace(task, sweep_process=process_identity(os.getpid())) for task in tasks]

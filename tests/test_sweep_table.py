@@ -107,7 +107,9 @@ def test_a_second_sweep_into_the_same_folder_stops_before_any_run(sweep_file, tm
     with open(out / "sweep.lock", "w") as lock:  # as a sweep running there holds it
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["sweep", str(sweep_file), "--executor", executor]) == 2
-    assert "runs/tiny: another sweep is running its runs in this folder; run this one once it has ended" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "runs/tiny: another sweep is running its runs in this folder; run this one once it has ended" in captured.err
+    assert captured.out == "", "no word on the other sweep's runs, which it may be changing"
     assert [path.name for path in out.iterdir()] == ["sweep.lock"], "no run started, no job folder made"
     assert main(["sweep", str(sweep_file), "--executor", executor]) == 0, "once it has ended"
     assert len(run_files(out)) == 4
@@ -162,7 +164,7 @@ def test_a_sweep_counts_finished_runs_of_older_layouts_but_continues_none_of_the
 
     # Given more epochs, they would have to go on: the sweep stops before any run instead.
     (tmp_path / "tiny_ebp.toml").write_text(experiment("ebp").replace("max_epochs = 2", "max_epochs = 3"))
-    files = lambda: {path: path.stat().st_mtime_ns for path in runs.rglob("*") if path.is_file()}  # noqa: E731
+    files = lambda: {path: path.stat().st_mtime_ns for path in runs.rglob("*") if path.is_file() and path.name != "sweep.lock"}  # noqa: E731
     before = files()
     assert main(["sweep", str(sweep_file)]) == 2
     assert re.search(rf"tiny_ebp/seed0/run\.h5: run-file layout version 2, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run", capsys.readouterr().err)
