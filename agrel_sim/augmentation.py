@@ -51,8 +51,27 @@ def augment(images: torch.Tensor, settings: Augmentation, generator: torch.Gener
     """Transform each image of a float batch ``(B, C, H, W)`` by its own random zoom, shift and reflection.
 
     Pixels that come from outside the image repeat its border (as Keras' ``fill_mode="nearest"``).
-    Raises ValueError for ``images`` that are not a 4-dimensional tensor and TypeError for
-    integer ones.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        The batch, scaled (floating point), ``(B, C, H, W)``.
+    settings : Augmentation
+        The largest zoom and shift, and whether to reflect half the images left to right.
+    generator : torch.Generator
+        Draws each image's transform; on the device of ``images``.
+
+    Returns
+    -------
+    torch.Tensor
+        The transformed batch, of the shape, dtype and device of ``images``.
+
+    Raises
+    ------
+    ValueError
+        For ``images`` that are not a 4-dimensional tensor.
+    TypeError
+        For integer ``images``.
     """
     check_instance("settings", settings, Augmentation)
     if not (isinstance(images, torch.Tensor) and images.dim() == 4):

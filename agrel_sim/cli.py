@@ -215,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser of ``agrel-sim`` with its commands train, sweep, table, figure3 and analyze.
 
     Each command's arguments carry a ``handler`` that :func:`main` calls with them.
+
+    Returns
+    -------
+    argparse.ArgumentParser
     """
     from agrel_sim import __version__
     from agrel_sim.runs import DTYPES, MAX_SEED
@@ -272,6 +276,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``agrel-sim`` with the arguments ``argv`` (default ``sys.argv[1:]``).
+
+    Parameters
+    ----------
+    argv : list of str or None
+        The command line after ``agrel-sim``; None: the process's own.
 
     Returns
     -------

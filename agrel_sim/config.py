@@ -28,23 +28,57 @@ class ConfigError(ValueError):
 
 
 def is_count(value, minimum: int = 1) -> bool:
-    """A Python integer (not a bool) of at least ``minimum`` that fits in 64 bits, as torch needs.
+    """Whether ``value`` is a Python integer (not a bool) of at least ``minimum`` that fits in 64 bits, as torch needs.
 
     NumPy integers are refused, as settings are stored as JSON; :func:`shown` says in messages what to do.
+
+    Parameters
+    ----------
+    value : object
+        The value to check.
+    minimum : int
+        The smallest count allowed (default 1).
+
+    Returns
+    -------
+    bool
     """
     return isinstance(value, int) and not isinstance(value, bool) and minimum <= value < 2**63
 
 
 def check_instance(name: str, value, kind: type) -> None:
-    """Raise ValueError, naming the argument ``name``, unless ``value`` is a ``kind``."""
+    """Raise ValueError, naming the argument ``name``, unless ``value`` is a ``kind``.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the message.
+    value : object
+        The argument.
+    kind : type
+        The class it must be an instance of.
+    """
     if not isinstance(value, kind):
         raise ValueError(f"{name}: expected an object of class {kind.__name__}, got {type(value).__name__} {reprlib.repr(value)}")
 
 
 def shown(value, count: bool = False) -> str:
-    """``repr(value)`` for an error message (the number of its digits for a long integer),
-    saying what to do where a NumPy integer was given, and, for a ``count`` (a setting that
-    takes an integer), where the integer lies beyond 64 bits."""
+    """Show ``value`` in an error message: its ``repr``, or the number of digits of a long integer.
+
+    Where a NumPy number was given, the text says what to do instead, and for a ``count`` (a
+    setting that takes an integer), it says where the integer lies beyond 64 bits.
+
+    Parameters
+    ----------
+    value : object
+        The value given.
+    count : bool
+        Whether the setting takes an integer (default False).
+
+    Returns
+    -------
+    str
+    """
     if isinstance(value, numbers.Integral) and type(value).__module__ == "numpy":
         return f"{value!r} (a NumPy integer; give a Python one: int(x))"
     if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
@@ -57,8 +91,18 @@ def shown(value, count: bool = False) -> str:
 
 
 def is_folder_name(value) -> bool:
-    """A name that can name a folder of its own: not empty, not ``.`` or ``..``, without ``/``,
-    ``\\`` or control characters (a NUL, a line break)."""
+    """Whether ``value`` can name a folder of its own: not empty, not ``.`` or ``..``, without ``/``,
+    ``\\`` or control characters (a NUL, a line break).
+
+    Parameters
+    ----------
+    value : object
+        The name given.
+
+    Returns
+    -------
+    bool
+    """
     return (isinstance(value, str) and bool(value.strip()) and value not in (".", "..") and not any(c in value for c in "/\\")
             and not any(unicodedata.category(c) == "Cc" for c in value))
 
@@ -72,9 +116,20 @@ FILE_KINDS = {
 
 
 def file_kind(table) -> str | None:
-    """The kind of file (a key of :data:`FILE_KINDS`) a parsed TOML table is, by the one key of
-    ``experiments``, ``model`` and ``layers`` it has; None for a table with none of them, or
-    with more than one (a file of one kind with a stray key, which its reader names)."""
+    """The kind of file a parsed TOML table is, by the one key of ``experiments``, ``model``
+    and ``layers`` it has.
+
+    Parameters
+    ----------
+    table : object
+        The parsed file.
+
+    Returns
+    -------
+    str or None
+        A key of :data:`FILE_KINDS`; None for a table with none of those keys, or with more
+        than one (a file of one kind with a stray key, which its reader names).
+    """
     if not isinstance(table, dict):
         return None
     kinds = [kind for kind, (key, _) in FILE_KINDS.items() if key in table]
@@ -82,10 +137,21 @@ def file_kind(table) -> str | None:
 
 
 def is_number(value, check=lambda v: True) -> bool:
-    """A finite Python int or float (not a bool) for which ``check`` holds.
+    """Whether ``value`` is a finite Python int or float (not a bool) for which ``check`` holds.
 
     Other numbers (NumPy's float32, fractions) are refused, as settings are stored as JSON and
     computed with as Python floats; :func:`shown` says in messages what to do.
+
+    Parameters
+    ----------
+    value : object
+        The value to check.
+    check : callable
+        A predicate on the number (default: any).
+
+    Returns
+    -------
+    bool
     """
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
@@ -97,7 +163,17 @@ def is_number(value, check=lambda v: True) -> bool:
 
 
 def is_fraction(value) -> bool:
-    """A finite real number in ``[0, 1)`` (not a bool)."""
+    """Whether ``value`` is a finite Python number in ``[0, 1)`` (not a bool).
+
+    Parameters
+    ----------
+    value : object
+        The value to check.
+
+    Returns
+    -------
+    bool
+    """
     return is_number(value, lambda v: 0 <= v < 1)
 
 
@@ -107,8 +183,24 @@ FRACTION = dict(kind=float, check=is_fraction, hint="a fraction in [0, 1)")
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file; a missing, unreadable, binary, non-UTF-8 or malformed file raises a
-    :class:`ConfigError` naming it."""
+    """Parse a TOML file.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+
+    Returns
+    -------
+    dict
+        Its top-level table.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file, where it is missing, unreadable, binary, not UTF-8, malformed or
+        nested too deeply to read.
+    """
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -151,6 +243,22 @@ def find_named_file(name_or_path: str | os.PathLike, kind: str, env_var: str, wh
     folder (so a run folder named like an experiment does not hide it). ``what`` names the file
     sought in messages (default: ``kind``), where it is one that lives among the ``kind`` files
     (a sweep among the experiments).
+
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike
+        A name, or a path to a ``.toml`` file.
+    kind : str
+        ``"model"`` or ``"experiment"``: the folders' kind.
+    env_var : str
+        The environment variable that lists further folders of such files.
+    what : str or None
+        The file sought, in messages (default: ``kind``).
+
+    Returns
+    -------
+    Path
+        The file found.
 
     Raises
     ------
@@ -228,7 +336,17 @@ class Fields:
         self._used: set[str] = set()
 
     def name(self, key: str) -> str:
-        """The dotted name of ``key`` in the file, as messages give it (``layers[2].kernel_size``)."""
+        """The dotted name of ``key`` in the file, as messages give it (``layers[2].kernel_size``).
+
+    Parameters
+    ----------
+    key : str
+        A key of this table.
+
+    Returns
+    -------
+    str
+    """
         return f"{self.where}.{key}" if self.where else key
 
     def _misspelt(self, key: str) -> str:
@@ -237,14 +355,47 @@ class Fields:
         return f" (the {'table' if self.inside else 'file'} has {close[0]!r}: a misspelling of {key!r}?)" if close else ""
 
     def error(self, key: str, problem: str) -> ConfigError:
-        """A :class:`ConfigError` naming the file and the field ``key``, saying ``problem``; the caller raises it."""
+        """A :class:`ConfigError` naming the file and the field ``key``, saying ``problem``; the caller raises it.
+
+    Parameters
+    ----------
+    key : str
+        A key of this table.
+    problem : str
+        What is wrong with it, and what to do.
+
+    Returns
+    -------
+    ConfigError
+    """
         return ConfigError(f"{self.source}: {self.name(key)}: {problem}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., check=None, hint: str = ""):
         """Return ``table[key]`` checked against ``kind`` (and ``check``), or ``default``.
 
-        A missing key with no default raises :class:`ConfigError`; ``check`` is a predicate on
-        the value and ``hint`` describes what it requires.
+        Parameters
+        ----------
+        key : str
+            The field.
+        kind : type or tuple of type
+            What it must be; an integer is taken where a float is, a bool never as a number,
+            and no infinite or NaN float at all.
+        default : object
+            The value of a missing key; without one, the key is required.
+        check : callable or None
+            A predicate on the value.
+        hint : str
+            What the field requires, for the message.
+
+        Returns
+        -------
+        object
+            The value (an integer given for a float as a float).
+
+        Raises
+        ------
+        ConfigError
+            Naming the file and the field, for a missing or a bad value.
         """
         self._used.add(key)
         if key not in self.table:
@@ -271,7 +422,19 @@ class Fields:
         return value
 
     def sub(self, key: str, default_empty: bool = True) -> "Fields":
-        """Return the sub-table ``key`` as :class:`Fields` (empty if absent and allowed)."""
+        """Return the sub-table ``key`` as :class:`Fields` (empty if absent and allowed).
+
+        Parameters
+        ----------
+        key : str
+            The sub-table's key.
+        default_empty : bool
+            Whether a missing sub-table is an empty one (default) or an error.
+
+        Returns
+        -------
+        Fields
+        """
         self._used.add(key)
         if key not in self.table and default_empty:
             return Fields({}, self.source, self.name(key), self.top_level)

@@ -45,6 +45,17 @@ class UnsupportedLayerError(NotImplementedError, ValueError):
 def check_backend(network: ColumnNetwork, backend: str, options: dict, source: str) -> None:
     """Check, before any run, that ``backend`` exists, takes ``options`` and can build ``network``.
 
+    Parameters
+    ----------
+    network : ColumnNetwork
+        The network to build.
+    backend : str
+        A key of :data:`BACKENDS`.
+    options : dict
+        The backend's own keyword options (an experiment's ``[backend_options]``).
+    source : str
+        Where they come from (a file), for messages.
+
     Raises
     ------
     ConfigError
@@ -92,7 +103,18 @@ def resolved_options(backend: str, options: dict) -> dict:
 
 def build_options(backend: str) -> dict:
     """The keyword options of ``backend``'s ``build`` (device, dtype, seed and its own), in
-    order, with their defaults."""
+    order, with their defaults.
+
+    Parameters
+    ----------
+    backend : str
+        A key of :data:`BACKENDS`.
+
+    Returns
+    -------
+    dict
+        ``{option: default}``.
+    """
     parameters = inspect.signature(importlib.import_module(BACKENDS[backend]).build).parameters
     return {name: parameter.default for name, parameter in list(parameters.items())[1:]}
 
@@ -140,6 +162,11 @@ def check_device(device, here: bool = True):
 def check_seed(seed) -> None:
     """Raise a clear error for a seed that is not an integer in ``[0, 2**63 - 1]`` (what torch generators take).
 
+    Parameters
+    ----------
+    seed : object
+        The seed given.
+
     Raises
     ------
     ValueError
@@ -181,8 +208,20 @@ def check_representable(network: ColumnNetwork, dtype) -> None:
 
 
 def check_in_dtype(name: str, value: float, dtype, zero: str | None = None) -> None:
-    """Raise ValueError naming ``name`` where ``value`` overflows ``dtype``, or, given ``zero``
-    (what a 0 would mean), where it rounds to 0 in ``dtype``."""
+    """Raise ValueError naming ``name`` where ``value`` overflows ``dtype``, or, given ``zero``,
+    where it rounds to 0 in ``dtype``.
+
+    Parameters
+    ----------
+    name : str
+        The setting, for the message (``rule.learning_rate``, say).
+    value : float
+        Its value.
+    dtype : torch.dtype
+        The floating-point type it will be held in.
+    zero : str or None
+        What a value of 0 would mean (``"no weight would change"``, say); None where 0 is harmless.
+    """
     import torch
 
     info = torch.finfo(dtype)
@@ -295,7 +334,15 @@ LEARNING_RATE = property(
 
 
 def check_weight_keys(weights: dict, expected: set[str]) -> None:
-    """Raise unless ``weights`` has exactly the keys ``expected``."""
+    """Raise ValueError unless ``weights`` has exactly the keys ``expected``.
+
+    Parameters
+    ----------
+    weights : dict
+        Weights to load, by key (``layers.0.ff``, say).
+    expected : set of str
+        The network's keys.
+    """
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"weights: keys do not match the network (missing {missing}, unexpected {extra})")
@@ -304,7 +351,17 @@ def check_weight_keys(weights: dict, expected: set[str]) -> None:
 def check_weights_to_load(weights: dict, current: dict, dtype) -> None:
     """Check every entry of ``weights`` (:func:`weights_to_set`) against the network's weights
     ``current`` before any is set, so that a bad one leaves the network as it was; the ``fb``
-    entries too where the network ignores them (``tied`` feedback)."""
+    entries too where the network ignores them (``tied`` feedback).
+
+    Parameters
+    ----------
+    weights : dict
+        Weights to load, by key.
+    current : dict of str to torch.Tensor
+        The network's weights, whose keys and shapes they must have.
+    dtype : torch.dtype
+        The type the network holds them in.
+    """
     check_weight_keys(weights, set(current))
     for key, value in current.items():
         weights_to_set(weights[key], value.shape, key, dtype)
