@@ -56,7 +56,9 @@ def _read(group: h5py.Group, name: str, index=()) -> np.ndarray:
 class Run:
     """A run file's metadata and per-epoch metrics; the larger records are read on demand.
 
-    Attributes
+    Made by :func:`load_run`; each parameter is also the attribute of the same name.
+
+    Parameters
     ----------
     path : Path
         The run file.
@@ -64,6 +66,7 @@ class Run:
         The run's settings as the run file stores them (its ``config`` attribute): experiment,
         dataset, model, training, backend, ..., logging.
     seed : int
+        The run's seed (the run file's ``seed`` attribute).
     rule : str
         ``"deepagrel"`` or ``"ebp"``.
     backend : str
@@ -122,13 +125,57 @@ class Run:
 
     def trials(self, rows: slice = slice(None)) -> dict[str, np.ndarray]:
         """The logged trials: epoch, batch, image, label, action, reward, delta, q; ``rows``
-        (default all) picks some, such as ``slice(-4, None)`` for the last four."""
+        (default all) picks some, such as ``slice(-4, None)`` for the last four.
+
+        Parameters
+        ----------
+        rows : slice
+            Which logged trials to read, in the order they were logged; all by default.
+
+        Returns
+        -------
+        dict of str to ndarray
+            Each of :data:`~agrel_sim.recorder.TRIAL_FIELDS` (``epoch``, ``batch``, ``image``,
+            ``label``, ``action``, ``reward``, ``delta``), shape (trials,), and ``q``, the
+            Q-values the action was chosen from, shape (trials, actions). ``delta`` is the RPE
+            reward minus q[action], NaN for EBP.
+
+        Raises
+        ------
+        RunFileError
+            Where a record cannot be read (a damaged file).
+        RunChangedError
+            Where the run file was replaced since it was loaded.
+        """
         with self._open() as handle:
             return {name: _read(handle["trials"], name, rows) for name in (*TRIAL_FIELDS, "q")}
 
     def layer(self, name: str, rows: slice = slice(None)) -> dict[str, np.ndarray]:
         """Traces of one layer for the logged trials (``rows`` of them, as in :meth:`trials`):
-        units, ff, fb, gate; and its ``shape``."""
+        units, ff, fb, gate; and its ``shape``.
+
+        Parameters
+        ----------
+        name : str
+            A recorded layer (:attr:`layer_names`): ``"layers.N"`` or ``"output"``.
+        rows : slice
+            Which logged trials to read, as in :meth:`trials`; all by default.
+
+        Returns
+        -------
+        dict
+            ``units`` (columns,): the flat indices of the traced columns in the layer's sheet;
+            ``ff`` and ``fb`` (trials, columns): the feedforward and feedback activity (``fb``
+            NaN for EBP); ``gate`` (trials, columns): 1 where the column's gate was open as
+            learning used it; ``shape`` (tuple of int): the shape of the layer's sheet.
+
+        Raises
+        ------
+        RunFileError
+            For a ``name`` that is not a recorded layer, or a record that cannot be read.
+        RunChangedError
+            Where the run file was replaced since it was loaded.
+        """
         with self._open() as handle:
             if not isinstance(name, str) or name not in handle["layers"]:
                 raise RunFileError(f"{self.path}: no layer {name!r} is recorded; the layers are {', '.join(self.layer_names)}")
@@ -190,7 +237,23 @@ class Run:
             return course
 
     def gating(self) -> dict[str, dict[str, np.ndarray]]:
-        """Per-batch gating summaries: ``{"epoch": ..., "batch": ..., layer: {field: ...}}``."""
+        """Per-batch gating summaries: ``{"epoch": ..., "batch": ..., layer: {field: ...}}``.
+
+        Returns
+        -------
+        dict
+            ``epoch`` and ``batch`` (batches,): each summarised training batch's epoch and its
+            batch within the epoch (from 0); per recorded layer, a dict of each of
+            :data:`~agrel_sim.recorder.GATING_FIELDS` (``open_fraction``, ``fb_mean_abs``,
+            ``changed_fraction``) to an array of shape (batches,).
+
+        Raises
+        ------
+        RunFileError
+            Where a record cannot be read (a damaged file).
+        RunChangedError
+            Where the run file was replaced since it was loaded.
+        """
         with self._open() as handle:
             group = handle["gating"]
             out = {"epoch": _read(group, "epoch"), "batch": _read(group, "batch")}
@@ -356,7 +419,24 @@ def _attribute(path: Path, attrs: dict, name: str, convert):
 
 
 def load_runs(path: str | Path) -> list[Run]:
-    """Load a run file, or every run file (``run.h5``) in a folder and its subfolders."""
+    """Load a run file, or every run file (``run.h5``) in a folder and its subfolders.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A run file, or a folder searched below (links followed, each folder once).
+
+    Returns
+    -------
+    list of Run
+        One per run file (:func:`load_run`), in the order of their paths.
+
+    Raises
+    ------
+    RunFileError
+        For a path that does not exist, a folder without run files, a folder below ``path``
+        that cannot be listed, or a run file that :func:`load_run` refuses.
+    """
     path = Path(path)
     if path.is_dir():
         unreadable, seen, files = [], set(), []  # a run in a folder that cannot be listed would be left out unseen
@@ -396,7 +476,18 @@ RULE_TABLES = ("model.action_selection.", "model.neuromodulator.")
 
 
 def row_label(row: tuple[str, str, int]) -> str:
-    """'mnist, mnist_conv3, no augmentation' for the row key of :func:`agrel_sim.table.row_key`."""
+    """'mnist, mnist_conv3, no augmentation' for the row key of :func:`agrel_sim.table.row_key`.
+
+    Parameters
+    ----------
+    row : tuple of (str, str, int)
+        A Table 1 row key: data set, network, and augmentation factor (0 without augmentation).
+
+    Returns
+    -------
+    str
+        The row's label, as in figure titles and messages.
+    """
     dataset, network, factor = row
     return f"{dataset}, {network}, {f'{factor}x augmentation' if factor else 'no augmentation'}"
 
@@ -410,6 +501,23 @@ def table_rows(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, list[Run
     protocol: they may differ only in :data:`RULE_SETTINGS` and :data:`RULE_TABLES`. Both raise
     :class:`RunFileError` naming two run files. Settings that older run files lack count as the
     value those runs behaved as (:func:`agrel_sim.runs.settings_of`); their data is unknown.
+
+    Parameters
+    ----------
+    runs : list of Run
+        The runs to group.
+
+    Returns
+    -------
+    dict
+        Row key (:func:`agrel_sim.table.row_key`: data set, network, augmentation factor) to
+        rule (``"deepagrel"``, ``"ebp"``) to the list of its runs, in the order given.
+
+    Raises
+    ------
+    RunFileError
+        Naming two run files: runs of one row and rule that differ in more than their seed,
+        runs of one row under different protocols, or one seed twice in a row and rule.
     """
     rows: dict[tuple, dict[str, list[Run]]] = {}
     seen: dict[tuple, list[tuple[Run, dict]]] = {}
@@ -449,12 +557,33 @@ def averaged(run: Run) -> bool:
     An incomplete run is left out (of Figure 3 too): a killed run's epochs end where it was
     killed, not where its stopping criterion would have ended them. A diverged run counts as
     not converged, but its accuracy and epochs are not averaged (:func:`in_figure3`).
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+
+    Returns
+    -------
+    bool
+        True where the run is complete and has a ``/result``.
     """
     return run.complete and run.result is not None
 
 
 def in_figure3(run: Run) -> bool:
-    """Whether Figure 3 averages the run: the runs whose accuracy and epochs Table 1 averages."""
+    """Whether Figure 3 averages the run: the runs whose accuracy and epochs Table 1 averages.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+
+    Returns
+    -------
+    bool
+        True where the run is :func:`averaged` and did not diverge.
+    """
     return averaged(run) and not is_diverged(run.result)
 
 
@@ -462,6 +591,23 @@ def table1_records(runs: list[Run]) -> list[dict]:
     """The data behind Table 1: one record per complete run, for :func:`agrel_sim.table.table1`.
 
     The complete runs are grouped and checked by :func:`table_rows`.
+
+    Parameters
+    ----------
+    runs : list of Run
+        The runs; those not :func:`averaged` (incomplete, or without a result) are left out.
+
+    Returns
+    -------
+    list of dict
+        Per run, grouped by Table 1 row and rule: ``dataset`` (str), ``model`` (dict, the
+        config's model settings), ``training`` (dict, empty where the config has none),
+        ``seed`` (int), ``result`` (dict, the attributes of ``/result``) and ``path`` (Path).
+
+    Raises
+    ------
+    RunFileError
+        Where :func:`table_rows` refuses the complete runs.
     """
     return [
         {"dataset": run.config["dataset"], "model": run.config["model"], "training": run.config.get("training", {}), "seed": run.seed, "result": run.result, "path": run.path}
@@ -479,12 +625,24 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
     :func:`table_rows`, so runs of different data sets, networks or settings never share a
     curve.
 
+    Parameters
+    ----------
+    runs : list of Run
+        The runs (any iterable of :class:`Run`); those not :func:`in_figure3` are left out.
+
     Returns
     -------
     dict
         Row key (:func:`agrel_sim.table.row_key`) to rule to ``epoch`` (from 1), ``mean``,
         ``two_sigma`` (twice the sample standard deviation, NaN where fewer than 2 runs reached
         the epoch) and ``runs`` (how many runs each epoch averages), arrays of one length.
+
+    Raises
+    ------
+    ValueError
+        Where ``runs`` holds anything but :class:`Run` objects (a path, say).
+    RunFileError
+        Where :func:`table_rows` refuses the runs.
     """
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)  # a generator is read once
     if not all(isinstance(run, Run) for run in runs):
@@ -510,7 +668,21 @@ def reward_curves(runs: list[Run]) -> dict[tuple[str, str, int], dict[str, dict[
 
 
 def gating_by_epoch(run: Run) -> dict[str, dict[str, np.ndarray]]:
-    """Per layer, the per-batch gating summaries averaged over each epoch."""
+    """Per layer, the per-batch gating summaries averaged over each epoch.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+
+    Returns
+    -------
+    dict of str to dict of str to ndarray
+        Per recorded layer (:attr:`Run.layer_names`): ``epoch`` (epochs,), the epochs with
+        summarised batches, and each of :data:`~agrel_sim.recorder.GATING_FIELDS`
+        (``open_fraction``, ``fb_mean_abs``, ``changed_fraction``), shape (epochs,): the mean
+        over the epoch's batches, NaN values left out (all NaN gives NaN).
+    """
     gating = run.gating()
     epochs = np.unique(gating["epoch"])
     out = {}
@@ -535,6 +707,11 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
     logged trials: the weights of a stratified difference of means), so that an epoch with
     trials of one outcome only counts for nothing. Trials whose Q-values are not finite (a
     diverged network, whose gates and choices no longer mean anything) are left out.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run; a trial counts as rewarded where its action equals its label.
 
     Returns
     -------
@@ -575,14 +752,38 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
 def hidden_layers(run: Run) -> list[str]:
     """The recorded hidden layers that have synapses of their own: not the dropout layers (whose
     records show the columns of the layer below them), not the output (whose gates are always
-    open)."""
+    open).
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+
+    Returns
+    -------
+    list of str
+        The layers' names (``"layers.N"``), from the input to the output.
+    """
     kinds = {f"layers.{index}": layer["kind"] for index, layer in enumerate(run.config["model"]["layers"])}
     return [name for name in run.layer_names if name in kinds and kinds[name] != "dropout"]
 
 
 def outcome_lines(run: Run) -> list[str]:
     """Lines of :func:`analyze` that compare each hidden layer's gates and feedback on rewarded
-    and unrewarded trials, within epochs (:func:`gating_by_outcome`)."""
+    and unrewarded trials, within epochs (:func:`gating_by_outcome`).
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+
+    Returns
+    -------
+    list of str
+        Indented lines: a heading that counts the epochs with trials of both outcomes, then per
+        hidden layer (:func:`hidden_layers`) the differences in open gates and in mean |fb|;
+        one line where no epoch has both; empty for a run without logged trials or hidden layers.
+    """
     by_outcome, hidden = gating_by_outcome(run), hidden_layers(run)
     if not by_outcome or not hidden:
         return []
@@ -599,7 +800,20 @@ def outcome_lines(run: Run) -> list[str]:
 
 
 def summary(run: Run) -> str:
-    """A few lines that describe a run."""
+    """A few lines that describe a run.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+
+    Returns
+    -------
+    str
+        Newline-separated lines: the run's settings and whether it is complete; its epochs
+        (last reward probability, best validation accuracy, learning rates); its result where
+        it has one; its training sessions; and its logged trials (mean RPE, share rewarded).
+    """
     config = run.config
     lines = [
         f"{run.path}: experiment {config['experiment']}, model {config['model']['name']}, rule {run.rule}, "
@@ -658,7 +872,27 @@ def plot_reward_curves(runs: list[Run], path: Path) -> Path:
     """Figure 3 (:func:`reward_curves`): reward probability per epoch, mean ± 2σ over runs, per
     rule; a panel per Table 1 row, :data:`FIGURE3_COLUMNS` panels a line. The legend says how
     many runs the first and the last epoch average; no band is drawn where fewer than 2 runs
-    remain."""
+    remain.
+
+    Parameters
+    ----------
+    runs : list of Run
+        The runs, as :func:`reward_curves` takes them (:func:`figure3_runs` picks them).
+    path : str or Path
+        The image file to write, its format named by its suffix; missing folders are made.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    ValueError
+        Where ``runs`` holds anything but :class:`Run` objects, or the file cannot be written.
+    RunFileError
+        Where :func:`table_rows` refuses the runs.
+    """
     plt = _pyplot()
     curves = reward_curves(runs)
     panels = max(1, len(curves))
@@ -699,6 +933,23 @@ def plot_gating(run: Run, path: Path) -> Path:
     Dropout layers are left out: their records show the columns of the layer below. So is the
     output from the first two panels: its gates are always open and its |fb| is the chosen
     action's one-hot signal, constants that would flatten the hidden layers' scale.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+    path : str or Path
+        The image file to write; missing folders are made.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    ValueError
+        Where the file cannot be written.
     """
     plt = _pyplot()
     stats = gating_by_epoch(run)
@@ -733,7 +984,27 @@ def _empty_gating_panel(run: Run, names: list[str]) -> str:
 def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
     """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training
     (its epochs split as evenly as they go; a run of 1 or 2 epochs has 1 or 2 parts),
-    over the range of every finite δ logged."""
+    over the range of every finite δ logged.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+    path : str or Path
+        The image file to write; missing folders are made.
+    bins : int
+        How many histogram bins span that range (40 by default).
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    ValueError
+        Where the file cannot be written.
+    """
     plt = _pyplot()
     trials = run.trials()
     delta, epoch = trials["delta"], trials["epoch"]
@@ -762,7 +1033,28 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
 def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     """ff activity, fb activity and gate of the sampled units of each layer, for the last logged
     trials; a dropout layer's row (named so) shows the columns of the layer below it as learning
-    saw them, the dropped ones silent."""
+    saw them, the dropped ones silent.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+    path : str or Path
+        The image file to write; missing folders are made.
+    trials : int
+        How many of the last logged trials to draw, one row each, at least 1 (4 by default).
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    ValueError
+        For a ``trials`` that is not an integer of at least 1, or where the file cannot be
+        written.
+    """
     if not is_count(trials):
         raise ValueError(f"trials: expected an integer >= 1, got {shown(trials, count=True)}")
     plt = _pyplot()
@@ -807,8 +1099,9 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
     Parameters
     ----------
     run : Run
+        A run with time courses (Brian2 backend, ``trace_every`` > 0).
     path : Path
-        The PNG file to write.
+        The image file to write; its suffix names the format (``.png``, ``.pdf``, ``.svg``).
     index : int
         Which traced trial (:meth:`Run.timecourse`): 0 the first, -1 (default) the last.
     units : int
@@ -818,6 +1111,13 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
     -------
     Path
         The file written.
+
+    Raises
+    ------
+    ValueError
+        For a ``units`` that is not an integer of at least 1, or where the file cannot be written.
+    TypeError, IndexError, RunFileError
+        As :meth:`Run.timecourse` raises them for ``index``, or for a run without time courses.
     """
     if not is_count(units):
         raise ValueError(f"units: expected an integer >= 1, got {shown(units, count=True)}")
@@ -901,6 +1201,36 @@ def analyze(path: str | Path, out: str | Path, trial: int | None = None) -> tupl
     (:meth:`Run.timecourse`; ``None``, the default, the last): a run with fewer traced trials
     gets no trial figure, and a line of the text says so; ``ValueError`` where none has that
     trial, or where a trial is given and no run here is traced.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A run file, or a folder of runs searched below (:func:`load_runs`).
+    out : str or os.PathLike
+        The folder the figures are written into; missing folders are made.
+    trial : int or None
+        Which traced trial to draw for runs with time courses: 0 the first, -1 the last;
+        ``None`` (default) the last.
+
+    Returns
+    -------
+    text : str
+        Per run its :func:`summary` and :func:`outcome_lines`, then the notes of
+        :func:`figure3_runs` and a line per traced run without the trial ``trial``.
+    figures : list of Path
+        The figures written: ``reward_curves.png`` where Figure 3 draws any run, then per run
+        its gating, RPE, activity and (where it has the trial) trial figures.
+
+    Raises
+    ------
+    TypeError
+        For a ``trial`` that is not an integer.
+    ValueError
+        For a ``trial`` that no run here has, or where a figure cannot be written.
+    RunFileError
+        Where :func:`load_runs` refuses ``path``.
+    RunChangedError
+        Where a run's file is replaced :data:`READ_ATTEMPTS` times while it is read.
     """
     if trial is not None:
         _check_trial_index("trial", trial)
@@ -963,7 +1293,21 @@ def _consistently(run: Run, read):
 
 def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
     """The runs that Figure 3 can draw (:func:`in_figure3`, of rows that :func:`table_rows` accepts),
-    and a line for each run or row left out, saying why."""
+    and a line for each run or row left out, saying why.
+
+    Parameters
+    ----------
+    runs : list of Run
+        The runs to draw, of any Table 1 rows.
+
+    Returns
+    -------
+    drawn : list of Run
+        The runs in Figure 3, row after row in the order of their row keys.
+    notes : list of str
+        The lines that name the incomplete and the diverged runs left out, and each row that
+        :func:`table_rows` refuses, with its error.
+    """
     notes = []
     incomplete = [str(run.path) for run in runs if not averaged(run)]
     if incomplete:
