@@ -169,7 +169,20 @@ class LogSettings:
 
 
 def stored_config(config: dict, settings: LogSettings) -> dict:
-    """The configuration a run file stores (``/`` attribute ``config``): the experiment's and the logging's."""
+    """The configuration a run file stores (``/`` attribute ``config``): the experiment's and the logging's.
+
+    Parameters
+    ----------
+    config : dict
+        The run's settings (:func:`agrel_sim.runs.run_config`).
+    settings : LogSettings
+        What the run file samples.
+
+    Returns
+    -------
+    dict
+        ``config`` with the key ``logging`` set to ``settings`` as a dict.
+    """
     return {**config, "logging": asdict(settings)}
 
 
@@ -230,6 +243,7 @@ def parse_sessions(text: str) -> list[dict]:
     Returns
     -------
     list of dict
+        One entry per training session, in order.
 
     Raises
     ------
@@ -283,10 +297,24 @@ def check_resumable(path: Path, attrs) -> None:
     A run file of another layout would mix two layouts. A Brian2 run begun by another version
     of agrel-sim would match no uninterrupted run: the Brian2 backend's trials are not kept
     identical from one version to the next (the torch backend's are).
+
+    Parameters
+    ----------
+    path : Path
+        The run file, for the messages.
+    attrs : mapping
+        Its ``/`` attributes (``h5py`` attributes or a dict of them).
+
+    Raises
+    ------
+    ValueError
+        For a ``layout_version`` that is not a whole number or not :data:`LAYOUT_VERSION`, a
+        Brian2 run begun by another version of agrel-sim, or a ``sessions`` attribute that
+        :func:`parse_sessions` refuses.
     """
     from agrel_sim import __version__
 
-    version = attrs["layout_version"]  # HDF5 gives a NumPy integer
+    version = attrs.get("layout_version")  # HDF5 gives a NumPy integer
     if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
         raise ValueError(f"{path}: bad layout_version attribute ({version!r}, where a whole number belongs); the run file is damaged: move the run folder away and train the run again")
     if version != LAYOUT_VERSION:
@@ -318,7 +346,18 @@ def records_that_disagree(file: h5py.File) -> list[str]:
     """What in a run file (damaged, or edited by hand) breaks its layout's rules on rows: a
     group that is not one, and records whose rows do not match those they go with (those of
     ``/epochs``; of ``/trials`` and each layer's ff, fb and gate; of ``/gating`` and each
-    layer's summaries). Empty for a sound file; ``/timecourses`` is not checked."""
+    layer's summaries). Empty for a sound file; ``/timecourses`` is not checked.
+
+    Parameters
+    ----------
+    file : h5py.File
+        The open run file.
+
+    Returns
+    -------
+    list of str
+        One line per problem, naming the datasets or groups; empty for a sound file.
+    """
     problems = []
 
     def groups(*paths: str) -> list[h5py.Group]:
@@ -345,7 +384,20 @@ def records_that_disagree(file: h5py.File) -> list[str]:
 
 
 def damaged_run_file(path: Path, error: Exception) -> ValueError:
-    """The error for a run file ``path`` that HDF5 finds damaged (``error``) as a run goes on; the caller raises it."""
+    """The error for a run file ``path`` that HDF5 finds damaged (``error``) as a run goes on; the caller raises it.
+
+    Parameters
+    ----------
+    path : Path
+        The run file.
+    error : Exception or str
+        What HDF5 reported (or a description of the damage), quoted in the message.
+
+    Returns
+    -------
+    ValueError
+        The error, naming ``path`` and saying to train the run again.
+    """
     return ValueError(f"{path}: the run file is damaged ({error}); move the run folder away and train the run again")
 
 
@@ -378,6 +430,7 @@ class RunFile:
     Parameters
     ----------
     path : Path
+        The run file (HDF5) to create, or to reopen with ``resume_after``.
     net : TorchNetwork or Brian2Network
         The built network (its layers name the groups; its ``backend`` is stored; its
         ``trials_run`` places each traced trial in its batch).
@@ -385,7 +438,9 @@ class RunFile:
         Experiment configuration, stored as JSON text; its ``backend``, where given, must be
         the network's.
     seed : int
+        The run's seed, stored as the attribute ``seed``; it also draws the sampled columns.
     settings : LogSettings
+        What the run file samples.
     resume_after : int or None
         Reopen an existing file and drop whatever it holds beyond this epoch (records of an
         epoch that the checkpoint does not cover), instead of creating a new file. The file
@@ -546,7 +601,27 @@ class RunFile:
 
     def record_batch(self, epoch: int, batch: int, index: torch.Tensor, labels: torch.Tensor, trials) -> None:
         """Buffer one training batch (``trials`` from the network's ``run_trials(..., record=True)``
-        for this batch, called just before: its traces are placed in the batch by ``trials_run``)."""
+        for this batch, called just before: its traces are placed in the batch by ``trials_run``).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, from 1.
+        batch : int
+            The batch within the epoch, from 0; trials are logged from every
+            ``settings.every_batches``-th batch, gating summaries from every batch.
+        index : Tensor of int64, shape (B,)
+            Indices of the batch's images in the training set.
+        labels : Tensor of int64, shape (B,)
+            Their classes.
+        trials : Trials or Brian2Trials
+            The batch's outcome, with ``layers`` recorded.
+
+        Raises
+        ------
+        ValueError
+            For a traced trial (Brian2) that is not in this batch.
+        """
         nan = torch.full((), float("nan"), device=trials.q.device)  # filled on the device: no host copy
         n = self.settings.summary_trials
         summary = []
@@ -580,7 +655,20 @@ class RunFile:
         self.trials.append(record)
 
     def write_epoch(self, epoch: int, metrics) -> None:
-        """Add the buffered epoch and its metrics to the run file."""
+        """Add the buffered epoch and its metrics to the run file.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, from 1.
+        metrics : EpochMetrics
+            What the epoch measured (:class:`agrel_sim.training.EpochMetrics`).
+
+        Raises
+        ------
+        ValueError
+            Where the run file cannot be written or is damaged.
+        """
         with self._editing():
             self._write_epoch(epoch, metrics)
         self._new_epoch_buffers()
@@ -636,7 +724,19 @@ class RunFile:
                 _append(group[population.name][name], np.stack([getattr(t.layers[i], name) for _, t in self.traces]).astype(np.uint8 if name == "gate" else np.float32))
 
     def finish(self, result) -> None:
-        """Store the run's result and mark the run file complete."""
+        """Store the run's result and mark the run file complete.
+
+        Parameters
+        ----------
+        result : RunResult
+            The run's outcome (:class:`agrel_sim.training.RunResult`); all its fields but
+            ``history`` become attributes of ``/result``.
+
+        Raises
+        ------
+        ValueError
+            Where the run file cannot be written or is damaged.
+        """
         with self._editing():
             group = self.file.require_group("result")
             for key, value in asdict(result).items():

@@ -26,6 +26,7 @@ def exploration_draws(batch: int, n_actions: int, epsilon: float, dtype: torch.d
     generator : torch.Generator, optional
         Source of randomness (on ``device``).
     device : torch.device, optional
+        Where to draw the numbers (default: torch's default device).
 
     Returns
     -------
@@ -122,6 +123,16 @@ def check_q_values(q) -> None:
 
     Finiteness is not checked, as that would wait for the device in every batch: a NaN is the
     greatest value to ``argmax``, so a row holding one picks it as the greedy action.
+
+    Parameters
+    ----------
+    q : Tensor, shape (B, L)
+        Q-values of the L actions in each of B trials.
+
+    Raises
+    ------
+    ValueError
+        For ``q`` not a floating-point tensor of two dimensions with at least one action.
     """
     if not (isinstance(q, torch.Tensor) and q.is_floating_point() and q.dim() == 2 and q.shape[1] >= 1):
         given = f"a {q.dtype} tensor of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else type(q).__name__
@@ -129,7 +140,24 @@ def check_q_values(q) -> None:
 
 
 def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, reward_wrong: float, dtype: torch.dtype) -> torch.Tensor:
-    """The reward of each trial: ``reward_correct`` if the action is the label, else ``reward_wrong``."""
+    """The reward of each trial: ``reward_correct`` if the action is the label, else ``reward_wrong``.
+
+    Parameters
+    ----------
+    actions : Tensor of int64, shape (B,)
+        The selected action ``s`` of each of B trials.
+    labels : Tensor of int64, shape (B,)
+        The correct class of each trial.
+    reward_correct, reward_wrong : float
+        The reward ``r`` for a correct and for a wrong action.
+    dtype : torch.dtype
+        Floating-point type of the rewards.
+
+    Returns
+    -------
+    Tensor, shape (B,)
+        The reward ``r`` of each trial, on ``actions``' device.
+    """
     # Filled on the device, so that no value is copied from the host in every batch.
     return torch.full(actions.shape, reward_wrong, dtype=dtype, device=actions.device).masked_fill_(actions == labels, reward_correct)
 
@@ -137,9 +165,25 @@ def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, r
 def rpe(q: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     """The global, dopamine-like reward-prediction error ``delta = r - q_s`` of each trial.
 
-    ``q`` (B, L) holds the Q-values, ``actions`` (B,) the selected actions ``s`` and
-    ``rewards`` (B,) the rewards ``r`` of B trials. Raises ValueError for Q-values that are not a
-    (B, L) floating-point tensor (:func:`check_q_values`) or shapes that do not match.
+    Parameters
+    ----------
+    q : Tensor, shape (B, L)
+        Q-values of the L actions in each of B trials.
+    actions : Tensor of int64, shape (B,)
+        The selected action ``s`` of each trial.
+    rewards : Tensor, shape (B,)
+        The reward ``r`` of each trial (see :func:`reward`).
+
+    Returns
+    -------
+    Tensor, shape (B,)
+        ``delta = r - q_s`` of each trial, in ``q``'s dtype.
+
+    Raises
+    ------
+    ValueError
+        For ``q`` that fails :func:`check_q_values`, or ``actions`` and ``rewards`` not both of
+        shape (B,).
     """
     check_q_values(q)
     if not (tuple(actions.shape) == tuple(rewards.shape) == (q.shape[0],)):
@@ -148,5 +192,20 @@ def rpe(q: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> torch.
 
 
 def winner_feedback(actions: torch.Tensor, n_actions: int, dtype: torch.dtype) -> torch.Tensor:
-    """Feedback activity of the output layer: ``z_s = 1`` for the selected action, 0 elsewhere."""
+    """Feedback activity of the output layer: ``z_s = 1`` for the selected action, 0 elsewhere.
+
+    Parameters
+    ----------
+    actions : Tensor of int64, shape (B,)
+        The selected action ``s`` of each of B trials.
+    n_actions : int
+        The number of actions L (output units).
+    dtype : torch.dtype
+        Floating-point type of the feedback activity.
+
+    Returns
+    -------
+    Tensor, shape (B, L)
+        One-hot rows ``z``: 1 at the selected action of each trial, 0 elsewhere.
+    """
     return torch.nn.functional.one_hot(actions, n_actions).to(dtype)

@@ -41,12 +41,39 @@ DAMAGED_FILE_ERRORS = (OSError, KeyError, RuntimeError, TypeError, ValueError, A
 
 
 def default_run_folder(experiment: Experiment, seed: int, root: str | os.PathLike = "runs") -> Path:
-    """``runs/<experiment>/seed<N>``."""
+    """``runs/<experiment>/seed<N>``.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The experiment; its ``name`` names the folder.
+    seed : int
+        The run's seed.
+    root : str or os.PathLike
+        The folder that holds the experiments' folders (default ``runs``).
+
+    Returns
+    -------
+    Path
+        ``root / experiment.name / f"seed{seed}"``.
+    """
     return Path(root) / experiment.name / f"seed{seed}"
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
-    """Whether the run folder holds a run file marked complete."""
+    """Whether the run folder holds a run file marked complete.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The run folder.
+
+    Returns
+    -------
+    bool
+        True where ``folder / RUN_FILE`` opens and its ``complete`` attribute is true; False
+        where it is missing, unreadable or damaged.
+    """
     path = Path(folder) / RUN_FILE
     if not path.is_file():
         return False
@@ -58,14 +85,31 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 
 def missing_folders(folder: Path) -> list[Path]:
-    """The folders on the way to ``folder``, itself included, that do not exist yet: innermost first."""
+    """The folders on the way to ``folder``, itself included, that do not exist yet: innermost first.
+
+    Parameters
+    ----------
+    folder : Path
+        A folder to be made.
+
+    Returns
+    -------
+    list of Path
+        ``folder`` and its parents that do not exist, innermost first.
+    """
     return [path for path in (folder, *folder.parents) if not path.exists()]
 
 
 def remove_empty_folders(folders: list[Path]) -> None:
     """Remove ``folders``, innermost first, as far as they are empty: best effort, as other
     processes (runs of a sweep) may be making or removing the same folders. rmdir raises once a
-    folder is not empty, or already gone."""
+    folder is not empty, or already gone.
+
+    Parameters
+    ----------
+    folders : list of Path
+        Folders to remove, innermost first (as :func:`missing_folders` lists them).
+    """
     with contextlib.suppress(OSError):
         for path in folders:
             path.rmdir()
@@ -78,6 +122,16 @@ def locked(folder: Path):
     Folders made here are removed again if the run fails before writing anything into them
     (missing data files, say), so a failed start leaves no empty run folder behind (a parent
     folder that runs starting at the same moment share may stay, empty).
+
+    Parameters
+    ----------
+    folder : Path
+        The run folder; made, with its parents, where missing.
+
+    Raises
+    ------
+    ValueError
+        Where the folder cannot be made or written in, or another process holds its lock.
     """
     made = missing_folders(folder)
     for _ in range(5):
@@ -107,6 +161,22 @@ def holding_lock(lock_file: Path, made: list[Path], busy: str, unwritable: tuple
     (reason); {unwritable[1]}"`` where it cannot be opened. Where the block raises and the lock
     file's folder holds nothing else, the lock file and the folders ``made`` (innermost first,
     as :func:`missing_folders` lists them) are removed again.
+
+    Parameters
+    ----------
+    lock_file : Path
+        The lock file, created where missing.
+    made : list of Path
+        Folders made for this lock, innermost first, to remove again if the block fails.
+    busy : str
+        The message where another process holds the lock.
+    unwritable : tuple of (str, str)
+        The message's beginning and its advice where the lock file cannot be opened.
+
+    Raises
+    ------
+    ValueError
+        Where another process holds the lock or the lock file cannot be opened.
     """
     try:
         lock = open(lock_file, "w")
@@ -129,7 +199,20 @@ def holding_lock(lock_file: Path, made: list[Path], busy: str, unwritable: tuple
 
 
 def flatten(value, prefix: str = "") -> dict:
-    """Nested dicts and lists as ``{"a.b[0].c": leaf}``, with ``"len(a.list)"`` for each list."""
+    """Nested dicts and lists as ``{"a.b[0].c": leaf}``, with ``"len(a.list)"`` for each list.
+
+    Parameters
+    ----------
+    value : dict, list or object
+        The nested value; anything else than a dict or list is a leaf.
+    prefix : str
+        The key of ``value`` itself ("" at the top).
+
+    Returns
+    -------
+    dict
+        Flattened key to leaf value (and ``len(...)`` keys to list lengths).
+    """
     if isinstance(value, dict):
         items = ((f"{prefix}.{key}" if prefix else key, item) for key, item in value.items())
     elif isinstance(value, list):
@@ -148,12 +231,36 @@ ADDED_SETTINGS = {"training.lr_decay_factor": 1.0, "training.lr_decay_patience":
 
 
 def top_setting(key: str) -> str:
-    """The top-level setting of a flattened key: ``model`` for ``model.layers[0].units`` or ``len(model.layers)``."""
+    """The top-level setting of a flattened key: ``model`` for ``model.layers[0].units`` or ``len(model.layers)``.
+
+    Parameters
+    ----------
+    key : str
+        A key of :func:`flatten`.
+
+    Returns
+    -------
+    str
+        The key's first part.
+    """
     return re.split(r"[.[]", key.removeprefix("len(").removesuffix(")"), maxsplit=1)[0]
 
 
 def shown_leaf(leaves: dict, key: str) -> str:
-    """``repr(leaves[key])``, or ``absent``: a value in a message about two settings."""
+    """``repr(leaves[key])``, or ``absent``: a value in a message about two settings.
+
+    Parameters
+    ----------
+    leaves : dict
+        A flattened configuration (:func:`flatten`).
+    key : str
+        One of its keys, or a key it lacks.
+
+    Returns
+    -------
+    str
+        The value's ``repr``, or ``"absent"``.
+    """
     return repr(leaves[key]) if key in leaves else "absent"
 
 
@@ -176,6 +283,18 @@ def settings_of(config: dict, software_version: str | None = None) -> dict:
     ``software_version`` is the agrel-sim that wrote it (a run file's ``software_version``;
     None: this one). Where that is 0.3.0 or older, or unknown, whose run files hold only the
     backend options given, the other options get their :data:`EARLIER_BACKEND_DEFAULTS`.
+
+    Parameters
+    ----------
+    config : dict
+        A run configuration (:func:`run_config`, possibly with ``seed`` and ``logging``).
+    software_version : str or None
+        The agrel-sim version that wrote it; None: this one.
+
+    Returns
+    -------
+    dict
+        The flattened settings (:func:`flatten`).
     """
     backend = config.get("backend", ADDED_SETTINGS["backend"])
     if "backend_options" in config and software_version is not None and _before_every_option(software_version):
@@ -210,6 +329,16 @@ def changed_settings(before: dict, now: dict) -> list[str]:
 
     A record of :data:`RECORDED_IF_KNOWN` that one side lacks altogether is unknown there, so it
     is not counted as a difference.
+
+    Parameters
+    ----------
+    before, now : dict
+        Two flattened configurations (:func:`settings_of`).
+
+    Returns
+    -------
+    list of str
+        The differing keys, sorted; a key one side lacks counts as differing.
     """
     def has(leaves, top):
         return any(top_setting(key) == top for key in leaves)
@@ -228,6 +357,24 @@ def run_config(experiment: Experiment, device: str = "cpu", dtype: str = "float3
 
     ``data`` is the :meth:`~agrel_sim.datasets.Dataset.fingerprint` of the data the run trains
     on, recorded as ``data`` when given.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The experiment.
+    device : str
+        The device the run computes on.
+    dtype : {"float32", "float64"}
+        The floating-point type by name.
+    data : dict or None
+        The data's fingerprint, or None to record none.
+
+    Returns
+    -------
+    dict
+        ``experiment``, ``source``, ``dataset``, ``model``, ``training``, ``backend``,
+        ``backend_options`` (every option, resolved), ``device``, ``dtype`` and, when given,
+        ``data``.
     """
     config = {
         "experiment": experiment.name, "source": experiment.source, "dataset": experiment.dataset,
@@ -248,10 +395,31 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     runs. The stopping criterion (:data:`STOPPING`) may be raised, never lowered. With
     ``resuming``, the run file must also be of the layout this version writes.
 
+    Parameters
+    ----------
+    path : Path
+        The run file.
+    config : dict
+        The settings now, as a run file stores them (:func:`agrel_sim.recorder.stored_config`).
+    seed : int
+        The seed now.
+    ignore : tuple of str
+        Top-level settings or flattened keys that may differ.
+    resuming : bool
+        Also check that the run file's layout can be continued
+        (:func:`agrel_sim.recorder.check_resumable`).
+
     Returns
     -------
     bool
         Whether the stopping criterion was raised.
+
+    Raises
+    ------
+    ValueError
+        For a missing, unreadable or damaged run file, one made with a removed backend option,
+        settings (other than those ignored) that differ, a lowered stopping criterion, or, with
+        ``resuming``, a layout that cannot be continued.
     """
     try:
         with h5py.File(path, "r") as handle:
@@ -286,7 +454,19 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
 def check_readable(path: Path) -> None:
     """Raise unless ``path`` opens as a run file of agrel-sim, so that a run file that cannot be
     read now (no permission, held open for writing by another program, damaged), or another
-    HDF5 file, is never taken for one with nothing in it and overwritten."""
+    HDF5 file, is never taken for one with nothing in it and overwritten.
+
+    Parameters
+    ----------
+    path : Path
+        The run file.
+
+    Raises
+    ------
+    ValueError
+        Where it cannot be opened or read whole, or lacks the attributes ``layout_version``
+        and ``config``.
+    """
     try:
         with h5py.File(path, "r") as handle:
             attrs = set(handle.attrs)
@@ -301,7 +481,23 @@ def check_readable(path: Path) -> None:
 
 
 def recorded_epochs(path: Path) -> int:
-    """How many epochs the run file records (0 for an HDF5 file that records none)."""
+    """How many epochs the run file records (0 for an HDF5 file that records none).
+
+    Parameters
+    ----------
+    path : Path
+        The run file.
+
+    Returns
+    -------
+    int
+        The rows of ``/epochs/epoch``.
+
+    Raises
+    ------
+    ValueError
+        Where the file cannot be read or is damaged.
+    """
     try:
         with h5py.File(path, "r") as handle:
             return int(handle["epochs"]["epoch"].shape[0]) if "epochs/epoch" in handle else 0
@@ -312,7 +508,23 @@ def recorded_epochs(path: Path) -> int:
 def stored_result(folder: Path) -> RunResult:
     """The result that a complete run stored in its run file (without its epochs' history).
 
-    Raises ValueError, naming the run file, where its ``/result`` is missing or lacks a value."""
+    Raises ValueError, naming the run file, where its ``/result`` is missing or lacks a value.
+
+    Parameters
+    ----------
+    folder : Path
+        The run folder.
+
+    Returns
+    -------
+    RunResult
+        From the ``/result`` attributes, with an empty ``history``.
+
+    Raises
+    ------
+    ValueError
+        Where the run file is missing or damaged or its ``/result`` is missing or lacks a value.
+    """
     path = folder / RUN_FILE
     try:
         with h5py.File(path, "r") as handle:
@@ -327,6 +539,15 @@ def stored_result(folder: Path) -> RunResult:
 
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:
     """What resuming the run folder does, for a run with ``config`` (as stored) and ``seed``.
+
+    Parameters
+    ----------
+    folder : Path
+        The run folder.
+    config : dict
+        The run's settings as a run file stores them (:func:`agrel_sim.recorder.stored_config`).
+    seed : int
+        The run's seed.
 
     Returns
     -------
@@ -376,7 +597,20 @@ def threads_of_epoch(path: Path, epoch: int) -> int | None:
     ``epoch`` (the last one that began before it, :func:`~agrel_sim.recorder.session`), not of a
     later session that kept nothing; None where the file does not say (agrel-sim 0.2.0 and
     older). The thread count orders torch's sums on the CPU: a run goes on from its checkpoint
-    bit for bit only with the count that trained the checkpoint's epoch."""
+    bit for bit only with the count that trained the checkpoint's epoch.
+
+    Parameters
+    ----------
+    path : Path
+        The run file.
+    epoch : int
+        The epoch, from 1 (a checkpoint's ``epoch``).
+
+    Returns
+    -------
+    int or None
+        The session's ``torch_threads``; None where the file does not say.
+    """
     with h5py.File(path, "r") as handle:
         sessions = parse_sessions(handle.attrs.get("sessions", "[]"))
     trained = [entry for entry in sessions if entry.get("from_epoch", 0) < epoch]
@@ -386,7 +620,21 @@ def threads_of_epoch(path: Path, epoch: int) -> int | None:
 def check_checkpoint_of_run(path: Path, state: dict) -> None:
     """Raise ValueError unless the run file ``path`` records every epoch of the checkpoint
     ``state``, with the same validation accuracies and training losses: a run file restored from
-    an older copy, or another run's checkpoint, would go on into a run that no training made."""
+    an older copy, or another run's checkpoint, would go on into a run that no training made.
+
+    Parameters
+    ----------
+    path : Path
+        The run file.
+    state : dict
+        The checkpoint (:func:`agrel_sim.training.load_checkpoint`); its ``history`` is compared.
+
+    Raises
+    ------
+    ValueError
+        Where the run file is damaged, records fewer epochs than the checkpoint, or records
+        another epoch number, validation accuracy or training loss for one of them.
+    """
     try:
         with h5py.File(path, "r") as handle:
             recorded = {name: handle["epochs"][name][:] for name in ("epoch", "validation_accuracy", "train_loss")}

@@ -74,6 +74,21 @@ class Sweep:
     each experiment runs with; ``out``: the folder of the runs, ``<out>/<experiment>/seed<N>``;
     ``slurm``: the parameters of the file's ``[slurm]`` table, for submitit; ``source``: where the
     sweep came from. Read one with :func:`load_sweep`.
+
+    Parameters
+    ----------
+    name : str
+        The sweep's name.
+    experiments : tuple of str
+        Paths of the experiment files.
+    seeds : tuple of int
+        The seeds each experiment runs with, distinct, from 0 to :data:`~agrel_sim.runs.MAX_SEED`.
+    out : str
+        The folder of the runs.
+    slurm : dict
+        The ``[slurm]`` table's submitit parameters (empty by default).
+    source : str
+        The sweep file's path, or ``"<python>"`` (default) for a sweep made in code.
     """
 
     name: str
@@ -85,7 +100,25 @@ class Sweep:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "Sweep":
-        """Read a sweep file; a bad entry raises :class:`ConfigError` naming the file and the field."""
+        """Read a sweep file; a bad entry raises :class:`ConfigError` naming the file and the field.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The sweep file (TOML); experiment paths in it are relative to its folder.
+
+        Returns
+        -------
+        Sweep
+            The sweep, its experiments resolved to file paths; ``name`` defaults to the file's
+            stem and ``out`` to ``runs/<name>``.
+
+        Raises
+        ------
+        ConfigError
+            For an experiment or model file given as a sweep file, an experiment entry that is
+            not found or not an experiment file, or a missing, bad or unknown field.
+        """
         path = Path(path)
         table = read_toml(path)
         advice = {
@@ -116,13 +149,49 @@ class Sweep:
 
 
 def load_sweep(name_or_path: str | os.PathLike) -> Sweep:
-    """Load a sweep file by path, or by name from the experiment search path."""
+    """Load a sweep file by path, or by name from the experiment search path.
+
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike
+        A sweep file's path (``.toml``), or its name, looked up as ``NAME.toml`` in
+        ``$AGREL_SIM_EXPERIMENTS``, then ``./experiments`` (:func:`~agrel_sim.config.find_named_file`).
+
+    Returns
+    -------
+    Sweep
+        The sweep (:meth:`Sweep.from_toml`).
+
+    Raises
+    ------
+    ConfigError
+        For a file that is not found or not a valid sweep file.
+    """
     return Sweep.from_toml(find_named_file(name_or_path, "experiment", "AGREL_SIM_EXPERIMENTS", what="sweep"))
 
 
 @dataclass(frozen=True)
 class RunTask:
-    """One run of a sweep: everything a worker process needs, as plain picklable data."""
+    """One run of a sweep: everything a worker process needs, as plain picklable data.
+
+    Parameters
+    ----------
+    experiment_path : str
+        The experiment file.
+    seed : int
+        The run's seed.
+    folder : str
+        The run folder, ``<out>/<experiment>/seed<N>``.
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    data_dir : str or None
+        Folder of the data sets; None: the default search.
+    threads : int
+        The torch threads of the run.
+    sweep_process : tuple of (int, str) or None
+        For jobs that outlive the sweep (submitit's local executor): the sweep process's
+        :func:`process_identity`, whose end ends the run; None otherwise.
+    """
 
     experiment_path: str
     seed: int
@@ -135,7 +204,23 @@ class RunTask:
 
 def process_identity(pid: int) -> tuple[int, str]:
     """A process as :attr:`RunTask.sweep_process` names it: its pid and start time (a pid is used
-    again once its process has ended; the pair is not)."""
+    again once its process has ended; the pair is not).
+
+    Parameters
+    ----------
+    pid : int
+        The process id.
+
+    Returns
+    -------
+    tuple of (int, str)
+        ``pid`` and its start time (field 22 of ``/proc/<pid>/stat``, in clock ticks since boot).
+
+    Raises
+    ------
+    OSError
+        Where there is no such process (or no ``/proc``).
+    """
     with open(f"/proc/{pid}/stat") as stat:  # the name in parentheses may hold spaces: the fields after it
         return pid, stat.read().rsplit(")", 1)[1].split()[19]
 
@@ -162,6 +247,16 @@ def execute(task: RunTask) -> str:
     A run that is already complete, made with the task's settings, is not run again: its line
     is the one it finished with. So a job requeued after its run had finished (its signal came
     as the run ended, see :class:`SubmititRun`) reports the run.
+
+    Parameters
+    ----------
+    task : RunTask
+        The run to do; it is resumed from its folder where it has begun.
+
+    Returns
+    -------
+    str
+        ``"<experiment> seed=<N>: "`` and :meth:`~agrel_sim.training.RunResult.summary`.
     """
     from agrel_sim.runs import run_experiment
 
@@ -252,7 +347,18 @@ class SubmititRun:
         return False, f"the job was signalled but not requeued; its log: {log}"
 
     def checkpoint(self, task: RunTask):
-        """The submission that requeues this job: the same task, which resumes the run."""
+        """The submission that requeues this job: the same task, which resumes the run.
+
+        Parameters
+        ----------
+        task : RunTask
+            The job's task.
+
+        Returns
+        -------
+        submitit.helpers.DelayedSubmission
+            This callable with ``task``.
+        """
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self, task)
@@ -277,6 +383,33 @@ def plan(sweep: Sweep, out: str | os.PathLike, device: str = "cpu", data_dir=Non
     the backend options in :data:`~agrel_sim.runs.NOT_MODELLING` (they do not change the
     protocol); one that goes on must have the ones it began with. The
     data is not read here: a run that goes on checks it as it resumes.
+
+    Parameters
+    ----------
+    sweep : Sweep
+        The experiments and seeds.
+    out : str or os.PathLike
+        Folder of the runs, each in ``<out>/<experiment>/seed<N>``.
+    device : str
+        The device of every run.
+    data_dir : str or os.PathLike or None
+        Folder of the data sets, passed on to each task.
+    threads : int
+        The torch threads of each run.
+
+    Returns
+    -------
+    tasks : list of RunTask
+        The runs to start or continue, in the sweep's order.
+    finished : list of Path
+        The folders of the runs already finished with these settings.
+
+    Raises
+    ------
+    ValueError
+        For a bad experiment file, two entries that would share a run folder (a
+        :class:`ConfigError`), or a run that cannot go on (see
+        :func:`~agrel_sim.runs.resume_plan`).
     """
     tasks, finished, entries = [], [], {}
     for index, path in enumerate(sweep.experiments):

@@ -15,12 +15,36 @@ from agrel_sim.network import RULES
 
 
 def is_diverged(result: dict) -> bool:
-    """Whether a run stopped because its loss ran off to inf or NaN."""
+    """Whether a run stopped because its loss ran off to inf or NaN.
+
+    Parameters
+    ----------
+    result : dict
+        A run's result (``/result`` of its run file): ``converged``, ``diverged`` (absent in
+        runs written before divergence was recorded), ``test_accuracy``, ``epochs``, ...
+
+    Returns
+    -------
+    bool
+        Its ``diverged`` entry; False where there is none.
+    """
     return bool(result.get("diverged", False))  # runs written before divergence was recorded had not
 
 
 def is_capped(result: dict) -> bool:
-    """Whether a run reached ``max_epochs`` before the stopping criterion (and did not diverge)."""
+    """Whether a run reached ``max_epochs`` before the stopping criterion (and did not diverge).
+
+    Parameters
+    ----------
+    result : dict
+        A run's result (``/result`` of its run file): ``converged``, ``diverged`` (absent in
+        runs written before divergence was recorded), ``test_accuracy``, ``epochs``, ...
+
+    Returns
+    -------
+    bool
+        True for a run that neither converged nor diverged.
+    """
     return not result["converged"] and not is_diverged(result)
 
 
@@ -32,6 +56,19 @@ class RuleStats:
     accuracy and epochs stay out of the means: they describe a failure, not the protocol's end.
     A run that reached ``max_epochs`` before the stopping criterion (``capped``) counts as not
     converged but stays in the means: its epochs to stop are a lower bound, and so is the mean.
+
+    Parameters
+    ----------
+    seeds : list of int
+        The seed of every run, diverged ones included, in the order added.
+    accuracies : list of float
+        Test accuracy, in [0, 1], of every run that did not diverge.
+    epochs : list of int
+        Epochs run by every run that did not diverge.
+    converged : list of bool
+        Whether each run, diverged ones included, converged.
+    capped : int
+        How many runs that did not diverge reached ``max_epochs`` first.
     """
 
     seeds: list[int] = field(default_factory=list)
@@ -42,7 +79,14 @@ class RuleStats:
 
     def add(self, record: dict) -> None:
         """Count one run, a record of :func:`agrel_sim.analysis.table1_records`: its seed,
-        whether it converged and, unless it diverged, its test accuracy and epochs to stop."""
+        whether it converged and, unless it diverged, its test accuracy and epochs to stop.
+
+        Parameters
+        ----------
+        record : dict
+            With ``seed`` and ``result`` (the run's result: ``converged``, ``test_accuracy``,
+            ``epochs`` and possibly ``diverged``).
+        """
         result = record["result"]
         self.seeds.append(record["seed"])
         self.converged.append(bool(result["converged"]))
@@ -57,23 +101,70 @@ class RuleStats:
         return len(self.accuracies)
 
     def accuracy_mean_std(self) -> tuple[float, float | None]:
-        """Mean and sample standard deviation; the deviation of a single run is undefined (None)."""
+        """Mean and sample standard deviation; the deviation of a single run is undefined (None).
+
+        Returns
+        -------
+        mean : float
+            Mean test accuracy, in [0, 1], of the runs averaged (see :attr:`runs`).
+        std : float or None
+            Their sample standard deviation; None for a single run.
+
+        Raises
+        ------
+        statistics.StatisticsError
+            When no run is averaged.
+        """
         mean = statistics.fmean(self.accuracies)
         return mean, statistics.stdev(self.accuracies) if self.runs > 1 else None
 
     def mean_epochs(self) -> float:
-        """The mean number of epochs to stop over the runs averaged (see :attr:`runs`)."""
+        """The mean number of epochs to stop over the runs averaged (see :attr:`runs`).
+
+        Returns
+        -------
+        float
+            The mean epochs.
+
+        Raises
+        ------
+        statistics.StatisticsError
+            When no run is averaged.
+        """
         return statistics.fmean(self.epochs)
 
 
 def row_key(record: dict) -> tuple[str, str, int]:
-    """A Table 1 row: ``(data set, network, augmentation factor)``, the factor 0 without augmentation."""
+    """A Table 1 row: ``(data set, network, augmentation factor)``, the factor 0 without augmentation.
+
+    Parameters
+    ----------
+    record : dict
+        A record of :func:`agrel_sim.analysis.table1_records`: ``dataset``, ``model`` (with its
+        ``name``) and, optionally, ``training`` (with its ``augmentation``, if any).
+
+    Returns
+    -------
+    tuple of (str, str, int)
+        The data set, the network's name and the augmentation factor.
+    """
     augmentation = record.get("training", {}).get("augmentation")  # a run file made in Python may have no training
     return record["dataset"], record["model"]["name"], augmentation["factor"] if augmentation else 0
 
 
 def augmentation_label(factor: int) -> str:
-    """``"10x"`` for a factor of 10, ``"none"`` for 0."""
+    """``"10x"`` for a factor of 10, ``"none"`` for 0.
+
+    Parameters
+    ----------
+    factor : int
+        The augmentation factor, 0 for none.
+
+    Returns
+    -------
+    str
+        The label of the table's augmentation column.
+    """
     return f"{factor}x" if factor else "none"
 
 
@@ -83,6 +174,20 @@ def table1(records: list[dict]) -> list[dict]:
     Per rule, ``<rule>_runs`` counts the runs averaged (all but the diverged ones),
     ``<rule>_capped`` those of them that reached ``max_epochs`` before the stopping criterion,
     and ``<rule>_seeds`` lists the seeds of all its runs, in order, separated by spaces.
+
+    Parameters
+    ----------
+    records : list of dict
+        Records of :func:`agrel_sim.analysis.table1_records`, one per run.
+
+    Returns
+    -------
+    list of dict
+        One row per ``(data set, network, augmentation)``, sorted: ``dataset``, ``network``,
+        ``augmentation``; per rule ``<rule>_acc_mean``, ``<rule>_acc_std``, ``<rule>_epochs``
+        (None without runs; std None for a single run), ``<rule>_converged`` (``"k/n"``),
+        ``<rule>_runs``, ``<rule>_capped``, ``<rule>_seeds``; and ``epoch_ratio`` (DeepAGREL's
+        mean epochs over EBP's, None unless both have runs).
     """
     rows: dict[tuple, dict[str, RuleStats]] = {}
     for record in records:
@@ -142,6 +247,16 @@ def markdown(table: list[dict]) -> str:
     Mean epochs of runs that reached ``max_epochs`` before the stopping criterion are lower
     bounds, shown as '≥ mean'; the epoch ratio is then '≥ r' or '≤ r', or 'r?' when both rules
     have such runs.
+
+    Parameters
+    ----------
+    table : list of dict
+        The rows of :func:`table1`.
+
+    Returns
+    -------
+    str
+        The Markdown table (and notes), lines separated by newlines.
     """
     lines = [
         "| data set | network | augmentation | DeepAGREL acc (%) | EBP acc (%) | DeepAGREL epochs | EBP epochs | epoch ratio | converged (DeepAGREL, EBP) |",
@@ -164,6 +279,13 @@ def markdown(table: list[dict]) -> str:
 
 def write_csv(table: list[dict], path) -> None:
     """Table 1 as CSV, one row per Table 1 row, with the columns of :func:`table1`.
+
+    Parameters
+    ----------
+    table : list of dict
+        The rows of :func:`table1`.
+    path : str or os.PathLike
+        The CSV file to write (replaced atomically).
 
     Raises
     ------

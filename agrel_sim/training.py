@@ -83,12 +83,21 @@ class TrainingSettings:
 class EpochMetrics:
     """What one epoch measured.
 
-    ``epoch``: its number, from 1; ``reward_probability``: share of training trials that were
-    rewarded (for EBP: share of correct greedy classifications, i.e. 1 − training error);
-    ``train_loss``: mean cross-entropy (EBP) or mean squared RPE ``δ²/2`` (DeepAGREL);
-    ``validation_accuracy``: greedy accuracy on the validation images after the epoch;
-    ``seconds``: the epoch's wall time; ``learning_rate``: the learning rate of the epoch's
-    updates.
+    Parameters
+    ----------
+    epoch : int
+        The epoch's number, from 1.
+    reward_probability : float
+        Share of training trials rewarded (EBP: share of correct greedy classifications, i.e.
+        1 − training error).
+    train_loss : float
+        Mean cross-entropy (EBP) or mean ``δ²/2`` (DeepAGREL) over the epoch's trials.
+    validation_accuracy : float
+        Greedy accuracy on the validation images after the epoch, in [0, 1].
+    seconds : float
+        Wall time of the epoch.
+    learning_rate : float
+        Learning rate of the epoch's updates.
     """
 
     epoch: int
@@ -103,11 +112,23 @@ class EpochMetrics:
 class RunResult:
     """The outcome of a training run.
 
-    ``test_accuracy``: that of the weights with the best validation accuracy (NaN when the run
-    diverged in its first epoch); ``best_epoch``: the epoch of those weights; ``epochs``: the
-    epochs run; ``converged``: the stopping criterion was met (not ``max_epochs``, no
-    divergence); ``seconds``: the wall time of the training; ``history``: one
-    :class:`EpochMetrics` per epoch; ``diverged``: it stopped at an epoch whose loss was not finite.
+    Parameters
+    ----------
+    test_accuracy : float
+        Test accuracy of the weights with the best validation accuracy, in [0, 1] (NaN when
+        the run diverged in its first epoch).
+    best_epoch : int
+        The epoch of those weights (0 when there are none).
+    epochs : int
+        The number of epochs run.
+    converged : bool
+        Whether the stopping criterion was met (not ``max_epochs``, no divergence).
+    seconds : float
+        Wall time of the training, over all its sessions when resumed.
+    history : list of EpochMetrics
+        One entry per epoch run, in order.
+    diverged : bool
+        Whether the run stopped at an epoch whose training loss was not finite.
     """
 
     test_accuracy: float
@@ -120,7 +141,13 @@ class RunResult:
 
     def summary(self) -> str:
         """One line for logs and sweeps: test accuracy, best epoch, epochs, convergence (and
-        divergence) and training time."""
+        divergence) and training time.
+
+        Returns
+        -------
+        str
+            ``key=value`` pairs separated by spaces (``diverged=True`` only for a diverged run).
+        """
         return (
             f"test_acc={self.test_accuracy:.4f} best_epoch={self.best_epoch} epochs={self.epochs} "
             f"converged={self.converged}{' diverged=True' if self.diverged else ''} time={self.seconds:.1f}s"
@@ -128,13 +155,42 @@ class RunResult:
 
 
 def diverged(metrics: EpochMetrics) -> bool:
-    """Whether an epoch's training loss was not finite: the weights have run off to inf or NaN."""
+    """Whether an epoch's training loss was not finite: the weights have run off to inf or NaN.
+
+    Parameters
+    ----------
+    metrics : EpochMetrics
+        What the epoch measured.
+
+    Returns
+    -------
+    bool
+        True when ``metrics.train_loss`` is inf or NaN.
+    """
     return not math.isfinite(metrics.train_loss)
 
 
 def check_model_fits(description: ColumnNetwork, dataset: str, image_shape: tuple[int, ...], n_classes: int) -> None:
     """Raise ValueError, naming the field ``model``, unless the network takes the images of the
-    data set named ``dataset`` and has an action for each of its classes."""
+    data set named ``dataset`` and has an action for each of its classes.
+
+    Parameters
+    ----------
+    description : ColumnNetwork
+        The network.
+    dataset : str
+        Name of the data set, for the message.
+    image_shape : tuple of int
+        Shape of one image of the data set: (C, H, W) or (features,).
+    n_classes : int
+        Number of classes of the data set.
+
+    Raises
+    ------
+    ValueError
+        When ``image_shape`` differs from ``description.input_shape`` or ``n_classes`` from
+        ``description.n_actions``.
+    """
     if tuple(image_shape) != description.input_shape:
         raise ValueError(
             f"model: {description.name!r} expects input of shape {list(description.input_shape)}, "
@@ -145,7 +201,24 @@ def check_model_fits(description: ColumnNetwork, dataset: str, image_shape: tupl
 
 
 def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSettings) -> None:
-    """Raise ValueError, naming the setting, when ``data`` does not fit the network or the settings."""
+    """Raise ValueError, naming the setting, when ``data`` does not fit the network or the settings.
+
+    Parameters
+    ----------
+    description : ColumnNetwork
+        The network.
+    data : Dataset
+        The data set to train on.
+    settings : TrainingSettings
+        The training settings.
+
+    Raises
+    ------
+    ValueError
+        When the images or classes do not fit the network (:func:`check_model_fits`), an
+        augmentation is asked for images that are not (C, H, W), or ``settings.validation_size``
+        leaves no training images (:func:`check_validation_size`).
+    """
     check_model_fits(description, data.name, data.image_shape, data.n_classes)
     if settings.augmentation is not None and len(description.input_shape) != 3:
         raise ValueError(f"training.augmentation: zoom, shift and reflection need images [channels, height, width], but model {description.name!r} takes input of shape {list(description.input_shape)}; remove the augmentation")
@@ -154,13 +227,50 @@ def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSett
 
 def check_validation_size(settings: TrainingSettings, n_train: int, dataset: str) -> None:
     """Raise ValueError, naming the setting, unless ``settings.validation_size`` leaves some of
-    the ``n_train`` training images of data set ``dataset`` to train on."""
+    the ``n_train`` training images of data set ``dataset`` to train on.
+
+    Parameters
+    ----------
+    settings : TrainingSettings
+        The training settings.
+    n_train : int
+        Number of training images of the data set.
+    dataset : str
+        Name of the data set, for the message.
+
+    Raises
+    ------
+    ValueError
+        Unless ``0 < settings.validation_size < n_train``.
+    """
     if not 0 < settings.validation_size < n_train:
         raise ValueError(f"training.validation_size: expected 0 < validation_size < {n_train} (the training images of {dataset!r}), got {settings.validation_size}")
 
 
 def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the training and validation parts, drawn by ``seed`` (``0 < validation_size < n_train``)."""
+    """Indices of the training and validation parts, drawn by ``seed`` (``0 < validation_size < n_train``).
+
+    Parameters
+    ----------
+    n_train : int
+        Number of training images.
+    validation_size : int
+        Number of them set aside for validation.
+    seed : int
+        Seeds the random permutation (a CPU generator of its own).
+
+    Returns
+    -------
+    train : Tensor of int64, shape (n_train - validation_size,)
+        Indices of the training part, on the CPU.
+    validation : Tensor of int64, shape (validation_size,)
+        Indices of the validation part, on the CPU; disjoint from ``train``.
+
+    Raises
+    ------
+    ValueError
+        Unless both sizes are integers >= 1 and ``validation_size < n_train``.
+    """
     if not (is_count(n_train) and is_count(validation_size) and validation_size < n_train):
         raise ValueError(f"validation_size: expected 0 < validation_size < n_train = {shown(n_train, count=True)}, got {shown(validation_size, count=True)}")
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
@@ -172,7 +282,24 @@ def epoch_batches(train_index: torch.Tensor, copies: int, batch_size: int, gener
     random order of its own (drawn by ``generator``, on the CPU), cut into batches of
     ``batch_size`` in turn, so that a batch may span the end of one pass and the start of the
     next; the last batch may be smaller. Each pass is drawn as the batches reach it, so that an
-    epoch of many passes holds no more than one in memory."""
+    epoch of many passes holds no more than one in memory.
+
+    Parameters
+    ----------
+    train_index : Tensor of int64, shape (N,)
+        Indices of the training images (on any device).
+    copies : int
+        Passes over them per epoch (the augmentation factor, 1 without augmentation).
+    batch_size : int
+        Images per batch.
+    generator : torch.Generator
+        CPU generator that draws the order of each pass.
+
+    Yields
+    ------
+    Tensor of int64, shape (batch_size,)
+        The indices of one batch, on ``train_index``'s device; the last may be shorter.
+    """
     pending = train_index[:0]
     for _ in range(copies):
         pending = torch.cat([pending, train_index[torch.randperm(len(train_index), generator=generator).to(train_index.device)]])
@@ -185,7 +312,26 @@ def epoch_batches(train_index: torch.Tensor, copies: int, batch_size: int, gener
 
 @torch.no_grad()
 def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    """Share of ``images`` whose greedy action (highest Q-value) is the label."""
+    """Share of ``images`` whose greedy action (highest Q-value) is the label.
+
+    Parameters
+    ----------
+    net : TorchNetwork or Brian2Network
+        A built network (:func:`agrel_sim.backends.build`).
+    data : Dataset
+        The data set, whose ``scale`` turns the pixel values into activity.
+    images : Tensor of uint8, shape (N, C, H, W) or (N, features)
+        Pixel values of the images, on the network's device.
+    labels : Tensor of int64, shape (N,)
+        The class of each image.
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    float
+        The greedy accuracy, in [0, 1].
+    """
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     for start in range(0, len(labels), batch_size):
         index = torch.arange(start, min(start + batch_size, len(labels)), device=images.device)
@@ -197,7 +343,20 @@ def accuracy(net, data: Dataset, images: torch.Tensor, labels: torch.Tensor, bat
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a checkpoint atomically: a crash mid-write never leaves a half file as the latest.
 
-    Raises ValueError, naming ``path``, where it cannot be written (a full disk)."""
+    Raises ValueError, naming ``path``, where it cannot be written (a full disk).
+
+    Parameters
+    ----------
+    path : Path
+        Where to write it; it is first written to ``path`` + ``.partial`` and renamed.
+    state : dict
+        What to save with ``torch.save``; :func:`train` writes the keys of ``CHECKPOINT_KEYS``.
+
+    Raises
+    ------
+    ValueError
+        Where the file cannot be written.
+    """
     partial = path.with_name(path.name + ".partial")
     try:
         with open(partial, "wb") as handle:
@@ -230,7 +389,24 @@ def load_checkpoint(path: Path) -> dict:
     against its checksum (torch.load does not, so damaged weights would load unseen).
 
     Raises ValueError, naming ``path``, for a file that is not a readable checkpoint, a damaged
-    one, one of an older agrel-sim, or one that lacks an entry."""
+    one, one of an older agrel-sim, or one that lacks an entry.
+
+    Parameters
+    ----------
+    path : Path
+        The checkpoint file.
+
+    Returns
+    -------
+    dict
+        The state, with every key of ``CHECKPOINT_KEYS``, its tensors on the CPU.
+
+    Raises
+    ------
+    ValueError
+        For a file that is not a readable checkpoint, a damaged one, one of an older
+        agrel-sim, or one that lacks an entry.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -260,6 +436,11 @@ def ctrl_c_between_batches():
     installs when imported; not where it is ignored, as in a sweep's workers), that handler is
     replaced for the duration by one that only notes the signal, and the training loop raises
     ``KeyboardInterrupt`` after the batch it arrived in (an unfinished epoch is never kept).
+
+    Yields
+    ------
+    list of int
+        The SIGINT signals received so far; stays empty where the handler was not replaced.
     """
     received = []
     if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
@@ -313,7 +494,9 @@ def train(
     description : ColumnNetwork
         The network; ``description.rule.name`` selects DeepAGREL or EBP.
     data : Dataset
+        The training and test images with their labels.
     settings : TrainingSettings
+        The training protocol (batch size, early stopping, augmentation, ...).
     seed : int
         Seeds the validation split, the batch order, the augmentation, the weights, action
         selection and dropout.
