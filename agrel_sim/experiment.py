@@ -72,9 +72,11 @@ class Experiment:
     name : str
         Names the run folder ``runs/<name>/seed<N>``: not empty, no ``/``.
     model : ColumnNetwork
+        The network description, rule included.
     dataset : str
         A key of :data:`agrel_sim.datasets.LOADERS` (``"mnist"``, ``"cifar10"``, ``"digits"``, ...).
     training : TrainingSettings
+        Batch size, early stopping, validation split, learning-rate decay and augmentation.
     source : str
         Where the experiment came from; error messages name it.
     backend : str, default "torch"
@@ -120,7 +122,26 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, table: dict, source: str = "<dict>") -> "Experiment":
-        """Build an experiment from plain data (a parsed TOML file), checking every field."""
+        """Build an experiment from plain data (a parsed TOML file), checking every field.
+
+        Parameters
+        ----------
+        table : dict
+            The layout of the experiment files (see the module docstring).
+        source : str
+            Where the data came from: error messages name it, its stem is the default name, and
+            a model path in ``table`` is relative to its folder.
+
+        Returns
+        -------
+        Experiment
+            The experiment, its ``source`` the given one.
+
+        Raises
+        ------
+        ConfigError
+            For a missing, unknown or invalid field, or a model file that cannot be loaded.
+        """
         advice = {"sweep": "run it with `agrel-sim sweep`", "model": "give an experiment, which names its model and data set"}
         kind = file_kind(table)
         if kind in advice:
@@ -152,6 +173,21 @@ class Experiment:
 
         The name tells its runs from those of an experiment file made for that rule (which may
         have another learning rate); with the experiment's own rule, the experiment is returned.
+
+        Parameters
+        ----------
+        rule : str
+            The rule's name, ``"deepagrel"`` or ``"ebp"``.
+
+        Returns
+        -------
+        Experiment
+            This experiment, or a copy with the model's ``rule.name`` replaced.
+
+        Raises
+        ------
+        ConfigError
+            For an unknown rule, or one the experiment's backend does not run.
         """
         if rule == self.model.rule.name:
             return self
@@ -160,6 +196,16 @@ class Experiment:
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "Experiment":
         """Read an experiment from a TOML file (see the module docstring for the layout).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The ``.toml`` file of an experiment.
+
+        Returns
+        -------
+        Experiment
+            The experiment, its ``source`` the path.
 
         Raises
         ------
@@ -212,11 +258,33 @@ def _relative_to(model: str, source: str) -> str:
 
 
 def default_experiment() -> Experiment:
-    """The embedded default experiment (:data:`DEFAULT_EXPERIMENT`)."""
+    """The embedded default experiment (:data:`DEFAULT_EXPERIMENT`).
+
+    Returns
+    -------
+    Experiment
+        A dense DeepAGREL network on the ``digits`` data set.
+    """
     return Experiment.from_dict(DEFAULT_EXPERIMENT, "<embedded default>")
 
 
 def load_experiment(name_or_path: str | os.PathLike) -> Experiment:
     """Load an experiment from a TOML path, or by name from ``$AGREL_SIM_EXPERIMENTS``,
-    ``./experiments`` or the checkout's ``experiments/`` (see :func:`~agrel_sim.config.find_named_file`)."""
+    ``./experiments`` or the checkout's ``experiments/`` (see :func:`~agrel_sim.config.find_named_file`).
+
+    Parameters
+    ----------
+    name_or_path : str or os.PathLike
+        An experiment name such as ``"mnist_fc3_deepagrel"``, or the path of a ``.toml`` file.
+
+    Returns
+    -------
+    Experiment
+        The experiment read from the file found.
+
+    Raises
+    ------
+    ConfigError
+        If no file is found or the file is invalid.
+    """
     return Experiment.from_toml(find_named_file(name_or_path, "experiment", "AGREL_SIM_EXPERIMENTS"))

@@ -64,7 +64,20 @@ class Dense:
 
     def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
         """The shape of this layer's columns above a population of ``shape`` (``where`` names
-        the layer in errors)."""
+        the layer in errors).
+
+        Parameters
+        ----------
+        shape : tuple of int
+            The shape of the population below, ``(C, H, W)`` or ``(N,)``.
+        where : str
+            Names the layer in error messages (``"<source>: layers[2]"``); not used here.
+
+        Returns
+        -------
+        tuple of int
+            ``(units,)``.
+        """
         return (self.units,)
 
 
@@ -80,7 +93,26 @@ class _Sheet:
 
     def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
         """The C×H×W shape of this sheet above a sheet of ``shape`` (``where`` names the layer in
-        errors); raises :class:`~agrel_sim.config.ConfigError` when it does not fit."""
+        errors); raises :class:`~agrel_sim.config.ConfigError` when it does not fit.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            The shape of the population below; must be a sheet ``(C, H, W)``.
+        where : str
+            Names the layer in error messages (``"<source>: layers[2]"``).
+
+        Returns
+        -------
+        tuple of int
+            ``(channels, H_out, W_out)``, ``H_out = (H + 2 * padding - kernel_size) // stride + 1``
+            (likewise ``W_out``).
+
+        Raises
+        ------
+        ConfigError
+            If ``shape`` is a vector, or the kernel is larger than the padded sheet below.
+        """
         if len(shape) != 3:
             raise ConfigError(
                 f"{where}: a {self.kind} layer needs a C×H×W sheet below it, got a vector of "
@@ -125,6 +157,17 @@ class LocallyConnected2d(_Sheet):
     """The geometry of :class:`Conv2d` with untied weights: one kernel per output position.
 
     Parameters are those of :class:`Conv2d`.
+
+    Parameters
+    ----------
+    channels : int
+        Columns at each position, at least 1.
+    kernel_size : int
+        Side of the square window, at least 1 and at most the padded sheet below.
+    stride : int, default 1
+        Step between windows, at least 1.
+    padding : int, default 0
+        Rows and columns of zeros added on every side of the sheet below.
     """
 
     kind: ClassVar[str] = "locally_connected"
@@ -148,7 +191,20 @@ class Dropout:
     kind: ClassVar[str] = "dropout"
 
     def output_shape(self, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
-        """``shape``: dropout keeps the columns below."""
+        """``shape``: dropout keeps the columns below.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            The shape of the population below.
+        where : str
+            Names the layer in error messages; not used here.
+
+        Returns
+        -------
+        tuple of int
+            ``shape`` itself.
+        """
         return shape
 
 
@@ -242,8 +298,11 @@ class ColumnNetwork:
     n_actions : int
         Number of output Q-units, one per action (class), at least 2.
     action_selection : ActionSelection
+        The max-Boltzmann action selector (``epsilon``, ``tau``).
     neuromodulator : Neuromodulator
+        The rewards that set the reward-prediction error ``delta = r - q_s``.
     rule : Rule
+        The learning rule and its parameters.
     name : str
         A label for logs and run files.
     source : str
@@ -277,7 +336,19 @@ class ColumnNetwork:
         _validate(self)
 
     def layer_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the column populations: the input, each hidden layer, then the output."""
+        """Shapes of the column populations: the input, each hidden layer, then the output.
+
+        Returns
+        -------
+        list of tuple of int
+            ``input_shape``, the shape of each layer of :attr:`layers` (a dropout layer repeats
+            the one below), then ``(n_actions,)``.
+
+        Raises
+        ------
+        ConfigError
+            If a sheet layer has a vector below it, or a kernel is larger than its padded input.
+        """
         shapes = [self.input_shape]
         if self.layers and isinstance(self.layers[0], _Sheet) and len(self.input_shape) != 3:
             raise ConfigError(
@@ -312,7 +383,13 @@ class ColumnNetwork:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """The description as plain data, in the layout of the TOML files."""
+        """The description as plain data, in the layout of the TOML files.
+
+        Returns
+        -------
+        dict
+            The fields by table, as :meth:`from_dict` reads them.
+        """
         return {
             "name": self.name,
             "input_shape": list(self.input_shape),
@@ -389,7 +466,23 @@ class ColumnNetwork:
     @classmethod
     def from_toml(cls, path: str | os.PathLike) -> "ColumnNetwork":
         """Read a description from the TOML file ``path`` (a str or os.PathLike; see the module
-        docstring for the layout); raises :class:`~agrel_sim.config.ConfigError` naming the file."""
+        docstring for the layout); raises :class:`~agrel_sim.config.ConfigError` naming the file.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The ``.toml`` file of a model.
+
+        Returns
+        -------
+        ColumnNetwork
+            The description, its ``source`` the path.
+
+        Raises
+        ------
+        ConfigError
+            If the file cannot be read or a field is missing, unknown or invalid.
+        """
         path = Path(path)
         return cls.from_dict(read_toml(path), str(path))
 
@@ -435,7 +528,22 @@ def _number(fields: Fields, key: str, default: float) -> float:
 def check_weight_decay(learning_rate: float, weight_decay: float, where: str) -> None:
     """Raise :class:`ConfigError`, its message beginning with ``where``, unless
     ``learning_rate × weight_decay`` is below 1: each update scales the weights by one minus it,
-    which from 1 on zeroes or flips them."""
+    which from 1 on zeroes or flips them.
+
+    Parameters
+    ----------
+    learning_rate : float
+        The step size alpha.
+    weight_decay : float
+        The rule's weight decay.
+    where : str
+        What the message names first (``"<source>: rule.weight_decay"`` or ``"learning_rate"``).
+
+    Raises
+    ------
+    ConfigError
+        If ``learning_rate * weight_decay >= 1``.
+    """
     if learning_rate * weight_decay >= 1:
         raise ConfigError(
             f"{where}: learning_rate × weight_decay is {learning_rate * weight_decay:g}; it must be below 1, as each update"

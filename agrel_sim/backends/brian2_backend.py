@@ -120,6 +120,18 @@ def ff_neuron_model(linear: bool, bias: bool) -> str:
     ``fb`` is linked to the column's feedback neuron, so that the column's own synapses can see
     the feedback that reaches it. A bias is a synapse from an always-active unit (``I_bias``).
     The gate is open while the drive is above 0 (and recorded so: ``_Episode._populations``).
+
+    Parameters
+    ----------
+    linear : bool
+        Linear neurons (the output Q-units): the rate is the drive itself, the gate always open.
+    bias : bool
+        Whether the column has a bias, the input ``I_bias`` of a bias synapse.
+
+    Returns
+    -------
+    str
+        The Brian2 model equations of the neuron group.
     """
     drive = "I_ff + I_bias" if bias else "I_ff"
     rate = drive if linear else f"clip({drive}, 0, inf)"
@@ -132,7 +144,19 @@ def ff_neuron_model(linear: bool, bias: bool) -> str:
 
 def fb_neuron_model(top: bool) -> str:
     """The feedback neuron of a column, driven through its gate; at the top by the motor signal
-    ``z`` of the selected action. ``y`` and ``gate`` are linked to the column's feedforward neuron."""
+    ``z`` of the selected action. ``y`` and ``gate`` are linked to the column's feedforward neuron.
+
+    Parameters
+    ----------
+    top : bool
+        The output layer's feedback neurons, driven by ``z`` (gate always open) instead of the
+        fb synapses from above.
+
+    Returns
+    -------
+    str
+        The Brian2 model equations of the neuron group.
+    """
     if top:
         return "\n".join(["dfb/dt = (-fb + z) / tau_fb : 1", "z : 1", "y : 1 (linked)", "gate = 1 : 1"])
     return "\n".join(["dfb/dt = (-fb + gate * I_fb) / tau_fb : 1", "I_fb : 1", "y : 1 (linked)", "gate : 1 (linked)"])
@@ -210,6 +234,11 @@ class Timeline:
         durations : dict of str to duration
             The duration of each phase of :data:`PHASES`, keyed by the phase's name.
 
+        Returns
+        -------
+        Timeline
+            The time step in milliseconds and the steps of each phase.
+
         Raises
         ------
         ValueError
@@ -241,11 +270,28 @@ class Timeline:
         return sum(self.steps.values())
 
     def start(self, phase: str) -> int:
-        """The time step (within a trial) at which ``phase`` begins."""
+        """The time step (within a trial) at which ``phase`` begins.
+
+        Parameters
+        ----------
+        phase : str
+            One of :data:`PHASES`.
+
+        Returns
+        -------
+        int
+            The number of time steps of the phases before it.
+        """
         return sum(self.steps[p] for p in PHASES[: PHASES.index(phase)])
 
     def phase_times(self) -> dict[str, tuple[float, float]]:
-        """Start and end of each phase within a trial, in seconds."""
+        """Start and end of each phase within a trial, in seconds.
+
+        Returns
+        -------
+        dict of str to (float, float)
+            ``(start, end)`` of each phase of :data:`PHASES`, keyed by its name.
+        """
         return {p: (self.start(p) * self.dt / 1000, (self.start(p) + self.steps[p]) * self.dt / 1000) for p in PHASES}
 
 
@@ -267,6 +313,23 @@ def unsettled_fraction(steps: int, dt: float, tau: float, stages: int) -> float:
     the last stage is ``sum_{k < stages} C(steps, k) p**k a**(steps - k)`` short of its new
     value. As ``dt`` goes to 0 at a fixed ``steps*dt``, this is the continuous chain's
     ``exp(-x) * sum_{k < stages} x**k / k!``, ``x = steps*dt/tau``.
+
+    Parameters
+    ----------
+    steps : int
+        Time steps since the step at the chain's input.
+    dt : float
+        The time step (ms).
+    tau : float
+        The time constant of every stage (ms).
+    stages : int
+        The length of the chain: the levels of columns that settle one after another.
+
+    Returns
+    -------
+    float
+        The fraction of the step still to go at the last stage, in ``[0, 1]`` (1 with no
+        steps or a zero ``dt / tau``).
     """
     rate = dt / tau
     if steps == 0 or rate == 0:
@@ -287,6 +350,22 @@ def warn_if_unsettled(stages: int, timeline: Timeline, tau_ff: float, tau_fb: fl
     activity within ``t_selection + t_feedback + t_rpe`` (plasticity begins then); a network
     twice as deep needs longer phases. The warning names the duration that brings the
     remainder of :func:`unsettled_fraction` down to :data:`SETTLING_TOLERANCE`.
+
+    Parameters
+    ----------
+    stages : int
+        Levels of columns that settle one after another (:func:`build` passes the hidden
+        layers and the output).
+    timeline : Timeline
+        The phases of a trial.
+    tau_ff, tau_fb : float
+        Time constants of the ff and fb rate neurons (ms).
+
+    Warns
+    -----
+    UserWarning
+        When the ff or the fb activity is more than :data:`SETTLING_TOLERANCE` short of its
+        fixed point.
     """
     steps = timeline.steps
     other_fb_steps = steps["selection"] + steps["rpe"]  # the phases around t_feedback before plasticity
@@ -349,6 +428,17 @@ class LayerTrace:
     """One population's activity at every time step of a trial.
 
     ``ff``, ``fb`` and ``gate`` are arrays of shape ``(time steps, columns)``; ``gate`` is bool.
+
+    Parameters
+    ----------
+    name : str
+        ``"input"``, ``"layers.N"`` or ``"output"``.
+    ff : ndarray (T, columns)
+        Activity of the feedforward neurons (for the input: the stimulus).
+    fb : ndarray (T, columns)
+        Activity of the feedback neurons.
+    gate : ndarray of bool (T, columns)
+        Whether each column's gate was open.
     """
 
     name: str
@@ -361,7 +451,7 @@ class LayerTrace:
 class TrialTrace:
     """The time course of one trial, sampled at the end of every time step.
 
-    Attributes
+    Parameters
     ----------
     trial : int
         The trial's index among all trials this network has run (from 0).
@@ -386,7 +476,25 @@ class TrialTrace:
 @dataclass
 class Brian2Trials(Trials):
     """:class:`~agrel_sim.backends.torch_backend.Trials` plus the time courses of the trials
-    chosen for tracing (``trace_every``), in the order they ran."""
+    chosen for tracing (``trace_every``), in the order they ran.
+
+    Parameters
+    ----------
+    q : Tensor (B, L)
+        Q-values, read at the end of the stimulus phase.
+    action : Tensor (B,)
+        The selected (or forced) action.
+    reward : Tensor (B,)
+        The reward ``r`` of each trial.
+    delta : Tensor (B,) or None
+        The reward-prediction error ``r - q_s``.
+    loss : Tensor () or None
+        Always None (this backend runs DeepAGREL only).
+    layers : list of LayerActivity or None
+        Each layer's activity at the end of each trial, bottom to top; only when asked for.
+    traces : list of TrialTrace
+        The time courses of the traced trials.
+    """
 
     traces: list[TrialTrace] = field(default_factory=list)
 
@@ -397,17 +505,24 @@ class Brian2Trials(Trials):
 class DenseColumnPopulation:
     """A layer of dense columns: its ff and fb neurons and the ff and fb synapses from below.
 
-    Attributes
+    Parameters
     ----------
     name : str
         ``"layers.N"`` or ``"output"``, as in the torch backend.
     ff_neurons, fb_neurons : brian2.NeuronGroup
+        The columns' feedforward and feedback neurons.
     ff_synapses : brian2.Synapses
         From the ff neurons of the layer below to :attr:`ff_neurons`.
     fb_synapses : brian2.Synapses
         From :attr:`fb_neurons` to the fb neurons of the layer below.
     bias_synapses : brian2.Synapses or None
         From the always-active bias unit to :attr:`ff_neurons` (when the rule has biases).
+    weight_shape : tuple of int
+        ``(units, inputs)``, the torch layout of the ff and fb weights.
+    tied : bool
+        ``tied`` feedback: setting ``ff`` or ``fb`` sets both.
+    dtype : torch.dtype
+        The floating-point type of the weights handed out.
     """
 
     has_weights = True
@@ -509,6 +624,23 @@ class Brian2Network:
     Built by :func:`build`; see there and the module docstring for the parameters and the
     trial's timeline. The API is that of the torch backend: :meth:`run_trials`,
     :meth:`q_values`, :meth:`weights`, :meth:`load_weights`, and ``ff`` / ``fb`` per layer.
+
+    Parameters
+    ----------
+    description : ColumnNetwork
+        The description: dense layers only, rule ``deepagrel``.
+    timeline : Timeline
+        The phases of a trial.
+    tau_ff, tau_fb : float
+        Time constants of the ff and fb rate neurons (ms).
+    codegen_target : {"numpy", "cython"}
+        Brian2's runtime code generation target.
+    trace_every : int
+        Trace every ``trace_every``-th trial; 0: none.
+    dtype : torch.dtype
+        The floating-point type of returned tensors.
+    seed : int
+        Seeds the initial weights (those of the torch backend) and action selection.
 
     Attributes
     ----------
@@ -641,6 +773,12 @@ class Brian2Network:
 
         In float64, the simulation's own precision, whatever ``dtype``: a checkpoint of them
         restores the network exactly.
+
+        Returns
+        -------
+        dict of str to Tensor
+            Float64 copies on the CPU, ``(units, inputs)`` for ``ff`` and ``fb``, ``(units,)``
+            for ``bias``.
         """
         out = {}
         for layer in self.layers:
@@ -654,7 +792,19 @@ class Brian2Network:
     def load_weights(self, weights: dict) -> None:
         """Set weights from a dict as returned by :meth:`weights` (every key must be present;
         in ``tied`` mode the ``fb`` entries are checked but not used, as in the torch backend).
-        Every entry is checked before any is set: a bad one leaves the network as it was."""
+        Every entry is checked before any is set: a bad one leaves the network as it was.
+
+        Parameters
+        ----------
+        weights : dict of str to Tensor
+            Weights keyed as :meth:`weights` returns them, each of its layer's shape.
+
+        Raises
+        ------
+        ValueError
+            For missing or unexpected keys, or an entry that is not finite real numbers of the
+            right shape.
+        """
         check_weights_to_load(weights, self.weights(), torch.float64)
         for layer in self.layers:
             layer.ff = weights[f"{layer.name}.ff"]
@@ -702,6 +852,23 @@ class Brian2Network:
 
         Each image is one stimulus phase of the timeline, all in one Brian2 run;
         ``check_range=False`` skips checking the images' values (see :func:`check_batch`).
+
+        Parameters
+        ----------
+        images : Tensor (B, *input_shape)
+            Floating-point stimuli: rates, finite and ``>= 0``.
+        check_range : bool, default True
+            Check that the images are finite and ``>= 0``.
+
+        Returns
+        -------
+        Tensor (B, n_actions)
+            The Q-values, on the CPU in :attr:`dtype`.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a batch that does not fit the network.
         """
         stimuli = self._check_batch(images, check_range=check_range)
         episode = _Episode(self, stimuli, steps_per_trial=self.timeline.steps["stimulus"])
@@ -912,6 +1079,11 @@ def _state(group, name) -> np.ndarray:
 def check_network(network: ColumnNetwork) -> None:
     """Raise unless every layer is dense and the rule is DeepAGREL (what this backend builds).
 
+    Parameters
+    ----------
+    network : ColumnNetwork
+        The description to check.
+
     Raises
     ------
     UnsupportedLayerError
@@ -1035,5 +1207,17 @@ def _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_
 
 def check_options(options: dict) -> None:
     """Raise ``ValueError`` for a bad value among ``options``, keyword arguments of :func:`build`
-    (before any data loads; :func:`build` checks them again)."""
+    (before any data loads; :func:`build` checks them again).
+
+    Parameters
+    ----------
+    options : dict
+        This backend's own options (an experiment's ``[backend_options]``; not ``device``,
+        ``dtype`` or ``seed``); those missing are taken at their defaults.
+
+    Raises
+    ------
+    ValueError
+        For a bad value, its message beginning with the option's name.
+    """
     _settings(**resolved_options("brian2", options))

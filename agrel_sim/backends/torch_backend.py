@@ -36,50 +36,198 @@ from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConn
 # trial by alpha * delta / B, so that the weight change is a plain correlation with ``y_prev``.
 
 def dense_drive(y_prev, ff, bias):
-    """The ff drive ``(B, units)`` of dense columns: ``ff @ y_prev (+ bias)``, the input flattened."""
+    """The ff drive ``(B, units)`` of dense columns: ``ff @ y_prev (+ bias)``, the input flattened.
+
+    Parameters
+    ----------
+    y_prev : Tensor (B, *input_shape)
+        The ff activity of the columns below; flattened to ``(B, inputs)``.
+    ff : Tensor (units, inputs)
+        The feedforward weights.
+    bias : Tensor (units,) or None
+        The columns' biases; None where the rule has none.
+
+    Returns
+    -------
+    Tensor (B, units)
+        The drive ``a`` of each column, not yet rectified.
+    """
     return F.linear(y_prev.flatten(1), ff, bias)
 
 
 def dense_feedback(gfb, fb, input_shape):
-    """The feedback ``gfb @ fb`` that reaches each lower column, in the layout ``(B, *input_shape)``."""
+    """The feedback ``gfb @ fb`` that reaches each lower column, in the layout ``(B, *input_shape)``.
+
+    Parameters
+    ----------
+    gfb : Tensor (B, units)
+        The gated feedback (gate * fb) of the dense columns.
+    fb : Tensor (units, inputs)
+        The feedback weights, ``fb[q, m]`` from upper column ``q`` to lower column ``m``.
+    input_shape : tuple of int
+        The shape of the population of lower columns, without the batch axis.
+
+    Returns
+    -------
+    Tensor (B, *input_shape)
+        The input of each lower column's feedback neuron, before that column's gate.
+    """
     return (gfb @ fb).view(-1, *input_shape)
 
 
 def dense_weight_change(y_prev, dgfb):
-    """The change of the ``(units, inputs)`` weights: ``dgfb`` correlated with ``y_prev``, summed over the batch."""
+    """The change of the ``(units, inputs)`` weights: ``dgfb`` correlated with ``y_prev``, summed over the batch.
+
+    Parameters
+    ----------
+    y_prev : Tensor (B, *input_shape)
+        The presynaptic ff activity of the columns below; flattened to ``(B, inputs)``.
+    dgfb : Tensor (B, units)
+        The gated feedback of the dense columns, scaled per trial by ``alpha * delta / B``.
+
+    Returns
+    -------
+    Tensor (units, inputs)
+        The four-factor weight change, averaged over the batch (the ``1 / B`` is in ``dgfb``).
+    """
     return dgfb.T @ y_prev.flatten(1)
 
 
 def conv_drive(y_prev, ff, bias, stride, padding):
-    """The ff drive ``(B, channels, H, W)`` of a sheet of columns sharing the kernel ``ff``."""
+    """The ff drive ``(B, channels, H, W)`` of a sheet of columns sharing the kernel ``ff``.
+
+    Parameters
+    ----------
+    y_prev : Tensor (B, in_channels, H_in, W_in)
+        The ff activity of the sheet below.
+    ff : Tensor (channels, in_channels, k, k)
+        The shared feedforward kernels.
+    bias : Tensor (channels,) or None
+        One bias per channel; None where the rule has none.
+    stride : int
+        Step between windows.
+    padding : int
+        Rows and columns of zeros added on every side of the sheet below.
+
+    Returns
+    -------
+    Tensor (B, channels, H, W)
+        The drive ``a`` of each column, not yet rectified.
+    """
     return F.conv2d(y_prev, ff, bias, stride=stride, padding=padding)
 
 
 def conv_feedback(gfb, fb, stride, padding, output_padding):
     """The feedback that reaches each lower column: the transposed convolution of ``gfb`` with
-    the fb kernel, so that each collects fb from every upper column whose kernel covers it."""
+    the fb kernel, so that each collects fb from every upper column whose kernel covers it.
+
+    Parameters
+    ----------
+    gfb : Tensor (B, channels, H, W)
+        The gated feedback (gate * fb) of the upper sheet.
+    fb : Tensor (channels, in_channels, k, k)
+        The feedback kernels, in the layout of the ff kernels.
+    stride : int
+        Step between windows, as in the forward pass.
+    padding : int
+        Padding of the sheet below, as in the forward pass.
+    output_padding : tuple of int
+        Rows and columns at the bottom and right of the sheet below that no window reaches
+        (they get zero feedback), so that the result has the lower sheet's size.
+
+    Returns
+    -------
+    Tensor (B, in_channels, H_in, W_in)
+        The input of each lower column's feedback neuron, before that column's gate.
+    """
     return F.conv_transpose2d(gfb, fb, stride=stride, padding=padding, output_padding=output_padding)
 
 
 def conv_weight_change(y_prev, dgfb, weight_shape, stride, padding):
-    """The shared kernel's change: the four-factor product summed over all positions and the batch."""
+    """The shared kernel's change: the four-factor product summed over all positions and the batch.
+
+    Parameters
+    ----------
+    y_prev : Tensor (B, in_channels, H_in, W_in)
+        The presynaptic ff activity of the sheet below.
+    dgfb : Tensor (B, channels, H, W)
+        The gated feedback of the upper sheet, scaled per trial by ``alpha * delta / B``.
+    weight_shape : torch.Size or tuple of int
+        The kernels' shape, ``(channels, in_channels, k, k)``.
+    stride : int
+        Step between windows, as in the forward pass.
+    padding : int
+        Padding of the sheet below, as in the forward pass.
+
+    Returns
+    -------
+    Tensor of shape ``weight_shape``
+        The change of the shared ff (and fb) kernels.
+    """
     return torch.nn.grad.conv2d_weight(y_prev, weight_shape, dgfb, stride=stride, padding=padding)
 
 
 def local_drive(patches, ff):
-    """The ff drive ``(B, channels, positions)`` of a locally connected sheet, from unfolded ``patches``."""
+    """The ff drive ``(B, channels, positions)`` of a locally connected sheet, from unfolded ``patches``.
+
+    Parameters
+    ----------
+    patches : Tensor (B, in_channels * k * k, positions)
+        The windows of the sheet below, as :func:`torch.nn.functional.unfold` gives them.
+    ff : Tensor (positions, channels, in_channels * k * k)
+        One feedforward kernel per output position.
+
+    Returns
+    -------
+    Tensor (B, channels, positions)
+        The drive ``a`` of each column, without bias and not yet rectified.
+    """
     return torch.einsum("bkl,lok->bol", patches, ff)
 
 
 def local_feedback(gfb, fb, input_size, kernel_size, stride, padding):
     """The feedback that reaches each lower column: every position's ``gfb`` through its own fb
-    kernel, the overlapping patches summed back onto the ``input_size`` sheet."""
+    kernel, the overlapping patches summed back onto the ``input_size`` sheet.
+
+    Parameters
+    ----------
+    gfb : Tensor (B, channels, positions)
+        The gated feedback (gate * fb) of the upper sheet, positions flattened row-major.
+    fb : Tensor (positions, channels, in_channels * k * k)
+        One feedback kernel per position, in the layout of the ff kernels.
+    input_size : tuple of int
+        ``(H_in, W_in)``, the size of the sheet below.
+    kernel_size : int
+        Side ``k`` of the square window.
+    stride : int
+        Step between windows, as in the forward pass.
+    padding : int
+        Padding of the sheet below, as in the forward pass.
+
+    Returns
+    -------
+    Tensor (B, in_channels, H_in, W_in)
+        The input of each lower column's feedback neuron, before that column's gate.
+    """
     patches = torch.einsum("bol,lok->bkl", gfb, fb)
     return F.fold(patches, input_size, kernel_size, stride=stride, padding=padding)
 
 
 def local_weight_change(patches, dgfb):
-    """The change of every position's kernel: ``dgfb`` correlated with its patch, summed over the batch."""
+    """The change of every position's kernel: ``dgfb`` correlated with its patch, summed over the batch.
+
+    Parameters
+    ----------
+    patches : Tensor (B, in_channels * k * k, positions)
+        The unfolded windows of the sheet below (presynaptic ff activity).
+    dgfb : Tensor (B, channels, positions)
+        The gated feedback of the upper sheet, scaled per trial by ``alpha * delta / B``.
+
+    Returns
+    -------
+    Tensor (positions, channels, in_channels * k * k)
+        The change of each position's ff (and fb) kernel.
+    """
     return torch.einsum("bol,bkl->lok", dgfb, patches)
 
 
@@ -120,7 +268,20 @@ class ReadOnlyWeights(torch.Tensor):
 
     @classmethod
     def of(cls, tensor: torch.Tensor, weight_name: str) -> ReadOnlyWeights:
-        """A read-only tensor that shares ``tensor``'s memory (detached from autograd)."""
+        """A read-only tensor that shares ``tensor``'s memory (detached from autograd).
+
+        Parameters
+        ----------
+        tensor : torch.Tensor
+            The weights to hand out.
+        weight_name : str
+            ``"<layer>.ff"``, ``"<layer>.fb"`` or ``"<layer>.bias"``, for the error message.
+
+        Returns
+        -------
+        ReadOnlyWeights
+            A view of ``tensor`` whose in-place writes raise ``RuntimeError``.
+        """
         weights = tensor.detach().as_subclass(cls)
         weights.weight_name = weight_name
         return weights
@@ -200,6 +361,19 @@ class LayerActivity:
     not zero; an update smaller than a float32 weight's rounding step is counted, though it
     leaves the weight as it was); weight decay, which shrinks every weight, is not counted (0-dim tensor; ``None``
     without weights or learning; see :func:`changed_fraction`).
+
+    Parameters
+    ----------
+    name : str
+        The layer's name, ``"layers.N"`` or ``"output"``.
+    ff : Tensor (B, *shape)
+        Activity ``y`` of the feedforward neurons (``shape``: the layer's columns).
+    fb : Tensor (B, *shape) or None
+        Activity of the feedback neurons, gated; None for EBP.
+    gate : Tensor of bool (B, *shape)
+        Whether each column's gate was open.
+    changed : Tensor () or None
+        The fraction of the layer's ff synapses changed by this batch.
     """
 
     name: str
@@ -213,13 +387,15 @@ class LayerActivity:
 class Trials:
     """The outcome of a batch of B trials.
 
-    Attributes
+    Parameters
     ----------
     q : Tensor (B, L)
         Q-values (for ``ebp``: the logits of the softmax).
     action : Tensor (B,)
         The selected action (for ``ebp``: the greedy one).
     reward : Tensor (B,)
+        The reward ``r`` of each trial: ``reward_correct`` when the action was the label, else
+        ``reward_wrong``.
     delta : Tensor (B,) or None
         The reward-prediction error ``r - q_s`` (DeepAGREL only).
     loss : Tensor () or None
@@ -320,7 +496,21 @@ class _Layer:
 
 
 class DenseColumns(_Layer):
-    """Columns connected to every column below; the output Q-units are one of these, linear."""
+    """Columns connected to every column below; the output Q-units are one of these, linear.
+
+    Parameters
+    ----------
+    name : str
+        ``"layers.N"`` or ``"output"``, for weights' names and messages.
+    spec : Dense
+        The layer's description.
+    input_shape : tuple of int
+        The shape of the population of columns below; a sheet is flattened.
+    net : TorchNetwork
+        The network being built: it draws the weights and gives the rule, device and dtype.
+    linear : bool, default False
+        Linear columns (the output Q-units): no rectification, gates always open.
+    """
 
     def __init__(self, name, spec: Dense, input_shape, net, linear=False):
         fan_in = math.prod(input_shape)
@@ -328,32 +518,121 @@ class DenseColumns(_Layer):
         self.linear = linear
 
     def forward(self, y_prev, learning):
-        """The columns' ff activity (the output's linear drive), keeping ``y_prev`` for learning."""
+        """The columns' ff activity (the output's linear drive), keeping ``y_prev`` for learning.
+
+        Parameters
+        ----------
+        y_prev : Tensor (B, *input_shape)
+            The ff activity of the columns below.
+        learning : bool
+            Whether the trials learn; not used here (dropout layers use it).
+
+        Returns
+        -------
+        Tensor (B, units)
+            The activity ``y`` (for the output, the Q-values).
+        """
         self.saved = y_prev
         drive = dense_drive(y_prev, self._ff, self._bias)
         return drive if self.linear else drive.relu_()
 
     def gate(self, y):
+        """Where the columns' gates are open: where ``y > 0``, everywhere for linear columns.
+
+        Parameters
+        ----------
+        y : Tensor (B, units)
+            The columns' ff activity.
+
+        Returns
+        -------
+        Tensor of bool (B, units)
+            True where the gate is open.
+        """
         return torch.ones_like(y, dtype=torch.bool) if self.linear else y > 0
 
     def gate_feedback(self, fb, y):
+        """The feedback ``fb`` arriving at the columns, times their gates (unchanged for linear columns).
+
+        Parameters
+        ----------
+        fb : Tensor (B, units)
+            The feedback arriving at the columns (for the output, the one-hot ``z`` of the
+            selected action).
+        y : Tensor (B, units)
+            The columns' ff activity, which sets the gates.
+
+        Returns
+        -------
+        Tensor (B, units)
+            The gated feedback ``gfb``.
+        """
         return fb if self.linear else super().gate_feedback(fb, y)
 
     def feedback(self, gfb):
-        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below."""
+        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below.
+
+        Parameters
+        ----------
+        gfb : Tensor (B, units)
+            The gated feedback of these columns.
+
+        Returns
+        -------
+        Tensor (B, *input_shape)
+            The feedback reaching each column below, before its gate.
+        """
         return dense_feedback(gfb, self._fb, self.input_shape)
 
     def weight_change(self, y_prev, dgfb):
-        """The change of the ff (and fb) weights; see :func:`dense_weight_change`."""
+        """The change of the ff (and fb) weights; see :func:`dense_weight_change`.
+
+        Parameters
+        ----------
+        y_prev : Tensor (B, *input_shape)
+            The activity of the columns below, as :meth:`forward` saved it.
+        dgfb : Tensor (B, units)
+            The gated feedback, scaled per trial by ``alpha * delta / B``.
+
+        Returns
+        -------
+        Tensor (units, inputs)
+            The weight change.
+        """
         return dense_weight_change(y_prev, dgfb)
 
     def bias_change(self, dgfb):
-        """The change of the biases: the gated, RPE-scaled feedback ``dgfb`` summed over trials."""
+        """The change of the biases: the gated, RPE-scaled feedback ``dgfb`` summed over trials.
+
+        Parameters
+        ----------
+        dgfb : Tensor (B, units)
+            The gated feedback, scaled per trial by ``alpha * delta / B``.
+
+        Returns
+        -------
+        Tensor (units,)
+            The bias change.
+        """
         return dgfb.sum(0)
 
 
 class ConvColumns(_Layer):
-    """A sheet of columns sharing one kernel per channel."""
+    """A sheet of columns sharing one kernel per channel.
+
+    Parameters
+    ----------
+    name : str
+        ``"layers.N"``, for weights' names and messages.
+    spec : Conv2d
+        The layer's description.
+    input_shape : tuple of int
+        ``(in_channels, H_in, W_in)``, the sheet below.
+    output_shape : tuple of int
+        ``(channels, H, W)``, this sheet (as :meth:`ColumnNetwork.layer_shapes` gives it).
+    net : TorchNetwork
+        The network being built: it draws the weights and gives the rule, device and dtype.
+    """
 
     def __init__(self, name, spec: Conv2d, input_shape, output_shape, net):
         k = spec.kernel_size
@@ -366,25 +645,87 @@ class ConvColumns(_Layer):
         )
 
     def forward(self, y_prev, learning):
-        """The columns' ff activity, keeping ``y_prev`` for learning."""
+        """The columns' ff activity, keeping ``y_prev`` for learning.
+
+        Parameters
+        ----------
+        y_prev : Tensor (B, in_channels, H_in, W_in)
+            The ff activity of the sheet below.
+        learning : bool
+            Whether the trials learn; not used here (dropout layers use it).
+
+        Returns
+        -------
+        Tensor (B, channels, H, W)
+            The rectified activity ``y``.
+        """
         self.saved = y_prev
         return conv_drive(y_prev, self._ff, self._bias, self.stride, self.padding).relu_()
 
     def feedback(self, gfb):
-        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below."""
+        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below.
+
+        Parameters
+        ----------
+        gfb : Tensor (B, channels, H, W)
+            The gated feedback of these columns.
+
+        Returns
+        -------
+        Tensor (B, in_channels, H_in, W_in)
+            The feedback reaching each column below, before its gate.
+        """
         return conv_feedback(gfb, self._fb, self.stride, self.padding, self.output_padding)
 
     def weight_change(self, y_prev, dgfb):
-        """The change of the ff (and fb) kernels; see :func:`conv_weight_change`."""
+        """The change of the ff (and fb) kernels; see :func:`conv_weight_change`.
+
+        Parameters
+        ----------
+        y_prev : Tensor (B, in_channels, H_in, W_in)
+            The activity of the sheet below, as :meth:`forward` saved it.
+        dgfb : Tensor (B, channels, H, W)
+            The gated feedback, scaled per trial by ``alpha * delta / B``.
+
+        Returns
+        -------
+        Tensor (channels, in_channels, k, k)
+            The kernel change.
+        """
         return conv_weight_change(y_prev, dgfb, self._ff.shape, self.stride, self.padding)
 
     def bias_change(self, dgfb):
-        """The change of the biases, one per channel: ``dgfb`` summed over trials and positions."""
+        """The change of the biases, one per channel: ``dgfb`` summed over trials and positions.
+
+        Parameters
+        ----------
+        dgfb : Tensor (B, channels, H, W)
+            The gated feedback, scaled per trial by ``alpha * delta / B``.
+
+        Returns
+        -------
+        Tensor (channels,)
+            The bias change.
+        """
         return dgfb.sum((0, 2, 3))
 
 
 class LocallyConnectedColumns(_Layer):
-    """A sheet with the geometry of a convolution and a kernel of its own at every position."""
+    """A sheet with the geometry of a convolution and a kernel of its own at every position.
+
+    Parameters
+    ----------
+    name : str
+        ``"layers.N"``, for weights' names and messages.
+    spec : LocallyConnected2d
+        The layer's description.
+    input_shape : tuple of int
+        ``(in_channels, H_in, W_in)``, the sheet below.
+    output_shape : tuple of int
+        ``(channels, H, W)``, this sheet (as :meth:`ColumnNetwork.layer_shapes` gives it).
+    net : TorchNetwork
+        The network being built: it draws the weights and gives the rule, device and dtype.
+    """
 
     def __init__(self, name, spec: LocallyConnected2d, input_shape, output_shape, net):
         k = spec.kernel_size
@@ -393,7 +734,20 @@ class LocallyConnectedColumns(_Layer):
         self.kernel_size, self.stride, self.padding = k, spec.stride, spec.padding
 
     def forward(self, y_prev, learning):
-        """The columns' ff activity, keeping the unfolded patches of ``y_prev`` for learning."""
+        """The columns' ff activity, keeping the unfolded patches of ``y_prev`` for learning.
+
+        Parameters
+        ----------
+        y_prev : Tensor (B, in_channels, H_in, W_in)
+            The ff activity of the sheet below.
+        learning : bool
+            Whether the trials learn; not used here (dropout layers use it).
+
+        Returns
+        -------
+        Tensor (B, channels, H, W)
+            The rectified activity ``y``.
+        """
         patches = F.unfold(y_prev, self.kernel_size, padding=self.padding, stride=self.stride)
         self.saved = patches
         drive = local_drive(patches, self._ff).view(-1, *self.output_shape)
@@ -402,15 +756,50 @@ class LocallyConnectedColumns(_Layer):
         return drive.relu_()
 
     def feedback(self, gfb):
-        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below."""
+        """The feedback that the gated feedback ``gfb`` of these columns sends to the layer below.
+
+        Parameters
+        ----------
+        gfb : Tensor (B, channels, H, W)
+            The gated feedback of these columns.
+
+        Returns
+        -------
+        Tensor (B, in_channels, H_in, W_in)
+            The feedback reaching each column below, before its gate.
+        """
         return local_feedback(gfb.flatten(2), self._fb, self.input_shape[1:], self.kernel_size, self.stride, self.padding)
 
     def weight_change(self, patches, dgfb):
-        """The change of the ff (and fb) kernels; see :func:`local_weight_change`."""
+        """The change of the ff (and fb) kernels; see :func:`local_weight_change`.
+
+        Parameters
+        ----------
+        patches : Tensor (B, in_channels * k * k, positions)
+            The unfolded windows of the sheet below, as :meth:`forward` saved them.
+        dgfb : Tensor (B, channels, H, W)
+            The gated feedback, scaled per trial by ``alpha * delta / B``.
+
+        Returns
+        -------
+        Tensor (positions, channels, in_channels * k * k)
+            The change of each position's kernel.
+        """
         return local_weight_change(patches, dgfb.flatten(2))
 
     def bias_change(self, dgfb):
-        """The change of the biases, one per column: ``dgfb`` summed over trials."""
+        """The change of the biases, one per column: ``dgfb`` summed over trials.
+
+        Parameters
+        ----------
+        dgfb : Tensor (B, channels, H, W)
+            The gated feedback, scaled per trial by ``alpha * delta / B``.
+
+        Returns
+        -------
+        Tensor (channels, H, W)
+            The bias change.
+        """
         return dgfb.sum(0)
 
 
@@ -419,11 +808,23 @@ class DropoutColumns:
 
     Its ``ff``, ``fb`` and ``bias`` raise ``AttributeError``, when read or assigned, so that
     weights set on it are not silently ignored.
+
+    Parameters
+    ----------
+    name : str
+        ``"layers.N"``, for messages.
+    spec : Dropout
+        The layer's description (its ``rate``).
+    input_shape : tuple of int
+        The shape of the columns below, which is also this layer's.
+    net : TorchNetwork
+        The network being built; its :attr:`~TorchNetwork.generator` draws the dropped columns.
     """
 
     has_weights = False
 
     def _no_weights(self, value=None):
+        """No weights: reading or assigning them raises ``AttributeError``."""
         raise AttributeError(f"{self.name} is a dropout layer: it has no weights")
 
     ff = fb = bias = property(_no_weights, _no_weights)
@@ -437,7 +838,20 @@ class DropoutColumns:
 
     def forward(self, y_prev, learning):
         """``y_prev`` with a random subset of columns silenced and the others scaled by
-        ``1 / (1 - rate)`` when ``learning``; else ``y_prev`` unchanged."""
+        ``1 / (1 - rate)`` when ``learning``; else ``y_prev`` unchanged.
+
+        Parameters
+        ----------
+        y_prev : Tensor (B, *input_shape)
+            The ff activity of the columns below.
+        learning : bool
+            Whether the trials learn (only then are columns dropped).
+
+        Returns
+        -------
+        Tensor (B, *input_shape)
+            The activity after dropout.
+        """
         if not learning or self.rate == 0:
             self.saved = None
             return y_prev
@@ -446,19 +860,60 @@ class DropoutColumns:
         return y_prev * self.saved
 
     def gate(self, y):
-        """Where the columns below were kept (all of them outside learning trials)."""
+        """Where the columns below were kept (all of them outside learning trials).
+
+        Parameters
+        ----------
+        y : Tensor (B, *input_shape)
+            The activity after dropout; only its shape is used.
+
+        Returns
+        -------
+        Tensor of bool (B, *input_shape)
+            True where a column was kept.
+        """
         return self.saved > 0 if self.saved is not None else torch.ones_like(y, dtype=torch.bool)
 
     def gate_feedback(self, fb, y):
-        """The feedback ``fb`` to the columns below, zero where dropped and scaled like their activity."""
+        """The feedback ``fb`` to the columns below, zero where dropped and scaled like their activity.
+
+        Parameters
+        ----------
+        fb : Tensor (B, *input_shape)
+            The feedback sent down by the layer above.
+        y : Tensor (B, *input_shape)
+            The activity after dropout; not used.
+
+        Returns
+        -------
+        Tensor (B, *input_shape)
+            ``fb`` times the kept columns' scale ``1 / (1 - rate)``, 0 where dropped.
+        """
         return fb if self.saved is None else fb * self.saved
 
     def feedback(self, gfb):
-        """The gated feedback, passed on unchanged (the gate of dropped columns is in ``gfb``)."""
+        """The gated feedback, passed on unchanged (the gate of dropped columns is in ``gfb``).
+
+        Parameters
+        ----------
+        gfb : Tensor (B, *input_shape)
+            The feedback from :meth:`gate_feedback`.
+
+        Returns
+        -------
+        Tensor (B, *input_shape)
+            ``gfb`` itself.
+        """
         return gfb
 
     def tensors(self):
-        """No weights: an empty dict."""
+        """No weights: an empty dict.
+
+        Returns
+        -------
+        dict
+            ``{}``.
+        """
         return {}
 
 
@@ -473,7 +928,18 @@ def _synapse_sample(size: int, device: torch.device) -> torch.Tensor:
 
 def changed_fraction(change: torch.Tensor) -> torch.Tensor:
     """Fraction of synapses whose ``change`` is not zero: exact up to :data:`CHANGED_SAMPLE` synapses,
-    beyond that measured on a fixed random sample of that many (standard error below 0.002)."""
+    beyond that measured on a fixed random sample of that many (standard error below 0.002).
+
+    Parameters
+    ----------
+    change : Tensor
+        A weight change (or, for EBP, a gradient), of any shape.
+
+    Returns
+    -------
+    Tensor ()
+        The fraction, in ``[0, 1]``.
+    """
     flat = change.flatten()
     if flat.numel() > CHANGED_SAMPLE:
         flat = flat[_synapse_sample(flat.numel(), flat.device)]
@@ -494,6 +960,7 @@ class TorchNetwork:
     Parameters
     ----------
     description : ColumnNetwork
+        The description to build.
     device : str or torch.device
         ``"cpu"``, ``"cuda"``, ...
     dtype : torch.dtype
@@ -568,17 +1035,42 @@ class TorchNetwork:
     learning_rate = LEARNING_RATE
 
     def uniform(self, shape) -> torch.Tensor:
-        """Weights uniform in ``[-init_range, init_range]``, drawn reproducibly on the CPU."""
+        """Weights uniform in ``[-init_range, init_range]``, drawn reproducibly on the CPU.
+
+        Parameters
+        ----------
+        shape : tuple of int or torch.Size
+            The shape of the weight tensor.
+
+        Returns
+        -------
+        Tensor
+            Of shape ``shape``, on :attr:`device` in :attr:`dtype`.
+        """
         r = self.description.rule.init_range
         draw = torch.rand(shape, generator=self._init_generator, dtype=torch.float64) * (2 * r) - r
         return draw.to(self.device, self.dtype)
 
     def parameters(self) -> list[torch.Tensor]:
-        """Every distinct weight and bias tensor."""
+        """Every distinct weight and bias tensor.
+
+        Returns
+        -------
+        list of Tensor
+            The tensors the layers learn with (not copies), bottom to top: ``ff``, ``fb`` where
+            not tied to ``ff``, ``bias`` where the rule has biases.
+        """
         return [t for layer in self.layers for t in layer.tensors().values()]
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Copies of all weights, keyed ``"<layer>.ff"``, ``"<layer>.fb"``, ``"<layer>.bias"``."""
+        """Copies of all weights, keyed ``"<layer>.ff"``, ``"<layer>.fb"``, ``"<layer>.bias"``.
+
+        Returns
+        -------
+        dict of str to Tensor
+            Detached copies on :attr:`device` in :attr:`dtype`, in the layouts of the module
+            docstring; ``fb`` entries even where tied to ``ff``.
+        """
         out = {}
         for layer in self.layers:
             if layer.has_weights:
@@ -591,7 +1083,19 @@ class TorchNetwork:
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Set weights from a dict as returned by :meth:`weights` (every key must be present;
         in ``tied`` mode and for rule ``ebp`` the ``fb`` entries are checked but not used). Every entry is checked
-        before any is set: a bad one leaves the network as it was."""
+        before any is set: a bad one leaves the network as it was.
+
+        Parameters
+        ----------
+        weights : dict of str to Tensor
+            Weights keyed as :meth:`weights` returns them, each of its layer's shape.
+
+        Raises
+        ------
+        ValueError
+            For missing or unexpected keys, or an entry that is not finite real numbers of the
+            right shape.
+        """
         check_weights_to_load(weights, self.weights(), self.dtype)
         for layer in self.layers:
             if layer.has_weights:
@@ -615,7 +1119,25 @@ class TorchNetwork:
     @torch.no_grad()
     def q_values(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
         """Q-values of a batch with no dropout and no learning (for evaluation);
-        ``check_range=False`` skips checking the images' values (see :func:`check_batch`)."""
+        ``check_range=False`` skips checking the images' values (see :func:`check_batch`).
+
+        Parameters
+        ----------
+        images : Tensor (B, *input_shape)
+            Floating-point stimuli: rates, finite and ``>= 0``.
+        check_range : bool, default True
+            Check that the images are finite and ``>= 0``.
+
+        Returns
+        -------
+        Tensor (B, n_actions)
+            The Q-values, on :attr:`device`.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a batch that does not fit the network.
+        """
         x = self._check_batch(images, check_range=check_range)
         q = self._forward(x, learning=False)[-1]
         for layer in self.layers:
@@ -744,7 +1266,13 @@ class TorchNetwork:
 
 
 def check_network(network: ColumnNetwork) -> None:
-    """The torch backend builds every layer kind and both rules: nothing to refuse."""
+    """The torch backend builds every layer kind and both rules: nothing to refuse.
+
+    Parameters
+    ----------
+    network : ColumnNetwork
+        The description to check.
+    """
 
 
 # The floating-point types the backend computes in.
@@ -753,6 +1281,17 @@ DTYPES = (torch.float32, torch.float64)
 
 def build(network: ColumnNetwork, device="cpu", dtype=torch.float32, seed=0) -> TorchNetwork:
     """Build ``network`` into tensors; see :class:`TorchNetwork`.
+
+    Parameters
+    ----------
+    network : ColumnNetwork
+        The description to build.
+    device : str or torch.device, default "cpu"
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    dtype : torch.dtype, default torch.float32
+        Floating-point type of weights and activity, one of :data:`DTYPES`.
+    seed : int, default 0
+        Seeds the weight initialisation, action selection and dropout.
 
     Returns
     -------
