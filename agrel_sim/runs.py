@@ -158,9 +158,9 @@ def holding_lock(lock_file: Path, made: list[Path], busy: str, unwritable: tuple
     """Hold ``lock_file`` locked (the system releases it when the process ends, however it ends).
 
     Raises ``ValueError``: ``busy`` where another process holds it, and ``"{unwritable[0]}
-    (reason); {unwritable[1]}"`` where it cannot be opened. Where the block raises and the lock
-    file's folder holds nothing else, the lock file and the folders ``made`` (innermost first,
-    as :func:`missing_folders` lists them) are removed again.
+    (reason); {unwritable[1]}"`` where it cannot be opened. Where the block raises, a lock file
+    made here is removed again, and so are the folders ``made`` (innermost first, as
+    :func:`missing_folders` lists them) that are then empty.
 
     Parameters
     ----------
@@ -178,6 +178,7 @@ def holding_lock(lock_file: Path, made: list[Path], busy: str, unwritable: tuple
     ValueError
         Where another process holds the lock or the lock file cannot be opened.
     """
+    existed = lock_file.exists()
     try:
         lock = open(lock_file, "w")
     except OSError as error:
@@ -190,11 +191,10 @@ def holding_lock(lock_file: Path, made: list[Path], busy: str, unwritable: tuple
         try:
             yield
         except BaseException:
-            if made and [entry.name for entry in lock_file.parent.iterdir()] == [lock_file.name]:
-                # Best effort: the block's own error must be the one raised.
+            if not existed:  # best effort: the block's own error must be the one raised
                 with contextlib.suppress(OSError):
                     lock_file.unlink()
-                remove_empty_folders(made)
+            remove_empty_folders(made)
             raise
 
 

@@ -190,6 +190,15 @@ def test_submitit_local_keeps_jobs_running_and_starts_one_as_another_ends(sweep_
     assert executor.given == [2, 1, 1] and lines == ["run 1", "run 2", "run 3", "run 0"]
 
 
+def test_a_sweep_that_stops_before_any_run_leaves_no_lock_file_in_a_folder_it_found(sweep_file, tmp_path, capsys):
+    folder = tmp_path / "runs" / "tiny" / "tiny_ebp" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "run.h5").write_text("garbage")  # runs copied here, say
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert "run.h5: cannot read this run file" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir()) == ["tiny_ebp"], "the sweep left its lock file behind"
+
+
 def test_a_sweep_stops_before_any_run_for_a_checkpoint_it_cannot_continue(sweep_file, tmp_path, capsys):
     assert main(["sweep", str(sweep_file)]) == 0
     folder = tmp_path / "runs" / "tiny" / "tiny_ebp" / "seed1"
