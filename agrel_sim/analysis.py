@@ -853,13 +853,12 @@ def _session_line(entry: dict, backend: str) -> str:
 
 # -- figures -----------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
+def _figure(**options):
+    """A matplotlib Figure with constrained layout, made without pyplot, so that drawing one
+    neither changes the caller's matplotlib backend nor keeps the figure open in pyplot."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(layout="constrained", **options)
 
 
 LABELS = {"deepagrel": "DeepAGREL: reward probability", "ebp": "EBP: 1 − training error"}
@@ -893,12 +892,12 @@ def plot_reward_curves(runs: list[Run], path: Path) -> Path:
     RunFileError
         Where :func:`table_rows` refuses the runs.
     """
-    plt = _pyplot()
     curves = reward_curves(runs)
     panels = max(1, len(curves))
     columns = min(panels, FIGURE3_COLUMNS)
     lines = -(-panels // columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4 * lines), squeeze=False, layout="constrained")
+    fig = _figure(figsize=(6 * columns, 4 * lines))
+    axes = fig.subplots(lines, columns, squeeze=False)
     for ax in axes.flat[panels:]:  # the last line's empty places
         ax.set_axis_off()
     if not curves:
@@ -951,12 +950,12 @@ def plot_gating(run: Run, path: Path) -> Path:
     ValueError
         Where the file cannot be written.
     """
-    plt = _pyplot()
     stats = gating_by_epoch(run)
     hidden = hidden_layers(run)
     synaptic = hidden + [name for name in stats if name == "output"]
     panels = (("open_fraction", "fraction of open gates", hidden), ("fb_mean_abs", "mean |feedback|", hidden), ("changed_fraction", "fraction of synapses changed per batch", synaptic))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
+    fig = _figure(figsize=(13, 4))
+    axes = fig.subplots(1, 3)
     for ax, (quantity, title, names) in zip(axes, panels):
         for name in names:
             ax.plot(stats[name]["epoch"], stats[name][quantity], marker="o", markersize=3, color=f"C{synaptic.index(name)}", label=name)
@@ -1005,11 +1004,11 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
     ValueError
         Where the file cannot be written.
     """
-    plt = _pyplot()
     trials = run.trials()
     delta, epoch = trials["delta"], trials["epoch"]
     finite = np.isfinite(delta)
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     if not len(delta):
         ax.text(0.5, 0.5, "no logged trials", ha="center", transform=ax.transAxes)
     elif run.rule == "ebp":
@@ -1057,13 +1056,13 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     """
     if not is_count(trials):
         raise ValueError(f"trials: expected an integer >= 1, got {shown(trials, count=True)}")
-    plt = _pyplot()
     names = run.layer_names
     dropout = {name for name in names if name.startswith("layers.")} - set(hidden_layers(run))
     last = slice(-trials, None)  # read no more than is drawn
     logged = run.trials(last)
     count = len(logged["label"])
-    fig, axes = plt.subplots(len(names), 3, figsize=(10, 1.3 * len(names) + 1), squeeze=False, layout="constrained")
+    fig = _figure(figsize=(10, 1.3 * len(names) + 1))
+    axes = fig.subplots(len(names), 3, squeeze=False)
     for row, name in enumerate(names):
         layer = run.layer(name, last)
         for col, quantity in enumerate(("ff", "fb", "gate")):
@@ -1121,13 +1120,14 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
     """
     if not is_count(units):
         raise ValueError(f"units: expected an integer >= 1, got {shown(units, count=True)}")
-    plt = _pyplot()
+    from matplotlib import colormaps
     from matplotlib.patches import Patch
 
     course = run.timecourse(index)
     t_ms = course["t"] * 1000
     names = [name for name in course["populations"] if name != "input"]
-    fig, axes = plt.subplots(len(names) + 1, 2, figsize=(12, 1.9 * (len(names) + 1) + 1.2), sharex=True, squeeze=False, layout="constrained")
+    fig = _figure(figsize=(12, 1.9 * (len(names) + 1) + 1.2))
+    axes = fig.subplots(len(names) + 1, 2, sharex=True, squeeze=False)
     for row, name in enumerate(names):
         population = course["populations"][name]
         chosen = course["action"] if name == "output" else None
@@ -1152,7 +1152,7 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
     else:
         axes[-1, 1].text(0.5, 0.5, "no hidden layer", ha="center", transform=axes[-1, 1].transAxes)
     axes[-1, 1].set(ylabel="fraction of open gates", ylim=(0, 1.02))
-    shades = [plt.cm.Pastel1(i) for i in range(len(course["phases"]))]
+    shades = [colormaps["Pastel1"](i) for i in range(len(course["phases"]))]
     for ax in axes.flat:
         for (start, end), shade in zip(course["phases"].values(), shades):
             ax.axvspan(start * 1000, end * 1000, color=shade, alpha=0.4, lw=0)
@@ -1174,8 +1174,6 @@ def _most_varying_columns(activity: np.ndarray, count: int, keep: int | None = N
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1184,8 +1182,6 @@ def _save(fig, path: Path) -> Path:
         blocking = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists() and not folder.is_dir()), None)
         why = f"{blocking} is a file, not a folder" if blocking else error.strerror or error
         raise ValueError(f"{path}: cannot write this figure ({why}); check that {path.parent} is, or can be made, a writable folder, or give another --out") from None
-    finally:
-        plt.close(fig)
     return path
 
 

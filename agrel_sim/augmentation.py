@@ -29,7 +29,8 @@ class Augmentation:
         Images are shifted (after the zoom) by up to this fraction of their width and height,
         each direction drawn uniformly.
     flip : bool
-        Reflect left-right with probability 1/2.
+        Reflect left-right with probability 1/2 (the default, for photographs such as CIFAR's;
+        set False for digits and characters, whose mirror images are not of their class).
     """
 
     factor: int = 10

@@ -127,18 +127,15 @@ def _check_image_format(out: Path) -> None:
     (``.pgf`` with text needs a TeX installation): found on a small figure, before any drawing."""
     import io
 
-    from agrel_sim.analysis import _pyplot
+    from agrel_sim.analysis import _figure
 
-    plt = _pyplot()
-    fig = plt.figure(figsize=(1, 1))
+    fig = _figure(figsize=(1, 1))
     fig.text(0.5, 0.5, "x")
     try:
         fig.savefig(io.BytesIO(), format=out.suffix[1:].lower())
     except Exception as error:  # each format's writer fails in its own way
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"--out {out}: matplotlib cannot write {out.suffix} files on this machine ({detail}); give a file name ending in .png, .pdf or .svg") from None
-    finally:
-        plt.close(fig)
 
 
 def _analyze(args) -> int:

@@ -703,6 +703,22 @@ def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
     assert not (tmp_path / "trial").exists()
 
 
+def test_figures_leave_the_callers_matplotlib_backend_and_pyplot_alone(finished_runs, tmp_path, monkeypatch):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from agrel_sim.analysis import analyze
+
+    def switch(backend, *args, **kwargs):
+        raise AssertionError(f"the analysis switched matplotlib's backend to {backend}")
+
+    monkeypatch.setattr(matplotlib, "use", switch)  # a notebook's inline backend would stop showing figures
+    open_figures = plt.get_fignums()
+    text, figures = analyze(finished_runs, tmp_path / "figures")
+    assert len(figures) == 1 + 4 * 3 and all(figure.is_file() for figure in figures)
+    assert plt.get_fignums() == open_figures, "no figure left open in pyplot"
+
+
 def test_activity_maps_share_one_scale_for_gates_and_centre_feedback_on_zero(finished_runs, tmp_path, monkeypatch):
     from agrel_sim import analysis
 
