@@ -165,6 +165,21 @@ def test_a_time_step_too_small_for_the_phases_is_named():
         build(describe(), backend="brian2", dt=1e-310)
 
 
+def test_the_settling_warning_names_the_caller_of_train_too():
+    # train is decorated by a contextlib context manager: the frame between the caller and
+    # agrel-sim is the standard library's, which the warning must not name.
+    from agrel_sim.datasets import Dataset
+    from agrel_sim.training import TrainingSettings, train
+
+    description = describe(n_inputs=6, n_actions=3)
+    pixels = torch.randint(0, 256, (12, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = Dataset("tiny", pixels[:8], torch.arange(8) % 3, pixels[8:], torch.arange(4) % 3, 1 / 255, 3)
+    settings = TrainingSettings(batch_size=4, max_epochs=1, patience=10, validation_size=4)
+    with pytest.warns(UserWarning, match="brian2 backend: with 3 levels of columns") as caught:
+        train(description, data, settings, progress=False, log=None, backend="brian2", backend_options=dict(t_stimulus=5, t_feedback=5, t_selection=1, t_rpe=1, t_plasticity=1))
+    assert {w.filename for w in caught if "brian2 backend" in str(w.message)} == {__file__}
+
+
 def test_initial_weights_are_the_torch_backends_for_the_same_seed():
     for feedback in ("tied", "reciprocal", "independent"):
         description = describe(feedback, bias=True)

@@ -412,12 +412,20 @@ def _steps_to_settle(too_few: int, dt: float, tau: float, stages: int, most: int
 
 def _first_caller_outside_agrel_sim() -> int:
     """The ``stacklevel`` that makes a warning name the code that called into agrel-sim (the
-    user's script, or the ``agrel-sim`` command), however many of its functions lie between."""
+    user's script, or the ``agrel-sim`` command): the caller of its outermost function on the
+    stack, however many functions lie between, and past the standard library's frames around
+    that function (one decorated by a ``contextlib`` context manager is called from within
+    ``contextlib``)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(2), 2  # level 1: the function that warns
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
+    frames, frame = [], sys._getframe(2)  # stacklevel 1 is the function that warns; 2 its caller
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    inside = [index for index, frame in enumerate(frames) if os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep)]
+    caller = inside[-1] + 1 if inside else 0
+    while caller + 1 < len(frames) and frames[caller].f_globals.get("__name__", "").partition(".")[0] in sys.stdlib_module_names:
+        caller += 1
+    return caller + 2
 
 
 # ---------------------------------------------------------------------------------------------
