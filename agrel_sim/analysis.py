@@ -19,9 +19,9 @@ import h5py
 import numpy as np
 
 from agrel_sim.config import is_count, shown
-from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions, records_that_disagree
+from agrel_sim.recorder import EPOCH_FIELDS, config_problem, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions, records_that_disagree
 from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
-from agrel_sim.table import RULES, is_diverged, row_key
+from agrel_sim.table import is_diverged, row_key
 
 
 class RunFileError(ValueError):
@@ -368,26 +368,9 @@ def load_run(path: str | Path) -> Run:
 
 def _check_config(path: Path, config, version: int) -> None:
     """Raise :class:`RunFileError` unless the run file's ``config`` holds what the analyses read."""
-
-    def field(value, names: str, kind, where: str = "") -> None:
-        for name in names.split("."):
-            value = value.get(name) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            raise RunFileError(f"{path}: its config attribute lacks {where or names} (or holds another kind of value); {_DAMAGED}")
-
-    field({"config": config}, "config", dict, "every setting")
-    for names, kind in (("experiment", str), ("dataset", str), ("model.name", str), ("model.layers", list), ("model.rule", dict)):
-        field(config, names, kind)
-    if "training" in config:  # a run file made in Python (RunFile) need not have one
-        field(config, "training", dict)
-        if config["training"].get("augmentation") is not None:
-            field(config, "training.augmentation.factor", numbers.Integral)
-    for index, layer in enumerate(config["model"]["layers"]):
-        field(layer, "kind", str, f"model.layers[{index}].kind")
-    if config["model"]["rule"].get("name") not in RULES:
-        raise RunFileError(f"{path}: its config attribute names no rule of agrel-sim ({', '.join(RULES)}) in model.rule.name; {_DAMAGED}")
-    if version == 1:  # its learning rates are the rule's
-        field(config, "model.rule.learning_rate", numbers.Real)
+    problem = config_problem(config, version)
+    if problem:
+        raise RunFileError(f"{path}: its config attribute {problem}; {_DAMAGED}")
 
 
 def _check_result(path: Path, result: dict) -> None:

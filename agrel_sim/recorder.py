@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import numbers
 import os
 import platform
 import re
@@ -67,7 +68,7 @@ import numpy as np
 import torch
 
 from agrel_sim.config import is_count, shown
-from agrel_sim.network import Dropout
+from agrel_sim.network import RULES, Dropout
 
 # 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
 # learning used (active and kept); version 2 recorded its ff activity alone (y > 0) there.
@@ -184,6 +185,47 @@ def stored_config(config: dict, settings: LogSettings) -> dict:
         ``config`` with the key ``logging`` set to ``settings`` as a dict.
     """
     return {**config, "logging": asdict(settings)}
+
+
+def config_problem(config, version: int = LAYOUT_VERSION) -> str | None:
+    """What a run file's ``config`` lacks of what the analyses (:mod:`agrel_sim.analysis`) read.
+
+    Parameters
+    ----------
+    config : object
+        The configuration (the parsed ``/`` attribute ``config``).
+    version : int
+        The run file's layout version (version 1 has no ``/epochs/learning_rate``: its rule's
+        rate is read instead).
+
+    Returns
+    -------
+    str or None
+        What is missing or wrong, in words that follow "its config ..."; None where nothing is.
+    """
+    def lacks(value, names: str, kind) -> bool:
+        for name in names.split("."):
+            value = value.get(name) if isinstance(value, dict) else None
+        return not isinstance(value, kind)
+
+    if not isinstance(config, dict):
+        return "lacks every setting"
+    required = [("experiment", str), ("dataset", str), ("model.name", str), ("model.layers", list), ("model.rule", dict)]
+    if "training" in config:  # a run file made in Python (RunFile) need not have one
+        required.append(("training", dict))
+        if isinstance(config["training"], dict) and config["training"].get("augmentation") is not None:
+            required.append(("training.augmentation.factor", numbers.Integral))
+    if version == 1:  # its learning rates are the rule's
+        required.append(("model.rule.learning_rate", numbers.Real))
+    for names, kind in required:
+        if lacks(config, names, kind):
+            return f"lacks {names} (or holds another kind of value)"
+    for index, layer in enumerate(config["model"]["layers"]):
+        if lacks(layer, "kind", str):
+            return f"lacks model.layers[{index}].kind (or holds another kind of value)"
+    if config["model"]["rule"].get("name") not in RULES:
+        return f"names no rule of agrel-sim ({', '.join(RULES)}) in model.rule.name"
+    return None
 
 
 def session(device: torch.device, from_epoch: int) -> dict:
@@ -435,8 +477,10 @@ class RunFile:
         The built network (its layers name the groups; its ``backend`` is stored; its
         ``trials_run`` places each traced trial in its batch).
     config : dict
-        Experiment configuration, stored as JSON text; its ``backend``, where given, must be
-        the network's.
+        The run's settings, stored as JSON text: :func:`agrel_sim.runs.run_config` makes them
+        for an experiment. In Python, ``experiment`` and ``dataset`` (names) are enough: the
+        network's ``model`` (its description's ``to_dict()``) and ``backend`` are added where
+        not given, and must be the network's where given.
     seed : int
         The run's seed, stored as the attribute ``seed``; it also draws the sampled columns.
     settings : LogSettings
@@ -452,7 +496,8 @@ class RunFile:
     ValueError
         Naming the file: for a folder or a missing folder at ``path``, a file there already
         (without ``resume_after``), a file that cannot be written, or, with ``resume_after``, a
-        file that cannot be continued (another layout, records missing or disagreeing).
+        file that cannot be continued (another layout, records missing or disagreeing); naming
+        ``config``, for settings that lack what the analyses read or that are not the network's.
     """
 
     def __init__(self, path: Path, net, config: dict, seed: int, settings: LogSettings = LogSettings(), resume_after: int | None = None):
@@ -463,6 +508,13 @@ class RunFile:
         self.file = None  # the partial copy, while an edit is open
         if config.get("backend", net.backend) != net.backend:
             raise ValueError(f"config: backend {config['backend']!r}, but the network was built by the {net.backend!r} backend")
+        model = net.description.to_dict()
+        if json.loads(json.dumps(config.get("model", model))) != json.loads(json.dumps(model)):
+            raise ValueError("config: its model is not the description the network was built from; leave it out (the network's is stored) or give net.description.to_dict()")
+        config = {**config, "model": model}
+        problem = config_problem(config)
+        if problem:
+            raise ValueError(f"config: it {problem}, which the analyses read; give at least experiment and dataset (names), or make it with agrel_sim.runs.run_config")
         if self.path.is_dir():
             raise ValueError(f"{self.path}: a folder; give the path of the run file to write, such as {self.path / 'run.h5'}")
         if not self.path.parent.is_dir():

@@ -45,7 +45,7 @@ def main():
     settings = LogSettings()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "run.h5"
-        recorder = RunFile(path, logged, {"experiment": "benchmark"}, 0, settings)
+        recorder = RunFile(path, logged, {"experiment": "benchmark", "dataset": "random images"}, 0, settings)
         steps = {"plain": [], "logged": []}
         for batch in range(args.batches):  # sync: each time ends when a GPU's queued work is done
             sync(args.device)

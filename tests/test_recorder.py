@@ -1720,6 +1720,26 @@ def test_a_batch_is_recorded_with_its_own_trials(tmp_path):
         recorder.record_batch(1, 0, torch.arange(3), labels, first)
 
 
+def test_a_configuration_made_in_python_gets_the_networks_model_and_must_hold_what_the_analyses_read(tmp_path):
+    from agrel_sim import ColumnNetwork, Dense, build
+    from agrel_sim.recorder import RunFile
+
+    description = ColumnNetwork((6,), [Dense(5)], 3)
+    net = build(description)
+    RunFile(tmp_path / "run.h5", net, {"experiment": "tiny", "dataset": "none"}, 0)
+    with pytest.warns(IncompleteRunWarning):
+        assert load_run(tmp_path / "run.h5").config["model"] == json.loads(json.dumps(description.to_dict())), "the analyses read it"
+    for config, message in (
+        ({"experiment": "tiny"}, r"config: it lacks dataset \(or holds another kind of value\), which the analyses read; give at least experiment and dataset"),
+        ({"dataset": "none", "model": description.to_dict()}, r"config: it lacks experiment "),
+        ({"experiment": "tiny", "dataset": "none", "training": "x"}, r"config: it lacks training "),
+        ({"experiment": "tiny", "dataset": "none", "model": ColumnNetwork((6,), [Dense(4)], 3).to_dict()}, r"config: its model is not the description the network was built from"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            RunFile(tmp_path / "other.h5", net, config, 0)
+        assert not (tmp_path / "other.h5").exists()
+
+
 def test_a_configuration_naming_another_backend_than_the_networks_is_refused(tmp_path):
     from agrel_sim import ColumnNetwork, Dense, build
     from agrel_sim.recorder import RunFile
