@@ -139,13 +139,36 @@ def check_q_values(q) -> None:
         raise ValueError(f"q: expected a floating-point tensor of Q-values, shape (trials, actions), got {given}")
 
 
+def check_indices(name: str, values) -> None:
+    """Raise ValueError unless ``values`` is a tensor of integers with one dimension (actions or
+    labels, one per trial). Their range is not checked, as that would wait for the device in
+    every batch.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the message.
+    values : Tensor, shape (B,)
+        Actions or labels of B trials.
+
+    Raises
+    ------
+    ValueError
+        For ``values`` not a one-dimensional tensor of an integer dtype.
+    """
+    if not (isinstance(values, torch.Tensor) and values.dim() == 1 and not values.is_floating_point() and not values.is_complex() and values.dtype != torch.bool):
+        given = f"a {values.dtype} tensor of shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"{name}: expected a tensor of integers (int64), one per trial, shape (trials,), got {given}")
+
+
 def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, reward_wrong: float, dtype: torch.dtype) -> torch.Tensor:
     """The reward of each trial: ``reward_correct`` if the action is the label, else ``reward_wrong``.
 
     Parameters
     ----------
     actions : Tensor of int64, shape (B,)
-        The selected action ``s`` of each of B trials.
+        The selected action ``s`` of each of B trials (one of the network's actions: an action
+        that is none, 12 of 10 say, is not caught here and counts as wrong).
     labels : Tensor of int64, shape (B,)
         The correct class of each trial.
     reward_correct, reward_wrong : float
@@ -157,7 +180,16 @@ def reward(actions: torch.Tensor, labels: torch.Tensor, reward_correct: float, r
     -------
     Tensor, shape (B,)
         The reward ``r`` of each trial, on ``actions``' device.
+
+    Raises
+    ------
+    ValueError
+        For ``actions`` or ``labels`` not integer tensors of shape (B,) (see :func:`check_indices`).
     """
+    check_indices("actions", actions)
+    check_indices("labels", labels)
+    if actions.shape != labels.shape:
+        raise ValueError(f"actions, labels: expected one of each per trial, got shapes {tuple(actions.shape)} and {tuple(labels.shape)}")
     # Filled on the device, so that no value is copied from the host in every batch.
     return torch.full(actions.shape, reward_wrong, dtype=dtype, device=actions.device).masked_fill_(actions == labels, reward_correct)
 
@@ -182,10 +214,11 @@ def rpe(q: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> torch.
     Raises
     ------
     ValueError
-        For ``q`` that fails :func:`check_q_values`, or ``actions`` and ``rewards`` not both of
-        shape (B,).
+        For ``q`` that fails :func:`check_q_values`, ``actions`` not integers (see
+        :func:`check_indices`), or ``actions`` and ``rewards`` not both of shape (B,).
     """
     check_q_values(q)
+    check_indices("actions", actions)
     if not (tuple(actions.shape) == tuple(rewards.shape) == (q.shape[0],)):
         raise ValueError(f"actions, rewards: expected one of each per trial, shape ({q.shape[0]},) for q of shape {tuple(q.shape)}, got {tuple(actions.shape)} and {tuple(rewards.shape)}")
     return rewards - q.gather(1, actions.unsqueeze(1)).squeeze(1)
@@ -207,5 +240,11 @@ def winner_feedback(actions: torch.Tensor, n_actions: int, dtype: torch.dtype) -
     -------
     Tensor, shape (B, L)
         One-hot rows ``z``: 1 at the selected action of each trial, 0 elsewhere.
+
+    Raises
+    ------
+    ValueError
+        For ``actions`` not integers (see :func:`check_indices`).
     """
+    check_indices("actions", actions)
     return torch.nn.functional.one_hot(actions, n_actions).to(dtype)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from agrel_sim.rule import exploration_draws, max_boltzmann, rpe, reward, select_action
+from agrel_sim.rule import exploration_draws, max_boltzmann, rpe, reward, select_action, winner_feedback
 from devices import DEVICES
 
 DRAWS = 200_000
@@ -106,6 +106,12 @@ def test_reward_and_rpe():
     (lambda q: select_action(q.tolist(), 0.1, 1.0), r"q: expected .*, got list"),
     (lambda q: rpe(q, torch.tensor([0, 1]), torch.tensor([[1.0], [0.0]])), r"actions, rewards: expected one of each per trial, shape \(2,\) for q of shape \(2, 3\), got \(2,\) and \(2, 1\)"),
     (lambda q: rpe(q, torch.tensor([0, 1]), torch.tensor([1.0])), r"got \(2,\) and \(1,\)"),
+    (lambda q: rpe(q, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])), r"actions: expected a tensor of integers \(int64\), one per trial, shape \(trials,\), got a torch\.float32 tensor of shape \(2,\)"),
+    (lambda q: reward(torch.tensor([0, 1]), torch.tensor([[0], [1]]), 1.0, 0.0, torch.float32), r"labels: expected a tensor of integers .* got a torch\.int64 tensor of shape \(2, 1\)"),
+    (lambda q: reward(torch.tensor([True, False]), torch.tensor([0, 1]), 1.0, 0.0, torch.float32), r"actions: expected a tensor of integers .* got a torch\.bool tensor"),
+    (lambda q: reward([0, 1], torch.tensor([0, 1]), 1.0, 0.0, torch.float32), r"actions: expected a tensor of integers .* got list"),
+    (lambda q: reward(torch.tensor([0, 1]), torch.tensor([0, 1, 2]), 1.0, 0.0, torch.float32), r"actions, labels: expected one of each per trial, got shapes \(2,\) and \(3,\)"),
+    (lambda q: winner_feedback(torch.tensor([0.0, 2.0]), 3, torch.float32), r"actions: expected a tensor of integers"),
 ])
 def test_bad_arguments_are_named(call, message):
     q = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]])
