@@ -677,8 +677,9 @@ def run_experiment(
         The run folder; ``None`` (default) writes no run file and no checkpoint.
     device : str
         ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
-    dtype : {"float32", "float64"}
-        The floating-point type by name (a key of :data:`DTYPES`), not a ``torch.dtype``.
+    dtype : {"float32", "float64"} or torch.dtype
+        The floating-point type, by name (a key of :data:`DTYPES`, as the run file stores it) or
+        as ``torch.float32`` or ``torch.float64``.
     data_dir : str or os.PathLike or None
         Folder of the data sets; ``None``: ``$AGREL_SIM_DATA``, else ``./data``
         (see :func:`agrel_sim.datasets.data_roots`).
@@ -715,8 +716,10 @@ def run_experiment(
     check_device(device)
     if not (is_count(seed, 0) and seed <= MAX_SEED):
         raise ValueError(f"seed: expected an integer from 0 to {MAX_SEED}, got {shown(seed, count=True)}")
+    if isinstance(dtype, torch.dtype):  # as build and train take it
+        dtype = next((name for name, value in DTYPES.items() if value == dtype), dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)} (or torch.float32, torch.float64), got {dtype!r}")
     folder = Path(out) if out is not None else None
     with locked(folder) if folder is not None else contextlib.nullcontext():
         run_file, checkpoint, state = None, None, None

@@ -127,8 +127,12 @@ def test_run_file_records_agree_with_their_definitions(tmp_path, device, rule, m
     # Every trial of every batch logged, all columns traced: the summaries, of the first 10
     # trials of each batch, can be recomputed.
     logging = LogSettings(every_batches=1, trials_per_batch=20, max_units=10_000, summary_trials=10)
-    run_experiment(experiment(rule, epochs=2), seed=1, out=tmp_path, device=device, dtype="float64", logging=logging, log=None)
+    dtype = "float64" if rule == "deepagrel" else torch.float64  # by name, or as build and train take it
+    run_experiment(experiment(rule, epochs=2), seed=1, out=tmp_path, device=device, dtype=dtype, logging=logging, log=None)
     run = load_run(tmp_path / "run.h5")
+    assert run.config["dtype"] == "float64"
+    with pytest.raises(ValueError, match=r"dtype: expected one of \['float32', 'float64'\] \(or torch\.float32, torch\.float64\), got torch\.float16"):
+        run_experiment(experiment(rule), dtype=torch.float16, log=None)
     trials, gating = run.trials(), run.gating()
     labels = load_dataset("digits").train_labels.numpy()
     assert np.array_equal(labels[trials["image"]], trials["label"]), "each logged trial names its training image"
