@@ -18,7 +18,7 @@ from agrel_sim.network import (
     load_model,
 )
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "ActionSelection",

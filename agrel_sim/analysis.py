@@ -1,4 +1,5 @@
-"""Analysis of run files: reward curves, gating over training, gating and outcome, Table 1 data.
+"""Analysis of run files: reward curves, gating over training, gating and outcome, feedback
+alignment, Table 1 data.
 
 Load one run file or every run file under a folder (:func:`load_runs`); the functions below
 return plain numpy arrays, and the ``plot_*`` functions draw them with matplotlib.
@@ -262,6 +263,32 @@ class Run:
                     out[name] = {field: _read(group[name], field) for field in GATING_FIELDS}
             return out
 
+    def alignment(self) -> dict[str, np.ndarray] | None:
+        """Per epoch, how closely each layer's feedback weights mirror its feedforward weights.
+
+        Returns
+        -------
+        dict or None
+            ``epoch`` (rows,): 0 for the weights the run started with, then each finished
+            epoch; per layer with weights (not dropout layers), bottom to top, an array (rows,)
+            of the cosine similarity of its ff and fb weights at the end of that epoch
+            (:func:`agrel_sim.rule.feedback_alignment`; NaN for EBP). None for run files of
+            layouts before 5, which lack ``/alignment``; a layout-4 run resumed since holds rows
+            only for the epochs trained after the resume.
+
+        Raises
+        ------
+        RunFileError
+            Where a record cannot be read (a damaged file).
+        RunChangedError
+            Where the run file was replaced since it was loaded.
+        """
+        with self._open() as handle:
+            if "alignment" not in handle:
+                return None
+            group = handle["alignment"]
+            return {"epoch": _read(group, "epoch"), **{name: _read(group, name) for name in self._bottom_to_top(group)}}
+
 
 def _check_trial_index(name: str, index) -> None:
     """Raise ``TypeError`` unless ``index`` is an integer: which traced trial (0 the first, -1 the last)."""
@@ -317,6 +344,7 @@ def load_run(path: str | Path) -> Run:
                     "this agrel-sim reads; upgrade agrel-sim to analyse it"
                 )
             records = [f"/epochs/{name}" for name in EPOCH_FIELDS if version > 1 or name != "learning_rate"] + ["/trials", "/layers", "/gating"]
+            records += ["/alignment"] if version >= 5 else []
             missing = [f"the attribute {name}" for name in ("config", "seed", "rule", "backend") if name not in attrs]
             missing += [name for name in records if name not in handle]
             if "/layers" in handle and "/gating" in handle:
@@ -795,7 +823,9 @@ def summary(run: Run) -> str:
     str
         Newline-separated lines: the run's settings and whether it is complete; its epochs
         (last reward probability, best validation accuracy, learning rates); its result where
-        it has one; its training sessions; and its logged trials (mean RPE, share rewarded).
+        it has one; the alignment of its feedback with its feedforward weights, first and last
+        recorded (DeepAGREL, layout 5); its training sessions; and its logged trials (mean RPE,
+        share rewarded).
     """
     config = run.config
     lines = [
@@ -809,6 +839,11 @@ def summary(run: Run) -> str:
         r = run.result
         diverged = " diverged=True" if is_diverged(r) else ""
         lines.append(f"  result: test_acc={r['test_accuracy']:.4f} best_epoch={r['best_epoch']} epochs={r['epochs']} converged={bool(r['converged'])}{diverged} time={r['seconds']:.1f}s")
+    alignment = run.alignment()
+    if alignment is not None and len(alignment["epoch"]) and run.rule != "ebp":
+        first, last = (int(alignment["epoch"][index]) for index in (0, -1))
+        layers = ", ".join(f"{name} {values[0]:.3f} → {values[-1]:.3f}" for name, values in alignment.items() if name != "epoch")
+        lines.append(f"  feedback alignment (cosine of fb and ff weights), epoch {first} → {last}: {layers}")
     if run.sessions and run.sessions[0].get("from_epoch") != 0:
         lines.append(f"  sessions before epoch {run.sessions[0].get('from_epoch')}: not recorded (agrel-sim 0.2.0 or older)")
     lines += [f"  session {number}: {_session_line(entry, run.backend)}" for number, entry in enumerate(run.sessions, 1)]
@@ -961,6 +996,58 @@ def _empty_gating_panel(run: Run, names: list[str]) -> str:
     if not names:
         return "no hidden column layer"
     return "no feedback (EBP)"  # the one record that holds only NaN where there are epochs and layers
+
+
+def plot_alignment(run: Run, path: Path) -> Path:
+    """Per layer with weights, the cosine similarity of its feedback and feedforward weights over epochs.
+
+    Drawn from :meth:`Run.alignment`, from epoch 0, the weights the run started with:
+    independent feedback with weight decay rises towards 1, tied and reciprocal feedback stay
+    at 1. A run without finite alignment (EBP, a run file of layout 4 or older) gets a panel
+    that says why.
+
+    Parameters
+    ----------
+    run : Run
+        A loaded run.
+    path : str or Path
+        The image file to write; missing folders are made.
+
+    Returns
+    -------
+    Path
+        The file written.
+
+    Raises
+    ------
+    ValueError
+        Where the file cannot be written.
+    """
+    alignment = run.alignment()
+    names = [] if alignment is None else [name for name in alignment if name != "epoch"]
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.set(xlabel="epoch", ylabel="cosine similarity of ff and fb weights", ylim=(-1.05, 1.05))
+    _epoch_axis(ax)
+    if any(np.isfinite(alignment[name]).any() for name in names):
+        for index, name in enumerate(names):
+            ax.plot(alignment["epoch"], alignment[name], marker="o", markersize=3, color=f"C{index}", label=name)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, _empty_alignment_panel(run, alignment), ha="center", transform=ax.transAxes)
+        ax.set(xticks=[], yticks=[])
+    feedback = "EBP" if run.rule == "ebp" else f"{run.config['model']['rule'].get('feedback', 'tied')} feedback"
+    fig.suptitle(f"Feedback aligned with feedforward weights: {run.config['experiment']} seed {run.seed} ({feedback})", fontsize=10)
+    return _save(fig, path)
+
+
+def _empty_alignment_panel(run: Run, alignment: dict | None) -> str:
+    """Why :func:`plot_alignment` draws no line."""
+    if alignment is None:
+        return "not recorded (a run file of layout 4 or older)"
+    if not len(alignment["epoch"]):
+        return "no epoch recorded"
+    return "no feedback weights (EBP)" if run.rule == "ebp" else "no finite alignment (the run diverged)"
 
 
 def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
@@ -1198,7 +1285,7 @@ def analyze(path: str | Path, out: str | Path, trial: int | None = None) -> tupl
         :func:`figure3_runs` and a line per traced run without the trial ``trial``.
     figures : list of Path
         The figures written: ``reward_curves.png`` where Figure 3 draws any run, then per run
-        its gating, RPE, activity and (where it has the trial) trial figures.
+        its gating, alignment, RPE, activity and (where it has the trial) trial figures.
 
     Raises
     ------
@@ -1244,6 +1331,7 @@ def _analyze_run(run: Run, folder: Path, trial: int) -> tuple[list[str], list[Pa
     texts = [summary(run), *outcome_lines(run)]
     figures = [
         plot_gating(run, folder / f"{stem}_gating.png"),
+        plot_alignment(run, folder / f"{stem}_alignment.png"),
         plot_rpe_distribution(run, folder / f"{stem}_rpe.png"),
         plot_activity_maps(run, folder / f"{stem}_activity.png"),
     ]

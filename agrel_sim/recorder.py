@@ -25,6 +25,11 @@ chunked and compressed with gzip and shuffle)::
     /gating/epoch, /gating/batch   (batches,)  every training batch
     /gating/<layer>/open_fraction, fb_mean_abs, changed_fraction   (batches,)  (the first two
                               over the first ``summary_trials`` trials of each batch)
+    /alignment/epoch          (rows,)     epoch 0 (the weights a run starts with), then every
+                                          finished epoch
+    /alignment/<layer>        (rows,)     float64 cosine similarity of the layer's ff and fb
+                                          weights at the end of the epoch (layers with
+                                          weights: not dropout; NaN for EBP, which has none)
     /timecourses/             time-resolved trials (Brian2 backend; attrs: phase start/end, s)
         t                     (steps,)    time since the trial's start at the end of each
                                           step, s (from dt)
@@ -73,8 +78,9 @@ from agrel_sim.network import RULES, Dropout
 # 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
 # learning used (active and kept); version 2 recorded its ff activity alone (y > 0) there.
 # 4: /timecourses/{image, label, action, reward, q}, and /timecourses/{epoch, batch} int32 as
-# in /trials (int64 before).
-LAYOUT_VERSION = 4
+# in /trials (int64 before). 5: /alignment; a run file of layout 4 gains it when it is resumed.
+LAYOUT_VERSION = 5
+RESUMABLE_LAYOUTS = (4, LAYOUT_VERSION)
 EPOCH_FIELDS = ("epoch", "reward_probability", "train_loss", "validation_accuracy", "seconds", "learning_rate")
 TRIAL_FIELDS = ("epoch", "batch", "image", "label", "action", "reward", "delta")
 GATING_FIELDS = ("open_fraction", "fb_mean_abs", "changed_fraction")
@@ -110,6 +116,8 @@ DESCRIPTIONS = {
     "gating/<layer>/open_fraction": ("fraction of the layer's gates open, over the batch's first summary_trials trials", "1"),
     "gating/<layer>/fb_mean_abs": ("mean absolute feedback activity, over the batch's first summary_trials trials", "1"),
     "gating/<layer>/changed_fraction": ("fraction of the layer's feedforward synapses whose update by the batch's learning is not zero, weight decay not counted (NaN for dropout layers)", "1"),
+    "alignment/epoch": ("the epoch at whose end the weights were compared (0: before the first update)", "1"),
+    "alignment/<layer>": ("cosine similarity of the layer's feedforward weights and its feedback weights arranged as their transpose, over all its synapses, biases excluded (NaN for EBP, which has no feedback weights)", "1"),
     "timecourses/t": ("time from the trial's start at the end of each time step; the group's attributes hold each phase's start and end, in s", "s"),
     "timecourses/epoch": ("epoch of the traced trial", "1"),
     "timecourses/batch": ("batch of the traced trial within its epoch, from 0", "1"),
@@ -133,6 +141,8 @@ def _describe(group: h5py.Group) -> None:
             parts = item.name.strip("/").split("/")
             if len(parts) == 3:
                 parts[1] = "<layer>" if parts[0] in ("layers", "gating") else "<population>"
+            elif parts[0] == "alignment" and parts[1] != "epoch":
+                parts[1] = "<layer>"
             item.attrs["description"], item.attrs["unit"] = DESCRIPTIONS["/".join(parts)]
 
     group.visititems(describe)
@@ -336,7 +346,8 @@ def git_checkout(source: Path) -> dict:
 def check_resumable(path: Path, attrs) -> None:
     """Refuse to continue a run file (its ``/`` attributes ``attrs``) that this version cannot.
 
-    A run file of another layout would mix two layouts. A Brian2 run begun by another version
+    A run file of another layout would mix two layouts, but for layout 4, which lacks only
+    ``/alignment``: it gains that group as it is resumed. A Brian2 run begun by another version
     of agrel-sim would match no uninterrupted run: the Brian2 backend's trials are not kept
     identical from one version to the next (the torch backend's are).
 
@@ -350,16 +361,17 @@ def check_resumable(path: Path, attrs) -> None:
     Raises
     ------
     ValueError
-        For a ``layout_version`` that is not a whole number or not :data:`LAYOUT_VERSION`, a
-        Brian2 run begun by another version of agrel-sim, or a ``sessions`` attribute that
-        :func:`parse_sessions` refuses.
+        For a ``layout_version`` that is not a whole number or not one of
+        :data:`RESUMABLE_LAYOUTS` (:data:`LAYOUT_VERSION`, and 4, whose run file gains
+        ``/alignment`` as it is resumed), a Brian2 run begun by another version of agrel-sim, or
+        a ``sessions`` attribute that :func:`parse_sessions` refuses.
     """
     from agrel_sim import __version__
 
     version = attrs.get("layout_version")  # HDF5 gives a NumPy integer
     if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
         raise ValueError(f"{path}: bad layout_version attribute ({version!r}, where a whole number belongs); the run file is damaged: move the run folder away and train the run again")
-    if version != LAYOUT_VERSION:
+    if version not in RESUMABLE_LAYOUTS:
         raise ValueError(f"{path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
     began = str(attrs.get("software_version", "unknown"))
     if str(attrs.get("backend", "torch")) == "brian2" and began != __version__:
@@ -388,7 +400,8 @@ def records_that_disagree(file: h5py.File) -> list[str]:
     """What in a run file (damaged, or edited by hand) breaks its layout's rules on rows: a
     group that is not one, and records whose rows do not match those they go with (those of
     ``/epochs``; of ``/trials`` and each layer's ff, fb and gate; of ``/gating`` and each
-    layer's summaries). Empty for a sound file; ``/timecourses`` is not checked.
+    layer's summaries; of ``/alignment``, where the file has it). Empty for a sound file;
+    ``/timecourses`` is not checked.
 
     Parameters
     ----------
@@ -416,6 +429,8 @@ def records_that_disagree(file: h5py.File) -> list[str]:
         datasets(groups("trials")) + datasets(groups(*(f"layers/{name}" for name in layers)), ("ff", "fb", "gate")),
         datasets(groups("gating"), ("epoch", "batch")) + datasets(groups(*(f"gating/{name}" for name in layers))),
     ]
+    if "alignment" in file:  # since layout 5
+        families.append(datasets(groups("alignment")))
     for family in families:
         rows = {dataset.name: dataset.shape[0] if dataset.ndim else None for dataset in family}
         counts = list(rows.values())
@@ -505,6 +520,7 @@ class RunFile:
         self.settings = settings
         self.net = net
         self.layer_names = [layer.name for layer in net.layers]
+        self.aligned_layers = [layer.name for layer in net.layers if layer.has_weights]
         self.file = None  # the partial copy, while an edit is open
         if config.get("backend", net.backend) != net.backend:
             raise ValueError(f"config: backend {config['backend']!r}, but the network was built by the {net.backend!r} backend")
@@ -526,6 +542,9 @@ class RunFile:
                 self._create(net, config, seed)
             else:
                 check_resumable(self.path, self.file.attrs)
+                if self.file.attrs["layout_version"] == 4:  # its rows begin with the epochs trained from now on
+                    self._create_alignment()
+                    self.file.attrs["layout_version"] = LAYOUT_VERSION
                 self._check_records()
                 self._truncate_after(resume_after)
                 self.file.attrs["config"] = json.dumps(stored_config(config, settings))
@@ -610,12 +629,28 @@ class RunFile:
             summary = gating.create_group(layer.name)
             for name in GATING_FIELDS:
                 _growing(summary, name, "f4")
+        self._create_alignment()
+        self._write_alignment(0)
         _describe(self.file)
+
+    def _create_alignment(self) -> None:
+        alignment = self.file.create_group("alignment")
+        _growing(alignment, "epoch", "i4", chunk_rows=256)
+        for name in self.aligned_layers:
+            _growing(alignment, name, "f8", chunk_rows=256)
+
+    def _write_alignment(self, epoch: int) -> None:
+        """Add a row to ``/alignment``: the network's alignment now, after ``epoch`` (0: before any update)."""
+        alignment = self.file["alignment"]
+        _append(alignment["epoch"], np.array([epoch], dtype=np.int32))
+        for name, cosine in self.net.feedback_alignment().items():
+            _append(alignment[name], np.array([cosine]))
 
     def _check_records(self) -> None:
         """Raise the damaged file's error unless the file holds every record that a run of this
         network writes, their rows agreeing."""
         paths = [f"epochs/{name}" for name in EPOCH_FIELDS] + [f"trials/{name}" for name in (*TRIAL_FIELDS, "q")] + ["gating/epoch", "gating/batch"]
+        paths += ["alignment/epoch"] + [f"alignment/{name}" for name in self.aligned_layers]
         for name in self.layer_names:
             paths += [f"layers/{name}/{field}" for field in ("units", "ff", "fb", "gate")] + [f"gating/{name}/{field}" for field in GATING_FIELDS]
         missing = [f"/{path}" for path in paths if not isinstance(self.file.get(path), h5py.Dataset)]
@@ -637,6 +672,7 @@ class RunFile:
         n_batches = keep(self.file["gating"]["epoch"])
         groups += [(self.file["gating"], n_batches, ("epoch", "batch"))]
         groups += [(self.file["gating"][name], n_batches, GATING_FIELDS) for name in self.layer_names]
+        groups += [(self.file["alignment"], keep(self.file["alignment"]["epoch"]), ("epoch", *self.aligned_layers))]
         if "timecourses" in self.file:
             timecourses = self.file["timecourses"]
             n_traced = keep(timecourses["epoch"])
@@ -728,6 +764,7 @@ class RunFile:
     def _write_epoch(self, epoch: int, metrics) -> None:
         for name in EPOCH_FIELDS:
             _append(self.file["epochs"][name], np.array([getattr(metrics, name)]))
+        self._write_alignment(epoch)
         if self.batches:
             numbers = np.array([b for b, _ in self.batches], dtype=np.int32)
             summaries = torch.stack([s for _, s in self.batches]).cpu().numpy().reshape(len(numbers), len(self.layer_names), len(GATING_FIELDS))

@@ -1,7 +1,8 @@
 """The parts of DeepAGREL that do not depend on the layer kind, as plain tensor functions.
 
-Phase 2 (action selection) and phase 4 (the global reward-prediction error) of a trial; the
-per-layer feedback pass and four-factor update live with each layer kind in the backends.
+Phase 2 (action selection) and phase 4 (the global reward-prediction error) of a trial, and how
+closely a layer's feedback weights mirror its feedforward weights; the per-layer feedback pass
+and four-factor update live with each layer kind in the backends.
 """
 
 from __future__ import annotations
@@ -248,3 +249,37 @@ def winner_feedback(actions: torch.Tensor, n_actions: int, dtype: torch.dtype) -
     """
     check_indices("actions", actions)
     return torch.nn.functional.one_hot(actions, n_actions).to(dtype)
+
+
+def feedback_alignment(ff: torch.Tensor, fb: torch.Tensor) -> float:
+    """The cosine similarity between a layer's feedforward weights and its feedback weights.
+
+    Strict reciprocity makes the feedback matrix the transpose of the feedforward one. The
+    backends store the feedback weights in the layout of the feedforward ones (``fb[q, m]``,
+    from upper column ``q`` to lower column ``m``, sits where ``ff[q, m]``, from ``m`` to
+    ``q``, does), so the fb tensor is already that transpose and the two are compared entry by
+    entry, over every weight the layer holds (for a convolution the shared kernel, whose
+    entries each serve many synapses). Biases are excluded: they have no feedback partner.
+
+    Parameters
+    ----------
+    ff, fb : Tensor
+        The layer's feedforward and feedback weights, of one shape (a layer's ``ff`` and
+        ``fb``).
+
+    Returns
+    -------
+    float
+        ``sum(ff * fb) / sqrt(sum(ff**2) * sum(fb**2))``, computed in float64: 1.0 exactly where
+        ``fb`` equals ``ff`` (``tied`` and ``reciprocal`` feedback), near 0 for independent
+        random draws; NaN where either is all zero or not finite.
+
+    Raises
+    ------
+    ValueError
+        For ``ff`` and ``fb`` of different shapes.
+    """
+    if ff.shape != fb.shape:
+        raise ValueError(f"ff, fb: expected weights of one shape, got {tuple(ff.shape)} and {tuple(fb.shape)}")
+    ff, fb = (weights.detach().to(torch.float64).flatten() for weights in (ff, fb))
+    return (torch.dot(ff, fb) / torch.sqrt(torch.dot(ff, ff) * torch.dot(fb, fb))).item()

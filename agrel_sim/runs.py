@@ -393,7 +393,8 @@ def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] 
     below them or flattened keys (``backend_options.trace_every``), may differ: by default only
     ``source``, the path the experiment was read from, so that a moved checkout resumes its
     runs. The stopping criterion (:data:`STOPPING`) may be raised, never lowered. With
-    ``resuming``, the run file must also be of the layout this version writes.
+    ``resuming``, the run file must also be of a layout this version continues
+    (:data:`agrel_sim.recorder.RESUMABLE_LAYOUTS`).
 
     Parameters
     ----------

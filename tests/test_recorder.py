@@ -42,11 +42,13 @@ MODEL = {
 }
 
 
-def experiment(rule="deepagrel", epochs=3, factor=None, batch_size=20, learning_rate=0.3):
+def experiment(rule="deepagrel", epochs=3, factor=None, batch_size=20, learning_rate=0.3, feedback=None):
     training = {"batch_size": batch_size, "max_epochs": epochs, "patience": 100, "validation_size": 200}
     if factor:
         training["augmentation"] = {"factor": factor}
     rule_fields = {"name": rule, "learning_rate": learning_rate}
+    if feedback:
+        rule_fields.update(feedback=feedback, weight_decay=0.05)
     return Experiment.from_dict({"name": f"small_{rule}", "model": MODEL, "dataset": "digits", "rule": rule_fields, "training": training}, "<test>")
 
 
@@ -57,7 +59,7 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
     batches = -(-1237 // 20)  # per epoch
     sampled = 3 * len(range(0, batches, 10))
     with h5py.File(tmp_path / "run.h5", "r") as run:
-        assert run.attrs["complete"] and run.attrs["layout_version"] == 4 and run.attrs["seed"] == 4
+        assert run.attrs["complete"] and run.attrs["layout_version"] == 5 and run.attrs["seed"] == 4
         assert run.attrs["rule"] == rule and run.attrs["backend"] == "torch" and "experiment" in run.attrs["config"]
         assert run["epochs"]["epoch"][:].tolist() == [1, 2, 3]
         np.testing.assert_allclose(run["epochs"]["validation_accuracy"][:], [m.validation_accuracy for m in result.history])
@@ -93,7 +95,17 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
             assert np.all(run["layers"]["layers.2"]["fb"][:][silent] == 0), "a closed gate silences the fb neuron"
         else:
             assert np.isnan(delta).all()
+        # Tied feedback (the default) is aligned exactly; EBP has no feedback weights. Epoch 0:
+        # the weights the run began with. The dropout layer (layers.1) has no weights.
+        alignment = run["alignment"]
+        assert sorted(alignment) == ["epoch", "layers.0", "layers.2", "output"]
+        assert alignment["epoch"][:].tolist() == [0, 1, 2, 3] and alignment["epoch"].dtype == np.int32
+        for name in ("layers.0", "layers.2", "output"):
+            ds = alignment[name]
+            assert ds.dtype == np.float64 and ds.maxshape[0] is None and ds.chunks and ds.compression == "gzip" and ds.shuffle
+            assert ds[:].tolist() == [1.0] * 4 if rule == "deepagrel" else np.isnan(ds[:]).all()
         assert undescribed(run) == [] and run["epochs"]["seconds"].attrs["unit"] == "s"
+        assert alignment["output"].attrs["description"].startswith("cosine similarity of the layer's feedforward weights and its feedback weights")
         assert run["layers"]["layers.2"]["gate"].attrs["description"].startswith("1 where the column's gate was open")
 
 
@@ -486,8 +498,70 @@ def test_older_checkpoints_and_run_files_cannot_be_resumed(tmp_path):
     torch.save(state, tmp_path / "checkpoint.pt")
     with h5py.File(tmp_path / "run.h5", "a") as run:
         run.attrs["layout_version"] = 1
-    with pytest.raises(ValueError, match=r"run\.h5: run-file layout version 1, but this agrel-sim writes 4"):
+    with pytest.raises(ValueError, match=r"run\.h5: run-file layout version 1, but this agrel-sim writes 5"):
         run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
+
+
+def test_a_run_file_of_layout_4_resumes_and_records_the_alignment_from_then_on(tmp_path, monkeypatch):
+    from agrel_sim.analysis import plot_alignment
+
+    whole = tmp_path / "whole" / "run.h5"
+    run_experiment(experiment(epochs=3, feedback="independent"), seed=2, out=whole.parent, log=None)
+    old = tmp_path / "old" / "run.h5"
+    run_experiment(experiment(epochs=2, feedback="independent"), seed=2, out=old.parent, log=None)
+    with h5py.File(old, "a") as run:  # as agrel-sim wrote it before /alignment
+        del run["alignment"]
+        run.attrs["layout_version"] = 4
+        attrs = dict(run.attrs)
+    with pytest.raises(ValueError, match=r"run-file layout version 3, but this agrel-sim writes 5; it cannot resume the run"):
+        check_resumable(old, {**attrs, "layout_version": 3})
+    figures = drawn_figures(monkeypatch)
+    layout_4 = load_run(old)
+    assert layout_4.alignment() is None
+    plot_alignment(layout_4, tmp_path / "alignment.png")
+    assert [text.get_text() for text in figures[0].axes[0].texts] == ["not recorded (a run file of layout 4 or older)"]
+
+    run_experiment(experiment(epochs=3, feedback="independent"), seed=2, out=old.parent, resume=True, log=None)
+    resumed, uninterrupted = load_run(old).alignment(), load_run(whole).alignment()
+    assert uninterrupted["epoch"].tolist() == [0, 1, 2, 3] and resumed["epoch"].tolist() == [3], "rows from the epochs trained since"
+    assert list(resumed) == list(uninterrupted) == ["epoch", "layers.0", "layers.2", "output"]
+    for name in ("layers.0", "layers.2", "output"):
+        assert resumed[name].tolist() == uninterrupted[name][3:].tolist(), name
+    with h5py.File(old, "r") as run:
+        assert run.attrs["layout_version"] == 5 and undescribed(run) == []
+    plot_alignment(load_run(old), tmp_path / "alignment.png")
+    assert [line.get_label() for line in figures[1].axes[0].lines] == ["layers.0", "layers.2", "output"]
+
+
+@pytest.mark.filterwarnings("ignore:brian2 backend.*short of its fixed point:UserWarning")  # short phases suffice here
+@pytest.mark.parametrize("backend", ["torch", "brian2"])
+def test_the_alignment_rows_are_the_networks_at_the_end_of_each_epoch(tmp_path, backend):
+    from agrel_sim import ColumnNetwork, Dense, Rule, build
+    from agrel_sim.training import EpochMetrics
+
+    description = ColumnNetwork((6,), [Dense(5)], 3, rule=Rule(learning_rate=1.0, init_range=0.5, feedback="independent", weight_decay=0.2), name="tiny")
+    options = {"t_stimulus": 20, "t_selection": 5, "t_feedback": 20, "t_rpe": 5, "t_plasticity": 5} if backend == "brian2" else {}
+    net = build(description, backend=backend, **options)
+    config = {"experiment": "tiny", "model": description.to_dict(), "dataset": "none"}
+    recorder = RunFile(tmp_path / "run.h5", net, config, 0)
+    expected = [net.feedback_alignment()]
+    g = torch.Generator().manual_seed(0)
+    for epoch in (1, 2, 3):
+        for batch in range(3):
+            images = torch.rand(10, 6, generator=g)
+            labels = images.view(10, 3, 2).sum(2).argmax(1)  # forced correct actions on a learnable task
+            recorder.record_batch(epoch, batch, torch.arange(10), labels, net.run_trials(images, labels, actions=labels, record=True))
+        recorder.write_epoch(epoch, EpochMetrics(epoch, 1.0, 0.1, 0.5, 1.0, 1.0))
+        expected.append(net.feedback_alignment())
+    with pytest.warns(IncompleteRunWarning):
+        alignment = load_run(tmp_path / "run.h5").alignment()
+    assert list(alignment) == ["epoch", "layers.0", "output"] and alignment["epoch"].tolist() == [0, 1, 2, 3]
+    for name in ("layers.0", "output"):
+        assert alignment[name].tolist() == [row[name] for row in expected], name
+        assert alignment[name][-1] > alignment[name][0] + 0.5, f"{name}: {alignment[name]}"
+    RunFile(tmp_path / "run.h5", net, config, 0, resume_after=2)
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        assert run["alignment"]["epoch"][:].tolist() == [0, 1, 2] and run["alignment"]["output"].shape == (3,), "a resume drops the rows of later epochs"
 
 
 def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path):
@@ -696,8 +770,11 @@ def test_analyze_writes_figures_and_summary(finished_runs, tmp_path, capsys):
     assert out.count("rewarded minus unrewarded logged trials, within epochs (2 of 2 epochs have both):") == 4
     assert re.search(r"\n    layers\.0 +open gates [+-]0\.\d{3}, \|fb\| [+-]0\.\d{4}\n", out), "DeepAGREL"
     assert re.search(r"\n    layers\.0 +open gates [+-]0\.\d{3}, \|fb\| no feedback \(EBP\)\n", out)
+    # Tied feedback: the alignment stays 1 (EBP, without feedback weights, gets no such line).
+    assert out.count("  feedback alignment (cosine of fb and ff weights), epoch 0 → 2: layers.0 1.000 → 1.000, layers.2 1.000 → 1.000, output 1.000 → 1.000\n") == 2
     pngs = sorted(str(p.relative_to(tmp_path / "figures")) for p in (tmp_path / "figures").rglob("*.png"))
-    assert "reward_curves.png" in pngs and "ebp/seed1/small_ebp_seed1_gating.png" in pngs and len(pngs) == 1 + 4 * 3
+    assert "reward_curves.png" in pngs and "ebp/seed1/small_ebp_seed1_gating.png" in pngs and len(pngs) == 1 + 4 * 4
+    assert "deepagrel/seed0/small_deepagrel_seed0_alignment.png" in pngs
     assert f"\n{len(pngs)} figures written to" in out
     for png in (tmp_path / "figures").rglob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -895,6 +972,21 @@ def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs
     assert np.isnan(row["open_fraction_difference"]) and np.isnan(row["open_fraction_unrewarded"][0])
 
 
+def test_the_alignment_figure_draws_each_layer_with_weights_and_says_why_not_for_ebp(finished_runs, tmp_path, monkeypatch):
+    from agrel_sim.analysis import plot_alignment
+
+    figures = drawn_figures(monkeypatch)
+    runs = [load_run(finished_runs / rule / "seed0" / "run.h5") for rule in ("deepagrel", "ebp")]
+    for run in runs:
+        plot_alignment(run, tmp_path / "alignment.png")
+    deepagrel, ebp = (figure.axes[0] for figure in figures)
+    alignment = runs[0].alignment()
+    assert [line.get_label() for line in deepagrel.lines] == ["layers.0", "layers.2", "output"], "no line for the dropout layer"
+    for line in deepagrel.lines:
+        assert line.get_xdata().tolist() == [0, 1, 2] and line.get_ydata().tolist() == alignment[line.get_label()].tolist() == [1.0] * 3
+    assert not ebp.lines and [text.get_text() for text in ebp.texts] == ["no feedback weights (EBP)"]
+
+
 def test_the_rpe_histogram_shows_every_delta(finished_runs, tmp_path, monkeypatch):
     from agrel_sim.analysis import plot_rpe_distribution
 
@@ -968,7 +1060,7 @@ def test_analyze_keeps_the_figures_of_every_run_apart_and_draws_the_rows_it_can(
     assert re.search(r"Figure 3 has no panel for the Table 1 row digits, small, no augmentation: .*a/seed0/run\.h5 and .*b/seed0/run\.h5: seed 0 twice", out), out
     pngs = sorted(str(p.relative_to(tmp_path / "figures")) for p in (tmp_path / "figures").rglob("*.png"))
     assert "a/seed0/small_deepagrel_seed0_gating.png" in pngs and "b/seed0/small_deepagrel_seed0_gating.png" in pngs
-    assert len(pngs) == 1 + 4 * 3 and f"\n{len(pngs)} figures written to" in out, "every file counted is there"
+    assert len(pngs) == 1 + 4 * 4 and f"\n{len(pngs)} figures written to" in out, "every file counted is there"
     assert "reward_curves.png" in pngs, "the other row is drawn"
 
 
@@ -1082,7 +1174,7 @@ def test_table_and_analyze_agree_about_incomplete_runs(finished_runs, tmp_path, 
         assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"Figure 3 leaves out 1 incomplete run\(s\), as Table 1 does \(still running, killed or crashed\): .*seed7/run\.h5", out)
-    assert len(list((tmp_path / "figures").rglob("*.png"))) == 1 + 3 * 3
+    assert len(list((tmp_path / "figures").rglob("*.png"))) == 1 + 3 * 4
     with pytest.warns(IncompleteRunWarning):
         runs = load_runs(tmp_path / "runs")
     assert reward_curves(runs)["digits", "small", False]["deepagrel"]["runs"].tolist() == [2, 2]
@@ -1138,7 +1230,7 @@ def test_bad_run_files_get_clear_messages(finished_runs, tmp_path):
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", newer)
     with h5py.File(newer, "a") as handle:
         handle.attrs["layout_version"] = 99
-    with pytest.raises(RunFileError, match="layout version 99, newer than the 4 this agrel-sim reads; upgrade"):
+    with pytest.raises(RunFileError, match="layout version 99, newer than the 5 this agrel-sim reads; upgrade"):
         load_run(newer)
     older = tmp_path / "older.h5"  # layout 1 had no learning-rate schedule: the rule's rate throughout
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", older)
@@ -1187,7 +1279,7 @@ def test_a_run_killed_in_its_first_epoch_does_not_block_the_others(finished_runs
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
     assert out.count(", |fb| ") == 2 * 2 and "nan" not in out  # two runs of two hidden layers, not the dropout layer
-    assert len(list((tmp_path / "figures").rglob("*.png"))) == 1 + 3 * 3
+    assert len(list((tmp_path / "figures").rglob("*.png"))) == 1 + 3 * 4
     with pytest.warns(IncompleteRunWarning, match="holds 0 finished epochs"):
         runs = load_runs(tmp_path / "runs")
     killed = runs[-1]
@@ -1233,7 +1325,7 @@ def test_a_run_reads_only_the_version_of_its_file_it_loaded(finished_runs, tmp_p
     monkeypatch.setattr(analysis, "plot_gating", replaced_while_drawn)
     assert main(["analyze", str(path), "--out", str(tmp_path / "figures")]) == 0
     assert len(drawn) == 2 and drawn[0].file_version != drawn[1].file_version
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 1 + 3
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 1 + 4
 
     def always_replaced(run, out):
         replace_file(path)
@@ -1249,7 +1341,7 @@ def test_analyze_draws_no_figure3_when_every_run_is_incomplete(finished_runs, tm
     killed_in_its_first_epoch(finished_runs / "ebp" / "seed0" / "run.h5", tmp_path / "runs" / "ebp" / "seed0" / "run.h5", seed=0)
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
     out, err = capsys.readouterr()
-    assert "holds 0 finished epochs" in err and "Figure 3 leaves out 1 incomplete run(s)" in out and "\n3 figures written to " in out
+    assert "holds 0 finished epochs" in err and "Figure 3 leaves out 1 incomplete run(s)" in out and "\n4 figures written to " in out
     assert not (tmp_path / "figures" / "reward_curves.png").exists()
 
 
@@ -1511,7 +1603,7 @@ def test_an_empty_run_like_file_is_named(tmp_path):
     with h5py.File(path, "w") as run:
         run.attrs["layout_version"] = LAYOUT_VERSION
         run.create_group("epochs")
-    with pytest.raises(RunFileError, match=r"run\.h5: a run file that lacks the attribute config, the attribute seed, the attribute rule, the attribute backend, /epochs/epoch, .*, /trials, /layers, /gating; the run file is damaged"):
+    with pytest.raises(RunFileError, match=r"run\.h5: a run file that lacks the attribute config, the attribute seed, the attribute rule, the attribute backend, /epochs/epoch, .*, /trials, /layers, /gating, /alignment; the run file is damaged"):
         load_run(path)
 
 
@@ -1522,7 +1614,7 @@ def test_analysis_scripts_regenerate_table_and_figures(finished_runs, tmp_path):
     subprocess.run([sys.executable, scripts / "figure3.py", finished_runs, "--out", tmp_path / "f3.png"], check=True, capture_output=True)
     assert (tmp_path / "f3.png").read_bytes()[:4] == b"\x89PNG"
     gating = subprocess.run([sys.executable, scripts / "gating_figures.py", finished_runs / "ebp", "--out", tmp_path / "g"], capture_output=True, text=True, check=True)
-    assert len(list((tmp_path / "g").rglob("*.png"))) == 1 + 2 * 3 and "|fb| no feedback (EBP)" in gating.stdout
+    assert len(list((tmp_path / "g").rglob("*.png"))) == 1 + 2 * 4 and "|fb| no feedback (EBP)" in gating.stdout
 
 
 TRACED_BATCHES = ((torch.arange(5), torch.tensor([0, 1, 2, 0, 1])), (torch.arange(10, 14), torch.tensor([2, 2, 1, 0])))  # (index, labels)
@@ -1834,7 +1926,8 @@ def test_epoch_axes_count_whole_epochs_also_for_a_run_of_one_epoch(tmp_path, mon
     run_experiment(experiment(epochs=1), seed=0, out=tmp_path / "run", log=None)
     assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "figures")]) == 0
     axes = [ax for fig in figures for ax in fig.axes if ax.get_xlabel() == "epoch" and ax.lines]
-    assert len(axes) == 1 + 3, "Figure 3's panel and the gating figure's"
+    assert len(axes) == 1 + 3 + 1, "Figure 3's panel, the gating figure's and the alignment figure's"
     for ax in axes:
         low, high = ax.get_xlim()
-        assert [tick for tick in ax.get_xticks() if low <= tick <= high] == [1.0]
+        from_epoch_0 = ax.get_ylabel().startswith("cosine")  # the alignment begins with the weights the run started with
+        assert [tick for tick in ax.get_xticks() if low <= tick <= high] == ([0.0, 1.0] if from_epoch_0 else [1.0])

@@ -8,6 +8,7 @@ import torch
 
 from agrel_sim import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d, Rule, build
 from agrel_sim.backends.torch_backend import CHANGED_SAMPLE, _synapse_sample, changed_fraction
+from agrel_sim.rule import feedback_alignment
 from devices import DEVICES
 from reference import reference_q
 
@@ -81,8 +82,7 @@ def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(device, kind, bia
 
 
 def feedback_angle(layer):
-    ff, fb = layer.ff.flatten(), layer.fb.flatten()
-    return math.degrees(math.acos((ff @ fb / (ff.norm() * fb.norm())).clamp(-1, 1).item()))
+    return math.degrees(math.acos(min(1.0, feedback_alignment(layer.ff, layer.fb))))
 
 
 def test_independent_feedback_with_weight_decay_aligns_with_ff():

@@ -631,7 +631,8 @@ class Brian2Network:
 
     Built by :func:`build`; see there and the module docstring for the parameters and the
     trial's timeline. The API is that of the torch backend: :meth:`run_trials`,
-    :meth:`q_values`, :meth:`weights`, :meth:`load_weights`, and ``ff`` / ``fb`` per layer.
+    :meth:`q_values`, :meth:`weights`, :meth:`load_weights`, :meth:`feedback_alignment`, and ``ff`` /
+    ``fb`` per layer.
 
     Parameters
     ----------
@@ -820,6 +821,19 @@ class Brian2Network:
                 layer.fb = weights[f"{layer.name}.fb"]
             if self.description.rule.bias:
                 layer.bias = weights[f"{layer.name}.bias"]
+
+    def feedback_alignment(self) -> dict[str, float]:
+        """How closely each layer's feedback weights mirror its feedforward weights.
+
+        Returns
+        -------
+        dict of str to float
+            For every layer, the hidden ones bottom to top and then ``output``: the cosine
+            similarity of its ``ff`` and ``fb`` synapses' weights, biases excluded
+            (:func:`agrel_sim.rule.feedback_alignment`); 1.0 for ``tied`` and ``reciprocal``
+            feedback.
+        """
+        return {layer.name: agrel.feedback_alignment(layer.ff, layer.fb) for layer in self.layers}
 
     # -- trials -------------------------------------------------------------------------------
 

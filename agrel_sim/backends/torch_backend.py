@@ -1105,6 +1105,22 @@ class TorchNetwork:
                 if layer._bias is not None:
                     layer.bias = weights[f"{layer.name}.bias"]
 
+    def feedback_alignment(self) -> dict[str, float]:
+        """How closely each layer's feedback weights mirror its feedforward weights.
+
+        Returns
+        -------
+        dict of str to float
+            For every layer with weights (the hidden column layers, not dropout layers, and
+            ``output``), bottom to top: the cosine similarity of its ``ff`` and ``fb`` weights
+            over all its synapses, biases excluded (:func:`agrel_sim.rule.feedback_alignment`);
+            1.0 for ``tied`` and ``reciprocal`` feedback, NaN for rule ``ebp``, which has no
+            feedback weights.
+        """
+        if self.description.rule.name == "ebp":
+            return {layer.name: math.nan for layer in self.layers if layer.has_weights}
+        return {layer.name: agrel.feedback_alignment(layer.ff, layer.fb) for layer in self.layers if layer.has_weights}
+
     # -- trials -------------------------------------------------------------------------------
 
     def _check_batch(self, images, labels=None, actions=None, check_range=True, trials=False):
