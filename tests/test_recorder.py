@@ -796,7 +796,7 @@ def test_figures_leave_the_callers_matplotlib_backend_and_pyplot_alone(finished_
     monkeypatch.setattr(matplotlib, "use", switch)  # a notebook's inline backend would stop showing figures
     open_figures = plt.get_fignums()
     text, figures = analyze(finished_runs, tmp_path / "figures")
-    assert len(figures) == 1 + 4 * 3 and all(figure.is_file() for figure in figures)
+    assert len(figures) == 1 + 4 * 4 and all(figure.is_file() for figure in figures)
     assert plt.get_fignums() == open_figures, "no figure left open in pyplot"
 
 
