@@ -60,6 +60,7 @@ import numbers
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -570,10 +571,18 @@ class RunFile:
             free = shutil.disk_usage(self.path.parent).free
             if free < needed:
                 raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free on its disk, below the {needed / 2**20:.0f} MiB that writing it asks for: a copy of the file and {SPARE_SPACE // 2**20} MiB to spare")
+            largest = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # the shell's ulimit -f
+            if largest != resource.RLIM_INFINITY and largest < needed:
+                raise OSError(errno.EFBIG, f"the limit on the size of a file (ulimit -f) is {largest / 2**20:.1f} MiB, below the {needed / 2**20:.0f} MiB that writing it may reach: the file and {SPARE_SPACE // 2**20} MiB to spare")
             if not create:
                 shutil.copyfile(self.path, partial)
-            with _unraisable_errors_about(partial, failed_writes), h5py.File(partial, "w" if create else "a") as self.file:
-                yield
+            try:
+                with _unraisable_errors_about(partial, failed_writes), h5py.File(partial, "w" if create else "a") as self.file:
+                    yield
+            except RuntimeError as error:  # h5py, as it closes a file whose writes failed (a disk quota, say)
+                if "errno = " not in str(error):
+                    raise
+                failed_writes.append(error)
             self.file = None
             if failed_writes:  # HDF5's message names the system's error, its errno, and much else
                 reason = re.search(r"error message = '([^']*)'", str(failed_writes[0]))
@@ -584,8 +593,9 @@ class RunFile:
         except OSError as error:
             if error.errno is None:  # HDF5's own failures, such as a chunk that fails its checksum
                 raise damaged_run_file(self.path, error) from None
-            raise ValueError(  # no permission, a full or read-only disk
-                f"{self.path}: cannot write the run file ({error}); make the run folder writable or free space,"
+            remedy = "raise the limit on the size of a file (ulimit -f)" if error.errno == errno.EFBIG else "make the run folder writable or free space"
+            raise ValueError(  # no permission, a full or read-only disk, a file-size limit
+                f"{self.path}: cannot write the run file ({error}); {remedy},"
                 " then train again with --resume, which keeps the epochs already written"
             ) from None
         finally:  # after a failure, a copy or half a copy (the space it takes may be what is missing)

@@ -481,6 +481,35 @@ def check_readable(path: Path) -> None:
         raise ValueError(f"{path}: an HDF5 file but not a run file of agrel-sim (it lacks the layout_version and config attributes); move it away or choose another --out")
 
 
+def check_records_readable(path: Path) -> None:
+    """Raise unless every record of the run file ``path`` reads back. Opening a dataset reads
+    none of its data, and HDF5 checks a chunk only as it reads it: a run that went on from a
+    file damaged there would carry the damage into every later copy, and end "complete".
+
+    Parameters
+    ----------
+    path : Path
+        The run file.
+
+    Raises
+    ------
+    ValueError
+        Naming the record that cannot be read (see :func:`~agrel_sim.recorder.damaged_run_file`).
+    """
+    def read(name, item):
+        if isinstance(item, h5py.Dataset) and item.size:
+            reading[0] = f"/{name}"
+            for chunk in item.iter_chunks() if item.chunks else [()]:
+                item[chunk]
+
+    reading = ["its structure"]
+    try:
+        with h5py.File(path, "r") as handle:
+            handle.visititems(read)
+    except DAMAGED_FILE_ERRORS as error:
+        raise damaged_run_file(path, f"cannot read {reading[0]}: {error}") from None
+
+
 def recorded_epochs(path: Path) -> int:
     """How many epochs the run file records (0 for an HDF5 file that records none).
 
@@ -567,8 +596,9 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     ValueError
         For a run that cannot go on with these settings: other settings or a lowered stopping
         criterion, other data, another device, an older run-file layout or checkpoint, a damaged
-        checkpoint, a run with finished epochs whose checkpoint is gone, or a checkpoint whose
-        run file is.
+        checkpoint, a run file with a record that cannot be read (to go on, every record is
+        read: :func:`check_records_readable`), a run with finished epochs whose checkpoint is
+        gone, or a checkpoint whose run file is.
     """
     path, checkpoint = folder / RUN_FILE, folder / CHECKPOINT_FILE
     if not path.exists() and not checkpoint.is_file():
@@ -590,6 +620,7 @@ def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None
     check_same_run(path, config, seed)
     state = load_checkpoint(checkpoint)  # raises for a damaged or an older checkpoint
     check_checkpoint_of_run(path, state)
+    check_records_readable(path)
     return "continue", state
 
 

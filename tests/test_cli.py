@@ -475,6 +475,42 @@ def test_a_full_disk_stops_a_run_between_epochs_and_keeps_the_epochs_written(tmp
         assert handle["epochs"]["epoch"][:].tolist() == [1, 2, 3] and handle.attrs["complete"]
 
 
+def test_a_file_size_limit_below_the_run_files_needs_stops_the_run_with_a_clear_error(tmp_path):
+    # Under `ulimit -f`, HDF5 met the limit as it closed the file: a page of tracebacks, once a
+    # segmentation fault. The limit is found before HDF5 writes.
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    done = subprocess.run([sys.executable, "-m", "agrel_sim", "train", "--max-epochs", "2", "--out", str(tmp_path / "run"), "--quiet"],
+                          preexec_fn=limit, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"agrel-sim: error: {tmp_path / 'run' / 'run.h5'}: cannot write the run file ([Errno 27] the limit on the size of a file (ulimit -f) is 1.0 MiB,"
+        " below the 64 MiB that writing it may reach: the file and 64 MiB to spare); raise the limit on the size of a file (ulimit -f),"
+        " then train again with --resume, which keeps the epochs already written"
+    ]
+
+
+def test_a_write_that_fails_as_hdf5_closes_the_file_is_not_kept(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0
+    close = h5py.File.close
+
+    def close_and_fail(self):
+        failing = self.filename.endswith(".partial") and self.mode == "r+"
+        close(self)
+        if failing:
+            raise RuntimeError("Can't decrement id ref count (unable to extend file properly, errno = 122, error message = 'Disk quota exceeded')")
+
+    finished = (run / "run.h5").read_bytes()
+    monkeypatch.setattr(h5py.File, "close", close_and_fail)
+    assert main(["train", "--max-epochs", "3", "--out", str(run), "--resume", "--quiet"]) == 2
+    assert "run.h5: cannot write the run file ([Errno 5] writing its new copy failed: Disk quota exceeded); make the run folder writable or free space" in capsys.readouterr().err
+    assert not (run / "run.h5.partial").exists() and (run / "run.h5").read_bytes() == finished, "the run file as it was"
+
+
 def test_a_write_that_hdf5_fails_without_raising_is_not_kept(tmp_path, capsys, monkeypatch):
     # h5py meets a failed write (a full disk) as it frees a dataset, where it cannot raise: Python
     # hands the error to sys.unraisablehook, as it does this one.

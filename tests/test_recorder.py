@@ -502,6 +502,21 @@ def test_older_checkpoints_and_run_files_cannot_be_resumed(tmp_path):
         run_experiment(experiment(epochs=2), out=tmp_path, resume=True, log=None)
 
 
+def test_a_run_whose_records_are_damaged_does_not_go_on(tmp_path):
+    # Opening the file reads no record: damage inside a chunk of data is found only by reading
+    # it, and a run that went on would end "complete" with it.
+    run_experiment(experiment(epochs=2), seed=0, out=tmp_path, log=None)
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        chunk = run["layers/layers.0/ff"].id.get_chunk_info(0)
+    with open(tmp_path / "run.h5", "r+b") as handle:
+        handle.seek(chunk.byte_offset + chunk.size // 2)
+        handle.write(bytes(64))
+    damaged = (tmp_path / "run.h5").read_bytes()
+    with pytest.raises(ValueError, match=r"run\.h5: the run file is damaged \(cannot read /layers/layers\.0/ff: .*\); move the run folder away and train the run again"):
+        run_experiment(experiment(epochs=3), seed=0, out=tmp_path, resume=True, log=None)
+    assert (tmp_path / "run.h5").read_bytes() == damaged
+
+
 def test_a_run_file_of_layout_4_resumes_and_records_the_alignment_from_then_on(tmp_path, monkeypatch):
     from agrel_sim.analysis import plot_alignment
 
