@@ -332,7 +332,7 @@ def load_run(path: str | Path) -> Run:
         raise RunFileError(f"{path}: no such run file")
     try:
         if not h5py.is_hdf5(path):
-            raise RunFileError(f"{path}: not an HDF5 file, so not a run file of agrel-sim")
+            raise RunFileError(f"{path}: not an HDF5 file, so not a run file of agrel-sim (an empty or damaged one, or another file of that name); move it out of the folder to analyse the others")
         with h5py.File(path, "r") as handle:
             attrs = dict(handle.attrs)
             if "layout_version" not in attrs:

@@ -1012,7 +1012,7 @@ def test_table_of_an_empty_folder(tmp_path, capsys):
     assert "no run files (run.h5) in this folder or below it" in capsys.readouterr().err
     (tmp_path / "run.h5").write_text("{broken")
     assert main(["table", str(tmp_path)]) == 2
-    assert "run.h5: not an HDF5 file, so not a run file of agrel-sim" in capsys.readouterr().err
+    assert "run.h5: not an HDF5 file, so not a run file of agrel-sim (an empty or damaged one, or another file of that name); move it out of the folder to analyse the others" in capsys.readouterr().err
 
 
 def test_a_row_never_mixes_runs_on_two_copies_of_the_data(tmp_path, monkeypatch, capsys):
