@@ -885,7 +885,7 @@ LABELS = {"deepagrel": "DeepAGREL: reward probability", "ebp": "EBP: 1 − train
 FIGURE3_COLUMNS = 4  # panels in a line of Figure 3: the whole Table 1 (22 rows) in 6 lines
 
 
-def plot_reward_curves(runs: list[Run], path: Path) -> Path:
+def plot_reward_curves(runs: list[Run], path: str | Path | None = None):
     """Figure 3 (:func:`reward_curves`): reward probability per epoch, mean ± 2σ over runs, per
     rule; a panel per Table 1 row, :data:`FIGURE3_COLUMNS` panels a line. The legend says how
     many runs the first and the last epoch average; no band is drawn where fewer than 2 runs
@@ -895,13 +895,14 @@ def plot_reward_curves(runs: list[Run], path: Path) -> Path:
     ----------
     runs : list of Run
         The runs, as :func:`reward_curves` takes them (:func:`figure3_runs` picks them).
-    path : str or Path
-        The image file to write, its format named by its suffix; missing folders are made.
+    path : str or Path or None
+        The image file to write, its format named by its suffix; missing folders are made; ``None`` (default):
+        write nothing and return the Figure, to show (in a notebook) or to change.
 
     Returns
     -------
-    Path
-        The file written.
+    Path or matplotlib.figure.Figure
+        The file written, or, where ``path`` is None, the Figure.
 
     Raises
     ------
@@ -943,7 +944,7 @@ def _run_counts(runs: np.ndarray) -> str:
     return f"n={first}" if first == last else f"n={first} at epoch 1, {last} at epoch {len(runs)}"
 
 
-def plot_gating(run: Run, path: Path) -> Path:
+def plot_gating(run: Run, path: str | Path | None = None):
     """Fraction of open gates and mean |fb| per hidden layer, and fraction of synapses changed
     per layer, the output's too, over epochs.
 
@@ -955,13 +956,14 @@ def plot_gating(run: Run, path: Path) -> Path:
     ----------
     run : Run
         A loaded run.
-    path : str or Path
-        The image file to write; missing folders are made.
+    path : str or Path or None
+        The image file to write; missing folders are made; ``None`` (default):
+        write nothing and return the Figure, to show (in a notebook) or to change.
 
     Returns
     -------
-    Path
-        The file written.
+    Path or matplotlib.figure.Figure
+        The file written, or, where ``path`` is None, the Figure.
 
     Raises
     ------
@@ -998,7 +1000,7 @@ def _empty_gating_panel(run: Run, names: list[str]) -> str:
     return "no feedback (EBP)"  # the one record that holds only NaN where there are epochs and layers
 
 
-def plot_alignment(run: Run, path: Path) -> Path:
+def plot_alignment(run: Run, path: str | Path | None = None):
     """Per layer with weights, the cosine similarity of its feedback and feedforward weights over epochs.
 
     Drawn from :meth:`Run.alignment`, from epoch 0, the weights the run started with:
@@ -1010,13 +1012,14 @@ def plot_alignment(run: Run, path: Path) -> Path:
     ----------
     run : Run
         A loaded run.
-    path : str or Path
-        The image file to write; missing folders are made.
+    path : str or Path or None
+        The image file to write; missing folders are made; ``None`` (default):
+        write nothing and return the Figure, to show (in a notebook) or to change.
 
     Returns
     -------
-    Path
-        The file written.
+    Path or matplotlib.figure.Figure
+        The file written, or, where ``path`` is None, the Figure.
 
     Raises
     ------
@@ -1050,7 +1053,7 @@ def _empty_alignment_panel(run: Run, alignment: dict | None) -> str:
     return "no feedback weights (EBP)" if run.rule == "ebp" else "no finite alignment (the run diverged)"
 
 
-def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
+def plot_rpe_distribution(run: Run, path: str | Path | None = None, bins: int = 40):
     """Histogram of the RPE δ of logged trials in the first, middle and last thirds of training
     (its epochs split as evenly as they go; a run of 1 or 2 epochs has 1 or 2 parts),
     over the range of every finite δ logged.
@@ -1059,15 +1062,16 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
     ----------
     run : Run
         A loaded run.
-    path : str or Path
-        The image file to write; missing folders are made.
+    path : str or Path or None
+        The image file to write; missing folders are made; ``None`` (default):
+        write nothing and return the Figure, to show (in a notebook) or to change.
     bins : int
         How many histogram bins span that range (40 by default).
 
     Returns
     -------
-    Path
-        The file written.
+    Path or matplotlib.figure.Figure
+        The file written, or, where ``path`` is None, the Figure.
 
     Raises
     ------
@@ -1099,7 +1103,7 @@ def plot_rpe_distribution(run: Run, path: Path, bins: int = 40) -> Path:
     return _save(fig, path)
 
 
-def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
+def plot_activity_maps(run: Run, path: str | Path | None = None, trials: int = 4):
     """ff activity, fb activity and gate of the sampled units of each layer, for the last logged
     trials; a dropout layer's row (named so) shows the columns of the layer below it as learning
     saw them, the dropped ones silent.
@@ -1108,15 +1112,16 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     ----------
     run : Run
         A loaded run.
-    path : str or Path
-        The image file to write; missing folders are made.
+    path : str or Path or None
+        The image file to write; missing folders are made; ``None`` (default):
+        write nothing and return the Figure, to show (in a notebook) or to change.
     trials : int
         How many of the last logged trials to draw, one row each, at least 1 (4 by default).
 
     Returns
     -------
-    Path
-        The file written.
+    Path or matplotlib.figure.Figure
+        The file written, or, where ``path`` is None, the Figure.
 
     Raises
     ------
@@ -1155,7 +1160,7 @@ def plot_activity_maps(run: Run, path: Path, trials: int = 4) -> Path:
     return _save(fig, path)
 
 
-def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6) -> Path:
+def plot_trial_timecourse(run: Run, path: str | Path | None = None, index: int = -1, units: int = 6):
     """One traced trial unfolding in time (Brian2 backend), its phases shaded.
 
     Per population above the input (whose ff activity is the image, clamped through the
@@ -1169,8 +1174,9 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
     ----------
     run : Run
         A run with time courses (Brian2 backend, ``trace_every`` > 0).
-    path : Path
-        The image file to write; its suffix names the format (``.png``, ``.pdf``, ``.svg``).
+    path : str or Path or None
+        The image file to write; its suffix names the format (``.png``, ``.pdf``, ``.svg``); ``None`` (default):
+        write nothing and return the Figure, to show (in a notebook) or to change.
     index : int
         Which traced trial (:meth:`Run.timecourse`): 0 the first, -1 (default) the last.
     units : int
@@ -1178,8 +1184,8 @@ def plot_trial_timecourse(run: Run, path: Path, index: int = -1, units: int = 6)
 
     Returns
     -------
-    Path
-        The file written.
+    Path or matplotlib.figure.Figure
+        The file written, or, where ``path`` is None, the Figure.
 
     Raises
     ------
@@ -1243,7 +1249,10 @@ def _most_varying_columns(activity: np.ndarray, count: int, keep: int | None = N
     return sorted(([] if keep is None else [keep]) + others[: count - (keep is not None)])
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: str | Path | None):
+    """Write ``fig`` to ``path`` and return the path; return ``fig`` itself where ``path`` is None."""
+    if path is None:
+        return fig
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

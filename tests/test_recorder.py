@@ -815,6 +815,20 @@ def test_figures_leave_the_callers_matplotlib_backend_and_pyplot_alone(finished_
     assert plt.get_fignums() == open_figures, "no figure left open in pyplot"
 
 
+def test_without_a_path_the_figures_are_returned_not_written(finished_runs, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from agrel_sim import analysis
+
+    monkeypatch.chdir(tmp_path)
+    run = load_run(finished_runs / "deepagrel" / "seed0" / "run.h5")
+    figures = [analysis.plot_reward_curves(load_runs(finished_runs)), analysis.plot_gating(run), analysis.plot_alignment(run),
+               analysis.plot_rpe_distribution(run, bins=10), analysis.plot_activity_maps(run, trials=2)]
+    assert all(isinstance(figure, Figure) and figure.axes for figure in figures)
+    assert [ax.get_title() for ax in figures[1].axes] == ["fraction of open gates", "mean |feedback|", "fraction of synapses changed per batch"]
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
 def test_activity_maps_share_one_scale_for_gates_and_centre_feedback_on_zero(finished_runs, tmp_path, monkeypatch):
     from agrel_sim import analysis
 
