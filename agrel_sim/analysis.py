@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from agrel_sim.config import is_count, shown
-from agrel_sim.recorder import EPOCH_FIELDS, config_problem, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, parse_sessions, records_that_disagree
+from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, config_problem, parse_sessions, records_that_disagree
 from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
 from agrel_sim.table import is_diverged, row_key
 
@@ -1040,7 +1040,7 @@ def plot_alignment(run: Run, path: str | Path | None = None):
         ax.text(0.5, 0.5, _empty_alignment_panel(run, alignment), ha="center", transform=ax.transAxes)
         ax.set(xticks=[], yticks=[])
     feedback = "EBP" if run.rule == "ebp" else f"{run.config['model']['rule'].get('feedback', 'tied')} feedback"
-    fig.suptitle(f"Feedback aligned with feedforward weights: {run.config['experiment']} seed {run.seed} ({feedback})", fontsize=10)
+    fig.suptitle(f"Feedback aligned with feedforward weights:\n{run.config['experiment']} seed {run.seed} ({feedback})", fontsize=10)
     return _save(fig, path)
 
 
@@ -1048,8 +1048,8 @@ def _empty_alignment_panel(run: Run, alignment: dict | None) -> str:
     """Why :func:`plot_alignment` draws no line."""
     if alignment is None:
         return "not recorded (a run file of layout 4 or older)"
-    if not len(alignment["epoch"]):
-        return "no epoch recorded"
+    if not len(alignment["epoch"]):  # a new file has the row of epoch 0: this one was of layout 4
+        return "not recorded before the run file's resume from layout 4,\nand no epoch finished since"
     return "no feedback weights (EBP)" if run.rule == "ebp" else "no finite alignment (the run diverged)"
 
 

@@ -258,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     figure3.add_argument("--out", type=_given, help="image path (default RUNS/figure3.png; the suffix names the format: .png, .pdf, .svg)")
     figure3.set_defaults(handler=_figure3)
 
-    analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, RPE distribution, activity maps, and one traced trial of Brian2 runs.")
+    analyze_cmd = commands.add_parser("analyze", help="summarise runs and draw their figures", description="Print a summary of a run file (or of every run under a folder) and write PNG figures: reward curves, gating per layer over epochs, the alignment of feedback with feedforward weights, RPE distribution, activity maps, and one traced trial of Brian2 runs.")
     analyze_cmd.add_argument("path", metavar="RUN_OR_DIR", type=_given, help="a run file (run.h5) or a folder of runs")
     analyze_cmd.add_argument("--out", type=_given, help="folder for the figures (default RUN_OR_DIR/analysis, or analysis beside a run file)")
     analyze_cmd.add_argument("--trial", type=int, metavar="N", help="which traced trial of a Brian2 run to draw, in the order they ran: 0 the first, -1 the last (default)")

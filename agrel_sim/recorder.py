@@ -528,7 +528,7 @@ class RunFile:
         model = net.description.to_dict()
         if json.loads(json.dumps(config.get("model", model))) != json.loads(json.dumps(model)):
             raise ValueError("config: its model is not the description the network was built from; leave it out (the network's is stored) or give net.description.to_dict()")
-        config = {**config, "model": model}
+        config = {**config, "model": model, "backend": net.backend}
         problem = config_problem(config)
         if problem:
             raise ValueError(f"config: it {problem}, which the analyses read; give at least experiment and dataset (names), or make it with agrel_sim.runs.run_config")
@@ -580,6 +580,8 @@ class RunFile:
                 with _unraisable_errors_about(partial, failed_writes), h5py.File(partial, "w" if create else "a") as self.file:
                     yield
             except RuntimeError as error:  # h5py, as it closes a file whose writes failed (a disk quota, say)
+                if error.__context__ is not None:  # the edit itself failed first: its error, not the close's
+                    raise error.__context__ from None
                 if "errno = " not in str(error):
                     raise
                 failed_writes.append(error)

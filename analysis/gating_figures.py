@@ -2,8 +2,9 @@
 
     python analysis/gating_figures.py RUNS [--out FOLDER] [--trial N]
 
-Gates, feedback and plasticity per layer over training, the RPE distribution, activity maps of
-sampled trials and, for Brian2 runs, one trial in time; gating on rewarded against unrewarded
+Gates, feedback and plasticity per layer over training, the alignment of feedback with
+feedforward weights, the RPE distribution, activity maps of sampled trials and, for Brian2
+runs, one trial in time; gating on rewarded against unrewarded
 trials printed. Each run's figures go into the subfolder of FOLDER (default RUNS/analysis) that
 lies where the run's folder lies under RUNS.
 """

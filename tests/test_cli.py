@@ -510,6 +510,13 @@ def test_a_write_that_fails_as_hdf5_closes_the_file_is_not_kept(tmp_path, capsys
     assert "run.h5: cannot write the run file ([Errno 5] writing its new copy failed: Disk quota exceeded); make the run folder writable or free space" in capsys.readouterr().err
     assert not (run / "run.h5.partial").exists() and (run / "run.h5").read_bytes() == finished, "the run file as it was"
 
+    def edit_and_fail(self, *args):
+        raise ValueError("the edit's own error")
+
+    monkeypatch.setattr(recorder.RunFile, "_check_records", edit_and_fail)  # the edit fails first: its error is the one named
+    assert main(["train", "--max-epochs", "3", "--out", str(run), "--resume", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().endswith("the edit's own error")
+
 
 def test_a_write_that_hdf5_fails_without_raising_is_not_kept(tmp_path, capsys, monkeypatch):
     # h5py meets a failed write (a full disk) as it frees a dataset, where it cannot raise: Python

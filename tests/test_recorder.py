@@ -1854,6 +1854,9 @@ def test_a_configuration_made_in_python_gets_the_networks_model_and_must_hold_wh
     RunFile(tmp_path / "run.h5", net, {"experiment": "tiny", "dataset": "none"}, 0)
     with pytest.warns(IncompleteRunWarning):
         assert load_run(tmp_path / "run.h5").config["model"] == json.loads(json.dumps(description.to_dict())), "the analyses read it"
+    RunFile(tmp_path / "brian2.h5", build(description, backend="brian2"), {"experiment": "tiny", "dataset": "none"}, 0)
+    with pytest.warns(IncompleteRunWarning):
+        assert load_run(tmp_path / "brian2.h5").config["backend"] == "brian2", "a configuration without one would read as torch's"
     for config, message in (
         ({"experiment": "tiny"}, r"config: it lacks dataset \(or holds another kind of value\), which the analyses read; give at least experiment and dataset"),
         ({"dataset": "none", "model": description.to_dict()}, r"config: it lacks experiment "),

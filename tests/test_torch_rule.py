@@ -82,7 +82,9 @@ def test_four_factor_update_equals_alpha_delta_gradient_of_q_s(device, kind, bia
 
 
 def feedback_angle(layer):
-    return math.degrees(math.acos(min(1.0, feedback_alignment(layer.ff, layer.fb))))
+    cosine = feedback_alignment(layer.ff, layer.fb)
+    assert math.isfinite(cosine), layer.name
+    return math.degrees(math.acos(min(1.0, cosine)))
 
 
 def test_independent_feedback_with_weight_decay_aligns_with_ff():
