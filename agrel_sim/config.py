@@ -338,15 +338,15 @@ class Fields:
     def name(self, key: str) -> str:
         """The dotted name of ``key`` in the file, as messages give it (``layers[2].kernel_size``).
 
-    Parameters
-    ----------
-    key : str
-        A key of this table.
+        Parameters
+        ----------
+        key : str
+            A key of this table.
 
-    Returns
-    -------
-    str
-    """
+        Returns
+        -------
+        str
+        """
         return f"{self.where}.{key}" if self.where else key
 
     def _misspelt(self, key: str) -> str:
@@ -357,17 +357,17 @@ class Fields:
     def error(self, key: str, problem: str) -> ConfigError:
         """A :class:`ConfigError` naming the file and the field ``key``, saying ``problem``; the caller raises it.
 
-    Parameters
-    ----------
-    key : str
-        A key of this table.
-    problem : str
-        What is wrong with it, and what to do.
+        Parameters
+        ----------
+        key : str
+            A key of this table.
+        problem : str
+            What is wrong with it, and what to do.
 
-    Returns
-    -------
-    ConfigError
-    """
+        Returns
+        -------
+        ConfigError
+        """
         return ConfigError(f"{self.source}: {self.name(key)}: {problem}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., check=None, hint: str = ""):

@@ -285,6 +285,14 @@ class Rule:
     weight_decay: float = 0.0
 
 
+def _check_fields(where: str, changes: dict, instance) -> None:
+    """Raise ConfigError for a key of ``changes`` that is no field of the dataclass ``instance``."""
+    names = [field.name for field in dataclasses.fields(instance)]
+    unknown = [key for key in changes if key not in names]
+    if unknown:
+        raise ConfigError(f"{where}: {unknown[0]!r} is no field of {type(instance).__name__}; its fields are: {', '.join(names)}")
+
+
 @dataclass(frozen=True)
 class ColumnNetwork:
     """A network of cortical columns, described independently of any backend.
@@ -374,11 +382,19 @@ class ColumnNetwork:
         Returns
         -------
         ColumnNetwork
+
+        Raises
+        ------
+        ConfigError
+            For a field that the description (or its table) does not have, naming the fields it
+            has, or a value that the new description's checks refuse.
         """
+        _check_fields("replace", changes, self)
         if self.source != PYTHON:  # messages name where a value came from: not the file alone, when it is one of these
             changes.setdefault("source", f"{self.source} changed by replace({', '.join(changes)})")
         for key in ("action_selection", "neuromodulator", "rule"):
             if isinstance(changes.get(key), dict):
+                _check_fields(f"replace: {key}", changes[key], getattr(self, key))
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         return dataclasses.replace(self, **changes)
 

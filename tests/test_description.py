@@ -250,6 +250,10 @@ def test_a_value_set_by_replace_is_not_blamed_on_the_file():
     with pytest.raises(ConfigError, match=r"models/mnist_fc3\.toml changed by replace\(rule\): rule\.learning_rate: expected a number > 0, got -1"):
         load_model("mnist_fc3").replace(rule=dict(learning_rate=-1))
     assert load_model("mnist_fc3").replace(name="other") == load_model("mnist_fc3").replace(name="other", source="elsewhere")
+    with pytest.raises(ConfigError, match=r"replace: rule: 'lr' is no field of Rule; its fields are: name, learning_rate, bias, init_range, feedback, weight_decay"):
+        load_model("mnist_fc3").replace(rule=dict(lr=0.1))
+    with pytest.raises(ConfigError, match=r"replace: 'actions' is no field of ColumnNetwork; its fields are: input_shape, layers, n_actions, .*source"):
+        load_model("mnist_fc3").replace(actions=3)
 
 
 def test_a_kernel_may_cover_its_whole_padded_input():
