@@ -496,18 +496,20 @@ def check_records_readable(path: Path) -> None:
     ValueError
         Naming the record that cannot be read (see :func:`~agrel_sim.recorder.damaged_run_file`).
     """
+    reading = "its structure"
+
     def read(name, item):
+        nonlocal reading
         if isinstance(item, h5py.Dataset) and item.size:
-            reading[0] = f"/{name}"
+            reading = f"/{name}"
             for chunk in item.iter_chunks() if item.chunks else [()]:
                 item[chunk]
 
-    reading = ["its structure"]
     try:
         with h5py.File(path, "r") as handle:
             handle.visititems(read)
     except DAMAGED_FILE_ERRORS as error:
-        raise damaged_run_file(path, f"cannot read {reading[0]}: {error}") from None
+        raise damaged_run_file(path, f"cannot read {reading}: {error}") from None
 
 
 def recorded_epochs(path: Path) -> int:
