@@ -42,6 +42,28 @@ def write(tmp_path, text, name="net.toml"):
     return path
 
 
+def test_the_package_names_training_and_analysis_and_imports_them_when_first_used():
+    """``import agrel_sim`` stays quick (no torch, no h5py) for describing networks; the names of
+    training, data, recording and analysis are the objects of their modules."""
+    import importlib
+    import subprocess
+    import sys
+
+    import agrel_sim
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, agrel_sim; print(sorted({'torch', 'h5py', 'brian2'} & set(sys.modules)))"],
+        capture_output=True, text=True, check=True,
+    )
+    assert loaded.stdout == "[]\n"
+    lazy = agrel_sim._LAZY
+    assert set(lazy) <= set(agrel_sim.__all__) and set(lazy) <= set(dir(agrel_sim))
+    for name, module in lazy.items():
+        assert getattr(agrel_sim, name) is getattr(importlib.import_module(module), name), name
+    with pytest.raises(AttributeError, match="module 'agrel_sim' has no attribute 'trian'"):
+        agrel_sim.trian
+
+
 def test_toml_round_trip(tmp_path):
     network = ColumnNetwork.from_toml(write(tmp_path, GOOD))
     assert network.layer_shapes() == [(1, 8, 8), (4, 3, 3), (4, 3, 3), (16,), (10,)]
