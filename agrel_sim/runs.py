@@ -742,7 +742,8 @@ def run_experiment(
     ValueError
         For a bad seed, dtype or device, data that are missing or do not fit the model, a run
         folder in use by another process, a run file in ``out`` without ``resume``, or a run
-        that cannot go on (see :func:`resume_plan`).
+        that cannot go on (see :func:`resume_plan`). The messages are those of ``agrel-sim
+        train``: the ``--out`` and ``--resume`` they name are ``out`` and ``resume`` here.
     """
     check_instance("experiment", experiment, Experiment)
     logging = experiment.logging if logging is None else logging
