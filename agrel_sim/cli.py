@@ -230,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_integer_from(0, MAX_SEED), default=0, help=f"seed of the run, 0 to {MAX_SEED} (default 0)")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    train.add_argument("--rule", choices=["deepagrel", "ebp"], help="run the experiment with this rule, at its learning rate; the run is named <experiment>_as_<rule>")
+    train.add_argument("--rule", choices=["deepagrel", "ebp"], help="run the experiment with this rule, at its learning rate; with the other rule than the experiment's, the run is named <experiment>_as_<rule>")
     train.add_argument("--max-epochs", type=_integer_from(1), help="override the experiment's training.max_epochs (a short trial run)")
     train.add_argument("--patience", type=_integer_from(1), help="override the experiment's training.patience (epochs without a better validation accuracy before stopping)")
     train.add_argument("--out", type=_given, help="run folder for the result (default runs/<experiment>/seed<N>)")

@@ -570,10 +570,10 @@ class RunFile:
             needed = (0 if create else self.path.stat().st_size) + SPARE_SPACE
             free = shutil.disk_usage(self.path.parent).free
             if free < needed:
-                raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free on its disk, below the {needed / 2**20:.0f} MiB that writing it asks for: a copy of the file and {SPARE_SPACE // 2**20} MiB to spare")
+                raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free on its disk, below the {needed / 2**20:.1f} MiB that writing it asks for: a copy of the file and {SPARE_SPACE // 2**20} MiB to spare")
             largest = resource.getrlimit(resource.RLIMIT_FSIZE)[0]  # the shell's ulimit -f
             if largest != resource.RLIM_INFINITY and largest < needed:
-                raise OSError(errno.EFBIG, f"the limit on the size of a file (ulimit -f) is {largest / 2**20:.1f} MiB, below the {needed / 2**20:.0f} MiB that writing it may reach: the file and {SPARE_SPACE // 2**20} MiB to spare")
+                raise OSError(errno.EFBIG, f"the limit on the size of a file (ulimit -f) is {largest / 2**20:.1f} MiB, below the {needed / 2**20:.1f} MiB that writing it may reach: the file and {SPARE_SPACE // 2**20} MiB to spare")
             if not create:
                 shutil.copyfile(self.path, partial)
             try:

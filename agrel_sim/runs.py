@@ -679,12 +679,12 @@ def check_checkpoint_of_run(path: Path, state: dict) -> None:
     if len(recorded["epoch"]) < len(history):
         raise ValueError(f"{path}: records {len(recorded['epoch'])} epochs, but its checkpoint {CHECKPOINT_FILE} has finished {len(history)}; {fix}")
     for row, metrics in enumerate(history):
-        stored = (recorded["epoch"][row], recorded["validation_accuracy"][row], recorded["train_loss"][row])
-        if not np.array_equal(stored, (metrics["epoch"], metrics["validation_accuracy"], metrics["train_loss"]), equal_nan=True):
-            raise ValueError(
-                f"{path}: epoch {metrics['epoch']} of its checkpoint {CHECKPOINT_FILE} (validation accuracy {metrics['validation_accuracy']:.4f})"
-                f" is not the one it records (validation accuracy {stored[1]:.4f}): the two are of different runs; {fix}"
-            )
+        for name, recorded_values in recorded.items():
+            if not np.array_equal(recorded_values[row], metrics[name], equal_nan=True):
+                raise ValueError(
+                    f"{path}: epoch {metrics['epoch']} of its checkpoint {CHECKPOINT_FILE} ({name} {metrics[name]!r})"
+                    f" is not the one it records ({name} {recorded_values[row].item()!r} in row {row}): the two are of different runs; {fix}"
+                )
 
 
 def run_experiment(

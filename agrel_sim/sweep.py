@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from agrel_sim.backends import check_device
 from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_folder_name, read_toml, shown
-from agrel_sim.datasets import find_data
+from agrel_sim.datasets import DatasetError, find_data
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
 from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result, threads_of_epoch
@@ -473,8 +473,8 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     ValueError
         Before any run, for bad arguments, an output folder that is not one, a bad ``[slurm]``
         table, a sweep that cannot go on (see :func:`plan`) or, but with the slurm executor, the
-        files of a data set that a run to do needs not found (a :class:`~agrel_sim.datasets.DatasetError`
-        listing the paths searched); while submitting, when SLURM refuses the jobs.
+        files of the data sets that the runs to do need not found (a :class:`~agrel_sim.datasets.DatasetError`
+        listing, for each data set missing, the paths searched); while submitting, when SLURM refuses the jobs.
     KeyboardInterrupt
         On Ctrl-C, once the local runs in progress have been ended (their finished epochs are
         kept) and none other started.
@@ -495,8 +495,14 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     with _sweep_lock(out):  # before the runs are looked at: another sweep's may be going on
         tasks, finished = plan(sweep, out, device, data_dir, threads)
         if executor != "slurm":  # found here once, not by every run; a cluster's data folder need not be on this machine
+            missing = []
             for dataset in sorted({load_experiment(task.experiment_path).dataset for task in tasks}):
-                find_data(dataset, data_dir)
+                try:
+                    find_data(dataset, data_dir)
+                except DatasetError as error:
+                    missing.append(str(error))
+            if missing:  # all of them, so that one look at the message finds every data set to fetch
+                raise DatasetError("\n\n".join(missing))
         going_on = sum(is_complete(Path(task.folder)) for task in tasks)  # their patience or max_epochs raised since
         again = f" ({going_on} of them finished runs that go on: until they end again, table lists them as incomplete)" if going_on else ""
         log(f"sweep {sweep.name}: {len(finished)} runs already finished, {len(tasks)} to run{again}, executor {executor}, out {out}")

@@ -458,7 +458,13 @@ def test_a_checkpoint_goes_on_only_with_the_run_file_of_its_run(tmp_path, capsys
 
     shutil.copy(other / "checkpoint.pt", older / "checkpoint.pt")  # seed 1's, beside seed 0's run file
     assert main(["train", "--max-epochs", "6", "--out", str(older), "--resume", "--quiet"]) == 2
-    assert re.search(rf"run\.h5: epoch 1 of its checkpoint checkpoint\.pt \(validation accuracy 0\.\d+\) is not the one it records \(validation accuracy 0\.\d+\): the two are of different runs; {fix}", capsys.readouterr().err)
+    assert re.search(rf"run\.h5: epoch 1 of its checkpoint checkpoint\.pt \(validation_accuracy 0\.\d+\) is not the one it records \(validation_accuracy 0\.\d+ in row 0\): the two are of different runs; {fix}", capsys.readouterr().err)
+
+    with h5py.File(other / "run.h5", "a") as handle:  # the same validation accuracies, another loss: the field that differs is named
+        loss = handle["epochs/train_loss"][1].item()
+        handle["epochs/train_loss"][1] = 0.5
+    assert main(["train", "--max-epochs", "6", "--seed", "1", "--out", str(other), "--resume", "--quiet"]) == 2
+    assert f"run.h5: epoch 2 of its checkpoint checkpoint.pt (train_loss {loss!r}) is not the one it records (train_loss 0.5 in row 1)" in capsys.readouterr().err
 
 
 def test_a_full_disk_stops_a_run_between_epochs_and_keeps_the_epochs_written(tmp_path, capsys, monkeypatch):
@@ -467,7 +473,7 @@ def test_a_full_disk_stops_a_run_between_epochs_and_keeps_the_epochs_written(tmp
     usage = shutil.disk_usage(run)
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage._replace(free=recorder.SPARE_SPACE))
     assert main(["train", "--max-epochs", "3", "--out", str(run), "--resume", "--quiet"]) == 2
-    assert re.search(r"run\.h5: cannot write the run file \(\[Errno 28\] 64\.0 MiB free on its disk, below the \d+ MiB that writing it asks for: a copy of the file and 64 MiB to spare\); make the run folder writable or free space, then train again with --resume", capsys.readouterr().err)
+    assert re.search(r"run\.h5: cannot write the run file \(\[Errno 28\] 64\.0 MiB free on its disk, below the 64\.[1-9] MiB that writing it asks for: a copy of the file and 64 MiB to spare\); make the run folder writable or free space, then train again with --resume", capsys.readouterr().err)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "run.h5", "run.lock"]
     monkeypatch.undo()
     assert main(["train", "--max-epochs", "3", "--out", str(run), "--resume", "--quiet"]) == 0
@@ -488,7 +494,7 @@ def test_a_file_size_limit_below_the_run_files_needs_stops_the_run_with_a_clear_
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"agrel-sim: error: {tmp_path / 'run' / 'run.h5'}: cannot write the run file ([Errno 27] the limit on the size of a file (ulimit -f) is 1.0 MiB,"
-        " below the 64 MiB that writing it may reach: the file and 64 MiB to spare); raise the limit on the size of a file (ulimit -f),"
+        " below the 64.0 MiB that writing it may reach: the file and 64 MiB to spare); raise the limit on the size of a file (ulimit -f),"
         " then train again with --resume, which keeps the epochs already written"
     ]
 

@@ -241,6 +241,11 @@ def test_a_sweep_whose_data_are_not_found_stops_before_any_run(sweep_file, tmp_p
     assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data"), "--executor", executor]) == 2
     assert re.search(rf"MNIST not found\. Searched:\n  {re.escape(str(tmp_path / 'no-data'))}/MNIST/raw\n", capsys.readouterr().err), "the sweep's --data-dir"
     assert not (tmp_path / "runs").exists(), "not even the runs that need no files"
+    # Every data set missing is named at once, not one per attempt.
+    (tmp_path / "tiny_deepagrel.toml").write_text(experiment("deepagrel").replace('dataset = "digits"', 'dataset = "cifar10"').replace('"tiny.toml"', '"cifar10_conv3"'))
+    assert main(["sweep", str(sweep_file), "--data-dir", str(tmp_path / "no-data"), "--executor", executor]) == 2
+    error = capsys.readouterr().err
+    assert "CIFAR10 not found. Searched:" in error and "MNIST not found. Searched:" in error
 
 
 def test_ctrl_c_ends_a_sweep_and_its_runs_keep_every_finished_epoch(sweep_file, tmp_path, python_sigint):
