@@ -8,6 +8,7 @@ entry or a value of the wrong type stops the run before any training with a mess
 from __future__ import annotations
 
 import codecs
+import contextlib
 import difflib
 import math
 import numbers
@@ -17,6 +18,8 @@ import tomllib
 import unicodedata
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 
 class ConfigError(ValueError):
@@ -220,6 +223,74 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     except RecursionError:  # tomllib reads nested arrays and tables recursively
         raise ConfigError(f"{path}: cannot be read: its arrays or tables are nested too deeply (hundreds of levels); agrel-sim's files need a few") from None
+
+
+def _check_writable_as_toml(value, key: str) -> None:
+    """Raise ConfigError, naming ``key``, for a value that TOML cannot hold."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_writable_as_toml(item, f"{key}.{name}" if key else name)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_writable_as_toml(item, f"{key}[{index}]")
+    elif not isinstance(value, (str, bool, int, float)):
+        raise ConfigError(
+            f"{key}: {value!r} ({type(value).__name__}) cannot be written to a TOML file, which holds numbers, strings,"
+            " true/false, lists and tables; give it as one of them (a Brian2 duration as a number of milliseconds)"
+        )
+
+
+def write_toml(path: str | os.PathLike, table: dict, writer: str, overwrite: bool = False) -> Path:
+    """Write ``table`` as the TOML file ``path``, which :func:`read_toml` reads back as ``table``
+    (tuples as lists), under a first comment line naming ``writer``.
+
+    The file is written beside ``path`` and renamed over it: a failed write leaves whatever was
+    there, and a link at ``path`` is replaced, never written through.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; its name must end in ``.toml``.
+    table : dict
+        Plain data: numbers, strings, booleans, lists and dicts.
+    writer : str
+        What wrote the file, for its first line (``"ColumnNetwork.to_toml"``).
+    overwrite : bool
+        Replace an existing file; False (default): an existing file is an error.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the path, for a name that does not end in ``.toml``, an existing file without
+        ``overwrite``, or a value that TOML cannot hold (naming its key).
+    OSError
+        Where the file cannot be written.
+    """
+    path = Path(path)
+    if path.suffix != ".toml":
+        raise ConfigError(f"{path}: not a path for a TOML file: its name does not end in .toml, as agrel-sim's model and experiment files do; give one that does")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the path of a .toml file")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path}: exists already; give another path, or pass overwrite=True to replace it")
+    try:
+        _check_writable_as_toml(table, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    text = f"# Written by agrel_sim's {writer}.\n" + tomli_w.dumps(table)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+    return path
 
 
 def _named_instead(path: Path, kind: str, env_var: str, what: str) -> str:

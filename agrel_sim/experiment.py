@@ -28,6 +28,8 @@ An experiment file in ``experiments/`` looks like::
     every_batches = 50
 
     [backend_options]             # optional: the backend's own settings (see its build())
+
+:meth:`Experiment.to_toml` writes such a file, its model inline.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from agrel_sim.augmentation import Augmentation
 from agrel_sim.backends import BACKENDS, check_backend
-from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_folder_name, read_toml
+from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_folder_name, read_toml, write_toml
 from agrel_sim.datasets import EMBEDDED_TRAIN_SIZES, LOADERS, SHAPES
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
@@ -167,6 +169,52 @@ class Experiment:
         logging = _log_settings(top.sub("logging"))
         top.finish()
         return cls(name, model, dataset, training, source, backend, backend_options, logging)
+
+    def to_dict(self) -> dict:
+        """The experiment as plain data, in the layout of the experiment files, its model as an
+        inline ``[model]`` table (the rule included): what :meth:`from_dict` reads back as an
+        equal experiment.
+
+        Returns
+        -------
+        dict
+            ``name``, ``model``, ``dataset``, ``backend``, ``training`` (with ``augmentation``
+            where there is one), ``logging`` and, where given, ``backend_options``.
+        """
+        training = dataclasses.asdict(self.training)
+        if self.training.augmentation is None:
+            del training["augmentation"]
+        table = {
+            "name": self.name, "model": self.model.to_dict(), "dataset": self.dataset, "backend": self.backend,
+            "training": training, "logging": dataclasses.asdict(self.logging),
+        }
+        return {**table, "backend_options": dict(self.backend_options)} if self.backend_options else table
+
+    def to_toml(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the experiment as an experiment file, its model inline, for ``agrel-sim train
+        PATH`` and sweep files; :meth:`from_toml` reads it back as an equal experiment (but for
+        its ``source``).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The ``.toml`` file to write (put it in ``experiments/`` to run it by name).
+        overwrite : bool
+            Replace an existing file; False (default): an existing file is an error.
+
+        Returns
+        -------
+        Path
+            ``path``.
+
+        Raises
+        ------
+        ConfigError
+            For a name that does not end in ``.toml``, an existing file without ``overwrite``,
+            or a backend option that TOML cannot hold (such as a Brian2 quantity: give durations
+            as numbers of milliseconds).
+        """
+        return write_toml(path, self.to_dict(), "Experiment.to_toml", overwrite)
 
     def with_rule(self, rule: str) -> "Experiment":
         """The same experiment, learning rate included, with another rule, named ``<name>_as_<rule>``.

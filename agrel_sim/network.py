@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_fraction, is_number, read_toml, shown
+from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_fraction, is_number, read_toml, shown, write_toml
 
 FEEDBACK_MODES = ("tied", "reciprocal", "independent")
 RULES = ("deepagrel", "ebp")
@@ -415,6 +415,29 @@ class ColumnNetwork:
             "neuromodulator": dataclasses.asdict(self.neuromodulator),
             "rule": dataclasses.asdict(self.rule),
         }
+
+    def to_toml(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the description as a model file, which :meth:`from_toml` and
+        :func:`load_model` read back as an equal description.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The ``.toml`` file to write (put it in ``models/`` to load it by name).
+        overwrite : bool
+            Replace an existing file; False (default): an existing file is an error.
+
+        Returns
+        -------
+        Path
+            ``path``.
+
+        Raises
+        ------
+        ConfigError
+            For a name that does not end in ``.toml``, or an existing file without ``overwrite``.
+        """
+        return write_toml(path, self.to_dict(), "ColumnNetwork.to_toml", overwrite)
 
     @classmethod
     def from_dict(cls, table: dict, source: str = "<dict>", top_level: tuple[str, ...] | None = None) -> "ColumnNetwork":

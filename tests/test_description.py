@@ -187,11 +187,33 @@ def test_an_integer_too_large_for_a_float_is_named(tmp_path):
         ColumnNetwork.from_toml(write(tmp_path, text))
 
 
-def test_every_repository_model_loads_by_name():
+def test_every_repository_model_loads_by_name_and_is_written_back_as_an_equal_one(tmp_path):
     paths = sorted((Path(__file__).parent.parent / "models").glob("*.toml"))
     assert len(paths) >= 14, "the paper's Table 1 networks"
     for path in paths:
-        assert load_model(path.stem).name == path.stem
+        network = load_model(path.stem)
+        assert network.name == path.stem
+        assert load_model(network.to_toml(tmp_path / path.name)) == network
+
+
+def test_a_network_built_in_python_is_written_as_a_model_file_that_loads_by_name(tmp_path, monkeypatch):
+    network = ColumnNetwork((1, 8, 8), [Conv2d(4, 3, stride=2, padding=1), Dropout(0.25), Dense(16)], 10, ActionSelection(0.1, 0.5),
+                            Neuromodulator(2.0, -1.0), Rule(learning_rate=1e-3, bias=True, feedback="independent", weight_decay=0.5), name="mine")
+    (tmp_path / "models").mkdir()
+    path = network.to_toml(tmp_path / "models" / "mine.toml")
+    assert path.read_text().startswith("# Written by agrel_sim's ColumnNetwork.to_toml.\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_model("mine") == network
+    other = network.replace(layers=[Dense(3)])
+    with pytest.raises(ConfigError, match=r"mine\.toml: exists already; give another path, or pass overwrite=True to replace it"):
+        other.to_toml(path)
+    assert load_model("mine") == network, "left as it was"
+    other.to_toml(path, overwrite=True)
+    assert load_model("mine") == other and sorted(p.name for p in path.parent.iterdir()) == ["mine.toml"]
+    (tmp_path / "folder.toml").mkdir()
+    for bad, message in [("mine.json", r"mine\.json: not a path for a TOML file: its name does not end in \.toml"), ("folder.toml", r"folder\.toml: is a folder")]:
+        with pytest.raises(ConfigError, match=message):
+            network.to_toml(tmp_path / bad, overwrite=True)
 
 
 @pytest.mark.parametrize(

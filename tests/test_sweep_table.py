@@ -824,6 +824,29 @@ def test_every_repository_experiment_and_the_table1_sweep_load():
     }
 
 
+def test_every_experiment_is_written_back_as_an_equal_one_that_trains(tmp_path, capsys):
+    import dataclasses
+
+    import brian2
+
+    from agrel_sim import ConfigError, Experiment, default_experiment
+
+    folder = Path(__file__).resolve().parent.parent / "experiments"
+    for experiment in [default_experiment(), *(load_experiment(p) for p in sorted(folder.glob("*.toml")) if p.stem != "table1")]:
+        written = experiment.to_toml(tmp_path / f"{experiment.name}.toml")
+        assert Experiment.from_toml(written) == dataclasses.replace(experiment, source=str(written)), experiment.name
+    results = []
+    for given in (str(tmp_path / "digits_deepagrel.toml"), None):  # the written default, then the embedded one
+        assert main(["train", *([given] if given else []), "--max-epochs", "1", "--out", str(tmp_path / f"run_{given is None}"), "--quiet"]) == 0
+        results.append(re.search(r"summary: experiment=digits_deepagrel .*(test_acc=\S+ best_epoch=\S+ epochs=\S+)", capsys.readouterr().out).group(1))
+    assert results[0] == results[1], "the same run"
+    brian = load_experiment("digits_brian2")
+    in_quantities = dataclasses.replace(brian, backend_options={**brian.backend_options, "dt": 0.5 * brian2.ms})
+    with pytest.raises(ConfigError, match=r"b\.toml: backend_options\.dt: 0\.5 \* msecond \(Quantity\) cannot be written to a TOML file.*a Brian2 duration as a number of milliseconds"):
+        in_quantities.to_toml(tmp_path / "b.toml")
+    assert not (tmp_path / "b.toml").exists()
+
+
 def test_train_refuses_a_sweep_file(capsys):
     assert main(["train", "table1"]) == 2
     assert "a sweep file (it lists experiments): run it with `agrel-sim sweep`" in capsys.readouterr().err
