@@ -865,6 +865,37 @@ def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_pat
         plot_activity_maps(run, tmp_path / "maps.png", trials=-3)
 
 
+@pytest.mark.parametrize("factor", [None, 2])
+def test_a_run_files_experiment_trains_the_same_run_again(tmp_path, factor):
+    original = experiment(epochs=2, factor=factor, feedback="independent")
+    run_experiment(original, seed=5, out=tmp_path / "first", log=None)
+    run = load_run(tmp_path / "first" / "run.h5")
+    rebuilt = run.experiment()
+    assert rebuilt == dataclasses.replace(original, source=f"{tmp_path / 'first' / 'run.h5'}: config")
+    again = run_experiment(Experiment.from_toml(rebuilt.to_toml(tmp_path / "again.toml")), seed=run.seed, out=tmp_path / "again", log=None)
+    assert again.test_accuracy == run.result["test_accuracy"]
+    repeated = load_run(tmp_path / "again" / "run.h5").epochs
+    assert all(np.array_equal(repeated[name], run.epochs[name]) for name in ("reward_probability", "train_loss", "validation_accuracy"))
+
+    with h5py.File(tmp_path / "first" / "run.h5", "a") as handle:  # as an older agrel-sim wrote it, with an option since removed
+        config = json.loads(handle.attrs["config"])
+        handle.attrs["config"] = json.dumps({**config, "backend_options": {"gate_threshold": 0.1}})
+        handle.attrs["software_version"] = "0.4.0"
+    with pytest.raises(RunFileError, match=r"first/run\.h5: config: backend_options\.gate_threshold: not an option.*\(the run was made by agrel-sim 0\.4\.0; this is "):
+        load_run(tmp_path / "first" / "run.h5").experiment()
+
+
+def test_a_run_file_made_in_python_without_training_settings_rebuilds_no_experiment(tmp_path):
+    from agrel_sim.recorder import RunFile
+    from agrel_sim.training import TrainingSettings, train
+
+    model = experiment().model
+    train(model, load_dataset("digits"), TrainingSettings(max_epochs=1, validation_size=300), seed=0, progress=False, log=None,
+          run_file=lambda net: RunFile(tmp_path / "run.h5", net, {"experiment": "mine", "dataset": "digits"}, 0))
+    with pytest.raises(RunFileError, match=r"run\.h5: records no training settings, so its experiment cannot be rebuilt \(a run file made by a RunFile in Python"):
+        load_run(tmp_path / "run.h5").experiment()
+
+
 def test_runs_recorded_in_python_without_training_settings_go_into_the_table(tmp_path, capsys):
     from agrel_sim.experiment import default_experiment
     from agrel_sim.recorder import RunFile
