@@ -61,7 +61,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(__all__)  # the public names, those imported when first used among them
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from agrel_sim import __version__
 from agrel_sim.config import ConfigError, is_count, shown
 from agrel_sim.experiment import Experiment
 from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, config_problem, parse_sessions, records_that_disagree
-from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, settings_of, shown_leaf, top_setting
+from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, experiment_of, settings_of, shown_leaf, top_setting
 from agrel_sim.table import is_diverged, row_key
 
 
@@ -292,14 +292,16 @@ class Run:
             return {"epoch": _read(group, "epoch"), **{name: _read(group, name) for name in self._bottom_to_top(group)}}
 
     def experiment(self) -> Experiment:
-        """The experiment this run trained, rebuilt from the settings its run file stores: run
-        it again with :func:`~agrel_sim.runs.run_experiment` (the run's :attr:`seed`), or
-        write it out with :meth:`~agrel_sim.experiment.Experiment.to_toml`.
+        """The experiment this run trained, rebuilt from the settings its run file stores
+        (:func:`~agrel_sim.runs.experiment_of`): run it again with
+        :func:`~agrel_sim.runs.run_experiment`, given the run's :attr:`seed` and the
+        ``config["dtype"]`` and ``config["device"]`` it ran with, or write it out with
+        :meth:`~agrel_sim.experiment.Experiment.to_toml`.
 
         Its ``backend_options`` hold every option of the backend, at its default where the
         experiment gave none (as the run file stores them); the other fields are the
-        experiment's. It is read from the file as it was loaded, so a run resumed with a longer
-        patience or epoch limit gives the limit in force since.
+        experiment's. A run resumed with a longer patience or epoch limit gives the limit in
+        force since.
 
         Returns
         -------
@@ -314,22 +316,11 @@ class Run:
             its settings are not those of an experiment of this agrel-sim (a run file of an
             older one, with an option since removed).
         """
-        config = self.config
-        missing = [key for key in ("training", "model", "backend_options") if key not in config]
-        if missing:
-            raise RunFileError(
-                f"{self.path}: records no {missing[0]} settings, so its experiment cannot be rebuilt (a run file made by a"
-                " RunFile in Python holds only the settings it was given; agrel-sim train and run_experiment record them all)"
-            )
-        training = {key: value for key, value in config["training"].items() if not (key == "augmentation" and value is None)}
-        table = {
-            "name": config["experiment"], "model": config["model"], "dataset": config["dataset"], "training": training,
-            "backend": config.get("backend", "torch"), "backend_options": config["backend_options"], "logging": config.get("logging", {}),
-        }
         try:
-            return Experiment.from_dict(table, f"{self.path}: config")
+            return experiment_of(self.config, self.software_version, f"{self.path}: config")
         except ConfigError as error:
-            raise RunFileError(f"{error} (the run was made by agrel-sim {self.software_version}; this is {__version__})") from None
+            older = f" (the run was made by agrel-sim {self.software_version}; this is {__version__})" if self.software_version != __version__ else ""
+            raise RunFileError(f"{error}{older}") from None
 
 
 def _check_trial_index(name: str, index) -> None:

@@ -19,8 +19,6 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 
 class ConfigError(ValueError):
     """A model or experiment description is invalid.
@@ -233,7 +231,12 @@ def _check_writable_as_toml(value, key: str) -> None:
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _check_writable_as_toml(item, f"{key}[{index}]")
-    elif not isinstance(value, (str, bool, int, float)):
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, such as os.fsdecode makes of a file name that is not UTF-8
+            raise ConfigError(f"{key}: {value!r} is no text that a TOML file, which is UTF-8, can hold; give another") from None
+    elif not isinstance(value, (bool, int, float)):
         raise ConfigError(
             f"{key}: {value!r} ({type(value).__name__}) cannot be written to a TOML file, which holds numbers, strings,"
             " true/false, lists and tables; give it as one of them (a Brian2 duration as a number of milliseconds)"
@@ -266,18 +269,23 @@ def write_toml(path: str | os.PathLike, table: dict, writer: str, overwrite: boo
     Raises
     ------
     ConfigError
-        Naming the path, for a name that does not end in ``.toml``, an existing file without
-        ``overwrite``, or a value that TOML cannot hold (naming its key).
+        Naming the path, for a name that does not end in ``.toml``, a folder that does not
+        exist, an existing file without ``overwrite``, or a value that TOML cannot hold
+        (naming its key).
     OSError
         Where the file cannot be written.
     """
+    import tomli_w  # here, not above: describing and training networks need no TOML writer
+
     path = Path(path)
-    if path.suffix != ".toml":
+    if path.suffix != ".toml" and path.name != ".toml":
         raise ConfigError(f"{path}: not a path for a TOML file: its name does not end in .toml, as agrel-sim's model and experiment files do; give one that does")
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give the path of a .toml file")
     if path.exists() and not overwrite:
         raise ConfigError(f"{path}: exists already; give another path, or pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{path}: its folder {path.parent} does not exist; make it first")
     try:
         _check_writable_as_toml(table, "")
     except ConfigError as error:

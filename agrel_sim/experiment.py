@@ -100,7 +100,7 @@ class Experiment:
     model: ColumnNetwork
     dataset: str
     training: TrainingSettings
-    source: str = "<python>"
+    source: str = dataclasses.field(default="<python>", compare=False)
     backend: str = "torch"
     backend_options: dict = dataclasses.field(default_factory=dict)
     logging: LogSettings = LogSettings()
@@ -181,12 +181,9 @@ class Experiment:
             ``name``, ``model``, ``dataset``, ``backend``, ``training`` (with ``augmentation``
             where there is one), ``logging`` and, where given, ``backend_options``.
         """
-        training = dataclasses.asdict(self.training)
-        if self.training.augmentation is None:
-            del training["augmentation"]
         table = {
             "name": self.name, "model": self.model.to_dict(), "dataset": self.dataset, "backend": self.backend,
-            "training": training, "logging": dataclasses.asdict(self.logging),
+            "training": training_table(dataclasses.asdict(self.training)), "logging": dataclasses.asdict(self.logging),
         }
         return {**table, "backend_options": dict(self.backend_options)} if self.backend_options else table
 
@@ -210,9 +207,11 @@ class Experiment:
         Raises
         ------
         ConfigError
-            For a name that does not end in ``.toml``, an existing file without ``overwrite``,
-            or a backend option that TOML cannot hold (such as a Brian2 quantity: give durations
+            For a name that does not end in ``.toml``, a folder that does not exist, an existing
+            file without ``overwrite``, or a backend option that TOML cannot hold (such as a Brian2 quantity: give durations
             as numbers of milliseconds).
+        OSError
+            Where the file cannot be written.
         """
         return write_toml(path, self.to_dict(), "Experiment.to_toml", overwrite)
 
@@ -268,6 +267,23 @@ class Experiment:
 MODEL_OVERRIDES = ("rule", "action_selection", "neuromodulator")
 # The keys of an experiment file's top level (Experiment.from_dict reads them all).
 EXPERIMENT_KEYS = ("name", "model", "dataset", "backend", "backend_options", "training", "logging", *MODEL_OVERRIDES)
+
+
+def training_table(training: dict) -> dict:
+    """Training settings as plain data (``dataclasses.asdict`` of :class:`TrainingSettings`) in
+    the layout of the experiment files, which have no ``augmentation`` table where there is none.
+
+    Parameters
+    ----------
+    training : dict
+        The settings, ``augmentation`` None or a dict.
+
+    Returns
+    -------
+    dict
+        ``training`` without a None ``augmentation``.
+    """
+    return {key: value for key, value in training.items() if not (key == "augmentation" and value is None)}
 
 
 def _training_settings(fields: Fields) -> TrainingSettings:

@@ -435,7 +435,10 @@ class ColumnNetwork:
         Raises
         ------
         ConfigError
-            For a name that does not end in ``.toml``, or an existing file without ``overwrite``.
+            For a name that does not end in ``.toml``, a folder that does not exist, or an
+            existing file without ``overwrite``.
+        OSError
+            Where the file cannot be written.
         """
         return write_toml(path, self.to_dict(), "ColumnNetwork.to_toml", overwrite)
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from agrel_sim.backends import NOT_MODELLING_OPTIONS, REMOVED_OPTIONS, check_device, resolved_options
-from agrel_sim.config import check_instance, is_count, shown
+from agrel_sim.config import ConfigError, check_instance, is_count, shown
 from agrel_sim.datasets import EMBEDDED, load_dataset
-from agrel_sim.experiment import Experiment
+from agrel_sim.experiment import Experiment, training_table
 from agrel_sim.recorder import LogSettings, RunFile, check_resumable, damaged_run_file, parse_sessions, stored_config
 from agrel_sim.training import RunResult, check_fits, load_checkpoint, train
 
@@ -382,6 +382,52 @@ def run_config(experiment: Experiment, device: str = "cpu", dtype: str = "float3
         "backend": experiment.backend, "backend_options": resolved_options(experiment.backend, experiment.backend_options), "device": device, "dtype": dtype,
     }
     return config if data is None else {**config, "data": data}
+
+
+def experiment_of(config: dict, software_version: str | None = None, source: str = "<config>") -> Experiment:
+    """The experiment of a run configuration as a run file stores it: the inverse of
+    :func:`run_config`.
+
+    Settings that run files of older agrel-sim versions lack get the values those runs ran with:
+    those of :data:`ADDED_SETTINGS`, and the backend options of :data:`EARLIER_BACKEND_DEFAULTS`
+    where ``software_version`` held only the options given.
+
+    Parameters
+    ----------
+    config : dict
+        The run configuration (a run file's ``config`` attribute).
+    software_version : str or None
+        The agrel-sim that wrote it; None: this one.
+    source : str
+        Where the configuration came from, for messages and the experiment's ``source``.
+
+    Returns
+    -------
+    Experiment
+        Its ``backend_options`` hold every option of the backend (as the run file does).
+
+    Raises
+    ------
+    ConfigError
+        Where the configuration lacks the model or training settings (a run file made by a
+        :class:`~agrel_sim.recorder.RunFile` in Python holds only the settings it was given), or
+        a setting is not one of an experiment of this agrel-sim (an option since removed).
+    """
+    missing = [key for key in ("training", "model") if key not in config]
+    if missing:
+        raise ConfigError(
+            f"{source}: records no {missing[0]} settings, so its experiment cannot be rebuilt (a run file made by a"
+            " RunFile in Python holds only the settings it was given; agrel-sim train and run_experiment record them all)"
+        )
+    backend = config.get("backend", ADDED_SETTINGS["backend"])
+    options = config.get("backend_options", {})
+    if software_version is not None and _before_every_option(software_version):
+        options = {**EARLIER_BACKEND_DEFAULTS.get(backend, {}), **options}
+    table = {
+        "name": config["experiment"], "model": config["model"], "dataset": config["dataset"], "training": training_table(config["training"]),
+        "backend": backend, "backend_options": options, "logging": config.get("logging", {}),
+    }
+    return Experiment.from_dict(table, source)
 
 
 def check_same_run(path: Path, config: dict, seed: int, ignore: tuple[str, ...] = ("source",), resuming: bool = True) -> bool:

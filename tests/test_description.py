@@ -45,6 +45,7 @@ def write(tmp_path, text, name="net.toml"):
 def test_the_package_names_training_and_analysis_and_imports_them_when_first_used():
     """``import agrel_sim`` stays quick (no torch, no h5py) for describing networks; the names of
     training, data, recording and analysis are the objects of their modules."""
+    import ast
     import importlib
     import subprocess
     import sys
@@ -57,9 +58,13 @@ def test_the_package_names_training_and_analysis_and_imports_them_when_first_use
     )
     assert loaded.stdout == "[]\n"
     lazy = agrel_sim._LAZY
-    assert set(lazy) <= set(agrel_sim.__all__) and set(lazy) <= set(dir(agrel_sim))
+    assert set(lazy) <= set(agrel_sim.__all__) and sorted(agrel_sim.__all__) == dir(agrel_sim)
     for name, module in lazy.items():
         assert getattr(agrel_sim, name) is getattr(importlib.import_module(module), name), name
+    # What type checkers and editors are shown (the imports under TYPE_CHECKING) is the same.
+    tree = ast.parse(Path(agrel_sim.__file__).read_text())
+    checked = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    assert {alias.name: node.module for node in checked.body for alias in node.names} == lazy
     with pytest.raises(AttributeError, match="module 'agrel_sim' has no attribute 'trian'"):
         agrel_sim.trian
 
@@ -211,7 +216,10 @@ def test_a_network_built_in_python_is_written_as_a_model_file_that_loads_by_name
     other.to_toml(path, overwrite=True)
     assert load_model("mine") == other and sorted(p.name for p in path.parent.iterdir()) == ["mine.toml"]
     (tmp_path / "folder.toml").mkdir()
-    for bad, message in [("mine.json", r"mine\.json: not a path for a TOML file: its name does not end in \.toml"), ("folder.toml", r"folder\.toml: is a folder")]:
+    for bad, message in [
+        ("mine.json", r"mine\.json: not a path for a TOML file: its name does not end in \.toml"), ("folder.toml", r"folder\.toml: is a folder"),
+        ("nowhere/mine.toml", r"nowhere/mine\.toml: its folder .*nowhere does not exist; make it first"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             network.to_toml(tmp_path / bad, overwrite=True)
 

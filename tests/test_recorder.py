@@ -877,12 +877,20 @@ def test_a_run_files_experiment_trains_the_same_run_again(tmp_path, factor):
     repeated = load_run(tmp_path / "again" / "run.h5").epochs
     assert all(np.array_equal(repeated[name], run.epochs[name]) for name in ("reward_probability", "train_loss", "validation_accuracy"))
 
-    with h5py.File(tmp_path / "first" / "run.h5", "a") as handle:  # as an older agrel-sim wrote it, with an option since removed
-        config = json.loads(handle.attrs["config"])
-        handle.attrs["config"] = json.dumps({**config, "backend_options": {"gate_threshold": 0.1}})
-        handle.attrs["software_version"] = "0.4.0"
-    with pytest.raises(RunFileError, match=r"first/run\.h5: config: backend_options\.gate_threshold: not an option.*\(the run was made by agrel-sim 0\.4\.0; this is "):
-        load_run(tmp_path / "first" / "run.h5").experiment()
+    def as_written_by(version, **changes):  # the run file as an older agrel-sim wrote it
+        with h5py.File(tmp_path / "first" / "run.h5", "a") as handle:
+            config = {**json.loads(handle.attrs["config"]), **changes}
+            handle.attrs["config"] = json.dumps({key: value for key, value in config.items() if value is not None})
+            handle.attrs["software_version"] = version
+        return load_run(tmp_path / "first" / "run.h5")
+
+    # 0.1.0 recorded no backend: its runs were the torch backend's.
+    assert as_written_by("0.1.0", backend=None, backend_options=None).experiment() == original
+    # Up to 0.3.0 only the options given were recorded; those not given had the defaults of then,
+    # among them Brian2's gate_threshold, an option since removed.
+    for version, options in [("0.3.0", {"codegen_target": "numpy"}), ("0.4.0", {"gate_threshold": 0.1})]:
+        with pytest.raises(RunFileError, match=rf"first/run\.h5: config: backend_options\.gate_threshold: not an option.*\(the run was made by agrel-sim {version}; this is "):
+            as_written_by(version, backend="brian2", backend_options=options).experiment()
 
 
 def test_a_run_file_made_in_python_without_training_settings_rebuilds_no_experiment(tmp_path):
@@ -892,7 +900,7 @@ def test_a_run_file_made_in_python_without_training_settings_rebuilds_no_experim
     model = experiment().model
     train(model, load_dataset("digits"), TrainingSettings(max_epochs=1, validation_size=300), seed=0, progress=False, log=None,
           run_file=lambda net: RunFile(tmp_path / "run.h5", net, {"experiment": "mine", "dataset": "digits"}, 0))
-    with pytest.raises(RunFileError, match=r"run\.h5: records no training settings, so its experiment cannot be rebuilt \(a run file made by a RunFile in Python"):
+    with pytest.raises(RunFileError, match=r"run\.h5: config: records no training settings, so its experiment cannot be rebuilt \(a run file made by a RunFile in Python"):
         load_run(tmp_path / "run.h5").experiment()
 
 
