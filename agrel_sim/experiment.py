@@ -80,7 +80,8 @@ class Experiment:
     training : TrainingSettings
         Batch size, early stopping, validation split, learning-rate decay and augmentation.
     source : str
-        Where the experiment came from; error messages name it.
+        Where the experiment came from; error messages name it. Experiments that differ only
+        in it are equal.
     backend : str, default "torch"
         A key of :data:`agrel_sim.backends.BACKENDS`.
     backend_options : dict
@@ -189,8 +190,7 @@ class Experiment:
 
     def to_toml(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the experiment as an experiment file, its model inline, for ``agrel-sim train
-        PATH`` and sweep files; :meth:`from_toml` reads it back as an equal experiment (but for
-        its ``source``).
+        PATH`` and sweep files, which :meth:`from_toml` reads back as an equal experiment.
 
         Parameters
         ----------
@@ -208,8 +208,8 @@ class Experiment:
         ------
         ConfigError
             For a name that does not end in ``.toml``, a folder that does not exist, an existing
-            file without ``overwrite``, or a backend option that TOML cannot hold (such as a Brian2 quantity: give durations
-            as numbers of milliseconds).
+            file without ``overwrite``, or a backend option that TOML cannot hold (such as a
+            Brian2 quantity: give durations as numbers of milliseconds).
         OSError
             Where the file cannot be written.
         """
