@@ -104,6 +104,44 @@ class Dataset:
         if brightest * self.scale > 1 + 1e-6:
             raise DatasetError(f"{where}: scale: pixel values up to {brightest} times scale {self.scale:g} exceed 1; expected rates in [0, 1] (e.g. scale 1/255 for 8-bit pixels)")
 
+    @classmethod
+    def from_arrays(cls, name: str, train_images, train_labels, test_images, test_labels, scale: float = 1 / 255, n_classes: int | None = None) -> "Dataset":
+        """A data set of your own: images and labels given as arrays (numpy, torch or lists).
+
+        Parameters
+        ----------
+        name : str
+            Names the data set in messages and run files.
+        train_images, test_images : array_like, shape (N, C, H, W) or (N, features)
+            Pixel values: whole numbers in 0..255, of any numeric dtype (held as uint8). For
+            rates ``r`` in [0, 1], give ``np.round(r * 255)`` with the default ``scale``.
+        train_labels, test_labels : array_like of int, shape (N,)
+            Class indices, ``0..n_classes - 1``.
+        scale : float, default 1/255
+            Pixel values times ``scale`` are the input rates, which must not exceed 1.
+        n_classes : int or None
+            Number of classes (actions); None: one more than the largest label.
+
+        Returns
+        -------
+        Dataset
+
+        Raises
+        ------
+        DatasetError
+            Naming the array, for pixel values that are not whole numbers in 0..255, labels that
+            are not integers, and what :class:`Dataset` refuses.
+        """
+        where = f"data set {name!r}"
+        arrays = {
+            "train_images": _pixels(train_images, f"{where}: train_images"), "train_labels": _class_indices(train_labels, f"{where}: train_labels"),
+            "test_images": _pixels(test_images, f"{where}: test_images"), "test_labels": _class_indices(test_labels, f"{where}: test_labels"),
+        }
+        if n_classes is None:
+            labels = [arrays[key] for key in ("train_labels", "test_labels") if len(arrays[key])]
+            n_classes = max(max(int(part.max()) for part in labels) + 1, 2) if labels else 2
+        return cls(name, arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"], scale, n_classes)
+
     @property
     def image_shape(self) -> tuple[int, ...]:
         """The shape of one image, ``(C, H, W)`` (or ``(features,)``)."""
@@ -165,9 +203,32 @@ class Dataset:
         }
 
 
-def _from_numpy(name, train_x, train_y, test_x, test_y, scale, n_classes) -> Dataset:
-    tensor = lambda a, dtype: torch.tensor(np.asarray(a, dtype=dtype))  # a copy: the arrays may be read-only
-    return Dataset(name, tensor(train_x, np.uint8), tensor(train_y, np.int64), tensor(test_x, np.uint8), tensor(test_y, np.int64), scale, n_classes)
+def _as_array(value) -> np.ndarray:
+    return np.asarray(value.cpu() if torch.is_tensor(value) else value)
+
+
+def _pixels(value, where: str) -> torch.Tensor:
+    """``value`` as a uint8 tensor of pixel values; DatasetError, beginning with ``where``,
+    unless they are whole numbers in 0..255."""
+    array = _as_array(value)
+    if array.dtype.kind not in "iuf":
+        raise DatasetError(f"{where}: expected pixel values, whole numbers in 0..255, got an array of {array.dtype}")
+    if array.dtype != np.uint8 and array.size:  # uint8 holds only whole numbers in 0..255
+        pixel = (array >= 0) & (array <= 255) & (array == np.round(array))  # NaN fails every comparison
+        if not pixel.all():
+            raise DatasetError(
+                f"{where}: pixel values must be whole numbers in 0..255 (scale turns them into rates), found {array[~pixel].flat[0].item()!r};"
+                " for rates r in [0, 1], give np.round(r * 255) with scale 1/255"
+            )
+    return torch.from_numpy(array.astype(np.uint8))
+
+
+def _class_indices(value, where: str) -> torch.Tensor:
+    """``value`` as an int64 tensor; DatasetError, beginning with ``where``, unless it holds integers."""
+    array = _as_array(value)
+    if array.dtype.kind not in "iu":
+        raise DatasetError(f"{where}: expected integer class indices, got an array of {array.dtype}")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def _fixed_split(n: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +258,7 @@ def load_digits(data_dir=None) -> Dataset:
     digits = sklearn_digits()
     train, test = _fixed_split(len(digits.target), 360)
     images = digits.images[:, None]  # values 0..16
-    return _from_numpy("digits", images[train], digits.target[train], images[test], digits.target[test], 1 / 16, 10)
+    return Dataset.from_arrays("digits", images[train], digits.target[train], images[test], digits.target[test], 1 / 16, 10)
 
 
 def load_mnist5k(data_dir=None) -> Dataset:
@@ -219,7 +280,7 @@ def load_mnist5k(data_dir=None) -> Dataset:
     images, labels = mnist_data()
     images = images.reshape(-1, 1, 28, 28)
     train, test = _fixed_split(len(labels), 1000)
-    return _from_numpy("mnist5k", images[train], labels[train], images[test], labels[test], 1 / 255, 10)
+    return Dataset.from_arrays("mnist5k", images[train], labels[train], images[test], labels[test], 1 / 255, 10)
 
 
 # -- data sets on disk -------------------------------------------------------------------------
@@ -436,7 +497,7 @@ def load_mnist(data_dir=None) -> Dataset:
             raise DatasetError(f"{files[f'{part}-images-idx3-ubyte']}: holds no images; the file is damaged: obtain it again. {MNIST_HOW}")
         _check_labels(labels, 10, files[f"{part}-labels-idx1-ubyte"], MNIST_HOW)
         arrays[part] = (images[:, None], labels)
-    return _from_numpy("mnist", *arrays["train"], *arrays["t10k"], 1 / 255, 10)
+    return Dataset.from_arrays("mnist", *arrays["train"], *arrays["t10k"], 1 / 255, 10)
 
 
 def _check_labels(labels: np.ndarray, n_classes: int, path: Path, how: str) -> None:
@@ -563,7 +624,7 @@ def _load_cifar(data_dir, name: str) -> Dataset:
     test_x, test_y = _read_cifar_pickle(files[release.test_file], release.label_key, release.n_classes, how)
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
-    return _from_numpy(name, train_x, train_y, test_x, test_y, 1 / 255, release.n_classes)
+    return Dataset.from_arrays(name, train_x, train_y, test_x, test_y, 1 / 255, release.n_classes)
 
 
 def load_cifar10(data_dir=None) -> Dataset:

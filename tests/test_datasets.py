@@ -40,6 +40,34 @@ def write_mnist(root: Path, n_train=30, n_test=10, gz=True, **overrides) -> Path
     return raw
 
 
+def test_a_data_set_of_ones_own_is_made_from_arrays_of_whole_pixel_values():
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, size=(30, 1, 2, 3)), rng.integers(0, 4, size=30)
+    frozen = images.astype(float)
+    frozen.flags.writeable = False  # read-only arrays are copied
+    for given in (images, frozen, torch.tensor(images), images.tolist()):
+        data = Dataset.from_arrays("mine", given, labels, images[20:], torch.tensor(labels[20:]))
+        assert data.train_images.dtype == torch.uint8 and data.train_labels.dtype == torch.int64
+        assert data.train_images.tolist() == np.asarray(given).astype(np.uint8).tolist() and data.test_labels.tolist() == labels[20:].tolist()
+        assert (data.n_classes, data.image_shape, data.scale) == (int(labels.max()) + 1, (1, 2, 3), 1 / 255)
+    assert Dataset.from_arrays("mine", images, labels, images, labels, scale=1 / 510, n_classes=7).n_classes == 7
+
+    for part, bad, message in [
+        ("train_images", images + 0.5, r"train_images: pixel values must be whole numbers in 0\.\.255 .*found \d+\.5; for rates r in \[0, 1\], give np\.round\(r \* 255\)"),
+        ("train_images", images + 1, r"train_images: pixel values must be whole numbers in 0\.\.255 .*found 256"),
+        ("test_images", np.where(images > 250, np.nan, images), r"test_images: pixel values must be whole numbers .*found nan"),
+        ("test_images", images - 1, r"test_images: pixel values must be whole numbers .*found -1"),
+        ("train_images", images.astype(str), r"train_images: expected pixel values, whole numbers in 0\.\.255, got an array of <U"),
+        ("test_labels", labels.astype(float), r"test_labels: expected integer class indices, got an array of float64"),
+        ("train_labels", labels[:-1], r"30 train images and 29 train labels"),
+    ]:
+        arrays = {**dict(train_images=images, train_labels=labels, test_images=images, test_labels=labels), part: bad}
+        with pytest.raises(DatasetError, match=rf"data set 'mine': .*{message}"):
+            Dataset.from_arrays("mine", **arrays)
+    with pytest.raises(DatasetError, match=r"train_labels outside 0\.\.2 \(found 0\.\.3\)"):
+        Dataset.from_arrays("mine", images, labels, images, labels, n_classes=3)
+
+
 @pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
 def test_mnist_reader(tmp_path, gz):
     write_mnist(tmp_path, gz=gz)

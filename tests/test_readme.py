@@ -46,6 +46,8 @@ def test_a_readme_example_runs_as_written(tmp_path, line, code):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the README's figures were measured so
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode == 0, f"README.md line {line}:\n{done.stderr[-3000:]}"
+    for printed in re.findall(r"# prints (\S+)", code):  # what the README says an example prints
+        assert printed in done.stdout.split(), f"README.md line {line}: prints {done.stdout!r}, not {printed}"
     if ALIGNMENT_EXAMPLE in code:
         for (decay, layer), cosines in alignment_table().items():
             measured = load_run(tmp_path / f"runs/alignment_{decay}/run.h5").alignment()[layer]
