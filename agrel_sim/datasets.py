@@ -105,7 +105,7 @@ class Dataset:
             raise DatasetError(f"{where}: scale: pixel values up to {brightest} times scale {self.scale:g} exceed 1; expected rates in [0, 1] (e.g. scale 1/255 for 8-bit pixels)")
 
     @classmethod
-    def from_arrays(cls, name: str, train_images, train_labels, test_images, test_labels, scale: float = 1 / 255, n_classes: int | None = None) -> "Dataset":
+    def from_arrays(cls, name: str, train_images, train_labels, test_images, test_labels, scale: float | None = None, n_classes: int | None = None) -> "Dataset":
         """A data set of your own: images and labels given as arrays (numpy, torch or lists).
 
         Parameters
@@ -113,14 +113,17 @@ class Dataset:
         name : str
             Names the data set in messages and run files.
         train_images, test_images : array_like, shape (N, C, H, W) or (N, features)
-            Pixel values: whole numbers in 0..255, of any numeric dtype (held as uint8). For
-            rates ``r`` in [0, 1], give ``np.round(r * 255)`` with the default ``scale``.
+            Pixel values: whole numbers in 0..255 (or booleans), of any numeric dtype, held as
+            uint8. For rates ``r`` in [0, 1], give ``np.round(r * 255)`` with the default
+            ``scale``.
         train_labels, test_labels : array_like of int, shape (N,)
             Class indices, ``0..n_classes - 1``.
-        scale : float, default 1/255
-            Pixel values times ``scale`` are the input rates, which must not exceed 1.
+        scale : float or None
+            Pixel values times ``scale`` are the input rates, which must not exceed 1. None
+            (default): 1/255, and images whose values are all 0 or 1 are refused, as rates of
+            at most 1/255 are surely a mistake: give ``scale=1`` for such binary rates.
         n_classes : int or None
-            Number of classes (actions); None: one more than the largest label.
+            Number of classes (actions); None: one more than the largest label, of either part.
 
         Returns
         -------
@@ -129,18 +132,23 @@ class Dataset:
         Raises
         ------
         DatasetError
-            Naming the array, for pixel values that are not whole numbers in 0..255, labels that
-            are not integers, and what :class:`Dataset` refuses.
+            Naming the array, for what is not an array of pixel values that are whole numbers in
+            0..255, or of integer labels, one per image; and for what :class:`Dataset` refuses.
         """
         where = f"data set {name!r}"
-        arrays = {
-            "train_images": _pixels(train_images, f"{where}: train_images"), "train_labels": _class_indices(train_labels, f"{where}: train_labels"),
-            "test_images": _pixels(test_images, f"{where}: test_images"), "test_labels": _class_indices(test_labels, f"{where}: test_labels"),
-        }
+        train_images, test_images = _pixels(train_images, f"{where}: train_images"), _pixels(test_images, f"{where}: test_images")
+        train_labels, test_labels = _class_indices(train_labels, f"{where}: train_labels"), _class_indices(test_labels, f"{where}: test_labels")
+        if scale is None:
+            brightest = max(int(images.max()) if len(images) else 0 for images in (train_images, test_images))
+            if brightest <= 1:
+                raise DatasetError(
+                    f"{where}: the pixel values are all 0 or 1, which the default scale 1/255 turns into rates of at most 0.0039;"
+                    " give scale=1 for binary rates, or np.round(r * 255) for rates r in [0, 1]"
+                )
+            scale = 1 / 255
         if n_classes is None:
-            labels = [arrays[key] for key in ("train_labels", "test_labels") if len(arrays[key])]
-            n_classes = max(max(int(part.max()) for part in labels) + 1, 2) if labels else 2
-        return cls(name, arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"], scale, n_classes)
+            n_classes = max([2, *(int(labels.max()) + 1 for labels in (train_labels, test_labels) if len(labels))])
+        return cls(name, train_images, train_labels, test_images, test_labels, scale, n_classes)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -203,31 +211,56 @@ class Dataset:
         }
 
 
-def _as_array(value) -> np.ndarray:
-    return np.asarray(value.cpu() if torch.is_tensor(value) else value)
+def _as_array(value, where: str) -> np.ndarray:
+    """``value`` (a numpy or torch array, a list) as a numpy array; DatasetError, beginning with
+    ``where``, where it is none."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise DatasetError(f"{where}: a masked array, whose masked values would be taken as they are; give array.filled(value) instead")
+    if torch.is_tensor(value):
+        value = value.detach().cpu()
+        value = value.to_dense() if value.layout != torch.strided else value
+        if value.dtype in (torch.bfloat16, torch.float16) or value.is_floating_point() and value.element_size() == 1:
+            value = value.float()  # numpy has no bfloat16 or float8; whole numbers up to 256 are exact in all of them
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as error:  # lists of unequal lengths, say
+        raise DatasetError(f"{where}: not an array ({type(error).__name__}: {error}); give a numpy or torch array") from None
+
+
+# Images are checked this many at a time: a float array checked whole would need several copies.
+CHECK_CHUNK = 4096
 
 
 def _pixels(value, where: str) -> torch.Tensor:
-    """``value`` as a uint8 tensor of pixel values; DatasetError, beginning with ``where``,
-    unless they are whole numbers in 0..255."""
-    array = _as_array(value)
-    if array.dtype.kind not in "iuf":
+    """``value`` as a C-contiguous uint8 tensor of pixel values; DatasetError, beginning with
+    ``where``, unless it holds images (2 or more dimensions) of whole numbers in 0..255."""
+    array = _as_array(value, where)
+    if array.dtype.kind not in "biuf":
         raise DatasetError(f"{where}: expected pixel values, whole numbers in 0..255, got an array of {array.dtype}")
-    if array.dtype != np.uint8 and array.size:  # uint8 holds only whole numbers in 0..255
-        pixel = (array >= 0) & (array <= 255) & (array == np.round(array))  # NaN fails every comparison
-        if not pixel.all():
-            raise DatasetError(
-                f"{where}: pixel values must be whole numbers in 0..255 (scale turns them into rates), found {array[~pixel].flat[0].item()!r};"
-                " for rates r in [0, 1], give np.round(r * 255) with scale 1/255"
-            )
-    return torch.from_numpy(array.astype(np.uint8))
+    if array.ndim < 2:
+        raise DatasetError(f"{where}: expected images, (images, C, H, W) or (images, features), got an array of shape {array.shape}; one feature per image is (images, 1)")
+    if array.dtype.kind != "b" and array.dtype != np.uint8:  # booleans and uint8 hold only whole numbers in 0..255
+        for start in range(0, len(array), CHECK_CHUNK):
+            chunk = array[start:start + CHECK_CHUNK]
+            pixel = (chunk >= 0) & (chunk <= 255) & (chunk == np.round(chunk))  # NaN fails every comparison
+            if not pixel.all():
+                raise DatasetError(
+                    f"{where}: pixel values must be whole numbers in 0..255 (scale turns them into rates), found {chunk[~pixel].flat[0].item()!r};"
+                    " for rates r in [0, 1], give np.round(r * 255) with scale 1/255"
+                )
+    return torch.from_numpy(array.astype(np.uint8, order="C"))
 
 
 def _class_indices(value, where: str) -> torch.Tensor:
-    """``value`` as an int64 tensor; DatasetError, beginning with ``where``, unless it holds integers."""
-    array = _as_array(value)
+    """``value`` as an int64 tensor; DatasetError, beginning with ``where``, unless it is a 1-d
+    array of integers that int64 holds."""
+    array = _as_array(value, where)
     if array.dtype.kind not in "iu":
-        raise DatasetError(f"{where}: expected integer class indices, got an array of {array.dtype}")
+        raise DatasetError(f"{where}: expected integer class indices, got an array of {array.dtype}; give whole-number labels as integers (labels.astype(int))")
+    if array.ndim != 1:
+        raise DatasetError(f"{where}: expected one class index per image, an array of shape (images,), got shape {array.shape}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise DatasetError(f"{where}: a label of {array.max()}, beyond any class; labels are class indices 0..n_classes - 1")
     return torch.from_numpy(array.astype(np.int64))
 
 

@@ -51,6 +51,19 @@ def test_a_data_set_of_ones_own_is_made_from_arrays_of_whole_pixel_values():
         assert data.train_images.tolist() == np.asarray(given).astype(np.uint8).tolist() and data.test_labels.tolist() == labels[20:].tolist()
         assert (data.n_classes, data.image_shape, data.scale) == (int(labels.max()) + 1, (1, 2, 3), 1 / 255)
     assert Dataset.from_arrays("mine", images, labels, images, labels, scale=1 / 510, n_classes=7).n_classes == 7
+    # n_classes counts the labels of both parts, and is at least 2.
+    assert Dataset.from_arrays("mine", images, labels % 2, images, labels).n_classes == int(labels.max()) + 1
+    assert Dataset.from_arrays("mine", images, 0 * labels, images, 0 * labels).n_classes == 2
+    # Other layouts and kinds of array are taken as the same pixels, held C-contiguous.
+    fortran = Dataset.from_arrays("mine", np.asfortranarray(images), labels, images, labels)
+    assert fortran.train_images.is_contiguous() and fortran.train_images.tolist() == images.tolist()
+    tensor = torch.tensor(images, dtype=torch.bfloat16, requires_grad=True)
+    assert Dataset.from_arrays("mine", tensor, labels, torch.tensor(images).to_sparse(), labels).test_images.tolist() == images.tolist()
+    # Binary images (0 and 1, or booleans) are rates only with scale 1: the default would make them at most 1/255.
+    binary = images > 127
+    with pytest.raises(DatasetError, match=r"data set 'mine': the pixel values are all 0 or 1, which the default scale 1/255 turns into rates of at most 0\.0039; give scale=1"):
+        Dataset.from_arrays("mine", binary, labels, binary.astype(float), labels)
+    assert Dataset.from_arrays("mine", binary, labels, binary, labels, scale=1).train_images.tolist() == binary.astype(int).tolist()
 
     for part, bad, message in [
         ("train_images", images + 0.5, r"train_images: pixel values must be whole numbers in 0\.\.255 .*found \d+\.5; for rates r in \[0, 1\], give np\.round\(r \* 255\)"),
@@ -60,6 +73,11 @@ def test_a_data_set_of_ones_own_is_made_from_arrays_of_whole_pixel_values():
         ("train_images", images.astype(str), r"train_images: expected pixel values, whole numbers in 0\.\.255, got an array of <U"),
         ("test_labels", labels.astype(float), r"test_labels: expected integer class indices, got an array of float64"),
         ("train_labels", labels[:-1], r"30 train images and 29 train labels"),
+        ("train_images", images[:, 0, 0, 0], r"train_images: expected images, \(images, C, H, W\) or \(images, features\), got an array of shape \(30,\); one feature per image is \(images, 1\)"),
+        ("train_images", [[1, 2], [3]] * 15, r"train_images: not an array \(ValueError: .*\); give a numpy or torch array"),
+        ("train_images", np.ma.masked_less(images, 3), r"train_images: a masked array, whose masked values would be taken as they are; give array\.filled\(value\) instead"),
+        ("test_labels", np.int64(1), r"test_labels: expected one class index per image, an array of shape \(images,\), got shape \(\)"),
+        ("test_labels", np.full(30, 2**63, dtype=np.uint64), r"test_labels: a label of 9223372036854775808, beyond any class"),
     ]:
         arrays = {**dict(train_images=images, train_labels=labels, test_images=images, test_labels=labels), part: bad}
         with pytest.raises(DatasetError, match=rf"data set 'mine': .*{message}"):
