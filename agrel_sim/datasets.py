@@ -112,12 +112,16 @@ class Dataset:
         ----------
         name : str
             Names the data set in messages and run files.
-        train_images, test_images : array_like, shape (N, C, H, W) or (N, features)
+        train_images : array_like, shape (N, C, H, W) or (N, features)
             Pixel values: whole numbers in 0..255 (or booleans), of any numeric dtype, held as
             uint8. For rates ``r`` in [0, 1], give ``np.round(r * 255)`` with the default
             ``scale``.
-        train_labels, test_labels : array_like of int, shape (N,)
+        train_labels : array_like of int, shape (N,)
             Class indices, ``0..n_classes - 1``.
+        test_images : array_like
+            The held-out images, as ``train_images`` (the same image shape).
+        test_labels : array_like of int
+            Their class indices, as ``train_labels``.
         scale : float or None
             Pixel values times ``scale`` are the input rates, which must not exceed 1. None
             (default): 1/255, and images whose values are all 0 or 1 are refused, as rates of
