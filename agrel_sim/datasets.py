@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import pickle
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,8 @@ class Dataset:
             (default): 1/255, and images whose values are all 0 or 1 are refused, as rates of
             at most 1/255 are surely a mistake: give ``scale=1`` for such binary rates.
         n_classes : int or None
-            Number of classes (actions); None: one more than the largest label, of either part.
+            Number of classes (actions); None: one more than the largest label, of either part,
+            with a warning where a class has no training image (labels numbered from 1, say).
 
         Returns
         -------
@@ -150,9 +152,19 @@ class Dataset:
                     " give scale=1 for binary rates, or np.round(r * 255) for rates r in [0, 1]"
                 )
             scale = 1 / 255
-        if n_classes is None:
+        inferred = n_classes is None
+        if inferred:
             n_classes = max([2, *(int(labels.max()) + 1 for labels in (train_labels, test_labels) if len(labels))])
-        return cls(name, train_images, train_labels, test_images, test_labels, scale, n_classes)
+        data = cls(name, train_images, train_labels, test_images, test_labels, scale, n_classes)
+        unseen = sorted(set(range(n_classes)) - set(data.train_labels.unique().tolist()))
+        if inferred and unseen:  # labels numbered from 1, say: an action that no training trial rewards
+            warnings.warn(
+                f"{where}: {len(unseen)} of the {n_classes} classes taken from the largest label {'has' if len(unseen) == 1 else 'have'} no training image"
+                f" ({', '.join(map(str, unseen[:10]))}{', ...' if len(unseen) > 10 else ''}); classes are numbered from 0"
+                " (give n_classes to say how many there are)",
+                stacklevel=2,
+            )
+        return data
 
     @property
     def image_shape(self) -> tuple[int, ...]:

@@ -52,8 +52,12 @@ def test_a_data_set_of_ones_own_is_made_from_arrays_of_whole_pixel_values():
         assert (data.n_classes, data.image_shape, data.scale) == (int(labels.max()) + 1, (1, 2, 3), 1 / 255)
     assert Dataset.from_arrays("mine", images, labels, images, labels, scale=1 / 510, n_classes=7).n_classes == 7
     # n_classes counts the labels of both parts, and is at least 2.
-    assert Dataset.from_arrays("mine", images, labels % 2, images, labels).n_classes == int(labels.max()) + 1
-    assert Dataset.from_arrays("mine", images, 0 * labels, images, 0 * labels).n_classes == 2
+    with pytest.warns(UserWarning, match=r"data set 'mine': 2 of the 4 classes taken from the largest label have no training image \(2, 3\)"):
+        assert Dataset.from_arrays("mine", images, labels % 2, images, labels).n_classes == int(labels.max()) + 1
+    with pytest.warns(UserWarning, match=r"data set 'mine': 1 of the 2 classes taken from the largest label has no training image \(1\); classes are numbered from 0"):
+        assert Dataset.from_arrays("mine", images, 0 * labels, images, 0 * labels).n_classes == 2
+    with pytest.warns(UserWarning, match=r"1 of the 4 classes taken from the largest label has no training image \(0\)"):
+        Dataset.from_arrays("mine", images, labels % 3 + 1, images, labels % 3 + 1)  # numbered from 1
     # Other layouts and kinds of array are taken as the same pixels, held C-contiguous.
     fortran = Dataset.from_arrays("mine", np.asfortranarray(images), labels, images, labels)
     assert fortran.train_images.is_contiguous() and fortran.train_images.tolist() == images.tolist()
