@@ -243,12 +243,37 @@ def _check_writable_as_toml(value, key: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def written_beside(path: Path):
+    """Yield the path ``path`` + ``.partial`` to write, and rename it over ``path`` when the block
+    ends: a failed write (the block raises, or the rename) leaves whatever was at ``path``, and
+    no partial file; a link at ``path`` is replaced, never written through.
+
+    Parameters
+    ----------
+    path : Path
+        The file to write.
+
+    Yields
+    ------
+    Path
+        The file to write in the block.
+    """
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise
+
+
 def write_toml(path: str | os.PathLike, table: dict, writer: str, overwrite: bool = False) -> Path:
     """Write ``table`` as the TOML file ``path``, which :func:`read_toml` reads back as ``table``
     (tuples as lists), under a first comment line naming ``writer``.
 
-    The file is written beside ``path`` and renamed over it: a failed write leaves whatever was
-    there, and a link at ``path`` is replaced, never written through.
+    The file is written beside ``path`` and renamed over it (:func:`written_beside`).
 
     Parameters
     ----------
@@ -291,13 +316,8 @@ def write_toml(path: str | os.PathLike, table: dict, writer: str, overwrite: boo
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     text = f"# Written by agrel_sim's {writer}.\n" + tomli_w.dumps(table)
-    partial = path.with_name(path.name + ".partial")
-    try:
+    with written_beside(path) as partial:
         partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink()
     return path
 
 

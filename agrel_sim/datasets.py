@@ -156,8 +156,8 @@ class Dataset:
         if inferred:
             n_classes = max([2, *(int(labels.max()) + 1 for labels in (train_labels, test_labels) if len(labels))])
         data = cls(name, train_images, train_labels, test_images, test_labels, scale, n_classes)
-        unseen = sorted(set(range(n_classes)) - set(data.train_labels.unique().tolist()))
-        if inferred and unseen:  # labels numbered from 1, say: an action that no training trial rewards
+        unseen = sorted(set(range(n_classes)) - set(data.train_labels.unique().tolist())) if inferred else []
+        if unseen:  # labels numbered from 1, say: an action that no training trial rewards
             warnings.warn(
                 f"{where}: {len(unseen)} of the {n_classes} classes taken from the largest label {'has' if len(unseen) == 1 else 'have'} no training image"
                 f" ({', '.join(map(str, unseen[:10]))}{', ...' if len(unseen) > 10 else ''}); classes are numbered from 0"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 
+from agrel_sim.config import written_beside
 from agrel_sim.network import RULES
 
 
@@ -302,13 +301,7 @@ def write_csv(table: list[dict], path) -> None:
         raise ValueError(f"{path}: not a path for the CSV: an HDF5 file (a run file?), which the CSV would overwrite; give another path with --csv")
     # Written beside it and renamed over it: a link at ``path`` is replaced, never written through
     # (into a run's checkpoint, say), and a failed write leaves whatever was there.
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["dataset"])
-            writer.writeheader()
-            writer.writerows(table)
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(OSError):
-            partial.unlink()
+    with written_beside(path) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["dataset"])
+        writer.writeheader()
+        writer.writerows(table)

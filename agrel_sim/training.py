@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from agrel_sim.augmentation import Augmentation, augment
 from agrel_sim.backends import build, check_device
-from agrel_sim.config import check_instance, is_count, is_number, shown
+from agrel_sim.config import check_instance, is_count, is_number, shown, written_beside
 from agrel_sim.datasets import Dataset
 from agrel_sim.network import ColumnNetwork
 
@@ -357,16 +357,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
     ValueError
         Where the file cannot be written.
     """
-    partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as handle:
+        with written_beside(path) as partial, open(partial, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(partial, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-        with contextlib.suppress(OSError):
-            partial.unlink()
         try:  # torch words a full disk as "unexpected pos ..."
             free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free on its disk"
         except OSError:
