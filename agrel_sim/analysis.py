@@ -776,7 +776,8 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
     kept = np.isfinite(trials["q"]).all(axis=1)
     outcomes = {outcome: [kept & (trials["epoch"] == e) & (rewarded == wanted) for e in epochs] for outcome, wanted in (("rewarded", True), ("unrewarded", False))}
     counts = {outcome: np.array([rows.sum() for rows in outcomes[outcome]]) for outcome in outcomes}
-    weights = counts["rewarded"] * counts["unrewarded"] / (counts["rewarded"] + counts["unrewarded"])
+    total = counts["rewarded"] + counts["unrewarded"]
+    weights = counts["rewarded"] * counts["unrewarded"] / np.maximum(total, 1)  # 0 for an epoch left without trials (all of a diverged network's)
     both = weights > 0
     out = {}
     for name in run.layer_names:
@@ -827,15 +828,18 @@ def outcome_lines(run: Run) -> list[str]:
         Indented lines: a heading that counts the epochs with trials of both outcomes, then per
         hidden layer (:func:`hidden_layers`) the differences in open gates and in mean |fb|;
         one line where no epoch has both; empty for a run without logged trials or hidden layers.
+        Both first lines count the trials left out because their Q-values are not finite.
     """
     by_outcome, hidden = gating_by_outcome(run), hidden_layers(run)
     if not by_outcome or not hidden:
         return []
     counts = by_outcome[hidden[0]]
     both = int(np.sum((counts["trials_rewarded"] > 0) & (counts["trials_unrewarded"] > 0)))
+    logged, compared = len(run.trials()["label"]), int(counts["trials_rewarded"].sum() + counts["trials_unrewarded"].sum())
+    left_out = f" ({logged - compared} of the {logged} left out: their Q-values are not finite)" if compared < logged else ""
     if not both:
-        return ["  rewarded against unrewarded trials: no epoch logged trials of both outcomes"]
-    lines = [f"  rewarded minus unrewarded logged trials, within epochs ({both} of {len(counts['epoch'])} epochs have both):"]
+        return [f"  rewarded against unrewarded trials: no epoch logged trials of both outcomes{left_out}"]
+    lines = [f"  rewarded minus unrewarded logged trials, within epochs ({both} of {len(counts['epoch'])} epochs have both){left_out}:"]
     for name in hidden:
         row = by_outcome[name]
         fb = "no feedback (EBP)" if run.rule == "ebp" else f"{row['fb_mean_abs_difference']:+.4f}"
@@ -1401,7 +1405,7 @@ def _consistently(run: Run, read):
 
 
 def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
-    """The runs that Figure 3 can draw (:func:`in_figure3`, of rows that :func:`table_rows` accepts),
+    """The runs that Figure 3 can draw (:func:`in_figure3`, of rows whose complete runs :func:`table_rows` accepts, diverged ones included),
     and a line for each run or row left out, saying why.
 
     Parameters
@@ -1426,7 +1430,7 @@ def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
         notes.append(f"Figure 3 leaves out {len(ran_off)} diverged run(s), as Table 1 leaves them out of its accuracies and epochs (a lower learning rate may help): {', '.join(ran_off)}")
     rows: dict[tuple, list[Run]] = {}
     for run in runs:
-        if in_figure3(run):
+        if averaged(run):  # diverged runs too: table_rows checks them as Table 1 does
             rows.setdefault(row_key(run.config), []).append(run)
     drawn = []
     for row, group in sorted(rows.items()):
@@ -1435,5 +1439,5 @@ def figure3_runs(runs: list[Run]) -> tuple[list[Run], list[str]]:
         except RunFileError as error:
             notes.append(f"Figure 3 has no panel for the Table 1 row {row_label(row)}: {error}")
         else:
-            drawn += group
+            drawn += [run for run in group if in_figure3(run)]
     return drawn, notes

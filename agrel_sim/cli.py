@@ -90,7 +90,7 @@ def _table(args) -> int:
     except OSError as error:
         raise ValueError(f"{csv_path}: cannot write the CSV ({error.strerror}); give a writable path with --csv") from None
     print(markdown(table))
-    print(f"\n{len(records)} runs; CSV written to {csv_path}")
+    print(f"\n{len(records)} run(s); CSV written to {csv_path}")
     diverged = [str(record["path"]) for record in records if is_diverged(record["result"])]
     if diverged:
         print(f"{len(diverged)} diverged run(s), counted as not converged and left out of the accuracies and epochs (a lower learning rate may help): {', '.join(diverged)}")

@@ -369,7 +369,7 @@ def test_table_refuses_runs_of_other_settings_or_one_seed_twice_and_lists_incomp
         run.attrs["complete"] = False
     assert main(["table", str(tmp_path)]) == 0
     out = capsys.readouterr()
-    assert "\n1 runs; CSV written to" in out.out and re.search(r"1 incomplete run\(s\) left out .*b/seed1/run\.h5", out.out)
+    assert "\n1 run(s); CSV written to" in out.out and re.search(r"1 incomplete run\(s\) left out .*b/seed1/run\.h5", out.out)
     assert out.err == ""
     assert main(["analyze", str(tmp_path / "b" / "seed1" / "run.h5"), "--out", str(tmp_path / "figures")]) == 0
     assert re.match(r"agrel-sim: warning: .*b/seed1/run\.h5: incomplete run", capsys.readouterr().err)
@@ -985,6 +985,10 @@ def test_figure3_leaves_out_diverged_runs_as_table1_averages_them(finished_runs,
     np.testing.assert_array_equal(curves["deepagrel"]["mean"], kept.epochs["reward_probability"])
     drawn, notes = figure3_runs(runs)
     assert len(drawn) == 3 and notes == [f"Figure 3 leaves out 1 diverged run(s), as Table 1 leaves them out of its accuracies and epochs (a lower learning rate may help): {tmp_path / 'runs' / 'deepagrel' / 'seed1' / 'run.h5'}"]
+    # A diverged run made with other settings makes Table 1 refuse the row, so Figure 3 draws no panel for it.
+    edit_config(tmp_path / "runs" / "deepagrel" / "seed1" / "run.h5", lambda config: config["training"].update(max_epochs=200))
+    drawn, notes = figure3_runs(load_runs(tmp_path / "runs"))
+    assert drawn == [] and re.search(r"^Figure 3 has no panel for the Table 1 row digits, small, no augmentation: .*training\.max_epochs: 2 and 200", notes[-1]), notes
 
 
 def test_gating_by_epoch_averages_the_batches_of_each_epoch():
@@ -1957,6 +1961,14 @@ def test_the_outcome_lines_count_only_the_epochs_with_both_outcomes(tmp_path):
         run["trials"]["action"][:] = action
     lines = outcome_lines(load_run(tmp_path / "run.h5"))
     assert lines[0] == "  rewarded minus unrewarded logged trials, within epochs (1 of 2 epochs have both):", lines
+    # Trials of a diverged network are left out, and the lines say how many.
+    with h5py.File(tmp_path / "run.h5", "a") as run:
+        q = run["trials"]["q"][:]
+        q[np.flatnonzero(epoch == 1)] = np.nan
+        q[np.flatnonzero(epoch == 2)[:3]] = np.inf
+        run["trials"]["q"][:] = q
+    logged = len(epoch)
+    assert outcome_lines(load_run(tmp_path / "run.h5"))[0] == f"  rewarded against unrewarded trials: no epoch logged trials of both outcomes ({(epoch == 1).sum() + 3} of the {logged} left out: their Q-values are not finite)"
 
 
 def test_the_traced_columns_are_those_named_in_units(tmp_path):
