@@ -78,6 +78,19 @@ def test_gating_silences_feedback(build_net):
     assert torch.all(after["layers.2.ff"][:, [0, 2]] != before["layers.2.ff"][:, [0, 2]])
 
 
+@pytest.mark.filterwarnings("ignore:brian2 backend.*short of its fixed point:UserWarning")
+def test_a_column_whose_drive_is_exactly_zero_has_a_closed_gate(build_net):
+    # The gate opens where a > 0 (SPEC.md), not a >= 0: a blank input with the biases at their
+    # initial 0 drives every hidden column to exactly 0, so none passes feedback or learns.
+    net = build_net(dense_net([3], bias=True))
+    before = net.weights()
+    trials = net.run_trials(torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, dtype=torch.long), actions=torch.tensor([0, 1, 2, 0]), record=True)
+    after = net.weights()
+    assert not trials.layers[0].gate.any() and torch.all(trials.layers[0].fb == 0)
+    assert torch.equal(after["layers.0.bias"], before["layers.0.bias"])
+    assert not torch.equal(after["output.bias"], before["output.bias"]), "the output's bias learns all the same"
+
+
 def test_a_dropped_column_passes_no_feedback(build_net):
     net = build_net(ColumnNetwork((6,), [Dense(12), Dropout(0.5), Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5)))
     images = torch.rand(8, 6, dtype=torch.float64)

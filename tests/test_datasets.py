@@ -227,6 +227,8 @@ def tiny_parts(**changes) -> dict:
 
 @pytest.mark.parametrize("changes, message", [
     (dict(scale=1.0), r"scale: pixel values up to \d+ times scale 1 exceed 1; expected rates in \[0, 1\]"),
+    (dict(train_images=torch.full((6, 1, 2, 2), 100, dtype=torch.uint8), test_images=torch.full((3, 1, 2, 2), 255, dtype=torch.uint8), scale=1 / 200),
+     r"scale: pixel values up to 255 times scale 0\.005 exceed 1"),  # the test images too, by a little
     (dict(scale=0.0), r"scale: expected a finite number > 0"),
     (dict(scale=float("nan")), r"scale: expected a finite number > 0"),
     (dict(n_classes=1), r"n_classes: expected an integer >= 2, got 1"),
@@ -490,13 +492,14 @@ def test_augment_names_a_wrong_batch_or_settings():
         augment(np.zeros((2, 1, 8, 8)), Augmentation(), generator)
 
 
-def test_half_the_images_are_reflected():
+def test_half_the_images_are_reflected_left_to_right():
     images = torch.zeros(4000, 1, 8, 8)
-    images[:, :, :, :3] = 1.0  # a bar at the left edge
+    images[:, :, :3, :3] = 1.0  # a block in the top left corner
     for flip, share in ((True, 0.5), (False, 0.0)):
         out = augment(images, Augmentation(zoom=0.0, shift=0.0, flip=flip), torch.Generator().manual_seed(0))
         reflected = out[:, 0, :, 5:].sum((1, 2)) > out[:, 0, :, :3].sum((1, 2))
         assert reflected.float().mean().item() == pytest.approx(share, abs=0.03)  # 4 sigma: 0.5 ± 0.032
+        assert torch.all(out[:, 0, :3].sum((1, 2)) > out[:, 0, 3:].sum((1, 2))), "never upside down"
 
 
 @pytest.mark.parametrize("zoom", [0.0, 0.5])
@@ -510,6 +513,7 @@ def test_shift_moves_each_image_by_up_to_the_set_fraction_in_both_directions(zoo
     for centre in (centre_x, centre_y):
         assert centre.abs().max() <= 0.2 * 28 + 0.5, "no further than the set fraction"
         assert centre.max() > 0.15 * 28 and centre.min() < -0.15 * 28, "both ways, nearly as far"
+    assert abs(torch.corrcoef(torch.stack([centre_x, centre_y]))[0, 1].item()) < 0.25, "the two shifts drawn apart (4 sigma of r for 256 images)"
 
 
 def test_zoom_scales_each_image_by_up_to_the_set_fraction_both_ways():
@@ -530,6 +534,14 @@ def test_augmentation_asks_for_scaled_images():
 def test_identity_augmentation_changes_nothing():
     images = torch.rand(5, 3, 32, 32)
     out = augment(images, Augmentation(zoom=0.0, shift=0.0, flip=False), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
+
+
+def test_pixels_from_outside_the_image_repeat_its_border():
+    # An even image stays even under any zoom and shift, as Keras' fill_mode="nearest" keeps it;
+    # zero padding would darken its edges.
+    images = torch.full((64, 3, 16, 16), 0.7)
+    out = augment(images, Augmentation(zoom=0.5, shift=0.3, flip=True), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
 
 
