@@ -1201,7 +1201,8 @@ def plot_trial_timecourse(run: Run, path: str | Path | None = None, index: int =
     """One traced trial unfolding in time (Brian2 backend), its phases shaded.
 
     Per population above the input (whose ff activity is the image, clamped through the
-    trial): the ff and fb activity of the ``units`` columns whose ff activity varies most over
+    trial), but the dropout layers (:func:`hidden_layers`, whose traces show the columns below
+    them): the ff and fb activity of the ``units`` columns whose ff activity varies most over
     the trial, in the output always with the chosen action's unit (black) and the Q-values it
     was chosen from; then the dopamine signal δ and the fraction of open gates per hidden layer.
     The title names the trial's label, action and reward (run files of layouts before 4 lack
@@ -1238,7 +1239,7 @@ def plot_trial_timecourse(run: Run, path: str | Path | None = None, index: int =
 
     course = run.timecourse(index)
     t_ms = course["t"] * 1000
-    names = [name for name in course["populations"] if name != "input"]
+    names = [name for name in course["populations"] if name == "output" or name in hidden_layers(run)]
     fig = _figure(figsize=(12, 1.9 * (len(names) + 1) + 1.2))
     axes = fig.subplots(len(names) + 1, 2, sharex=True, squeeze=False)
     for row, name in enumerate(names):

@@ -197,7 +197,7 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (('name = "tiny_ebp"', 'name = "../escaped"'), r"tiny\.toml: name: expected a non-empty name without '/'.*got '\.\./escaped'"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend_options = {foo = 1}'), r"tiny\.toml: backend_options\.foo: not an option of the torch backend; its options: none"),
         (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"\nbackend_options = {seed = 1}'), r"backend_options\.seed: not an option of the brian2 backend \(device, dtype and seed come from the run.*its options: tau_ff, "),
-        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"'), r"tiny\.toml: backend: the brian2 backend cannot build model 'net' \(.*tiny\.toml: layers\[0\]: the brian2 backend builds dense column layers only, not layer kind 'conv'; use backend='torch'"),
+        (('dataset = "digits"', 'dataset = "digits"\nbackend = "brian2"'), r"tiny\.toml: backend: the brian2 backend cannot build model 'net' \(.*tiny\.toml: layers\[0\]: the brian2 backend builds dense column layers \(and dropout\) only, not layer kind 'conv'; use backend='torch'"),
         (('dataset = "digits"', 'dataset = "mnist"'), r"tiny\.toml: model: 'net' expects input of shape \[1, 8, 8\], but data set 'mnist' has images of shape \[1, 28, 28\]; choose a model"),
         (('dataset = "digits"\nmodel = "net.toml"', 'dataset = "digits"\nmodel = {input_shape = [1, 8, 8], layers = [{kind = "dense", units = 16}], output = {actions = 3}}'),
          r"tiny\.toml: model: 'tiny_ebp' has 3 actions, data set 'digits' has 10 classes; choose a model"),

@@ -1692,10 +1692,10 @@ def test_analysis_scripts_regenerate_table_and_figures(finished_runs, tmp_path):
 TRACED_BATCHES = ((torch.arange(5), torch.tensor([0, 1, 2, 0, 1])), (torch.arange(10, 14), torch.tensor([2, 2, 1, 0])))  # (index, labels)
 
 
-def tiny_brian2(trace_every=4):
+def tiny_brian2(trace_every=4, layers=None):
     from agrel_sim import ColumnNetwork, Dense, Rule, build
 
-    description = ColumnNetwork((6,), [Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5), name="tiny")
+    description = ColumnNetwork((6,), layers or [Dense(5)], 3, rule=Rule(learning_rate=0.5, init_range=0.5), name="tiny")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "brian2 backend: .* short of its fixed point", UserWarning)  # short phases suffice here
         return description, build(description, backend="brian2", trace_every=trace_every, t_stimulus=20, t_selection=5, t_feedback=20, t_rpe=5, t_plasticity=5)
@@ -1753,6 +1753,33 @@ def test_brian2_time_courses_go_into_the_run_file_and_a_figure(traced_run, tmp_p
     assert run.timecourse(-3)["trial"] == 0
     with pytest.raises(IndexError, match=r"run\.h5: index 3 is out of range for its 3 traced trials \(0 to 2, or -3 to -1 from the last\)"):
         run.timecourse(3)
+
+
+def test_a_brian2_dropout_layer_is_traced_and_recorded_as_its_columns_and_drawn_as_none(tmp_path, monkeypatch):
+    # As on the torch backend, a dropout layer shows the columns below it: their activity as the
+    # layer above sees it (scaled, 0 where dropped) and their gate and feedback, at every step.
+    from agrel_sim import Dense, Dropout
+    from agrel_sim.analysis import plot_trial_timecourse
+    from agrel_sim.recorder import RunFile
+    from agrel_sim.training import EpochMetrics
+
+    description, net = tiny_brian2(trace_every=1, layers=[Dense(8), Dropout(0.5)])
+    recorder = RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none"}, 0)
+    index, labels = TRACED_BATCHES[0]
+    trials = net.run_trials(torch.rand(5, 6, generator=torch.Generator().manual_seed(0)), labels, record=True)
+    recorder.record_batch(1, 0, index, labels, trials)
+    recorder.write_epoch(1, EpochMetrics(1, 0.3, 0.1, 0.3, 1.0, 0.5))
+    with h5py.File(tmp_path / "run.h5", "r") as run:
+        columns, dropout = run["timecourses"]["layers.0"], run["timecourses"]["layers.1"]
+        kept = trials.layers[1].gate.numpy() | (trials.layers[0].ff.numpy() == 0)  # kept, or silent anyway
+        np.testing.assert_allclose(dropout["ff"][:], columns["ff"][:] * 2 * kept[:, None, :], rtol=1e-6)
+        assert np.array_equal(dropout["gate"][:], columns["gate"][:]) and np.array_equal(dropout["fb"][:], columns["fb"][:])
+        assert (~kept).any() and kept.any()
+        assert not columns["gate"][:][..., ~kept[0]][0].any(), "a dropped column's gate is shut"
+    figures = drawn_figures(monkeypatch)
+    with pytest.warns(IncompleteRunWarning):
+        plot_trial_timecourse(load_run(tmp_path / "run.h5"), tmp_path / "trial.png")
+    assert [ax.get_ylabel() for ax in figures[0].axes[::2]] == ["layers.0", "output", "dopamine δ = r − q_s"], "no row repeats the columns below a dropout layer"
 
 
 def test_a_traced_trial_comes_back_with_its_record_and_phases_in_order(traced_run, tmp_path):

@@ -8,13 +8,22 @@ population, the output layer's linear ff neurons are the Q-units.
 
 Rate neurons (``[x]+ = max(0, x)``; the output layer is linear, its gate always open)::
 
-    tau_ff dy/dt  = -y + [I_ff + b]+          I_ff = sum_p W[m, p] y_p            (ff synapses)
-    tau_fb dfb/dt = -fb + gate * I_fb         I_fb = sum_q W'[q, m] fb_q          (fb synapses)
-    gate          = I_ff + b > 0              (output layer: tau_fb dfb/dt = -fb + z)
+    tau_ff dy/dt  = -y + [I_ff + b]+          I_ff = sum_p W[m, p] mask_p y_p     (ff synapses)
+    tau_fb dfb/dt = -fb + gate * mask * I_fb  I_fb = sum_q W'[q, m] fb_q          (fb synapses)
+    gate          = I_ff + b > 0 and mask > 0 (output layer: tau_fb dfb/dt = -fb + z)
 
 A column's gate is open while its drive is above 0, that is while the rate it settles towards
 is: at the fixed point exactly the rule's gate (``a > 0``), and a column whose drive turns
 negative while the layers settle closes its gate at once, while its activity decays.
+
+Dropout is the ``mask`` of the columns below a dropout layer, set at the start of every trial of
+a learning batch: 0 for a dropped column (its gate closed, so that it passes no feedback and
+its synapses do not learn, and the layer above sees no activity from it), ``1 / (1 - rate)``
+for a kept one (the scale of its activity as the layer above sees it and of the feedback it
+receives); 1 in every other trial. Columns without a dropout layer above have no ``mask``
+(their equations are those above without it, so that such networks compute as before). The
+columns kept are drawn for the whole batch before its first trial, layer by layer from the
+bottom and before the draws of action selection, as the torch backend draws them.
 
 One trial is a timeline of five phases, whose durations are options of :func:`build`:
 
@@ -83,7 +92,7 @@ from agrel_sim.backends import (
 )
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number, shown
-from agrel_sim.network import ColumnNetwork, Dense
+from agrel_sim.network import ColumnNetwork, Dense, Dropout
 
 if not _BRIAN2_IMPORTED_BEFORE:
     # Importing Brian2 routes Python warnings into its log (logging.captureWarnings), where the
@@ -114,12 +123,13 @@ consolidate : 1 (linked)
 """
 
 
-def ff_neuron_model(linear: bool, bias: bool) -> str:
+def ff_neuron_model(linear: bool, bias: bool, dropout: bool = False) -> str:
     """The feedforward neuron of a column: a rate neuron, rectified unless ``linear`` (Q-units).
 
     ``fb`` is linked to the column's feedback neuron, so that the column's own synapses can see
     the feedback that reaches it. A bias is a synapse from an always-active unit (``I_bias``).
-    The gate is open while the drive is above 0 (and recorded so: ``_Episode._populations``).
+    The gate is open while the drive is above 0 and the column is not dropped (and recorded so:
+    ``_Episode._gate``); ``mask`` is the column's dropout (the module's docstring).
 
     Parameters
     ----------
@@ -127,6 +137,8 @@ def ff_neuron_model(linear: bool, bias: bool) -> str:
         Linear neurons (the output Q-units): the rate is the drive itself, the gate always open.
     bias : bool
         Whether the column has a bias, the input ``I_bias`` of a bias synapse.
+    dropout : bool
+        Whether a dropout layer lies above the columns: they have a ``mask``.
 
     Returns
     -------
@@ -136,21 +148,29 @@ def ff_neuron_model(linear: bool, bias: bool) -> str:
     drive = "I_ff + I_bias" if bias else "I_ff"
     rate = drive if linear else f"clip({drive}, 0, inf)"
     lines = [f"dy/dt = (-y + {rate}) / tau_ff : 1", "I_ff : 1", "fb : 1 (linked)"]
-    lines.append("gate = 1 : 1" if linear else f"gate = int({drive} > 0) : 1")
+    if linear:
+        lines.append("gate = 1 : 1")
+    elif dropout:
+        lines += [f"gate = int({drive} > 0) * int(mask > 0) : 1", "mask : 1  # 0 where dropped, else the scale 1 / (1 - rate); 1 outside learning"]
+    else:
+        lines.append(f"gate = int({drive} > 0) : 1")
     if bias:
         lines.append("I_bias : 1")
     return "\n".join(lines)
 
 
-def fb_neuron_model(top: bool) -> str:
-    """The feedback neuron of a column, driven through its gate; at the top by the motor signal
-    ``z`` of the selected action. ``y`` and ``gate`` are linked to the column's feedforward neuron.
+def fb_neuron_model(top: bool, dropout: bool = False) -> str:
+    """The feedback neuron of a column, driven through its gate (and dropout mask); at the top by
+    the motor signal ``z`` of the selected action. ``y``, ``gate`` (and ``mask``) are linked to
+    the column's feedforward neuron.
 
     Parameters
     ----------
     top : bool
         The output layer's feedback neurons, driven by ``z`` (gate always open) instead of the
         fb synapses from above.
+    dropout : bool
+        Whether a dropout layer lies above the column: its ``mask`` scales the feedback.
 
     Returns
     -------
@@ -159,6 +179,8 @@ def fb_neuron_model(top: bool) -> str:
     """
     if top:
         return "\n".join(["dfb/dt = (-fb + z) / tau_fb : 1", "z : 1", "y : 1 (linked)", "gate = 1 : 1"])
+    if dropout:
+        return "\n".join(["dfb/dt = (-fb + gate * mask * I_fb) / tau_fb : 1", "I_fb : 1", "y : 1 (linked)", "gate : 1 (linked)", "mask : 1 (linked)"])
     return "\n".join(["dfb/dt = (-fb + gate * I_fb) / tau_fb : 1", "I_fb : 1", "y : 1 (linked)", "gate : 1 (linked)"])
 
 
@@ -175,19 +197,21 @@ consolidate : 1 (shared)      # 1 at the last step of a batch: apply the accumul
 """
 
 
-FF_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_ff_post = w * y_pre : 1 (summed)" + NEUROMODULATION
+# {lower}: the ff activity of the lower column as the upper one sees it (after its dropout mask).
+FF_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_ff_post = w * {lower} : 1 (summed)" + NEUROMODULATION
 FB_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_fb_post = w * fb_pre : 1 (summed)" + NEUROMODULATION
 BIAS_SYNAPSE_MODEL = "w : 1\ndw : 1\nI_bias_post = w * y_pre : 1 (summed)" + NEUROMODULATION
 
-# The four factors: dopamine (delta), presynaptic ff activity, gate and feedback of the upper
-# column. Written in the same order for both directions, so tied weights stay bitwise equal.
+# The four factors: dopamine (delta), presynaptic ff activity (as the upper column sees it,
+# after dropout), gate and feedback of the upper column. Written in the same order for both
+# directions, so tied weights stay bitwise equal.
 # It runs in learning batches only, and dw is 0 at the start of every batch (Brian2Network._run).
 FF_PLASTICITY = """
-dw += plasticity_rate * delta * y_pre * gate_post * fb_post
+dw += plasticity_rate * delta * {lower} * gate_post * fb_post
 w = w * (1 - consolidate * decay) + consolidate * dw
 """
 FB_PLASTICITY = """
-dw += plasticity_rate * delta * y_post * gate_pre * fb_pre
+dw += plasticity_rate * delta * {lower} * gate_pre * fb_pre
 w = w * (1 - consolidate * decay) + consolidate * dw
 """
 
@@ -584,6 +608,37 @@ class DenseColumnPopulation:
         self.bias_synapses.w[:] = _matrix(value, (self.weight_shape[0],), f"{self.name}.bias")
 
 
+class DropoutColumns:
+    """A dropout layer: the ``mask`` of the columns below it (the module's docstring); no
+    neurons and no weights of its own.
+
+    Its ``ff``, ``fb`` and ``bias`` raise ``AttributeError``, when read or assigned, as on the
+    torch backend.
+
+    Parameters
+    ----------
+    name : str
+        ``"layers.N"``, as in the torch backend.
+    rate : float
+        The fraction of the columns below dropped in each trial of a learning batch.
+    columns : DenseColumnPopulation
+        The columns below (through any dropout layers between).
+    """
+
+    has_weights = False
+
+    def _no_weights(self, value=None):
+        """No weights: reading or assigning them raises ``AttributeError``."""
+        raise AttributeError(f"{self.name} is a dropout layer: it has no weights")
+
+    ff = fb = bias = property(_no_weights, _no_weights)
+
+    def __init__(self, name, rate, columns):
+        self.name = name
+        self.rate = rate
+        self.columns = columns
+
+
 def _four_factor_change(after: np.ndarray, before: np.ndarray, decay: float) -> np.ndarray:
     """``after - before * (1 - decay)``, with differences within rounding of the decay set to 0."""
     change = after - before * (1 - decay)
@@ -637,7 +692,7 @@ class Brian2Network:
     Parameters
     ----------
     description : ColumnNetwork
-        The description: dense layers only, rule ``deepagrel``.
+        The description: dense and dropout layers only, rule ``deepagrel``.
     timeline : Timeline
         The phases of a trial.
     tau_ff, tau_fb : float
@@ -656,8 +711,10 @@ class Brian2Network:
     backend : str
         ``"brian2"``, the key of this backend in :data:`agrel_sim.backends.BACKENDS`.
     description : ColumnNetwork
-    layers : list of DenseColumnPopulation
-        The hidden layers bottom to top, then the output layer.
+    layers : list of DenseColumnPopulation and DropoutColumns
+        The hidden layers bottom to top, then the output layer, as in the torch backend.
+    columns : list of DenseColumnPopulation
+        The layers of :attr:`layers` that have columns and weights (not the dropout layers).
     timeline : Timeline
     network : brian2.Network
         The one Brian2 network that every batch of trials runs in.
@@ -739,32 +796,42 @@ class Brian2Network:
             bias_unit = self._neurons(1, BIAS_UNIT_MODEL, "bias_unit")
             bias_unit.y = 1.0
             objects.append(bias_unit)
-        below_ff, below_fb = self.stimulus, self.input_feedback
+        below_ff, below_fb, below_dropout = self.stimulus, self.input_feedback, False
         names = [f"layers.{i}" for i in range(len(description.layers))] + ["output"]
         self.layers = []
         for index, name in enumerate(names):
             top = name == "output"
+            if not top and isinstance(description.layers[index], Dropout):
+                self.layers.append(DropoutColumns(name, description.layers[index].rate, self.columns[-1]))  # check_network: never the input
+                continue
             units, inputs = math.prod(shapes[index + 1]), math.prod(shapes[index])
             label = name.replace(".", "_")
-            ff = self._neurons(units, ff_neuron_model(linear=top, bias=bias), f"{label}_ff", method="exponential_euler")
-            fb = self._neurons(units, fb_neuron_model(top=top), f"{label}_fb", method="exponential_euler")
+            dropout = not top and index + 1 < len(description.layers) and isinstance(description.layers[index + 1], Dropout)
+            ff = self._neurons(units, ff_neuron_model(linear=top, bias=bias, dropout=dropout), f"{label}_ff", method="exponential_euler")
+            fb = self._neurons(units, fb_neuron_model(top=top, dropout=dropout), f"{label}_fb", method="exponential_euler")
             ff.fb = brian2.linked_var(fb, "fb")
             fb.y = brian2.linked_var(ff, "y")
             if not top:
                 fb.gate = brian2.linked_var(ff, "gate")
+            if dropout:
+                ff.mask = 1.0
+                fb.mask = brian2.linked_var(ff, "mask")
             # Synapse k joins lower column k % inputs and upper column k // inputs, so the weight
             # array reshaped to (units, inputs) is the torch layout of both ff and fb.
             upper, lower = np.repeat(np.arange(units), inputs), np.tile(np.arange(inputs), units)
-            ff_syn = self._synapses(below_ff, ff, FF_SYNAPSE_MODEL, f"{label}_ff_synapses")
+            ff_syn = self._synapses(below_ff, ff, FF_SYNAPSE_MODEL.format(lower="y_pre * mask_pre" if below_dropout else "y_pre"), f"{label}_ff_synapses")
             ff_syn.connect(i=lower, j=upper)
             fb_syn = self._synapses(fb, below_fb, FB_SYNAPSE_MODEL, f"{label}_fb_synapses")
             fb_syn.connect(i=upper, j=lower)
-            plastic = [(ff_syn, FF_PLASTICITY), (fb_syn, FB_PLASTICITY)]
+            plastic = [
+                (ff_syn, FF_PLASTICITY.format(lower="y_pre * mask_pre" if below_dropout else "y_pre")),
+                (fb_syn, FB_PLASTICITY.format(lower="y_post * mask_post" if below_dropout else "y_post")),
+            ]
             bias_syn = None
             if bias:  # a synapse whose presynaptic activity is 1, learnt like the others
                 bias_syn = self._synapses(bias_unit, ff, BIAS_SYNAPSE_MODEL, f"{label}_bias_synapses")
                 bias_syn.connect(i=np.zeros(units, dtype=int), j=np.arange(units))
-                plastic.append((bias_syn, FF_PLASTICITY))
+                plastic.append((bias_syn, FF_PLASTICITY.format(lower="y_pre")))
             for synapses, code in plastic:
                 self._link_dopamine(synapses)
                 self._plasticity.append(synapses.run_regularly(code, when="end", name=f"{synapses.name}_plasticity"))
@@ -772,8 +839,13 @@ class Brian2Network:
             objects += [ff, fb]
             tied = description.rule.feedback == "tied"
             self.layers.append(DenseColumnPopulation(name, ff, fb, ff_syn, fb_syn, bias_syn, (units, inputs), tied, self.dtype))
-            below_ff, below_fb = ff, fb
+            below_ff, below_fb, below_dropout = ff, fb, dropout
         return objects
+
+    @property
+    def columns(self) -> list[DenseColumnPopulation]:
+        """The layers with columns and weights, bottom to top: :attr:`layers` less the dropout layers."""
+        return [layer for layer in self.layers if layer.has_weights]
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -790,7 +862,7 @@ class Brian2Network:
             for ``bias``.
         """
         out = {}
-        for layer in self.layers:
+        for layer in self.columns:
             synapses = {"ff": layer.ff_synapses, "fb": layer.fb_synapses, "bias": layer.bias_synapses}
             for part, group in synapses.items():
                 if group is not None:
@@ -815,7 +887,7 @@ class Brian2Network:
             right shape.
         """
         check_weights_to_load(weights, self.weights(), torch.float64)
-        for layer in self.layers:
+        for layer in self.columns:
             layer.ff = weights[f"{layer.name}.ff"]
             if not layer.tied:
                 layer.fb = weights[f"{layer.name}.fb"]
@@ -828,12 +900,13 @@ class Brian2Network:
         Returns
         -------
         dict of str to float
-            For every layer, the hidden ones bottom to top and then ``output``: the cosine
+            For every layer with weights (not the dropout layers), the hidden ones bottom to top
+            and then ``output``: the cosine
             similarity of its ``ff`` and ``fb`` synapses' weights, biases excluded
             (:func:`agrel_sim.rule.feedback_alignment`); 1.0 for ``tied`` and ``reciprocal``
             feedback.
         """
-        return {layer.name: agrel.feedback_alignment(layer.ff, layer.fb) for layer in self.layers}
+        return {layer.name: agrel.feedback_alignment(layer.ff, layer.fb) for layer in self.columns}
 
     # -- trials -------------------------------------------------------------------------------
 
@@ -862,7 +935,7 @@ class Brian2Network:
 
     def _drop_pending_change(self) -> None:
         """Zero the accumulated weight changes and the dopamine signals."""
-        for layer in self.layers:
+        for layer in self.columns:
             for synapses in (layer.ff_synapses, layer.fb_synapses, layer.bias_synapses):
                 if synapses is not None:
                     synapses.dw[:] = 0.0
@@ -923,7 +996,7 @@ class Brian2Network:
             ``layers`` (when ``record``) and ``traces`` of the trials chosen by ``trace_every``.
         """
         stimuli = self._check_batch(images, labels, actions, check_range, trials=True)
-        before = [layer.ff_synapses.w[:].copy() for layer in self.layers] if record and learn else None
+        before = {layer.name: layer.ff_synapses.w[:].copy() for layer in self.columns} if record and learn else None
         decay = self.learning_rate * self.description.rule.weight_decay  # as the batch's end applies it
         episode = _Episode(
             self, stimuli, steps_per_trial=self.timeline.trial_steps, labels=labels.detach().cpu().long(),
@@ -938,11 +1011,11 @@ class Brian2Network:
         if record:
             # The fraction of synapses that the four-factor rule changed, as the torch backend counts
             # it: the change after the weight decay, less what is left of the decay's rounding.
-            changed = [changed_fraction(torch.from_numpy(_four_factor_change(layer.ff_synapses.w[:], old, decay))) for layer, old in zip(self.layers, before)] if learn else [None] * len(self.layers)
+            changed = {layer.name: changed_fraction(torch.from_numpy(_four_factor_change(layer.ff_synapses.w[:], before[layer.name], decay))) for layer in self.columns} if learn else {}
             records = [
                 LayerActivity(layer.name, *(torch.from_numpy(np.stack(episode.records[layer.name][part])).to(self.dtype) for part in ("ff", "fb")),
-                              torch.from_numpy(np.stack(episode.records[layer.name]["gate"])).bool(), fraction)
-                for layer, fraction in zip(self.layers, changed)
+                              torch.from_numpy(np.stack(episode.records[layer.name]["gate"])).bool(), changed.get(layer.name))
+                for layer in self.layers
             ]
         return Brian2Trials(q, chosen, rewards, delta=torch.tensor(episode.deltas, dtype=self.dtype), layers=records, traces=episode.traces)
 
@@ -963,6 +1036,8 @@ class _Episode:
         n_actions = net.description.n_actions
         # The random numbers of action selection for the whole batch, drawn before its first
         # trial as the torch backend draws them (in the dtype it would run in); row i is trial i's.
+        # Dropout: the scale of each dropout layer's columns, (B, columns), up to that layer.
+        self.dropout_scales = self._draw_dropout() if learn else {}
         self.exploration = None
         if labels is not None and actions is None:
             selection = net.description.action_selection
@@ -977,13 +1052,31 @@ class _Episode:
         self.actions, self.deltas, self.traces = [], [], []
         self.records = {layer.name: {"ff": [], "fb": [], "gate": []} for layer in net.layers}
         self.tracing = None
+        self.trial_scales = {}  # the current trial's rows of dropout_scales
         # Views of the state arrays (runtime mode: the arrays the generated code works on).
-        self.ff_rates = [_state(layer.ff_neurons, "y") for layer in net.layers]
-        self.fb_rates = [_state(net.input_feedback, "fb")] + [_state(layer.fb_neurons, "fb") for layer in net.layers]
-        self.drives = [[_state(layer.ff_neurons, name) for name in ("I_ff", "I_bias") if name in layer.ff_neurons.variables] for layer in net.layers]
+        self.ff_rates = {layer.name: _state(layer.ff_neurons, "y") for layer in net.columns}
+        self.fb_rates = {"input": _state(net.input_feedback, "fb")} | {layer.name: _state(layer.fb_neurons, "fb") for layer in net.columns}
+        self.drives = {layer.name: [_state(layer.ff_neurons, name) for name in ("I_ff", "I_bias") if name in layer.ff_neurons.variables] for layer in net.columns}
+        self.masks = {layer.name: _state(layer.ff_neurons, "mask") for layer in net.columns if "mask" in layer.ff_neurons.variables}
         self.stimulus = _state(net.stimulus, "y")
-        self.motor = _state(net.layers[-1].fb_neurons, "z")
+        self.motor = _state(net.columns[-1].fb_neurons, "z")
         self.dopamine = {name: _state(net.dopamine, name) for name in ("delta", "plasticity_rate", "consolidate")}
+
+    def _draw_dropout(self) -> dict[str, np.ndarray]:
+        """The columns kept in every trial, drawn as the torch backend's forward pass draws them
+        (in float32, layer by layer from the bottom; none at rate 0), and their scale: for each
+        dropout layer, ``(B, columns)``, the product of ``1 / (1 - rate)`` (0 where dropped) over
+        it and the dropout layers between it and its columns."""
+        scales = {}
+        below = {}  # the columns' scale so far, by their layer's name
+        for layer in self.net.layers:
+            if isinstance(layer, DropoutColumns) and layer.rate > 0:
+                size = layer.columns.weight_shape[0]
+                keep = torch.rand((len(self.stimuli), size), generator=self.net.generator, dtype=torch.float32) >= layer.rate
+                scale = keep.numpy().astype(np.float64) / (1 - layer.rate)
+                below[layer.columns.name] = below[layer.columns.name] * scale if layer.columns.name in below else scale
+                scales[layer.name] = below[layer.columns.name]
+        return scales
 
     def start_of_step(self):
         """The events at phase boundaries, before the neurons integrate this time step."""
@@ -1007,7 +1100,7 @@ class _Episode:
         if self.tracing is not None:
             self._sample(self.tracing)
         if step == self.selection_step - 1:  # the end of the stimulus phase
-            self.q[trial] = self.ff_rates[-1]
+            self.q[trial] = self.ff_rates["output"]
         if step == self.steps_per_trial - 1:
             if self.record:
                 self._record_end_of_trial()
@@ -1022,8 +1115,14 @@ class _Episode:
 
     def _begin_trial(self, trial):
         """The inter-trial reset: all activity back to 0, the new stimulus on, no dopamine."""
-        for rates in self.ff_rates + self.fb_rates:
+        for rates in (*self.ff_rates.values(), *self.fb_rates.values()):
             rates[:] = 0.0
+        self.trial_scales = {name: scales[trial] for name, scales in self.dropout_scales.items()}
+        for mask in self.masks.values():
+            mask[:] = 1.0
+        for layer in self.net.layers:  # bottom up: the top dropout layer of a stack gives its columns' mask
+            if layer.name in self.trial_scales:
+                self.masks[layer.columns.name][:] = self.trial_scales[layer.name]
         self.motor[:] = 0.0
         self.stimulus[:] = self.stimuli[trial]
         self.dopamine["delta"][:] = 0.0
@@ -1058,11 +1157,26 @@ class _Episode:
 
     def _populations(self):
         """Name, ff rates, fb rates and open gates, input to output: the gates as the models have
-        them (:func:`ff_neuron_model`), from the drive the neurons integrated in this time step."""
+        them (:func:`ff_neuron_model`), from the drive the neurons integrated in this time step.
+        A dropout layer shows its columns, as on the torch backend: their activity as the layer
+        above sees it (scaled, 0 where dropped), their gate and their feedback."""
         net = self.net
-        yield "input", self.stimulus, self.fb_rates[0], self.stimulus > 0
-        for layer, ff, fb, drive in zip(net.layers, self.ff_rates, self.fb_rates[1:], self.drives):
-            yield layer.name, ff, fb, np.ones(ff.shape, dtype=bool) if layer is net.layers[-1] else sum(drive) > 0
+        yield "input", self.stimulus, self.fb_rates["input"], self.stimulus > 0
+        for layer in net.layers:
+            if isinstance(layer, DropoutColumns):
+                name = layer.columns.name
+                ff = self.ff_rates[name] * self.trial_scales[layer.name] if layer.name in self.trial_scales else self.ff_rates[name]
+                yield layer.name, ff, self.fb_rates[name], self._gate(name)
+            else:
+                yield layer.name, self.ff_rates[layer.name], self.fb_rates[layer.name], self._gate(layer.name)
+
+    def _gate(self, name) -> np.ndarray:
+        """The open gates of the columns of layer ``name``: the output's always; a hidden layer's
+        where the drive is above 0 and the column is not dropped."""
+        if name == "output":
+            return np.ones(self.ff_rates[name].shape, dtype=bool)
+        gate = sum(self.drives[name]) > 0
+        return gate & (self.masks[name] > 0) if name in self.masks else gate
 
     def _sample(self, trace):
         ff, fb, gate = [], [], []
@@ -1099,7 +1213,7 @@ def _state(group, name) -> np.ndarray:
 
 
 def check_network(network: ColumnNetwork) -> None:
-    """Raise unless every layer is dense and the rule is DeepAGREL (what this backend builds).
+    """Raise unless every layer is dense or dropout and the rule is DeepAGREL (what this backend builds).
 
     Parameters
     ----------
@@ -1109,14 +1223,14 @@ def check_network(network: ColumnNetwork) -> None:
     Raises
     ------
     UnsupportedLayerError
-        For a layer kind other than dense (the message names the backend and the kind).
+        For a layer kind other than dense and dropout (the message names the backend and the kind).
     ValueError
         For rule ``ebp``.
     """
     for index, layer in enumerate(network.layers):
-        if not isinstance(layer, Dense):
+        if not isinstance(layer, Dense | Dropout):
             raise UnsupportedLayerError(
-                f"{network.source}: layers[{index}]: the {BACKEND} backend builds dense column layers only, "
+                f"{network.source}: layers[{index}]: the {BACKEND} backend builds dense column layers (and dropout) only, "
                 f"not layer kind {layer.kind!r}; use backend='torch' for this network"
             )
     if network.rule.name != "deepagrel":
@@ -1139,14 +1253,14 @@ def build(
     codegen_target: str = "numpy",
     trace_every: int = 0,
 ) -> Brian2Network:
-    """Build a dense column network into Brian2 objects (runtime mode).
+    """Build a dense column network (dense and dropout layers) into Brian2 objects (runtime mode).
 
     Durations are Brian2 time quantities (``10 * ms``) or plain numbers of milliseconds.
 
     Parameters
     ----------
     network : ColumnNetwork
-        The description; dense layers only, rule ``deepagrel``.
+        The description; dense and dropout layers only, rule ``deepagrel``.
     device : str or torch.device
         Must be the CPU (Brian2's runtime mode runs there); accepted for the common API.
     dtype : torch.dtype
@@ -1179,7 +1293,7 @@ def build(
     Raises
     ------
     UnsupportedLayerError
-        For a layer kind other than dense (the message names the backend and the kind).
+        For a layer kind other than dense and dropout (the message names the backend and the kind).
     ValueError
         For a device other than the CPU (one that is not cpu, cuda or cuda:N, or that this
         machine lacks, is named as by the torch backend), an unsupported dtype, a seed that is
@@ -1208,7 +1322,8 @@ def build(
         raise ValueError(f"the {BACKEND} backend computes in float64, but brian2.prefs.core.default_float_dtype is {brian2.prefs.core.default_float_dtype!r}; set it to numpy.float64")
     settings = _settings(tau_ff, tau_fb, dt, t_stimulus, t_selection, t_feedback, t_rpe, t_plasticity, codegen_target, trace_every)
     timeline, tau_ff, tau_fb = settings[:3]
-    warn_if_unsettled(len(network.layers) + 1, timeline, tau_ff, tau_fb)  # the hidden layers and the output
+    stages = sum(isinstance(layer, Dense) for layer in network.layers) + 1  # the column layers and the output; dropout adds no neurons
+    warn_if_unsettled(stages, timeline, tau_ff, tau_fb)
     return Brian2Network(network, *settings, dtype, seed)
 
 
