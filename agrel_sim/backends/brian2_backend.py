@@ -982,7 +982,8 @@ class Brian2Network:
         actions : Tensor (B,) of any integer dtype, optional
             Force these actions instead of selecting them.
         learn : bool
-            Apply plasticity: the mean of the B single-trial changes, at the end of the batch.
+            Apply plasticity (and dropout): the mean of the B single-trial changes, at the end
+            of the batch.
         record : bool
             Also return each layer's ff activity, fb activity and gate at the end of each trial.
         check_range : bool
@@ -1034,10 +1035,10 @@ class _Episode:
         self.total_steps = steps_per_trial * len(stimuli)
         self.labels, self.forced, self.learn, self.record = labels, actions, learn, record
         n_actions = net.description.n_actions
-        # The random numbers of action selection for the whole batch, drawn before its first
-        # trial as the torch backend draws them (in the dtype it would run in); row i is trial i's.
         # Dropout: the scale of each dropout layer's columns, (B, columns), up to that layer.
         self.dropout_scales = self._draw_dropout() if learn else {}
+        # The random numbers of action selection for the whole batch, drawn before its first
+        # trial as the torch backend draws them (in the dtype it would run in); row i is trial i's.
         self.exploration = None
         if labels is not None and actions is None:
             selection = net.description.action_selection
@@ -1114,7 +1115,8 @@ class _Episode:
     # -- events -------------------------------------------------------------------------------
 
     def _begin_trial(self, trial):
-        """The inter-trial reset: all activity back to 0, the new stimulus on, no dopamine."""
+        """The inter-trial reset: all activity back to 0, the new stimulus on, the trial's
+        dropout masks set, no dopamine."""
         for rates in (*self.ff_rates.values(), *self.fb_rates.values()):
             rates[:] = 0.0
         self.trial_scales = {name: scales[trial] for name, scales in self.dropout_scales.items()}
