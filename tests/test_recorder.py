@@ -95,6 +95,7 @@ def test_run_file_layout_is_readable_with_plain_h5py(tmp_path, rule):
             assert np.all(run["layers"]["layers.2"]["fb"][:][silent] == 0), "a closed gate silences the fb neuron"
         else:
             assert np.isnan(delta).all()
+            assert all(np.isnan(run["layers"][name]["fb"][:]).all() for name in run["layers"]), "EBP has no fb neurons"
         # Tied feedback (the default) is aligned exactly; EBP has no feedback weights. Epoch 0:
         # the weights the run began with. The dropout layer (layers.1) has no weights.
         alignment = run["alignment"]
@@ -193,7 +194,8 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
         run_experiment(experiment(epochs=1), out=tmp_path, log=None)
     first = stored_result(tmp_path)
     lines = []
-    again = run_experiment(experiment(epochs=1), out=tmp_path, resume=True, log=lines.append)
+    # A finished run's logging is not compared: the run is done whatever it would sample.
+    again = run_experiment(experiment(epochs=1), out=tmp_path, resume=True, logging=LogSettings(every_batches=7), log=lines.append)
     assert again == first and lines[-1:] == [f"{tmp_path / 'run.h5'}: this run is already complete; its result follows (to go on, raise training.patience or training.max_epochs, e.g. with --patience)"]
 
 
@@ -363,6 +365,10 @@ def test_table_refuses_runs_of_other_settings_or_one_seed_twice_and_lists_incomp
     assert "training.lr_decay_factor: 1.0 and 0.5" in capsys.readouterr().err
     with h5py.File(tmp_path / "b" / "seed1" / "run.h5", "a") as run:
         run.attrs["config"] = json.dumps({**config, "training": {**config["training"], "lr_decay_factor": 1.0}})
+    edit_config(tmp_path / "b" / "seed1" / "run.h5", lambda config: config.update(dtype="float64"))
+    assert main(["table", str(tmp_path)]) == 2
+    assert "dtype: 'float32' and 'float64'" in capsys.readouterr().err
+    edit_config(tmp_path / "b" / "seed1" / "run.h5", lambda config: config.update(dtype="float32"))
 
     # An incomplete run is left out of the table, and said so in one line.
     with h5py.File(tmp_path / "b" / "seed1" / "run.h5", "a") as run:
@@ -504,16 +510,19 @@ def test_older_checkpoints_and_run_files_cannot_be_resumed(tmp_path):
 
 def test_a_run_whose_records_are_damaged_does_not_go_on(tmp_path):
     # Opening the file reads no record: damage inside a chunk of data is found only by reading
-    # it, and a run that went on would end "complete" with it.
-    run_experiment(experiment(epochs=2), seed=0, out=tmp_path, log=None)
+    # it, and a run that went on would end "complete" with it. Here the last of many chunks.
+    logging = LogSettings(every_batches=1, trials_per_batch=20)
+    run_experiment(experiment(epochs=2), seed=0, out=tmp_path, logging=logging, log=None)
     with h5py.File(tmp_path / "run.h5", "r") as run:
-        chunk = run["layers/layers.0/ff"].id.get_chunk_info(0)
+        ff = run["layers/layers.0/ff"].id
+        assert ff.get_num_chunks() > 2
+        chunk = ff.get_chunk_info(ff.get_num_chunks() - 1)
     with open(tmp_path / "run.h5", "r+b") as handle:
         handle.seek(chunk.byte_offset + chunk.size // 2)
         handle.write(bytes(64))
     damaged = (tmp_path / "run.h5").read_bytes()
     with pytest.raises(ValueError, match=r"run\.h5: the run file is damaged \(cannot read /layers/layers\.0/ff: .*\); move the run folder away and train the run again"):
-        run_experiment(experiment(epochs=3), seed=0, out=tmp_path, resume=True, log=None)
+        run_experiment(experiment(epochs=3), seed=0, out=tmp_path, resume=True, logging=logging, log=None)
     assert (tmp_path / "run.h5").read_bytes() == damaged
 
 
@@ -577,6 +586,9 @@ def test_the_alignment_rows_are_the_networks_at_the_end_of_each_epoch(tmp_path, 
     RunFile(tmp_path / "run.h5", net, config, 0, resume_after=2)
     with h5py.File(tmp_path / "run.h5", "r") as run:
         assert run["alignment"]["epoch"][:].tolist() == [0, 1, 2] and run["alignment"]["output"].shape == (3,), "a resume drops the rows of later epochs"
+        rows = {f"trials/{name}": item.shape[0] for name, item in run["trials"].items()}
+        rows.update({f"layers/{layer}/{name}": run["layers"][layer][name].shape[0] for layer in run["layers"] for name in ("ff", "fb", "gate")})
+        assert set(rows.values()) == {2 * 10}, f"and the logged trials of later epochs (10 an epoch): {rows}"
 
 
 def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path):
@@ -867,7 +879,8 @@ def test_asking_a_run_for_what_it_did_not_record_is_named(finished_runs, tmp_pat
 
 @pytest.mark.parametrize("factor", [None, 2])
 def test_a_run_files_experiment_trains_the_same_run_again(tmp_path, factor):
-    original = experiment(epochs=2, factor=factor, feedback="independent")
+    logging = LogSettings(every_batches=3, trials_per_batch=2, max_units=7, summary_trials=5)
+    original = dataclasses.replace(experiment(epochs=2, factor=factor, feedback="independent"), logging=logging)
     run_experiment(original, seed=5, out=tmp_path / "first", log=None)
     run = load_run(tmp_path / "first" / "run.h5")
     rebuilt = run.experiment()
@@ -1301,8 +1314,8 @@ def test_bad_run_files_get_clear_messages(finished_runs, tmp_path):
     newer = tmp_path / "newer.h5"
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", newer)
     with h5py.File(newer, "a") as handle:
-        handle.attrs["layout_version"] = 99
-    with pytest.raises(RunFileError, match="layout version 99, newer than the 5 this agrel-sim reads; upgrade"):
+        handle.attrs["layout_version"] = LAYOUT_VERSION + 1
+    with pytest.raises(RunFileError, match=f"layout version {LAYOUT_VERSION + 1}, newer than the {LAYOUT_VERSION} this agrel-sim reads; upgrade"):
         load_run(newer)
     older = tmp_path / "older.h5"  # layout 1 had no learning-rate schedule: the rule's rate throughout
     shutil.copy(finished_runs / "ebp" / "seed0" / "run.h5", older)
@@ -1409,12 +1422,16 @@ def test_a_run_reads_only_the_version_of_its_file_it_loaded(finished_runs, tmp_p
     assert capsys.readouterr().err == f"agrel-sim: error: {path}: the run file was replaced 5 times while it was read (its epochs take less time than its analysis); analyse it once it has finished\n"
 
 
-def test_analyze_draws_no_figure3_when_every_run_is_incomplete(finished_runs, tmp_path, capsys):
+def test_a_folder_of_incomplete_runs_gets_no_figure3_and_no_table(finished_runs, tmp_path, capsys):
     killed_in_its_first_epoch(finished_runs / "ebp" / "seed0" / "run.h5", tmp_path / "runs" / "ebp" / "seed0" / "run.h5", seed=0)
     assert main(["analyze", str(tmp_path / "runs"), "--out", str(tmp_path / "figures")]) == 0
     out, err = capsys.readouterr()
     assert "holds 0 finished epochs" in err and "Figure 3 leaves out 1 incomplete run(s)" in out and "\n4 figures written to " in out
     assert not (tmp_path / "figures" / "reward_curves.png").exists()
+    assert main(["table", str(tmp_path / "runs")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"agrel-sim: error: {tmp_path / 'runs'}: no complete runs here; 1 incomplete run(s) left out") and out == ""
+    assert not (tmp_path / "runs" / "table1.csv").exists()
 
 
 @pytest.mark.parametrize("command", ["analyze", "figure3"])
@@ -1618,6 +1635,7 @@ def in_result(**values):
     pytest.param(cut("layers/layers.0/gate"), r"records disagree \(/layers/layers\.0/gate has 3 rows where /trials/action has \d+\)", id="gates cut short"),
     pytest.param(cut("gating/layers.0/open_fraction"), r"records disagree \(/gating/layers\.0/open_fraction has 3 rows where /gating/epoch has \d+\)", id="gating cut short"),
     pytest.param(cut("epochs/seconds", 1), r"records disagree \(/epochs/seconds has 1 rows where /epochs/epoch has 2\)", id="epochs cut short"),
+    pytest.param(cut("alignment/output", 2), r"records disagree \(/alignment/output has 2 rows where /alignment/epoch has 3\)", id="alignment cut short"),
     pytest.param(a_dataset_in_place_of("gating/layers.1"), r"records disagree \(/gating/layers\.1 is not a group\)", id="gating of a layer a dataset"),
     pytest.param(a_dataset_in_place_of("trials"), r"records disagree \(/trials is not a group\)", id="trials a dataset"),
     pytest.param(lambda run: (run["epochs"].__delitem__("epoch"), run["epochs"].create_group("epoch")), r"cannot be read as a run file \(TypeError: ", id="epochs a group"),
@@ -1910,9 +1928,12 @@ def test_a_batch_is_recorded_with_its_own_trials(tmp_path):
     recorder = RunFile(tmp_path / "run.h5", net, {"experiment": "tiny_brian2", "model": description.to_dict(), "dataset": "none"}, 0)
     images, labels = torch.rand(3, 6, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2])
     first = net.run_trials(images, labels, record=True)
-    net.run_trials(images, labels, record=True)
+    second = net.run_trials(images, labels, record=True)
     with pytest.raises(ValueError, match=r"record_batch: traced trial 0 is not in this batch \(trials 3 to 5\); record each batch right after its run_trials"):
         recorder.record_batch(1, 0, torch.arange(3), labels, first)
+    second.traces[0].trial = 6  # as if it were the first trial of the next batch
+    with pytest.raises(ValueError, match=r"record_batch: traced trial 6 is not in this batch \(trials 3 to 5\)"):
+        recorder.record_batch(1, 0, torch.arange(3), labels, second)
 
 
 def test_a_configuration_made_in_python_gets_the_networks_model_and_must_hold_what_the_analyses_read(tmp_path):
@@ -1999,6 +2020,8 @@ def test_the_outcome_lines_count_only_the_epochs_with_both_outcomes(tmp_path):
 
 
 def test_the_traced_columns_are_those_named_in_units(tmp_path):
+    from agrel_sim import build
+
     # /layers/<layer>/{ff, gate} hold the columns named in units (the output's ff is the Q-values).
     logging = LogSettings(every_batches=5, trials_per_batch=4, max_units=4)
     run_experiment(experiment(epochs=1), seed=3, out=tmp_path, logging=logging, log=None)
@@ -2009,6 +2032,12 @@ def test_the_traced_columns_are_those_named_in_units(tmp_path):
     dense = run.layer("layers.2")  # 32 columns, 4 traced, no dropout layer above it
     assert dense["units"].tolist() != [0, 1, 2, 3] and dense["gate"].any()
     np.testing.assert_array_equal(dense["gate"], (dense["ff"] > 0).astype(np.uint8))
+    # The subset is drawn by the run's seed: the same seed, the same columns; another, others.
+    net = build(experiment().model)
+    for seed in (3, 4):
+        RunFile(tmp_path / f"seed{seed}.h5", net, {"experiment": "small", "dataset": "digits"}, seed, logging)
+        with h5py.File(tmp_path / f"seed{seed}.h5", "r") as other:
+            assert (other["layers"]["layers.2"]["units"][:].tolist() == dense["units"].tolist()) == (seed == 3), seed
 
 
 def test_a_finished_run_continued_holds_no_result_until_it_ends_again(tmp_path, monkeypatch):

@@ -680,6 +680,7 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
         ("mem_gb = -1", r"slurm\.mem_gb: expected a number of GB > 0, got -1\.0"),
         ("slurm_mem_gb = 0", r"slurm\.slurm_mem_gb: expected a number of GB > 0, got 0\.0"),
         ("gpus_per_node = -1", r"slurm\.gpus_per_node: expected a number of GPUs >= 0, got -1"),
+        ("gpus_per_node = true", r"slurm\.gpus_per_node: expected a number of GPUs >= 0, got True"),
     ):
         sweep_file.write_text(f"{text}[slurm]\n{table}\n")
         assert main(["sweep", str(sweep_file), "--executor", "submitit-local"]) == 2
@@ -729,7 +730,7 @@ def test_a_time_limit_must_outlast_submitits_signal_to_requeue(sweep_file):
         check("timeout_min = 1", "slurm")
     check("timeout_min = 1\nslurm_signal_delay_s = 30", "slurm")
     with pytest.raises(ValueError, match=r"slurm\.timeout_min: expected a whole number of minutes, longer than the 300 s before its end"):
-        check("timeout_min = 4\nslurm_signal_delay_s = 300", "slurm")
+        check("timeout_min = 5\nslurm_signal_delay_s = 300", "slurm")  # signalled as it starts
     with pytest.raises(ValueError, match=r"slurm\.slurm_signal_delay_s: expected an integer >= 1, got 0"):
         check("timeout_min = 4\nslurm_signal_delay_s = 0", "slurm")
     # Signalled before min(0.8 T, T - 600 s), a job counts as preempted, and is requeued without end.
@@ -829,10 +830,11 @@ def test_every_experiment_is_written_back_as_an_equal_one_that_trains(tmp_path, 
 
     import brian2
 
-    from agrel_sim import ConfigError, Experiment, default_experiment
+    from agrel_sim import ConfigError, Experiment, LogSettings, default_experiment
 
     folder = Path(__file__).resolve().parent.parent / "experiments"
-    for experiment in [default_experiment(), *(load_experiment(p) for p in sorted(folder.glob("*.toml")) if p.stem != "table1")]:
+    logged = dataclasses.replace(default_experiment(), name="logged", logging=LogSettings(every_batches=3, trials_per_batch=2, max_units=7, summary_trials=5))
+    for experiment in [default_experiment(), logged, *(load_experiment(p) for p in sorted(folder.glob("*.toml")) if p.stem != "table1")]:
         written = experiment.to_toml(tmp_path / f"{experiment.name}.toml")
         assert Experiment.from_toml(written) == dataclasses.replace(experiment, source=str(written)), experiment.name
     results = []
@@ -1095,7 +1097,7 @@ def test_a_sweep_job_that_finds_its_diverged_run_finished_reports_it_diverged(tm
     assert line.startswith("hot seed=0: test_acc=") and "converged=False diverged=True time=" in line, line
 
 
-def test_local_runs_share_only_the_cores_this_process_may_use(sweep_file, monkeypatch):
+def test_local_runs_share_only_the_cores_this_process_may_use_and_slurm_runs_those_of_their_job(sweep_file, monkeypatch):
     planned = []
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # as under taskset -c 0-3
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
@@ -1103,6 +1105,10 @@ def test_local_runs_share_only_the_cores_this_process_may_use(sweep_file, monkey
     run_sweep(load_sweep(sweep_file), jobs=2, log=lambda line: None)
     run_sweep(load_sweep(sweep_file), jobs=8, log=lambda line: None)
     assert planned == [2, 1]
+    # submitit lets slurm_<key> win over <key>.
+    for table in ("cpus_per_task = 2\nslurm_cpus_per_task = 6", "cpus_per_task = 3"):
+        run_sweep(with_slurm_table(sweep_file, f"timeout_min = 60\n{table}"), executor="slurm", log=lambda line: None)
+    assert planned == [2, 1, 6, 3]
 
 
 class FakeSlurmExecutor:
