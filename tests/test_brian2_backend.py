@@ -237,8 +237,8 @@ def test_settled_activity_and_q_values_match_torch():
 def test_dropout_drops_the_columns_that_torch_drops_and_learns_as_it_does():
     # The same seed drops the same columns (drawn as torch draws them, before the draws of action
     # selection), so the same actions are chosen; activity, gates, feedback and weight changes
-    # agree, stacked dropout layers included.
-    layers = (Dense(10), Dropout(0.5), Dense(9), Dropout(0.3), Dropout(0.2), Dense(8))
+    # agree, stacked dropout layers included (one of rate 0, which passes its input on).
+    layers = (Dense(10), Dropout(0.5), Dropout(0.0), Dense(9), Dropout(0.3), Dropout(0.2), Dense(8))
     description = describe("independent", bias=True, layers=layers, n_inputs=12)
     reference = build(description, dtype=torch.float64, seed=3)
     net = settled(description, settling=16, seed=3)
@@ -249,13 +249,13 @@ def test_dropout_drops_the_columns_that_torch_drops_and_learns_as_it_does():
         expected = reference.run_trials(images, labels, record=True)
         trials = net.run_trials(images, labels, record=True)
         assert torch.equal(trials.action, expected.action)
-        assert [r.name for r in trials.layers] == [r.name for r in expected.layers] == ["layers.0", "layers.1", "layers.2", "layers.3", "layers.4", "layers.5", "output"]
+        assert [r.name for r in trials.layers] == [r.name for r in expected.layers] == [*(f"layers.{index}" for index in range(7)), "output"]
         for record, reference_record in zip(trials.layers, expected.layers):
             assert torch.equal(record.gate, reference_record.gate), record.name
             torch.testing.assert_close(record.ff, reference_record.ff, **close)
             torch.testing.assert_close(record.fb, reference_record.fb, **close)
             assert (record.changed is None) == (reference_record.changed is None), record.name
-        assert ((trials.layers[0].ff > 0) & ~trials.layers[0].gate).any() and ((trials.layers[2].ff > 0) & ~trials.layers[2].gate).any(), "active columns dropped"
+        assert ((trials.layers[0].ff > 0) & ~trials.layers[0].gate).any() and ((trials.layers[3].ff > 0) & ~trials.layers[3].gate).any(), "active columns dropped"
     after, expected = net.weights(), reference.weights()
     change = max((expected[k] - start[k]).abs().max().item() for k in expected)
     assert max((after[k] - expected[k]).abs().max().item() for k in expected) < 1e-4 * change

@@ -35,6 +35,22 @@ def _removed(option: str) -> str:
     return f" ({REMOVED_OPTIONS[option]})" if option in REMOVED_OPTIONS else ""
 
 
+class DropoutLayer:
+    """The part that a backend's dropout layer shares with every backend's: it has no weights.
+
+    Its ``ff``, ``fb`` and ``bias`` raise ``AttributeError``, when read or assigned, so that
+    weights set on it are not silently ignored; ``has_weights`` is False. A subclass sets ``name``.
+    """
+
+    has_weights = False
+
+    def _no_weights(self, value=None):
+        """No weights: reading or assigning them raises ``AttributeError``."""
+        raise AttributeError(f"{self.name} is a dropout layer: it has no weights")
+
+    ff = fb = bias = property(_no_weights, _no_weights)
+
+
 class UnsupportedLayerError(NotImplementedError, ValueError):
     """A backend cannot build a layer kind; the message names the backend and the kind.
 

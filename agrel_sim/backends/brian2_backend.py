@@ -45,7 +45,8 @@ One trial is a timeline of five phases, whose durations are options of :func:`bu
     burst when the outcome is better than predicted, a dip when worse; held to the trial's end.
 ``plasticity``
     Every ff synapse ``p -> m`` and its fb partner ``m -> p`` accumulate the four-factor change
-    ``alpha * delta * y_p * gate_m * fb_m``, averaged over the time steps of this phase and
+    ``alpha * delta * y_p * gate_m * fb_m`` (``y_p * mask_p`` below a dropout layer: the activity
+    the upper column sees), averaged over the time steps of this phase and
     over the trials of the batch; at the last step of a batch the accumulated change (and
     weight decay) is applied, so that a batch's update is the mean of single-trial updates from
     the same starting weights, as in the torch backend. Every batch starts from no accumulated
@@ -88,7 +89,7 @@ from brian2.devices.device import RuntimeDevice
 
 from agrel_sim import rule as agrel
 from agrel_sim.backends import (
-    LEARNING_RATE, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weights_to_load, resolved_options, weights_to_set,
+    LEARNING_RATE, DropoutLayer, UnsupportedLayerError, check_batch, check_device, check_representable, check_seed, check_weights_to_load, resolved_options, weights_to_set,
 )
 from agrel_sim.backends.torch_backend import LayerActivity, ReadOnlyWeights, TorchNetwork, Trials, changed_fraction
 from agrel_sim.config import is_count, is_number, shown
@@ -608,12 +609,9 @@ class DenseColumnPopulation:
         self.bias_synapses.w[:] = _matrix(value, (self.weight_shape[0],), f"{self.name}.bias")
 
 
-class DropoutColumns:
+class DropoutColumns(DropoutLayer):
     """A dropout layer: the ``mask`` of the columns below it (the module's docstring); no
-    neurons and no weights of its own.
-
-    Its ``ff``, ``fb`` and ``bias`` raise ``AttributeError``, when read or assigned, as on the
-    torch backend.
+    neurons and no weights of its own (:class:`~agrel_sim.backends.DropoutLayer`).
 
     Parameters
     ----------
@@ -624,14 +622,6 @@ class DropoutColumns:
     columns : DenseColumnPopulation
         The columns below (through any dropout layers between).
     """
-
-    has_weights = False
-
-    def _no_weights(self, value=None):
-        """No weights: reading or assigning them raises ``AttributeError``."""
-        raise AttributeError(f"{self.name} is a dropout layer: it has no weights")
-
-    ff = fb = bias = property(_no_weights, _no_weights)
 
     def __init__(self, name, rate, columns):
         self.name = name
@@ -796,36 +786,36 @@ class Brian2Network:
             bias_unit = self._neurons(1, BIAS_UNIT_MODEL, "bias_unit")
             bias_unit.y = 1.0
             objects.append(bias_unit)
-        below_ff, below_fb, below_dropout = self.stimulus, self.input_feedback, False
+        below_ff, below_fb, below_masked = self.stimulus, self.input_feedback, False
         names = [f"layers.{i}" for i in range(len(description.layers))] + ["output"]
         self.layers = []
         for index, name in enumerate(names):
             top = name == "output"
             if not top and isinstance(description.layers[index], Dropout):
-                self.layers.append(DropoutColumns(name, description.layers[index].rate, self.columns[-1]))  # check_network: never the input
+                self.layers.append(DropoutColumns(name, description.layers[index].rate, self.columns[-1]))  # never the input (ColumnNetwork refuses it)
                 continue
             units, inputs = math.prod(shapes[index + 1]), math.prod(shapes[index])
             label = name.replace(".", "_")
-            dropout = not top and index + 1 < len(description.layers) and isinstance(description.layers[index + 1], Dropout)
-            ff = self._neurons(units, ff_neuron_model(linear=top, bias=bias, dropout=dropout), f"{label}_ff", method="exponential_euler")
-            fb = self._neurons(units, fb_neuron_model(top=top, dropout=dropout), f"{label}_fb", method="exponential_euler")
+            masked = not top and index + 1 < len(description.layers) and isinstance(description.layers[index + 1], Dropout)  # a dropout layer above
+            ff = self._neurons(units, ff_neuron_model(linear=top, bias=bias, dropout=masked), f"{label}_ff", method="exponential_euler")
+            fb = self._neurons(units, fb_neuron_model(top=top, dropout=masked), f"{label}_fb", method="exponential_euler")
             ff.fb = brian2.linked_var(fb, "fb")
             fb.y = brian2.linked_var(ff, "y")
             if not top:
                 fb.gate = brian2.linked_var(ff, "gate")
-            if dropout:
+            if masked:
                 ff.mask = 1.0
                 fb.mask = brian2.linked_var(ff, "mask")
             # Synapse k joins lower column k % inputs and upper column k // inputs, so the weight
             # array reshaped to (units, inputs) is the torch layout of both ff and fb.
             upper, lower = np.repeat(np.arange(units), inputs), np.tile(np.arange(inputs), units)
-            ff_syn = self._synapses(below_ff, ff, FF_SYNAPSE_MODEL.format(lower="y_pre * mask_pre" if below_dropout else "y_pre"), f"{label}_ff_synapses")
+            ff_syn = self._synapses(below_ff, ff, FF_SYNAPSE_MODEL.format(lower="y_pre * mask_pre" if below_masked else "y_pre"), f"{label}_ff_synapses")
             ff_syn.connect(i=lower, j=upper)
             fb_syn = self._synapses(fb, below_fb, FB_SYNAPSE_MODEL, f"{label}_fb_synapses")
             fb_syn.connect(i=upper, j=lower)
             plastic = [
-                (ff_syn, FF_PLASTICITY.format(lower="y_pre * mask_pre" if below_dropout else "y_pre")),
-                (fb_syn, FB_PLASTICITY.format(lower="y_post * mask_post" if below_dropout else "y_post")),
+                (ff_syn, FF_PLASTICITY.format(lower="y_pre * mask_pre" if below_masked else "y_pre")),
+                (fb_syn, FB_PLASTICITY.format(lower="y_post * mask_post" if below_masked else "y_post")),
             ]
             bias_syn = None
             if bias:  # a synapse whose presynaptic activity is 1, learnt like the others
@@ -839,7 +829,7 @@ class Brian2Network:
             objects += [ff, fb]
             tied = description.rule.feedback == "tied"
             self.layers.append(DenseColumnPopulation(name, ff, fb, ff_syn, fb_syn, bias_syn, (units, inputs), tied, self.dtype))
-            below_ff, below_fb, below_dropout = ff, fb, dropout
+            below_ff, below_fb, below_masked = ff, fb, masked
         return objects
 
     @property
@@ -1067,16 +1057,19 @@ class _Episode:
         """The columns kept in every trial, drawn as the torch backend's forward pass draws them
         (in float32, layer by layer from the bottom; none at rate 0), and their scale: for each
         dropout layer, ``(B, columns)``, the product of ``1 / (1 - rate)`` (0 where dropped) over
-        it and the dropout layers between it and its columns."""
+        it and the dropout layers between it and its columns; none where all of these have rate 0."""
         scales = {}
         below = {}  # the columns' scale so far, by their layer's name
         for layer in self.net.layers:
-            if isinstance(layer, DropoutColumns) and layer.rate > 0:
-                size = layer.columns.weight_shape[0]
-                keep = torch.rand((len(self.stimuli), size), generator=self.net.generator, dtype=torch.float32) >= layer.rate
+            if not isinstance(layer, DropoutColumns):
+                continue
+            columns = layer.columns.name
+            if layer.rate > 0:
+                keep = torch.rand((len(self.stimuli), layer.columns.weight_shape[0]), generator=self.net.generator, dtype=torch.float32) >= layer.rate
                 scale = keep.numpy().astype(np.float64) / (1 - layer.rate)
-                below[layer.columns.name] = below[layer.columns.name] * scale if layer.columns.name in below else scale
-                scales[layer.name] = below[layer.columns.name]
+                below[columns] = below[columns] * scale if columns in below else scale
+            if columns in below:  # a layer of rate 0 passes on the scale of those below it
+                scales[layer.name] = below[columns]
         return scales
 
     def start_of_step(self):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from agrel_sim import rule as agrel
-from agrel_sim.backends import LEARNING_RATE, check_batch, check_device, check_representable, check_seed, check_weights_to_load, weights_to_set
+from agrel_sim.backends import LEARNING_RATE, DropoutLayer, check_batch, check_device, check_representable, check_seed, check_weights_to_load, weights_to_set
 from agrel_sim.network import ColumnNetwork, Conv2d, Dense, Dropout, LocallyConnected2d
 
 
@@ -803,11 +803,9 @@ class LocallyConnectedColumns(_Layer):
         return dgfb.sum(0)
 
 
-class DropoutColumns:
-    """Silences a random subset of the columns below during learning trials; no weights.
-
-    Its ``ff``, ``fb`` and ``bias`` raise ``AttributeError``, when read or assigned, so that
-    weights set on it are not silently ignored.
+class DropoutColumns(DropoutLayer):
+    """Silences a random subset of the columns below during learning trials; no weights
+    (:class:`~agrel_sim.backends.DropoutLayer`).
 
     Parameters
     ----------
@@ -820,14 +818,6 @@ class DropoutColumns:
     net : TorchNetwork
         The network being built; its :attr:`~TorchNetwork.generator` draws the dropped columns.
     """
-
-    has_weights = False
-
-    def _no_weights(self, value=None):
-        """No weights: reading or assigning them raises ``AttributeError``."""
-        raise AttributeError(f"{self.name} is a dropout layer: it has no weights")
-
-    ff = fb = bias = property(_no_weights, _no_weights)
 
     def __init__(self, name, spec: Dropout, input_shape, net):
         self.name = name
