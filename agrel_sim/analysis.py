@@ -761,7 +761,8 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
     -------
     dict
         Per layer name: ``epoch`` (the epochs with logged trials), ``trials_rewarded`` and
-        ``trials_unrewarded`` (per epoch, the trials compared), ``open_fraction_rewarded``,
+        ``trials_unrewarded`` (per epoch, the trials compared), ``trials_not_finite`` (per
+        epoch, the trials left out for their Q-values), ``open_fraction_rewarded``,
         ``open_fraction_unrewarded``, ``fb_mean_abs_rewarded`` and ``fb_mean_abs_unrewarded``
         (per epoch, NaN where an epoch has no trial of that outcome; the ``fb`` ones always NaN
         for EBP, which has no feedback neurons), and ``open_fraction_difference`` and
@@ -776,13 +777,14 @@ def gating_by_outcome(run: Run) -> dict[str, dict]:
     kept = np.isfinite(trials["q"]).all(axis=1)
     outcomes = {outcome: [kept & (trials["epoch"] == e) & (rewarded == wanted) for e in epochs] for outcome, wanted in (("rewarded", True), ("unrewarded", False))}
     counts = {outcome: np.array([rows.sum() for rows in outcomes[outcome]]) for outcome in outcomes}
-    total = counts["rewarded"] + counts["unrewarded"]
-    weights = counts["rewarded"] * counts["unrewarded"] / np.maximum(total, 1)  # 0 for an epoch left without trials (all of a diverged network's)
+    not_finite = np.array([np.sum(~kept & (trials["epoch"] == e)) for e in epochs])
+    # 0 for an epoch left without trials (all of them a diverged network's)
+    weights = counts["rewarded"] * counts["unrewarded"] / np.maximum(counts["rewarded"] + counts["unrewarded"], 1)
     both = weights > 0
     out = {}
     for name in run.layer_names:
         layer = run.layer(name)
-        row = {"epoch": epochs, "trials_rewarded": counts["rewarded"], "trials_unrewarded": counts["unrewarded"]}
+        row = {"epoch": epochs, "trials_rewarded": counts["rewarded"], "trials_unrewarded": counts["unrewarded"], "trials_not_finite": not_finite}
         for quantity, values in (("open_fraction", layer["gate"]), ("fb_mean_abs", np.abs(layer["fb"]))):
             for outcome, rows_by_epoch in outcomes.items():
                 with warnings.catch_warnings():
@@ -835,8 +837,8 @@ def outcome_lines(run: Run) -> list[str]:
         return []
     counts = by_outcome[hidden[0]]
     both = int(np.sum((counts["trials_rewarded"] > 0) & (counts["trials_unrewarded"] > 0)))
-    logged, compared = len(run.trials()["label"]), int(counts["trials_rewarded"].sum() + counts["trials_unrewarded"].sum())
-    left_out = f" ({logged - compared} of the {logged} left out: their Q-values are not finite)" if compared < logged else ""
+    left, compared = int(counts["trials_not_finite"].sum()), int(counts["trials_rewarded"].sum() + counts["trials_unrewarded"].sum())
+    left_out = f" ({left} of the {left + compared} left out: their Q-values are not finite)" if left else ""
     if not both:
         return [f"  rewarded against unrewarded trials: no epoch logged trials of both outcomes{left_out}"]
     lines = [f"  rewarded minus unrewarded logged trials, within epochs ({both} of {len(counts['epoch'])} epochs have both){left_out}:"]

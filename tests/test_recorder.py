@@ -1046,6 +1046,7 @@ def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs
     row = gating_by_outcome(Run())["layers.0"]
     assert row["epoch"].tolist() == [1, 2, 3]
     assert row["trials_rewarded"].tolist() == [8, 1, 5] and row["trials_unrewarded"].tolist() == [2, 19, 0], "the diverged trial left out"
+    assert row["trials_not_finite"].tolist() == [1, 0, 0], "and counted"
     np.testing.assert_allclose(row["open_fraction_rewarded"], [0.3, 0.9, 0.5])
     np.testing.assert_allclose(row["open_fraction_unrewarded"], [0.2, 0.6, np.nan])
     weights = np.array([8 * 2 / 10, 1 * 19 / 20])  # n_r·n_u / (n_r + n_u); epoch 3 counts for nothing

@@ -1025,8 +1025,9 @@ class _Episode:
         self.total_steps = steps_per_trial * len(stimuli)
         self.labels, self.forced, self.learn, self.record = labels, actions, learn, record
         n_actions = net.description.n_actions
-        # Dropout: the scale of each dropout layer's columns, (B, columns), up to that layer.
-        self.dropout_scales = self._draw_dropout() if learn else {}
+        # Dropout, (B, columns) each: the scale of each dropout layer's columns up to that layer,
+        # and the mask of each layer of columns below dropout (the scale of its top dropout layer).
+        self.dropout_scales, self.mask_rows = self._draw_dropout() if learn else ({}, {})
         # The random numbers of action selection for the whole batch, drawn before its first
         # trial as the torch backend draws them (in the dtype it would run in); row i is trial i's.
         self.exploration = None
@@ -1053,11 +1054,12 @@ class _Episode:
         self.motor = _state(net.columns[-1].fb_neurons, "z")
         self.dopamine = {name: _state(net.dopamine, name) for name in ("delta", "plasticity_rate", "consolidate")}
 
-    def _draw_dropout(self) -> dict[str, np.ndarray]:
+    def _draw_dropout(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The columns kept in every trial, drawn as the torch backend's forward pass draws them
         (in float32, layer by layer from the bottom; none at rate 0), and their scale: for each
         dropout layer, ``(B, columns)``, the product of ``1 / (1 - rate)`` (0 where dropped) over
-        it and the dropout layers between it and its columns; none where all of these have rate 0."""
+        it and the dropout layers between it and its columns (none where all of these have rate
+        0); and, by the name of the columns' layer, that product over all their dropout layers."""
         scales = {}
         below = {}  # the columns' scale so far, by their layer's name
         for layer in self.net.layers:
@@ -1070,7 +1072,7 @@ class _Episode:
                 below[columns] = below[columns] * scale if columns in below else scale
             if columns in below:  # a layer of rate 0 passes on the scale of those below it
                 scales[layer.name] = below[columns]
-        return scales
+        return scales, below
 
     def start_of_step(self):
         """The events at phase boundaries, before the neurons integrate this time step."""
@@ -1113,11 +1115,8 @@ class _Episode:
         for rates in (*self.ff_rates.values(), *self.fb_rates.values()):
             rates[:] = 0.0
         self.trial_scales = {name: scales[trial] for name, scales in self.dropout_scales.items()}
-        for mask in self.masks.values():
-            mask[:] = 1.0
-        for layer in self.net.layers:  # bottom up: the top dropout layer of a stack gives its columns' mask
-            if layer.name in self.trial_scales:
-                self.masks[layer.columns.name][:] = self.trial_scales[layer.name]
+        for name, mask in self.masks.items():
+            mask[:] = self.mask_rows[name][trial] if name in self.mask_rows else 1.0
         self.motor[:] = 0.0
         self.stimulus[:] = self.stimuli[trial]
         self.dopamine["delta"][:] = 0.0
