@@ -484,6 +484,8 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     if jobs is not None and not is_count(jobs):
         raise ValueError(f"jobs: expected a whole number of runs at once, at least 1, got {shown(jobs, count=True)}")
     check_device(device, here=executor != "slurm")  # the machine that submits to SLURM need not have the cluster's GPUs
+    if executor != "local":  # before its cores per run are read
+        check_slurm_table(sweep, executor, device)
     out = Path(out or sweep.out).expanduser()  # the sweep file's out is read by no shell
     _check_out_folder(out)
     if executor == "slurm":
@@ -736,12 +738,12 @@ def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
 
 
 def _submitit_executor(executor: str, out: Path, sweep: Sweep, device: str = "cpu"):
-    """A submitit executor with the sweep file's ``[slurm]`` parameters, each checked (:func:`check_slurm_table`, then by submitit)."""
+    """A submitit executor with the sweep file's ``[slurm]`` parameters, which :func:`check_slurm_table`
+    has checked, and submitit checks as they are set."""
     try:
         import submitit
     except ImportError:
         raise ValueError("executor: submitit is not installed; install it with `pip install -e \".[slurm]\"` in the agrel-sim checkout, or `pip install submitit`") from None
-    check_slurm_table(sweep, executor, device)
     folder = out / "submitit"
     made = missing_folders(folder)  # the local executor makes its folder at once
     try:

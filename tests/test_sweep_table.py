@@ -721,6 +721,14 @@ def test_a_slurm_sweep_needs_a_time_limit(sweep_file):
     sweep_module.check_slurm_table(sweep_module.Sweep("s", (), (0,), "runs"), "submitit-local")
 
 
+def test_a_slurm_sweep_checks_its_cores_per_run_before_it_reads_them(sweep_file):
+    pytest.importorskip("submitit")
+    for value, shown in (("[2]", r"\[2\]"), ("'abc'", "'abc'"), ("{ n = 2 }", r"\{'n': 2\}")):
+        for key in ("cpus_per_task", "slurm_cpus_per_task"):
+            with pytest.raises(ValueError, match=rf"sweep\.toml: slurm\.{key}: expected an integer >= 1, got {shown}$"):
+                run_sweep(with_slurm_table(sweep_file, f"timeout_min = 60\n{key} = {value}"), executor="slurm")
+
+
 def test_a_time_limit_must_outlast_submitits_signal_to_requeue(sweep_file):
     def check(table, executor):
         sweep_module.check_slurm_table(with_slurm_table(sweep_file, table), executor)
