@@ -370,7 +370,7 @@ def load_run(path: str | Path) -> Run:
             attrs = dict(handle.attrs)
             if "layout_version" not in attrs:
                 raise RunFileError(f"{path}: an HDF5 file, but not a run file of agrel-sim (no layout_version)")
-            version = _attribute(path, attrs, "layout_version", int)
+            version = _attribute(path, attrs, "layout_version", _layout_version)
             if version > LAYOUT_VERSION:
                 raise RunFileError(
                     f"{path}: written with run-file layout version {version}, newer than the {LAYOUT_VERSION} "
@@ -405,9 +405,12 @@ def load_run(path: str | Path) -> Run:
                     OlderRunFileWarning,
                     stacklevel=2,
                 )
+            complete = _attribute(path, attrs, "complete", _true_or_false) if "complete" in attrs else False
             result = dict(handle["result"].attrs) if "result" in handle else None
             if result is not None:
-                _check_result(path, result)
+                _check_result(path, result, len(epochs["epoch"]))
+            elif complete:  # the recorder writes /result before it marks the run complete
+                raise RunFileError(f"{path}: marked complete, but it lacks /result; {_DAMAGED}")
             file_version = _file_version(handle)
     except RunFileError:
         raise
@@ -415,7 +418,6 @@ def load_run(path: str | Path) -> Run:
         raise RunFileError(f"{path}: no permission to read this run file; make it readable, or move it out of the folder to analyse the others") from None
     except DAMAGED_FILE_ERRORS as error:
         raise RunFileError(f"{path}: cannot be read as a run file ({type(error).__name__}: {error}); {_DAMAGED}") from None
-    complete = bool(attrs.get("complete", False))
     if not complete:
         warnings.warn(
             f"{path}: incomplete run (killed, crashed or still running); it holds {len(epochs['epoch'])} "
@@ -434,12 +436,29 @@ def _check_config(path: Path, config, version: int) -> None:
         raise RunFileError(f"{path}: its config attribute {problem}; {_DAMAGED}")
 
 
-def _check_result(path: Path, result: dict) -> None:
-    """Raise :class:`RunFileError` unless the run file's ``/result`` holds a possible result."""
+def _layout_version(value) -> int:
+    """The ``layout_version`` attribute ``value``, a whole number from 1; ValueError otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{np.asarray(value).tolist()!r}, where a whole number from 1 belongs")  # 5.7, not np.float64(5.7)
+    return int(value)
+
+
+def _true_or_false(value) -> bool:
+    """The ``complete`` attribute ``value``, true or false; ValueError otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{np.asarray(value).tolist()!r}, where true or false belongs")
+    return bool(value)
+
+
+def _check_result(path: Path, result: dict, epochs: int) -> None:
+    """Raise :class:`RunFileError` unless the run file's ``/result`` holds a possible result of
+    a run that recorded ``epochs`` epochs."""
     kinds = {"test_accuracy": numbers.Real, "best_epoch": numbers.Integral, "epochs": numbers.Integral, "converged": (bool, np.bool_), "seconds": numbers.Real}
     wrong = [name for name, kind in kinds.items() if not isinstance(result.get(name), kind)]
     if not wrong and not (0 <= result["test_accuracy"] <= 1 or np.isnan(result["test_accuracy"]) and is_diverged(result)):
         wrong = ["test_accuracy"]  # NaN only where the run diverged in its first epoch: no weights to test
+    if not wrong and result["epochs"] != epochs:
+        raise RunFileError(f"{path}: /result says {result['epochs']} epochs, but /epochs records {epochs}; {_DAMAGED}")
     if not wrong and not 0 <= result["best_epoch"] <= result["epochs"]:
         wrong = ["best_epoch", "epochs"]
     if wrong:

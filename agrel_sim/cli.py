@@ -31,8 +31,12 @@ def _train(args) -> int:
             raise ValueError(f"--rule {args.rule} does not fit experiment {experiment.name!r}: {error}") from None
     stopping = {name: value for name, value in (("max_epochs", args.max_epochs), ("patience", args.patience)) if value is not None}
     if stopping:
-        experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, **stopping))
-    out = Path(args.out) if args.out else default_run_folder(experiment, args.seed)
+        try:
+            experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, **stopping))
+        except ValueError as error:  # a patience that does not go with the file's lr_decay_patience
+            given = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in stopping.items())
+            raise ValueError(f"{experiment.source}: training.{error} (with {given})") from None
+    out = Path(args.out).expanduser() if args.out else default_run_folder(experiment, args.seed)
     model = experiment.model
     print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, learning rate {model.rule.learning_rate:g}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
     result = run_experiment(
@@ -229,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("experiment", nargs="?", type=_given, help="experiment name (looked up in $AGREL_SIM_EXPERIMENTS, ./experiments and the checkout's experiments/) or path to a .toml file")
     train.add_argument("--seed", type=_integer_from(0, MAX_SEED), default=0, help=f"seed of the run, 0 to {MAX_SEED} (default 0)")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    train.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    train.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="precision of the weights and activity (default float32)")
     train.add_argument("--rule", choices=["deepagrel", "ebp"], help="run the experiment with this rule, at its learning rate; with the other rule than the experiment's, the run is named <experiment>_as_<rule>")
     train.add_argument("--max-epochs", type=_integer_from(1), help="override the experiment's training.max_epochs (a short trial run)")
     train.add_argument("--patience", type=_integer_from(1), help="override the experiment's training.patience (epochs without a better validation accuracy before stopping)")

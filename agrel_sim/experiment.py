@@ -45,7 +45,7 @@ from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fi
 from agrel_sim.datasets import EMBEDDED_TRAIN_SIZES, LOADERS, SHAPES
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
-from agrel_sim.training import TrainingSettings, check_model_fits, check_validation_size
+from agrel_sim.training import TrainingSettings, check_model_fits, check_data_sizes
 
 NAME_HINT = "a non-empty name without '/' or control characters (it names the run folder runs/<name>/seed<N>)"
 
@@ -118,7 +118,7 @@ class Experiment:
         try:
             check_model_fits(self.model, self.dataset, *SHAPES[self.dataset])
             if self.dataset in EMBEDDED_TRAIN_SIZES:
-                check_validation_size(self.training, EMBEDDED_TRAIN_SIZES[self.dataset], self.dataset)
+                check_data_sizes(self.training, EMBEDDED_TRAIN_SIZES[self.dataset], self.dataset)
         except ValueError as error:  # its message names the field
             raise ConfigError(f"{self.source}: {error}") from None
         check_backend(self.model, self.backend, self.backend_options, self.source)
@@ -302,7 +302,10 @@ def _training_settings(fields: Fields) -> TrainingSettings:
         )
         table.finish()
     fields.finish()
-    return TrainingSettings(**values)
+    try:
+        return TrainingSettings(**values)
+    except ValueError as error:  # settings that do not go together; each alone was checked above
+        raise ConfigError(f"{fields.source}: training.{error}") from None
 
 
 def _log_settings(fields: Fields) -> LogSettings:

@@ -146,7 +146,8 @@ class Conv2d(_Sheet):
     stride : int, default 1
         Step between windows, at least 1.
     padding : int, default 0
-        Rows and columns of zeros added on every side of the sheet below.
+        Rows and columns of zeros added on every side of the sheet below, at most
+        ``kernel_size - 1``.
     """
 
     kind: ClassVar[str] = "conv"
@@ -167,7 +168,8 @@ class LocallyConnected2d(_Sheet):
     stride : int, default 1
         Step between windows, at least 1.
     padding : int, default 0
-        Rows and columns of zeros added on every side of the sheet below.
+        Rows and columns of zeros added on every side of the sheet below, at most
+        ``kernel_size - 1``.
     """
 
     kind: ClassVar[str] = "locally_connected"
@@ -241,7 +243,7 @@ class Neuromodulator:
     Parameters
     ----------
     reward_correct : float, default 1.0
-        The reward of a correct choice, finite.
+        The reward of a correct choice, finite, above ``reward_wrong``.
     reward_wrong : float, default 0.0
         The reward of a wrong choice, finite.
     """
@@ -616,14 +618,18 @@ def _validate(network: ColumnNetwork) -> None:
         for key, value in sizes.items():
             if not is_count(value):
                 raise ConfigError(f"{where}.{key}: expected an integer >= 1, got {shown(value, count=True)}")
-        if not isinstance(layer, Dense) and not is_count(layer.padding, minimum=0):
-            raise ConfigError(f"{where}.padding: expected an integer >= 0, got {shown(layer.padding, count=True)}")
+        if not isinstance(layer, Dense) and not (is_count(layer.padding, minimum=0) and layer.padding < layer.kernel_size):
+            # kernel_size - 1 is a "full" convolution; a wider border holds columns that see only zeros
+            raise ConfigError(f"{where}.padding: expected an integer from 0 to kernel_size - 1 = {layer.kernel_size - 1}, got {shown(layer.padding, count=True)}")
     network.layer_shapes()  # raises on geometry errors
     for key, (check, hint) in NUMBER_RULES.items():
         table, name = key.split(".")
         value = getattr(getattr(network, table), name)
         if not is_number(value, check):
             raise ConfigError(f"{source}: {key}: expected {hint}, got {shown(value)}")
+    modulator = network.neuromodulator
+    if not modulator.reward_correct > modulator.reward_wrong:  # otherwise the rule learns to choose wrong, or learns no class at all
+        raise ConfigError(f"{source}: neuromodulator.reward_correct: expected more than reward_wrong = {modulator.reward_wrong:g}, got {modulator.reward_correct:g}")
     rule = network.rule
     check_weight_decay(rule.learning_rate, rule.weight_decay, f"{source}: rule.weight_decay")
     if rule.name not in RULES:

@@ -544,6 +544,8 @@ class RunFile:
             else:
                 check_resumable(self.path, self.file.attrs)
                 if self.file.attrs["layout_version"] == 4:  # its rows begin with the epochs trained from now on
+                    if "alignment" in self.file:
+                        raise damaged_run_file(self.path, "layout version 4, which has no /alignment, but the file has one")
                     self._create_alignment()
                     self.file.attrs["layout_version"] = LAYOUT_VERSION
                 self._check_records()

@@ -26,7 +26,7 @@ from agrel_sim.backends import NOT_MODELLING_OPTIONS, REMOVED_OPTIONS, check_dev
 from agrel_sim.config import ConfigError, check_instance, is_count, shown
 from agrel_sim.datasets import EMBEDDED, load_dataset
 from agrel_sim.experiment import Experiment, training_table
-from agrel_sim.recorder import LogSettings, RunFile, check_resumable, damaged_run_file, parse_sessions, stored_config
+from agrel_sim.recorder import LogSettings, RunFile, check_resumable, damaged_run_file, parse_sessions, records_that_disagree, stored_config
 from agrel_sim.training import RunResult, check_fits, load_checkpoint, train
 
 RUN_FILE = "run.h5"
@@ -72,14 +72,15 @@ def is_complete(folder: str | os.PathLike) -> bool:
     -------
     bool
         True where ``folder / RUN_FILE`` opens and its ``complete`` attribute is true; False
-        where it is missing, unreadable or damaged.
+        where it is missing, unreadable or damaged (a ``complete`` that is not a boolean included).
     """
     path = Path(folder) / RUN_FILE
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as handle:
-            return bool(handle.attrs.get("complete", False))
+            complete = handle.attrs.get("complete", False)
+            return isinstance(complete, (bool, np.bool_)) and bool(complete)
     except DAMAGED_FILE_ERRORS:
         return False
 
@@ -98,6 +99,28 @@ def missing_folders(folder: Path) -> list[Path]:
         ``folder`` and its parents that do not exist, innermost first.
     """
     return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def in_the_way(folder: Path) -> str | None:
+    """What stops ``folder`` from being made, where something does: a file, or a link to
+    nothing, where it or a folder above it would be.
+
+    Parameters
+    ----------
+    folder : Path
+        A folder to be made.
+
+    Returns
+    -------
+    str or None
+        Such as ``"runs is not a folder"``, for an error message; None where nothing is in the way.
+    """
+    for path in (folder, *folder.parents):
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+        if path.exists():
+            return None if path.is_dir() else f"{path} is not a folder"
+    return None
 
 
 def remove_empty_folders(folders: list[Path]) -> None:
@@ -133,6 +156,9 @@ def locked(folder: Path):
     ValueError
         Where the folder cannot be made or written in, or another process holds its lock.
     """
+    blocked = in_the_way(folder)
+    if blocked:
+        raise ValueError(f"{folder}: cannot make the run folder, as {blocked}; choose another --out")
     made = missing_folders(folder)
     for _ in range(5):
         try:
@@ -712,14 +738,17 @@ def check_checkpoint_of_run(path: Path, state: dict) -> None:
     Raises
     ------
     ValueError
-        Where the run file is damaged, records fewer epochs than the checkpoint, or records
+        Where the run file is damaged (its records disagreeing on their rows included), records fewer epochs than the checkpoint, or records
         another epoch number, validation accuracy or training loss for one of them.
     """
     try:
         with h5py.File(path, "r") as handle:
+            disagree = records_that_disagree(handle)
             recorded = {name: handle["epochs"][name][:] for name in ("epoch", "validation_accuracy", "train_loss")}
     except DAMAGED_FILE_ERRORS as error:
         raise damaged_run_file(path, error) from None
+    if disagree:
+        raise damaged_run_file(path, "; ".join(disagree))
     history = state["history"]
     fix = "restore the run file and the checkpoint of one moment, or move the run folder away and train the run again"
     if len(recorded["epoch"]) < len(history):
@@ -754,7 +783,8 @@ def run_experiment(
     seed : int
         The run's seed, 0 to :data:`MAX_SEED`.
     out : str or os.PathLike or None
-        The run folder; ``None`` (default) writes no run file and no checkpoint.
+        The run folder (a leading ``~`` is the home folder); ``None`` (default) writes no run
+        file and no checkpoint.
     device : str
         ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``.
     dtype : {"float32", "float64"} or torch.dtype
@@ -801,7 +831,7 @@ def run_experiment(
         dtype = next((name for name, value in DTYPES.items() if value == dtype), dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)} (or torch.float32, torch.float64), got {dtype!r}")
-    folder = Path(out) if out is not None else None
+    folder = Path(out).expanduser() if out is not None else None  # as a sweep's out: no shell reads --out=~/runs
     with locked(folder) if folder is not None else contextlib.nullcontext():
         run_file, checkpoint, state = None, None, None
         if folder is not None:

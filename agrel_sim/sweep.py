@@ -52,7 +52,7 @@ from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file
 from agrel_sim.datasets import DatasetError, find_data
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result, threads_of_epoch
+from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, in_the_way, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result, threads_of_epoch
 from agrel_sim.training import load_checkpoint
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -569,14 +569,12 @@ def _sweep_lock(out: Path):
 
 
 def _check_out_folder(out: Path) -> None:
-    """Raise :class:`ValueError` unless ``out`` is a folder or can be made one (no file where it,
-    or a folder above it, would be; a place where folders can be made). The folders made to
+    """Raise :class:`ValueError` unless ``out`` is a folder or can be made one (nothing
+    :func:`~agrel_sim.runs.in_the_way`; a place where folders can be made). The folders made to
     find out are removed again, so that a sweep stopped before its runs leaves none."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f"{out}: cannot hold the sweep's runs, as {path} is not a folder; choose another --out (or out in the sweep file)")
-            break
+    blocked = in_the_way(out)
+    if blocked:
+        raise ValueError(f"{out}: cannot hold the sweep's runs, as {blocked}; choose another --out (or out in the sweep file)")
     made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,8 @@ class TrainingSettings:
         stopping counts ``patience`` (``torch.optim.lr_scheduler.ReduceLROnPlateau`` decays one
         epoch later); 1.0 (the default) keeps the rule's learning rate constant.
     lr_decay_patience : int
-        Epochs without improvement before each decay.
+        Epochs without improvement before each decay; fewer than ``patience`` where
+        ``lr_decay_factor`` is below 1.
     """
 
     batch_size: int = 100
@@ -75,6 +76,11 @@ class TrainingSettings:
                 raise ValueError(f"{key}: expected an integer >= 1, got {shown(getattr(self, key), count=True)}")
         if not is_number(self.lr_decay_factor, lambda v: 0 < v <= 1):
             raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {shown(self.lr_decay_factor)}")
+        if self.lr_decay_factor < 1 and self.lr_decay_patience >= self.patience:  # the run stops first
+            raise ValueError(
+                f"lr_decay_patience: expected fewer epochs than patience = {self.patience}, or the run stops before its learning rate decays, got {self.lr_decay_patience}; "
+                "give a smaller lr_decay_patience, or lr_decay_factor = 1 for a constant learning rate"
+            )
         if not (self.augmentation is None or isinstance(self.augmentation, Augmentation)):
             raise ValueError(f"augmentation: expected an Augmentation or None, got {self.augmentation!r}")
 
@@ -217,17 +223,17 @@ def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSett
     ValueError
         When the images or classes do not fit the network (:func:`check_model_fits`), an
         augmentation is asked for images that are not (C, H, W), or ``settings.validation_size``
-        leaves no training images (:func:`check_validation_size`).
+        leaves no training images or fewer than a batch (:func:`check_data_sizes`).
     """
     check_model_fits(description, data.name, data.image_shape, data.n_classes)
     if settings.augmentation is not None and len(description.input_shape) != 3:
         raise ValueError(f"training.augmentation: zoom, shift and reflection need images [channels, height, width], but model {description.name!r} takes input of shape {list(description.input_shape)}; remove the augmentation")
-    check_validation_size(settings, len(data.train_labels), data.name)
+    check_data_sizes(settings, len(data.train_labels), data.name)
 
 
-def check_validation_size(settings: TrainingSettings, n_train: int, dataset: str) -> None:
+def check_data_sizes(settings: TrainingSettings, n_train: int, dataset: str) -> None:
     """Raise ValueError, naming the setting, unless ``settings.validation_size`` leaves some of
-    the ``n_train`` training images of data set ``dataset`` to train on.
+    the ``n_train`` training images of data set ``dataset`` to train on, at least a batch of them.
 
     Parameters
     ----------
@@ -241,10 +247,17 @@ def check_validation_size(settings: TrainingSettings, n_train: int, dataset: str
     Raises
     ------
     ValueError
-        Unless ``0 < settings.validation_size < n_train``.
+        Unless ``0 < settings.validation_size < n_train`` and ``settings.batch_size`` is at most
+        ``n_train - settings.validation_size``.
     """
     if not 0 < settings.validation_size < n_train:
         raise ValueError(f"training.validation_size: expected 0 < validation_size < {n_train} (the training images of {dataset!r}), got {settings.validation_size}")
+    left = n_train - settings.validation_size
+    if settings.batch_size > left:
+        raise ValueError(
+            f"training.batch_size: expected at most the {left} training images of {dataset!r} that validation_size = {settings.validation_size} leaves, "
+            f"got {settings.batch_size}; give a smaller batch_size (or validation_size)"
+        )
 
 
 def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

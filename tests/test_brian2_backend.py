@@ -276,6 +276,7 @@ def test_trace_shows_the_phases_of_a_trial():
     description = describe()
     net = build(description, backend="brian2", dtype=torch.float64, trace_every=2)
     images, labels, actions = next(batches(description, (3,)))
+    before = net.weights()["layers.0.ff"].clone()  # the batch's updates come after its last trial
     trials = net.run_trials(images, labels, actions=actions)
     assert [trace.trial for trace in trials.traces] == [0, 2]
     trace = trials.traces[1]
@@ -291,7 +292,11 @@ def test_trace_shows_the_phases_of_a_trial():
         assert np.all(layer.fb[:selection] == 0), f"{layer.name}: no feedback before the selection"
     stimulus, hidden, output = trace.layers[0], trace.layers[1], trace.layers[3]
     np.testing.assert_array_equal(stimulus.ff, np.broadcast_to(images[2].numpy(), stimulus.ff.shape))
-    np.testing.assert_array_equal(hidden.gate, hidden.ff > 1e-3)
+    # The rule's gate: open while the column's drive is above 0. The input holds still through
+    # the trial, and with it the drive of the columns above it.
+    drive = (before @ images[2].double()).numpy()
+    assert np.any(drive > 0) and np.any(drive < 0)
+    np.testing.assert_array_equal(hidden.gate, np.broadcast_to(drive > 0, hidden.gate.shape))
     # The feedforward sweep rises towards the Q-values read at the end of the stimulus phase.
     np.testing.assert_array_equal(output.ff[selection - 1], trials.q[2].numpy())
     assert np.all(np.abs(output.ff[9]) < np.abs(output.ff[selection - 1]))

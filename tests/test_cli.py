@@ -179,6 +179,10 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (("learning_rate = 0.1", "learning_rate = -1.0"), r"tiny\.toml: rule\.learning_rate: expected a number > 0"),
         (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
         (("patience = 2", "patience = 2\nlr_decay_patience = 0"), r"tiny\.toml: training\.lr_decay_patience: expected an integer >= 1"),
+        (("patience = 2", "patience = 2\nlr_decay_factor = 0.5\nlr_decay_patience = 2"),
+         r"tiny\.toml: training\.lr_decay_patience: expected fewer epochs than patience = 2, or the run stops before its learning rate decays, got 2; give a smaller lr_decay_patience, or lr_decay_factor = 1"),
+        (("[training]", "[neuromodulator]\nreward_correct = -1.0\nreward_wrong = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward_correct: expected more than reward_wrong = 1, got -1$"),
+        (("[training]", "[neuromodulator]\nreward_correct = 0.0\n[training]"), r"tiny\.toml: neuromodulator\.reward_correct: expected more than reward_wrong = 0, got 0$"),
         (("patience = 2", "patience = 2\n[training.augmentation]\nzoom = 1"), r"tiny\.toml: training\.augmentation\.zoom: expected a fraction in \[0, 1\), got 1\.0"),
         (('model = "net.toml"', 'model = "nowhere.toml"'), r"tiny\.toml: model: .*nowhere\.toml: model file not found"),
         (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
@@ -216,6 +220,23 @@ def test_bad_experiment_files_fail_before_training(tmp_path, capsys, change, mes
     captured = capsys.readouterr()
     assert re.search(message, captured.err), captured.err
     assert "epoch" not in captured.out
+
+
+def test_a_patience_given_on_the_command_line_is_checked_with_the_files_settings(tmp_path, capsys):
+    (tmp_path / "net.toml").write_text(MODEL)
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace("patience = 2", "patience = 8\nlr_decay_factor = 0.5\nlr_decay_patience = 4"))
+    assert main(["train", str(tmp_path / "tiny.toml"), "--patience", "4", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"agrel-sim: error: \S+tiny\.toml: training\.lr_decay_patience: expected fewer epochs than patience = 4, .*, got 4; .* \(with --patience 4\)\n", err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_given_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--max-epochs", "1", "--quiet", "--out=~/runs/a"]) == 0  # no shell expands ~ after =
+    assert (tmp_path / "home" / "runs" / "a" / "run.h5").is_file() and not (tmp_path / "~").exists()
+    assert f"run file: {tmp_path / 'home' / 'runs' / 'a' / 'run.h5'}\n" in capsys.readouterr().out
 
 
 def test_an_experiment_file_that_is_not_utf8_is_named(tmp_path, capsys):
@@ -594,12 +615,17 @@ def test_a_run_is_not_continued_on_another_copy_of_its_data(tmp_path, capsys):
     assert main([*common, "--max-epochs", "2", "--resume", "--data-dir", str(tmp_path / "copy1")]) == 0
 
 
-def test_a_validation_split_larger_than_the_data_names_the_file_and_field(tmp_path, capsys):
+@pytest.mark.parametrize("change, message", [
+    (("validation_size = 100", "validation_size = 1437"), r"training\.validation_size: expected 0 < validation_size < 1437 \(the training images of 'digits'\), got 1437"),
+    # one batch of 1,337 images an epoch, where the file says 1,338: a silent change of the protocol
+    (("batch_size = 20", "batch_size = 1338"), r"training\.batch_size: expected at most the 1337 training images of 'digits' that validation_size = 100 leaves, got 1338; give a smaller batch_size \(or validation_size\)"),
+])
+def test_a_validation_split_or_a_batch_larger_than_the_data_names_the_file_and_field(tmp_path, capsys, change, message):
     (tmp_path / "net.toml").write_text(MODEL)
-    (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace("validation_size = 100", "validation_size = 1437"))
+    (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace(*change))
     assert main(["train", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "run")]) == 2
     out, err = capsys.readouterr()
-    assert re.search(r"tiny\.toml: training\.validation_size: expected 0 < validation_size < 1437 \(the training images of 'digits'\), got 1437", err), err
+    assert re.search(rf"tiny\.toml: {message}", err), err
     assert "of them for validation" not in out, "no line of sizes that do not fit"
     assert not (tmp_path / "run").exists()
 

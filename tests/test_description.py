@@ -268,8 +268,9 @@ def test_bad_descriptions_in_python():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: ColumnNetwork((1, 8, 8), [Conv2d(4, 3, padding=-1)], 10), r"layers\[0\]\.padding: expected an integer >= 0, got -1"),
-    (lambda: ColumnNetwork((1, 8, 8), [Conv2d(4, 3, padding=1.5)], 10), r"layers\[0\]\.padding: expected an integer >= 0, got 1\.5"),
+    (lambda: ColumnNetwork((1, 8, 8), [Conv2d(4, 3, padding=-1)], 10), r"layers\[0\]\.padding: expected an integer from 0 to kernel_size - 1 = 2, got -1"),
+    (lambda: ColumnNetwork((1, 8, 8), [Conv2d(4, 3, padding=1.5)], 10), r"layers\[0\]\.padding: expected an integer from 0 to kernel_size - 1 = 2, got 1\.5"),
+    (lambda: ColumnNetwork((1, 8, 8), [LocallyConnected2d(4, 3, padding=3)], 10), r"layers\[0\]\.padding: expected an integer from 0 to kernel_size - 1 = 2, got 3"),
     (lambda: ColumnNetwork((4,), [Dense(3), Dropout("0.5")], 3), r"layers\[1\]\.rate: expected a fraction in \[0, 1\), got '0\.5'"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(bias="no")), r"rule\.bias: expected true or false, got 'no'"),
     (lambda: ColumnNetwork((4,), [Dense(3)], 3, rule=Rule(learning_rate=None)), r"rule\.learning_rate: expected a number > 0, got None"),

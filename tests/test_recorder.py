@@ -413,8 +413,13 @@ def test_a_failed_start_beside_other_runs_keeps_its_own_error_and_their_folders(
 
 def test_a_run_folder_that_cannot_be_made_is_named(tmp_path):
     (tmp_path / "taken").write_text("a file where the run folder should go")
-    with pytest.raises(ValueError, match=r"taken: cannot make the run folder \(File exists\); choose another --out"):
-        run_experiment(experiment(epochs=1), out=tmp_path / "taken", log=None)
+    for out in ("taken", "taken/seed0"):
+        with pytest.raises(ValueError, match=rf"{out}: cannot make the run folder, as \S+taken is not a folder; choose another --out$"):
+            run_experiment(experiment(epochs=1), out=tmp_path / out, log=None)
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(ValueError, match=r"link/seed0: cannot make the run folder, as \S+link is a link to \S+gone, which does not exist; choose another --out$"):
+        run_experiment(experiment(epochs=1), out=tmp_path / "link" / "seed0", log=None)
+    assert not (tmp_path / "gone").exists()
 
 
 @pytest.mark.parametrize("name", ["run.h5", "checkpoint.pt"])
@@ -1617,7 +1622,11 @@ def in_result(**values):
     pytest.param(without("gating/layers.1"), r"lacks /gating/layers\.1", id="no gating of a layer"),
     pytest.param(lambda run: run["layers"]["output"].attrs.__delitem__("shape"), r"lacks the attribute shape of /layers/output", id="no layer shape"),
     pytest.param(setting("config", "{not json"), r"bad config attribute \(Expecting property name enclosed in double quotes", id="config not JSON"),
-    pytest.param(setting("layout_version", "three"), r"bad layout_version attribute \(invalid literal for int\(\) with base 10: 'three'\)", id="layout version not a number"),
+    pytest.param(setting("layout_version", "three"), r"bad layout_version attribute \('three', where a whole number from 1 belongs\)", id="layout version not a number"),
+    pytest.param(setting("layout_version", 5.7), r"bad layout_version attribute \(5\.7, where a whole number from 1 belongs\)", id="layout version not whole"),
+    pytest.param(setting("layout_version", 0), r"bad layout_version attribute \(0, where a whole number from 1 belongs\)", id="layout version 0"),
+    pytest.param(setting("complete", "false"), r"bad complete attribute \('false', where true or false belongs\)", id="complete a string"),
+    pytest.param(without("result"), r"marked complete, but it lacks /result", id="complete without result"),
     pytest.param(setting("seed", "zero"), r"bad seed attribute", id="seed not a number"),
     pytest.param(setting("config", "{}"), r"its config attribute lacks experiment \(or holds another kind of value\)", id="config empty"),
     pytest.param(setting("config", "[1, 2]"), r"its config attribute lacks every setting", id="config a list"),
@@ -1629,7 +1638,8 @@ def in_result(**values):
     pytest.param(in_result(test_accuracy=None), r"/result holds no possible result \(test_accuracy = missing\)", id="no test accuracy"),
     pytest.param(in_result(test_accuracy=float("nan")), r"/result holds no possible result \(test_accuracy = nan\)", id="test accuracy NaN"),
     pytest.param(in_result(test_accuracy=2.0), r"/result holds no possible result \(test_accuracy = 2\.0\)", id="test accuracy above 1"),
-    pytest.param(in_result(best_epoch=9, epochs=1), r"/result holds no possible result \(best_epoch = 9, epochs = 1\)", id="best epoch after the last"),
+    pytest.param(in_result(best_epoch=9), r"/result holds no possible result \(best_epoch = 9, epochs = 2\)", id="best epoch after the last"),
+    pytest.param(in_result(epochs=99, best_epoch=50), r"/result says 99 epochs, but /epochs records 2", id="more epochs than recorded"),
     pytest.param(in_result(converged="yes"), r"/result holds no possible result \(converged = yes\)", id="converged not a bool"),
     pytest.param(in_result(seconds=None), r"/result holds no possible result \(seconds = missing\)", id="no seconds"),
     pytest.param(cut("trials/label"), r"records disagree \(/trials/label has 3 rows where /trials/action has \d+\)", id="labels cut short"),
@@ -1658,7 +1668,8 @@ def test_run_files_with_missing_or_bad_records_are_named(finished_runs, tmp_path
     (without("trials/q"), r"it lacks /trials/q"),
     (without("layers/layers.0"), r"it lacks /layers/layers\.0/units, /layers/layers\.0/ff, /layers/layers\.0/fb, /layers/layers\.0/gate"),
     (cut("layers/layers.1/fb"), r"/layers/layers\.1/fb has 3 rows where /trials/action has \d+"),
-    (a_dataset_in_place_of("gating/output"), r"it lacks /gating/output/open_fraction, "),
+    (a_dataset_in_place_of("gating/output"), r"/gating/output is not a group"),
+    (cut("epochs/validation_accuracy", 1), r"/epochs/validation_accuracy has 1 rows where /epochs/epoch has 2"),
 ])
 def test_resuming_a_run_file_that_lacks_records_or_whose_records_disagree_names_them(tmp_path, capsys, edit, problem):
     run = tmp_path / "run"
@@ -1677,7 +1688,8 @@ def test_resuming_a_run_file_that_lacks_records_or_whose_records_disagree_names_
     (lambda run: run.__delitem__("result"), True, r"the run file is damaged \(.*'result' doesn't exist.*\); move the run folder away"),
     (lambda run: run["result"].attrs.__delitem__("test_accuracy"), True, r"the run file is damaged \('test_accuracy'\); move the run folder away"),
     (lambda run: run.attrs.__setitem__("layout_version", "x"), False, r"bad layout_version attribute \('x', where a whole number belongs\); the run file is damaged: move the run folder away"),
-], ids=["complete without /result", "result without test_accuracy", "layout_version not a number"])
+    (lambda run: run.attrs.__setitem__("layout_version", 4), False, r"the run file is damaged \(layout version 4, which has no /alignment, but the file has one\); move the run folder away"),
+], ids=["complete without /result", "result without test_accuracy", "layout_version not a number", "layout 4 with /alignment"])
 def test_resuming_a_run_file_with_a_bad_result_or_layout_version_names_it(tmp_path, capsys, edit, complete, problem):
     run = tmp_path / "run"
     assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0

@@ -794,6 +794,10 @@ def test_a_sweep_into_a_file_stops_before_any_run(sweep_file, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert err == f"agrel-sim: error: {out}: cannot hold the sweep's runs, as afile is not a folder; choose another --out (or out in the sweep file)\n", err
     assert (tmp_path / "afile").read_text() == "kept" and run_files(tmp_path) == []
+    (tmp_path / "link").symlink_to("gone")
+    assert main(["sweep", str(sweep_file), "--out", "link/sweep", "--executor", executor]) == 2
+    assert capsys.readouterr().err == "agrel-sim: error: link/sweep: cannot hold the sweep's runs, as link is a link to gone, which does not exist; choose another --out (or out in the sweep file)\n"
+    assert not (tmp_path / "gone").exists()
 
 
 def test_a_sweep_into_a_folder_that_cannot_be_made_stops_before_any_run(sweep_file, tmp_path, capsys, monkeypatch):

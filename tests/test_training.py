@@ -184,6 +184,8 @@ def test_wrong_arguments_to_train_and_its_parts_are_named_before_any_work():
         (lambda: TrainingSettings(batch_size=np.int64(10)), r"batch_size: expected an integer >= 1, got np\.int64\(10\) \(a NumPy integer"),
         (lambda: training.split_validation(10, -2, 0), r"validation_size: expected 0 < validation_size < n_train = 10, got -2"),
         (lambda: training.split_validation(10, 10, 0), r"validation_size: expected 0 < validation_size < n_train = 10, got 10"),
+        # data read from files (its sizes known only then): the check of the embedded data sets' experiments
+        (lambda: train(DESCRIPTION, data, TrainingSettings(batch_size=1238, validation_size=200)), r"training\.batch_size: expected at most the 1237 training images of 'digits' that validation_size = 200 leaves, got 1238"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
