@@ -1128,6 +1128,7 @@ def test_figure3_says_how_many_runs_each_epoch_averages(finished_runs, tmp_path,
     with h5py.File(tmp_path / "runs" / "deepagrel" / "seed1" / "run.h5", "a") as run:  # as a run that stopped after epoch 1
         for name in run["epochs"]:
             run["epochs"][name].resize(1, axis=0)
+        run["result"].attrs.update(epochs=1, best_epoch=1)
     runs = load_runs(tmp_path / "runs")
     curve = reward_curves(runs)["digits", "small", False]["deepagrel"]
     assert curve["runs"].tolist() == [2, 1]
