@@ -20,9 +20,12 @@ import h5py
 import numpy as np
 
 from agrel_sim import __version__
-from agrel_sim.config import ConfigError, is_count, shown
+from agrel_sim.config import ConfigError, in_the_way, is_count, shown
 from agrel_sim.experiment import Experiment
-from agrel_sim.recorder import EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, config_problem, parse_sessions, records_that_disagree
+from agrel_sim.recorder import (
+    EPOCH_FIELDS, GATING_FIELDS, LAYOUT_VERSION, TRIAL_FIELDS, config_problem, parse_sessions, records_that_disagree, result_problem, true_or_false,
+    whole_layout_version,
+)
 from agrel_sim.runs import DAMAGED_FILE_ERRORS, NOT_MODELLING, RUN_FILE, changed_settings, experiment_of, settings_of, shown_leaf, top_setting
 from agrel_sim.table import is_diverged, row_key
 
@@ -347,8 +350,9 @@ def load_run(path: str | Path) -> Run:
     RunFileError
         Naming the file: a folder, a missing or unreadable file, another kind of file, a newer
         layout, or a damaged run file (one that HDF5 cannot read, that lacks a record every run
-        file has, whose ``config`` lacks what the analyses read, or whose ``/result`` is no
-        possible result).
+        file has, whose records disagree on their rows, whose ``layout_version`` or ``complete``
+        attribute is of another kind, whose ``config`` lacks what the analyses read, whose
+        ``/result`` is no possible result of its epochs, or that is marked complete without one).
 
     Warns
     -----
@@ -370,7 +374,7 @@ def load_run(path: str | Path) -> Run:
             attrs = dict(handle.attrs)
             if "layout_version" not in attrs:
                 raise RunFileError(f"{path}: an HDF5 file, but not a run file of agrel-sim (no layout_version)")
-            version = _attribute(path, attrs, "layout_version", _layout_version)
+            version = _attribute(path, attrs, "layout_version", whole_layout_version)
             if version > LAYOUT_VERSION:
                 raise RunFileError(
                     f"{path}: written with run-file layout version {version}, newer than the {LAYOUT_VERSION} "
@@ -405,11 +409,12 @@ def load_run(path: str | Path) -> Run:
                     OlderRunFileWarning,
                     stacklevel=2,
                 )
-            complete = _attribute(path, attrs, "complete", _true_or_false) if "complete" in attrs else False
+            complete = _attribute(path, attrs, "complete", true_or_false) if "complete" in attrs else False
             result = dict(handle["result"].attrs) if "result" in handle else None
-            if result is not None:
-                _check_result(path, result, len(epochs["epoch"]))
-            elif complete:  # the recorder writes /result before it marks the run complete
+            problem = None if result is None else result_problem(result, len(epochs["epoch"]))
+            if problem:
+                raise RunFileError(f"{path}: {problem}; {_DAMAGED}")
+            if complete and result is None:  # the recorder writes /result before it marks the run complete
                 raise RunFileError(f"{path}: marked complete, but it lacks /result; {_DAMAGED}")
             file_version = _file_version(handle)
     except RunFileError:
@@ -434,36 +439,6 @@ def _check_config(path: Path, config, version: int) -> None:
     problem = config_problem(config, version)
     if problem:
         raise RunFileError(f"{path}: its config attribute {problem}; {_DAMAGED}")
-
-
-def _layout_version(value) -> int:
-    """The ``layout_version`` attribute ``value``, a whole number from 1; ValueError otherwise."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{np.asarray(value).tolist()!r}, where a whole number from 1 belongs")  # 5.7, not np.float64(5.7)
-    return int(value)
-
-
-def _true_or_false(value) -> bool:
-    """The ``complete`` attribute ``value``, true or false; ValueError otherwise."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{np.asarray(value).tolist()!r}, where true or false belongs")
-    return bool(value)
-
-
-def _check_result(path: Path, result: dict, epochs: int) -> None:
-    """Raise :class:`RunFileError` unless the run file's ``/result`` holds a possible result of
-    a run that recorded ``epochs`` epochs."""
-    kinds = {"test_accuracy": numbers.Real, "best_epoch": numbers.Integral, "epochs": numbers.Integral, "converged": (bool, np.bool_), "seconds": numbers.Real}
-    wrong = [name for name, kind in kinds.items() if not isinstance(result.get(name), kind)]
-    if not wrong and not (0 <= result["test_accuracy"] <= 1 or np.isnan(result["test_accuracy"]) and is_diverged(result)):
-        wrong = ["test_accuracy"]  # NaN only where the run diverged in its first epoch: no weights to test
-    if not wrong and result["epochs"] != epochs:
-        raise RunFileError(f"{path}: /result says {result['epochs']} epochs, but /epochs records {epochs}; {_DAMAGED}")
-    if not wrong and not 0 <= result["best_epoch"] <= result["epochs"]:
-        wrong = ["best_epoch", "epochs"]
-    if wrong:
-        shown = ", ".join(f"{name} = {result.get(name, 'missing')}" for name in wrong)
-        raise RunFileError(f"{path}: /result holds no possible result ({shown}); {_DAMAGED}")
 
 
 def _file_version(handle: h5py.File) -> tuple:
@@ -1317,8 +1292,7 @@ def _save(fig, path: str | Path | None):
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)  # laid out by the figure's constrained layout
     except OSError as error:
-        blocking = next((folder for folder in (path.parent, *path.parent.parents) if folder.exists() and not folder.is_dir()), None)
-        why = f"{blocking} is a file, not a folder" if blocking else error.strerror or error
+        why = in_the_way(path.parent) or error.strerror or error
         raise ValueError(f"{path}: cannot write this figure ({why}); check that {path.parent} is, or can be made, a writable folder, or give another --out") from None
     return path
 

@@ -20,6 +20,7 @@ TRAINING_COMMANDS = ("train", "sweep")  # those whose stop KEPT is said of
 def _train(args) -> int:
     from tqdm.auto import tqdm
 
+    from agrel_sim.config import home_expanded
     from agrel_sim.experiment import default_experiment, load_experiment
     from agrel_sim.runs import default_run_folder, run_experiment
 
@@ -32,11 +33,11 @@ def _train(args) -> int:
     stopping = {name: value for name, value in (("max_epochs", args.max_epochs), ("patience", args.patience)) if value is not None}
     if stopping:
         try:
-            experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, **stopping))
+            training = dataclasses.replace(experiment.training, **stopping)
         except ValueError as error:  # a patience that does not go with the file's lr_decay_patience
-            given = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in stopping.items())
-            raise ValueError(f"{experiment.source}: training.{error} (with {given})") from None
-    out = Path(args.out).expanduser() if args.out else default_run_folder(experiment, args.seed)
+            raise ValueError(f"--patience {args.patience} does not fit experiment {experiment.name!r}: {experiment.source}: training.{error}") from None
+        experiment = dataclasses.replace(experiment, training=training)
+    out = home_expanded(args.out, "--out") if args.out else default_run_folder(experiment, args.seed)
     model = experiment.model
     print(f"experiment {experiment.name} ({experiment.source}): model {model.name}, rule {model.rule.name}, learning rate {model.rule.learning_rate:g}, data {experiment.dataset}, seed {args.seed}, device {args.device}", flush=True)
     result = run_experiment(
@@ -79,6 +80,7 @@ def _beside(runs: str, name: str) -> Path:
 
 def _table(args) -> int:
     from agrel_sim.analysis import table1_records
+    from agrel_sim.config import home_expanded
     from agrel_sim.table import is_capped, is_diverged, markdown, table1, write_csv
 
     runs = _averaged_runs(args.runs)
@@ -88,7 +90,7 @@ def _table(args) -> int:
     if not records:
         raise ValueError(f"{args.runs}: no complete runs here" + (f"; {left_out}" if incomplete else ""))
     table = table1(records)
-    csv_path = Path(args.csv) if args.csv else _beside(args.runs, "table1.csv")
+    csv_path = home_expanded(args.csv, "--csv") if args.csv else _beside(args.runs, "table1.csv")
     try:
         write_csv(table, csv_path)  # before the table is printed, so that a refused path is the only output
     except OSError as error:
@@ -111,8 +113,9 @@ def _figure3(args) -> int:
     from matplotlib.backend_bases import FigureCanvasBase
 
     from agrel_sim.analysis import figure3_runs, plot_reward_curves
+    from agrel_sim.config import home_expanded
 
-    out = Path(args.out) if args.out else _beside(args.runs, "figure3.png")
+    out = home_expanded(args.out, "--out") if args.out else _beside(args.runs, "figure3.png")
     formats = FigureCanvasBase.get_supported_filetypes()  # what savefig writes, by suffix
     if out.is_dir() or out.suffix[1:].lower() not in formats:
         raise ValueError(f"--out {out}: {'a folder' if out.is_dir() else 'not a name of an image file'}; give a file name whose suffix names its format: {', '.join(f'.{suffix}' for suffix in sorted(formats))}")
@@ -144,9 +147,10 @@ def _check_image_format(out: Path) -> None:
 
 def _analyze(args) -> int:
     from agrel_sim.analysis import analyze
+    from agrel_sim.config import home_expanded
 
     path = Path(args.path)
-    out = Path(args.out) if args.out else _beside(path, "analysis")
+    out = home_expanded(args.out, "--out") if args.out else _beside(path, "analysis")
     text, figures = analyze(path, out, trial=args.trial)
     print(text)
     print(f"\n{len(figures)} figures written to {out}")

@@ -20,6 +20,55 @@ from pathlib import Path
 from typing import Any
 
 
+def home_expanded(path: str | os.PathLike, what: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` made that home folder, as a shell makes it
+    (which it does not in ``--out=~/runs``, nor in a file).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The path given.
+    what : str
+        Names where it was given, for the message (``"--out"``, ``"AGREL_SIM_DATA"``).
+
+    Returns
+    -------
+    Path
+        The path, expanded.
+
+    Raises
+    ------
+    ConfigError
+        Where the ``~`` names a user without a home folder on this machine.
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        raise ConfigError(f"{what}: {str(path)!r}: its ~ names no home folder of this machine; give the full path") from None
+
+
+def in_the_way(folder: Path) -> str | None:
+    """What stops ``folder`` from being made, where something does: a file, or a link to
+    nothing, where it or a folder above it would be.
+
+    Parameters
+    ----------
+    folder : Path
+        A folder to be made.
+
+    Returns
+    -------
+    str or None
+        Such as ``"runs is not a folder"``, for an error message; None where nothing is in the way.
+    """
+    for path in (folder, *folder.parents):
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+        if path.exists():
+            return None if path.is_dir() else f"{path} is not a folder"
+    return None
+
+
 class ConfigError(ValueError):
     """A model or experiment description is invalid.
 

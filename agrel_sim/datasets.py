@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agrel_sim.config import is_count, is_number, shown
+from agrel_sim.config import home_expanded, is_count, is_number, shown
 
 DATA_ENV = "AGREL_SIM_DATA"
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64)
@@ -352,8 +352,8 @@ def data_roots(data_dir=None) -> list[Path]:
         The folders, in the order they are searched.
     """
     if data_dir is not None:
-        return [Path(data_dir).expanduser()]
-    from_env = [Path(p).expanduser() for p in os.environ.get(DATA_ENV, "").split(os.pathsep) if p]
+        return [home_expanded(data_dir, "data_dir")]
+    from_env = [home_expanded(p, DATA_ENV) for p in os.environ.get(DATA_ENV, "").split(os.pathsep) if p]
     return from_env or [Path("data")]
 
 

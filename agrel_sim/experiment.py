@@ -41,11 +41,11 @@ from pathlib import Path
 
 from agrel_sim.augmentation import Augmentation
 from agrel_sim.backends import BACKENDS, check_backend
-from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_folder_name, read_toml, write_toml
+from agrel_sim.config import FILE_KINDS, FRACTION, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, home_expanded, is_folder_name, read_toml, write_toml
 from agrel_sim.datasets import EMBEDDED_TRAIN_SIZES, LOADERS, SHAPES
 from agrel_sim.network import ColumnNetwork, load_model
 from agrel_sim.recorder import LogSettings
-from agrel_sim.training import TrainingSettings, check_model_fits, check_data_sizes
+from agrel_sim.training import TrainingSettings, check_data_sizes, check_model_fits
 
 NAME_HINT = "a non-empty name without '/' or control characters (it names the run folder runs/<name>/seed<N>)"
 
@@ -319,7 +319,7 @@ def _relative_to(model: str, source: str) -> str:
     """A model path in an experiment file is relative to that file's folder; a leading ``~`` is
     the home folder, as in a shell."""
     if model.endswith(".toml"):
-        path = Path(model).expanduser()
+        path = home_expanded(model, "path")
         return str(Path(source).parent / path if not path.is_absolute() and Path(source).exists() else path)
     return model
 

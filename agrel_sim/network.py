@@ -629,7 +629,7 @@ def _validate(network: ColumnNetwork) -> None:
             raise ConfigError(f"{source}: {key}: expected {hint}, got {shown(value)}")
     modulator = network.neuromodulator
     if not modulator.reward_correct > modulator.reward_wrong:  # otherwise the rule learns to choose wrong, or learns no class at all
-        raise ConfigError(f"{source}: neuromodulator.reward_correct: expected more than reward_wrong = {modulator.reward_wrong:g}, got {modulator.reward_correct:g}")
+        raise ConfigError(f"{source}: neuromodulator.reward_correct: expected more than reward_wrong = {shown(modulator.reward_wrong)}, got {shown(modulator.reward_correct)}")
     rule = network.rule
     check_weight_decay(rule.learning_rate, rule.weight_decay, f"{source}: rule.weight_decay")
     if rule.name not in RULES:

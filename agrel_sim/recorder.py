@@ -75,6 +75,7 @@ import torch
 
 from agrel_sim.config import is_count, shown
 from agrel_sim.network import RULES, Dropout
+from agrel_sim.table import is_diverged
 
 # 2: /epochs/learning_rate. 3: a column layer below a dropout layer records the gate that
 # learning used (active and kept); version 2 recorded its ff activity alone (y > 0) there.
@@ -344,6 +345,81 @@ def git_checkout(source: Path) -> dict:
     return {"commit": commit.strip() if commit else None, "modified": None if changes is None else bool(changes.strip())}
 
 
+def whole_layout_version(value) -> int:
+    """A run file's ``layout_version`` attribute.
+
+    Parameters
+    ----------
+    value : object
+        The attribute as HDF5 gives it (a NumPy integer).
+
+    Returns
+    -------
+    int
+        ``value``.
+
+    Raises
+    ------
+    ValueError
+        Unless ``value`` is a whole number from 1; the message shows it.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{np.asarray(value).tolist()!r}, where a whole number from 1 belongs")  # 5.7, not np.float64(5.7)
+    return int(value)
+
+
+def true_or_false(value) -> bool:
+    """A run file's ``complete`` attribute.
+
+    Parameters
+    ----------
+    value : object
+        The attribute as HDF5 gives it (a NumPy boolean).
+
+    Returns
+    -------
+    bool
+        ``value``.
+
+    Raises
+    ------
+    ValueError
+        Unless ``value`` is a boolean; the message shows it.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{np.asarray(value).tolist()!r}, where true or false belongs")
+    return bool(value)
+
+
+def result_problem(result: dict, epochs: int) -> str | None:
+    """What makes a run file's ``/result`` no possible result of a run that recorded ``epochs`` epochs.
+
+    Parameters
+    ----------
+    result : dict
+        The attributes of ``/result``.
+    epochs : int
+        The rows of ``/epochs``.
+
+    Returns
+    -------
+    str or None
+        Such as ``"/result holds no possible result (test_accuracy = 2.0)"``; None for a possible result.
+    """
+    kinds = {"test_accuracy": numbers.Real, "best_epoch": numbers.Integral, "epochs": numbers.Integral, "converged": (bool, np.bool_), "seconds": numbers.Real}
+    wrong = [name for name, kind in kinds.items() if not isinstance(result.get(name), kind)]
+    if not wrong and not (0 <= result["test_accuracy"] <= 1 or np.isnan(result["test_accuracy"]) and is_diverged(result)):
+        wrong = ["test_accuracy"]  # NaN only where the run diverged in its first epoch: no weights to test
+    if not wrong and result["epochs"] != epochs:
+        return f"/result says {result['epochs']} epochs, but /epochs records {epochs}"
+    if not wrong and not 0 <= result["best_epoch"] <= result["epochs"]:
+        wrong = ["best_epoch", "epochs"]
+    if wrong:
+        values = ", ".join(f"{name} = {result.get(name, 'missing')}" for name in wrong)
+        return f"/result holds no possible result ({values})"
+    return None
+
+
 def check_resumable(path: Path, attrs) -> None:
     """Refuse to continue a run file (its ``/`` attributes ``attrs``) that this version cannot.
 
@@ -362,16 +438,19 @@ def check_resumable(path: Path, attrs) -> None:
     Raises
     ------
     ValueError
-        For a ``layout_version`` that is not a whole number or not one of
+        For a ``layout_version`` that is not a whole number from 1 or not one of
         :data:`RESUMABLE_LAYOUTS` (:data:`LAYOUT_VERSION`, and 4, whose run file gains
-        ``/alignment`` as it is resumed), a Brian2 run begun by another version of agrel-sim, or
+        ``/alignment`` as it is resumed), a ``complete`` that is not a boolean, a Brian2 run begun by another version of agrel-sim, or
         a ``sessions`` attribute that :func:`parse_sessions` refuses.
     """
     from agrel_sim import __version__
 
-    version = attrs.get("layout_version")  # HDF5 gives a NumPy integer
-    if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
-        raise ValueError(f"{path}: bad layout_version attribute ({version!r}, where a whole number belongs); the run file is damaged: move the run folder away and train the run again")
+    for name, convert in (("layout_version", whole_layout_version), ("complete", true_or_false)):
+        try:
+            convert(attrs.get(name, False))
+        except ValueError as error:
+            raise ValueError(f"{path}: bad {name} attribute ({error}); the run file is damaged: move the run folder away and train the run again") from None
+    version = int(attrs["layout_version"])
     if version not in RESUMABLE_LAYOUTS:
         raise ValueError(f"{path}: run-file layout version {version}, but this agrel-sim writes {LAYOUT_VERSION}; it cannot resume the run: start it again in a new folder")
     began = str(attrs.get("software_version", "unknown"))

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from agrel_sim.backends import NOT_MODELLING_OPTIONS, REMOVED_OPTIONS, check_device, resolved_options
-from agrel_sim.config import ConfigError, check_instance, is_count, shown
+from agrel_sim.config import ConfigError, check_instance, home_expanded, in_the_way, is_count, shown
 from agrel_sim.datasets import EMBEDDED, load_dataset
 from agrel_sim.experiment import Experiment, training_table
-from agrel_sim.recorder import LogSettings, RunFile, check_resumable, damaged_run_file, parse_sessions, records_that_disagree, stored_config
+from agrel_sim.recorder import LogSettings, RunFile, check_resumable, damaged_run_file, parse_sessions, records_that_disagree, result_problem, stored_config, true_or_false
 from agrel_sim.training import RunResult, check_fits, load_checkpoint, train
 
 RUN_FILE = "run.h5"
@@ -79,9 +79,8 @@ def is_complete(folder: str | os.PathLike) -> bool:
         return False
     try:
         with h5py.File(path, "r") as handle:
-            complete = handle.attrs.get("complete", False)
-            return isinstance(complete, (bool, np.bool_)) and bool(complete)
-    except DAMAGED_FILE_ERRORS:
+            return true_or_false(handle.attrs.get("complete", False))
+    except DAMAGED_FILE_ERRORS:  # ValueError for a complete of another kind
         return False
 
 
@@ -99,28 +98,6 @@ def missing_folders(folder: Path) -> list[Path]:
         ``folder`` and its parents that do not exist, innermost first.
     """
     return [path for path in (folder, *folder.parents) if not path.exists()]
-
-
-def in_the_way(folder: Path) -> str | None:
-    """What stops ``folder`` from being made, where something does: a file, or a link to
-    nothing, where it or a folder above it would be.
-
-    Parameters
-    ----------
-    folder : Path
-        A folder to be made.
-
-    Returns
-    -------
-    str or None
-        Such as ``"runs is not a folder"``, for an error message; None where nothing is in the way.
-    """
-    for path in (folder, *folder.parents):
-        if path.is_symlink() and not path.exists():
-            return f"{path} is a link to {os.readlink(path)}, which does not exist"
-        if path.exists():
-            return None if path.is_dir() else f"{path} is not a folder"
-    return None
 
 
 def remove_empty_folders(folders: list[Path]) -> None:
@@ -612,7 +589,8 @@ def recorded_epochs(path: Path) -> int:
 def stored_result(folder: Path) -> RunResult:
     """The result that a complete run stored in its run file (without its epochs' history).
 
-    Raises ValueError, naming the run file, where its ``/result`` is missing or lacks a value.
+    Raises ValueError, naming the run file, where its ``/result`` is missing or no possible
+    result of its epochs (:func:`agrel_sim.recorder.result_problem`).
 
     Parameters
     ----------
@@ -627,18 +605,22 @@ def stored_result(folder: Path) -> RunResult:
     Raises
     ------
     ValueError
-        Where the run file is missing or damaged or its ``/result`` is missing or lacks a value.
+        Where the run file is missing or damaged or its ``/result`` is missing or no possible
+        result of its epochs.
     """
     path = folder / RUN_FILE
     try:
         with h5py.File(path, "r") as handle:
-            stored = dict(handle["result"].attrs)
-        return RunResult(
-            float(stored["test_accuracy"]), int(stored["best_epoch"]), int(stored["epochs"]), bool(stored["converged"]),
-            float(stored["seconds"]), diverged=bool(stored.get("diverged", False)),
-        )
+            stored, epochs = dict(handle["result"].attrs), len(handle["epochs"]["epoch"])
     except DAMAGED_FILE_ERRORS as error:
         raise damaged_run_file(path, error) from None
+    problem = result_problem(stored, epochs)
+    if problem:
+        raise damaged_run_file(path, problem)
+    return RunResult(
+        float(stored["test_accuracy"]), int(stored["best_epoch"]), int(stored["epochs"]), bool(stored["converged"]),
+        float(stored["seconds"]), diverged=bool(stored.get("diverged", False)),
+    )
 
 
 def resume_plan(folder: Path, config: dict, seed: int) -> tuple[str, dict | None]:
@@ -831,7 +813,7 @@ def run_experiment(
         dtype = next((name for name, value in DTYPES.items() if value == dtype), dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)} (or torch.float32, torch.float64), got {dtype!r}")
-    folder = Path(out).expanduser() if out is not None else None  # as a sweep's out: no shell reads --out=~/runs
+    folder = home_expanded(out, "out") if out is not None else None
     with locked(folder) if folder is not None else contextlib.nullcontext():
         run_file, checkpoint, state = None, None, None
         if folder is not None:

@@ -48,11 +48,11 @@ import torch
 from tqdm import tqdm
 
 from agrel_sim.backends import check_device
-from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, is_count, is_folder_name, read_toml, shown
+from agrel_sim.config import FILE_KINDS, POSITIVE_INT, ConfigError, Fields, file_kind, find_named_file, home_expanded, in_the_way, is_count, is_folder_name, read_toml, shown
 from agrel_sim.datasets import DatasetError, find_data
 from agrel_sim.experiment import Experiment, load_experiment
 from agrel_sim.recorder import stored_config
-from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, in_the_way, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result, threads_of_epoch
+from agrel_sim.runs import CHECKPOINT_FILE, MAX_SEED, RUN_FILE, default_run_folder, holding_lock, is_complete, missing_folders, remove_empty_folders, resume_plan, run_config, stored_result, threads_of_epoch
 from agrel_sim.training import load_checkpoint
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -134,7 +134,7 @@ class Sweep:
         experiments = []
         for index, entry in enumerate(entries):
             try:  # a path is relative to the sweep file's folder
-                found = find_named_file(path.parent / Path(entry).expanduser() if entry.endswith(".toml") else entry, "experiment", "AGREL_SIM_EXPERIMENTS")
+                found = find_named_file(path.parent / home_expanded(entry, "path") if entry.endswith(".toml") else entry, "experiment", "AGREL_SIM_EXPERIMENTS")
                 kind = file_kind(read_toml(found))
             except ConfigError as error:
                 raise ConfigError(f"{path}: experiments[{index}]: {error}") from None
@@ -486,7 +486,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
     check_device(device, here=executor != "slurm")  # the machine that submits to SLURM need not have the cluster's GPUs
     if executor != "local":  # before its cores per run are read
         check_slurm_table(sweep, executor, device)
-    out = Path(out or sweep.out).expanduser()  # the sweep file's out is read by no shell
+    out = home_expanded(out or sweep.out, "out")
     _check_out_folder(out)
     if executor == "slurm":
         threads = int(sweep.slurm.get("slurm_cpus_per_task", sweep.slurm.get("cpus_per_task", 1)))
@@ -518,7 +518,7 @@ def run_sweep(sweep: Sweep, out=None, jobs: int | None = None, executor: str = "
             )
         if not tasks:
             return []
-        runner = None if executor == "local" else _submitit_executor(executor, out, sweep, device)  # its folder only where jobs will run
+        runner = None if executor == "local" else _submitit_executor(executor, out, sweep)  # its folder only where jobs will run
         if executor == "submitit-local":
             tasks = [replace(task, sweep_process=process_identity(os.getpid())) for task in tasks]
         outcomes = _run_processes(execute, tasks, jobs) if runner is None else _run_submitit(runner, tasks, jobs, sweep, out / "submitit" / CONTROLLER_LOG)
@@ -570,7 +570,7 @@ def _sweep_lock(out: Path):
 
 def _check_out_folder(out: Path) -> None:
     """Raise :class:`ValueError` unless ``out`` is a folder or can be made one (nothing
-    :func:`~agrel_sim.runs.in_the_way`; a place where folders can be made). The folders made to
+    :func:`~agrel_sim.config.in_the_way`; a place where folders can be made). The folders made to
     find out are removed again, so that a sweep stopped before its runs leaves none."""
     blocked = in_the_way(out)
     if blocked:
@@ -735,7 +735,7 @@ def check_slurm_table(sweep: Sweep, executor: str, device: str = "cpu") -> None:
         )
 
 
-def _submitit_executor(executor: str, out: Path, sweep: Sweep, device: str = "cpu"):
+def _submitit_executor(executor: str, out: Path, sweep: Sweep):
     """A submitit executor with the sweep file's ``[slurm]`` parameters, which :func:`check_slurm_table`
     has checked, and submitit checks as they are set."""
     try:

@@ -77,9 +77,10 @@ class TrainingSettings:
         if not is_number(self.lr_decay_factor, lambda v: 0 < v <= 1):
             raise ValueError(f"lr_decay_factor: expected a number in (0, 1], got {shown(self.lr_decay_factor)}")
         if self.lr_decay_factor < 1 and self.lr_decay_patience >= self.patience:  # the run stops first
+            default = " (the default)" if self.lr_decay_patience == type(self).lr_decay_patience else ""
             raise ValueError(
-                f"lr_decay_patience: expected fewer epochs than patience = {self.patience}, or the run stops before its learning rate decays, got {self.lr_decay_patience}; "
-                "give a smaller lr_decay_patience, or lr_decay_factor = 1 for a constant learning rate"
+                f"lr_decay_patience: expected fewer epochs than patience = {self.patience} (the run would stop before its learning rate decays), got {self.lr_decay_patience}{default}; "
+                "give a smaller lr_decay_patience or a larger patience, or lr_decay_factor = 1 for a constant learning rate"
             )
         if not (self.augmentation is None or isinstance(self.augmentation, Augmentation)):
             raise ValueError(f"augmentation: expected an Augmentation or None, got {self.augmentation!r}")
@@ -233,7 +234,8 @@ def check_fits(description: ColumnNetwork, data: Dataset, settings: TrainingSett
 
 def check_data_sizes(settings: TrainingSettings, n_train: int, dataset: str) -> None:
     """Raise ValueError, naming the setting, unless ``settings.validation_size`` leaves some of
-    the ``n_train`` training images of data set ``dataset`` to train on, at least a batch of them.
+    the ``n_train`` training images of data set ``dataset`` to train on, and a batch is at most
+    an epoch's trials (those images, times ``augmentation.factor``).
 
     Parameters
     ----------
@@ -248,16 +250,16 @@ def check_data_sizes(settings: TrainingSettings, n_train: int, dataset: str) -> 
     ------
     ValueError
         Unless ``0 < settings.validation_size < n_train`` and ``settings.batch_size`` is at most
-        ``n_train - settings.validation_size``.
+        ``n_train - settings.validation_size`` times the augmentation's ``factor``.
     """
     if not 0 < settings.validation_size < n_train:
         raise ValueError(f"training.validation_size: expected 0 < validation_size < {n_train} (the training images of {dataset!r}), got {settings.validation_size}")
     left = n_train - settings.validation_size
-    if settings.batch_size > left:
-        raise ValueError(
-            f"training.batch_size: expected at most the {left} training images of {dataset!r} that validation_size = {settings.validation_size} leaves, "
-            f"got {settings.batch_size}; give a smaller batch_size (or validation_size)"
-        )
+    copies = settings.augmentation.factor if settings.augmentation is not None else 1  # an epoch's batches run across the copies
+    if settings.batch_size > left * copies:
+        images = f"the {left} training images of {dataset!r} that validation_size = {settings.validation_size} leaves"
+        trials = images if copies == 1 else f"the {left * copies} trials of an epoch ({images}, × augmentation.factor = {copies})"
+        raise ValueError(f"training.batch_size: expected at most {trials}, got {settings.batch_size}; give a smaller batch_size (or validation_size)")
 
 
 def split_validation(n_train: int, validation_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """The command line, driven end to end through its real entry points."""
 
+import dataclasses
 import json
 import os
 import re
@@ -180,9 +181,10 @@ def test_experiment_file_overrides_the_models_settings_field_by_field(tmp_path):
         (("patience = 2", "patience = 2\nlr_decay_factor = 2"), r"tiny\.toml: training\.lr_decay_factor: expected a number in \(0, 1\]"),
         (("patience = 2", "patience = 2\nlr_decay_patience = 0"), r"tiny\.toml: training\.lr_decay_patience: expected an integer >= 1"),
         (("patience = 2", "patience = 2\nlr_decay_factor = 0.5\nlr_decay_patience = 2"),
-         r"tiny\.toml: training\.lr_decay_patience: expected fewer epochs than patience = 2, or the run stops before its learning rate decays, got 2; give a smaller lr_decay_patience, or lr_decay_factor = 1"),
-        (("[training]", "[neuromodulator]\nreward_correct = -1.0\nreward_wrong = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward_correct: expected more than reward_wrong = 1, got -1$"),
-        (("[training]", "[neuromodulator]\nreward_correct = 0.0\n[training]"), r"tiny\.toml: neuromodulator\.reward_correct: expected more than reward_wrong = 0, got 0$"),
+         r"tiny\.toml: training\.lr_decay_patience: expected fewer epochs than patience = 2 \(the run would stop before its learning rate decays\), got 2; give a smaller lr_decay_patience or a larger patience, or lr_decay_factor = 1"),
+        (("patience = 2", "patience = 2\nlr_decay_factor = 0.5"), r"tiny\.toml: training\.lr_decay_patience: expected fewer epochs than patience = 2 \(.*\), got 10 \(the default\); "),
+        (("[training]", "[neuromodulator]\nreward_correct = -1.0\nreward_wrong = 1.0\n[training]"), r"tiny\.toml: neuromodulator\.reward_correct: expected more than reward_wrong = 1\.0, got -1\.0$"),
+        (("[training]", "[neuromodulator]\nreward_correct = 0.0\n[training]"), r"tiny\.toml: neuromodulator\.reward_correct: expected more than reward_wrong = 0\.0, got 0\.0$"),
         (("patience = 2", "patience = 2\n[training.augmentation]\nzoom = 1"), r"tiny\.toml: training\.augmentation\.zoom: expected a fraction in \[0, 1\), got 1\.0"),
         (('model = "net.toml"', 'model = "nowhere.toml"'), r"tiny\.toml: model: .*nowhere\.toml: model file not found"),
         (("[training]", "[action_selection]\nepsilon = 1.5\n[training]"), r"tiny\.toml: action_selection\.epsilon: expected"),
@@ -227,16 +229,27 @@ def test_a_patience_given_on_the_command_line_is_checked_with_the_files_settings
     (tmp_path / "tiny.toml").write_text(EXPERIMENT.replace("patience = 2", "patience = 8\nlr_decay_factor = 0.5\nlr_decay_patience = 4"))
     assert main(["train", str(tmp_path / "tiny.toml"), "--patience", "4", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"agrel-sim: error: \S+tiny\.toml: training\.lr_decay_patience: expected fewer epochs than patience = 4, .*, got 4; .* \(with --patience 4\)\n", err), err
+    assert re.fullmatch(r"agrel-sim: error: --patience 4 does not fit experiment 'tiny_ebp': \S+tiny\.toml: training\.lr_decay_patience: expected fewer epochs than patience = 4 \(.*\), got 4; give a smaller lr_decay_patience or a larger patience, .*\n", err), err
     assert not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_given_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, monkeypatch):
+    from agrel_sim.experiment import default_experiment
+    from agrel_sim.runs import run_experiment
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--max-epochs", "1", "--quiet", "--out=~/runs/a"]) == 0  # no shell expands ~ after =
     assert (tmp_path / "home" / "runs" / "a" / "run.h5").is_file() and not (tmp_path / "~").exists()
     assert f"run file: {tmp_path / 'home' / 'runs' / 'a' / 'run.h5'}\n" in capsys.readouterr().out
+    for command in (["train", "--max-epochs", "1"], ["analyze", str(tmp_path / "home" / "runs")], ["figure3", str(tmp_path / "home" / "runs")]):
+        assert main([*command, "--out", "~agrel_sim_no_such_user/x"]) == 2
+        assert capsys.readouterr().err == "agrel-sim: error: --out: '~agrel_sim_no_such_user/x': its ~ names no home folder of this machine; give the full path\n"
+    assert main(["table", str(tmp_path / "home" / "runs"), "--csv=~/t.csv"]) == 0 and (tmp_path / "home" / "t.csv").is_file()
+    experiment = default_experiment()
+    experiment = dataclasses.replace(experiment, training=dataclasses.replace(experiment.training, max_epochs=1))
+    run_experiment(experiment, out="~/runs/b", log=None, progress=False)  # from Python too
+    assert (tmp_path / "home" / "runs" / "b" / "run.h5").is_file()
 
 
 def test_an_experiment_file_that_is_not_utf8_is_named(tmp_path, capsys):

@@ -1442,12 +1442,15 @@ def test_a_folder_of_incomplete_runs_gets_no_figure3_and_no_table(finished_runs,
 
 
 @pytest.mark.parametrize("command", ["analyze", "figure3"])
-@pytest.mark.parametrize("cause", ["a file there", "no permission"])
+@pytest.mark.parametrize("cause", ["a file there", "a link to nothing", "no permission"])
 def test_a_figure_folder_that_cannot_be_written_is_named(finished_runs, tmp_path, capsys, monkeypatch, cause, command):
     out = tmp_path / "figures"
     if cause == "a file there":
         out.write_text("a file where the figures should go")
-        reason = ".*figures is a file, not a folder"
+        reason = ".*figures is not a folder"
+    elif cause == "a link to nothing":
+        out.symlink_to(tmp_path / "gone")
+        reason = ".*figures is a link to .*gone, which does not exist"
     else:
         def refuse(self, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(self))
@@ -1687,10 +1690,12 @@ def test_resuming_a_run_file_that_lacks_records_or_whose_records_disagree_names_
 
 @pytest.mark.parametrize("edit, complete, problem", [
     (lambda run: run.__delitem__("result"), True, r"the run file is damaged \(.*'result' doesn't exist.*\); move the run folder away"),
-    (lambda run: run["result"].attrs.__delitem__("test_accuracy"), True, r"the run file is damaged \('test_accuracy'\); move the run folder away"),
-    (lambda run: run.attrs.__setitem__("layout_version", "x"), False, r"bad layout_version attribute \('x', where a whole number belongs\); the run file is damaged: move the run folder away"),
+    (lambda run: run["result"].attrs.__delitem__("test_accuracy"), True, r"the run file is damaged \(/result holds no possible result \(test_accuracy = missing\)\); move the run folder away"),
+    (lambda run: run["result"].attrs.__setitem__("epochs", 99), True, r"the run file is damaged \(/result says 99 epochs, but /epochs records 2\); move the run folder away"),
+    (lambda run: run.attrs.__setitem__("layout_version", "x"), False, r"bad layout_version attribute \('x', where a whole number from 1 belongs\); the run file is damaged: move the run folder away"),
+    (lambda run: run.attrs.__setitem__("complete", "yes"), False, r"bad complete attribute \('yes', where true or false belongs\); the run file is damaged: move the run folder away"),
     (lambda run: run.attrs.__setitem__("layout_version", 4), False, r"the run file is damaged \(layout version 4, which has no /alignment, but the file has one\); move the run folder away"),
-], ids=["complete without /result", "result without test_accuracy", "layout_version not a number", "layout 4 with /alignment"])
+], ids=["complete without /result", "result without test_accuracy", "result of more epochs", "layout_version not a number", "complete not a boolean", "layout 4 with /alignment"])
 def test_resuming_a_run_file_with_a_bad_result_or_layout_version_names_it(tmp_path, capsys, edit, complete, problem):
     run = tmp_path / "run"
     assert main(["train", "--max-epochs", "2", "--out", str(run), "--quiet"]) == 0

@@ -186,9 +186,13 @@ def test_wrong_arguments_to_train_and_its_parts_are_named_before_any_work():
         (lambda: training.split_validation(10, 10, 0), r"validation_size: expected 0 < validation_size < n_train = 10, got 10"),
         # data read from files (its sizes known only then): the check of the embedded data sets' experiments
         (lambda: train(DESCRIPTION, data, TrainingSettings(batch_size=1238, validation_size=200)), r"training\.batch_size: expected at most the 1237 training images of 'digits' that validation_size = 200 leaves, got 1238"),
+        (lambda: train(DESCRIPTION, data, TrainingSettings(batch_size=2475, validation_size=200, augmentation=Augmentation(factor=2))),
+         r"training\.batch_size: expected at most the 2474 trials of an epoch \(the 1237 training images of 'digits' that validation_size = 200 leaves, × augmentation\.factor = 2\), got 2475"),
     ):
         with pytest.raises(ValueError, match=message):
             call()
+    # a batch that spans the copies of an augmented epoch is a full batch
+    training.check_data_sizes(TrainingSettings(batch_size=2474, validation_size=200, augmentation=Augmentation(factor=2)), 1437, "digits")
 
 
 def test_augmentation_needs_image_input():
