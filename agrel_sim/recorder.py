@@ -440,8 +440,9 @@ def check_resumable(path: Path, attrs) -> None:
     ValueError
         For a ``layout_version`` that is not a whole number from 1 or not one of
         :data:`RESUMABLE_LAYOUTS` (:data:`LAYOUT_VERSION`, and 4, whose run file gains
-        ``/alignment`` as it is resumed), a ``complete`` that is not a boolean, a Brian2 run begun by another version of agrel-sim, or
-        a ``sessions`` attribute that :func:`parse_sessions` refuses.
+        ``/alignment`` as it is resumed), a ``complete`` that is not a boolean, a Brian2 run
+        begun by another version of agrel-sim, or a ``sessions`` attribute that
+        :func:`parse_sessions` refuses.
     """
     from agrel_sim import __version__
 

@@ -720,8 +720,9 @@ def check_checkpoint_of_run(path: Path, state: dict) -> None:
     Raises
     ------
     ValueError
-        Where the run file is damaged (its records disagreeing on their rows included), records fewer epochs than the checkpoint, or records
-        another epoch number, validation accuracy or training loss for one of them.
+        Where the run file is damaged (its records disagreeing on their rows included), records
+        fewer epochs than the checkpoint, or records another epoch number, validation accuracy
+        or training loss for one of them.
     """
     try:
         with h5py.File(path, "r") as handle:
