@@ -411,6 +411,9 @@ def test_input_that_does_not_match_the_network_is_named(build_net):
         net.run_trials(images, labels, actions=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"layers\.0\.ff: expected a tensor of shape \(5, 64\), got \(64, 5\)"):
         net.layers[0].ff = torch.zeros(64, 5)
+    for call in (lambda: net.run_trials(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), lambda: net.q_values(torch.zeros(0, 1, 8, 8))):
+        with pytest.raises(ValueError, match=r"^images: expected at least one image, got an empty batch$"):
+            call()
 
 
 def test_load_weights_names_missing_and_unexpected_keys(build_net):
@@ -429,6 +432,7 @@ def test_load_weights_checks_every_entry_before_it_sets_any(build_net):
     for key, value, message in (
         ("output.ff", torch.zeros(2), r"^output\.ff: expected a tensor of shape \(3, 3\), got \(2,\)$"),  # after layers.0.ff, which is not set
         ("layers.0.fb", torch.full_like(start["layers.0.fb"], float("nan")), r"^layers\.0\.fb: values must be finite \(got NaN or inf\)$"),
+        ("output.fb", torch.full_like(start["output.fb"], float("inf")), r"^output\.fb: values must be finite \(got NaN or inf\)$"),  # the last entry too
     ):
         with pytest.raises(ValueError, match=message):
             net.load_weights({**new, key: value})
