@@ -106,6 +106,10 @@ def test_data_folder_from_environment(tmp_path, monkeypatch):
     write_mnist(tmp_path)
     monkeypatch.setenv("AGREL_SIM_DATA", str(tmp_path))
     assert len(load_dataset("mnist").train_labels) == 30
+    write_mnist(tmp_path / "other", n_train=20)
+    for folders, n_train in (("other:.", 20), (".:other", 30)):  # searched in turn: the first that holds the data set
+        monkeypatch.setenv("AGREL_SIM_DATA", ":".join(str(tmp_path / folder) for folder in folders.split(":")))
+        assert len(load_dataset("mnist").train_labels) == n_train, folders
 
 
 @pytest.mark.parametrize(
@@ -120,6 +124,7 @@ def test_data_folder_from_environment(tmp_path, monkeypatch):
         ("t10k-labels-idx1-ubyte", lambda b: b[:8] + bytes([12] * 10), r"labels outside 0\.\.9"),
         ("train-labels-idx1-ubyte", lambda b: b[:8] + bytes([10] * 30), r"labels outside 0\.\.9 \(found 10\.\.10\)"),
         ("train-images-idx3-ubyte", lambda b: idx_bytes(np.zeros((31, 28, 28))), r"31 images of \(28, 28\) pixels with 30 labels; expected 28×28 images, one label each"),
+        ("train-images-idx3-ubyte", lambda b: idx_bytes(np.zeros((30, 27, 27))), r"30 images of \(27, 27\) pixels with 30 labels; expected 28×28 images, one label each"),
     ],
 )
 def test_damaged_mnist_files_are_named(tmp_path, name, damage, message):
