@@ -1016,14 +1016,14 @@ def test_gating_by_epoch_averages_the_batches_of_each_epoch():
         layer_names = ["layers.0"]
 
         def gating(self):
-            summaries = {"open_fraction": np.array([0.2, 0.4, 1.0]), "fb_mean_abs": np.array([1.0, 3.0, 5.0]), "changed_fraction": np.full(3, np.nan)}
+            summaries = {"open_fraction": np.array([0.2, 0.4, 1.0]), "fb_mean_abs": np.array([1.0, 3.0, 5.0]), "changed_fraction": np.array([0.6, np.nan, np.nan])}
             return {"epoch": np.array([1, 1, 2]), "batch": np.array([0, 1, 0]), "layers.0": summaries}
 
     row = gating_by_epoch(Run())["layers.0"]
     assert row["epoch"].tolist() == [1, 2]
     np.testing.assert_allclose(row["open_fraction"], [0.3, 1.0])
     np.testing.assert_allclose(row["fb_mean_abs"], [2.0, 5.0])
-    assert np.isnan(row["changed_fraction"]).all()
+    np.testing.assert_allclose(row["changed_fraction"], [0.6, np.nan])  # NaN values left out; an epoch of NaN only is NaN
 
 
 def test_gating_by_outcome_compares_rewarded_and_unrewarded_trials_within_epochs():
@@ -1132,6 +1132,8 @@ def test_figure3_says_how_many_runs_each_epoch_averages(finished_runs, tmp_path,
     runs = load_runs(tmp_path / "runs")
     curve = reward_curves(runs)["digits", "small", False]["deepagrel"]
     assert curve["runs"].tolist() == [2, 1]
+    seed0 = next(run for run in runs if run.config["experiment"] == "small_deepagrel" and run.seed == 0)
+    assert curve["mean"][1] == seed0.epochs["reward_probability"][1], "the mean of the runs that reached the epoch"
     assert np.isfinite(curve["two_sigma"][0]) and np.isnan(curve["two_sigma"][1]), "one run has no spread"
     figures = drawn_figures(monkeypatch)
     plot_reward_curves(runs, tmp_path / "figure3.png")
@@ -1630,6 +1632,8 @@ def in_result(**values):
     pytest.param(setting("layout_version", 5.7), r"bad layout_version attribute \(5\.7, where a whole number from 1 belongs\)", id="layout version not whole"),
     pytest.param(setting("layout_version", 0), r"bad layout_version attribute \(0, where a whole number from 1 belongs\)", id="layout version 0"),
     pytest.param(setting("complete", "false"), r"bad complete attribute \('false', where true or false belongs\)", id="complete a string"),
+    pytest.param(setting("complete", 1), r"bad complete attribute \(1, where true or false belongs\)", id="complete a number"),
+    pytest.param(setting("layout_version", np.bool_(True)), r"bad layout_version attribute \(True, where a whole number from 1 belongs\)", id="layout version a boolean"),
     pytest.param(without("result"), r"marked complete, but it lacks /result", id="complete without result"),
     pytest.param(setting("seed", "zero"), r"bad seed attribute", id="seed not a number"),
     pytest.param(setting("config", "{}"), r"its config attribute lacks experiment \(or holds another kind of value\)", id="config empty"),
@@ -1642,6 +1646,8 @@ def in_result(**values):
     pytest.param(in_result(test_accuracy=None), r"/result holds no possible result \(test_accuracy = missing\)", id="no test accuracy"),
     pytest.param(in_result(test_accuracy=float("nan")), r"/result holds no possible result \(test_accuracy = nan\)", id="test accuracy NaN"),
     pytest.param(in_result(test_accuracy=2.0), r"/result holds no possible result \(test_accuracy = 2\.0\)", id="test accuracy above 1"),
+    pytest.param(in_result(test_accuracy=-0.5), r"/result holds no possible result \(test_accuracy = -0\.5\)", id="test accuracy below 0"),
+    pytest.param(in_result(best_epoch=-1), r"/result holds no possible result \(best_epoch = -1, epochs = 2\)", id="best epoch before the first"),
     pytest.param(in_result(best_epoch=9), r"/result holds no possible result \(best_epoch = 9, epochs = 2\)", id="best epoch after the last"),
     pytest.param(in_result(epochs=99, best_epoch=50), r"/result says 99 epochs, but /epochs records 2", id="more epochs than recorded"),
     pytest.param(in_result(converged="yes"), r"/result holds no possible result \(converged = yes\)", id="converged not a bool"),
@@ -2036,6 +2042,15 @@ def test_the_outcome_lines_count_only_the_epochs_with_both_outcomes(tmp_path):
         run["trials"]["q"][:] = q
     logged = len(epoch)
     assert outcome_lines(load_run(tmp_path / "run.h5"))[0] == f"  rewarded against unrewarded trials: no epoch logged trials of both outcomes ({(epoch == 1).sum() + 3} of the {logged} left out: their Q-values are not finite)"
+
+
+def test_a_network_without_hidden_layers_has_no_outcome_lines(tmp_path):
+    linear = Experiment.from_dict({
+        "name": "linear", "dataset": "digits", "model": {"input_shape": [1, 8, 8], "layers": [], "output": {"actions": 10}},
+        "training": {"batch_size": 50, "max_epochs": 1, "validation_size": 200},
+    }, "<test>")
+    run_experiment(linear, seed=0, out=tmp_path, log=None)
+    assert outcome_lines(load_run(tmp_path / "run.h5")) == []
 
 
 def test_the_traced_columns_are_those_named_in_units(tmp_path):
