@@ -678,6 +678,8 @@ def test_a_bad_slurm_table_or_a_refused_submission_stops_the_sweep_before_any_ru
         ("slurm_array_parallelism = 0", r"slurm\.slurm_array_parallelism: expected an integer >= 1, got 0"),
         ("array_parallelism = -3", r"slurm\.array_parallelism: expected an integer >= 1, got -3"),
         ("mem_gb = -1", r"slurm\.mem_gb: expected a number of GB > 0, got -1\.0"),
+        ("mem_gb = inf", r"slurm\.mem_gb: expected a number of GB > 0, got inf"),  # above 0, but no number of GB
+        ("local_timeout_min = nan", r"slurm\.local_timeout_min: expected a number of minutes of at least 31 s .*, got nan"),
         ("slurm_mem_gb = 0", r"slurm\.slurm_mem_gb: expected a number of GB > 0, got 0\.0"),
         ("gpus_per_node = -1", r"slurm\.gpus_per_node: expected a number of GPUs >= 0, got -1"),
         ("gpus_per_node = true", r"slurm\.gpus_per_node: expected a number of GPUs >= 0, got True"),
